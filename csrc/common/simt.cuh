@@ -1,0 +1,93 @@
+// Device helpers shared by every SIMT kernel: fp32 conversions, 16-byte vector access, warp and
+// block reductions. Compiles under nvcc and, with RAEKERN_HOST_EMULATION, under the host compiler
+// against common/host_emulation.h, so the same kernel source is tested on the CPU in CI.
+#pragma once
+#ifdef RAEKERN_HOST_EMULATION
+#include "common/host_emulation.h"
+#else
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#endif
+#include <cstdint>
+
+namespace raekern::simt {
+
+constexpr int kWarp = 32;
+constexpr unsigned kFullMask = 0xffffffffu;
+
+template <class T> __device__ __forceinline__ float to_float(T v) { return static_cast<float>(v); }
+template <> __device__ __forceinline__ float to_float<__half>(__half v) { return __half2float(v); }
+template <> __device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 v) {
+  return __bfloat162float(v);
+}
+
+template <class T> __device__ __forceinline__ T from_float(float v) { return static_cast<T>(v); }
+template <> __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+
+// N elements of T moved as one 16-byte (or smaller) transaction.
+template <class T, int N> struct alignas(sizeof(T) * N) Vec {
+  T v[N];
+};
+template <class T> constexpr int kVec16 = 16 / sizeof(T);
+
+template <class T, int N>
+__device__ __forceinline__ void load_vec(const T* __restrict__ p, float (&out)[N]) {
+  Vec<T, N> r = *reinterpret_cast<const Vec<T, N>*>(p);
+#pragma unroll
+  for (int i = 0; i < N; ++i) out[i] = to_float(r.v[i]);
+}
+
+template <class T, int N>
+__device__ __forceinline__ void store_vec(T* __restrict__ p, const float (&in)[N]) {
+  Vec<T, N> r;
+#pragma unroll
+  for (int i = 0; i < N; ++i) r.v[i] = from_float<T>(in[i]);
+  *reinterpret_cast<Vec<T, N>*>(p) = r;
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = kWarp / 2; o > 0; o >>= 1) v += __shfl_xor_sync(kFullMask, v, o);
+  return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int o = kWarp / 2; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(kFullMask, v, o));
+  return v;
+}
+
+// Sum over the whole block; every thread gets the result. `smem` holds >= 32 floats.
+// blockDim.x must be a multiple of 32.
+__device__ __forceinline__ float block_sum(float v, float* smem) {
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+  const int nwarps = blockDim.x / kWarp;
+  v = warp_sum(v);
+  __syncthreads();  // smem may still be read by a previous call
+  if (lane == 0) smem[warp] = v;
+  __syncthreads();
+  v = lane < nwarps ? smem[lane] : 0.f;
+  return warp_sum(v);
+}
+
+// Two sums at once (e.g. mean and mean of squares) with one pair of barriers.
+__device__ __forceinline__ void block_sum2(float& a, float& b, float* smem /* >= 64 floats */) {
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+  const int nwarps = blockDim.x / kWarp;
+  a = warp_sum(a);
+  b = warp_sum(b);
+  __syncthreads();
+  if (lane == 0) {
+    smem[warp] = a;
+    smem[kWarp + warp] = b;
+  }
+  __syncthreads();
+  a = warp_sum(lane < nwarps ? smem[lane] : 0.f);
+  b = warp_sum(lane < nwarps ? smem[kWarp + lane] : 0.f);
+}
+
+}  // namespace raekern::simt

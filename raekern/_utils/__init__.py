@@ -1,0 +1,1 @@
+"""Shared Python helpers: loading the compiled library, argument checks, op registration."""

@@ -1,0 +1,58 @@
+"""Loading raekern._C and describing what it contains."""
+from __future__ import annotations
+
+import importlib
+import logging
+
+import torch
+
+log = logging.getLogger("raekern")
+
+_loaded = False
+
+
+def load_library() -> None:
+    """Import raekern._C once; its static initialisers register torch.ops.raekern.*."""
+    global _loaded
+    if _loaded:
+        return
+    try:
+        importlib.import_module("raekern._C")
+    except ImportError as e:  # pragma: no cover - only on a broken install
+        raise ImportError(
+            "raekern's compiled library raekern._C could not be imported. Build it first: "
+            "`pip install --no-build-isolation -e .` (or `make test`). Cause: " + str(e)
+        ) from e
+    _loaded = True
+
+
+def build_info() -> dict[str, str]:
+    """Facts about the compiled library: CPU ISA, CUDA archs, OpenMP."""
+    load_library()
+    raw = torch.ops.raekern.build_info()
+    return dict(item.split("=", 1) for item in raw.split(";"))
+
+
+def registered_ops() -> dict[str, list[str]]:
+    """Every raekern op with the dispatch keys (devices) it has kernels for."""
+    load_library()
+    out: dict[str, list[str]] = {}
+    for name in sorted(torch._C._dispatch_get_all_op_names()):
+        if not name.startswith("raekern::"):
+            continue
+        keys = []
+        for key in ("CPU", "CUDA", "Meta", "Autograd", "CompositeImplicitAutograd",
+                    "CompositeExplicitAutograd"):
+            if torch._C._dispatch_has_kernel_for_dispatch_key(name, key):
+                keys.append(key)
+        out[name[len("raekern::"):]] = keys
+    return out
+
+
+def emulation_library():
+    """Load raekern._emu (SIMT CUDA kernels run on the host) if it was built; None otherwise."""
+    try:
+        importlib.import_module("raekern._emu")
+    except ImportError:
+        return None
+    return torch.ops.raekern_emu
