@@ -1,0 +1,63 @@
+"""Argument validation shared by every public op. Errors name the op and the argument."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+
+
+def fail(op: str, arg: str, msg: str, exc: type[Exception] = ValueError):
+    raise exc(f"raekern.{op}: argument '{arg}' {msg}")
+
+
+def check_tensor(
+    t,
+    op: str,
+    arg: str,
+    *,
+    ndim: int | Sequence[int] | None = None,
+    min_ndim: int | None = None,
+    like: torch.Tensor | None = None,
+    same_dtype: bool = True,
+    floating: bool = True,
+) -> torch.Tensor:
+    """Check type, dtype, rank and device of one tensor argument; returns it unchanged."""
+    if not isinstance(t, torch.Tensor):
+        fail(op, arg, f"must be a torch.Tensor, got {type(t).__name__}", TypeError)
+    if floating and t.dtype not in FLOAT_DTYPES:
+        fail(op, arg, f"must be float64/float32/bfloat16/float16, got {t.dtype}", TypeError)
+    if ndim is not None:
+        allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
+        if t.dim() not in allowed:
+            want = " or ".join(str(a) for a in allowed)
+            fail(op, arg, f"must have {want} dimensions, got shape {tuple(t.shape)}")
+    if min_ndim is not None and t.dim() < min_ndim:
+        fail(op, arg, f"must have at least {min_ndim} dimensions, got shape {tuple(t.shape)}")
+    if like is not None:
+        if t.device != like.device:
+            fail(op, arg, f"must be on {like.device} like the input, got {t.device}")
+        if same_dtype and floating and t.dtype != like.dtype:
+            fail(op, arg, f"must have dtype {like.dtype} like the input, got {t.dtype}", TypeError)
+    return t
+
+
+def check_last_dim(t: torch.Tensor, d: int, op: str, arg: str) -> None:
+    if t.shape[-1] != d:
+        fail(op, arg, f"must have last dimension {d}, got shape {tuple(t.shape)}")
+
+
+def check_broadcast(t: torch.Tensor, shape: Sequence[int], op: str, arg: str) -> None:
+    """t must broadcast to `shape` without changing it (no dimension of `shape` grows)."""
+    try:
+        out = torch.broadcast_shapes(tuple(t.shape), tuple(shape))
+    except RuntimeError:
+        out = None
+    if out is None or tuple(out) != tuple(shape):
+        fail(op, arg, f"of shape {tuple(t.shape)} does not broadcast to {tuple(shape)}")
+
+
+def check_choice(value, choices: Sequence, op: str, arg: str) -> None:
+    if value not in choices:
+        fail(op, arg, f"must be one of {list(choices)}, got {value!r}")

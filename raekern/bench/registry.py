@@ -1,0 +1,76 @@
+"""Benchmark cases, one module per op family (raekern/bench/<family>.py), shared by
+`raekern bench` and the pytest-benchmark suites in benchmarks/.
+
+A family module registers a function returning its cases for a device:
+
+    @register("norm")
+    def norm_cases(device: str, quick: bool) -> list[Case]: ...
+
+Each Case holds several implementations of the same math ("raekern", "eager", "compile", "sdpa", ...)
+as zero-argument callables, plus the bytes that must move (memory-bound ops) or the flops (attention),
+so the runner can report GB/s or TFLOP/s, the fraction of the machine's copy bandwidth or peak, and
+ratios between implementations measured in the same run.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+FAMILY_MODULES = ("norm", "fusion", "attention", "guidance", "models")
+
+_REGISTRY: dict[str, Callable[[str, bool], list["Case"]]] = {}
+
+
+@dataclass
+class Case:
+    family: str
+    name: str  # e.g. "rms_norm fwd"
+    shape: str  # human-readable, e.g. "B·N=4096 D=1152"
+    dtype: torch.dtype
+    impls: dict[str, Callable[[], object]]
+    bytes: int | None = None  # bytes that must move (memory-bound ops)
+    flops: int | None = None  # useful flops (compute-bound ops)
+    baseline_of_interest: tuple[str, ...] = ("eager", "compile")
+    notes: str = ""
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def id(self) -> str:
+        return f"{self.family}/{self.name}/{self.shape}/{str(self.dtype).replace('torch.', '')}"
+
+
+def register(family: str):
+    def deco(fn):
+        _REGISTRY[family] = fn
+        return fn
+
+    return deco
+
+
+def _import_all() -> None:
+    for fam in FAMILY_MODULES:
+        try:
+            importlib.import_module(f"raekern.bench.{fam}")
+        except ModuleNotFoundError as e:
+            if e.name != f"raekern.bench.{fam}":
+                raise
+
+
+def families() -> list[str]:
+    _import_all()
+    return sorted(_REGISTRY)
+
+
+def cases(family: str, device: str = "cpu", quick: bool = False) -> list[Case]:
+    _import_all()
+    if family not in _REGISTRY:
+        raise ValueError(f"raekern bench: unknown family {family!r}; known: {sorted(_REGISTRY)}")
+    return _REGISTRY[family](device, quick)
+
+
+def compiled(fn: Callable) -> Callable:
+    """torch.compile of the same math, the baseline every fused op must beat."""
+    return torch.compile(fn, fullgraph=True, dynamic=False)
