@@ -11,6 +11,16 @@
 #endif
 #include <cstdint>
 
+// Dynamic shared memory: kernels write `RAEKERN_DYNAMIC_SHARED(float, smem);` instead of
+// `extern __shared__ float smem[];`, so the host emulation can hand each block its own buffer.
+#ifdef RAEKERN_HOST_EMULATION
+#define RAEKERN_DYNAMIC_SHARED(T, name) T* name = reinterpret_cast<T*>(::raekern::emu::dynamic_shared())
+#else
+#define RAEKERN_DYNAMIC_SHARED(T, name)                                     \
+  extern __shared__ __align__(16) unsigned char raekern_dynamic_smem_[]; \
+  T* name = reinterpret_cast<T*>(raekern_dynamic_smem_)
+#endif
+
 namespace raekern::simt {
 
 constexpr int kWarp = 32;
