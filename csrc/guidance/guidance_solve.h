@@ -238,7 +238,8 @@ RAEKERN_HD inline void solve(const Config& cfg, const Sample& s, const double* g
     Lin gr = convert(G, cfg.work, R, t);
     Lin ref = convert(Y[cfg.rescale_ref], cfg.work, R, t);
     double sg = stddev(cfg, gram, sums, gr), sr = stddev(cfg, gram, sums, ref);
-    double f = sg > 0.0 ? cfg.phi * sr / sg + (1.0 - cfg.phi) : 1.0;
+    // One-element samples have no spread: left unscaled.
+    double f = (sg > 0.0 && cfg.numel > 1) ? cfg.phi * sr / sg + (1.0 - cfg.phi) : 1.0;
     G = convert(gr.scale(f), R, cfg.work, t);
   }
 
