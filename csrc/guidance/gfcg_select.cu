@@ -4,6 +4,12 @@
 
 #include "common/checks.h"
 #include "common/cuda_launch.h"
+
+// fp32/bf16/fp16 only: a switch without a float64 case, so no float64 kernel is ever instantiated.
+#define RAEKERN_DISPATCH_CUDA_FLOATING(TYPE, NAME, ...)                                       \
+  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)                   \
+                                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__)            \
+                                         AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__))
 #include "common/dispatch.h"
 #include "guidance/gfcg_select_kernel.cuh"
 
@@ -30,14 +36,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gfcg_select_cuda(cons
   at::Tensor ref = at::empty({B}, logits.options().dtype(at::kLong));
   at::Tensor weight = at::empty({B}, f32), pt = at::empty({B}, f32), pr = at::empty({B}, f32);
   if (B == 0) return {ref, weight, pt, pr};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, lg.scalar_type(), "gfcg_select_cuda", [&] {
-    if constexpr (!std::is_same_v<scalar_t, double>) {
+  RAEKERN_DISPATCH_CUDA_FLOATING(lg.scalar_type(), "gfcg_select_cuda", [&] {
       cuda::gfcg_select_kernel<cuda_t<scalar_t>><<<B, cuda::kSelectThreads, 0, current_stream()>>>(
           cuda_ptr<scalar_t>(lg), reinterpret_cast<const long long*>(tg.const_data_ptr<int64_t>()), C,
           float(w_max), float(kappa), float(w_min), reinterpret_cast<long long*>(ref.data_ptr<int64_t>()),
           weight.data_ptr<float>(), pt.data_ptr<float>(), pr.data_ptr<float>());
       RAEKERN_CUDA_CHECK_LAUNCH();
-    }
   });
   return {ref, weight, pt, pr};
 }

@@ -5,6 +5,12 @@
 #include <torch/library.h>
 
 #include "common/cuda_launch.h"
+
+// fp32/bf16/fp16 only: a switch without a float64 case, so no float64 kernel is ever instantiated.
+#define RAEKERN_DISPATCH_CUDA_FLOATING(TYPE, NAME, ...)                                       \
+  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)                   \
+                                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__)            \
+                                         AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__))
 #include "guidance/guidance_step.h"
 #include "guidance/guidance_step_kernel.cuh"
 
@@ -111,8 +117,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> guidance_step_cuda(
                        term_pos, term_neg, stats_space, zero_star, apg_beta, apg_r, apg_eta, rescale_phi,
                        rescale_space, rescale_ref, out_param, solver, return_x0);
   if (p.B == 0) return {p.out, p.x0, p.momentum_out, p.coeffs};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "guidance_step_cuda", [&] {
-    if constexpr (!std::is_same_v<scalar_t, double>) launch<scalar_t>(p);
+  RAEKERN_DISPATCH_CUDA_FLOATING(x.scalar_type(), "guidance_step_cuda", [&] {
+    launch<scalar_t>(p);
   });
   return {p.out, p.x0, p.momentum_out, p.coeffs};
 }
@@ -151,11 +157,9 @@ at::Tensor guidance_combine_cuda(at::TensorList inputs, const at::Tensor& coeffs
   p.chunks = (p.N + p.chunk - 1) / p.chunk;
   p.coeffs = c.const_data_ptr<double>();
   p.out = out.data_ptr();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, ref.scalar_type(), "guidance_combine_cuda", [&] {
-    if constexpr (!std::is_same_v<scalar_t, double>) {
+  RAEKERN_DISPATCH_CUDA_FLOATING(ref.scalar_type(), "guidance_combine_cuda", [&] {
       cuda::lincomb_kernel<cuda_t<scalar_t>><<<B * p.chunks, cuda::kThreads, 0, current_stream()>>>(p);
       RAEKERN_CUDA_CHECK_LAUNCH();
-    }
   });
   return out;
 }
