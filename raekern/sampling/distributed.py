@@ -115,6 +115,8 @@ def shard_complete(path: Path, expected: Sequence[int]) -> bool:
 def init_distributed(device: str | torch.device | None = None) -> tuple[int, int]:
     """Join the torchrun process group if the environment describes one; returns (rank, world_size).
 
+    ``RAEKERN_DIST_TIMEOUT_S`` bounds how long a rank waits for a dead peer (default 1800 s).
+
     gloo for CPU tensors, nccl for CUDA (each rank uses cuda:LOCAL_RANK). A single process without
     torchrun's environment runs alone (rank 0 of 1) without a process group.
     """
@@ -129,7 +131,10 @@ def init_distributed(device: str | torch.device | None = None) -> tuple[int, int
     backend = "nccl" if dev.type == "cuda" else "gloo"
     if dev.type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend=backend)
+    import datetime
+
+    timeout = datetime.timedelta(seconds=float(os.environ.get("RAEKERN_DIST_TIMEOUT_S", "1800")))
+    dist.init_process_group(backend=backend, timeout=timeout)
     return dist.get_rank(), dist.get_world_size()
 
 
@@ -200,11 +205,21 @@ def run_shards(generate: GenerateFn, plan: ShardPlan, out_dir: str | os.PathLike
             done.append(s)
             if log:
                 log(f"rank {rank}: shard {s} written ({len(idx)} samples)")
+            _maybe_fault(rank, len(done))
         if bar is not None:
             bar.update(1)
     if bar is not None:
         bar.close()
     return done
+
+
+def _maybe_fault(rank: int, written: int) -> None:
+    """Fault injection for the resumption tests: RAEKERN_FAULT_EXIT_AFTER_SHARDS=n (and optionally
+    RAEKERN_FAULT_RANK=r) makes the rank die abruptly, like a killed process, after n new shards."""
+    n = os.environ.get("RAEKERN_FAULT_EXIT_AFTER_SHARDS")
+    r = os.environ.get("RAEKERN_FAULT_RANK")
+    if n is not None and written >= int(n) and (r is None or int(r) == rank):
+        os._exit(17)
 
 
 def merge_shards(plan: ShardPlan, out_dir: str | os.PathLike, name: str = MERGED) -> Path:
