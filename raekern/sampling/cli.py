@@ -169,7 +169,7 @@ def run_sample(args: argparse.Namespace) -> int:
                 "decoder_ckpt": args.decoder_ckpt, "stats": args.stats, "guidance": specs,
                 "steps": pipe.grid.num_steps, "grid": pipe.grid.name, "solver": args.solver,
                 "seed": args.seed, "labels": args.labels, "dtype": args.dtype, "model_dtype": args.model_dtype}
-    log = (lambda m: print(m, file=sys.stderr)) if not args.no_progress else None
+    log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731  one line per shard
     merged = distributed_sample(generate, args.num, args.out, shard_size=args.batch_size, manifest=manifest,
                                 png=args.png, keep_latents=args.keep_latents, device=args.device,
                                 progress=not args.no_progress, log=log)
