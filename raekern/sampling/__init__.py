@@ -1,0 +1,1 @@
+"""Sampling: time grids, guidance policies and samplers (DESIGN §4.2)."""
