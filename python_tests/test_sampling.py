@@ -166,7 +166,8 @@ def test_branches_are_one_batched_call_per_model(nets):
 # -- GFCG ---------------------------------------------------------------------------------------------------
 def _gfcg_transcription(net, z, y, clf, grid, w_max, kappa, previous):
     """DESIGN §4.3 written out: reference = most probable class other than the label, from the x0
-    estimate (previous step's guided x0, or this step's conditional x0); G = R + w·(C − R)."""
+    estimate (previous step's guided x0 — none at step 0: plain C —, or this step's conditional
+    x0); G = C + w·(C − R) (the policy's "alone" rule)."""
     x = z.clone()
     ts = grid.times()
     x0_prev = None
@@ -174,14 +175,17 @@ def _gfcg_transcription(net, z, y, clf, grid, w_max, kappa, previous):
         t, tn = ts[k], ts[k + 1]
         tt = torch.full((x.shape[0],), t)
         c = net(x, tt, y)
-        src = x0_prev if (previous and x0_prev is not None) else x - t * c
-        p = clf(src).float().softmax(-1)
-        pt = p.gather(1, y[:, None])[:, 0]
-        masked = p.scatter(1, y[:, None], -1.0)
-        pr, ref = masked.max(1)
-        w = (w_max * torch.exp(-kappa * (pt - pr))).clamp(0, w_max).view(-1, 1, 1, 1)
-        r = net(x, tt, ref)
-        u = r + w * (c - r)
+        src = x0_prev if previous else x - t * c
+        if src is None:
+            u = c
+        else:
+            p = clf(src).float().softmax(-1)
+            pt = p.gather(1, y[:, None])[:, 0]
+            masked = p.scatter(1, y[:, None], -1.0)
+            pr, ref = masked.max(1)
+            w = (w_max * torch.exp(-kappa * (pt - pr))).clamp(0, w_max).view(-1, 1, 1, 1)
+            r = net(x, tt, ref)
+            u = c + w * (c - r)
         x0_prev = x - t * u
         x = x + (tn - t) * u
     return x
@@ -196,8 +200,8 @@ def test_gfcg_reference_selection(nets, previous):
     got = sample(main, _noise(), LABELS, policy, grid, progress=False)
     want = _gfcg_transcription(nets["main"], _noise(), LABELS, clf, grid, 2.0, 3.0, previous)
     torch.testing.assert_close(got, want, rtol=5e-5, atol=5e-5)
-    if previous:  # step 0 has no previous x0: cond first; then one [cond; ref] call per step
-        assert main.calls == [3, 3] + [6] * 6
+    if previous:  # one [cond; ref] call per step
+        assert main.calls == [6] * 7
     else:
         assert main.calls == [3, 3] * 7
 

@@ -16,19 +16,23 @@ space unless marked "space-dependent"):
   cfg:W[,form=anchor]    classifier-free guidance  G = U + W·(C − U)   (form=anchor: G = C + W·(C − U))
   ag:W                   AutoGuidance (needs --weak-ckpt)  G = W_weak + W·(C_main − W_weak)
                          (released RAE v1 256 px: ag:1.42, 512 px: ag:1.5)
-  internal:W             RAEv2 internal guidance from one forward (x_full, x_base):
+  internal:W[,cfg=Wc][,uncond=Wu]
+                         RAEv2 internal guidance from one forward (x_full, x_base):
                          G = x_base + W·(x_full − x_base), on t ∈ [0.1, 1] unless interval: is given
-                         (released RAEv2: internal:1.78)
+                         (released RAEv2: internal:1.78); with cfg=: internal guidance on the cond
+                         and null halves (null half with Wu, default W), then U' + Wc·(C' − U')
   gfcg:w_max=..,kappa=..[,mode=alone|cfg3|cfg_substitute|autoguidance][,cfg=W][,ag=W][,ref=previous|current]
                          gradient-free classifier guidance (needs a classifier): the classifier sees the
                          x0 estimate, r = most probable class other than the label y,
-                         w = clip(w_max·exp(−kappa·(p_y − p_r)), 0, w_max);
-                         alone:          G = R + w·(C − R)
+                         w = clip(w_max·exp(−kappa·(p_y − p_r)), 0, w_max); every mode adds w·(C − R):
+                         alone:          G = C + w·(C − R)
                          cfg3:           G = U + cfg·(C − U) + w·(C − R)          (three branches)
-                         cfg_substitute: G = R + cfg·(C − R)   (R replaces the null label)
-                         autoguidance:   G = W_weak(r) + ag·(C_main − W_weak(r))  (no extra cost)
-                         ref=previous (default) takes r from the previous step's x0 (one batched call);
-                         ref=current from this step's conditional x0 (the C branch runs first)
+                         cfg_substitute: G = R + cfg·(C − R) + w·(C − R)   (R replaces the null label)
+                         autoguidance:   G = W_weak(r) + ag·(C − W_weak(r)) + w·(C − W_weak(r))
+                                         (needs --weak-ckpt; no extra network cost)
+                         ref=previous (default) takes r from the previous step's guided x0, so all
+                         branches run in one batched call (step 0: w = 0); ref=current takes it from
+                         this step's conditional x0 (the C branch runs first)
   apg:W[,eta=0][,norm=r][,momentum=b]
                          adaptive projected guidance (space-dependent, statistics in x0 space):
                          D = C − U (+ b·D_prev), D ← D·min(1, r/‖D‖), D ← D − (1 − eta)·proj_C(D),
@@ -37,7 +41,8 @@ space unless marked "space-dependent"):
                          G = s*·U + W·(C − s*·U); zero velocity for the first `steps` steps
   rescale:PHI            guidance rescale around the chosen method (space-dependent, x0 space):
                          G ← G·(PHI·std(C)/std(G) + 1 − PHI)
-  interval:LO,HI         apply the guidance only for LO <= t <= HI (otherwise G = C)
+  interval:LO,HI         apply the guidance only for LO <= t <= HI (otherwise G = C); for internal:
+                         gates the internal guidance
 """
 
 
@@ -104,18 +109,22 @@ def build_policy(specs: Sequence[str], *, classifier: Callable | None = None, ha
         return _num(pos[0], f"{m}'s scale")
 
     ikw = {} if interval is None else {"interval": interval}
-    if interval is not None and m in ("none", "apg", "cfgzero"):
-        _fail("guidance", f"interval: does not apply to {m}")
+    if interval is not None and m == "none":
+        _fail("guidance", "interval: needs a guidance method")
     if m == "none":
         policy = G.NoGuidance()
     elif m == "cfg":
-        policy = G.CFG(scale(), form=kw.get("form", "reference"), **ikw)
+        policy = G.CFG(scale(), form=kw.get("form", "reference"), num_classes=num_classes, **ikw)
     elif m == "ag":
         if not has_weak:
             _fail("guidance", "ag: needs a weak model (--weak-ckpt or a preset that has one)")
         policy = G.AutoGuidance(scale(), **ikw)
     elif m == "internal":
-        policy = G.InternalGuidance(scale(), interval=interval if interval is not None else (0.1, 1.0))
+        ig = {} if "cfg" not in kw else {"cfg_scale": _num(kw["cfg"], "cfg")}
+        if "uncond" in kw:
+            ig["uncond_scale"] = _num(kw["uncond"], "uncond")
+        policy = G.InternalGuidance(scale(), interval=interval if interval is not None else (0.1, 1.0),
+                                    num_classes=num_classes, **ig)
     elif m == "gfcg":
         if classifier is None:
             _fail("guidance", "gfcg needs a classifier (--classifier-ckpt or a preset that has one)")
@@ -126,7 +135,8 @@ def build_policy(specs: Sequence[str], *, classifier: Callable | None = None, ha
         if ref not in ("previous", "current"):
             _fail("guidance", f"gfcg ref= must be 'previous' or 'current', got {ref!r}")
         gkw = dict(w_max=_num(kw.get("w_max", "2.0"), "w_max"), kappa=_num(kw.get("kappa", "10"), "kappa"),
-                   mode=mode, reference_from_previous_step=(ref == "previous"), **ikw)
+                   mode=mode, reference_from_previous_step=(ref == "previous"), num_classes=num_classes,
+                   **ikw)
         if "cfg" in kw:
             gkw["cfg_scale"] = _num(kw["cfg"], "cfg")
         if "ag" in kw:
@@ -135,9 +145,10 @@ def build_policy(specs: Sequence[str], *, classifier: Callable | None = None, ha
     elif m == "apg":
         policy = G.APG(scale(), eta=_num(kw.get("eta", "0"), "eta"),
                        norm_threshold=_num(kw.get("norm", "0"), "norm"),
-                       momentum=_num(kw.get("momentum", "0"), "momentum"))
+                       momentum=_num(kw.get("momentum", "0"), "momentum"), num_classes=num_classes, **ikw)
     elif m == "cfgzero":
-        policy = G.CFGZeroStar(scale(), zero_init_steps=int(_num(kw.get("steps", "1"), "steps")))
+        policy = G.CFGZeroStar(scale(), zero_init_steps=int(_num(kw.get("steps", "1"), "steps")),
+                               num_classes=num_classes, **ikw)
     else:  # pragma: no cover - describe() rejects the rest
         _fail("guidance", f"unknown method {m!r}")
     if d["rescale"] is not None:

@@ -15,8 +15,8 @@ What it does per step (rectified flow, ``x_t = (1 − t)·x0 + t·ε``, t = 1 no
    t = 0 (or, for x0-predicting models, below ``x0_t_eps``) is taken with Euler, as EDM does.
 3. GFCG-style policies (``policy.needs_reference``) get their reference labels from the classifier
    before the batched call: from the previous step's guided x0 (default; all branches stay in one
-   call; step 0 has no previous x0 and uses the current conditional x0), or from this step's
-   conditional x0 (the conditional branch is then evaluated first, the others after it).
+   call; at step 0 there is none yet and the policy falls back to its host rule), or from this
+   step's conditional x0 (the conditional branch is then evaluated first, the others after it).
 
 Models: ``model_fn(x [n,*S], t [n] float32, y [n] int64, **model_kwargs)`` returning a tensor or a
 tuple of tensors, each ``[n,*S]``. ``param`` declares what they return: "velocity" (u = ε − x0),
@@ -232,11 +232,13 @@ class Sampler:
             lab["null"] = torch.full_like(labels, self.null_label)
         cache: dict = {}
         if self.needs_reference:
-            if x0_prev is None or not self.policy.reference_from_previous_step:
+            if not self.policy.reference_from_previous_step:
                 cb = self.cond_branch
                 self._evaluate_only(x, t, lab, cache, cb.model, cb.label)
                 outs, slot, _ = cache[(cb.model, cb.label)]
                 x0_prev = to_x0(x, outs[cb.output], t, self.param[cb.model])
+            # Step 0 of the previous-step variant has no x0 yet: select_reference(None, …) gives
+            # r = y with weight 0, i.e. the plain host rule for that step.
             lab["ref"], _ = self.policy.select_reference(x0_prev, labels)
         outputs = self._evaluate(x, t, lab, cache)
 
@@ -285,6 +287,13 @@ class Sampler:
         if self.cuda_graph and noise.is_cuda:
             return self._run_graphed(noise, labels, callback)
         return self._run_eager(noise, labels, callback)
+
+    @torch.no_grad()
+    def step(self, x: torch.Tensor, labels: torch.Tensor | None, k: int, state: dict | None = None,
+             x0_prev: torch.Tensor | None = None) -> torch.Tensor:
+        """Solver step ``k`` alone (grid points k → k+1) from state ``x``; for benchmarks and for
+        callers that drive the loop themselves. ``state`` carries APG momentum between steps."""
+        return self._step(k, x, labels, x0_prev, {} if state is None else state)[0]
 
     @torch.no_grad()
     def _run_eager(self, x, labels, callback):
