@@ -6,6 +6,7 @@
 #include <string>
 
 #include "norm/norm_schema.h"
+#include "attention/attention_schema.h"
 
 namespace raekern {
 
@@ -42,6 +43,7 @@ static std::string build_info() {
 TORCH_LIBRARY(raekern, m) {
   m.def("build_info() -> str", &raekern::build_info);
   raekern::norm::define_schemas(m);
+  raekern::attention::define_schemas(m);
 }
 
 // `import raekern._C` loads this library (and so registers the ops); it holds no Python API.
