@@ -246,30 +246,46 @@ def gfcg_pipeline(base: Pipeline, classifier: Callable, *, space: str = "latent"
                     model_dtype=base.model_dtype, cuda_graph=base.cuda_graph, progress=base.progress)
 
 
-def _load(name: str, path: str | Path | None, device, dtype):
+def _load(name: str, path: str | Path | None, device, dtype, **overrides):
     if path is None:
         return None
     try:
         from raekern import models as M
-    except ImportError as e:  # the models package lands separately
-        raise ImportError("raekern.models is needed to load checkpoints; it is not available: " + str(e)) from e
-    m = M.load(name, str(path))
+    except ImportError as e:  # pragma: no cover - the models package ships with raekern
+        raise ImportError("raekern.models is needed to load checkpoints: " + str(e)) from e
+    m = M.load(name, str(path), **overrides)
     return m.to(device=device, dtype=dtype).eval()
+
+
+def _over(backend: str | None, extra: Mapping | None) -> dict:
+    out = {} if backend is None else {"backend": backend}
+    out.update(extra or {})
+    return out
 
 
 def rae_v1_from_checkpoints(dit: str | Path, decoder: str | Path | None, stats: str | Path | None, *,
                             weak: str | Path | None = None, dit_name: str = "ditdh-xl",
                             weak_name: str = "ditdh-s", decoder_name: str = "decoder-vit-xl",
-                            device="cpu", dtype=torch.float32, **kw) -> Pipeline:
-    """RAE v1 from local files (DiT ``stage2_model.pt``, decoder ``model.pt``, ``stat.pt``)."""
-    return rae_v1_pipeline(_load(dit_name, dit, device, dtype), _load(decoder_name, decoder, device, dtype),
-                           weak=_load(weak_name, weak, device, dtype),
-                           stats=load_latent_stats(stats) if stats else None, device=device, **kw)
+                            device="cpu", dtype=torch.float32, backend: str | None = None,
+                            dit_overrides: Mapping | None = None, weak_overrides: Mapping | None = None,
+                            decoder_overrides: Mapping | None = None, **kw) -> Pipeline:
+    """RAE v1 from local files (DiT ``stage2_model.pt``, decoder ``model.pt``, ``stat.pt``); the
+    networks are ``raekern.models`` configurations (``*_name``, constructor ``*_overrides``;
+    ``backend`` "raekern" or "torch" for all of them)."""
+    return rae_v1_pipeline(
+        _load(dit_name, dit, device, dtype, **_over(backend, dit_overrides)),
+        _load(decoder_name, decoder, device, dtype, **_over(backend, decoder_overrides)),
+        weak=_load(weak_name, weak, device, dtype, **_over(backend, weak_overrides)),
+        stats=load_latent_stats(stats) if stats else None, device=device, **kw)
 
 
 def raev2_from_checkpoints(dit: str | Path, decoder: str | Path | None, stats: str | Path | None, *,
                            dit_name: str = "ditdh-xl-v2", decoder_name: str = "decoder-vit-xl-v2",
-                           device="cpu", dtype=torch.float32, **kw) -> Pipeline:
+                           device="cpu", dtype=torch.float32, backend: str | None = None,
+                           dit_overrides: Mapping | None = None, decoder_overrides: Mapping | None = None,
+                           **kw) -> Pipeline:
     """RAEv2 from local files (``checkpoint.pt``, ``decoder.pt``, ``stats.pt``)."""
-    return raev2_pipeline(_load(dit_name, dit, device, dtype), _load(decoder_name, decoder, device, dtype),
-                          stats=load_latent_stats(stats) if stats else None, device=device, **kw)
+    return raev2_pipeline(
+        _load(dit_name, dit, device, dtype, **_over(backend, dit_overrides)),
+        _load(decoder_name, decoder, device, dtype, **_over(backend, decoder_overrides)),
+        stats=load_latent_stats(stats) if stats else None, device=device, **kw)
