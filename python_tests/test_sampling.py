@@ -309,3 +309,26 @@ def test_pipeline_bad_arguments(nets):
         pipe.decode(_noise())
     with pytest.raises(ValueError, match="'space'"):
         gfcg_pipeline(pipe, TinyLatentClassifier(C, 10), space="text")
+
+
+# -- the CUDA-graph path's buffer chaining, on the CPU -------------------------------------------------------
+@pytest.mark.parametrize("case", ["cfg_heun", "gfcg", "apg_momentum"])
+def test_graph_path_chaining_matches_eager(nets, case):
+    from raekern.sampling.sampler import _RerunGraphs
+
+    grid = rae_v1_grid(7, latent_shape=SHAPE)
+    if case == "cfg_heun":
+        make = lambda: Sampler(nets["main"], G.CFG(1.5), grid, solver="heun", progress=False)  # noqa: E731
+    elif case == "gfcg":
+        make = lambda: Sampler(nets["main"], G.GFCG(TinyLatentClassifier(C, 10), w_max=2.0, kappa=3.0,  # noqa: E731
+                                                    num_classes=10), grid, progress=False)
+    else:
+        make = lambda: Sampler(nets["main"], G.APG(2.0, eta=0.0, norm_threshold=5.0, momentum=-0.5,  # noqa: E731
+                                                   num_classes=10), grid, progress=False)
+    graphed = make()
+    graphed.cuda_graph, graphed._graph_api = True, _RerunGraphs()
+    for seed in (1, 2):  # the second call replays the captured steps with new noise
+        want = make()(_noise(seed=seed), LABELS)
+        got = graphed(_noise(seed=seed), LABELS)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    assert len(graphed._graphs) == 1

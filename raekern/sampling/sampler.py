@@ -29,9 +29,11 @@ every device); the loop itself draws no random numbers.
 
 CUDA graphs (``cuda_graph=True``, CUDA tensors, fixed shapes): the first call for a given shape runs
 one eager pass as warm-up, then captures every step into its own graph (one shared memory pool,
-replayed in capture order); later calls copy noise and labels into the static inputs and replay.
-The policy must therefore not synchronise with the host inside a step. **This path has not yet run
-on a GPU** (developed on a CPU-only machine).
+replayed in capture order; step k reads fixed buffer k and copies its result into buffer k+1);
+later calls copy noise and labels into the static inputs and replay. The models and the policy must
+not synchronise with the host inside a step. The buffer chaining is tested on the CPU with a
+stand-in that re-runs each step; **the CUDA capture itself has not yet run on a GPU** (developed on a
+CPU-only machine).
 """
 from __future__ import annotations
 
@@ -138,6 +140,7 @@ class Sampler:
         self._plan()
         self._step_accepts_return_x0 = "return_x0" in inspect.signature(self.policy.step).parameters
         self._graphs: dict = {}
+        self._graph_api = None  # tests substitute _RerunGraphs to run the graph path on the CPU
 
     # -- branch plan -----------------------------------------------------------------------------
     def _plan(self) -> None:
@@ -284,7 +287,7 @@ class Sampler:
             labels = labels.long()
         if labels is None and any(b.label != "cond" for b in self.branches):
             _fail("labels", "are required by a policy with null or reference branches")
-        if self.cuda_graph and noise.is_cuda:
+        if self.cuda_graph and (noise.is_cuda or self._graph_api is not None):
             return self._run_graphed(noise, labels, callback)
         return self._run_eager(noise, labels, callback)
 
@@ -324,35 +327,74 @@ class Sampler:
         g["x"].copy_(x)
         if labels is not None:
             g["labels"].copy_(labels)
-        bar = _progress(len(g["graphs"]), self.progress, "sampling (graphs)")
-        for k, graph in enumerate(g["graphs"]):
-            graph.replay()
+        bar = _progress(len(g["replays"]), self.progress, "sampling (graphs)")
+        for k, replay in enumerate(g["replays"]):
+            replay()
             if callback is not None:
-                callback(k, self.grid.times()[k + 1], g["outs"][k], None)
+                callback(k, self.grid.times()[k + 1], g["bufs"][k + 1], None)
             if bar is not None:
                 bar.update(1)
         if bar is not None:
             bar.close()
-        return g["outs"][-1].clone()
+        return g["bufs"][-1].clone()
 
     def _capture(self, x, labels):
+        """One graph per step. Step k reads ``bufs[k]`` (and the previous x0 buffer for GFCG) and
+        copies its results into ``bufs[k+1]``: every graph's inputs and outputs are fixed buffers, so
+        replays chain without Python in between (and the same structure runs on the CPU, see
+        ``_RerunGraphs``)."""
+        api = self._graph_api if self._graph_api is not None else _CudaGraphs()
         static_x = x.clone()
         static_labels = labels.clone() if labels is not None else None
+        api.warmup(lambda: self._run_eager(static_x, static_labels, None))
+        K = self.grid.num_steps
+        bufs = [static_x] + [torch.empty_like(x) for _ in range(K)]
+        x0bufs = [torch.empty_like(x) for _ in range(K)] if self.needs_reference else None
+        state: dict = {}
+
+        def make(k):
+            def fn():
+                x0_prev = x0bufs[k - 1] if (x0bufs is not None and k > 0) else None
+                xn, x0 = self._step(k, bufs[k], static_labels, x0_prev, state)
+                bufs[k + 1].copy_(xn)
+                if x0bufs is not None and x0 is not None:
+                    x0bufs[k].copy_(x0)
+            return fn
+
+        replays = [api.capture(make(k)) for k in range(K)]
+        return {"x": static_x, "labels": static_labels, "replays": replays, "bufs": bufs}
+
+
+class _CudaGraphs:
+    """Capture with torch.cuda graphs sharing one memory pool (replayed in capture order)."""
+
+    def __init__(self):
+        self.pool = torch.cuda.graph_pool_handle()
+
+    def warmup(self, fn):
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up pass: allocator, cuBLAS handles, lazy inits
-            self._run_eager(static_x, static_labels, None)
+        with torch.cuda.stream(side):  # allocator, cuBLAS handles, lazy initialisation
+            fn()
         torch.cuda.current_stream().wait_stream(side)
-        pool = torch.cuda.graph_pool_handle()
-        graphs, outs = [], []
-        cur, x0, state = static_x, None, {}
-        for k in range(self.grid.num_steps):
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                cur, x0 = self._step(k, cur, static_labels, x0, state)
-            graphs.append(graph)
-            outs.append(cur)
-        return {"x": static_x, "labels": static_labels, "graphs": graphs, "outs": outs}
+
+    def capture(self, fn):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            fn()
+        return graph.replay
+
+
+class _RerunGraphs:
+    """CPU stand-in with the semantics the graph path relies on: a "replay" re-runs the captured
+    step against the same fixed buffers. Lets the tests check the buffer chaining without a GPU."""
+
+    def warmup(self, fn):
+        fn()
+
+    def capture(self, fn):
+        fn()
+        return fn
 
 
 def make_noise(shape: Sequence[int], seed: int = 0, *, device=None, dtype=torch.float32) -> torch.Tensor:
