@@ -93,7 +93,8 @@ class Sampler:
         models: further named models a policy refers to, e.g. ``{"weak": small_dit}`` (AutoGuidance).
         solver: "euler" or "heun".
         null_label: label of the unconditional branch (default: ``policy.null_label`` or 1000).
-        x0_t_eps: RAEv2's clamp ``u = (x − x̂)/max(t, x0_t_eps)`` for x0 models (0 = none).
+        x0_t_eps: RAEv2's clamp ``u = (x − x̂)/max(t, x0_t_eps)`` when every branch predicts x0
+            (0 = none).
         model_kwargs: extra keyword arguments for every model call.
         model_dtype: cast the network input to this dtype (outputs are cast back to the state dtype).
         cuda_graph: capture each step into a CUDA graph (CUDA only; fixed shapes).
@@ -224,7 +225,8 @@ class Sampler:
                                 num_steps=self.grid.num_steps, state=state, **kw)
 
     def _x0_clamped(self, t: float) -> bool:
-        return self.x0_t_eps > 0 and t < self.x0_t_eps and "x0" in self.branch_param
+        # Only exact when every branch is an x0 prediction (then the clamp scales the guided u).
+        return self.x0_t_eps > 0 and t < self.x0_t_eps and all(p == "x0" for p in self.branch_param)
 
     def _step(self, k: int, x: torch.Tensor, labels: torch.Tensor | None, x0_prev, state: dict):
         """One solver step k: returns (x_next, guided x0 estimate or None)."""
