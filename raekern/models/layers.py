@@ -79,8 +79,8 @@ class NormSpec(NamedTuple):
 
 
 def _torch_rms(x, weight, eps):
-    # as the released RMSNorm: statistics in fp32, cast back, then the weight
-    xf = x.float()
+    # as the released RMSNorm: statistics in fp32 (fp64 stays fp64), cast back, then the weight
+    xf = x if x.dtype == torch.float64 else x.float()
     out = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x)
     return out * weight if weight is not None else out
 
