@@ -7,6 +7,7 @@
 
 #include "norm/norm_schema.h"
 #include "guidance/guidance_schema.h"
+#include "attention/attention_schema.h"
 
 namespace raekern {
 
@@ -44,6 +45,7 @@ TORCH_LIBRARY(raekern, m) {
   m.def("build_info() -> str", &raekern::build_info);
   raekern::norm::define_schemas(m);
   raekern::guidance::define_schemas(m);
+  raekern::attention::define_schemas(m);
 }
 
 // `import raekern._C` loads this library (and so registers the ops); it holds no Python API.
