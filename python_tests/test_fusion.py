@@ -392,3 +392,103 @@ def test_latent_normalize_errors():
         ops.latent_denormalize(torch.randn(2, 8, 2, 8), mean, var)
     with pytest.raises(ValueError, match="'var'"):
         torch.ops.raekern.latent_normalize(z, mean, torch.rand(8, 4, 3), 1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# modules and statistics
+
+from raekern.models.fusion import (  # noqa: E402
+    DepthRoutedFusion, LatentStats, LayerMeanFusion, set_training_phase)
+
+
+def test_layer_mean_fusion_released_configs():
+    hs = [torch.randn(2, 21, 32) for _ in range(25)]  # HF-style: entry 0 = embeddings, 24 blocks
+    m = LayerMeanFusion.raev2_dinov3l(7, index_offset=1)
+    sel = [hs[i + 1] for i in (11, 13, 15, 17, 19, 21, 23)]
+    ref = fu.layer_stack_fuse_reference(sel, skip_tokens=5, eps=1e-5, add_last_token_mean=True)
+    torch.testing.assert_close(m(hs), ref)
+    m.use_raekern = False
+    torch.testing.assert_close(m(hs), ref)
+    v1 = LayerMeanFusion.rae_dinov2b()
+    torch.testing.assert_close(v1(hs[:12]), torch.nn.functional.layer_norm(hs[11][:, 5:], (32,), eps=1e-6))
+    mean, var = torch.randn(32, 4, 4), torch.rand(32, 4, 4) + 0.5
+    cf = LayerMeanFusion.raev2_dinov3l(7, index_offset=1, channels_first=True, latent_mean=mean, latent_var=var)
+    torch.testing.assert_close(cf(hs), fu.latent_normalize_reference(ref, mean, var))
+    with pytest.raises(ValueError, match="'hidden_states'"):
+        m(hs[:10])
+
+
+def test_depth_routed_fusion_starts_at_rae_latent_and_trains():
+    torch.manual_seed(0)
+    L, B, T, D = 4, 2, 13, 16
+    m = DepthRoutedFusion(D, L, 24, skip_tokens=1)
+    hs = [torch.randn(B, T, D) for _ in range(L)]
+    base = torch.nn.functional.layer_norm(hs[-1][:, 1:], (D,), eps=1e-6)
+    torch.testing.assert_close(m(hs), base)  # γ = 0
+    with torch.no_grad():
+        m.gamma.normal_()
+    out = m(hs)
+    m.use_raekern = False
+    ref = m(hs)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    m.use_raekern = True
+    m(hs).square().mean().backward()
+    assert all(p.grad is not None for p in m.parameters())
+    assert DepthRoutedFusion().w1.shape == (12, 768, 1536)
+
+
+def test_set_training_phase():
+    enc, fus, dec = torch.nn.Linear(2, 2), DepthRoutedFusion(8, 2, 4), torch.nn.Linear(2, 2)
+    p1 = set_training_phase(1, encoder=enc, fusion=fus, decoder=dec)
+    assert {id(p) for p in p1} == {id(p) for p in dec.parameters()}
+    p2 = set_training_phase(2, encoder=enc, fusion=fus, decoder=dec)
+    assert {id(p) for p in p2} == {id(p) for p in fus.parameters()} and not dec.weight.requires_grad
+    assert not dec.training and fus.training and not enc.training
+    p3 = set_training_phase(3, encoder=enc, fusion=fus, decoder=dec)
+    assert len(p3) == len(list(fus.parameters())) + 2 and not enc.weight.requires_grad
+    with pytest.raises(ValueError, match="'phase'"):
+        set_training_phase(4)
+
+
+def test_latent_stats_streaming_merge_and_save(tmp_path):
+    data = torch.randn(37, 6, 3, 2, dtype=torch.float64) * 3 + 100
+    s = LatentStats()
+    for chunk in data.split(5):
+        s.update(chunk.float())
+    a, b = LatentStats(), LatentStats()
+    a.update(data[:11].float())
+    b.update(data[11:].float())
+    a.merge(b)
+    exp_mean, exp_var = data.float().double().mean(0), data.float().double().var(0, unbiased=False)
+    for st in (s, a):
+        assert st.count == 37
+        torch.testing.assert_close(st.mean, exp_mean.float())
+        torch.testing.assert_close(st.var, exp_var.float(), rtol=1e-5, atol=1e-6)
+    tok = LatentStats((6, 3, 2)).update(data.float().flatten(2).transpose(1, 2))
+    torch.testing.assert_close(tok.mean, exp_mean.float())
+    s.save(tmp_path / "stat.pt")
+    d = LatentStats.load(tmp_path / "stat.pt")
+    assert set(d) == {"mean", "var"} and torch.equal(d["mean"], s.mean)
+    with pytest.raises(ValueError, match="'z'"):
+        s.update(torch.randn(2, 5, 3, 2))
+
+
+def _stats_worker(rank, path, data):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=2)
+    s = LatentStats().update(data[rank::2])
+    s.all_reduce()
+    torch.save((s.count, s.mean, s.var), f"{path}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_latent_stats_all_reduce(tmp_path):
+    import torch.multiprocessing as mp
+    data = torch.randn(9, 4, 2, 2)
+    path = str(tmp_path / "store")
+    mp.spawn(_stats_worker, args=(path, data), nprocs=2, join=True)
+    for r in range(2):
+        count, mean, var = torch.load(f"{path}.{r}")
+        assert count == 9
+        torch.testing.assert_close(mean, data.double().mean(0).float())
+        torch.testing.assert_close(var, data.double().var(0, unbiased=False).float())
