@@ -2,6 +2,7 @@
 autoencoder, DiT-DH v1/v2, checkpoint loading, a registry of the released configurations and
 flow-matching training helpers. Every module runs on raekern's ops (``backend="raekern"``) or plain
 PyTorch (``backend="torch"``) with the same weights."""
+from raekern.models import fusion  # noqa: F401
 from raekern.models.checkpoints import CheckpointMismatchError, read_checkpoint
 from raekern.models.decoder import ViTMAEDecoder
 from raekern.models.dit import DiTDH, DiTDHv2
