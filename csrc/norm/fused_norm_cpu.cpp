@@ -376,48 +376,10 @@ void backward_cpu(const BwdParams& p, at::ScalarType st) {
 int64_t cpu_workers(const at::Tensor&) { return at::get_num_threads(); }
 
 // Tasks of at least 8 tokens keep the partial-sum workspace small next to the data.
-const Backend kCpu{forward_cpu, backward_cpu, cpu_workers, 8};
-
 }  // namespace
 
-TORCH_LIBRARY_IMPL(raekern, CPU, m) {
-  m.impl("rms_norm", [](const at::Tensor& x, const OptTensor& w, double eps) { return rms_norm(kCpu, x, w, eps); });
-  m.impl("rms_norm_backward", [](const at::Tensor& go, const at::Tensor& x, const OptTensor& w,
-                                 const at::Tensor& rstd) { return rms_norm_backward(kCpu, go, x, w, rstd); });
-  m.impl("layer_norm", [](const at::Tensor& x, const OptTensor& w, const OptTensor& b, double eps) {
-    return layer_norm(kCpu, x, w, b, eps);
-  });
-  m.impl("layer_norm_backward", [](const at::Tensor& go, const at::Tensor& x, const OptTensor& w,
-                                   const OptTensor& b, const at::Tensor& mean, const at::Tensor& rstd) {
-    return layer_norm_backward(kCpu, go, x, w, b, mean, rstd);
-  });
-  m.impl("norm_modulate", [](const at::Tensor& x, const at::Tensor& shift, const at::Tensor& scale,
-                             c10::string_view kind, const OptTensor& w, const OptTensor& b, double eps) {
-    return norm_modulate(kCpu, x, shift, scale, kind, w, b, eps);
-  });
-  m.impl("norm_modulate_backward",
-         [](const at::Tensor& go, const at::Tensor& x, const at::Tensor& shift, const at::Tensor& scale,
-            c10::string_view kind, const OptTensor& w, const OptTensor& b, const at::Tensor& mean,
-            const at::Tensor& rstd) {
-           return norm_modulate_backward(kCpu, go, x, shift, scale, kind, w, b, mean, rstd);
-         });
-  m.impl("gated_residual", [](const at::Tensor& x, const at::Tensor& gate, const at::Tensor& y) {
-    return gated_residual(kCpu, x, gate, y);
-  });
-  m.impl("gated_residual_backward", [](const at::Tensor& grad, const at::Tensor& gate, const at::Tensor& y) {
-    return gated_residual_backward(kCpu, grad, gate, y);
-  });
-  m.impl("gated_residual_norm_modulate",
-         [](const at::Tensor& x, const at::Tensor& gate, const at::Tensor& y, const at::Tensor& shift,
-            const at::Tensor& scale, c10::string_view kind, const OptTensor& w, const OptTensor& b,
-            double eps) { return gated_residual_norm_modulate(kCpu, x, gate, y, shift, scale, kind, w, b, eps); });
-  m.impl("gated_residual_norm_modulate_backward",
-         [](const OptTensor& gxo, const OptTensor& go, const at::Tensor& x_out, const at::Tensor& gate,
-            const at::Tensor& y, const at::Tensor& shift, const at::Tensor& scale, c10::string_view kind,
-            const OptTensor& w, const OptTensor& b, const at::Tensor& mean, const at::Tensor& rstd) {
-           return gated_residual_norm_modulate_backward(kCpu, gxo, go, x_out, gate, y, shift, scale, kind, w, b,
-                                                        mean, rstd);
-         });
-}
+const Backend kCpu{forward_cpu, backward_cpu, cpu_workers, 8};
+
+TORCH_LIBRARY_IMPL(raekern, CPU, m) { register_impls<&kCpu>(m); }
 
 }  // namespace raekern::norm
