@@ -498,7 +498,21 @@ struct FaultGuard {
 bool describe_fault(const void* addr, std::string* out) {
   for (const Arena* a = tl_arenas; a != nullptr; a = a->prev_)
     if (a->describe(addr, out)) return true;
-  return false;
+  // Outside every guarded region: name the nearest buffer, the likely culprit.
+  const auto* p = static_cast<const unsigned char*>(addr);
+  const Arena::Region* best = nullptr;
+  ptrdiff_t best_d = 0;
+  for (const Arena* a = tl_arenas; a != nullptr; a = a->prev_)
+    for (const Arena::Region& g : a->regions_) {
+      const ptrdiff_t d = p < g.data ? g.data - p : p - (g.data + g.bytes);
+      if (!best || d < best_d) best = &g, best_d = d;
+    }
+  if (!best || best_d > (ptrdiff_t(1) << 30)) return false;
+  char b[64];
+  std::snprintf(b, sizeof b, "invalid memory access at address %p", addr);
+  *out = std::string(b) + ", byte offset " + std::to_string(p - best->data) + " of the nearest buffer '" +
+         best->name + "' (" + std::to_string(best->bytes) + " bytes)";
+  return true;
 }
 
 namespace {
@@ -526,15 +540,15 @@ uint64_t warp_op(int op, unsigned mask, uint64_t value, int param, int width, co
   Run& r = current(op_name(op));
   Fiber& f = r.fibers[r.cur];
   f.loc = loc;
-  const std::string at = who(f) + " at " + where(loc) + ": " + op_name(op);
+  auto at = [&] { return who(f) + " at " + where(loc) + ": " + op_name(op); };
   if (!(mask >> f.lane & 1u))
-    fail_fiber(r, at + " with mask " + hex(mask) + " does not include the calling lane");
+    fail_fiber(r, at() + " with mask " + hex(mask) + " does not include the calling lane");
   const unsigned exist = existing_lanes(r, f.warp);
   if (mask & ~exist)
-    fail_fiber(r, at + " with mask " + hex(mask) + " names lanes that do not exist (the block has " +
+    fail_fiber(r, at() + " with mask " + hex(mask) + " names lanes that do not exist (the block has " +
                       std::to_string(r.nthreads) + " threads; this warp's lanes are " + hex(exist) + ")");
   if (op <= kShflXor && (width < 1 || width > 32 || (width & (width - 1))))
-    fail_fiber(r, at + ": width " + std::to_string(width) + " is not a power of two in [1, 32]");
+    fail_fiber(r, at() + ": width " + std::to_string(width) + " is not a power of two in [1, 32]");
   f.st = St::kWarp;
   f.op = op;
   f.mask = mask;
