@@ -2,13 +2,19 @@
 kernels (csrc/common/emulation_selftest_kernel.cuh): correct kernels must compute the right thing, and
 deliberately broken ones (a missing barrier, a shuffle reading an inactive lane, an out-of-range
 write, ...) must be caught by a wrong result or an error."""
+import os
+
 import pytest
 import torch
 
 from raekern._utils.library import emulation_library
 
 emu = emulation_library()
-pytestmark = pytest.mark.skipif(emu is None, reason="raekern._emu (host emulation) was not built")
+if emu is None:
+    if os.environ.get("RAEKERN_EMULATION", "1") == "0":
+        pytest.skip("host emulation disabled (RAEKERN_EMULATION=0)", allow_module_level=True)
+    raise ImportError("raekern._emu (the host emulation of the CUDA kernels) was not built or not found next "
+                      "to raekern._C; rebuild with RAEKERN_EMULATION=1, or set RAEKERN_EMULATION=0 to skip")
 
 SCHEDULES = ["forward", "reverse", "random"]
 

@@ -39,20 +39,39 @@ class DeviceMemory {
     return t.has_value() && t->defined() ? in<T>(*t, name) : nullptr;
   }
 
+  // Raw host memory of `bytes` bytes (for launchers that take parameter structs of pointers).
+  const void* in_bytes(const void* host, size_t bytes, const char* name) {
+    return place_bytes(const_cast<void*>(host), bytes, name, Kind::kIn);
+  }
+  void* out_bytes(void* host, size_t bytes, const char* name) { return place_bytes(host, bytes, name, Kind::kOut); }
+  void* inout_bytes(void* host, size_t bytes, const char* name) {
+    return place_bytes(host, bytes, name, Kind::kInOut);
+  }
+
+  // Checks every canary (EmulationError naming the buffer), then copies outputs back to the host.
   void finish() {
     arena_.check();
     for (const Back& b : back_)
-      if (b.bytes) std::memcpy(b.tensor.data_ptr(), b.buf, b.bytes);
+      if (b.bytes) std::memcpy(b.host, b.buf, b.bytes);
     back_.clear();
   }
 
  private:
   enum class Kind { kIn, kOut, kInOut };
   struct Back {
-    at::Tensor tensor;
+    at::Tensor keep_alive;
+    void* host;
     void* buf;
     size_t bytes;
   };
+
+  void* place_bytes(void* host, size_t bytes, const char* name, Kind kind, at::Tensor keep = {}) {
+    if (host == nullptr) return nullptr;
+    void* buf = arena_.alloc(bytes, reinterpret_cast<uintptr_t>(host), name, kind == Kind::kOut);
+    if (kind != Kind::kOut && bytes) std::memcpy(buf, host, bytes);
+    if (kind != Kind::kIn) back_.push_back({std::move(keep), host, buf, bytes});
+    return buf;
+  }
 
   template <class T> void* place(const at::Tensor& t, const char* name, Kind kind) {
     TORCH_CHECK(t.device().is_cpu(), "host emulation: '", name, "' must be a CPU tensor");
@@ -62,11 +81,9 @@ class DeviceMemory {
                 "' must be dense (use inout() for a strided output)");
     int64_t span = t.numel() > 0 ? 1 : 0;
     for (int64_t d = 0; d < t.dim() && span; ++d) span += (t.size(d) - 1) * t.stride(d);
-    const size_t bytes = size_t(span) * sizeof(T);
-    void* buf = arena_.alloc(bytes, reinterpret_cast<uintptr_t>(t.data_ptr()), name, kind == Kind::kOut);
-    if (kind != Kind::kOut && bytes) std::memcpy(buf, t.data_ptr(), bytes);
-    if (kind != Kind::kIn) back_.push_back({t, buf, bytes});
-    return buf;
+    void* buf = place_bytes(t.data_ptr(), size_t(span) * sizeof(T), name, kind, t);
+    // An empty tensor still gets a (zero-byte, guarded) buffer, so the kernel sees a valid pointer.
+    return buf ? buf : arena_.alloc(0, 0, name, true);
   }
 
   Arena arena_;
