@@ -14,7 +14,8 @@
 
 #include "common/host_emulation.h"
 
-#if !defined(__x86_64__)
+#if !defined(__x86_64__) || defined(RAEKERN_EMU_UCONTEXT)
+#define RAEKERN_EMU_USE_UCONTEXT 1
 #include <ucontext.h>
 #endif
 
@@ -23,9 +24,9 @@ namespace {
 
 // ---------------------------------------------------------------------------------------------
 // Context switching. x86-64 gets a hand-written switch (callee-saved registers, MXCSR and the x87
-// control word): ucontext's swapcontext makes a signal-mask syscall per switch, ~50x slower, and a
-// block reduction switches thousands of times.
-#if defined(__x86_64__)
+// control word): a block reduction switches thousands of times, and ucontext's swapcontext, used
+// elsewhere (or with -DRAEKERN_EMU_UCONTEXT), makes a signal-mask syscall per switch (~5x slower).
+#if !defined(RAEKERN_EMU_USE_UCONTEXT)
 extern "C" void raekern_emu_switch(void** save_sp, void* load_sp);
 extern "C" void raekern_emu_trampoline();
 asm(R"(
