@@ -214,3 +214,13 @@ def test_schedule_argument_is_checked():
     assert emu.schedule() == "reverse"
     with pytest.raises(ValueError, match="'policy'"):
         emu.set_schedule("sideways", 0)
+
+
+def test_launches_from_several_threads():
+    from concurrent.futures import ThreadPoolExecutor
+
+    xs = [torch.randn(3, 300) for _ in range(4)]
+    with ThreadPoolExecutor(2) as pool:
+        outs = list(pool.map(lambda x: emu.selftest_row_stats(x, 128, 4), xs))
+    for x, out in zip(xs, outs):
+        torch.testing.assert_close(out[:, 0], x.sum(1), rtol=1e-5, atol=1e-4)
