@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -73,6 +74,72 @@ inline std::pair<A, A> row_stats(const A* __restrict xb, int64_t D, Kind kind, d
   return {mean, A(1) / std::sqrt(ss * inv_d + A(eps))};
 }
 
+#ifdef RAEKERN_CPU_VEC16
+template <class T> constexpr bool has_vec16 = !std::is_same_v<T, double>;
+
+
+// One pass over the row: xb = x + gate*y (rounded to T, as stored in x_out), and its statistics.
+template <class T>
+inline void vec_residual_stats(const T* x, const T* gate, const T* y, T* x_out, int64_t D, acc_t<T>* xb,
+                               Kind kind, double eps, acc_t<T>& mean, acc_t<T>& rstd) {
+  if constexpr (has_vec16<T>) {
+  __m512 vs = _mm512_setzero_ps(), vss = _mm512_setzero_ps();
+  for (int64_t i = 0; i < D; i += 16) {
+    const __mmask16 m = cpu::tail_mask(D - i);
+    __m512 r = cpu::load16(x + i, m);
+    if (gate) {
+      r = _mm512_fmadd_ps(cpu::load16(gate + i, m), cpu::load16(y + i, m), r);
+      cpu::store16(x_out + i, r, m);
+      r = cpu::round16<T>(r);
+    }
+    _mm512_mask_storeu_ps(xb + i, m, r);
+    vs = _mm512_add_ps(vs, r);
+    vss = _mm512_fmadd_ps(r, r, vss);
+  }
+  if (kind == Kind::None) return;
+  const float inv_d = 1.f / float(D);
+  float ss;
+  if (kind == Kind::Layer) {
+    // Second pass from L1 for the variance: E[x^2] - mean^2 cancels badly for large means.
+    mean = cpu::hsum16(vs) * inv_d;
+    const __m512 vm = _mm512_set1_ps(mean);
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t i = 0; i < D; i += 16) {
+      const __mmask16 m = cpu::tail_mask(D - i);
+      __m512 d = _mm512_maskz_sub_ps(m, _mm512_maskz_loadu_ps(m, xb + i), vm);
+      acc = _mm512_fmadd_ps(d, d, acc);
+    }
+    ss = cpu::hsum16(acc);
+  } else {
+    mean = 0.f;
+    ss = cpu::hsum16(vss);
+  }
+  rstd = 1.f / std::sqrt(ss * inv_d + float(eps));
+  }
+}
+
+// out = (xb * rstd - mean * rstd) * ca + cb, stored as T.
+template <class T>
+inline void vec_output(const acc_t<T>* xb, const acc_t<T>* ca, const acc_t<T>* cb, acc_t<T> rstd,
+                       acc_t<T> nmr, int64_t D, T* out) {
+  if constexpr (has_vec16<T>) {
+  const __m512 vr = _mm512_set1_ps(rstd), vn = _mm512_set1_ps(nmr);
+  for (int64_t i = 0; i < D; i += 16) {
+    const __mmask16 m = cpu::tail_mask(D - i);
+    __m512 h = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, xb + i), vr, vn);
+    cpu::store16(out + i, _mm512_fmadd_ps(h, _mm512_maskz_loadu_ps(m, ca + i), _mm512_maskz_loadu_ps(m, cb + i)), m);
+  }
+  }
+}
+#else
+template <class T> constexpr bool has_vec16 = false;
+template <class T>
+inline void vec_residual_stats(const T*, const T*, const T*, T*, int64_t, acc_t<T>*, Kind, double, acc_t<T>&,
+                               acc_t<T>&) {}
+template <class T>
+inline void vec_output(const acc_t<T>*, const acc_t<T>*, const acc_t<T>*, acc_t<T>, acc_t<T>, int64_t, T*) {}
+#endif
+
 template <class T>
 void forward_kernel(const FwdParams& p) {
   using A = acc_t<T>;
@@ -83,6 +150,8 @@ void forward_kernel(const FwdParams& p) {
   // token only when shift or scale vary per token, otherwise once per sample.
   const bool coef_per_row = (p.shift.ptr && p.shift.sn != 0) || (p.scale.ptr && p.scale.sn != 0);
   const bool gate_per_row = residual && p.gate.sn != 0;
+  // Hand-vectorised rows need unit feature strides; fp64 (reference precision) uses the generic path.
+  const bool vec_rows = has_vec16<T> && p.x.sd == 1 && (!residual || (p.gate.sd == 1 && p.y.sd == 1));
   const A* w = static_cast<const A*>(p.weight);
   const A* bias = static_cast<const A*>(p.bias);
   A* mean_out = static_cast<A*>(p.mean);
@@ -97,26 +166,29 @@ void forward_kernel(const FwdParams& p) {
       const int64_t n1 = std::min(N, n0 + plan.rows_per_task);
       for (int64_t n = n0; n < n1; ++n) {
         const int64_t row = b * N + n;
-        widen<T>(p.x, b, n, D, xb);
-        if (residual) {
-          if (gate_per_row || gate_b != b) {
-            widen<T>(p.gate, b, n, D, gb);
-            gate_b = b;
-          }
-          widen<T>(p.y, b, n, D, t1b);
+        T* xo = residual ? static_cast<T*>(p.x_out) + row * D : nullptr;
+        A mean = 0, rstd = 0;
+        // Stage 1: xb = x (+ gate*y), x_out written, statistics.
+        if (vec_rows) {
+          vec_residual_stats<T>(row_of<T>(p.x, b, n), residual ? row_of<T>(p.gate, b, n) : nullptr,
+                                residual ? row_of<T>(p.y, b, n) : nullptr, xo, D, xb, p.kind, p.eps, mean, rstd);
+        } else {
+          widen<T>(p.x, b, n, D, xb);
+          if (residual) {
+            if (gate_per_row || gate_b != b) {
+              widen<T>(p.gate, b, n, D, gb);
+              gate_b = b;
+            }
+            widen<T>(p.y, b, n, D, t1b);
 #pragma omp simd
-          for (int64_t i = 0; i < D; ++i) xb[i] += gb[i] * t1b[i];
-          if constexpr (std::is_same_v<T, A>) {
-            std::memcpy(static_cast<T*>(p.x_out) + row * D, xb, D * sizeof(T));
-          } else {
+            for (int64_t i = 0; i < D; ++i) xb[i] += gb[i] * t1b[i];
             // Normalise the rounded residual, as an unfused x' = x + g*y; h = norm(x') would.
-            T* xo = static_cast<T*>(p.x_out) + row * D;
             cpu::narrow_row<T>(xb, D, xo);
-            cpu::widen_row<T>(xo, 1, D, xb);
+            if constexpr (!std::is_same_v<T, A>) cpu::widen_row<T>(xo, 1, D, xb);
           }
+          if (norm) std::tie(mean, rstd) = row_stats(xb, D, p.kind, p.eps);
         }
         if (!norm) continue;
-        const auto [mean, rstd] = row_stats(xb, D, p.kind, p.eps);
         mean_out[row] = mean;
         rstd_out[row] = rstd;
         if (coef_per_row || coef_b != b) {
@@ -141,10 +213,14 @@ void forward_kernel(const FwdParams& p) {
         }
         const A nmr = -mean * rstd;
         T* out = static_cast<T*>(p.out) + row * D;
-        A* ob = std::is_same_v<T, A> ? reinterpret_cast<A*>(out) : t1b;
+        if (vec_rows) {
+          vec_output<T>(xb, ca, cb, rstd, nmr, D, out);
+        } else {
+          // Through a scratch row: GCC's loop writing `out` directly ran several times slower.
 #pragma omp simd
-        for (int64_t i = 0; i < D; ++i) ob[i] = (xb[i] * rstd + nmr) * ca[i] + cb[i];
-        narrow<T>(ob, D, out);
+          for (int64_t i = 0; i < D; ++i) t1b[i] = (xb[i] * rstd + nmr) * ca[i] + cb[i];
+          narrow<T>(t1b, D, out);
+        }
       }
     }
   });
@@ -300,48 +376,10 @@ void backward_cpu(const BwdParams& p, at::ScalarType st) {
 int64_t cpu_workers(const at::Tensor&) { return at::get_num_threads(); }
 
 // Tasks of at least 8 tokens keep the partial-sum workspace small next to the data.
-const Backend kCpu{forward_cpu, backward_cpu, cpu_workers, 8};
-
 }  // namespace
 
-TORCH_LIBRARY_IMPL(raekern, CPU, m) {
-  m.impl("rms_norm", [](const at::Tensor& x, const OptTensor& w, double eps) { return rms_norm(kCpu, x, w, eps); });
-  m.impl("rms_norm_backward", [](const at::Tensor& go, const at::Tensor& x, const OptTensor& w,
-                                 const at::Tensor& rstd) { return rms_norm_backward(kCpu, go, x, w, rstd); });
-  m.impl("layer_norm", [](const at::Tensor& x, const OptTensor& w, const OptTensor& b, double eps) {
-    return layer_norm(kCpu, x, w, b, eps);
-  });
-  m.impl("layer_norm_backward", [](const at::Tensor& go, const at::Tensor& x, const OptTensor& w,
-                                   const OptTensor& b, const at::Tensor& mean, const at::Tensor& rstd) {
-    return layer_norm_backward(kCpu, go, x, w, b, mean, rstd);
-  });
-  m.impl("norm_modulate", [](const at::Tensor& x, const at::Tensor& shift, const at::Tensor& scale,
-                             c10::string_view kind, const OptTensor& w, const OptTensor& b, double eps) {
-    return norm_modulate(kCpu, x, shift, scale, kind, w, b, eps);
-  });
-  m.impl("norm_modulate_backward",
-         [](const at::Tensor& go, const at::Tensor& x, const at::Tensor& shift, const at::Tensor& scale,
-            c10::string_view kind, const OptTensor& w, const OptTensor& b, const at::Tensor& mean,
-            const at::Tensor& rstd) {
-           return norm_modulate_backward(kCpu, go, x, shift, scale, kind, w, b, mean, rstd);
-         });
-  m.impl("gated_residual", [](const at::Tensor& x, const at::Tensor& gate, const at::Tensor& y) {
-    return gated_residual(kCpu, x, gate, y);
-  });
-  m.impl("gated_residual_backward", [](const at::Tensor& grad, const at::Tensor& gate, const at::Tensor& y) {
-    return gated_residual_backward(kCpu, grad, gate, y);
-  });
-  m.impl("gated_residual_norm_modulate",
-         [](const at::Tensor& x, const at::Tensor& gate, const at::Tensor& y, const at::Tensor& shift,
-            const at::Tensor& scale, c10::string_view kind, const OptTensor& w, const OptTensor& b,
-            double eps) { return gated_residual_norm_modulate(kCpu, x, gate, y, shift, scale, kind, w, b, eps); });
-  m.impl("gated_residual_norm_modulate_backward",
-         [](const OptTensor& gxo, const OptTensor& go, const at::Tensor& x_out, const at::Tensor& gate,
-            const at::Tensor& y, const at::Tensor& shift, const at::Tensor& scale, c10::string_view kind,
-            const OptTensor& w, const OptTensor& b, const at::Tensor& mean, const at::Tensor& rstd) {
-           return gated_residual_norm_modulate_backward(kCpu, gxo, go, x_out, gate, y, shift, scale, kind, w, b,
-                                                        mean, rstd);
-         });
-}
+const Backend kCpu{forward_cpu, backward_cpu, cpu_workers, 8};
+
+TORCH_LIBRARY_IMPL(raekern, CPU, m) { register_impls<&kCpu>(m); }
 
 }  // namespace raekern::norm
