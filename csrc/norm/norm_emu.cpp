@@ -148,6 +148,8 @@ void backward_emu(const BwdParams& hp, at::ScalarType st) {
   p.dgate.ptr = dev_slot(mem, hp.dgate, rows * D * es, "grad_gate");
   p.dshift.ptr = dev_slot(mem, hp.dshift, rows * D * es, "grad_shift");
   p.dscale.ptr = dev_slot(mem, hp.dscale, rows * D * es, "grad_scale");
+  p.dweight.ptr = dev_slot(mem, hp.dweight, rows * D * es, "grad_weight");
+  p.dbias.ptr = dev_slot(mem, hp.dbias, rows * D * es, "grad_bias");
   // Every task must write its partial sums in full: they start as NaN.
   p.partials = mem.out_bytes(hp.partials, size_t(B * hp.chunks * hp.num_partials * D) * as, "partials");
   RAEKERN_EMU_DISPATCH(st, "norm_backward_emu", [&] { backward_typed<scalar_t>(p); });
