@@ -56,6 +56,12 @@ class CMakeExtension(Extension):
 
 class CMakeBuild(build_ext):
     def build_extension(self, ext):
+        if ext.name == "raekern._emu":
+            # One CMake project builds both libraries; raekern._C's build already produced this one.
+            path = Path(self.get_ext_fullpath(ext.name))
+            if not path.exists():
+                raise RuntimeError(f"raekern._emu was not built (expected {path}); see the CMake log above")
+            return
         import torch
         from torch.utils import cpp_extension
 
@@ -108,7 +114,11 @@ class CMakeBuild(build_ext):
         subprocess.run([cmake, "--build", ".", "--", f"-j{jobs}"], cwd=build_dir, check=True)
 
 
+EXTENSIONS = [CMakeExtension("raekern._C")]
+if os.environ.get("RAEKERN_EMULATION", "1") == "1":
+    EXTENSIONS.append(CMakeExtension("raekern._emu"))  # must follow raekern._C (built by its CMake run)
+
 setup(
-    ext_modules=[CMakeExtension("raekern._C")],
+    ext_modules=EXTENSIONS,
     cmdclass={"build_ext": CMakeBuild},
 )
