@@ -170,8 +170,9 @@ class DiTDH(_DiTBase):
         s, _ = run_blocks(self.blocks[:ds], s, c, self.enc_feat_rope, backend=self.backend)
         s = self.s_projector(F.silu(t_emb[:, None] + s))
         h = self.x_embedder(x)
+        s_silu = F.silu(s) if self.backend == "raekern" else None  # shared by the head's three adaLN GEMMs
         h, hn = run_blocks(self.blocks[ds:], h, s, self.dec_feat_rope, backend=self.backend,
-                           final=self.final_layer.spec(s))
+                           final=self.final_layer.spec(s, s_silu), c_silu=s_silu)
         return _unpatchify(self.final_layer.linear(hn), C, H, W)
 
 
@@ -232,8 +233,9 @@ class DiTDHv2(_DiTBase):
         seq = out[0]
         s = self.s_projector(F.silu(t_emb + seq[:, :N]))
         h = self.x_embedder(x)
+        s_silu = F.silu(s) if self.backend == "raekern" else None
         h, hn = run_blocks(self.blocks[ds:], h, s, self.dec_rope, backend=self.backend,
-                           final=self.final_layer.spec(s))
+                           final=self.final_layer.spec(s, s_silu), c_silu=s_silu)
         x_full = _unpatchify(self.final_layer.linear(hn), C, H, W)
         if self.base_model_depth is None:
             return x_full
