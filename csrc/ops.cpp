@@ -5,6 +5,7 @@
 
 #include <string>
 
+#include "fusion/fusion_schema.h"
 #include "norm/norm_schema.h"
 #include "attention/attention_schema.h"
 
@@ -44,6 +45,7 @@ TORCH_LIBRARY(raekern, m) {
   m.def("build_info() -> str", &raekern::build_info);
   raekern::norm::define_schemas(m);
   raekern::attention::define_schemas(m);
+  raekern::fusion::define_schemas(m);
 }
 
 // `import raekern._C` loads this library (and so registers the ops); it holds no Python API.
