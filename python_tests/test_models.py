@@ -533,3 +533,40 @@ def test_bad_arguments_name_the_argument():
         M.build("decoder-tiny")(torch.randn(1, 15, 16))
     with pytest.raises(ValueError, match="'base_model_depth'"):
         M.build("ditdh-tiny-v2", base_model_depth=9)
+
+
+# ------------------------------------------------------------------ autoencoder on raekern's fusion
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("raekern", marks=needs_ops)])
+def test_raev2_style_fusion_in_rae(backend):
+    enc = tiny("dinov3-tiny", backend)
+    dec = tiny("decoder-tiny", backend, latent_dim=32)
+    fusion = M.LayerMeanFusion(None, skip_tokens=5, eps=1e-5, add_last_token_mean=True)
+    rae = M.set_backend(M.RAE(enc, fusion, dec, layers=(0, 2)), backend).eval()
+    img = torch.rand(2, 3, 64, 64)
+    hs = enc(img, [0, 2])
+    ln = [F.layer_norm(h[:, 5:], (32,), eps=1e-5) for h in hs]
+    ref = (ln[0] + ln[1]) / 2 + ln[1].mean(1, keepdim=True)
+    torch.testing.assert_close(rae.tokens(img), ref, atol=1e-5, rtol=1e-5)
+    assert rae.decode(rae.encode(img)).shape == (2, 3, 16, 16)
+
+
+@needs_ops
+def test_rae_backends_match(tmp_path):
+    ref = M.build_rae("rae-tiny", backend="torch").eval()
+    randomize_(ref.encoder)
+    randomize_(ref.decoder)
+    C, H = 16, 4
+    g = torch.Generator().manual_seed(3)
+    torch.save({"mean": torch.randn(C, H, H, generator=g), "var": torch.rand(C, H, H, generator=g) + 0.5},
+               tmp_path / "stat.pt")
+    ref.load_stats(str(tmp_path / "stat.pt"))
+    fast = M.build_rae("rae-tiny", backend="raekern", stats_path=str(tmp_path / "stat.pt")).eval()
+    fast.encoder.load_state_dict(ref.encoder.state_dict())
+    fast.decoder.load_state_dict(ref.decoder.state_dict())
+    img = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        z_ref, z = ref.encode(img), fast.encode(img)
+        torch.testing.assert_close(z, z_ref, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(fast.decode(z_ref), ref.decode(z_ref), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(fast.denormalize(z), fast.tokens(img), atol=1e-5, rtol=1e-5)
