@@ -570,3 +570,25 @@ def test_rae_backends_match(tmp_path):
         torch.testing.assert_close(z, z_ref, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(fast.decode(z_ref), ref.decode(z_ref), atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(fast.denormalize(z), fast.tokens(img), atol=1e-5, rtol=1e-5)
+
+
+def test_released_guidance_entry_points():
+    m = tiny("ditdh-tiny", "torch")
+    x, t, y = dit_inputs(m, B=2)
+    t = torch.tensor([0.3, 0.3])
+    yy = torch.tensor([5, 1000])
+    with torch.no_grad():
+        xx = torch.cat([x[:1], x[:1]])
+        vc, vu = m(xx, t, yy).chunk(2)
+        out = m.forward_with_cfg(xx, t, yy, 1.5)
+        torch.testing.assert_close(out[:1], vu + 1.5 * (vc - vu))
+        off = m.forward_with_cfg(xx, t, yy, 1.5, cfg_interval=(0.5, 1.0))
+        torch.testing.assert_close(off[:1], vc)
+        weak = tiny("ditdh-tiny", "torch")
+        ag = m.forward_with_autoguidance(x, t, y, 1.42, weak)
+        torch.testing.assert_close(ag, weak(x, t, y) + 1.42 * (m(x, t, y) - weak(x, t, y)))
+        m2 = tiny("ditdh-tiny-v2", "torch")
+        f, b = m2(x, torch.tensor([0.05, 0.5]), y)
+        ig = m2.forward_with_internal_guidance(x, torch.tensor([0.05, 0.5]), y)
+        torch.testing.assert_close(ig[0], f[0])
+        torch.testing.assert_close(ig[1], b[1] + 1.78 * (f[1] - b[1]))
