@@ -592,3 +592,15 @@ def test_released_guidance_entry_points():
         ig = m2.forward_with_internal_guidance(x, torch.tensor([0.05, 0.5]), y)
         torch.testing.assert_close(ig[0], f[0])
         torch.testing.assert_close(ig[1], b[1] + 1.78 * (f[1] - b[1]))
+
+
+def test_drorae_starts_at_rae_latent():
+    dro = M.build_rae("drorae-tiny", backend="torch").eval()
+    rae = M.build_rae("rae-tiny", backend="torch").eval()
+    randomize_(rae.encoder)
+    dro.encoder.load_state_dict(rae.encoder.state_dict())
+    img = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():  # γ is zero-initialised: DRoRAE's latent is RAE's until trained
+        torch.testing.assert_close(dro.tokens(img), rae.tokens(img), atol=1e-5, rtol=1e-5)
+    assert sum(p.numel() for p in dro.parameters() if p.requires_grad) > 0
+    assert not any(p.requires_grad for p in dro.encoder.parameters())
