@@ -101,11 +101,11 @@ def test_gradients_match_reference(dtype, shape, layout):
 
 @pytest.mark.parametrize("layout", ["bnhd", "bhnd"])
 def test_gradcheck_fp64_all_features(layout):
-    b, n, h, d = 2, 13, 2, 8
+    b, n, h, d = 2, 7, 1, 8
     q, k, v = make((b, n, h, d), torch.float64, layout)
     kw = features(d, n, b, torch.float64)
     kw["key_padding_mask"][1] = False  # a batch with every key masked
-    kw["rope_grid"] = (3, 4)  # 12 grid tokens, the 13th unrotated
+    kw["rope_grid"] = (2, 3)  # 6 grid tokens, the 7th unrotated
     qw, kw_ = kw.pop("q_norm_weight"), kw.pop("k_norm_weight")
     leaves = [t.clone().requires_grad_() for t in (q, k, v, qw, kw_)]
 
@@ -113,13 +113,13 @@ def test_gradcheck_fp64_all_features(layout):
         out, lse = attention(q, k, v, layout=layout, q_norm_weight=qw, k_norm_weight=kw_, return_lse=True, **kw)
         return out, lse.masked_fill(torch.isinf(lse), 0.0)
 
-    assert torch.autograd.gradcheck(f, leaves)
+    assert torch.autograd.gradcheck(f, leaves, fast_mode=True)
 
 
 def test_gradcheck_fp64_plain_and_cross_attention():
-    q = torch.randn(1, 5, 2, 16, dtype=torch.float64, requires_grad=True)
-    k = torch.randn(1, 9, 2, 16, dtype=torch.float64, requires_grad=True)
-    v = torch.randn(1, 9, 2, 16, dtype=torch.float64, requires_grad=True)
+    q = torch.randn(1, 3, 1, 8, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(1, 5, 1, 8, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(1, 5, 1, 8, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda q, k, v: attention(q, k, v, scale=0.3), (q, k, v))
 
 
