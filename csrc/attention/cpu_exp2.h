@@ -12,20 +12,20 @@
 namespace raekern::attention::cpu {
 
 #if defined(__AVX512F__)
-// Horizontal reductions through memory: GCC 12's _mm512_reduce_* trip -Wmaybe-uninitialized.
+// Horizontal reductions by halving (GCC 12's _mm512_reduce_* trip -Wmaybe-uninitialized).
 inline float hsum(__m512 v) {
-  alignas(64) float t[16];
-  _mm512_store_ps(t, v);
-  float s = 0.f;
-  for (int i = 0; i < 16; ++i) s += t[i];
-  return s;
+  const __m256 a = _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1));
+  __m128 b = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  b = _mm_add_ps(b, _mm_movehl_ps(b, b));
+  b = _mm_add_ss(b, _mm_movehdup_ps(b));
+  return _mm_cvtss_f32(b);
 }
 inline float hmax(__m512 v) {
-  alignas(64) float t[16];
-  _mm512_store_ps(t, v);
-  float m = t[0];
-  for (int i = 1; i < 16; ++i) m = t[i] > m ? t[i] : m;
-  return m;
+  const __m256 a = _mm256_max_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1));
+  __m128 b = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  b = _mm_max_ps(b, _mm_movehl_ps(b, b));
+  b = _mm_max_ss(b, _mm_movehdup_ps(b));
+  return _mm_cvtss_f32(b);
 }
 
 // 2^x = 2^round(x) · 2^f, |f| <= 1/2; degree-6 Taylor of e^(f·ln2): relative error < 1.3e-7.
