@@ -196,15 +196,8 @@ inline void forward(const Problem<c10::BFloat16, float>& P, at::Tensor& out, at:
             float* sr = &s[r * kLdS];
             const float mnew = std::max(m[r], row_max(sr, bk));
             const float alpha = std::exp2(m[r] - mnew);
-            l[r] = l[r] * alpha + exp2_shift_sum(sr, bk, mnew);
+            l[r] = l[r] * alpha + exp2_shift_sum_bf16(sr, bk, bk32, mnew, &pb[r * kKeys]);
             m[r] = mnew;
-            uint16_t* pr = &pb[r * kKeys];
-            int64_t c = 0;
-            for (; c + 16 <= bk; c += 16)
-              _mm256_storeu_si256(reinterpret_cast<__m256i*>(pr + c),
-                                  (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(sr + c)));
-            for (; c < bk; ++c) pr[c] = bf16_bits(sr[c]);
-            for (; c < bk32; ++c) pr[c] = 0;
             if (alpha != 1.f) {
               float* orow = &o[r * DV];
               for (int64_t i = 0; i < DV; i += 16)

@@ -76,6 +76,22 @@ template <> inline float exp2_shift_sum<float>(float* __restrict s, int64_t n, f
 }
 #endif
 
+#if defined(__AVX512BF16__)
+// Like exp2_shift_sum, but writes p rounded to bf16 (n rounded up to 32 with zeros) in one pass.
+inline float exp2_shift_sum_bf16(const float* __restrict s, int64_t n, int64_t n32, float sub,
+                                 uint16_t* __restrict p) {
+  const __m512 vs = _mm512_set1_ps(sub);
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t i = 0; i < n32; i += 16) {
+    const __mmask16 mk = n - i >= 16 ? __mmask16(0xffff) : n > i ? __mmask16((1u << (n - i)) - 1u) : 0;
+    const __m512 e = _mm512_maskz_mov_ps(mk, exp2_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, s + i), vs)));
+    acc = _mm512_add_ps(acc, e);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + i), (__m256i)_mm512_cvtneps_pbh(e));
+  }
+  return hsum(acc);
+}
+#endif
+
 template <class F> inline F row_max(const F* __restrict s, int64_t n) {
   F m = -INFINITY;
   for (int64_t i = 0; i < n; ++i) m = s[i] > m ? s[i] : m;
