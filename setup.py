@@ -89,8 +89,8 @@ class CMakeBuild(build_ext):
         ]
         if use_cuda:
             archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
-            nvidia_inc = [str(p) for p in (torch_dir.parent / "nvidia").glob("*/include")]
-            nvidia_inc += [str(p) for p in (torch_dir.parent / "nvidia").glob("cu*/include")]
+            # cuBLAS/cuRAND headers ship in torch's nvidia wheels, not always in the toolkit.
+            nvidia_inc = sorted({str(p) for p in (torch_dir.parent / "nvidia").glob("*/include")})
             args += [
                 f"-DCMAKE_CUDA_COMPILER={cuda_home}/bin/nvcc",
                 f"-DCUDA_HOME={cuda_home}",
@@ -98,9 +98,14 @@ class CMakeBuild(build_ext):
                 f"-DCUTLASS_INCLUDE={_cutlass_include()}",
                 f"-DNVIDIA_WHEEL_INCLUDES={';'.join(nvidia_inc)}",
             ]
+        # Prefer the cmake/ninja pip installed next to this interpreter (a fresh .venv), else PATH.
+        bindir = Path(sys.executable).parent
+        cmake = str(bindir / "cmake") if (bindir / "cmake").exists() else "cmake"
+        if (bindir / "ninja").exists():
+            args.append(f"-DCMAKE_MAKE_PROGRAM={bindir / 'ninja'}")
         jobs = os.environ.get("MAX_JOBS", str(os.cpu_count() or 2))
-        subprocess.run(["cmake", str(ROOT), *args], cwd=build_dir, check=True)
-        subprocess.run(["cmake", "--build", ".", "--", f"-j{jobs}"], cwd=build_dir, check=True)
+        subprocess.run([cmake, str(ROOT), *args], cwd=build_dir, check=True)
+        subprocess.run([cmake, "--build", ".", "--", f"-j{jobs}"], cwd=build_dir, check=True)
 
 
 setup(

@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# One prepared GPU check (issue #9): on a bare H100/H200 with a CUDA build of torch and no network,
+# build raekern for sm_90a (+ sm_80 code paths), run every python_test on CUDA, run `raekern bench`
+# on GPU shapes, and write everything under one folder. Each step has its own timeout; the whole
+# script stays within ~8 minutes. Exits non-zero if any step fails.
+#
+#   benchmarks/gpu_check.sh [OUTDIR]        # default: $OUT if set (device tool), else out/gpu-check
+#   GPU_CHECK_DEVICE=cpu GPU_CHECK_SKIP_BUILD=1 benchmarks/gpu_check.sh out/x
+#                                           # the CPU-side rehearsal CI runs (same steps, CPU shapes)
+#
+# The nvidia-cutlass wheel (CUTLASS/CuTe headers) travels in .whl/ (tools/prepare_gpu_check.sh puts
+# it there); it is installed with --no-index into a private folder.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUTDIR=${1:-${OUT:-out/gpu-check}}
+mkdir -p "$OUTDIR"
+DEVICE=${GPU_CHECK_DEVICE:-cuda}
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-8.0;9.0a}
+FAILED=()
+SUMMARY="$OUTDIR/summary.txt"
+: > "$SUMMARY"
+t0=$(date +%s)
+
+step() {  # step NAME TIMEOUT_S CMD...  (output to $OUTDIR/NAME.log)
+  local name=$1 limit=$2; shift 2
+  local s=$(date +%s)
+  echo "== $name (limit ${limit}s)"
+  timeout --kill-after=10 "$limit" "$@" > "$OUTDIR/$name.log" 2>&1
+  local rc=$?
+  local took=$(( $(date +%s) - s ))
+  tail -n 15 "$OUTDIR/$name.log"
+  echo "$name: rc=$rc ${took}s" | tee -a "$SUMMARY"
+  [ $rc -eq 0 ] || FAILED+=("$name")
+  return $rc
+}
+
+{
+  echo "date: $(date -u +%FT%TZ)"
+  echo "host: $(hostname)  device: $DEVICE"
+  command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,memory.total --format=csv,noheader
+  $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'available', torch.cuda.is_available())"
+  command -v nvcc >/dev/null && nvcc --version | tail -n 2
+} | tee -a "$SUMMARY"
+
+if ls .whl/*.whl >/dev/null 2>&1; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/raekern-site .whl/*.whl \
+    && export PYTHONPATH=/tmp/raekern-site${PYTHONPATH:+:$PYTHONPATH}
+fi
+
+if [ "${GPU_CHECK_SKIP_BUILD:-0}" != 1 ]; then
+  if [ "$DEVICE" = cuda ]; then
+    export RAEKERN_CUDA=1
+    if [ -z "${CUDA_HOME:-}" ]; then CUDA_HOME=$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")"); export CUDA_HOME; fi
+  fi
+  MAX_JOBS=${MAX_JOBS:-16} step build 300 $PY setup.py build_ext --inplace
+  [ "$DEVICE" = cuda ] && step ptxas 30 $PY tools/check_ptxas.py "$OUTDIR/build.log" --report "$OUTDIR/ptxas.txt"
+fi
+
+TEST_ARGS=(-q -p no:cacheprovider -o addopts="" --junitxml="$OUTDIR/tests.xml")
+[ "$DEVICE" = cpu ] && TEST_ARGS+=(python_tests/test_library.py)
+[ "$DEVICE" = cuda ] && TEST_ARGS+=(python_tests -m "not slow")
+step tests 240 $PY -m pytest "${TEST_ARGS[@]}"
+
+BENCH_ARGS=(--device "$DEVICE" --json "$OUTDIR/bench.json" --plot "$OUTDIR/bench.png" --min-time 0.2)
+if [ "$DEVICE" = cuda ]; then BENCH_ARGS+=(--full --dtype bf16,fp16); else BENCH_ARGS+=(--dtype fp32 --min-time 0.02 --family norm); fi
+step bench 300 $PY -m raekern.cli bench "${BENCH_ARGS[@]}"
+
+echo "total: $(( $(date +%s) - t0 ))s; failed: ${FAILED[*]:-none}" | tee -a "$SUMMARY"
+[ ${#FAILED[@]} -eq 0 ]

@@ -1,0 +1,100 @@
+"""What the machine can do, measured in the same run as the kernels: copy bandwidth (the bar
+for memory-bound ops) and, on GPU, a large bf16 GEMM (the practical tensor-core peak)."""
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import time
+
+import torch
+
+
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_fn(fn, device: str, *, min_time: float = 0.2, repeats: int = 5, warmup: int = 2) -> float:
+    """Median seconds per call. Each repeat runs enough calls to last min_time/repeats."""
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    t0 = time.perf_counter()
+    fn()
+    synchronize(device)
+    one = max(time.perf_counter() - t0, 1e-7)
+    inner = max(1, int(min_time / repeats / one))
+    samples = []
+    for _ in range(repeats):
+        synchronize(device)
+        t0 = time.perf_counter()
+        for _ in range(inner):
+            fn()
+        synchronize(device)
+        samples.append((time.perf_counter() - t0) / inner)
+    samples.sort()
+    return samples[len(samples) // 2]
+
+
+def measure_copy_bandwidth(device: str = "cpu", nbytes: int | None = None) -> float:
+    """GB/s of a large out-of-cache copy, counting bytes read + bytes written."""
+    if nbytes is None:
+        nbytes = (1 << 30) if device.startswith("cuda") else (256 << 20)
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
+    dst = torch.empty_like(src)
+    t = time_fn(lambda: dst.copy_(src), device, min_time=0.5)
+    return 2 * nbytes / t / 1e9
+
+
+def measure_gemm_tflops(device: str = "cuda", n: int = 8192, dtype=torch.bfloat16) -> float:
+    """Practical dense peak: one large square GEMM."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    t = time_fn(lambda: a @ b, device, min_time=1.0)
+    return 2 * n**3 / t / 1e12
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def gpu_facts() -> dict:
+    if not torch.cuda.is_available():
+        return {}
+    p = torch.cuda.get_device_properties(0)
+    facts = {"gpu": p.name, "gpu_memory_gib": round(p.total_memory / 2**30, 1),
+             "sm_count": p.multi_processor_count, "capability": f"{p.major}.{p.minor}"}
+    try:
+        q = subprocess.run(["nvidia-smi", "--query-gpu=clocks.sm,clocks.max.sm,clocks.mem,driver_version",
+                            "--format=csv,noheader"], capture_output=True, text=True, timeout=10)
+        facts["nvidia_smi"] = q.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return facts
+
+
+def machine_facts(device: str) -> dict:
+    from raekern._utils.library import build_info
+
+    facts = {
+        "host": platform.node(),
+        "cpu": cpu_model(),
+        "cpu_cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "device": device,
+        "raekern_build": build_info(),
+    }
+    if device.startswith("cuda"):
+        facts.update(gpu_facts())
+    return facts

@@ -1,0 +1,129 @@
+"""`raekern bench`: time every case of the chosen families, print a table per family, write JSON and
+a bar chart. Ratios are measured in the same run: "speedup vs X" = time(X) / time(raekern)."""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+from raekern.bench import registry
+from raekern.bench.machine import machine_facts, measure_copy_bandwidth, measure_gemm_tflops, time_fn
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
+
+
+def _progress(msg: str, quiet: bool) -> None:
+    if not quiet:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def run_case(case: registry.Case, device: str, min_time: float) -> dict:
+    row = {"id": case.id, "family": case.family, "name": case.name, "shape": case.shape,
+           "dtype": str(case.dtype).replace("torch.", ""), "bytes": case.bytes, "flops": case.flops,
+           "notes": case.notes, "times": {}, "errors": {}}
+    for impl, fn in case.impls.items():
+        try:
+            row["times"][impl] = time_fn(fn, device, min_time=min_time)
+        except Exception as e:  # a baseline that cannot run this shape is reported, not fatal
+            row["errors"][impl] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+    return row
+
+
+def derive(row: dict, bandwidth: float, peak_tflops: float | None) -> None:
+    t = row["times"]
+    rk = t.get("raekern")
+    row["speedup"] = {k: v / rk for k, v in t.items() if rk and k != "raekern"}
+    if rk and row["bytes"]:
+        row["gbps"] = row["bytes"] / rk / 1e9
+        row["pct_bandwidth"] = 100 * row["gbps"] / bandwidth
+    if rk and row["flops"]:
+        row["tflops"] = row["flops"] / rk / 1e12
+        if peak_tflops:
+            row["pct_peak"] = 100 * row["tflops"] / peak_tflops
+
+
+def format_table(rows: list[dict]) -> str:
+    baselines = sorted({k for r in rows for k in r.get("speedup", {})})
+    head = ["case", "shape", "dtype", "raekern", "GB/s|TF/s", "%bw|%peak"] + [f"vs {b}" for b in baselines]
+    body = []
+    for r in rows:
+        rk = r["times"].get("raekern")
+        rate = f"{r['gbps']:.1f}" if "gbps" in r else (f"{r['tflops']:.3f}" if "tflops" in r else "-")
+        pct = r.get("pct_bandwidth", r.get("pct_peak"))
+        cells = [r["name"], r["shape"], r["dtype"], f"{rk * 1e6:.1f}us" if rk else "ERR", rate,
+                 f"{pct:.0f}%" if pct is not None else "-"]
+        for b in baselines:
+            s = r.get("speedup", {}).get(b)
+            cells.append(f"{s:.2f}x" if s else ("err" if b in r["errors"] else "-"))
+        body.append(cells)
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
+    fmt = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths))  # noqa: E731
+    return "\n".join([fmt(head), fmt(["-" * w for w in widths])] + [fmt(c) for c in body])
+
+
+def plot(rows: list[dict], path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    baselines = sorted({k for r in rows for k in r.get("speedup", {})})
+    labels = [f"{r['name']} {r['shape']} {r['dtype']}" for r in rows]
+    fig, ax = plt.subplots(figsize=(10, max(3, 0.32 * len(rows) * max(1, len(baselines)) / 2 + 1.5)))
+    h = 0.8 / max(1, len(baselines))
+    for i, b in enumerate(baselines):
+        vals = [r.get("speedup", {}).get(b, math.nan) for r in rows]
+        ax.barh([y + i * h for y in range(len(rows))], vals, height=h, label=f"vs {b}")
+    ax.axvline(1.0, color="black", lw=0.8)
+    ax.set_yticks([y + h * (len(baselines) - 1) / 2 for y in range(len(rows))])
+    ax.set_yticklabels(labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("speedup of raekern (time of baseline / time of raekern), >1 is faster")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run(families: list[str] | None, device: str, dtypes: list[str], quick: bool, min_time: float,
+        json_path: str | None, plot_path: str | None, quiet: bool = False) -> dict:
+    fams = families or registry.families()
+    facts = machine_facts(device)
+    _progress(f"raekern bench on {facts['cpu'] if device == 'cpu' else facts.get('gpu')}: "
+              f"measuring copy bandwidth ...", quiet)
+    bw = measure_copy_bandwidth(device)
+    peak = measure_gemm_tflops(device) if device.startswith("cuda") else None
+    result = {"date": _dt.datetime.now().isoformat(timespec="seconds"), "machine": facts,
+              "copy_bandwidth_gbps": bw, "gemm_bf16_tflops": peak, "families": {}}
+    print(f"copy bandwidth: {bw:.1f} GB/s" + (f", bf16 GEMM: {peak:.0f} TFLOP/s" if peak else ""))
+    all_rows = []
+    for fam in fams:
+        cs = [c for c in registry.cases(fam, device, quick) if c.dtype in [DTYPES[d] for d in dtypes]]
+        rows = []
+        for i, c in enumerate(cs):
+            _progress(f"  [{fam} {i + 1}/{len(cs)}] {c.name} {c.shape} {c.dtype}", quiet)
+            row = run_case(c, device, min_time)
+            derive(row, bw, peak)
+            rows.append(row)
+        result["families"][fam] = rows
+        all_rows += rows
+        print(f"\n== {fam} ({device}) ==")
+        print(format_table(rows) if rows else "(no cases)")
+        for r in rows:
+            for impl, err in r["errors"].items():
+                print(f"   note: {r['name']} {r['shape']} {r['dtype']}: {impl} failed: {err}")
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps(result, indent=1, default=str))
+        print(f"\nwrote {json_path}")
+    if plot_path and all_rows:
+        Path(plot_path).parent.mkdir(parents=True, exist_ok=True)
+        plot(all_rows, plot_path, f"raekern {device} - {facts.get('gpu', facts['cpu'])} - "
+                                  f"torch {facts['torch']} - {result['date'][:10]}")
+        print(f"wrote {plot_path}")
+    return result

@@ -1,0 +1,81 @@
+"""The `raekern` command: info, bench, sample."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _info(args) -> int:
+    import torch
+
+    import raekern
+    from raekern._utils.library import build_info, registered_ops
+
+    info = build_info()
+    print(f"raekern {raekern.__version__}")
+    print(f"torch {torch.__version__} (CUDA {torch.version.cuda or 'none'}; "
+          f"device available: {torch.cuda.is_available()})")
+    print(f"CPU kernels: -march={info['cpu_arch']}, ISA {info['cpu_isa']}, OpenMP {info['openmp'] or 'off'}, "
+          f"{torch.get_num_threads()} threads")
+    print(f"CUDA archs compiled: {info['cuda_archs'] or 'none (CPU-only build)'}")
+    try:
+        from raekern.ops import attention as _attn
+
+        if hasattr(_attn, "describe_paths"):
+            print("attention paths:", _attn.describe_paths())
+    except ImportError:
+        pass
+    print("ops (devices with kernels):")
+    for name, keys in registered_ops().items():
+        devs = [k for k in keys if k in ("CPU", "CUDA")] or keys
+        print(f"  {name:40s} {', '.join(devs)}")
+    return 0
+
+
+def _bench(args) -> int:
+    from raekern.bench.runner import run
+
+    device = args.device or ("cuda" if _cuda() else "cpu")
+    fams = args.family or None
+    run(fams, device, args.dtype.split(","), quick=not args.full, min_time=args.min_time,
+        json_path=args.json, plot_path=args.plot, quiet=args.quiet)
+    return 0
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="raekern", description="raekern: kernels for RAE latent diffusion")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("info", help="version, build, CPU ISA, CUDA archs and every registered op")
+    p.set_defaults(fn=_info)
+
+    p = sub.add_parser("bench", help="benchmark raekern against eager PyTorch, torch.compile and SDPA")
+    p.add_argument("--family", action="append", help="op family (repeatable); default: all")
+    p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
+    p.add_argument("--dtype", default="fp32,bf16", help="comma list of fp32,bf16,fp16 (default fp32,bf16)")
+    p.add_argument("--full", action="store_true", help="every shape, not only the default subset")
+    p.add_argument("--min-time", type=float, default=0.3, help="seconds of timing per measurement")
+    p.add_argument("--json", help="write results as JSON here")
+    p.add_argument("--plot", help="write a bar chart (PNG) here")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.set_defaults(fn=_bench)
+
+    try:
+        from raekern.sampling.cli import add_sample_parser
+    except ImportError:
+        add_sample_parser = None
+    if add_sample_parser is not None:
+        add_sample_parser(sub)
+
+    args = ap.parse_args(argv)
+    return int(args.fn(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
