@@ -1,7 +1,6 @@
 """raekern.models: released key layouts, backends against each other, encoders against transformers,
 checkpoint loading, the autoencoder, and training (CPU, random weights, tiny configurations)."""
 import math
-import os
 
 import pytest
 import torch
@@ -264,8 +263,8 @@ def test_dit_compile_fullgraph():
             if "logging" in str(e):  # raekern.ops.attention's debug logging is not dynamo-traceable yet
                 pytest.xfail("raekern.ops.attention calls logging under torch.compile (attention branch)")
             raise
-    for a, b in zip(out, ref):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    for a, b in zip(out, ref):  # inductor reorders the torch-side elementwise math: fp32 rounding only
+        assert (a - b).norm() / b.norm() < 1e-5
 
 
 # ------------------------------------------------------------------ encoders against their sources

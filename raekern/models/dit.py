@@ -9,7 +9,7 @@ Forward signatures are the released ones: v1 ``forward(x, t, y) -> velocity``; v
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 import torch.nn as nn
