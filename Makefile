@@ -14,7 +14,7 @@ $(VENV)/.deps: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q numpy pytest pytest-benchmark hypothesis safetensors matplotlib ninja cmake scikit-learn
+	$(PY) -m pip install -q numpy pytest pytest-benchmark hypothesis safetensors matplotlib ninja cmake scikit-learn transformers
 	touch $@
 
 venv: $(VENV)/.deps

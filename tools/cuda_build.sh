@@ -10,7 +10,7 @@ VENV=${VENV_CU:-.venv-cu}
 if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import torch, cutlass_library" 2>/dev/null; then
   python3 -m venv "$VENV"
   "$VENV/bin/pip" install -q --upgrade pip setuptools wheel
-  "$VENV/bin/pip" install -q torch==2.14.1 numpy pytest pytest-benchmark hypothesis safetensors ninja cmake scikit-learn matplotlib
+  "$VENV/bin/pip" install -q torch==2.14.1 numpy pytest pytest-benchmark hypothesis safetensors ninja cmake scikit-learn matplotlib transformers
   "$VENV/bin/pip" install -q --no-deps nvidia-cutlass==4.2.0.0
 fi
 if [ -z "${CUDA_HOME:-}" ]; then
