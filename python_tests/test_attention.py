@@ -220,6 +220,8 @@ def test_path_introspection_and_debug_log(caplog):
     with caplog.at_level(logging.DEBUG, logger="raekern.attention"):
         attention(q, k, v)
     assert "path=raekern_cpu" in caplog.text
+    info = attn_mod.attention_info()
+    assert info["fp32"] in ("avx512", "portable") and info["bf16_forward"] in ("amx", "avx512", "portable")
 
 
 def test_opcheck():
