@@ -7,10 +7,12 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <string>
 #include <cmath>
 #include <vector>
 
 #include "attention/attention_args.h"
+#include "attention/attention_schema.h"
 #include "attention/cpu_amx_fwd.h"
 #include "attention/cpu_exp2.h"
 #include "attention/cpu_gemm.h"
@@ -139,5 +141,19 @@ std::tuple<at::Tensor, at::Tensor> attention_cpu(const at::Tensor& q_, const at:
 }
 
 }  // namespace raekern::attention::cpu
+
+std::string raekern::attention::cpu_backends() {
+#if defined(__AVX512F__)
+  const std::string fp32 = "avx512";
+#else
+  const std::string fp32 = "portable";
+#endif
+#ifdef RAEKERN_ATTENTION_AMX
+  const std::string bf16 = cpu::amx::available() ? "amx" : fp32;
+#else
+  const std::string bf16 = fp32;
+#endif
+  return "bf16_forward=" + bf16 + ";fp32=" + fp32;
+}
 
 TORCH_LIBRARY_IMPL(raekern, CPU, m) { m.impl("attention", &raekern::attention::cpu::attention_cpu); }

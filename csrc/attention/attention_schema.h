@@ -4,9 +4,15 @@
 #pragma once
 #include <torch/library.h>
 
+#include <string>
+
 namespace raekern::attention {
 
+// "bf16_forward=amx|avx512|portable;fp32=avx512|portable" for `raekern info` (attention_fwd_cpu.cpp).
+std::string cpu_backends();
+
 inline void define_schemas(torch::Library& m) {
+  m.def("attention_cpu_backends() -> str", &cpu_backends);
   m.def(
       "attention(Tensor q, Tensor k, Tensor v, Tensor? q_norm_weight, Tensor? k_norm_weight, "
       "Tensor? key_padding_mask, float scale, float norm_eps, int rope_h, int rope_w, "

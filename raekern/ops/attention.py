@@ -27,6 +27,7 @@ __all__ = [
     "attention_packed",
     "attention_reference",
     "attention_path",
+    "attention_info",
     "rope_2d_reference",
     "qk_rms_norm_reference",
 ]
@@ -270,6 +271,14 @@ def _validate(q, k, v, layout, scale, qw, kw, eps, grid, theta, mask):
             fail(_OP, "key_padding_mask", f"must be on {q.device} like q, got {mask.device}")
         mask = mask.expand(b, nk)
     return mask
+
+
+def attention_info() -> dict[str, str]:
+    """What this build and machine offer, for ``raekern info``: the CPU kernels' instruction sets
+    (``bf16_forward``: amx / avx512 / portable, ``fp32``) and whether the CUDA forward is compiled."""
+    info = dict(item.split("=", 1) for item in torch.ops.raekern.attention_cpu_backends().split(";"))
+    info["cuda_forward"] = "sm80 mma.sync (not yet run on a GPU)" if _has_kernel("CUDA") else "not built"
+    return info
 
 
 def attention_path(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout: str = "bnhd",
