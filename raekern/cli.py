@@ -18,13 +18,12 @@ def _info(args) -> int:
     print(f"CPU kernels: -march={info['cpu_arch']}, ISA {info['cpu_isa']}, OpenMP {info['openmp'] or 'off'}, "
           f"{torch.get_num_threads()} threads")
     print(f"CUDA archs compiled: {info['cuda_archs'] or 'none (CPU-only build)'}")
-    try:
-        from raekern.ops import attention as _attn
+    import importlib
 
-        if hasattr(_attn, "describe_paths"):
-            print("attention paths:", _attn.describe_paths())
-    except ImportError:
-        pass
+    # raekern.ops.attention is also the op's name, so reach the module through importlib.
+    attn_mod = importlib.import_module("raekern.ops.attention")
+    if hasattr(attn_mod, "attention_info"):
+        print("attention:", attn_mod.attention_info())
     print("ops (devices with kernels):")
     for name, keys in registered_ops().items():
         devs = [k for k in keys if k in ("CPU", "CUDA")] or keys
