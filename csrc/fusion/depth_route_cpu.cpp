@@ -12,6 +12,7 @@
 #include "common/cpu_convert.h"
 #include "common/cpu_utils.h"
 #include "common/dispatch.h"
+#include "fusion/dynamic_tasks.h"
 #include "fusion/fusion_args.h"
 #include "fusion/row_math.h"
 
@@ -129,7 +130,7 @@ template <class T>
 void route_forward(const Route<T>& k, T* out) {
   using A = acc_t<T>;
   const auto& s = k.s;
-  raekern::cpu::parallel_rows(s.B * s.N, (s.L + 2) * s.D * sizeof(T), [&](int64_t lo, int64_t hi) {
+  parallel_tasks(s.B * s.N, 1, [&](int64_t lo, int64_t hi) {
     std::vector<A> fv(s.D), rowv(s.D), basev(s.D), gv(s.D, A(1)), w(s.L);
     A *f = fv.data(), *row = rowv.data(), *bs = basev.data(), *g = gv.data();
     if (s.gamma_numel) for (int64_t d = 0; d < s.D; ++d) g[d] = k.gate(d);
@@ -174,7 +175,7 @@ void route_backward(const Route<T>& k, const at::Tensor& grad, std::vector<at::T
   const int nthreads = at::get_num_threads();
   std::vector<A> gamma_part(s.gamma_numel ? nthreads * s.D : 0, A(0));
 
-  raekern::cpu::parallel_rows(s.B * s.N, (2 * s.L + 3) * s.D * sizeof(T), [&](int64_t lo, int64_t hi) {
+  parallel_tasks(s.B * s.N, 1, [&](int64_t lo, int64_t hi) {
     std::vector<A> fv(s.D), rowv(s.D), basev(s.D), gv(s.D), gfv(s.D), gatev(s.D, A(1)), w(s.L), gw(s.L),
         ga(s.L);
     A *f = fv.data(), *row = rowv.data(), *bs = basev.data(), *g = gv.data(), *gf = gfv.data(),

@@ -15,6 +15,7 @@
 #include "common/cpu_convert.h"
 #include "common/cpu_utils.h"
 #include "common/dispatch.h"
+#include "fusion/dynamic_tasks.h"
 #include "fusion/fusion_args.h"
 #include "fusion/latent_tile.h"
 #include "fusion/row_math.h"
@@ -90,7 +91,7 @@ std::vector<acc_t<T>> last_token_mean(const Stack<T>& k) {
   const auto& s = k.s;
   const int64_t tiles = (s.N + kTile - 1) / kTile;
   std::vector<A> part(s.B * tiles * s.D, A(0));
-  raekern::cpu::parallel_rows(s.B * tiles, kTile * s.D * sizeof(T), [&](int64_t lo, int64_t hi) {
+  parallel_tasks(s.B * tiles, 1, [&](int64_t lo, int64_t hi) {
     std::vector<A> row(s.D);
     for (int64_t task = lo; task < hi; ++task) {
       const int64_t b = task / tiles, n0 = (task % tiles) * kTile, n1 = std::min(s.N, n0 + kTile);
@@ -117,7 +118,7 @@ void fuse_forward(const Stack<T>& k, const acc_t<T>* tmean, const acc_t<T>* lmea
   using A = acc_t<T>;
   const auto& s = k.s;
   const int64_t tiles = (s.N + kTile - 1) / kTile;
-  raekern::cpu::parallel_rows(s.B * tiles, s.L * kTile * s.D * sizeof(T), [&](int64_t lo, int64_t hi) {
+  parallel_tasks(s.B * tiles, 1, [&](int64_t lo, int64_t hi) {
     std::vector<A> accv(kTile * s.D), rowv(s.D);
     A* acc = accv.data();
     A* row = rowv.data();
@@ -248,7 +249,7 @@ void fuse_backward(const at::Tensor& grad, at::TensorList layers, const StackSha
     std::vector<A> gmean, gmsum;
     if (add_last_token_mean) {
       std::vector<A> part(s.B * tiles * D, A(0));
-      raekern::cpu::parallel_rows(s.B * tiles, kTile * D * sizeof(T), [&](int64_t lo, int64_t hi) {
+      parallel_tasks(s.B * tiles, 1, [&](int64_t lo, int64_t hi) {
         std::vector<A> G(kTile * D);
         for (int64_t task = lo; task < hi; ++task) {
           const int64_t b = task / tiles, n0 = (task % tiles) * kTile, tn = std::min(s.N, n0 + kTile) - n0;
@@ -276,7 +277,7 @@ void fuse_backward(const at::Tensor& grad, at::TensorList layers, const StackSha
     std::vector<T*> dptr;
     for (auto& t : dl) dptr.push_back(t.data_ptr<T>());
 
-    raekern::cpu::parallel_rows(s.B * tiles, 2 * s.L * kTile * D * sizeof(T), [&](int64_t lo, int64_t hi) {
+    parallel_tasks(s.B * tiles, 1, [&](int64_t lo, int64_t hi) {
       std::vector<A> Gv(kTile * D), rowv(D), dxv(D), gsum(kTile);
       A *G = Gv.data(), *row = rowv.data(), *dxb = dxv.data();
       double* my_dw = dw_part.empty() ? nullptr : dw_part.data() + at::get_thread_num() * s.L;
