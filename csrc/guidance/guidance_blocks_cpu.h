@@ -25,6 +25,7 @@ struct CombinePlan {
   T* out[2] = {};
   A* mout[1] = {};
   A coef[3][kMaxFixedInputs + 1] = {};
+  bool stream = false;  // outputs written with non-temporal stores (every output row 64-byte aligned)
   void (*fn)(const CombinePlan&, int64_t, int64_t) = nullptr;
 };
 
@@ -44,7 +45,24 @@ void combine_fixed(const CombinePlan<T>& p, int64_t i0, int64_t n) {
   for (int o = 0; o < NO; ++o) out[o] = p.out[o] + i0;
   A* mout = NMO ? p.mout[0] + i0 : nullptr;
 
+  const bool nt = p.stream && vec::kHaveStreamStores && (i0 % L) == 0;
   int64_t i = 0;
+  if (nt) {
+    for (; i + L <= n; i += L) {
+      V v[NI];
+      for (int s = 0; s < NS; ++s) v[s] = vec::load(in[s] + i);
+      for (int s = 0; s < NMI; ++s) v[NS + s] = vec::load(min[s] + i);
+      for (int o = 0; o < NO + NMO; ++o) {
+        V a = c[o][0] * v[0];
+        for (int s = 1; s < NI; ++s) a += c[o][s] * v[s];
+        if (o < NO)
+          vec::store_nt(out[o] + i, a);
+        else
+          vec::store_nt(mout + i, a);
+      }
+    }
+    vec::stream_fence();
+  }
   for (; i + L <= n; i += L) {
     V v[NI];
     for (int s = 0; s < NS; ++s) v[s] = vec::load(in[s] + i);

@@ -3,6 +3,7 @@
 // output as a per-sample linear combination of the inputs.
 #include <torch/library.h>
 
+#include <cstdlib>
 #include <vector>
 
 #include "common/cpu_utils.h"
@@ -21,6 +22,9 @@ constexpr int64_t kChunk = 1024;
 // Elements per task of the output pass (register-blocked, no buffers): large enough to amortise the
 // task set-up, small enough that a batch of a few samples still spreads across threads.
 constexpr int64_t kOutChunk = 16384;
+// Outputs at least this large are written with non-temporal stores: they cannot stay in cache for the
+// next consumer anyway, and skipping the read-for-ownership saves memory traffic.
+constexpr int64_t kStreamBytes = int64_t(4) << 20;
 
 // Loads stream e of sample b, elements [i0, i0+n), into `dst` as accumulator type; differences with
 // the base branch are formed here, before any product.
@@ -91,6 +95,7 @@ struct Runner {
   A* mom;
   blocks::GramFn<T> gram_fn;
   std::vector<blocks::CombinePlan<T>> plans;
+  bool stream_outputs;
 
   explicit Runner(Prepared& pp)
       : p(pp), cfg(pp.cfg), B(pp.B), N(pp.N), nchunks((pp.N + kChunk - 1) / kChunk),
@@ -99,7 +104,8 @@ struct Runner {
         loader{pp, cfg.K, 1 + cfg.K, 1 + cfg.K + jm},
         out(pp.out.data_ptr<T>()), x0(pp.return_x0 ? pp.x0.data_ptr<T>() : nullptr),
         mom(cfg.has_momentum ? pp.momentum_out.data_ptr<A>() : nullptr),
-        gram_fn(blocks::pick_gram<T>(1 + cfg.K, jm)), plans(size_t(pp.B)) {}
+        gram_fn(blocks::pick_gram<T>(1 + cfg.K, jm)), plans(size_t(pp.B)),
+        stream_outputs(pp.B * pp.N * int64_t(sizeof(T)) >= kStreamBytes && !std::getenv("RK_NO_NT")) {}
 
   template <class S>
   const S* row(int e, int64_t b) const {
@@ -176,6 +182,8 @@ struct Runner {
     pl.out[0] = out + b * N;
     if (x0) pl.out[1] = x0 + b * N;
     if (nmo) pl.mout[0] = mom + b * N;
+    auto aligned = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 64 == 0; };
+    pl.stream = stream_outputs && aligned(pl.out[0]) && (!x0 || aligned(pl.out[1])) && (!nmo || aligned(pl.mout[0]));
     for (int q = 0; q < no + nmo; ++q) {
       const double* c = cb + outs[q] * ns;
       double diffs = 0.0;
@@ -322,13 +330,36 @@ void combine_rows(const std::vector<Rows>& rows, const at::Tensor& c, at::Tensor
   const int64_t n_in = int64_t(rows.size());
   const double* cp = c.const_data_ptr<double>();
   T* o = out.data_ptr<T>();
-  const int64_t nchunks = (N + kChunk - 1) / kChunk;
-  cpu::parallel_rows(B * nchunks, n_in * kChunk * int64_t(sizeof(T)), [&](int64_t begin, int64_t end) {
-    std::vector<A> acc(kChunk);
+  const bool stream = B * N * int64_t(sizeof(T)) >= kStreamBytes && !std::getenv("RK_NO_NT");
+  // Register-blocked plan per sample over the inputs with a nonzero coefficient.
+  std::vector<blocks::CombinePlan<T>> plans(static_cast<size_t>(B));
+  for (int64_t b = 0; b < B; ++b) {
+    blocks::CombinePlan<T>& pl = plans[b];
+    int nsu = 0;
+    for (int64_t e = 0; e < n_in && nsu <= blocks::kMaxFixedInputs; ++e) {
+      const double ce = cp[b * n_in + e];
+      if (ce == 0.0) continue;
+      if (nsu < blocks::kMaxFixedInputs) {
+        pl.in[nsu] = static_cast<const T*>(rows[e].ptr) + b * rows[e].stride;
+        pl.coef[0][nsu] = static_cast<A>(ce);
+      }
+      ++nsu;
+    }
+    pl.fn = nsu >= 1 ? blocks::pick_combine<T>(nsu, 0, 1, 0) : nullptr;
+    pl.out[0] = o + b * N;
+    pl.stream = stream && reinterpret_cast<uintptr_t>(pl.out[0]) % 64 == 0;
+  }
+  const int64_t per = (N + kOutChunk - 1) / kOutChunk;
+  at::parallel_for(0, B * per, 1, [&](int64_t begin, int64_t end) {
+    std::vector<A> acc;
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / nchunks, i0 = (task % nchunks) * kChunk;
-      const int64_t n = std::min(kChunk, N - i0);
-      for (int64_t i = 0; i < n; ++i) acc[i] = 0;
+      const int64_t b = task / per, i0 = (task % per) * kOutChunk;
+      const int64_t n = std::min(kOutChunk, N - i0);
+      if (plans[b].fn) {
+        plans[b].fn(plans[b], i0, n);
+        continue;
+      }
+      acc.assign(size_t(n), A(0));
       for (int64_t e = 0; e < n_in; ++e) {
         const double ce = cp[b * n_in + e];
         if (ce == 0.0) continue;

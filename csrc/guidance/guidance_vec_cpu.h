@@ -11,6 +11,9 @@
 #include <cstring>
 
 #include "common/cpu_utils.h"
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 namespace raekern::guidance::vec {
 
@@ -72,6 +75,38 @@ inline void store<c10::Half>(c10::Half* p, block_t<float> v) {
   std::memcpy(tmp, &v, sizeof(v));
   for (int l = 0; l < 16; ++l) p[l] = static_cast<c10::Half>(tmp[l]);
 }
+
+// Non-temporal store of one block to a 64-byte aligned address: large outputs are written without
+// first reading their cache lines (a quarter to a fifth of the traffic of a few-stream combination)
+// and without evicting the inputs. Callers fence (stream_fence) before the data is handed on.
+template <class T>
+inline void store_nt(T* p, block_t<cpu::acc_t<T>> v) {
+  store(p, v);
+}
+#if defined(__AVX512F__)
+template <>
+inline void store_nt<float>(float* p, block_t<float> v) {
+  _mm512_stream_ps(p, reinterpret_cast<__m512&>(v));
+}
+template <>
+inline void store_nt<double>(double* p, block_t<double> v) {
+  _mm512_stream_pd(p, reinterpret_cast<__m512d&>(v));
+}
+template <>
+inline void store_nt<c10::BFloat16>(c10::BFloat16* p, block_t<float> v) {
+  u32x16 u;
+  std::memcpy(&u, &v, sizeof(u));
+  u32x16 r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  r = ((u & 0x7fffffffu) > 0x7f800000u) ? u32x16{} + 0x7fc0u : r;
+  u16x16 h = __builtin_convertvector(r, u16x16);
+  _mm256_stream_si256(reinterpret_cast<__m256i*>(p), reinterpret_cast<__m256i&>(h));
+}
+inline void stream_fence() { _mm_sfence(); }
+constexpr bool kHaveStreamStores = true;
+#else
+inline void stream_fence() {}
+constexpr bool kHaveStreamStores = false;
+#endif
 
 // Lane sum in a fixed order (deterministic, independent of thread count).
 template <class A>
