@@ -103,6 +103,23 @@ def test_odd_sizes(shape, name):
     _close(got.out, want.out, torch.float32)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", ["cfg_euler_x0", "zero_star", "apg"])
+def test_large_outputs(name, dtype):
+    # > 4 MiB of output: the CPU kernel switches to non-temporal stores (sample 0, 64-byte aligned)
+    # and keeps ordinary stores where a row is misaligned (sample 1: N is odd).
+    B, S = 2, (1_050_011,)
+    cfg = _configs(B)[name]
+    x, P, extra, mom = _inputs(B, S, dtype, momentum_J=cfg.get("J_m", 0))
+    got = _run(guidance_step, x, P, extra, mom, cfg)
+    want = _run(guidance_step_reference, x, P, extra, mom, cfg)
+    _close(got.out, want.out, dtype)
+    if want.x0 is not None:
+        _close(got.x0, want.x0, dtype)
+    if want.momentum is not None:
+        _close(got.momentum, want.momentum, dtype)
+
+
 @pytest.mark.parametrize("name", ["cfg_euler_x0", "zero_star", "apg"])
 def test_stacked_branches_and_layouts(name):
     B, S = 4, (6, 9)
