@@ -354,3 +354,22 @@ def test_cpp_checks_name_the_argument():
         torch.ops.raekern.rms_norm(x, torch.randn(3), 1e-6)
     with pytest.raises(ValueError, match="'x'"):
         torch.ops.raekern.rms_norm(torch.ones(2, 3, dtype=torch.int64), None, 1e-6)
+
+
+@pytest.mark.parametrize("kind", ["rms", "layer"])
+def test_single_row_affine_weight_grad(kind):
+    """B = N = 1 with an affine weight: the [D] weight/bias gradients must be written (regression)."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 1, 24, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(24, dtype=torch.float64, requires_grad=True)
+    if kind == "rms":
+        out, ref = R.rms_norm(x, w), R.rms_norm_reference(x, w)
+    else:
+        b = torch.randn(24, dtype=torch.float64, requires_grad=True)
+        out, ref = R.layer_norm(x, w, b), R.layer_norm_reference(x, w, b)
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, [x, w], g)
+    want = torch.autograd.grad(ref, [x, w], g)
+    for a, e in zip(got, want):
+        assert a.shape == e.shape
+        torch.testing.assert_close(a, e)

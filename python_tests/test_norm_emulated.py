@@ -68,11 +68,9 @@ def _affine(D, affine):
 # ---------------------------------------------------------------------------------------------
 # rms_norm / layer_norm: forward and backward.
 
-# A single row (B = N = 1) with an affine weight: norm_host.h's plan_slot takes the [D] weight gradient
-# for a per-row [B, N, D] one, which no kernel writes (found by this test; CPU and CUDA alike).
-_ONE_ROW = pytest.param((1, 1, 8), marks=pytest.mark.xfail(
-    reason="norm host layer: weight/bias gradient of a single-row input is never written"))
-SHAPES = [_ONE_ROW, (2, 5, 77), (1, 257, 40), (1, 268, 24), (3, 7, 268)]
+# A single row (B = N = 1) with an affine weight: the weight gradient must come through the partials
+# (this test found norm_host.h taking it for a per-row gradient that no kernel wrote).
+SHAPES = [(1, 1, 8), (2, 5, 77), (1, 257, 40), (1, 268, 24), (3, 7, 268)]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

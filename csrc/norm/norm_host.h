@@ -134,12 +134,15 @@ inline SlotPlan plan_slot(const at::IntArrayRef shape, int64_t B, int64_t N, con
                           int32_t& num_partials) {
   SlotPlan s;
   const int64_t b = shape[0], n = shape[1], D = shape[shape.size() - 1];
-  if (b == B && n == N) {
-    s.slot.mode = GradMode::PerRow;
-  } else if (n == 1) {
+  // n == 1 first: with a single token (N == 1) a per-sample or shared operand ([B,1,D], [D]) must still
+  // be reduced through the partials, which the kernels always write; only true per-token operands
+  // take per-row gradients.
+  if (n == 1) {
     s.slot.mode = b == B ? GradMode::PerSample : GradMode::Global;
     s.slot.partial = num_partials++;
     return s;
+  } else if (b == B && n == N) {
+    s.slot.mode = GradMode::PerRow;
   } else {
     s.slot.mode = GradMode::PerRow;
     s.sum_batch = true;
