@@ -283,6 +283,10 @@ void fuse_backward(const at::Tensor& grad, at::TensorList layers, const StackSha
       double* my_dw = dw_part.empty() ? nullptr : dw_part.data() + at::get_thread_num() * s.L;
       for (int64_t task = lo; task < hi; ++task) {
         const int64_t b = task / tiles, n0 = (task % tiles) * kTile, tn = std::min(s.N, n0 + kTile) - n0;
+        // The prefix tokens get zero gradient; zeroed here, not by L separate tensor ops (each of
+        // which would be one more parallel region to wake the pool for).
+        if (n0 == 0 && s.P > 0)
+          for (int64_t l = 0; l < s.L; ++l) std::fill(dptr[l] + b * s.T * D, dptr[l] + (b * s.T + s.P) * D, T(0));
         load_grad_tile<T>(grad, s, lscale, b, n0, tn, G);
         for (int64_t t = 0; t < tn; ++t) gsum[t] = row_sum(G + t * D, D);
         for (int64_t l = 0; l < s.L; ++l) {
@@ -384,8 +388,6 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> layer_stack_fuse_backward_cpu(
                    layers[0].options().dtype(acc_dtype(st)));
   else
     dw = at::empty({0}, layers[0].options().dtype(weights.has_value() ? weights->scalar_type() : st));
-  for (auto& t : dl)
-    if (s.P > 0) t.narrow(1, 0, s.P).zero_();
   if (s.B == 0 || s.D == 0) return {dl, want_dw ? dw.to(weights->scalar_type()) : dw};
 
   RAEKERN_DISPATCH_FLOATING(st, "layer_stack_fuse_backward_cpu", [&] {
