@@ -3,7 +3,6 @@
 // output as a per-sample linear combination of the inputs.
 #include <torch/library.h>
 
-#include <cstdlib>
 #include <vector>
 
 #include "common/cpu_utils.h"
@@ -105,7 +104,7 @@ struct Runner {
         out(pp.out.data_ptr<T>()), x0(pp.return_x0 ? pp.x0.data_ptr<T>() : nullptr),
         mom(cfg.has_momentum ? pp.momentum_out.data_ptr<A>() : nullptr),
         gram_fn(blocks::pick_gram<T>(1 + cfg.K, jm)), plans(size_t(pp.B)),
-        stream_outputs(pp.B * pp.N * int64_t(sizeof(T)) >= kStreamBytes && !std::getenv("RK_NO_NT")) {}
+        stream_outputs(pp.B * pp.N * int64_t(sizeof(T)) >= kStreamBytes) {}
 
   template <class S>
   const S* row(int e, int64_t b) const {
@@ -274,7 +273,10 @@ struct Runner {
           for (int64_t c = 0; c < nchunks; ++c) gram_chunk(b, c, partial.data() + c * nacc, buf);
           reduce_sample(partial.data(), stats.data());
           solve_sample(b, stats.data());
-          combine(b, 0, N, buf);
+          // Backwards: the most recently read elements are the ones still in cache (a forward
+          // re-read of a sample larger than L2 would miss on every line, LRU evicting ahead of it).
+          for (int64_t i0 = (N - 1) / kOutChunk * kOutChunk; i0 >= 0; i0 -= kOutChunk)
+            combine(b, i0, std::min(kOutChunk, N - i0), buf);
         }
       });
       return;
@@ -292,10 +294,11 @@ struct Runner {
       reduce_sample(partial.data() + b * nchunks * nacc, stats.data());
       solve_sample(b, stats.data());
     }
+    // Each thread gets about the range of elements it reduced; backwards for the same reason as above.
     const int64_t per = (N + kOutChunk - 1) / kOutChunk;
     at::parallel_for(0, B * per, 1, [&](int64_t begin, int64_t end) {
       std::vector<A> buf;
-      for (int64_t task = begin; task < end; ++task) {
+      for (int64_t task = end - 1; task >= begin; --task) {
         const int64_t b = task / per, i0 = (task % per) * kOutChunk;
         combine(b, i0, std::min(kOutChunk, N - i0), buf);
       }
@@ -330,7 +333,7 @@ void combine_rows(const std::vector<Rows>& rows, const at::Tensor& c, at::Tensor
   const int64_t n_in = int64_t(rows.size());
   const double* cp = c.const_data_ptr<double>();
   T* o = out.data_ptr<T>();
-  const bool stream = B * N * int64_t(sizeof(T)) >= kStreamBytes && !std::getenv("RK_NO_NT");
+  const bool stream = B * N * int64_t(sizeof(T)) >= kStreamBytes;
   // Register-blocked plan per sample over the inputs with a nonzero coefficient.
   std::vector<blocks::CombinePlan<T>> plans(static_cast<size_t>(B));
   for (int64_t b = 0; b < B; ++b) {
