@@ -1,3 +1,4 @@
 """raekern's ops, one module per family (DESIGN §3). Each op has a typed function, a fake kernel,
 autograd, and a plain-PyTorch ``<name>_reference`` beside it."""
 from raekern.ops.guidance import GuidanceOutput, gfcg_select, guidance_step  # noqa: E402,F401
+from raekern.ops.norm import *  # noqa: E402,F401,F403

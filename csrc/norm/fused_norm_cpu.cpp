@@ -1,0 +1,385 @@
+// CPU kernels of the norm family (see norm_params.h for the fused row operation) and the CPU
+// registration of its ten ops. One task = a range of tokens of one sample, so per-sample operands
+// (shift/scale/gate of shape [B, 1, D]) are widened once per task and their gradients are summed in
+// task-local fp32 buffers; only those [tasks, D] partial sums leave the kernel.
+// Each row is read from memory once: it is widened into an L1-resident fp32 buffer and every later
+// step (statistics, normalisation, both outputs) works on that buffer with vectorised loops.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+#include "common/cpu_convert.h"
+#include "common/dispatch.h"
+#include "norm/norm_host.h"
+
+namespace raekern::norm {
+namespace {
+
+using cpu::acc_t;
+
+template <class T>
+inline const T* row_of(const Operand& o, int64_t b, int64_t n) {
+  return static_cast<const T*>(o.ptr) + b * o.sb + n * o.sn;
+}
+
+template <class T>
+inline void widen(const Operand& o, int64_t b, int64_t n, int64_t D, acc_t<T>* dst) {
+  cpu::widen_row<T>(row_of<T>(o, b, n), o.sd, D, dst);
+}
+
+template <class T>
+inline void narrow(const acc_t<T>* src, int64_t D, T* dst) {
+  if constexpr (std::is_same_v<T, acc_t<T>>) {
+    if (src != dst) std::memcpy(dst, src, D * sizeof(T));
+  } else {
+    cpu::narrow_row<T>(src, D, dst);
+  }
+}
+
+// Buffers of one worker thread; `n` rows of D accumulator values.
+template <class A>
+struct Scratch {
+  std::vector<A> mem;
+  int64_t D;
+  Scratch(int64_t rows, int64_t D) : mem(rows * D), D(D) {}
+  A* operator[](int i) { return mem.data() + i * D; }
+};
+
+template <class A>
+inline void fill(A* p, int64_t D, A v) {
+#pragma omp simd
+  for (int64_t i = 0; i < D; ++i) p[i] = v;
+}
+
+// Row statistics of xb; returns {mean, rstd} (mean = 0 for RMSNorm).
+template <class A>
+inline std::pair<A, A> row_stats(const A* __restrict xb, int64_t D, Kind kind, double eps) {
+  const A inv_d = A(1) / A(D);
+  A mean = 0, ss = 0;
+  if (kind == Kind::Layer) {
+    A s = 0;
+#pragma omp simd reduction(+ : s)
+    for (int64_t i = 0; i < D; ++i) s += xb[i];
+    mean = s * inv_d;
+#pragma omp simd reduction(+ : ss)
+    for (int64_t i = 0; i < D; ++i) ss += (xb[i] - mean) * (xb[i] - mean);
+  } else {
+#pragma omp simd reduction(+ : ss)
+    for (int64_t i = 0; i < D; ++i) ss += xb[i] * xb[i];
+  }
+  return {mean, A(1) / std::sqrt(ss * inv_d + A(eps))};
+}
+
+#ifdef RAEKERN_CPU_VEC16
+template <class T> constexpr bool has_vec16 = !std::is_same_v<T, double>;
+
+
+// One pass over the row: xb = x + gate*y (rounded to T, as stored in x_out), and its statistics.
+template <class T>
+inline void vec_residual_stats(const T* x, const T* gate, const T* y, T* x_out, int64_t D, acc_t<T>* xb,
+                               Kind kind, double eps, acc_t<T>& mean, acc_t<T>& rstd) {
+  if constexpr (has_vec16<T>) {
+  __m512 vs = _mm512_setzero_ps(), vss = _mm512_setzero_ps();
+  for (int64_t i = 0; i < D; i += 16) {
+    const __mmask16 m = cpu::tail_mask(D - i);
+    __m512 r = cpu::load16(x + i, m);
+    if (gate) {
+      r = _mm512_fmadd_ps(cpu::load16(gate + i, m), cpu::load16(y + i, m), r);
+      cpu::store16(x_out + i, r, m);
+      r = cpu::round16<T>(r);
+    }
+    _mm512_mask_storeu_ps(xb + i, m, r);
+    vs = _mm512_add_ps(vs, r);
+    vss = _mm512_fmadd_ps(r, r, vss);
+  }
+  if (kind == Kind::None) return;
+  const float inv_d = 1.f / float(D);
+  float ss;
+  if (kind == Kind::Layer) {
+    // Second pass from L1 for the variance: E[x^2] - mean^2 cancels badly for large means.
+    mean = cpu::hsum16(vs) * inv_d;
+    const __m512 vm = _mm512_set1_ps(mean);
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t i = 0; i < D; i += 16) {
+      const __mmask16 m = cpu::tail_mask(D - i);
+      __m512 d = _mm512_maskz_sub_ps(m, _mm512_maskz_loadu_ps(m, xb + i), vm);
+      acc = _mm512_fmadd_ps(d, d, acc);
+    }
+    ss = cpu::hsum16(acc);
+  } else {
+    mean = 0.f;
+    ss = cpu::hsum16(vss);
+  }
+  rstd = 1.f / std::sqrt(ss * inv_d + float(eps));
+  }
+}
+
+// out = (xb * rstd - mean * rstd) * ca + cb, stored as T.
+template <class T>
+inline void vec_output(const acc_t<T>* xb, const acc_t<T>* ca, const acc_t<T>* cb, acc_t<T> rstd,
+                       acc_t<T> nmr, int64_t D, T* out) {
+  if constexpr (has_vec16<T>) {
+  const __m512 vr = _mm512_set1_ps(rstd), vn = _mm512_set1_ps(nmr);
+  for (int64_t i = 0; i < D; i += 16) {
+    const __mmask16 m = cpu::tail_mask(D - i);
+    __m512 h = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, xb + i), vr, vn);
+    cpu::store16(out + i, _mm512_fmadd_ps(h, _mm512_maskz_loadu_ps(m, ca + i), _mm512_maskz_loadu_ps(m, cb + i)), m);
+  }
+  }
+}
+#else
+template <class T> constexpr bool has_vec16 = false;
+template <class T>
+inline void vec_residual_stats(const T*, const T*, const T*, T*, int64_t, acc_t<T>*, Kind, double, acc_t<T>&,
+                               acc_t<T>&) {}
+template <class T>
+inline void vec_output(const acc_t<T>*, const acc_t<T>*, const acc_t<T>*, acc_t<T>, acc_t<T>, int64_t, T*) {}
+#endif
+
+template <class T>
+void forward_kernel(const FwdParams& p) {
+  using A = acc_t<T>;
+  const int64_t B = p.B, N = p.N, D = p.D;
+  const TaskPlan plan = plan_tasks(B, N, at::get_num_threads(), 1);
+  const bool residual = p.gate.ptr != nullptr, norm = p.kind != Kind::None;
+  // out = xhat * ca + cb with ca = weight*(1+scale), cb = bias*(1+scale) + shift: recomputed per
+  // token only when shift or scale vary per token, otherwise once per sample.
+  const bool coef_per_row = (p.shift.ptr && p.shift.sn != 0) || (p.scale.ptr && p.scale.sn != 0);
+  const bool gate_per_row = residual && p.gate.sn != 0;
+  // Hand-vectorised rows need unit feature strides; fp64 (reference precision) uses the generic path.
+  const bool vec_rows = has_vec16<T> && p.x.sd == 1 && (!residual || (p.gate.sd == 1 && p.y.sd == 1));
+  const A* w = static_cast<const A*>(p.weight);
+  const A* bias = static_cast<const A*>(p.bias);
+  A* mean_out = static_cast<A*>(p.mean);
+  A* rstd_out = static_cast<A*>(p.rstd);
+
+  at::parallel_for(0, B * plan.chunks, 1, [&](int64_t t0, int64_t t1) {
+    Scratch<A> s(6, D);
+    A *xb = s[0], *ca = s[1], *cb = s[2], *gb = s[3], *t1b = s[4], *t2b = s[5];
+    int64_t coef_b = -1, gate_b = -1;
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / plan.chunks, n0 = (t % plan.chunks) * plan.rows_per_task;
+      const int64_t n1 = std::min(N, n0 + plan.rows_per_task);
+      for (int64_t n = n0; n < n1; ++n) {
+        const int64_t row = b * N + n;
+        T* xo = residual ? static_cast<T*>(p.x_out) + row * D : nullptr;
+        A mean = 0, rstd = 0;
+        // Stage 1: xb = x (+ gate*y), x_out written, statistics.
+        if (vec_rows) {
+          vec_residual_stats<T>(row_of<T>(p.x, b, n), residual ? row_of<T>(p.gate, b, n) : nullptr,
+                                residual ? row_of<T>(p.y, b, n) : nullptr, xo, D, xb, p.kind, p.eps, mean, rstd);
+        } else {
+          widen<T>(p.x, b, n, D, xb);
+          if (residual) {
+            if (gate_per_row || gate_b != b) {
+              widen<T>(p.gate, b, n, D, gb);
+              gate_b = b;
+            }
+            widen<T>(p.y, b, n, D, t1b);
+#pragma omp simd
+            for (int64_t i = 0; i < D; ++i) xb[i] += gb[i] * t1b[i];
+            // Normalise the rounded residual, as an unfused x' = x + g*y; h = norm(x') would.
+            cpu::narrow_row<T>(xb, D, xo);
+            if constexpr (!std::is_same_v<T, A>) cpu::widen_row<T>(xo, 1, D, xb);
+          }
+          if (norm) std::tie(mean, rstd) = row_stats(xb, D, p.kind, p.eps);
+        }
+        if (!norm) continue;
+        mean_out[row] = mean;
+        rstd_out[row] = rstd;
+        if (coef_per_row || coef_b != b) {
+          coef_b = b;
+          if (p.scale.ptr) widen<T>(p.scale, b, n, D, t1b);
+          else fill(t1b, D, A(0));
+          if (p.shift.ptr) widen<T>(p.shift, b, n, D, t2b);
+          else fill(t2b, D, A(0));
+#pragma omp simd
+          for (int64_t i = 0; i < D; ++i) {
+            ca[i] = A(1) + t1b[i];
+            cb[i] = t2b[i];
+          }
+          if (bias) {
+#pragma omp simd
+            for (int64_t i = 0; i < D; ++i) cb[i] += bias[i] * ca[i];
+          }
+          if (w) {
+#pragma omp simd
+            for (int64_t i = 0; i < D; ++i) ca[i] *= w[i];
+          }
+        }
+        const A nmr = -mean * rstd;
+        T* out = static_cast<T*>(p.out) + row * D;
+        if (vec_rows) {
+          vec_output<T>(xb, ca, cb, rstd, nmr, D, out);
+        } else {
+          // Through a scratch row: GCC's loop writing `out` directly ran several times slower.
+#pragma omp simd
+          for (int64_t i = 0; i < D; ++i) t1b[i] = (xb[i] * rstd + nmr) * ca[i] + cb[i];
+          narrow<T>(t1b, D, out);
+        }
+      }
+    }
+  });
+}
+
+template <class T>
+void backward_kernel(const BwdParams& p) {
+  using A = acc_t<T>;
+  const int64_t B = p.B, N = p.N, D = p.D;
+  const bool residual = p.gate.ptr != nullptr;
+  const bool norm = p.kind != Kind::None && p.dout.ptr != nullptr;
+  const bool scale_per_row = p.scale.ptr && p.scale.sn != 0;
+  const bool gate_per_row = residual && p.gate.sn != 0;
+  const A* w = static_cast<const A*>(p.weight);
+  const A* bias = static_cast<const A*>(p.bias);
+  const A* mean_in = static_cast<const A*>(p.mean);
+  const A* rstd_in = static_cast<const A*>(p.rstd);
+  const A inv_d = A(1) / A(D);
+  A* partials = static_cast<A*>(p.partials);
+  const int64_t np = p.num_partials;
+
+  at::parallel_for(0, B * p.chunks, 1, [&](int64_t t0, int64_t t1) {
+    Scratch<A> s(7 + 5, D);
+    A *xh = s[0], *g = s[1], *ops = s[2], *gb = s[3], *yb = s[4], *tb = s[5], *hb = s[6];
+    // Task-local sums, one per reduced gradient, in the slot order of the partial workspace.
+    A* acc = s[7];
+    auto acc_of = [&](const GradSlot& sl) { return sl.partial >= 0 ? acc + sl.partial * D : nullptr; };
+    A *acc_gate = acc_of(p.dgate), *acc_shift = acc_of(p.dshift), *acc_scale = acc_of(p.dscale);
+    A *acc_w = acc_of(p.dweight), *acc_b = acc_of(p.dbias);
+    int64_t scale_b = -1, gate_b = -1;
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / p.chunks, n0 = (t % p.chunks) * p.rows_per_task;
+      const int64_t n1 = std::min(N, n0 + p.rows_per_task);
+      fill(acc, np * D, A(0));
+      for (int64_t n = n0; n < n1; ++n) {
+        const int64_t row = b * N + n;
+        if (!norm && p.kind != Kind::None) {  // no gradient reached `out`
+          for (const GradSlot* sl : {&p.dshift, &p.dscale})
+            if (sl->mode == GradMode::PerRow) std::memset(static_cast<T*>(sl->ptr) + row * D, 0, D * sizeof(T));
+        }
+        if (norm) {
+          const A rstd = rstd_in[row];
+          const A mean = p.kind == Kind::Layer ? mean_in[row] : A(0);
+          widen<T>(p.xin, b, n, D, xh);
+          const A nmr = -mean * rstd;
+#pragma omp simd
+          for (int64_t i = 0; i < D; ++i) xh[i] = xh[i] * rstd + nmr;
+          widen<T>(p.dout, b, n, D, g);
+          if (p.scale.ptr && (scale_per_row || scale_b != b)) {
+            scale_b = b;
+            widen<T>(p.scale, b, n, D, ops);
+#pragma omp simd
+            for (int64_t i = 0; i < D; ++i) ops[i] += A(1);
+          } else if (!p.scale.ptr && scale_b != b) {
+            scale_b = b;
+            fill(ops, D, A(1));
+          }
+          // Gradients of the modulation: d shift = g, d scale = g * h with h = xhat * w + bias.
+          if (p.dshift.mode == GradMode::PerRow) {
+            narrow<T>(g, D, static_cast<T*>(p.dshift.ptr) + row * D);
+          } else if (acc_shift) {
+#pragma omp simd
+            for (int64_t i = 0; i < D; ++i) acc_shift[i] += g[i];
+          }
+          if (p.dscale.mode != GradMode::Absent) {
+#pragma omp simd
+            for (int64_t i = 0; i < D; ++i) hb[i] = xh[i];
+            if (w) {
+#pragma omp simd
+              for (int64_t i = 0; i < D; ++i) hb[i] *= w[i];
+            }
+            if (bias) {
+#pragma omp simd
+              for (int64_t i = 0; i < D; ++i) hb[i] += bias[i];
+            }
+            if (p.dscale.mode == GradMode::PerRow) {
+#pragma omp simd
+              for (int64_t i = 0; i < D; ++i) hb[i] *= g[i];
+              narrow<T>(hb, D, static_cast<T*>(p.dscale.ptr) + row * D);
+            } else {
+#pragma omp simd
+              for (int64_t i = 0; i < D; ++i) acc_scale[i] += g[i] * hb[i];
+            }
+          }
+          // g <- d h = g * (1 + scale); then the affine gradients; then g <- d xhat.
+#pragma omp simd
+          for (int64_t i = 0; i < D; ++i) g[i] *= ops[i];
+          if (acc_w) {
+#pragma omp simd
+            for (int64_t i = 0; i < D; ++i) acc_w[i] += g[i] * xh[i];
+          }
+          if (acc_b) {
+#pragma omp simd
+            for (int64_t i = 0; i < D; ++i) acc_b[i] += g[i];
+          }
+          if (w) {
+#pragma omp simd
+            for (int64_t i = 0; i < D; ++i) g[i] *= w[i];
+          }
+          A s1 = 0, s2 = 0;
+#pragma omp simd reduction(+ : s1, s2)
+          for (int64_t i = 0; i < D; ++i) {
+            s1 += g[i];
+            s2 += g[i] * xh[i];
+          }
+          const A c1 = p.kind == Kind::Layer ? s1 * inv_d : A(0), c2 = s2 * inv_d;
+#pragma omp simd
+          for (int64_t i = 0; i < D; ++i) g[i] = rstd * (g[i] - c1 - xh[i] * c2);
+          if (p.dxo.ptr) {
+            widen<T>(p.dxo, b, n, D, tb);
+#pragma omp simd
+            for (int64_t i = 0; i < D; ++i) g[i] += tb[i];
+          }
+        } else if (p.dxo.ptr) {
+          widen<T>(p.dxo, b, n, D, g);
+        } else {
+          fill(g, D, A(0));
+        }
+        if (residual) {
+          // x' = x + gate * y: d y = gate * d x', d gate = d x' * y.
+          if (gate_per_row || gate_b != b) {
+            gate_b = b;
+            widen<T>(p.gate, b, n, D, gb);
+          }
+          widen<T>(p.y, b, n, D, yb);
+          if (p.dgate.mode == GradMode::PerRow) {
+#pragma omp simd
+            for (int64_t i = 0; i < D; ++i) tb[i] = g[i] * yb[i];
+            narrow<T>(tb, D, static_cast<T*>(p.dgate.ptr) + row * D);
+          } else {
+#pragma omp simd
+            for (int64_t i = 0; i < D; ++i) acc_gate[i] += g[i] * yb[i];
+          }
+#pragma omp simd
+          for (int64_t i = 0; i < D; ++i) tb[i] = gb[i] * g[i];
+          narrow<T>(tb, D, static_cast<T*>(p.dy) + row * D);
+        }
+        narrow<T>(g, D, static_cast<T*>(p.dx) + row * D);
+      }
+      if (np > 0) std::memcpy(partials + t * np * D, acc, np * D * sizeof(A));
+    }
+  });
+}
+
+void forward_cpu(const FwdParams& p, at::ScalarType st) {
+  RAEKERN_DISPATCH_FLOATING(st, "raekern.norm_forward", [&] { forward_kernel<scalar_t>(p); });
+}
+
+void backward_cpu(const BwdParams& p, at::ScalarType st) {
+  RAEKERN_DISPATCH_FLOATING(st, "raekern.norm_backward", [&] { backward_kernel<scalar_t>(p); });
+}
+
+int64_t cpu_workers(const at::Tensor&) { return at::get_num_threads(); }
+
+// Tasks of at least 8 tokens keep the partial-sum workspace small next to the data.
+}  // namespace
+
+const Backend kCpu{forward_cpu, backward_cpu, cpu_workers, 8};
+
+TORCH_LIBRARY_IMPL(raekern, CPU, m) { register_impls<&kCpu>(m); }
+
+}  // namespace raekern::norm
