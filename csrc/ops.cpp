@@ -5,6 +5,7 @@
 
 #include <string>
 
+#include "fusion/fusion_schema.h"
 #include "norm/norm_schema.h"
 #include "guidance/guidance_schema.h"
 
@@ -43,7 +44,11 @@ static std::string build_info() {
 TORCH_LIBRARY(raekern, m) {
   m.def("build_info() -> str", &raekern::build_info);
   raekern::norm::define_schemas(m);
+<<<<<<< HEAD
   raekern::guidance::define_schemas(m);
+=======
+  raekern::fusion::define_schemas(m);
+>>>>>>> fusion
 }
 
 // `import raekern._C` loads this library (and so registers the ops); it holds no Python API.

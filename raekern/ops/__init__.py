@@ -2,3 +2,4 @@
 autograd, and a plain-PyTorch ``<name>_reference`` beside it."""
 from raekern.ops.guidance import GuidanceOutput, gfcg_select, guidance_step  # noqa: E402,F401
 from raekern.ops.norm import *  # noqa: E402,F401,F403
+from raekern.ops.fusion import *  # noqa: E402,F401,F403
