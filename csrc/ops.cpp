@@ -7,7 +7,11 @@
 
 #include "fusion/fusion_schema.h"
 #include "norm/norm_schema.h"
+<<<<<<< HEAD
 #include "guidance/guidance_schema.h"
+=======
+#include "attention/attention_schema.h"
+>>>>>>> attention
 
 namespace raekern {
 
@@ -45,10 +49,14 @@ TORCH_LIBRARY(raekern, m) {
   m.def("build_info() -> str", &raekern::build_info);
   raekern::norm::define_schemas(m);
 <<<<<<< HEAD
+<<<<<<< HEAD
   raekern::guidance::define_schemas(m);
 =======
   raekern::fusion::define_schemas(m);
 >>>>>>> fusion
+=======
+  raekern::attention::define_schemas(m);
+>>>>>>> attention
 }
 
 // `import raekern._C` loads this library (and so registers the ops); it holds no Python API.
