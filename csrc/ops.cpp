@@ -50,6 +50,7 @@ TORCH_LIBRARY(raekern, m) {
   raekern::norm::define_schemas(m);
 <<<<<<< HEAD
 <<<<<<< HEAD
+<<<<<<< HEAD
   raekern::guidance::define_schemas(m);
 =======
   raekern::fusion::define_schemas(m);
@@ -57,6 +58,10 @@ TORCH_LIBRARY(raekern, m) {
 =======
   raekern::attention::define_schemas(m);
 >>>>>>> attention
+=======
+  raekern::attention::define_schemas(m);
+  raekern::fusion::define_schemas(m);
+>>>>>>> models
 }
 
 // `import raekern._C` loads this library (and so registers the ops); it holds no Python API.
