@@ -8,10 +8,15 @@
 #include "fusion/fusion_schema.h"
 #include "norm/norm_schema.h"
 <<<<<<< HEAD
+<<<<<<< HEAD
 #include "guidance/guidance_schema.h"
 =======
 #include "attention/attention_schema.h"
 >>>>>>> attention
+=======
+#include "guidance/guidance_schema.h"
+#include "attention/attention_schema.h"
+>>>>>>> sampling
 
 namespace raekern {
 
@@ -51,6 +56,7 @@ TORCH_LIBRARY(raekern, m) {
 <<<<<<< HEAD
 <<<<<<< HEAD
 <<<<<<< HEAD
+<<<<<<< HEAD
   raekern::guidance::define_schemas(m);
 =======
   raekern::fusion::define_schemas(m);
@@ -62,6 +68,10 @@ TORCH_LIBRARY(raekern, m) {
   raekern::attention::define_schemas(m);
   raekern::fusion::define_schemas(m);
 >>>>>>> models
+=======
+  raekern::guidance::define_schemas(m);
+  raekern::attention::define_schemas(m);
+>>>>>>> sampling
 }
 
 // `import raekern._C` loads this library (and so registers the ops); it holds no Python API.
