@@ -5,18 +5,10 @@
 
 #include <string>
 
+#include "attention/attention_schema.h"
 #include "fusion/fusion_schema.h"
+#include "guidance/guidance_schema.h"
 #include "norm/norm_schema.h"
-<<<<<<< HEAD
-<<<<<<< HEAD
-#include "guidance/guidance_schema.h"
-=======
-#include "attention/attention_schema.h"
->>>>>>> attention
-=======
-#include "guidance/guidance_schema.h"
-#include "attention/attention_schema.h"
->>>>>>> sampling
 
 namespace raekern {
 
@@ -52,26 +44,10 @@ static std::string build_info() {
 
 TORCH_LIBRARY(raekern, m) {
   m.def("build_info() -> str", &raekern::build_info);
+  raekern::attention::define_schemas(m);
+  raekern::fusion::define_schemas(m);
+  raekern::guidance::define_schemas(m);
   raekern::norm::define_schemas(m);
-<<<<<<< HEAD
-<<<<<<< HEAD
-<<<<<<< HEAD
-<<<<<<< HEAD
-  raekern::guidance::define_schemas(m);
-=======
-  raekern::fusion::define_schemas(m);
->>>>>>> fusion
-=======
-  raekern::attention::define_schemas(m);
->>>>>>> attention
-=======
-  raekern::attention::define_schemas(m);
-  raekern::fusion::define_schemas(m);
->>>>>>> models
-=======
-  raekern::guidance::define_schemas(m);
-  raekern::attention::define_schemas(m);
->>>>>>> sampling
 }
 
 // `import raekern._C` loads this library (and so registers the ops); it holds no Python API.
