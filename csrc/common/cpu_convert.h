@@ -186,6 +186,19 @@ template <> inline void store16<c10::Half>(c10::Half* p, __m512 v, __mmask16 m) 
   _mm256_mask_storeu_epi16(p, m, _mm512_maskz_cvtps_ph(__mmask16(0xffff), v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 }
 
+// Non-temporal store of 16 full lanes (no read-for-ownership of the destination line): for outputs
+// far larger than the caches. p must be 64-byte (fp32) / 32-byte (16-bit types) aligned; callers
+// issue _mm_sfence() before other threads may read the data.
+template <class T> inline void stream16(T* p, __m512 v);
+template <> inline void stream16<float>(float* p, __m512 v) { _mm512_stream_ps(p, v); }
+template <> inline void stream16<c10::BFloat16>(c10::BFloat16* p, __m512 v) {
+  _mm256_stream_si256(reinterpret_cast<__m256i*>(p), bf16_bits(v));
+}
+template <> inline void stream16<c10::Half>(c10::Half* p, __m512 v) {
+  _mm256_stream_si256(reinterpret_cast<__m256i*>(p),
+                      _mm512_maskz_cvtps_ph(__mmask16(0xffff), v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+
 // The value v takes once stored as T (identity for fp32).
 template <class T> inline __m512 round16(__m512 v) {
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
