@@ -332,3 +332,28 @@ def test_graph_path_chaining_matches_eager(nets, case):
         got = graphed(_noise(seed=seed), LABELS)
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
     assert len(graphed._graphs) == 1
+
+
+def test_inactive_interval_skips_the_unneeded_branches(nets):
+    grid = rae_v1_grid(12, latent_shape=SHAPE)
+    ts = grid.times()[:-1]
+    inside = [0.2 <= t <= 0.7 for t in ts]
+    main, weak = Counting(nets["main"]), Counting(nets["weak"])
+    sample(main, _noise(), LABELS, G.CFG(2.0, interval=(0.2, 0.7)), grid, progress=False)
+    assert main.calls == [6 if on else 3 for on in inside]
+    main.calls.clear()
+    sample(main, _noise(), LABELS, G.AutoGuidance(1.5, interval=(0.2, 0.7)), grid, models={"weak": weak},
+           progress=False)
+    assert main.calls == [3] * len(ts) and len(weak.calls) == sum(inside)
+    want = rae_v1_reference_sample(nets["main"], _noise(), LABELS, num_steps=12, cfg_scale=1.5,
+                                   method="autoguidance", weak_model=nets["weak"], interval=(0.2, 0.7))
+    got = sample(nets["main"], _noise(), LABELS, G.AutoGuidance(1.5, interval=(0.2, 0.7)), grid,
+                 models={"weak": nets["weak"]}, progress=False)
+    torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
+    # GFCG + CFG with an interval, and rescale around CFG: same result with and without skipping
+    for policy in (lambda: G.GFCG(TinyLatentClassifier(C, 10), w_max=2.0, kappa=3.0, mode="cfg3", cfg_scale=1.5,
+                                  interval=(0.2, 0.7), num_classes=10),
+                   lambda: G.GuidanceRescale(G.CFG(2.0, interval=(0.2, 0.7)), 0.7)):
+        a = sample(nets["main"], _noise(), LABELS, policy(), grid, progress=False)
+        b = sample(nets["main"], _noise(), LABELS, policy(), grid, progress=False, skip_inactive=False)
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)

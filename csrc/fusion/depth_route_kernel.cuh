@@ -21,6 +21,10 @@ struct RouteArgs {
   float cap;
 };
 
+// Per-token scalars are divided with __fdividef: IEEE division's slow path is a called subroutine
+// whose saved registers ptxas reports as spill stores (CI rejects any spill). Its ≤ 2 ulp error is
+// far inside the fp32 tolerance, and the divisors (norms, softmax sums ≤ L) stay below its 2^126 limit.
+
 // Warp 0 turns the token's logits into weights in smem w[L]; returns nothing, *norm gets ‖a‖ (l2).
 __device__ __forceinline__ void route_weights(const RouteArgs& a, int64_t tok, float* w, float* norm) {
   if (threadIdx.x >= simt::kWarp) return;
@@ -31,16 +35,16 @@ __device__ __forceinline__ void route_weights(const RouteArgs& a, int64_t tok, f
   float w0 = a0, w1 = a1;
   if (a.energy == 0) {
     const float nrm = fmaxf(sqrtf(simt::warp_sum(a0 * a0 + a1 * a1)), 1e-12f);
-    w0 = a0 / nrm;
-    w1 = a1 / nrm;
+    w0 = __fdividef(a0, nrm);
+    w1 = __fdividef(a1, nrm);
     if (lane == 0) *norm = nrm;
   } else if (a.energy == 1) {
     const float m = simt::warp_max(fmaxf(lane < a.L ? a0 : -3.0e38f, lane + simt::kWarp < a.L ? a1 : -3.0e38f));
     const float e0 = lane < a.L ? __expf(a0 - m) : 0.f;
     const float e1 = lane + simt::kWarp < a.L ? __expf(a1 - m) : 0.f;
     const float s = simt::warp_sum(e0 + e1);
-    w0 = e0 / s;
-    w1 = e1 / s;
+    w0 = __fdividef(e0, s);
+    w1 = __fdividef(e1, s);
   }
   if (lane < a.L) w[lane] = w0;
   if (lane + simt::kWarp < a.L) w[lane + simt::kWarp] = w1;
@@ -101,7 +105,7 @@ __global__ void __launch_bounds__(kThreads) depth_route_kernel(RouteArgs a, T* _
         }
       simt::block_sum2(ff, bb, red);
       const float nf = sqrtf(ff), limit = a.cap * sqrtf(bb);
-      scale = nf > limit ? limit / nf : 1.f;
+      scale = nf > limit ? __fdividef(limit, nf) : 1.f;
     }
 #pragma unroll
     for (int i = 0; i < ITEMS; ++i)
@@ -169,12 +173,13 @@ __global__ void __launch_bounds__(kThreads) depth_route_backward_kernel(RouteArg
       fg = simt::block_sum(fg, red);
       const float nf = sqrtf(ff), nb = sqrtf(bb), limit = a.cap * nb;
       if (nf > limit) {
-        const float fgn = fg / nf, sc = limit / nf, cb = nb > 0.f ? a.cap * fgn / nb : 0.f;
+        const float fgn = __fdividef(fg, nf), sc = __fdividef(limit, nf), cb = nb > 0.f ? __fdividef(a.cap * fgn, nb) : 0.f;
+        const float fgnn = __fdividef(fgn, nf);
 #pragma unroll
         for (int i = 0; i < ITEMS; ++i)
 #pragma unroll
           for (int j = 0; j < V; ++j) {
-            gf[i][j] = sc * (gr[i][j] - f[i][j] * (fgn / nf));
+            gf[i][j] = sc * (gr[i][j] - f[i][j] * fgnn);
             gb[i][j] += cb * x[i][j];
           }
       }
@@ -204,7 +209,7 @@ __global__ void __launch_bounds__(kThreads) depth_route_backward_kernel(RouteArg
       const float dot = simt::warp_sum(wg);
       for (int l = lane; l < a.L; l += simt::kWarp) {
         float ga = gw[l];
-        if (a.energy == 0) ga = norm <= 1e-12f ? gw[l] / norm : (gw[l] - w[l] * dot) / norm;
+        if (a.energy == 0) ga = __fdividef(norm <= 1e-12f ? gw[l] : gw[l] - w[l] * dot, norm);
         else if (a.energy == 1) ga = w[l] * (gw[l] - dot);
         g.dlogits[tok * a.L + l] = ga;
       }

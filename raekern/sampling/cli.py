@@ -89,8 +89,17 @@ def add_sample_parser(subparsers) -> argparse.ArgumentParser:
                               description=DESCRIPTION, epilog=GUIDANCE_HELP,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_arguments(p)
-    p.set_defaults(func=run_sample)
+    p.set_defaults(func=_run_reporting_errors, fn=_run_reporting_errors)
     return p
+
+
+def _run_reporting_errors(args: argparse.Namespace) -> int:
+    """run_sample for `raekern sample`: a bad argument is one error line, not a traceback."""
+    try:
+        return run_sample(args)
+    except ValueError as e:
+        print(f"raekern sample: error: {e}", file=sys.stderr)
+        return 2
 
 
 def _apply_config(args: argparse.Namespace) -> argparse.Namespace:

@@ -99,13 +99,16 @@ class Sampler:
         model_dtype: cast the network input to this dtype (outputs are cast back to the state dtype).
         cuda_graph: capture each step into a CUDA graph (CUDA only; fixed shapes).
         progress: show a progress bar (tqdm) over the steps.
+        skip_inactive: outside the policy's guidance interval the policy returns the conditional
+            prediction C, so only C's network call runs (CFG: B rows instead of 2B; AutoGuidance:
+            no weak-model call); the other branches are passed as C, which their zero weights ignore.
     """
 
     def __init__(self, model_fn: ModelFn, policy=None, grid: TimeGrid | str | None = None, *,
                  param: str | Mapping[str, str] = "velocity", models: Mapping[str, ModelFn] | None = None,
                  solver: str = "euler", null_label: int | None = None, x0_t_eps: float = 0.0,
                  model_kwargs: Mapping | None = None, model_dtype: torch.dtype | None = None,
-                 cuda_graph: bool = False, progress: bool = True):
+                 cuda_graph: bool = False, progress: bool = True, skip_inactive: bool = True):
         if not callable(model_fn):
             _fail("model_fn", f"must be callable, got {type(model_fn).__name__}", TypeError)
         self.models: dict[str, ModelFn] = {"main": model_fn}
@@ -138,6 +141,7 @@ class Sampler:
         self.model_dtype = model_dtype
         self.cuda_graph = cuda_graph
         self.progress = progress
+        self.skip_inactive = bool(skip_inactive)
         self._plan()
         self._step_accepts_return_x0 = "return_x0" in inspect.signature(self.policy.step).parameters
         self._graphs: dict = {}
@@ -171,6 +175,16 @@ class Sampler:
             and [b.label for b in branches] == self.calls[branches[0].model]
         )
         self.needs_reference = bool(getattr(self.policy, "needs_reference", False))
+        # Policies return exactly branch 0 (C) outside their interval. Not skippable: internal
+        # guidance combined with CFG (its interval gates only the internal part) and APG momentum
+        # (the buffer would see the skipped branches).
+        from raekern.sampling.guidance import APG, InternalGuidance
+
+        inner = getattr(self.policy, "inner", self.policy)
+        interval = getattr(self.policy, "interval", None)
+        unsafe = ((isinstance(inner, InternalGuidance) and inner.cfg_scale is not None)
+                  or (isinstance(inner, APG) and inner.beta != 0.0))
+        self.skippable_interval = interval if (self.skip_inactive and interval is not None and not unsafe) else None
         self.cond_branch = next((b for b in branches if b.label == "cond" and b.model == "main"), None)
         if self.needs_reference and self.cond_branch is None:
             _fail("policy", "needs a reference class but has no conditional branch of the main model")
@@ -192,9 +206,19 @@ class Sampler:
             outs = tuple(o.to(x.dtype) for o in outs)
         return outs
 
+    def _inactive(self, t: float) -> bool:
+        iv = self.skippable_interval
+        return iv is not None and not (iv[0] <= t <= iv[1])
+
     def _evaluate(self, x, t, labels: dict[str, torch.Tensor | None], cache: dict):
         """Fill ``cache[(model, label)] = (outputs tuple, row slot)``; one call per model."""
         B = x.shape[0]
+        if self._inactive(t):
+            b0 = self.branches[0]
+            if (b0.model, b0.label) not in cache:
+                self._evaluate_only(x, t, labels, cache, b0.model, b0.label)
+            c = cache[(b0.model, b0.label)][0][b0.output]
+            return [c] * len(self.branches)
         for name, kinds in self.calls.items():
             todo = [k for k in kinds if (name, k) not in cache]
             if not todo:
@@ -244,7 +268,10 @@ class Sampler:
                 x0_prev = to_x0(x, outs[cb.output], t, self.param[cb.model])
             # Step 0 of the previous-step variant has no x0 yet: select_reference(None, …) gives
             # r = y with weight 0, i.e. the plain host rule for that step.
-            lab["ref"], _ = self.policy.select_reference(x0_prev, labels)
+            if not self._inactive(t):
+                lab["ref"], _ = self.policy.select_reference(x0_prev, labels)
+            else:
+                lab["ref"] = labels
         outputs = self._evaluate(x, t, lab, cache)
 
         heun = self.solver == "heun" and tn > 0 and not self._x0_clamped(tn)
