@@ -4,6 +4,7 @@ Accuracy rule (flash-attention's): the max error of out / every gradient vs the 
 at most 2x the error of the same-dtype PyTorch reference plus a small floor."""
 import importlib
 import logging
+import math
 
 import pytest
 import torch
@@ -70,9 +71,9 @@ def test_forward_matches_reference(dtype, shape, layout):
     assert lse.shape == (b, h, n)
     ref, ref_lse = attention_reference(q.double(), k.double(), v.double(), layout=layout, return_lse=True,
                                        **to64(kw))
-    same = attention_reference(q, k, v, layout=layout, **kw)
+    same, same_lse = attention_reference(q, k, v, layout=layout, return_lse=True, **kw)
     check_close(out, same, ref, FLOOR[dtype], "out")
-    assert (lse.double() - ref_lse).abs().max() < (1e-9 if dtype == torch.float64 else 1e-4)
+    check_close(lse, same_lse, ref_lse, FLOOR[dtype], "lse")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -295,15 +296,36 @@ def test_bad_tensors_name_the_argument():
                                     1e4, 0)
 
 
-def test_emulated_simt_prologue_and_epilogue():
+def _emu_or_skip():
     emu = emulation_library()
     if emu is None or not hasattr(emu, "attention_prologue"):
-        pytest.skip("raekern._emu (host emulation of the SIMT attention prologue) is not built yet")
-    x = torch.randn(2, 20, 2, 72)
-    w = torch.rand(72) + 0.5
-    got = emu.attention_prologue(x, w, 1e-6, 4, 4, 10000.0)
-    ref = attn_mod.rope_2d_reference(attn_mod.qk_rms_norm_reference(x.transpose(1, 2), w), (4, 4)).transpose(1, 2)
-    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+        pytest.skip("raekern._emu (host emulation of the SIMT attention code) is not built")
+    return emu
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("norm, grid", [(True, (4, 4)), (False, (4, 4)), (True, None)])
+def test_emulated_simt_prologue(dtype, norm, grid):
+    emu = _emu_or_skip()
+    x = torch.randn(2, 20, 2, 72).to(dtype)  # tokens 16..19 are past the 4x4 grid
+    w = (torch.rand(72) + 0.5) if norm else None
+    gh, gw = grid if grid else (0, 0)
+    got = emu.attention_prologue(x, w, 1e-6, gh, gw, 10000.0)
+    xt = x.double().transpose(1, 2)
+    ref = attn_mod.rope_2d_reference(attn_mod.qk_rms_norm_reference(xt, None if w is None else w.double()), grid)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.double(), ref.transpose(1, 2), atol=tol, rtol=tol)
+
+
+def test_emulated_softmax_epilogue():
+    emu = _emu_or_skip()
+    m = torch.tensor([0.5, -3.0, float("-inf"), 10.0])
+    l = torch.tensor([2.0, 1.0, 0.0, 7.5])
+    inv, lse = emu.attention_softmax_finalize(m, l)
+    torch.testing.assert_close(inv, torch.tensor([0.5, 1.0, 0.0, 1 / 7.5]))
+    exp_lse = (m + torch.log2(l)) * math.log(2.0)
+    exp_lse[2] = float("-inf")
+    torch.testing.assert_close(lse, exp_lse)
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

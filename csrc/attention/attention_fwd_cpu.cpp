@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "attention/attention_args.h"
+#include "attention/cpu_amx_fwd.h"
 #include "attention/cpu_exp2.h"
 #include "attention/cpu_gemm.h"
 #include "attention/cpu_problem.h"
@@ -105,6 +106,17 @@ void forward_kernel(const Problem<T, raekern::cpu::acc_t<T>>& P, at::Tensor& out
   });
 }
 
+// bf16 goes to the AMX tile kernel when the CPU (and the OS) offer it; everything else, and bf16
+// elsewhere, to the portable AVX-512 / scalar kernel above. RAEKERN_ATTENTION_AMX=0 disables AMX.
+template <class Prob> inline bool try_amx(const Prob&, at::Tensor&, at::Tensor&, int64_t) { return false; }
+#ifdef RAEKERN_ATTENTION_AMX
+inline bool try_amx(const Problem<c10::BFloat16, float>& P, at::Tensor& out, at::Tensor& lse, int64_t layout) {
+  if (!amx::available()) return false;
+  amx::forward(P, out, lse, layout);
+  return true;
+}
+#endif
+
 std::tuple<at::Tensor, at::Tensor> attention_cpu(const at::Tensor& q_, const at::Tensor& k_,
                                                  const at::Tensor& v_,
                                                  const std::optional<at::Tensor>& qw,
@@ -121,7 +133,7 @@ std::tuple<at::Tensor, at::Tensor> attention_cpu(const at::Tensor& q_, const at:
   RAEKERN_DISPATCH_FLOATING(q.scalar_type(), "raekern.attention", [&] {
     using C = raekern::cpu::acc_t<scalar_t>;
     const Problem<scalar_t, C> P(q, k, v, qw, kw, mask, scale, eps, rope_h, rope_w, theta, layout);
-    forward_kernel<scalar_t>(P, out, lse, layout);
+    if (!try_amx(P, out, lse, layout)) forward_kernel<scalar_t>(P, out, lse, layout);
   });
   return {out, lse};
 }

@@ -24,19 +24,24 @@ def _inputs(B, H, N, D, dtype, device, grad):
 
 def _fwd_cases(B, H, N, D, dtype, device, fused):
     from raekern.ops import attention
-    from raekern.ops.attention import qk_rms_norm_reference, rope_2d_reference
+    from raekern.ops.attention import _rope_tables, qk_rms_norm_reference
 
     q, k, v = _inputs(B, H, N, D, dtype, device, False)
     kw = {}
     if fused:
         kw = dict(q_norm_weight=torch.ones(D, device=device, dtype=dtype),
                   k_norm_weight=torch.ones(D, device=device, dtype=dtype), rope_grid=(16, 16))
+        cos, sin = _rope_tables(N, (16, 16), D, 10000.0, device, dtype)  # cached, as a model's buffers
+
+    def rope(x):
+        pairs = x.unflatten(-1, (D // 2, 2))
+        return x * cos + torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2) * sin
 
     def sdpa_math(q, k, v):  # the unfused baseline a DiT runs today (bnhd in, bnhd out)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         if fused:
-            q = rope_2d_reference(qk_rms_norm_reference(q, kw["q_norm_weight"]), (16, 16))
-            k = rope_2d_reference(qk_rms_norm_reference(k, kw["k_norm_weight"]), (16, 16))
+            q = rope(qk_rms_norm_reference(q, kw["q_norm_weight"]))
+            k = rope(qk_rms_norm_reference(k, kw["k_norm_weight"]))
         return F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
 
     comp = compiled(sdpa_math)
