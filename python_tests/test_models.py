@@ -533,3 +533,74 @@ def test_bad_arguments_name_the_argument():
         M.build("decoder-tiny")(torch.randn(1, 15, 16))
     with pytest.raises(ValueError, match="'base_model_depth'"):
         M.build("ditdh-tiny-v2", base_model_depth=9)
+
+
+# ------------------------------------------------------------------ autoencoder on raekern's fusion
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("raekern", marks=needs_ops)])
+def test_raev2_style_fusion_in_rae(backend):
+    enc = tiny("dinov3-tiny", backend)
+    dec = tiny("decoder-tiny", backend, latent_dim=32)
+    fusion = M.LayerMeanFusion(None, skip_tokens=5, eps=1e-5, add_last_token_mean=True)
+    rae = M.set_backend(M.RAE(enc, fusion, dec, layers=(0, 2)), backend).eval()
+    img = torch.rand(2, 3, 64, 64)
+    hs = enc(img, [0, 2])
+    ln = [F.layer_norm(h[:, 5:], (32,), eps=1e-5) for h in hs]
+    ref = (ln[0] + ln[1]) / 2 + ln[1].mean(1, keepdim=True)
+    torch.testing.assert_close(rae.tokens(img), ref, atol=1e-5, rtol=1e-5)
+    assert rae.decode(rae.encode(img)).shape == (2, 3, 16, 16)
+
+
+@needs_ops
+def test_rae_backends_match(tmp_path):
+    ref = M.build_rae("rae-tiny", backend="torch").eval()
+    randomize_(ref.encoder)
+    randomize_(ref.decoder)
+    C, H = 16, 4
+    g = torch.Generator().manual_seed(3)
+    torch.save({"mean": torch.randn(C, H, H, generator=g), "var": torch.rand(C, H, H, generator=g) + 0.5},
+               tmp_path / "stat.pt")
+    ref.load_stats(str(tmp_path / "stat.pt"))
+    fast = M.build_rae("rae-tiny", backend="raekern", stats_path=str(tmp_path / "stat.pt")).eval()
+    fast.encoder.load_state_dict(ref.encoder.state_dict())
+    fast.decoder.load_state_dict(ref.decoder.state_dict())
+    img = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        z_ref, z = ref.encode(img), fast.encode(img)
+        torch.testing.assert_close(z, z_ref, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(fast.decode(z_ref), ref.decode(z_ref), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(fast.denormalize(z), fast.tokens(img), atol=1e-5, rtol=1e-5)
+
+
+def test_released_guidance_entry_points():
+    m = tiny("ditdh-tiny", "torch")
+    x, t, y = dit_inputs(m, B=2)
+    t = torch.tensor([0.3, 0.3])
+    yy = torch.tensor([5, 1000])
+    with torch.no_grad():
+        xx = torch.cat([x[:1], x[:1]])
+        vc, vu = m(xx, t, yy).chunk(2)
+        out = m.forward_with_cfg(xx, t, yy, 1.5)
+        torch.testing.assert_close(out[:1], vu + 1.5 * (vc - vu))
+        off = m.forward_with_cfg(xx, t, yy, 1.5, cfg_interval=(0.5, 1.0))
+        torch.testing.assert_close(off[:1], vc)
+        weak = tiny("ditdh-tiny", "torch")
+        ag = m.forward_with_autoguidance(x, t, y, 1.42, weak)
+        torch.testing.assert_close(ag, weak(x, t, y) + 1.42 * (m(x, t, y) - weak(x, t, y)))
+        m2 = tiny("ditdh-tiny-v2", "torch")
+        f, b = m2(x, torch.tensor([0.05, 0.5]), y)
+        ig = m2.forward_with_internal_guidance(x, torch.tensor([0.05, 0.5]), y)
+        torch.testing.assert_close(ig[0], f[0])
+        torch.testing.assert_close(ig[1], b[1] + 1.78 * (f[1] - b[1]))
+
+
+def test_drorae_starts_at_rae_latent():
+    dro = M.build_rae("drorae-tiny", backend="torch").eval()
+    rae = M.build_rae("rae-tiny", backend="torch").eval()
+    randomize_(rae.encoder)
+    dro.encoder.load_state_dict(rae.encoder.state_dict())
+    img = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():  # γ is zero-initialised: DRoRAE's latent is RAE's until trained
+        torch.testing.assert_close(dro.tokens(img), rae.tokens(img), atol=1e-5, rtol=1e-5)
+    assert sum(p.numel() for p in dro.parameters() if p.requires_grad) > 0
+    assert not any(p.requires_grad for p in dro.encoder.parameters())

@@ -10,10 +10,10 @@ from raekern.models.encoder import Dinov2Encoder, Dinov3Encoder
 from raekern.models.fusion import DepthRoutedFusion, LatentStats, LayerMeanFusion
 from raekern.models.layers import raekern_backend_available, set_backend
 from raekern.models.rae import RAE, noise_augment
-from raekern.models.registry import MODELS, build, list_models, load
+from raekern.models.registry import AUTOENCODERS, MODELS, build, build_rae, list_models, load
 
 __all__ = [
-    "CheckpointMismatchError", "DepthRoutedFusion", "DiTDH", "DiTDHv2", "Dinov2Encoder", "Dinov3Encoder", "LatentStats", "LayerMeanFusion", "MODELS", "RAE",
-    "ViTMAEDecoder", "build", "list_models", "load", "noise_augment", "raekern_backend_available",
-    "read_checkpoint", "set_backend",
+    "AUTOENCODERS", "CheckpointMismatchError", "DepthRoutedFusion", "DiTDH", "DiTDHv2", "Dinov2Encoder",
+    "Dinov3Encoder", "LatentStats", "LayerMeanFusion", "MODELS", "RAE", "ViTMAEDecoder", "build", "build_rae",
+    "list_models", "load", "noise_augment", "raekern_backend_available", "read_checkpoint", "set_backend",
 ]

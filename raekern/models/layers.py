@@ -38,6 +38,8 @@ def set_backend(model: nn.Module, backend: str) -> nn.Module:
     for m in model.modules():
         if hasattr(m, "backend"):
             m.backend = backend
+        if hasattr(m, "use_raekern"):  # the fusion modules' spelling of the same switch
+            m.use_raekern = backend == "raekern"
     return model
 
 
