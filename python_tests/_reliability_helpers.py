@@ -301,11 +301,10 @@ def _attention_specs():
                          "key_padding_mask": _unsq},
                bad_size={"k": _grow_last, "v": lambda t: t[:, :-1], "q_norm_weight": _grow_last,
                          "key_padding_mask": _grow_last},
-               tol=ATTN_TOL, differentiable=("q", "k", "v", "q_norm_weight"), empty_b="raises",
-               empty_n="raises", d_multiple=8),
+               tol=ATTN_TOL, differentiable=("q", "k", "v", "q_norm_weight"), d_multiple=8),
         OpSpec("attention_packed", packed, lambda qkv: R.attention_packed(qkv, H), packed_ref, ("qkv",), (),
                bad_rank={"qkv": _unsq}, bad_size={"qkv": lambda t: t[..., :-1]}, tol=ATTN_TOL,
-               differentiable=("qkv",), empty_b="raises", empty_n="raises", d_multiple=8),
+               differentiable=("qkv",), d_multiple=8),
     ]
 
 

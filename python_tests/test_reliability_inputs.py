@@ -313,3 +313,142 @@ def test_past_int32_offsets_on_the_cpu_kernels(spec):
     args = replace(args, name, _far_rows)
     assert first(args[name]).stride(0) > 1 << 31
     _check_vs_ref(spec, args, torch.bfloat16)
+
+
+# ------------------------------------------------------------------------------------------ model entry points
+
+def _models():
+    import raekern.models as M
+    torch.manual_seed(0)
+    return {n: M.build(n).eval() for n in ("ditdh-tiny", "ditdh-tiny-v2", "decoder-tiny", "dinov2-tiny-reg")}
+
+
+_MODELS = {}
+
+
+def _model(name):
+    if not _MODELS:
+        _MODELS.update(_models())
+    return _MODELS[name]
+
+
+def _dit_args(m, B=2):
+    return torch.randn(B, m.in_channels, m.input_size, m.input_size), torch.rand(B), torch.arange(B) % 10
+
+
+def _nan_first(t):
+    t = t.clone()
+    t.view(-1)[0] = float("nan")
+    return t
+
+
+# (case id, model, build the call's args from the good ones, expected: None = works, else (exc, 'arg'))
+_DIT_CASES = [
+    ("x-rank", lambda x, t, y: (x[0], t, y), (ValueError, "'x'")),
+    ("x-size", lambda x, t, y: (x[:, :-1], t, y), (ValueError, "'x'")),
+    ("x-int", lambda x, t, y: (x.long(), t, y), (TypeError, "'x'")),
+    ("x-complex", lambda x, t, y: (torch.complex(x, x), t, y), (TypeError, "'x'")),
+    ("x-float64-vs-fp32-model", lambda x, t, y: (x.double(), t, y), (TypeError, "'x'")),
+    ("x-other-device", lambda x, t, y: (x.to("meta"), t.to("meta"), y.to("meta")), (ValueError, "'x'")),
+    ("t-rank", lambda x, t, y: (x, t[:, None], y), (ValueError, "'t'")),
+    ("t-other-device", lambda x, t, y: (x, t.to("meta"), y), (ValueError, "'t'")),
+    ("y-float", lambda x, t, y: (x, t, y.float()), (ValueError, "'y'")),
+    ("y-out-of-range", lambda x, t, y: (x, t, y + 10 ** 6), (ValueError, "'y'")),
+    ("y-negative", lambda x, t, y: (x, t, y - 5), (ValueError, "'y'")),
+    ("B=0", lambda x, t, y: (x[:0], t[:0], y[:0]), None),
+    ("non-contiguous-x", lambda x, t, y: (x.transpose(2, 3).contiguous().transpose(2, 3), t, y), None),
+    ("expanded-x", lambda x, t, y: (x[:1].expand_as(x), t[:1].expand_as(t), y), None),
+    ("nan-x", lambda x, t, y: (_nan_first(x), t, y), None),
+]
+
+
+@pytest.mark.parametrize("name", ["ditdh-tiny", "ditdh-tiny-v2"])
+@pytest.mark.parametrize("case,mutate,expect", _DIT_CASES, ids=[c[0] for c in _DIT_CASES])
+def test_dit_entry_point(name, case, mutate, expect):
+    m = _model(name)
+    args = mutate(*_dit_args(m))
+    with torch.no_grad(), time_limit(60, name):
+        if expect is not None:
+            with pytest.raises(expect[0], match=expect[1]):
+                m(*args)
+            return
+        out = m(*args)
+    outs = out if isinstance(out, tuple) else (out,)
+    for o in outs:
+        assert o.shape == args[0].shape
+        if case == "nan-x":
+            assert torch.isnan(o[0]).any()  # the poisoned sample propagates NaN ...
+            assert torch.isfinite(o[1]).all()  # ... and leaves the other sample alone
+        else:
+            assert torch.isfinite(o).all()
+
+
+_DEC_CASES = [
+    ("rank", lambda z: z[0], (ValueError, "'tokens'")),
+    ("size", lambda z: z[:, :-1], (ValueError, "'tokens'")),
+    ("int", lambda z: z.long(), (ValueError, "'tokens'")),
+    ("float64-vs-fp32-model", lambda z: z.double(), (TypeError, "'tokens'")),
+    ("other-device", lambda z: z.to("meta"), (ValueError, "'tokens'")),
+    ("B=0", lambda z: z[:0], None),
+    ("expanded", lambda z: z[:1].expand_as(z), None),
+]
+
+
+@pytest.mark.parametrize("case,mutate,expect", _DEC_CASES, ids=[c[0] for c in _DEC_CASES])
+def test_decoder_entry_point(case, mutate, expect):
+    m = _model("decoder-tiny")
+    z = mutate(torch.randn(2, m.num_patches, m.latent_dim))
+    with torch.no_grad():
+        if expect is not None:
+            with pytest.raises((expect[0], TypeError, ValueError), match=expect[1]):
+                m(z)
+            return
+        out = m(z)
+    assert out.shape[0] == z.shape[0] and torch.isfinite(out).all()
+
+
+_ENC_CASES = [
+    ("rank", lambda im: im[0], (ValueError, "'images'")),
+    ("channels", lambda im: im[:, :2], (ValueError, "'images'")),
+    ("uint8", lambda im: (im * 255).to(torch.uint8), (TypeError, "'images'")),
+    ("complex", lambda im: torch.complex(im, im), (TypeError, "'images'")),
+    ("B=0", lambda im: im[:0], None),
+    ("other-resolution", lambda im: im[..., :42, :42], None),
+]
+
+
+@pytest.mark.parametrize("case,mutate,expect", _ENC_CASES, ids=[c[0] for c in _ENC_CASES])
+def test_encoder_entry_point(case, mutate, expect):
+    m = _model("dinov2-tiny-reg")
+    im = mutate(torch.rand(2, 3, 56, 56))
+    with torch.no_grad():
+        if expect is not None:
+            with pytest.raises(expect[0], match=expect[1]):
+                m(im)
+            return
+        out = m(im)
+    assert out[0].shape[0] == im.shape[0] and torch.isfinite(out[0]).all()
+
+
+def test_sampler_entry_point():
+    from raekern.sampling import CFG, rae_v1_grid, sample
+    m = _model("ditdh-tiny")
+    shape = (2, m.in_channels, m.input_size, m.input_size)
+    grid = rae_v1_grid(3, latent_shape=shape[1:])
+    lab = torch.tensor([1, 2])
+    with torch.no_grad():
+        with pytest.raises(TypeError, match="'labels'"):
+            sample(m, shape, lab.float(), CFG(1.5), grid, progress=False)
+        with pytest.raises(ValueError, match="'labels'"):
+            sample(m, shape, torch.tensor([1, 2, 3]), CFG(1.5), grid, progress=False)
+        with pytest.raises(TypeError, match="'noise'"):
+            sample(m, torch.zeros(shape, dtype=torch.long), lab, CFG(1.5), grid, progress=False)
+        with pytest.raises(ValueError, match="'x'|'y'|'labels'"):  # noise follows the labels' device
+            sample(m, shape, lab.to("meta"), CFG(1.5), grid, progress=False)
+        empty = sample(m, (0,) + shape[1:], lab[:0], CFG(1.5), grid, progress=False)
+        assert empty.shape == (0,) + shape[1:]
+        noise = torch.randn(shape)
+        noise[0, 0, 0, 0] = float("nan")
+        with time_limit(60, "sampling from NaN noise"):
+            out = sample(m, noise, lab, CFG(1.5), grid, progress=False)
+        assert torch.isnan(out[0]).any() and torch.isfinite(out[1]).all()

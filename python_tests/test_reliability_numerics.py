@@ -41,9 +41,12 @@ def test_attention_is_stable_for_large_logits(dtype, magnitude):
     assert lse.dtype == torch.float32
     # lse grows like the largest score: compare relative to it
     torch.testing.assert_close(lse.double(), ref_lse, rtol=1e-5 if dtype == torch.float32 else 1e-2, atol=1e-3)
-    # output: a softmax this sharp is (nearly) one-hot; errors come from the input rounding only
-    tol = 1e-4 if dtype == torch.float32 else 4 * _ulp(dtype)
-    torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol * 4)
+    # output: the flash-attention rule (DESIGN §3.3): error vs fp64 at most twice that of the same-dtype
+    # PyTorch reference, plus a small floor; a naive exp would give inf/NaN here instead
+    same = R.attention_reference(qd, kd, vd, scale=scale).double()
+    err, err_ref = (out.double() - ref).abs().max().item(), (same - ref).abs().max().item()
+    floor = 1e-4 if dtype == torch.float32 else 4 * _ulp(dtype)
+    assert err <= 2 * err_ref + floor, (err, err_ref)
     lo, hi = vd.double().amin(1, keepdim=True), vd.double().amax(1, keepdim=True)
     assert ((out.double() >= lo - 1e-2) & (out.double() <= hi + 1e-2)).all()
 
