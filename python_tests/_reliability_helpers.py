@@ -121,7 +121,7 @@ class OpSpec:
     empty_b: str = "works"
     empty_n: str = "works"
     min_n: int = 1
-    min_d: int = 1
+    min_d: int = 1  # D = 1 rows are constant: see test_layer_norm_of_a_constant_row_is_exactly_the_bias
     d_multiple: int = 1
 
     def __repr__(self):
@@ -189,7 +189,8 @@ def _norm_specs():
                lambda x, weight, bias: R.layer_norm(x, weight, bias),
                lambda x, weight, bias: R.layer_norm_reference(x, weight, bias),
                ("x", "weight", "bias"), (), bad_rank={"x": _to_scalar, "weight": _unsq, "bias": _unsq},
-               bad_size={"weight": _grow_last, "bias": _grow_last}, differentiable=("x", "weight", "bias")),
+               bad_size={"weight": _grow_last, "bias": _grow_last}, differentiable=("x", "weight", "bias"),
+               min_d=2),
         OpSpec("norm_modulate", mod,
                lambda x, shift, scale, weight, bias: R.norm_modulate(x, shift, scale, kind="layer",
                                                                      weight=weight, bias=bias),
@@ -199,7 +200,7 @@ def _norm_specs():
                bad_rank={"x": _unsq, "shift": five, "scale": five, "weight": _unsq},
                bad_size={"shift": _grow_last, "scale": lambda t: t[:, :1, :1].expand(-1, -1, 3),
                          "weight": _grow_last},
-               differentiable=("x", "shift", "scale", "weight", "bias")),
+               differentiable=("x", "shift", "scale", "weight", "bias"), min_d=2),
         OpSpec("gated_residual", gr,
                lambda x, gate, y: R.gated_residual(x, gate, y),
                lambda x, gate, y: R.gated_residual_reference(x, gate, y),
