@@ -10,6 +10,7 @@ namespace raekern::guidance {
 
 RAEKERN_HD inline float gfcg_weight(float p_target, float p_ref, float w_max, float kappa, float w_min) {
   float w = w_max * expf(-kappa * (p_target - p_ref));
+  if (w != w) return w;  // non-finite logits: report NaN, not a weight clamped into range
   return fminf(fmaxf(w, w_min), w_max);
 }
 

@@ -45,7 +45,10 @@ def read_checkpoint(path: str) -> dict[str, torch.Tensor]:
         path = find_weights(path)
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
-        return load_file(path, device="cpu")
+        try:
+            return load_file(path, device="cpu")
+        except Exception as e:  # truncated or foreign file: say which one
+            raise ValueError(f"raekern.models: could not read {path} as safetensors: {e}") from e
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickles that need code execution are refused on purpose

@@ -72,6 +72,13 @@ class ViTMAEDecoder(nn.Module):
             raise ValueError(f"raekern.models: argument 'tokens' must have shape [B, {self.num_patches}, "
                              f"{self.latent_dim}], got "
                              f"{tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__}")
+        w = self.decoder_embed.weight
+        if tokens.dtype != w.dtype and not torch.is_autocast_enabled(tokens.device.type):
+            raise TypeError(f"raekern.models: argument 'tokens' must have the decoder's dtype {w.dtype} (or run "
+                            f"under torch.autocast), got {tokens.dtype}")
+        if tokens.device != w.device:
+            raise ValueError(f"raekern.models: argument 'tokens' must be on the decoder's device {w.device}, got "
+                             f"{tokens.device}")
         x = self.decoder_embed(tokens)
         x = torch.cat([self.trainable_cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.decoder_pos_embed
         _, h, _ = run_vit(self.decoder_layers, x, backend=self.backend, final=layer_norm_spec(self.decoder_norm))

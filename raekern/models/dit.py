@@ -86,6 +86,24 @@ def _check_inputs(model, x, t, y):
     if not isinstance(y, torch.Tensor) or y.shape != (B,) or y.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"raekern.models: argument 'y' must be a [B] = [{B}] integer tensor of labels, got "
                          f"{tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__}")
+    # dtype/device mismatches would otherwise surface as a GEMM error that names no argument
+    p = next(model.parameters(), None)
+    if not x.is_floating_point():
+        raise TypeError(f"raekern.models: argument 'x' must be a floating-point latent, got {x.dtype}")
+    if p is not None and x.dtype != p.dtype and not torch.is_autocast_enabled(x.device.type):
+        raise TypeError(f"raekern.models: argument 'x' must have the model's dtype {p.dtype} (or run under "
+                        f"torch.autocast), got {x.dtype}")
+    if p is not None and x.device != p.device:
+        raise ValueError(f"raekern.models: argument 'x' must be on the model's device {p.device}, got {x.device}")
+    for name, v in (("t", t), ("y", y)):
+        if v.device != x.device:
+            raise ValueError(f"raekern.models: argument '{name}' must be on {x.device} like x, got {v.device}")
+    # an out-of-range label would index past the embedding table (checked where it costs no device sync)
+    if y.device.type == "cpu" and y.numel() and not torch.compiler.is_compiling():
+        lo, hi = int(y.min()), int(y.max())
+        if lo < 0 or hi > model.num_classes:
+            raise ValueError(f"raekern.models: argument 'y' must hold labels in [0, {model.num_classes}] "
+                             f"({model.num_classes} = null label), got values in [{lo}, {hi}]")
 
 
 def _unpatchify(x, C, H, W):  # [B, N, C] -> [B, C, H, W] (patch size 1)

@@ -50,7 +50,10 @@ class _FrozenEncoder(nn.Module):
         if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3:
             raise ValueError("raekern.models: argument 'images' must be a [B, 3, H, W] tensor in [0, 1], got "
                              f"{tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__}")
-        dtype = self._mean.dtype if not images.is_floating_point() else images.dtype
+        if not images.is_floating_point():  # uint8 [0, 255] read as [0, 1] would be silently wrong
+            raise TypeError(f"raekern.models: argument 'images' must be a floating-point tensor in [0, 1], got "
+                            f"{images.dtype} (divide uint8 images by 255)")
+        dtype = images.dtype
         x = images.to(dtype)
         if x.shape[-2:] != (self.input_size, self.input_size):
             x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bicubic", align_corners=False)

@@ -240,8 +240,8 @@ def _validate(q, k, v, layout, scale, qw, kw, eps, grid, theta, mask):
              f"vs q {tuple(q.shape)}")
     if tuple(v.shape) != tuple(k.shape):
         fail(_OP, "v", f"must have the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
-    if min(b, nq, h, dh, nk) < 1:
-        fail(_OP, "q", f"must be non-empty, got {tuple(q.shape)} and k {tuple(k.shape)}")
+    if dh < 1:
+        fail(_OP, "q", f"must have a head dim >= 1, got {tuple(q.shape)}")
     if scale is not None and not isinstance(scale, (int, float)):
         fail(_OP, "scale", f"must be a float or None, got {type(scale).__name__}", TypeError)
     for name, w in (("q_norm_weight", qw), ("k_norm_weight", kw)):
@@ -336,6 +336,13 @@ def attention(
                      rope_theta, key_padding_mask)
     dh = q.shape[-1]
     scale = float(dh ** -0.5 if scale is None else scale)
+    b, nq, h, _ = _layout_sizes(q, _LAYOUTS.index(layout))
+    if q.numel() == 0 or _layout_sizes(k, _LAYOUTS.index(layout))[1] == 0:
+        # an empty batch, head or query axis gives empty outputs; no keys at all gives 0 and lse -inf,
+        # as for a fully masked row (the kernels assume at least one query and one key)
+        out = q.new_zeros(q.shape)
+        lse = q.new_full((b, h, nq), float("-inf"), dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
+        return (out, lse) if return_lse else out
     reasons = _path_reasons(q, k, v, q_norm_weight, k_norm_weight, mask, rope_grid)
     path = _choose(reasons)
     if not torch.compiler.is_compiling() and log.isEnabledFor(logging.DEBUG):

@@ -437,9 +437,9 @@ def latent_normalize_reference(z, mean, var, eps: float = 1e-5):
 
 def latent_denormalize_reference(x, mean, var, eps: float = 1e-5):
     acc = _acc(x.dtype)
-    B, D = x.shape[:2]
+    B, D, H, W = x.shape
     z = x.to(acc) * torch.sqrt(var.to(acc) + eps) + mean.to(acc)
-    return z.reshape(B, D, -1).transpose(1, 2).to(x.dtype).contiguous()
+    return z.reshape(B, D, H * W).transpose(1, 2).to(x.dtype).contiguous()
 
 
 @torch.library.register_fake("raekern::latent_normalize")

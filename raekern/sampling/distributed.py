@@ -62,6 +62,13 @@ def _tmp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp{os.getpid()}")
 
 
+def _remove_stale_tmp(path: Path) -> None:
+    """Delete temporaries a killed process left for ``path`` (its pid is gone, the name is ours)."""
+    if path.parent.is_dir():
+        for tmp in path.parent.glob(f".{path.name}.tmp*"):
+            tmp.unlink(missing_ok=True)
+
+
 def save_npz_atomic(path: str | os.PathLike, **arrays) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -189,6 +196,10 @@ def run_shards(generate: GenerateFn, plan: ShardPlan, out_dir: str | os.PathLike
             if log:
                 log(f"rank {rank}: shard {s} already complete, skipped")
         else:
+            _remove_stale_tmp(path)
+            if png:
+                for i in idx:
+                    _remove_stale_tmp(out_dir / IMAGE_DIR / f"{i:06d}.png")
             res = generate(idx)
             images = np.ascontiguousarray(res["images"])
             if images.dtype != np.uint8 or images.ndim != 4 or images.shape[0] != len(idx):

@@ -316,6 +316,8 @@ class Sampler:
             labels = labels.long()
         if labels is None and any(b.label != "cond" for b in self.branches):
             _fail("labels", "are required by a policy with null or reference branches")
+        if noise.shape[0] == 0:  # nothing to integrate (stacked branches cannot be split at B = 0)
+            return noise.clone()
         if self.cuda_graph and (noise.is_cuda or self._graph_api is not None):
             return self._run_graphed(noise, labels, callback)
         return self._run_eager(noise, labels, callback)
