@@ -1,0 +1,197 @@
+// Flash attention backward on the CPU (FlashAttention-2 order): one task per (batch, head), key
+// blocks outer and query tiles inner, so dK/dV of a key block stay hot while dQ accumulates in a
+// per-task fp32 panel. Scores are recomputed from the packed (normed, rotated) q/k and the saved
+// log-sum-exp. The QK-norm weight gradients are reduced over tasks in a fixed order, so the result
+// is deterministic whatever the thread count.
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "attention/attention_args.h"
+#include "attention/cpu_exp2.h"
+#include "attention/cpu_gemm.h"
+#include "attention/cpu_problem.h"
+#include "common/dispatch.h"
+
+namespace raekern::attention::cpu {
+
+constexpr int64_t kBwdTileQ = 48;
+constexpr int64_t kBwdTileK = 64;
+
+template <class T>
+void backward_kernel(const Problem<T, raekern::cpu::acc_t<T>>& P, const at::Tensor& dout,
+                     const std::optional<at::Tensor>& dlse,
+                     const at::Tensor& out, const at::Tensor& lse, at::Tensor& dq, at::Tensor& dk,
+                     at::Tensor& dv, std::vector<raekern::cpu::acc_t<T>>& dw_parts, int64_t layout) {
+  using C = raekern::cpu::acc_t<T>;
+  const Dims d = P.d;
+  const int64_t D = d.D, Dp = P.Dp, Nq = d.Nq;
+  const Strides4 sdo = strides_bnhd(dout, layout), so = strides_bnhd(out, layout);
+  const Strides4 sdq = strides_bnhd(dq, layout), sdk = strides_bnhd(dk, layout),
+                 sdv = strides_bnhd(dv, layout);
+  const T *dop = dout.data_ptr<T>(), *op = out.data_ptr<T>();
+  T *dqp = dq.data_ptr<T>(), *dkp = dk.data_ptr<T>(), *dvp = dv.data_ptr<T>();
+  const bool lse64 = lse.scalar_type() == at::kDouble;
+  const void* lp = lse.data_ptr();
+  const bool dlse64 = dlse && dlse->scalar_type() == at::kDouble;
+  const void* dlp = dlse ? dlse->data_ptr() : nullptr;
+  const C log2e = C(1.0 / std::log(2.0));
+  const C qmul = C(P.scale) * log2e;
+
+  at::parallel_for(0, d.B * d.H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<int64_t> kidx;
+    const int64_t nkp_max = round16(d.Nk);
+    std::vector<C> qp(Nq * Dp), dop_(Nq * Dp), kp(d.Nk * Dp), kt(D * nkp_max), vt(D * nkp_max),
+        dqa(Nq * Dp), dka(d.Nk * Dp), dva(d.Nk * Dp), delta(Nq), l2(Nq), s(kBwdTileQ * kBwdTileK),
+        dp(kBwdTileQ * kBwdTileK), row(Dp), xbuf(Dp);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / d.H, h = bh % d.H;
+      C* dwq = &dw_parts[bh * 2 * D];
+      C* dwk = dwq + D;
+      P.kept_keys(b, kidx);
+      const int64_t nk = int64_t(kidx.size()), nkp = round16(nk);
+      if (nk == 0) {  // every key masked: the output was 0, so every gradient is 0
+        for (int64_t n = 0; n < Nq; ++n) {
+          T* dst = dqp + b * sdq.b + n * sdq.n + h * sdq.h;
+          for (int64_t i = 0; i < D; ++i) dst[i] = T(0);
+        }
+        continue;
+      }
+      // Pack q (scaled into log2 units), dO, k (row-major and transposed) and vᵀ.
+      std::fill(qp.begin(), qp.end(), C(0));
+      std::fill(dop_.begin(), dop_.end(), C(0));
+      for (int64_t n = 0; n < Nq; ++n) {
+        prologue_row<T, C>(P.q_row(b, n, h), D, P.qwp(), P.eps, P.rope, n, qmul, &qp[n * Dp]);
+        const T* g = dop + b * sdo.b + n * sdo.n + h * sdo.h;
+        const T* o = op + b * so.b + n * so.n + h * so.h;
+        C acc = 0;
+        C* gr = &dop_[n * Dp];
+        for (int64_t i = 0; i < D; ++i) {
+          gr[i] = C(raekern::cpu::widen(g[i]));
+          acc += gr[i] * C(raekern::cpu::widen(o[i]));
+        }
+        const int64_t li = (b * d.H + h) * Nq + n;
+        // dL/dlse_i adds P·dlse_i to dS, which is the same as subtracting it from Δ_i.
+        if (dlp) acc -= C(dlse64 ? static_cast<const double*>(dlp)[li] : double(static_cast<const float*>(dlp)[li]));
+        delta[n] = acc;
+        l2[n] = C((lse64 ? static_cast<const double*>(lp)[li] : double(static_cast<const float*>(lp)[li])) /
+                  std::log(2.0));
+      }
+      std::fill(kt.begin(), kt.end(), C(0));
+      std::fill(vt.begin(), vt.end(), C(0));
+      for (int64_t j = 0; j < nk; ++j) {
+        const int64_t n = kidx[j];
+        C* kr = &kp[j * Dp];
+        prologue_row<T, C>(P.k_row(b, n, h), D, P.kwp(), P.eps, P.rope, n, C(1), kr);
+        for (int64_t i = D; i < Dp; ++i) kr[i] = C(0);
+        for (int64_t i = 0; i < D; ++i) kt[i * nkp + j] = kr[i];
+        const T* vs = P.v_row(b, n, h);
+        for (int64_t i = 0; i < D; ++i) vt[i * nkp + j] = C(raekern::cpu::widen(vs[i]));
+      }
+      std::fill(dqa.begin(), dqa.end(), C(0));
+      for (int64_t j0 = 0; j0 < nk; j0 += kBwdTileK) {
+        const int64_t bk = std::min(kBwdTileK, nk - j0), bkp = round16(bk);
+        C* dkb = &dka[j0 * Dp];
+        C* dvb = &dva[j0 * Dp];
+        for (int64_t i0 = 0; i0 < Nq; i0 += kBwdTileQ) {
+          const int64_t bq = std::min(kBwdTileQ, Nq - i0);
+          gemm<C>(bq, bkp, D, &qp[i0 * Dp], Dp, 1, &kt[j0], nkp, s.data(), kBwdTileK, false);
+          gemm<C>(bq, bkp, D, &dop_[i0 * Dp], Dp, 1, &vt[j0], nkp, dp.data(), kBwdTileK, false);
+          for (int64_t r = 0; r < bq; ++r) {
+            C* sr = &s[r * kBwdTileK];
+            C* dr = &dp[r * kBwdTileK];
+            exp2_shift_sum(sr, bk, l2[i0 + r]);
+            const C dl = delta[i0 + r];
+#pragma omp simd
+            for (int64_t c = 0; c < bk; ++c) dr[c] = sr[c] * (dr[c] - dl);
+          }
+          const bool first = i0 == 0;
+          gemm<C>(bk, Dp, bq, s.data(), 1, kBwdTileK, &dop_[i0 * Dp], Dp, dvb, Dp, !first);
+          gemm<C>(bk, Dp, bq, dp.data(), 1, kBwdTileK, &qp[i0 * Dp], Dp, dkb, Dp, !first);
+          gemm<C>(bq, Dp, bk, dp.data(), kBwdTileK, 1, &kp[j0 * Dp], Dp, &dqa[i0 * Dp], Dp, true);
+        }
+      }
+      // Undo the prologues: dq_rot = scale·dS·k_rot, dk_rot = dSᵀ·(scale·log2e·q_rot) / log2e.
+      for (int64_t n = 0; n < Nq; ++n) {
+        std::copy(&dqa[n * Dp], &dqa[n * Dp] + D, row.data());
+        prologue_row_backward<T, C>(P.q_row(b, n, h), D, P.qwp(), P.eps, P.rope, n, C(P.scale),
+                                    row.data(), xbuf.data(), dwq, dqp + b * sdq.b + n * sdq.n + h * sdq.h);
+      }
+      for (int64_t j = 0; j < nk; ++j) {
+        const int64_t n = kidx[j];
+        std::copy(&dka[j * Dp], &dka[j * Dp] + D, row.data());
+        prologue_row_backward<T, C>(P.k_row(b, n, h), D, P.kwp(), P.eps, P.rope, n, C(1) / log2e,
+                                    row.data(), xbuf.data(), dwk, dkp + b * sdk.b + n * sdk.n + h * sdk.h);
+        T* dst = dvp + b * sdv.b + n * sdv.n + h * sdv.h;
+        for (int64_t i = 0; i < D; ++i) dst[i] = static_cast<T>(dva[j * Dp + i]);
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
+    const at::Tensor& dout_, const std::optional<at::Tensor>& dlse, const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
+    const at::Tensor& out_, const at::Tensor& lse, const std::optional<at::Tensor>& qw,
+    const std::optional<at::Tensor>& kw, const std::optional<at::Tensor>& mask, double scale,
+    double eps, int64_t rope_h, int64_t rope_w, double theta, int64_t layout, bool deterministic) {
+  (void)deterministic;  // the CPU backward is always deterministic
+  check_args(q_, k_, v_, qw, kw, mask, rope_h, rope_w, layout);
+  RAEKERN_CHECK(dout_.sizes() == q_.sizes(), kOp, "grad_out", "must have the shape of q ", q_.sizes(),
+                ", got ", dout_.sizes());
+  RAEKERN_CHECK(out_.sizes() == q_.sizes(), kOp, "out", "must have the shape of q ", q_.sizes(),
+                ", got ", out_.sizes());
+  check_same_dtype(dout_, q_, kOp, "grad_out");
+  check_same_dtype(out_, q_, kOp, "out");
+  const at::Tensor q = unit_last(q_), k = unit_last(k_), v = unit_last(v_), dout = unit_last(dout_),
+                   out = unit_last(out_);
+  const Dims d = dims_of(q, k, layout);
+  RAEKERN_CHECK(lse.dim() == 3 && lse.size(0) == d.B && lse.size(1) == d.H && lse.size(2) == d.Nq &&
+                    (lse.scalar_type() == at::kFloat || lse.scalar_type() == at::kDouble),
+                kOp, "lse", "must be float32/float64 of shape [", d.B, ", ", d.H, ", ", d.Nq, "], got ",
+                lse.scalar_type(), " ", lse.sizes());
+  const at::Tensor lsec = lse.contiguous();
+  std::optional<at::Tensor> dlsec;
+  if (dlse) {
+    RAEKERN_CHECK(dlse->sizes() == lse.sizes(), kOp, "grad_lse", "must have the shape of lse ",
+                  lse.sizes(), ", got ", dlse->sizes());
+    dlsec = dlse->to(lse.scalar_type()).contiguous();
+  }
+  at::Tensor dq = empty_in_layout(d, d.Nq, layout, q.options());
+  // Masked keys get no gradient; the kernel writes only kept rows.
+  at::Tensor dk = mask ? at::zeros(k.sizes(), q.options()) : empty_in_layout(d, d.Nk, layout, q.options());
+  at::Tensor dv = mask ? at::zeros(k.sizes(), q.options()) : empty_in_layout(d, d.Nk, layout, q.options());
+  at::Tensor dqw, dkw;
+  RAEKERN_DISPATCH_FLOATING(q.scalar_type(), "raekern.attention_backward", [&] {
+    using C = raekern::cpu::acc_t<scalar_t>;
+    const Problem<scalar_t, C> P(q, k, v, qw, kw, mask, scale, eps, rope_h, rope_w, theta, layout);
+    std::vector<C> parts(d.B * d.H * 2 * d.D, C(0));
+    backward_kernel<scalar_t>(P, dout, dlsec, out, lsec, dq, dk, dv, parts, layout);
+    // Fixed-order reduction over (batch, head): deterministic norm-weight gradients.
+    std::vector<double> sq(d.D, 0.0), sk(d.D, 0.0);
+    for (int64_t t = 0; t < d.B * d.H; ++t)
+      for (int64_t i = 0; i < d.D; ++i) {
+        sq[i] += double(parts[t * 2 * d.D + i]);
+        sk[i] += double(parts[t * 2 * d.D + d.D + i]);
+      }
+    auto finish = [&](const std::optional<at::Tensor>& w, const std::vector<double>& s) {
+      if (!w) return at::zeros({0}, q.options());
+      at::Tensor g = at::empty({d.D}, w->options().dtype(at::kDouble));
+      std::copy(s.begin(), s.end(), g.data_ptr<double>());
+      return g.to(w->scalar_type());
+    };
+    dqw = finish(qw, sq);
+    dkw = finish(kw, sk);
+  });
+  return {dq, dk, dv, dqw, dkw};
+}
+
+}  // namespace raekern::attention::cpu
+
+TORCH_LIBRARY_IMPL(raekern, CPU, m) {
+  m.impl("attention_backward", &raekern::attention::cpu::attention_backward_cpu);
+}

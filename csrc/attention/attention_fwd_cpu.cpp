@@ -1,0 +1,130 @@
+// Flash attention forward on the CPU: for each (batch, head, chunk of query tiles) the kept keys
+// are packed once (QK-norm + RoPE applied while packing, K transposed for the score product),
+// then each query tile streams over key blocks with an online softmax in log2 units, so extra
+// memory is O(N·Dh) per thread and the score tile never leaves L1/L2.
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "attention/attention_args.h"
+#include "attention/cpu_exp2.h"
+#include "attention/cpu_gemm.h"
+#include "attention/cpu_problem.h"
+#include "common/dispatch.h"
+
+namespace raekern::attention::cpu {
+
+constexpr int64_t kTileQ = 48;   // query rows per tile (a multiple of the 6-row micro-tile)
+constexpr int64_t kTileK = 128;  // keys per online-softmax step
+
+template <class T>
+void forward_kernel(const Problem<T, raekern::cpu::acc_t<T>>& P, at::Tensor& out, at::Tensor& lse,
+                    int64_t layout) {
+  using C = raekern::cpu::acc_t<T>;
+  const Dims d = P.d;
+  const int64_t D = d.D, Dp = P.Dp;
+  const Strides4 so = strides_bnhd(out, layout);
+  T* optr = out.data_ptr<T>();
+  const int64_t lse_bytes = lse.element_size();
+  void* lptr = lse.data_ptr();
+  const int64_t ntiles = (d.Nq + kTileQ - 1) / kTileQ;
+  // Enough tasks for every thread; a chunk re-packs K/V, so split queries only when needed.
+  const int64_t want = 4 * int64_t(at::get_num_threads());
+  const int64_t chunks = std::min(ntiles, std::max<int64_t>(1, (want + d.B * d.H - 1) / (d.B * d.H)));
+  const int64_t tiles_per_chunk = (ntiles + chunks - 1) / chunks;
+  const C qmul = C(P.scale / std::log(2.0));  // scores in log2 units: softmax uses exp2
+
+  at::parallel_for(0, d.B * d.H * chunks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<int64_t> kidx;
+    std::vector<C> kt(D * round16(d.Nk)), vp(d.Nk * Dp), qs(kTileQ * D), s(kTileQ * kTileK),
+        o(kTileQ * Dp), row(Dp), m(kTileQ), l(kTileQ);
+    int64_t packed_bh = -1;
+    int64_t nk = 0, nkp = 0;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t bh = task / chunks, chunk = task % chunks, b = bh / d.H, h = bh % d.H;
+      if (bh != packed_bh) {
+        P.kept_keys(b, kidx);
+        nk = int64_t(kidx.size());
+        nkp = round16(nk);
+        std::fill(kt.begin(), kt.end(), C(0));
+        for (int64_t j = 0; j < nk; ++j) {
+          const int64_t n = kidx[j];
+          prologue_row<T, C>(P.k_row(b, n, h), D, P.kwp(), P.eps, P.rope, n, C(1), row.data());
+          for (int64_t i = 0; i < D; ++i) kt[i * nkp + j] = row[i];
+          C* vr = &vp[j * Dp];
+          const T* vs = P.v_row(b, n, h);
+          for (int64_t i = 0; i < D; ++i) vr[i] = C(raekern::cpu::widen(vs[i]));
+          for (int64_t i = D; i < Dp; ++i) vr[i] = C(0);
+        }
+        packed_bh = bh;
+      }
+      const int64_t t0 = chunk * tiles_per_chunk, t1 = std::min(ntiles, t0 + tiles_per_chunk);
+      for (int64_t tile = t0; tile < t1; ++tile) {
+        const int64_t i0 = tile * kTileQ, bq = std::min(kTileQ, d.Nq - i0);
+        for (int64_t r = 0; r < bq; ++r)
+          prologue_row<T, C>(P.q_row(b, i0 + r, h), D, P.qwp(), P.eps, P.rope, i0 + r, qmul, &qs[r * D]);
+        std::fill(m.begin(), m.end(), C(-INFINITY));
+        std::fill(l.begin(), l.end(), C(0));
+        for (int64_t j0 = 0; j0 < nk; j0 += kTileK) {
+          const int64_t bk = std::min(kTileK, nk - j0);
+          gemm<C>(bq, round16(bk), D, qs.data(), D, 1, &kt[j0], nkp, s.data(), kTileK, false);
+          for (int64_t r = 0; r < bq; ++r) {
+            C* sr = &s[r * kTileK];
+            const C mnew = std::max(m[r], row_max(sr, bk));
+            const C alpha = std::exp2(m[r] - mnew);
+            l[r] = l[r] * alpha + exp2_shift_sum(sr, bk, mnew);
+            m[r] = mnew;
+            if (j0 > 0 && alpha != C(1)) {
+              C* orow = &o[r * Dp];
+#pragma omp simd
+              for (int64_t i = 0; i < Dp; ++i) orow[i] *= alpha;
+            }
+          }
+          gemm<C>(bq, Dp, bk, s.data(), kTileK, 1, &vp[j0 * Dp], Dp, o.data(), Dp, j0 > 0);
+        }
+        for (int64_t r = 0; r < bq; ++r) {
+          const int64_t n = i0 + r;
+          T* dst = optr + b * so.b + n * so.n + h * so.h;
+          const C inv = nk > 0 ? C(1) / l[r] : C(0);
+          const C* orow = &o[r * Dp];
+          for (int64_t i = 0; i < D; ++i) dst[i] = static_cast<T>(nk > 0 ? orow[i] * inv : C(0));
+          const double lv = nk > 0 ? (double(m[r]) + std::log2(double(l[r]))) * std::log(2.0) : -INFINITY;
+          const int64_t li = (b * d.H + h) * d.Nq + n;
+          if (lse_bytes == 8)
+            static_cast<double*>(lptr)[li] = lv;
+          else
+            static_cast<float*>(lptr)[li] = float(lv);
+        }
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_cpu(const at::Tensor& q_, const at::Tensor& k_,
+                                                 const at::Tensor& v_,
+                                                 const std::optional<at::Tensor>& qw,
+                                                 const std::optional<at::Tensor>& kw,
+                                                 const std::optional<at::Tensor>& mask, double scale,
+                                                 double eps, int64_t rope_h, int64_t rope_w,
+                                                 double theta, int64_t layout) {
+  check_args(q_, k_, v_, qw, kw, mask, rope_h, rope_w, layout);
+  const at::Tensor q = unit_last(q_), k = unit_last(k_), v = unit_last(v_);
+  const Dims d = dims_of(q, k, layout);
+  at::Tensor out = empty_in_layout(d, d.Nq, layout, q.options());
+  at::Tensor lse = at::empty({d.B, d.H, d.Nq},
+                             q.options().dtype(q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat));
+  RAEKERN_DISPATCH_FLOATING(q.scalar_type(), "raekern.attention", [&] {
+    using C = raekern::cpu::acc_t<scalar_t>;
+    const Problem<scalar_t, C> P(q, k, v, qw, kw, mask, scale, eps, rope_h, rope_w, theta, layout);
+    forward_kernel<scalar_t>(P, out, lse, layout);
+  });
+  return {out, lse};
+}
+
+}  // namespace raekern::attention::cpu
+
+TORCH_LIBRARY_IMPL(raekern, CPU, m) { m.impl("attention", &raekern::attention::cpu::attention_cpu); }

@@ -1,0 +1,97 @@
+// Register-blocked "C (+)= A·B" used for all five products of flash attention on the CPU.
+// A is read by scalar broadcast through two strides, so Aᵀ costs nothing (dV += Pᵀ·dO,
+// dK += dSᵀ·Q); B and C are row-major with their columns contiguous, so they are read with
+// full-width vector loads. The fp32 AVX-512 path requires N % 16 == 0 (callers pad panels).
+#pragma once
+#include <cstdint>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace raekern::attention::cpu {
+
+// Portable version (fp64 reference precision, and fp32 on CPUs without AVX-512).
+template <class F>
+inline void gemm(int64_t M, int64_t N, int64_t K, const F* __restrict A, int64_t sam, int64_t sak,
+                 const F* __restrict B, int64_t ldb, F* __restrict C, int64_t ldc, bool accumulate) {
+  for (int64_t m = 0; m < M; ++m) {
+    F* __restrict c = C + m * ldc;
+    if (!accumulate) {
+#pragma omp simd
+      for (int64_t n = 0; n < N; ++n) c[n] = F(0);
+    }
+    for (int64_t k = 0; k < K; ++k) {
+      const F a = A[m * sam + k * sak];
+      const F* __restrict b = B + k * ldb;
+#pragma omp simd
+      for (int64_t n = 0; n < N; ++n) c[n] += a * b[n];
+    }
+  }
+}
+
+#if defined(__AVX512F__)
+// MR rows × NV vectors of 16 columns held in zmm registers across the whole K loop.
+template <int MR, int NV>
+inline void micro_f32(int64_t K, const float* __restrict A, int64_t sam, int64_t sak,
+                      const float* __restrict B, int64_t ldb, float* __restrict C, int64_t ldc,
+                      bool accumulate) {
+  __m512 c[MR][NV];
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v)
+      c[r][v] = accumulate ? _mm512_loadu_ps(C + r * ldc + 16 * v) : _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
+    const float* b = B + k * ldb;
+    __m512 bv[NV];
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) bv[v] = _mm512_loadu_ps(b + 16 * v);
+    const float* a = A + k * sak;
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r) {
+      const __m512 ar = _mm512_set1_ps(a[r * sam]);
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) c[r][v] = _mm512_fmadd_ps(ar, bv[v], c[r][v]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(C + r * ldc + 16 * v, c[r][v]);
+}
+
+// 24 accumulators (of 32 zmm) leave room for the B vectors and the broadcast.
+template <int NV> constexpr int kRows = NV >= 5 ? 4 : NV == 4 ? 6 : 8;
+
+template <int NV, int R>
+inline void tail_rows(int rem, int64_t K, const float* A, int64_t sam, int64_t sak, const float* B,
+                      int64_t ldb, float* C, int64_t ldc, bool acc) {
+  if constexpr (R >= 1) {
+    if (rem == R) return micro_f32<R, NV>(K, A, sam, sak, B, ldb, C, ldc, acc);
+    tail_rows<NV, R - 1>(rem, K, A, sam, sak, B, ldb, C, ldc, acc);
+  }
+}
+
+template <int NV>
+inline void panel_f32(int64_t M, int64_t K, const float* A, int64_t sam, int64_t sak, const float* B,
+                      int64_t ldb, float* C, int64_t ldc, bool acc) {
+  constexpr int MR = kRows<NV>;
+  int64_t m = 0;
+  for (; m + MR <= M; m += MR) micro_f32<MR, NV>(K, A + m * sam, sam, sak, B, ldb, C + m * ldc, ldc, acc);
+  if (m < M) tail_rows<NV, MR - 1>(int(M - m), K, A + m * sam, sam, sak, B, ldb, C + m * ldc, ldc, acc);
+}
+
+template <>
+inline void gemm<float>(int64_t M, int64_t N, int64_t K, const float* __restrict A, int64_t sam,
+                        int64_t sak, const float* __restrict B, int64_t ldb, float* __restrict C,
+                        int64_t ldc, bool accumulate) {
+  int64_t nv = N / 16, n = 0;
+  if (nv == 5) return panel_f32<5>(M, K, A, sam, sak, B, ldb, C, ldc, accumulate);
+  for (; nv >= 4; nv -= 4, n += 64) panel_f32<4>(M, K, A, sam, sak, B + n, ldb, C + n, ldc, accumulate);
+  if (nv == 3) panel_f32<3>(M, K, A, sam, sak, B + n, ldb, C + n, ldc, accumulate);
+  if (nv == 2) panel_f32<2>(M, K, A, sam, sak, B + n, ldb, C + n, ldc, accumulate);
+  if (nv == 1) panel_f32<1>(M, K, A, sam, sak, B + n, ldb, C + n, ldc, accumulate);
+}
+#endif
+
+}  // namespace raekern::attention::cpu

@@ -1,0 +1,149 @@
+// Row conversions between storage types and fp32/fp64 accumulator buffers, explicitly vectorised
+// (AVX-512 / AVX2+F16C when compiled for them). GCC does not vectorise c10::BFloat16's scalar
+// rounding, so without these a bf16 kernel runs its conversions one element at a time.
+// Rounding matches c10: round-to-nearest-even, NaN stays NaN.
+#pragma once
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <cstdint>
+#include <cstring>
+#if defined(__AVX512F__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
+// GCC 12 reports its own AVX-512 intrinsics as "maybe uninitialized" once inlined (GCC bug 105593).
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+
+#include "common/cpu_utils.h"
+
+namespace raekern::cpu {
+
+// dst[i] = float(src[i * stride]) for i < n.
+template <class T>
+inline void widen_row(const T* __restrict src, int64_t stride, int64_t n, acc_t<T>* __restrict dst) {
+  load_row(src, stride, n, dst);
+}
+
+template <class T>
+inline void narrow_row(const acc_t<T>* __restrict src, int64_t n, T* __restrict dst) {
+  store_row(src, n, dst);
+}
+
+namespace detail {
+inline uint16_t bf16_bits_rne(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;  // NaN
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return uint16_t(u >> 16);
+}
+}  // namespace detail
+
+template <>
+inline void widen_row<c10::BFloat16>(const c10::BFloat16* __restrict src, int64_t stride, int64_t n,
+                                     float* __restrict dst) {
+  const uint16_t* s = reinterpret_cast<const uint16_t*>(src);
+  if (stride != 1) {
+    for (int64_t i = 0; i < n; ++i) {
+      uint32_t u = uint32_t(s[i * stride]) << 16;
+      std::memcpy(dst + i, &u, 4);
+    }
+    return;
+  }
+  int64_t i = 0;
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+  for (; i + 16 <= n; i += 16) {
+    __m512i v = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + i)));
+    _mm512_storeu_ps(dst + i, _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)));
+  }
+  if (i < n) {
+    __mmask16 m = __mmask16((1u << (n - i)) - 1);
+    __m512i v = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, s + i));
+    _mm512_mask_storeu_ps(dst + i, m, _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)));
+    return;
+  }
+#elif defined(__AVX2__)
+  for (; i + 8 <= n; i += 8) {
+    __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i)));
+    _mm256_storeu_ps(dst + i, _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)));
+  }
+#endif
+  for (; i < n; ++i) {
+    uint32_t u = uint32_t(s[i]) << 16;
+    std::memcpy(dst + i, &u, 4);
+  }
+}
+
+template <>
+inline void narrow_row<c10::BFloat16>(const float* __restrict src, int64_t n,
+                                      c10::BFloat16* __restrict dst) {
+  uint16_t* d = reinterpret_cast<uint16_t*>(dst);
+  int64_t i = 0;
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+  for (; i + 16 <= n; i += 16) {
+    __m256bh v = _mm512_cvtneps_pbh(_mm512_loadu_ps(src + i));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(d + i), reinterpret_cast<__m256i&>(v));
+  }
+  if (i < n) {
+    __mmask16 m = __mmask16((1u << (n - i)) - 1);
+    __m256bh v = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, src + i));
+    _mm256_mask_storeu_epi16(d + i, m, reinterpret_cast<__m256i&>(v));
+    return;
+  }
+#elif defined(__AVX512F__) && defined(__AVX512BW__)
+  const __m512i bias = _mm512_set1_epi32(0x7fff), one = _mm512_set1_epi32(1);
+  const __m512i qnan = _mm512_set1_epi32(0x7fc0);
+  for (; i + 16 <= n; i += 16) {
+    __m512 f = _mm512_loadu_ps(src + i);
+    __m512i u = _mm512_castps_si512(f);
+    __m512i r = _mm512_add_epi32(_mm512_add_epi32(u, bias), _mm512_and_si512(_mm512_srli_epi32(u, 16), one));
+    r = _mm512_srli_epi32(r, 16);
+    r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(f, f, _CMP_UNORD_Q), qnan);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(d + i), _mm512_cvtepi32_epi16(r));
+  }
+#endif
+  for (; i < n; ++i) d[i] = detail::bf16_bits_rne(src[i]);
+}
+
+template <>
+inline void widen_row<c10::Half>(const c10::Half* __restrict src, int64_t stride, int64_t n,
+                                 float* __restrict dst) {
+  if (stride != 1) {
+    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i * stride]);
+    return;
+  }
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  for (; i + 16 <= n; i += 16)
+    _mm512_storeu_ps(dst + i, _mm512_maskz_cvtph_ps(__mmask16(0xffff),  // maskz: GCC 12 warns on the unmasked form
+                                                    _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i))));
+#elif defined(__AVX2__) && defined(__F16C__)
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
+#endif
+  for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
+template <>
+inline void narrow_row<c10::Half>(const float* __restrict src, int64_t n, c10::Half* __restrict dst) {
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  for (; i + 16 <= n; i += 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i),
+                        _mm512_maskz_cvtps_ph(__mmask16(0xffff), _mm512_loadu_ps(src + i),
+                                              _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#elif defined(__AVX2__) && defined(__F16C__)
+  for (; i + 8 <= n; i += 8)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i),
+                     _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#endif
+  for (; i < n; ++i) dst[i] = static_cast<c10::Half>(src[i]);
+}
+
+}  // namespace raekern::cpu
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif

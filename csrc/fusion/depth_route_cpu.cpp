@@ -1,0 +1,299 @@
+// CPU kernels of depth_route (DRoRAE aggregation after the expert MLPs): per token, the router
+// logits become depth weights, the L expert rows are reduced, bounded and added to the base row.
+// One pass over the experts forward; backward re-reads each token's L rows from cache, not DRAM.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "common/cpu_utils.h"
+#include "common/dispatch.h"
+#include "fusion/fusion_args.h"
+#include "fusion/row_math.h"
+
+namespace raekern::fusion::cpu {
+namespace {
+
+using raekern::cpu::acc_t;
+using raekern::cpu::load_row;
+using raekern::cpu::store_row;
+
+// F.normalize's floor on the norm: logits that are all ~0 give weights ~0 instead of NaN.
+constexpr double kL2Floor = 1e-12;
+
+template <class A>
+void depth_weights(Energy e, const A* a, int64_t L, A* w, A& norm) {
+  norm = 0;
+  switch (e) {
+    case Energy::kL2: {
+      A s = 0;
+      for (int64_t l = 0; l < L; ++l) s += a[l] * a[l];
+      norm = std::max(std::sqrt(s), A(kL2Floor));
+      for (int64_t l = 0; l < L; ++l) w[l] = a[l] / norm;
+      break;
+    }
+    case Energy::kSoftmax: {
+      A m = a[0];
+      for (int64_t l = 1; l < L; ++l) m = std::max(m, a[l]);
+      A s = 0;
+      for (int64_t l = 0; l < L; ++l) s += (w[l] = std::exp(a[l] - m));
+      for (int64_t l = 0; l < L; ++l) w[l] /= s;
+      break;
+    }
+    case Energy::kNone:
+      for (int64_t l = 0; l < L; ++l) w[l] = a[l];
+      break;
+  }
+}
+
+template <class A>
+void depth_weights_backward(Energy e, const A* w, A norm, const A* gw, int64_t L, A* ga) {
+  A dot = 0;
+  for (int64_t l = 0; l < L; ++l) dot += w[l] * gw[l];
+  switch (e) {
+    case Energy::kL2: {
+      // Below the floor the weights are a / floor, a linear map.
+      const bool floored = norm <= A(kL2Floor);
+      for (int64_t l = 0; l < L; ++l) ga[l] = floored ? gw[l] / norm : (gw[l] - w[l] * dot) / norm;
+      break;
+    }
+    case Energy::kSoftmax:
+      for (int64_t l = 0; l < L; ++l) ga[l] = w[l] * (gw[l] - dot);
+      break;
+    case Energy::kNone:
+      for (int64_t l = 0; l < L; ++l) ga[l] = gw[l];
+      break;
+  }
+}
+
+template <class T>
+struct Route {
+  using A = acc_t<T>;
+  RouteShape s;
+  std::vector<const T*> ptr;
+  std::vector<int64_t> sb, sn, sd;
+  const A* logits;  // [B, N, L] contiguous
+  const A* gamma;   // [1] or [D] or null
+  const T* base;
+  int64_t bsb, bsn, bsd;
+  A cap;
+
+  Route(at::TensorList experts, const RouteShape& shape, const at::Tensor& lg, const at::Tensor& base_t,
+        const at::Tensor& gm, double c)
+      : s(shape), logits(lg.data_ptr<A>()), gamma(gm.defined() ? gm.data_ptr<A>() : nullptr),
+        base(base_t.data_ptr<T>()), bsb(base_t.stride(0)), bsn(base_t.stride(1)), bsd(base_t.stride(2)),
+        cap(A(c)) {
+    for (const auto& t : experts) {
+      ptr.push_back(t.data_ptr<T>());
+      sb.push_back(t.stride(0));
+      sn.push_back(t.stride(1));
+      sd.push_back(t.stride(2));
+    }
+  }
+
+  void load_expert(int64_t l, int64_t b, int64_t n, A* row) const {
+    load_row(ptr[l] + b * sb[l] + n * sn[l], sd[l], s.D, row);
+  }
+  void load_base(int64_t b, int64_t n, A* row) const { load_row(base + b * bsb + n * bsn, bsd, s.D, row); }
+
+  // f = Σ_l w_l e_l for token (b, n); also returns the weights and the L2 norm used by them.
+  void fuse(int64_t b, int64_t n, A* w, A& norm, A* f, A* row) const {
+    depth_weights(s.energy, logits + (b * s.N + n) * s.L, s.L, w, norm);
+    std::fill(f, f + s.D, A(0));
+    for (int64_t l = 0; l < s.L; ++l) {
+      load_expert(l, b, n, row);
+      const A c = w[l];
+#pragma omp simd
+      for (int64_t d = 0; d < s.D; ++d) f[d] += c * row[d];
+    }
+  }
+
+  A gate(int64_t d) const { return s.gamma_numel == 0 ? A(1) : gamma[s.gamma_numel == 1 ? 0 : d]; }
+};
+
+template <class A>
+A row_norm(const A* x, int64_t n) { return std::sqrt(row_dot(x, x, n)); }
+
+template <class T>
+void route_forward(const Route<T>& k, T* out) {
+  using A = acc_t<T>;
+  const auto& s = k.s;
+  raekern::cpu::parallel_rows(s.B * s.N, (s.L + 2) * s.D * sizeof(T), [&](int64_t lo, int64_t hi) {
+    std::vector<A> fv(s.D), rowv(s.D), basev(s.D), gv(s.D, A(1)), w(s.L);
+    A *f = fv.data(), *row = rowv.data(), *bs = basev.data(), *g = gv.data();
+    if (s.gamma_numel) for (int64_t d = 0; d < s.D; ++d) g[d] = k.gate(d);
+    for (int64_t tok = lo; tok < hi; ++tok) {
+      const int64_t b = tok / s.N, n = tok % s.N;
+      A norm;
+      k.fuse(b, n, w.data(), norm, f, row);
+      k.load_base(b, n, bs);
+      switch (s.bound) {
+        case Bound::kTanh:
+#pragma omp simd
+          for (int64_t d = 0; d < s.D; ++d) bs[d] += g[d] * tanh_any(f[d]);
+          break;
+        case Bound::kNormCap: {
+          const A nf = row_norm(f, s.D), limit = k.cap * row_norm(bs, s.D);
+          const A scale = nf > limit ? limit / nf : A(1);
+#pragma omp simd
+          for (int64_t d = 0; d < s.D; ++d) bs[d] += scale * f[d];
+          break;
+        }
+        case Bound::kNone:
+#pragma omp simd
+          for (int64_t d = 0; d < s.D; ++d) bs[d] += f[d];
+          break;
+      }
+      store_row(bs, s.D, out + tok * s.D);
+    }
+  });
+}
+
+template <class T>
+void route_backward(const Route<T>& k, const at::Tensor& grad, std::vector<at::Tensor>& ge, at::Tensor& glog,
+                    at::Tensor& gbase, at::Tensor& ggamma) {
+  using A = acc_t<T>;
+  const auto& s = k.s;
+  const T* gp = grad.data_ptr<T>();
+  const int64_t gsb = grad.stride(0), gsn = grad.stride(1), gsd = grad.stride(2);
+  std::vector<T*> gep;
+  for (auto& t : ge) gep.push_back(t.data_ptr<T>());
+  A* glp = glog.data_ptr<A>();
+  T* gbp = gbase.data_ptr<T>();
+  const int nthreads = at::get_num_threads();
+  std::vector<A> gamma_part(s.gamma_numel ? nthreads * s.D : 0, A(0));
+
+  raekern::cpu::parallel_rows(s.B * s.N, (2 * s.L + 3) * s.D * sizeof(T), [&](int64_t lo, int64_t hi) {
+    std::vector<A> fv(s.D), rowv(s.D), basev(s.D), gv(s.D), gfv(s.D), gatev(s.D, A(1)), w(s.L), gw(s.L),
+        ga(s.L);
+    A *f = fv.data(), *row = rowv.data(), *bs = basev.data(), *g = gv.data(), *gf = gfv.data(),
+      *gate = gatev.data();
+    if (s.gamma_numel) for (int64_t d = 0; d < s.D; ++d) gate[d] = k.gate(d);
+    A* my_gamma = gamma_part.empty() ? nullptr : gamma_part.data() + at::get_thread_num() * s.D;
+    for (int64_t tok = lo; tok < hi; ++tok) {
+      const int64_t b = tok / s.N, n = tok % s.N;
+      A norm;
+      k.fuse(b, n, w.data(), norm, f, row);
+      load_row(gp + b * gsb + n * gsn, gsd, s.D, g);
+      // gbase starts as g; the norm cap adds its dependence on ‖base‖.
+      std::copy(g, g + s.D, bs);
+      switch (s.bound) {
+        case Bound::kTanh:
+#pragma omp simd
+          for (int64_t d = 0; d < s.D; ++d) {
+            const A th = tanh_any(f[d]);
+            gf[d] = g[d] * gate[d] * (A(1) - th * th);
+            row[d] = g[d] * th;
+          }
+          if (my_gamma) {
+#pragma omp simd
+            for (int64_t d = 0; d < s.D; ++d) my_gamma[d] += row[d];
+          }
+          break;
+        case Bound::kNormCap: {
+          k.load_base(b, n, row);
+          const A nf = row_norm(f, s.D), nb = row_norm(row, s.D), limit = k.cap * nb;
+          if (nf > limit) {
+            // Δ = c·‖base‖·f/‖f‖: project g off f̂, and send c·(f̂·g) along base/‖base‖.
+            const A fg = row_dot(f, g, s.D) / nf;
+            const A sc = limit / nf, fgn = fg / nf;
+#pragma omp simd
+            for (int64_t d = 0; d < s.D; ++d) gf[d] = sc * (g[d] - f[d] * fgn);
+            if (nb > 0) {
+              const A cb = k.cap * fg / nb;
+#pragma omp simd
+              for (int64_t d = 0; d < s.D; ++d) bs[d] += cb * row[d];
+            }
+          } else {
+            std::copy(g, g + s.D, gf);
+          }
+          break;
+        }
+        case Bound::kNone:
+          std::copy(g, g + s.D, gf);
+          break;
+      }
+      store_row(bs, s.D, gbp + tok * s.D);
+      for (int64_t l = 0; l < s.L; ++l) {
+        k.load_expert(l, b, n, row);
+        gw[l] = row_dot(gf, row, s.D);
+        const A c = w[l];
+#pragma omp simd
+        for (int64_t d = 0; d < s.D; ++d) row[d] = c * gf[d];
+        store_row(row, s.D, gep[l] + tok * s.D);
+      }
+      depth_weights_backward(s.energy, w.data(), norm, gw.data(), s.L, ga.data());
+      std::copy(ga.begin(), ga.end(), glp + tok * s.L);
+    }
+  });
+  if (s.gamma_numel) {
+    A* gg = ggamma.data_ptr<A>();
+    for (int64_t d = 0; d < s.D; ++d) {
+      double acc = 0;
+      for (int th = 0; th < nthreads; ++th) acc += gamma_part[th * s.D + d];
+      if (s.gamma_numel == 1) gg[0] += A(acc);
+      else gg[d] = A(acc);
+    }
+  }
+}
+
+at::ScalarType acc_of(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+at::Tensor depth_route_cpu(at::TensorList experts, const at::Tensor& router_logits, const at::Tensor& base,
+                           c10::string_view energy, c10::string_view bound, const std::optional<at::Tensor>& gamma,
+                           double cap) {
+  const RouteShape s = parse_depth_route(experts, router_logits, base, std::string(energy), std::string(bound),
+                                         gamma, cap, "depth_route");
+  at::Tensor out = at::empty({s.B, s.N, s.D}, base.options());
+  if (out.numel() == 0) return out;
+  const auto acc = acc_of(base.scalar_type());
+  const at::Tensor lg = router_logits.to(acc).contiguous();
+  const at::Tensor gm = gamma.has_value() ? gamma->to(acc).contiguous().reshape(-1) : at::Tensor();
+  RAEKERN_DISPATCH_FLOATING(base.scalar_type(), "depth_route_cpu", [&] {
+    Route<scalar_t> k(experts, s, lg, base, gm, cap);
+    route_forward(k, out.data_ptr<scalar_t>());
+  });
+  return out;
+}
+
+std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor> depth_route_backward_cpu(
+    const at::Tensor& grad, at::TensorList experts, const at::Tensor& router_logits, const at::Tensor& base,
+    c10::string_view energy, c10::string_view bound, const std::optional<at::Tensor>& gamma, double cap) {
+  const char* op = "depth_route_backward";
+  const RouteShape s =
+      parse_depth_route(experts, router_logits, base, std::string(energy), std::string(bound), gamma, cap, op);
+  RAEKERN_CHECK(grad.sizes() == base.sizes() && grad.scalar_type() == base.scalar_type(), op, "grad",
+                "must match base (shape ", base.sizes(), ", dtype ", base.scalar_type(), "), got ", grad.sizes(),
+                " ", grad.scalar_type());
+  const auto acc = acc_of(base.scalar_type());
+  std::vector<at::Tensor> ge;
+  for (int64_t l = 0; l < s.L; ++l) ge.push_back(at::empty({s.B, s.N, s.D}, base.options()));
+  at::Tensor glog = at::empty({s.B, s.N, s.L}, base.options().dtype(acc));
+  at::Tensor gbase = at::empty({s.B, s.N, s.D}, base.options());
+  at::Tensor ggamma = gamma.has_value() ? at::zeros(gamma->sizes(), base.options().dtype(acc))
+                                        : at::empty({0}, base.options());
+  if (s.B * s.N > 0 && s.D > 0) {
+    const at::Tensor lg = router_logits.to(acc).contiguous();
+    const at::Tensor gm = gamma.has_value() ? gamma->to(acc).contiguous().reshape(-1) : at::Tensor();
+    RAEKERN_DISPATCH_FLOATING(base.scalar_type(), "depth_route_backward_cpu", [&] {
+      Route<scalar_t> k(experts, s, lg, base, gm, cap);
+      route_backward(k, grad, ge, glog, gbase, ggamma);
+    });
+  } else {
+    glog.zero_();
+  }
+  glog = glog.to(router_logits.scalar_type());
+  if (gamma.has_value()) ggamma = ggamma.to(gamma->scalar_type());
+  return {ge, glog, gbase, ggamma};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(raekern, CPU, m) {
+  m.impl("depth_route", &depth_route_cpu);
+  m.impl("depth_route_backward", &depth_route_backward_cpu);
+}
+
+}  // namespace raekern::fusion::cpu

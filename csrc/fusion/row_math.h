@@ -1,0 +1,103 @@
+// Per-row helpers of the fusion CPU kernels: non-affine LayerNorm statistics and its backward on a
+// contiguous accumulator row (the row is already widened to fp32/fp64, so both passes hit L1).
+#pragma once
+#include <cmath>
+#include <cstdint>
+
+namespace raekern::fusion::cpu {
+
+// Two-pass mean/variance: ViT hidden states carry channels with |x| in the hundreds, where the
+// one-pass E[x²] − E[x]² formula loses the variance to cancellation in fp32.
+template <class A>
+inline void row_moments(const A* __restrict x, int64_t n, A eps, A& mean, A& rstd) {
+  A s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) s += x[i];
+  const A mu = s / A(n);
+  A v = 0;
+#pragma omp simd reduction(+ : v)
+  for (int64_t i = 0; i < n; ++i) {
+    const A d = x[i] - mu;
+    v += d * d;
+  }
+  mean = mu;
+  rstd = A(1) / std::sqrt(v / A(n) + eps);
+}
+
+// x ← (x − mean)·rstd in place.
+template <class A>
+inline void row_normalize(A* __restrict x, int64_t n, A mean, A rstd) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) x[i] = (x[i] - mean) * rstd;
+}
+
+template <class A>
+inline A row_dot(const A* __restrict a, const A* __restrict b, int64_t n) {
+  A s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+template <class A>
+inline A row_sum(const A* __restrict a, int64_t n) {
+  A s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) s += a[i];
+  return s;
+}
+
+// Backward of y = (x − mean)·rstd given y and dy: dx = rstd·(dy − mean(dy) − y·mean(dy·y)).
+// Writes dx over dy.
+template <class A>
+inline void row_layernorm_backward(const A* __restrict y, A* __restrict dy, int64_t n, A rstd) {
+  A s1 = 0, s2 = 0;
+#pragma omp simd reduction(+ : s1, s2)
+  for (int64_t i = 0; i < n; ++i) {
+    s1 += dy[i];
+    s2 += dy[i] * y[i];
+  }
+  const A m1 = s1 / A(n), m2 = s2 / A(n);
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) dy[i] = rstd * (dy[i] - m1 - y[i] * m2);
+}
+
+// tanh that GCC vectorises (libm's tanhf is an opaque call without -ffast-math). Cephes' single
+// precision scheme: an odd polynomial below |x| = 0.625, (1 − e)/(1 + e) with e = exp(−2|x|) above;
+// within 2 ulp of libm. fp64 (the gradcheck path) keeps std::tanh.
+inline float exp_neg(float x /* <= 0 */) {
+  x = x < -87.f ? -87.f : x;
+  const float n = __builtin_floorf(x * 1.44269504088896341f + 0.5f);
+  float r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float y = p * r * r + r + 1.f;
+  const int32_t bits = (int32_t(n) + 127) << 23;
+  float scale;
+  __builtin_memcpy(&scale, &bits, 4);
+  return y * scale;
+}
+
+inline float tanh_f(float x) {
+  const float a = __builtin_fabsf(x);
+  const float z = x * x;
+  float p = -5.70498872745e-3f;
+  p = p * z + 2.06390887954e-2f;
+  p = p * z - 5.37397155531e-2f;
+  p = p * z + 1.33314422036e-1f;
+  p = p * z - 3.33332819422e-1f;
+  const float small = p * z * x + x;
+  const float e = exp_neg(-2.f * a);
+  const float big = __builtin_copysignf((1.f - e) / (1.f + e), x);
+  return a < 0.625f ? small : big;
+}
+
+template <class A> inline A tanh_any(A x) { return std::tanh(x); }
+template <> inline float tanh_any<float>(float x) { return tanh_f(x); }
+
+}  // namespace raekern::fusion::cpu

@@ -1,0 +1,332 @@
+"""raekern.ops.guidance_step / gfcg_select against their plain-PyTorch references."""
+import math
+
+import pytest
+import torch
+
+from raekern.ops.guidance import (gfcg_select, gfcg_select_reference, guidance_step,
+                                  guidance_step_reference)
+
+TOL = {torch.float64: (1e-10, 1e-10), torch.float32: (2e-5, 2e-5), torch.bfloat16: (2e-2, 2e-2)}
+
+
+def _t(B, dtype=torch.float64, lo=0.15, hi=0.95):
+    return torch.linspace(hi, lo, B, dtype=dtype) if B > 1 else torch.tensor([0.6], dtype=dtype)
+
+
+def _inputs(B, S, dtype, K=2, momentum_J=0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, *S, generator=g, dtype=torch.float64)
+    P = [torch.randn(B, *S, generator=g, dtype=torch.float64) for _ in range(K)]
+    extra = dict(
+        x_prev=torch.randn(B, *S, generator=g, dtype=torch.float64).to(dtype),
+        u_prev=torch.randn(B, *S, generator=g, dtype=torch.float64).to(dtype),
+    )
+    mom = None
+    if momentum_J:
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        mom = torch.randn(momentum_J, B, *S, generator=g, dtype=torch.float64).to(acc)
+    return x.to(dtype), [p.to(dtype) for p in P], extra, mom
+
+
+def _configs(B):
+    t = _t(B)
+    mask2 = torch.ones(B, 2)
+    mask2[0, 1] = 0
+    return {
+        "cfg": dict(terms=[(0, 1)], weights=[1.5], base=0),
+        "cfg_euler_x0": dict(terms=[(0, 1)], weights=[0.5], base=0, solver="euler", t_next=t - 0.1, return_x0=True),
+        "per_sample_mask": dict(terms=[(0, 1)], weights=[torch.linspace(0.5, 3.0, B)], base=0,
+                                mask=(torch.arange(B) % 2 == 0).float()),
+        "three_branch": dict(terms=[(0, 1), (0, 2)], weights=torch.rand(B, 2, dtype=torch.float64) * 2, base=0,
+                             mask=mask2, param=["velocity", "x0", "eps"], out_param="eps", K=3),
+        "zero_star": dict(terms=[(0, 1)], weights=[2.0], base=0, zero_star=True, stats_space="velocity",
+                          zero_init=(torch.arange(B) == B - 1)),
+        "zero_star_comfy": dict(terms=[(0, 1)], weights=[2.0], base=0, zero_star="x0", stats_space="velocity",
+                                out_param="x0"),
+        "apg": dict(terms=[(0, 1)], weights=[3.0], base=0, apg_eta=0.0, apg_norm_threshold=4.0, apg_beta=-0.5,
+                    J_m=1),
+        "apg_eta_eps": dict(terms=[(0, 1)], weights=[3.0], base=0, apg_eta=0.3, stats_space="eps",
+                            solver="euler", t_next=t - 0.05),
+        "rescale": dict(terms=[(0, 1)], weights=[4.0], base=0, rescale_phi=0.7, rescale_space="x0"),
+        "x0_branches_rescale_v": dict(terms=[(0, 1)], weights=[0.78], base=0, param="x0", rescale_phi=0.5,
+                                      rescale_space="velocity", solver="euler", t_next=t - 0.1),
+        "heun2": dict(terms=[(0, 1)], weights=[1.0], base=1, solver="heun2", t_next=t + 0.1, heun=True),
+    }
+
+
+def _run(fn, x, P, extra, mom, cfg, stacked=False):
+    cfg = dict(cfg)
+    cfg.pop("K", None)
+    cfg.pop("J_m", None)
+    if cfg.pop("heun", False):
+        cfg.update(extra)
+    if mom is not None:
+        cfg["momentum"] = mom
+    branches = torch.cat(P) if stacked else P
+    return fn(x, branches, _t(x.shape[0]).to(torch.float64), **cfg)
+
+
+def _close(a, b, dtype):
+    rtol, atol = TOL[dtype]
+    scale = max(1.0, b.detach().double().abs().max().item())
+    torch.testing.assert_close(a.double(), b.double(), rtol=rtol, atol=atol * scale)
+
+
+CASES = list(_configs(3).keys())
+
+
+@pytest.mark.parametrize("name", CASES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_matches_reference(name, dtype):
+    B, S = 3, (4, 5, 7)  # 140 elements per sample, not a multiple of 8
+    cfg = _configs(B)[name]
+    x, P, extra, mom = _inputs(B, S, dtype, K=cfg.get("K", 2), momentum_J=cfg.get("J_m", 0))
+    got = _run(guidance_step, x, P, extra, mom, cfg)
+    want = _run(guidance_step_reference, x, P, extra, mom, cfg)
+    assert got.out.dtype == dtype and got.out.shape == x.shape
+    _close(got.out, want.out, dtype)
+    if want.x0 is not None:
+        _close(got.x0, want.x0, dtype)
+    if want.momentum is not None:
+        _close(got.momentum, want.momentum, dtype)
+
+
+@pytest.mark.parametrize("shape", [(1, 257), (2, 268, 3), (5, 1), (4, 3, 16, 16)])
+@pytest.mark.parametrize("name", ["cfg_euler_x0", "apg", "rescale"])
+def test_odd_sizes(shape, name):
+    B, S = shape[0], shape[1:]
+    cfg = _configs(B)[name]
+    x, P, extra, mom = _inputs(B, S, torch.float32, momentum_J=cfg.get("J_m", 0))
+    got = _run(guidance_step, x, P, extra, mom, cfg)
+    want = _run(guidance_step_reference, x, P, extra, mom, cfg)
+    _close(got.out, want.out, torch.float32)
+
+
+@pytest.mark.parametrize("name", ["cfg_euler_x0", "zero_star", "apg"])
+def test_stacked_branches_and_layouts(name):
+    B, S = 4, (6, 9)
+    cfg = _configs(B)[name]
+    x, P, extra, mom = _inputs(B, S, torch.float32, momentum_J=cfg.get("J_m", 0))
+    want = _run(guidance_step_reference, x, P, extra, mom, cfg)
+    # one [K*B] tensor, as a batched network call returns it
+    got = _run(guidance_step, x, P, extra, mom, cfg, stacked=True)
+    _close(got.out, want.out, torch.float32)
+    # non-contiguous views (inner dims strided) and a transposed layout
+    xs = torch.empty(B, S[0], 2 * S[1])[..., ::2].copy_(x)
+    Ps = [p.t().contiguous().t() if p.dim() == 2 else p.transpose(1, 2).contiguous().transpose(1, 2) for p in P]
+    got = _run(guidance_step, xs, Ps, extra, mom, cfg)
+    _close(got.out, want.out, torch.float32)
+    # a stacked tensor that is itself a strided view
+    big = torch.empty(2 * B, S[0], S[1] + 3)
+    big[..., : S[1]] = torch.cat(P)
+    got = _run(guidance_step, x, P, extra, mom, cfg) if False else _run(
+        guidance_step, x, [big[:B, :, : S[1]], big[B:, :, : S[1]]], extra, mom, cfg)
+    _close(got.out, want.out, torch.float32)
+
+
+def test_stride0_expand():
+    B, S = 5, (3, 11)
+    x1, P1, _, _ = _inputs(1, S, torch.float32)
+    x = x1.expand(B, *S)
+    P = [p.expand(B, *S) for p in P1]
+    cfg = dict(terms=[(0, 1)], weights=[2.0], base=0, zero_star=True, stats_space="velocity", solver="euler",
+               t_next=0.3)
+    got = guidance_step(x, P, 0.5, **cfg)
+    want = guidance_step_reference(x.contiguous(), [p.contiguous() for p in P], 0.5, **cfg)
+    _close(got.out, want.out, torch.float32)
+
+
+def test_mixed_t_within_batch():
+    B, S = 6, (8, 5)
+    x, P, _, _ = _inputs(B, S, torch.float32)
+    t = torch.tensor([1.0, 0.8, 0.5, 0.3, 0.1, 0.05], dtype=torch.float32)
+    cfg = dict(terms=[(0, 1)], weights=[3.0], base=0, param="x0", apg_eta=0.0, apg_norm_threshold=2.0,
+               solver="euler", t_next=t * 0.9, return_x0=True)
+    got = guidance_step(x, P, t, **cfg)
+    want = guidance_step_reference(x, P, t, **cfg)
+    _close(got.out, want.out, torch.float32)
+    # each sample equals the same call made with its own scalar t
+    for b in range(B):
+        one = guidance_step(x[b:b + 1], [p[b:b + 1] for p in P], float(t[b]), **{**cfg, "t_next": float(t[b] * 0.9)})
+        _close(got.out[b:b + 1], one.out, torch.float32)
+
+
+@pytest.mark.parametrize("name", ["apg", "zero_star", "rescale"])
+def test_nearly_equal_branches_precision(name):
+    """C = U + 1e-4·δ: the statistics of C − U must keep fp32 precision (differences are formed
+    before squaring), so fp32 matches an fp64 reference on the guidance part G − C."""
+    B, S = 3, (16, 64)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(B, *S, generator=g, dtype=torch.float64)
+    U = torch.randn(B, *S, generator=g, dtype=torch.float64) * 10
+    C = U + 1e-4 * torch.randn(B, *S, generator=g, dtype=torch.float64)
+    cfg = dict(_configs(B)[name])
+    cfg.pop("J_m", None)
+    mom = torch.zeros(1, B, *S) if name == "apg" else None
+    if mom is not None:
+        cfg["momentum"] = mom
+        cfg["apg_norm_threshold"] = 1e-3
+    want = guidance_step_reference(x, [C, U], _t(B), **{**cfg, "momentum": None if mom is None else mom.double()})
+    got = guidance_step(x.float(), [C.float(), U.float()], _t(B), **cfg)
+    dw = want.out - C
+    dg = got.out.double() - C.float().double()
+    err = (dg - dw).abs().max().item() / dw.abs().max().item()
+    # the output itself is rounded to fp32 (|C|·6e-8 ≈ 2e-6 absolute vs a guidance part of ~1e-4)
+    assert err < 0.05, err
+
+
+def test_opcheck():
+    B, S = 2, (3, 7)
+    x, P, extra, mom = _inputs(B, S, torch.float32, momentum_J=1)
+    t = _t(B)
+    op = torch.ops.raekern.guidance_step.default
+    nan = math.nan
+    w = torch.full((B, 1), 2.0, dtype=torch.float64)
+    lin = (x, P, t, t - 0.1, w, None, None, None, None, [0, 0], 0, [0], [1], [1], [-1], [0.0], [0.0], [nan],
+           0.0, 1, 0, 0, 1, True)
+    stats = (x, [torch.cat(P)], t, None, w, torch.tensor([True, False]), mom, None, None, [0, 0], 0, [0], [1],
+             [1], [0], [-0.5], [3.0], [0.0], 0.7, 1, 0, 0, 0, False)
+    heun = (x, P, t, t + 0.1, w, None, None, extra["x_prev"], extra["u_prev"], [1, 1], 1, [0], [1], [1], [-1],
+            [0.0], [0.0], [nan], 0.0, 1, 0, 0, 2, False)
+    for args in (lin, stats, heun):
+        torch.library.opcheck(op, args)
+    gw = torch.tensor([[1.0, 0.5], [0.0, 2.0]], dtype=torch.float64)
+    torch.library.opcheck(torch.ops.raekern.guidance_combine.default, ([x, P[0]], gw))
+    logits = torch.randn(4, 10)
+    torch.library.opcheck(torch.ops.raekern.gfcg_select.default, (logits, torch.tensor([0, 3, 9, 2]), 2.0, 5.0, 0.0))
+
+
+def test_gradcheck_linear():
+    B, S = 2, (3, 4)
+    x, P, extra, mom = _inputs(B, S, torch.float64, K=3, momentum_J=2)
+    xs = [x, *P, mom, extra["x_prev"], extra["u_prev"]]
+    for v in xs:
+        v.requires_grad_(True)
+
+    def f_euler(x, p0, p1, p2, m, xp, up):
+        r = guidance_step(x, [p0, p1, p2], _t(B), param=["velocity", "x0", "eps"], terms=[(0, 1), (2, 1)],
+                          weights=[torch.tensor([1.5, 0.5], dtype=torch.float64), 2.0], base=0, apg_beta=0.3,
+                          momentum=m, solver="euler", t_next=_t(B) - 0.1, return_x0=True)
+        return r.out, r.x0, r.momentum
+
+    def f_heun_stacked(x, p0, p1, p2, m, xp, up):
+        r = guidance_step(x, torch.cat([p0, p1]), _t(B), param="x0", terms=[(0, 1)], weights=[2.0], base=1,
+                          solver="heun2", t_next=_t(B) + 0.1, x_prev=xp, u_prev=up)
+        return r.out
+
+    assert torch.autograd.gradcheck(f_euler, xs)
+    assert torch.autograd.gradcheck(f_heun_stacked, xs)
+
+
+def test_backward_raises_for_statistics():
+    B, S = 2, (3, 4)
+    x, P, _, _ = _inputs(B, S, torch.float64)
+    P[0].requires_grad_(True)
+    r = guidance_step(x, P, 0.5, terms=[(0, 1)], weights=[2.0], base=0, rescale_phi=0.7)
+    with pytest.raises(RuntimeError, match="not differentiable"):
+        r.out.sum().backward()
+
+
+def test_torch_compile_fullgraph():
+    B, S = 2, (4, 6)
+    x, P, _, mom = _inputs(B, S, torch.float32, momentum_J=1)
+    t = torch.tensor([0.7, 0.4])
+
+    def f(x, C, U, t, m):
+        r = guidance_step(x, [C, U], t, terms=[(0, 1)], weights=[2.0], base=0, apg_eta=0.0, apg_beta=-0.5,
+                          apg_norm_threshold=3.0, momentum=m, solver="euler", t_next=t - 0.1, return_x0=True)
+        return r.out, r.x0, r.momentum
+
+    cf = torch.compile(f, fullgraph=True, backend="aot_eager")
+    got = cf(x, P[0], P[1], t, mom)
+    want = f(x, P[0], P[1], t, mom)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+
+
+def _base_kwargs():
+    return dict(terms=[(0, 1)], weights=[2.0], base=0)
+
+
+@pytest.mark.parametrize("bad, exc, arg", [
+    (dict(weights=[1.0, 2.0]), ValueError, "weights"),
+    (dict(weights=torch.ones(5, 1)), ValueError, "weights"),
+    (dict(param="v-pred"), ValueError, "param"),
+    (dict(param=["velocity"] * 3), ValueError, "param"),
+    (dict(terms=[(0, 2)]), ValueError, "terms"),
+    (dict(base=2), ValueError, "base"),
+    (dict(momentum=torch.zeros(2, 3, 4, 5), apg_beta=0.5), ValueError, "momentum"),
+    (dict(momentum=torch.zeros(1, 3, 4, 5, dtype=torch.float64), apg_beta=0.5), TypeError, "momentum"),
+    (dict(solver="rk4"), ValueError, "solver"),
+    (dict(solver="euler"), ValueError, "t_next"),
+    (dict(solver="heun2", t_next=0.6), ValueError, "x_prev"),
+    (dict(mask=torch.ones(4)), ValueError, "mask"),
+    (dict(stats_space="score"), ValueError, "stats_space"),
+    (dict(zero_star="lipman"), ValueError, "zero_star"),
+    (dict(apg_norm_threshold=-1.0), ValueError, "apg_norm_threshold"),
+    (dict(out_param="sigma"), ValueError, "out_param"),
+    (dict(rescale_ref=5, rescale_phi=0.5), ValueError, "rescale_ref"),
+])
+def test_bad_arguments(bad, exc, arg):
+    x = torch.randn(3, 4, 5)
+    P = [torch.randn(3, 4, 5), torch.randn(3, 4, 5)]
+    with pytest.raises(exc, match=f"'{arg}'"):
+        guidance_step(x, P, 0.5, **{**_base_kwargs(), **bad})
+
+
+def test_bad_branches():
+    x = torch.randn(3, 4, 5)
+    with pytest.raises(ValueError, match="'branches'"):
+        guidance_step(x, torch.randn(7, 4, 5), 0.5, **_base_kwargs())
+    with pytest.raises(ValueError, match="'branches'"):
+        guidance_step(x, [torch.randn(3, 4, 5), torch.randn(3, 4, 6)], 0.5, **_base_kwargs())
+    with pytest.raises(TypeError, match="'branches'"):
+        guidance_step(x, [torch.randn(3, 4, 5), torch.randn(3, 4, 5, dtype=torch.float64)], 0.5, **_base_kwargs())
+    # three stacked branches but a two-entry param list
+    with pytest.raises(ValueError, match="'param'"):
+        guidance_step(x, torch.randn(9, 4, 5), 0.5, param=["x0", "x0"], **_base_kwargs())
+    with pytest.raises(ValueError, match="'t'"):
+        guidance_step(x, [x, x], torch.ones(4), **_base_kwargs())
+
+
+# ---------------------------------------------------------------------------------------------
+# gfcg_select
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("B, C", [(1, 2), (7, 10), (33, 1000)])
+def test_gfcg_select(dtype, B, C):
+    g = torch.Generator().manual_seed(B * C)
+    logits = (torch.randn(B, C, generator=g) * 3).to(dtype)
+    target = torch.randint(0, C, (B,), generator=g)
+    got = gfcg_select(logits, target, w_max=3.0, kappa=4.0, w_min=0.1)
+    want = gfcg_select_reference(logits, target, w_max=3.0, kappa=4.0, w_min=0.1)
+    assert torch.equal(got[0], want[0])
+    assert not torch.any(got[0] == target)
+    for a, b in zip(got[1:], want[1:]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert float(got[1].min()) >= 0.1 and float(got[1].max()) <= 3.0
+
+
+def test_gfcg_select_target_is_top_and_ties():
+    logits = torch.tensor([[5.0, 1.0, 1.0, 0.0], [0.0, 3.0, 3.0, 3.0]])
+    ref, w, pt, pr = gfcg_select(logits, torch.tensor([0, 2]), w_max=2.0, kappa=1.0)
+    assert ref.tolist() == [1, 1]  # most probable non-target class, lowest index on ties
+    assert abs(float(w[1]) - 2.0) < 1e-6  # p_target == p_ref -> w_max
+
+
+@pytest.mark.parametrize("kw, arg", [
+    (dict(logits=torch.randn(4)), "logits"),
+    (dict(logits=torch.randn(4, 1)), "logits"),
+    (dict(target=torch.zeros(3, dtype=torch.long)), "target"),
+    (dict(target=torch.zeros(4)), "target"),
+    (dict(target=torch.full((4,), 10)), "target"),
+    (dict(w_min=5.0), "w_min"),
+])
+def test_gfcg_select_bad(kw, arg):
+    args = dict(logits=torch.randn(4, 10), target=torch.zeros(4, dtype=torch.long))
+    args.update({k: v for k, v in kw.items() if k in args})
+    extra = {k: v for k, v in kw.items() if k not in args}
+    with pytest.raises((ValueError, TypeError), match=f"'{arg}'"):
+        gfcg_select(args["logits"], args["target"], w_max=2.0, kappa=1.0, **extra)

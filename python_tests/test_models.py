@@ -1,0 +1,513 @@
+"""raekern.models: released key layouts, backends against each other, encoders against transformers,
+checkpoint loading, the autoencoder, and training (CPU, random weights, tiny configurations)."""
+import math
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import raekern.models as M
+from raekern.models import training as T
+from raekern.models.layers import raekern_backend_available, rope_2d_tables, sincos_2d
+
+needs_ops = pytest.mark.skipif(not raekern_backend_available(),
+                               reason="raekern.ops norm/attention ops not in this build")
+
+
+def randomize_(model, std=0.2, seed=0):
+    """Non-trivial weights everywhere (the released init zeroes the adaLN and output layers)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".W") or "pos_embed" in name:
+                continue
+            noise = torch.randn(p.shape, generator=g, dtype=torch.float32).to(p.dtype)
+            is_norm = name.endswith("weight") and p.dim() == 1
+            p.copy_(1 + 0.1 * noise if is_norm else std * noise)
+    return model
+
+
+def tiny(name, backend, **kw):
+    return randomize_(M.build(name, backend=backend, **kw))
+
+
+def dit_inputs(model, B=3, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, model.in_channels, model.input_size, model.input_size, generator=g)
+    t = torch.rand(B, generator=g)
+    y = torch.randint(0, 1001, (B,), generator=g)
+    y[0] = 1000
+    return x, t, y
+
+
+# ------------------------------------------------------------------ released key layouts (meta device)
+
+def _expected_v1(Ds, Dx, ds, dx, Hs, Hx, C=768):
+    hs, hx = int(2 / 3 * 4 * Ds), int(2 / 3 * 4 * Dx)
+    e = {
+        "x_embedder.proj.weight": (Dx, C, 1, 1), "x_embedder.proj.bias": (Dx,),
+        "s_embedder.proj.weight": (Ds, C, 1, 1), "s_embedder.proj.bias": (Ds,),
+        "s_projector.weight": (Dx, Ds), "s_projector.bias": (Dx,),
+        "t_embedder.W": (256,), "t_embedder.mlp.0.weight": (Ds, 512), "t_embedder.mlp.0.bias": (Ds,),
+        "t_embedder.mlp.2.weight": (Ds, Ds), "t_embedder.mlp.2.bias": (Ds,),
+        "y_embedder.embedding_table.weight": (1001, Ds), "pos_embed": (1, 256, Ds),
+        "enc_feat_rope.freqs_cos": (256, Ds // Hs), "enc_feat_rope.freqs_sin": (256, Ds // Hs),
+        "dec_feat_rope.freqs_cos": (256, Dx // Hx), "dec_feat_rope.freqs_sin": (256, Dx // Hx),
+        "final_layer.norm_final.weight": (Dx,), "final_layer.linear.weight": (C, Dx), "final_layer.linear.bias": (C,),
+        "final_layer.adaLN_modulation.1.weight": (2 * Dx, Dx), "final_layer.adaLN_modulation.1.bias": (2 * Dx,),
+    }
+    for i in range(ds + dx):
+        D, h = (Ds, hs) if i < ds else (Dx, hx)
+        b = f"blocks.{i}."
+        e.update({b + "norm1.weight": (D,), b + "norm2.weight": (D,), b + "attn.qkv.weight": (3 * D, D),
+                  b + "attn.qkv.bias": (3 * D,), b + "attn.proj.weight": (D, D), b + "attn.proj.bias": (D,),
+                  b + "mlp.w12.weight": (2 * h, D), b + "mlp.w12.bias": (2 * h,), b + "mlp.w3.weight": (D, h),
+                  b + "mlp.w3.bias": (D,), b + "adaLN_modulation.1.weight": (6 * D, D),
+                  b + "adaLN_modulation.1.bias": (6 * D,)})
+    return e
+
+
+def _shapes(model):
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def test_ditdh_xl_keys_match_release():
+    m = M.build("ditdh-xl", device="meta")
+    assert all(t.is_meta for t in m.state_dict().values())
+    got = _shapes(m)
+    exp = _expected_v1(1152, 2048, 28, 2, 16, 16)
+    assert got == exp
+    # spot checks quoted in reference/rae-family.md §1.4
+    assert got["blocks.28.attn.qkv.weight"] == (6144, 2048) and got["blocks.29.mlp.w12.weight"] == (10922, 2048)
+    assert got["blocks.0.mlp.w3.weight"] == (1152, 3072) and got["blocks.0.adaLN_modulation.1.weight"] == (6912, 1152)
+    assert got["blocks.28.adaLN_modulation.1.weight"] == (12288, 2048)
+    assert got["final_layer.adaLN_modulation.1.weight"] == (4096, 2048)
+    assert abs(sum(p.numel() for p in m.parameters()) / 1e6 - 838.7) < 0.1
+
+
+def test_ditdh_s_keys_match_release():
+    m = M.build("ditdh-s", device="meta")
+    assert _shapes(m) == _expected_v1(384, 2048, 12, 2, 6, 16)
+    assert abs(sum(p.numel() for p in m.parameters()) / 1e6 - 196.5) < 0.1
+
+
+def test_ditdh_xl_v2_keys():
+    m = M.build("ditdh-xl-v2", device="meta")
+    s = _shapes(m)
+    assert s["enc_rope.freqs_cos"] == (268, 72) and s["dec_rope.freqs_sin"] == (256, 128)
+    assert s["t_embedder.learnable_tokens"] == (4, 1440) and s["ctx_embedder.learnable_tokens"] == (8, 1440)
+    assert s["ctx_embedder.embedding_table.weight"] == (1001, 1440)
+    for k in ("q", "k", "v", "proj"):
+        assert s[f"blocks.0.attn.{k}.weight"] == (1440, 1440)
+    assert s["blocks.0.attn.q_norm.weight"] == (72,) and s["blocks.0.attn.k_norm.weight"] == (72,)
+    assert s["blocks.0.mlp.w1.weight"] == (3840, 1440) and s["blocks.0.mlp.w3.weight"] == (1440, 3840)
+    assert "blocks.0.adaln_modulation.1.weight" not in s
+    assert s["blocks.28.adaln_modulation.1.weight"] == (12288, 2048)
+    assert s["final_layer.norm.weight"] == (2048,) and s["final_layer.linear.weight"] == (1024, 2048)
+    assert s["base_final_layer.adaln_modulation.1.weight"] == (2880, 1440)
+    assert s["base_final_layer.linear.weight"] == (1024, 1440)
+    assert abs(sum(p.numel() for p in m.parameters()) / 1e6 - 875.2) < 0.1
+
+
+def test_decoder_vit_xl_keys_match_release():
+    s = _shapes(M.build("decoder-vit-xl", device="meta"))
+    assert s["decoder_embed.weight"] == (1152, 768) and s["decoder_pos_embed"] == (1, 257, 1152)
+    assert s["trainable_cls_token"] == (1, 1, 1152)
+    for k in ("query", "key", "value"):
+        assert s[f"decoder_layers.27.attention.attention.{k}.weight"] == (1152, 1152)
+    assert s["decoder_layers.0.attention.output.dense.weight"] == (1152, 1152)
+    assert s["decoder_layers.0.intermediate.dense.weight"] == (4096, 1152)
+    assert s["decoder_layers.0.output.dense.weight"] == (1152, 4096)
+    assert s["decoder_layers.0.layernorm_before.bias"] == (1152,)
+    assert s["decoder_layers.0.layernorm_after.weight"] == (1152,)
+    assert s["decoder_norm.weight"] == (1152,) and s["decoder_pred.weight"] == (768, 1152)
+    assert s["decoder_pred.bias"] == (768,)
+    assert "decoder_layers.28.layernorm_before.weight" not in s
+    assert len(s) == 4 + 2 + 2 + 28 * 16
+
+
+def test_encoder_keys():
+    s = _shapes(M.build("dinov2-b-reg", device="meta"))
+    assert s["embeddings.position_embeddings"] == (1, 1370, 768) and s["embeddings.register_tokens"] == (1, 4, 768)
+    assert s["encoder.layer.11.attention.attention.query.weight"] == (768, 768)
+    assert s["encoder.layer.0.layer_scale1.lambda1"] == (768,)
+    s3 = _shapes(M.build("dinov3-l16", device="meta"))
+    assert s3["storage_tokens"] == (1, 4, 1024) and s3["rope_embed.periods"] == (16,)
+    assert s3["blocks.23.attn.qkv.bias_mask"] == (3072,) and s3["blocks.0.ls1.gamma"] == (1024,)
+
+
+# ------------------------------------------------------------------ fixed tables
+
+def test_rope_tables_match_eva_layout():
+    Dh, g = 8, 3
+    cos, sin = rope_2d_tables(Dh, g, extra_tokens=2)
+    f = [1.0, 1.0 / 10000 ** 0.5]  # theta^(-4k/Dh), k = 0, 1
+    for n in range(g * g):
+        r, c = divmod(n, g)
+        ang = [r * f[0], r * f[0], r * f[1], r * f[1], c * f[0], c * f[0], c * f[1], c * f[1]]
+        assert torch.allclose(cos[n], torch.tensor(ang).cos(), atol=1e-6)
+        assert torch.allclose(sin[n], torch.tensor(ang).sin(), atol=1e-6)
+    assert torch.equal(cos[g * g:], torch.ones(2, Dh)) and torch.equal(sin[g * g:], torch.zeros(2, Dh))
+
+
+def test_sincos_table_is_mae_layout():
+    D, g = 8, 3
+    t = sincos_2d(D, g, cls_token=True)
+    assert torch.equal(t[0], torch.zeros(D))
+    om = [1.0, 1.0 / 100.0]  # 1/10000^(i/(D/4)), i = 0, 1
+    r, c = 1, 2
+    row = t[1 + r * g + c]
+    exp = [math.sin(c * om[0]), math.sin(c * om[1]), math.cos(c * om[0]), math.cos(c * om[1]),
+           math.sin(r * om[0]), math.sin(r * om[1]), math.cos(r * om[0]), math.cos(r * om[1])]
+    assert torch.allclose(row, torch.tensor(exp), atol=1e-6)
+
+
+def test_decoder_unpatchify_order():
+    d = M.build("decoder-tiny", backend="torch")
+    B, g, p = 1, d.grid, d.patch_size
+    logits = torch.arange(B * g * g * p * p * 3, dtype=torch.float32).view(B, g * g, p * p * 3)
+    img = d.unpatchify(logits)
+    i, j, pi, qj, c = 1, 2, 3, 0, 2
+    assert img[0, c, i * p + pi, j * p + qj] == logits[0, i * g + j, (pi * p + qj) * 3 + c]
+
+
+# ------------------------------------------------------------------ raekern backend vs torch backend
+
+TOL = {torch.float32: dict(atol=2e-4, rtol=2e-4), torch.bfloat16: dict(atol=0.15, rtol=0.1)}
+
+
+def _cmp(a, b, dtype):
+    a, b = a.float(), b.float()
+    if dtype == torch.bfloat16:  # loose: relative error of the whole tensor
+        assert (a - b).norm() / b.norm().clamp_min(1e-6) < 0.05
+    else:
+        torch.testing.assert_close(a, b, **TOL[dtype])
+
+
+@needs_ops
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", ["ditdh-tiny", "ditdh-tiny-v2"])
+def test_dit_backends_match(name, dtype):
+    m = tiny(name, "torch").to(dtype)
+    x, t, y = dit_inputs(m)
+    x = x.to(dtype)
+    with torch.no_grad():
+        ref = m(x, t, y)
+        M.set_backend(m, "raekern")
+        out = m(x, t, y)
+    for a, b in zip(out if isinstance(out, tuple) else (out,), ref if isinstance(ref, tuple) else (ref,)):
+        _cmp(a, b, dtype)
+
+
+@needs_ops
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", ["decoder-tiny", "dinov2-tiny-reg", "dinov3-tiny"])
+def test_vit_backends_match(name, dtype):
+    m = tiny(name, "torch").to(dtype)
+    if name == "decoder-tiny":
+        inp = torch.randn(2, 16, 16).to(dtype)
+        fn = lambda: [m(inp)]  # noqa: E731
+    else:
+        inp = torch.rand(2, 3, 50, 60)
+        fn = lambda: m(inp, [0, -1])  # noqa: E731
+    with torch.no_grad():
+        ref = fn()
+        M.set_backend(m, "raekern")
+        out = fn()
+    for a, b in zip(out, ref):
+        _cmp(a, b, dtype)
+
+
+@needs_ops
+def test_dit_backends_match_gradients():
+    m = tiny("ditdh-tiny", "torch").double()
+    x, t, y = dit_inputs(m, B=2)
+    x = x.double()
+    grads = []
+    for be in ("torch", "raekern"):
+        M.set_backend(m, be)
+        m.zero_grad()
+        m(x, t.double(), y).pow(2).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], atol=1e-8, rtol=1e-6)
+
+
+@needs_ops
+def test_dit_compile_fullgraph():
+    m = tiny("ditdh-tiny-v2", "raekern")
+    x, t, y = dit_inputs(m, B=2)
+    with torch.no_grad():
+        ref = m(x, t, y)
+        out = torch.compile(m, fullgraph=True)(x, t, y)
+    for a, b in zip(out, ref):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------ encoders against their sources
+
+def test_dinov2_matches_transformers(tmp_path):
+    tr = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = tr.Dinov2WithRegistersConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
+                                       image_size=70, patch_size=14, layerscale_value=0.5)
+    hf = tr.Dinov2WithRegistersModel(cfg).eval()
+    randomize_(hf)
+    hf.save_pretrained(tmp_path)
+    backends = ["torch"] + (["raekern"] if raekern_backend_available() else [])
+    px = torch.randn(2, 3, 56, 56)
+    with torch.no_grad():
+        ref = hf(pixel_values=px, output_hidden_states=True)
+        for be in backends:
+            enc = M.Dinov2Encoder.from_pretrained(str(tmp_path), input_size=56, backend=be)
+            assert not any(p.requires_grad for p in enc.parameters())
+            hs = enc.forward_features(px, [0, 1, 2])
+            for a, b in zip(hs, ref.hidden_states[1:]):
+                torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(enc.last_hidden_state(px), ref.last_hidden_state, atol=1e-5, rtol=1e-5)
+
+
+def _dinov3_reference(enc, px):
+    """DINOv3's forward written from its published description (axial RoPE, base 100, separate-normalised
+    coordinates, half-split rotation, prefix unrotated), block by block in plain torch."""
+    x = enc.patch_embed.proj(px)
+    B, D, h, w = x.shape
+    x = torch.cat([enc.cls_token.expand(B, -1, -1), enc.storage_tokens.expand(B, -1, -1),
+                   x.flatten(2).transpose(1, 2)], 1)
+    H = enc.num_heads
+    Dh = D // H
+    ys, xs = torch.meshgrid((torch.arange(h) + 0.5) / h * 2 - 1, (torch.arange(w) + 0.5) / w * 2 - 1, indexing="ij")
+    per = 100.0 ** (2 * torch.arange(Dh // 4) / (Dh // 2))
+    ang = torch.cat([ys.reshape(-1, 1) * 2 * math.pi / per, xs.reshape(-1, 1) * 2 * math.pi / per], 1)
+    ang = torch.cat([ang, ang], 1)
+    outs = []
+    for blk in enc.blocks:
+        hN = F.layer_norm(x, (D,), blk.norm1.weight, blk.norm1.bias, blk.norm1.eps)
+        bias = blk.attn.qkv.bias.clone()
+        bias[D:2 * D] = 0
+        q, k, v = F.linear(hN, blk.attn.qkv.weight, bias).view(B, -1, 3, H, Dh).permute(2, 0, 3, 1, 4)
+        P = enc.num_prefix_tokens
+
+        def rot(t):
+            tp, tr_ = t[:, :, :P], t[:, :, P:]
+            t1, t2 = tr_.chunk(2, -1)
+            return torch.cat([tp, tr_ * ang.cos() + torch.cat([-t2, t1], -1) * ang.sin()], 2)
+        o = F.scaled_dot_product_attention(rot(q), rot(k), v).transpose(1, 2).reshape(B, -1, D)
+        x = x + blk.ls1.gamma * blk.attn.proj(o)
+        x = x + blk.ls2.gamma * blk.mlp(F.layer_norm(x, (D,), blk.norm2.weight, blk.norm2.bias, blk.norm2.eps))
+        outs.append(x)
+    return outs
+
+
+def test_dinov3_matches_reference():
+    enc = tiny("dinov3-tiny", "torch")
+    px = torch.randn(2, 3, 48, 64)
+    with torch.no_grad():
+        ref = _dinov3_reference(enc, px)
+        got = enc.forward_features(px, [0, 1, 2])
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_encoder_preprocess_and_layers():
+    enc = M.build("dinov2-tiny-reg", backend="torch")
+    img = torch.rand(1, 3, 64, 64)
+    px = enc.preprocess(img)
+    assert px.shape == (1, 3, 56, 56)
+    ref = F.interpolate(img, size=(56, 56), mode="bicubic", align_corners=False)
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    torch.testing.assert_close(px, (ref - mean) / std)
+    hs = enc(img, [-1])
+    assert hs[0].shape == (1, 5 + 16, 16) and enc.num_prefix_tokens == 5
+    with pytest.raises(ValueError, match="'layers'"):
+        enc(img, [7])
+    with pytest.raises(ValueError, match="'images'"):
+        enc(torch.rand(1, 1, 64, 64))
+
+
+def test_encoder_bf16():
+    enc = tiny("dinov3-tiny", "torch").to(torch.bfloat16)
+    out = enc(torch.rand(1, 3, 64, 64), [-1])[0]
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+
+
+# ------------------------------------------------------------------ checkpoints
+
+def test_load_plain_ema_and_safetensors(tmp_path):
+    src = tiny("ditdh-tiny", "torch")
+    x, t, y = dit_inputs(src)
+    ref = src(x, t, y)
+    torch.save({"ema": src.state_dict(), "opt": {"step": torch.tensor(3)}}, tmp_path / "ema.pt")
+    torch.save(src.state_dict(), tmp_path / "plain.pt")
+    from safetensors.torch import save_file
+    save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(tmp_path / "m.safetensors"))
+    for f in ("ema.pt", "plain.pt", "m.safetensors"):
+        m = M.load("ditdh-tiny", str(tmp_path / f), backend="torch")
+        assert not m.pos_embed.requires_grad and not m.t_embedder.W.requires_grad
+        torch.testing.assert_close(m(x, t, y), ref, atol=0, rtol=0)
+
+
+def test_load_mismatch_names_keys(tmp_path):
+    sd = M.build("ditdh-tiny").state_dict()
+    sd.pop("blocks.1.attn.qkv.bias")
+    sd["blocks.9.extra.weight"] = torch.zeros(1)
+    sd["s_projector.weight"] = torch.zeros(3, 3)
+    torch.save(sd, tmp_path / "bad.pt")
+    with pytest.raises(M.CheckpointMismatchError) as e:
+        M.load("ditdh-tiny", str(tmp_path / "bad.pt"))
+    msg = str(e.value)
+    assert "blocks.1.attn.qkv.bias" in msg and "blocks.9.extra.weight" in msg and "s_projector.weight" in msg
+
+
+def test_missing_files_name_the_path(tmp_path):
+    p = str(tmp_path / "nope.pt")
+    with pytest.raises(FileNotFoundError, match="nope.pt"):
+        M.load("ditdh-tiny", p)
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        M.Dinov2Encoder.from_pretrained(str(tmp_path))
+    (tmp_path / "config.json").write_text('{"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2}')
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        M.Dinov2Encoder.from_pretrained(str(tmp_path))
+
+
+def test_dinov3_loads_released_layout(tmp_path):
+    src = tiny("dinov3-tiny", "torch")
+    sd = src.state_dict()
+    torch.save(sd, tmp_path / "dinov3_vitl16_pretrain_lvd1689m-8aa4cbdd.pth")
+    m = M.load("dinov3-tiny", str(tmp_path / "dinov3_vitl16_pretrain_lvd1689m-8aa4cbdd.pth"), backend="torch")
+    img = torch.rand(1, 3, 64, 64)
+    torch.testing.assert_close(m(img)[0], src(img)[0])
+    sd = {k: v for k, v in sd.items() if not k.endswith("bias_mask")}
+    torch.save(sd, tmp_path / "nomask.pth")
+    m = M.load("dinov3-tiny", str(tmp_path / "nomask.pth"), backend="torch")
+    torch.testing.assert_close(m(img)[0], src(img)[0])
+
+
+# ------------------------------------------------------------------ autoencoder
+
+def _last_layer_fusion(prefix, eps):
+    return lambda hs: F.layer_norm(hs[-1][:, prefix:], (hs[-1].shape[-1],), eps=eps)
+
+
+def test_rae_encode_decode_inverse(tmp_path):
+    enc = tiny("dinov2-tiny-reg", "torch")
+    dec = tiny("decoder-tiny", "torch")
+    C, H = 16, 4
+    stats = {"mean": torch.randn(C, H, H), "var": torch.rand(C, H, H) + 0.5}
+    torch.save(stats, tmp_path / "stat.pt")
+    rae = M.RAE(enc, _last_layer_fusion(5, 1e-6), dec, backend="torch")
+    rae.load_stats(str(tmp_path / "stat.pt"))
+    img = torch.rand(2, 3, 64, 64)
+    z = rae.encode(img)
+    assert z.shape == (2, C, H, H)
+    tok = rae.tokens(img)
+    torch.testing.assert_close(rae.denormalize(z), tok, atol=1e-5, rtol=1e-5)
+    ref = (tok.transpose(1, 2).reshape(2, C, H, H) - stats["mean"]) / torch.sqrt(stats["var"] + 1e-5)
+    torch.testing.assert_close(z, ref)
+    out = rae.decode(z)
+    assert out.shape == (2, 3, 16, 16)
+    torch.testing.assert_close(out, dec.to_unit(dec(tok)), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="'z'"):
+        rae.decode(tok)
+
+
+def test_rae_noise_augmentation_flag():
+    z = torch.zeros(4000, 16, 16)
+    g = torch.Generator().manual_seed(0)
+    for dist, mean_sigma in (("uniform", 0.4), ("half_normal", 0.8 * math.sqrt(2 / math.pi))):
+        n = M.noise_augment(z, 0.8, dist, generator=g)
+        sigma = n.flatten(1).std(1)
+        assert abs(sigma.mean().item() - mean_sigma) < 0.03
+        if dist == "uniform":  # σ = τ·U(0, 1) never exceeds τ
+            assert sigma.max() < 0.8 * 1.25
+        else:  # half-normal has a tail past τ
+            assert (sigma > 0.8 * 1.25).float().mean() > 0.1
+    with pytest.raises(ValueError, match="'dist'"):
+        M.noise_augment(z, 0.8, "gauss")
+    enc, dec = M.build("dinov2-tiny-reg", backend="torch"), M.build("decoder-tiny", backend="torch")
+    rae = M.RAE(enc, _last_layer_fusion(5, 1e-6), dec, noise_tau=0.8, backend="torch")
+    img = torch.rand(2, 3, 64, 64)
+    assert torch.equal(rae.eval().encode(img), rae.encode(img))
+    rae.train()
+    assert not enc.training  # frozen encoder stays in eval mode
+    assert not torch.equal(rae.encode(img), rae.eval().encode(img))
+
+
+# ------------------------------------------------------------------ training
+
+def test_shift_and_time_sampling():
+    assert abs(T.shift_alpha(256, 768) - 6.928) < 1e-3 and T.shift_alpha(256, 1024) == 8.0
+    assert abs(T.shift_alpha(1024, 768) - 13.856) < 1e-3
+    t = torch.tensor([0.0, 0.5, 1.0])
+    torch.testing.assert_close(T.shift_time(t, 8.0), torch.tensor([0.0, 8 / 9, 1.0]))
+    s = T.sample_time(10000, alpha=1.0, generator=torch.Generator().manual_seed(0))
+    assert s.max() <= 0.999 and abs(s.median().item() - 0.5) < 0.02
+
+
+def _train(name, loss_fn, backend, steps=12):
+    torch.manual_seed(0)
+    m = randomize_(M.build(name, backend=backend), std=0.05)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, m.in_channels, m.input_size, m.input_size, generator=g)
+    y = torch.randint(0, 1000, (4,), generator=g)
+    t = torch.rand(4, generator=g) * 0.8 + 0.1
+    noise = torch.randn(x.shape, generator=g)
+    opt = torch.optim.Adam([p for p in m.parameters() if p.requires_grad], lr=3e-3)
+    losses = []
+    for i in range(steps):
+        out = loss_fn(m, x, y, t=t, noise=noise)
+        opt.zero_grad()
+        out["loss"].backward()
+        if i == 0:
+            missing = [n for n, p in m.named_parameters() if p.requires_grad and p.grad is None]
+            assert not missing, missing
+        opt.step()
+        losses.append(out["loss"].item())
+    return losses
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("raekern", marks=needs_ops)])
+def test_training_reduces_loss(backend):
+    l1 = _train("ditdh-tiny", T.velocity_loss, backend)
+    assert l1[-1] < 0.7 * l1[0]
+    l2 = _train("ditdh-tiny-v2", T.xpred_loss, backend)
+    assert l2[-1] < 0.7 * l2[0]
+
+
+def test_xpred_loss_formula():
+    x = torch.randn(2, 3, 2, 2)
+    t = torch.tensor([0.01, 0.5])
+    noise = torch.randn_like(x)
+    full = torch.randn_like(x)
+    base = torch.randn_like(x)
+    out = T.xpred_loss(lambda xt, tt, y: (full, base), x, None, t=t, noise=noise)
+    w = 1 / torch.tensor([0.05, 0.5]) ** 2
+    lf = (((full - x) ** 2).flatten(1).mean(1) * w).mean()
+    lb = (((base - x) ** 2).flatten(1).mean(1) * w).mean()
+    torch.testing.assert_close(out["loss"], lf + lb)
+    v = T.velocity_loss(lambda xt, tt, y: full, x, None, t=t, noise=noise)
+    torch.testing.assert_close(v["loss"], ((full - (noise - x)) ** 2).mean())
+
+
+# ------------------------------------------------------------------ argument errors
+
+def test_bad_arguments_name_the_argument():
+    m = M.build("ditdh-tiny", backend="torch")
+    x, t, y = dit_inputs(m, B=2)
+    with pytest.raises(ValueError, match="'x'"):
+        m(x[:, :3], t, y)
+    with pytest.raises(ValueError, match="'t'"):
+        m(x, t[:1], y)
+    with pytest.raises(ValueError, match="'y'"):
+        m(x, t, y.float())
+    with pytest.raises(ValueError, match="'name'"):
+        M.build("ditdh-xxl")
+    with pytest.raises(ValueError, match="'backend'"):
+        M.build("ditdh-tiny", backend="cuda")
+    with pytest.raises(ValueError, match="'tokens'"):
+        M.build("decoder-tiny")(torch.randn(1, 15, 16))
+    with pytest.raises(ValueError, match="'base_model_depth'"):
+        M.build("ditdh-tiny-v2", base_model_depth=9)

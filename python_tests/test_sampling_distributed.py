@@ -1,0 +1,181 @@
+"""Distributed sampling (two gloo processes on the CPU), resumption after a killed rank, and the
+`raekern sample` command line, all on the tiny-test preset."""
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from raekern.sampling import cli
+from raekern.sampling.distributed import ShardPlan, class_labels, merge_shards, run_shards, shard_path
+from raekern.sampling.policy_spec import GUIDANCE_HELP, describe
+
+ROOT = Path(__file__).resolve().parents[1]
+ARGS = ["--preset", "tiny-test", "--num", "12", "--batch-size", "2", "--steps", "6", "--guidance", "cfg:1.5",
+        "--keep-latents", "--no-progress", "--device", "cpu"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(out: Path, extra_env=None, world=2, args=ARGS):
+    """Start `world` ranks the way torchrun would (env://), return their exit codes and stderr."""
+    port = _free_port()
+    procs = []
+    for rank in range(world):
+        env = dict(os.environ, PYTHONPATH=str(ROOT), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                   WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank), OMP_NUM_THREADS="1",
+                   RAEKERN_DIST_TIMEOUT_S="60", **(extra_env or {}))
+        procs.append(subprocess.Popen([sys.executable, "-m", "raekern.sampling.cli", *args, "--out", str(out)],
+                                      env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    results = []
+    for p in procs:
+        try:
+            _, err = p.communicate(timeout=240)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            _, err = p.communicate()
+        results.append((p.returncode, err))
+    return results
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    out = tmp_path_factory.mktemp("single")
+    assert cli.main([*ARGS, "--out", str(out)]) == 0
+    with np.load(out / "samples.npz") as z:
+        return {k: z[k] for k in z.files}
+
+
+def _merged(out: Path) -> dict:
+    with np.load(out / "samples.npz") as z:
+        return {k: z[k] for k in z.files}
+
+
+def test_single_process_output_layout(single, tmp_path):
+    assert single["arr_0"].shape == (12, 16, 16, 3) and single["arr_0"].dtype == np.uint8
+    assert single["labels"].tolist() == [i % 10 for i in range(12)]
+    assert single["latents"].shape == (12, 8, 4, 4)
+
+
+def test_two_gloo_ranks_equal_single_process(single, tmp_path):
+    res = _launch(tmp_path)
+    assert [rc for rc, _ in res] == [0, 0], res
+    got = _merged(tmp_path)
+    np.testing.assert_array_equal(got["labels"], single["labels"])
+    np.testing.assert_array_equal(got["arr_0"], single["arr_0"])
+    np.testing.assert_allclose(got["latents"], single["latents"], rtol=0, atol=1e-6)
+    assert (tmp_path / "grid.png").exists()
+
+
+def test_resume_after_a_killed_rank(single, tmp_path):
+    # Rank 1 dies right after its first shard (shard 1); rank 0 finishes 0, 2, 4 and then fails at
+    # the barrier because its peer is gone.
+    res = _launch(tmp_path, {"RAEKERN_FAULT_EXIT_AFTER_SHARDS": "1", "RAEKERN_FAULT_RANK": "1"})
+    assert res[1][0] == 17 and res[0][0] != 0
+    done = {s for s in range(6) if shard_path(tmp_path, s).exists()}
+    assert done == {0, 1, 2, 4}
+    assert not (tmp_path / "samples.npz").exists()
+    mtimes = {s: shard_path(tmp_path, s).stat().st_mtime_ns for s in done}
+    res = _launch(tmp_path)
+    assert [rc for rc, _ in res] == [0, 0], res
+    assert all(shard_path(tmp_path, s).stat().st_mtime_ns == m for s, m in mtimes.items())
+    assert "shard 1 already complete" in res[1][1]
+    got = _merged(tmp_path)
+    np.testing.assert_array_equal(got["arr_0"], single["arr_0"])
+    np.testing.assert_allclose(got["latents"], single["latents"], rtol=0, atol=1e-6)
+
+
+def test_resume_refuses_other_settings(tmp_path):
+    assert cli.main([*ARGS, "--num", "2", "--out", str(tmp_path)]) == 0
+    with pytest.raises(SystemExit):
+        cli.main([*ARGS, "--num", "2", "--seed", "1", "--out", str(tmp_path)])
+
+
+def test_shards_and_merge_directly(tmp_path):
+    plan = ShardPlan(5, 2)
+    assert plan.num_shards == 3 and plan.indices(2) == [4] and plan.shards_of(1, 2) == [1]
+
+    def gen(idx):
+        return {"images": np.full((len(idx), 2, 2, 3), idx[0], np.uint8), "labels": np.array(idx)}
+
+    assert run_shards(gen, plan, tmp_path, png=True, progress=False) == [0, 1, 2]
+    assert run_shards(gen, plan, tmp_path, png=True, progress=False) == []  # all complete
+    assert sorted(p.name for p in (tmp_path / "images").iterdir())[:2] == ["000000.png", "000001.png"]
+    merged = np.load(merge_shards(plan, tmp_path))
+    assert merged["arr_0"][:, 0, 0, 0].tolist() == [0, 0, 2, 2, 4]
+    shard_path(tmp_path, 1).unlink()
+    with pytest.raises(ValueError, match="'out_dir'"):
+        merge_shards(plan, tmp_path)
+    with pytest.raises(ValueError, match="'generate'"):
+        run_shards(lambda idx: {"images": np.zeros((1, 2, 2, 3), np.float32)}, plan, tmp_path, progress=False)
+    assert class_labels([0, 11], 10).tolist() == [0, 1]
+    r = class_labels(range(4), 10, seed=1, mode="random")
+    assert torch.equal(r, class_labels(range(4), 10, seed=1, mode="random"))
+
+
+# -- command line ------------------------------------------------------------------------------------------
+def test_help_documents_every_method():
+    parser = cli.argparse.ArgumentParser()
+    sub = parser.add_subparsers()
+    p = cli.add_sample_parser(sub)
+    text = p.format_help()
+    for m in ("cfg:", "ag:", "gfcg:", "internal:", "apg:", "cfgzero:", "rescale:", "interval:", "none"):
+        assert m in text
+    assert "U + W·(C − U)" in GUIDANCE_HELP and "w_max·exp(−kappa·(p_y − p_r))" in GUIDANCE_HELP
+    args = parser.parse_args(["sample", "--preset", "tiny-test", "--num", "2", "--steps", "3"])
+    assert args.func is cli.run_sample
+
+
+@pytest.mark.parametrize("guidance", [["ag:1.4"], ["gfcg:w_max=2,kappa=4,mode=cfg_substitute,cfg=1.5"],
+                                      ["cfg:1.5", "interval:0.2,0.9"], ["none"]])
+def test_cli_guidance_methods_run(tmp_path, guidance):
+    g = sum((["--guidance", s] for s in guidance), [])
+    assert cli.main(["--preset", "tiny-test", "--num", "3", "--batch-size", "3", "--steps", "4", *g,
+                     "--no-progress", "--device", "cpu", "--png", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "grid.png").exists() and (tmp_path / "images" / "000002.png").exists()
+
+
+def test_cli_config_file_and_labels(tmp_path):
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps({"preset": "tiny-test", "num": 4, "batch-size": 4, "steps": 3,
+                               "guidance": "cfg:2", "labels": "3,7"}))
+    out = tmp_path / "o"
+    assert cli.main(["--config", str(cfg), "--no-progress", "--device", "cpu", "--num", "2", "--out", str(out)]) == 0
+    m = _merged(out)
+    assert m["arr_0"].shape[0] == 2 and m["labels"].tolist() == [3, 7]  # --num on the command line wins
+    assert json.loads((out / "manifest.json").read_text())["guidance"] == ["cfg:2"]
+
+
+def test_cli_errors_name_the_argument(tmp_path):
+    ns = lambda *a: cli.argparse.Namespace(**{**cli._defaults(), "out": str(tmp_path), "preset": "tiny-test",  # noqa: E731
+                                              "device": "cpu", "no_progress": True, **dict(a)})
+    with pytest.raises(ValueError, match="'guidance'"):
+        cli.run_sample(ns(("guidance", ["karras:2"])))
+    with pytest.raises(ValueError, match="'guidance'"):
+        cli.run_sample(ns(("guidance", ["cfg:1.5", "ag:2"])))
+    with pytest.raises(ValueError, match="'--labels'"):
+        cli.run_sample(ns(("labels", "3,99")))
+    with pytest.raises(ValueError, match="'--preset'"):
+        cli.run_sample(ns(("preset", "nope")))
+    with pytest.raises(ValueError, match="'--num'"):
+        cli.run_sample(ns(("num", 0)))
+    with pytest.raises(ValueError, match="'--ckpt'"):
+        cli.run_sample(ns(("preset", "rae-v1-256")))
+    assert describe(["gfcg:w_max=3", "rescale:0.5"])["rescale"] == 0.5

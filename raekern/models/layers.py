@@ -1,0 +1,337 @@
+"""Building blocks shared by raekern's models, and the one place where the backend is chosen.
+
+Every model module takes ``backend="raekern"`` (run on raekern's fused custom ops) or
+``backend="torch"`` (the same weights through plain PyTorch, written as the released RAE/RAEv2 code
+computes it, for comparison and as a fallback). ``set_backend(model, name)`` switches a built model.
+
+What the raekern backend fuses, per transformer block:
+- ``norm → modulate`` in one pass (``raekern.ops.norm_modulate``), reading shift/scale as views of the
+  adaLN output (no chunk copies);
+- ``residual (+gate) → next norm (→ modulate)`` in one pass (``gated_residual_norm_modulate``),
+  including across block boundaries: a block's last residual is fused with the next block's first norm;
+- attention with the QK-RMSNorm and the 2-D RoPE inside the kernel (``attention`` /
+  ``attention_packed``), so q and k are never rotated into copies.
+The GEMMs (nn.Linear) are torch's in both backends. SwiGLU's ``silu(a)·b`` is plain torch in both
+backends (raekern has no op for it yet).
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+BACKENDS = ("raekern", "torch")
+
+
+def check_backend(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"raekern.models: argument 'backend' must be one of {list(BACKENDS)}, got {backend!r}")
+    return backend
+
+
+def set_backend(model: nn.Module, backend: str) -> nn.Module:
+    """Switch every raekern model module inside ``model`` to ``backend``; returns ``model``."""
+    check_backend(backend)
+    for m in model.modules():
+        if hasattr(m, "backend"):
+            m.backend = backend
+    return model
+
+
+def _ops():
+    """raekern.ops, checked for the ops the raekern backend needs (they live on other branches until merged)."""
+    import raekern.ops as ops
+
+    missing = [n for n in ("norm_modulate", "gated_residual", "gated_residual_norm_modulate", "attention",
+                           "attention_packed", "layer_norm", "rms_norm") if not hasattr(ops, n)]
+    if missing:
+        raise RuntimeError(
+            f"raekern.models: backend='raekern' needs raekern.ops.{', '.join(missing)}, which this build does not "
+            "have; use backend='torch'")
+    return ops
+
+
+def raekern_backend_available() -> bool:
+    try:
+        _ops()
+    except RuntimeError:
+        return False
+    return True
+
+
+# ----------------------------------------------------------------------------------------------------
+# Normalisation + modulation + residual, in both backends
+# ----------------------------------------------------------------------------------------------------
+
+
+class NormSpec(NamedTuple):
+    """A norm to apply next, optionally followed by ``·(1+scale)+shift``."""
+
+    kind: str  # "rms" | "layer"
+    weight: Optional[torch.Tensor]
+    bias: Optional[torch.Tensor]
+    eps: float
+    shift: Optional[torch.Tensor] = None
+    scale: Optional[torch.Tensor] = None
+
+
+def _torch_rms(x, weight, eps):
+    # as the released RMSNorm: statistics in fp32, cast back, then the weight
+    xf = x.float()
+    out = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x)
+    return out * weight if weight is not None else out
+
+
+def _torch_norm(x, spec: NormSpec):
+    if spec.kind == "rms":
+        h = _torch_rms(x, spec.weight, spec.eps)
+    else:
+        h = F.layer_norm(x, (x.shape[-1],), spec.weight, spec.bias, spec.eps)
+    if spec.scale is not None:
+        h = h * (1 + spec.scale) + spec.shift
+    return h
+
+
+def _zeros_like_mod(x):
+    # stride-0 view: the fused ops read it without a copy
+    return x.new_zeros(()).expand(x.shape[0], 1, x.shape[-1])
+
+
+def _ones_like_gate(x):
+    return x.new_ones(()).expand(x.shape[0], 1, x.shape[-1])
+
+
+def apply_norm(x: torch.Tensor, spec: NormSpec, backend: str) -> torch.Tensor:
+    if backend == "torch":
+        return _torch_norm(x, spec)
+    ops = _ops()
+    if spec.scale is None:
+        if spec.kind == "rms":
+            return ops.rms_norm(x, spec.weight, eps=spec.eps)
+        return ops.layer_norm(x, spec.weight, spec.bias, eps=spec.eps)
+    return ops.norm_modulate(x, spec.shift, spec.scale, kind=spec.kind, weight=spec.weight, bias=spec.bias,
+                             eps=spec.eps)
+
+
+def residual_norm(x: torch.Tensor, gate: Optional[torch.Tensor], y: torch.Tensor, nxt: Optional[NormSpec],
+                  backend: str):
+    """``x' = x + gate·y`` (gate None: 1), then ``h = nxt(x')``; returns ``(x', h)`` (h None if nxt is None)."""
+    if backend == "torch":
+        x = x + y if gate is None else x + gate * y
+        return x, (None if nxt is None else _torch_norm(x, nxt))
+    ops = _ops()
+    if gate is None:
+        gate = _ones_like_gate(x)
+    if nxt is None:
+        return ops.gated_residual(x, gate, y), None
+    shift, scale = nxt.shift, nxt.scale
+    if scale is None:
+        shift = scale = _zeros_like_mod(x)
+    return ops.gated_residual_norm_modulate(x, gate, y, shift, scale, kind=nxt.kind, weight=nxt.weight,
+                                            bias=nxt.bias, eps=nxt.eps)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm with a learnable weight (key ``weight``); eps 1e-6, statistics in fp32."""
+
+    def __init__(self, dim: int, eps: float = 1e-6, backend: str = "raekern"):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.backend = check_backend(backend)
+
+    def spec(self, shift=None, scale=None) -> NormSpec:
+        return NormSpec("rms", self.weight, None, self.eps, shift, scale)
+
+    def forward(self, x):
+        return apply_norm(x, self.spec(), self.backend)
+
+
+def layer_norm_spec(norm: nn.LayerNorm, shift=None, scale=None) -> NormSpec:
+    return NormSpec("layer", norm.weight, norm.bias, norm.eps, shift, scale)
+
+
+# ----------------------------------------------------------------------------------------------------
+# RoPE tables (checkpoint buffers) and the torch-backend rotation
+# ----------------------------------------------------------------------------------------------------
+
+
+def rope_2d_tables(head_dim: int, grid: int, extra_tokens: int = 0, theta: float = 10000.0):
+    """cos/sin tables ``[grid²+extra_tokens, head_dim]`` of RAE's 2-D RoPE.
+
+    First half of head_dim rotated by the token's row, second half by its column; frequency k
+    (k < head_dim/4) is ``theta^(-4k/head_dim)`` and is shared by the interleaved pair (2k, 2k+1).
+    Tokens past the grid (RAEv2's time/class tokens) get angle 0 (cos 1, sin 0: unrotated).
+    """
+    if head_dim % 4:
+        raise ValueError(f"raekern.models: 2-D RoPE needs head_dim divisible by 4, got {head_dim}")
+    half = head_dim // 2
+    freqs = 1.0 / (theta ** (torch.arange(0, half, 2, dtype=torch.float32) / half))  # [head_dim/4]
+    pos = torch.arange(grid, dtype=torch.float32)
+    ang = torch.outer(pos, freqs).repeat_interleave(2, dim=-1)  # [grid, half]
+    rows = ang[:, None, :].expand(grid, grid, half)
+    cols = ang[None, :, :].expand(grid, grid, half)
+    angles = torch.cat([rows, cols], dim=-1).reshape(grid * grid, head_dim)
+    if extra_tokens:
+        angles = torch.cat([angles, angles.new_zeros(extra_tokens, head_dim)], dim=0)
+    return angles.cos(), angles.sin()
+
+
+def _rotate_pairs(x):
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    return torch.stack((-x2, x1), dim=-1).flatten(-2)
+
+
+class Rope2D(nn.Module):
+    """The RoPE buffers as the released checkpoints store them (``freqs_cos``, ``freqs_sin``)."""
+
+    def __init__(self, head_dim: int, grid: int, extra_tokens: int = 0, theta: float = 10000.0):
+        super().__init__()
+        self.grid, self.theta = grid, theta
+        cos, sin = rope_2d_tables(head_dim, grid, extra_tokens, theta)
+        self.register_buffer("freqs_cos", cos)
+        self.register_buffer("freqs_sin", sin)
+
+    def rotate(self, t):  # t [B, H, N, Dh]; torch backend only
+        return t * self.freqs_cos + _rotate_pairs(t) * self.freqs_sin
+
+
+# ----------------------------------------------------------------------------------------------------
+# Attention and MLPs
+# ----------------------------------------------------------------------------------------------------
+
+
+class DiTAttention(nn.Module):
+    """Multi-head self-attention of DiT-DH: fused ``qkv`` (v1) or separate ``q``/``k``/``v`` (v2) Linear with
+    bias, optional per-head QK-RMSNorm (``q_norm.weight``, ``k_norm.weight``), 2-D RoPE on the first grid²
+    tokens, non-causal softmax attention, ``proj``."""
+
+    def __init__(self, dim: int, num_heads: int, *, fused_qkv: bool = True, qk_norm: bool = False,
+                 backend: str = "raekern"):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"raekern.models: argument 'num_heads' ({num_heads}) must divide the width {dim}")
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.fused_qkv = fused_qkv
+        if fused_qkv:
+            self.qkv = nn.Linear(dim, 3 * dim)
+        else:
+            self.q = nn.Linear(dim, dim)
+            self.k = nn.Linear(dim, dim)
+            self.v = nn.Linear(dim, dim)
+        self.qk_norm = qk_norm
+        if qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, backend=backend)
+            self.k_norm = RMSNorm(self.head_dim, backend=backend)
+        self.proj = nn.Linear(dim, dim)
+        self.backend = check_backend(backend)
+
+    def forward(self, x: torch.Tensor, rope: Optional[Rope2D] = None, key_padding_mask=None) -> torch.Tensor:
+        B, N, D = x.shape
+        H, Dh = self.num_heads, self.head_dim
+        if self.backend == "raekern":
+            ops = _ops()
+            kw = dict(q_norm_weight=self.q_norm.weight if self.qk_norm else None,
+                      k_norm_weight=self.k_norm.weight if self.qk_norm else None,
+                      norm_eps=self.q_norm.eps if self.qk_norm else 1e-6,
+                      rope_grid=(rope.grid, rope.grid) if rope is not None else None,
+                      rope_theta=rope.theta if rope is not None else 10000.0,
+                      key_padding_mask=key_padding_mask)
+            if self.fused_qkv:
+                out = ops.attention_packed(self.qkv(x), H, **kw)
+            else:
+                q = self.q(x).view(B, N, H, Dh)
+                k = self.k(x).view(B, N, H, Dh)
+                v = self.v(x).view(B, N, H, Dh)
+                out = ops.attention(q, k, v, layout="bnhd", **kw).reshape(B, N, D)
+            return self.proj(out)
+        if self.fused_qkv:
+            q, k, v = self.qkv(x).reshape(B, N, 3, H, Dh).permute(2, 0, 3, 1, 4).unbind(0)
+        else:
+            q = self.q(x).reshape(B, N, H, Dh).transpose(1, 2)
+            k = self.k(x).reshape(B, N, H, Dh).transpose(1, 2)
+            v = self.v(x).reshape(B, N, H, Dh).transpose(1, 2)
+        if self.qk_norm:
+            q = _torch_rms(q, self.q_norm.weight, self.q_norm.eps)
+            k = _torch_rms(k, self.k_norm.weight, self.k_norm.eps)
+        if rope is not None:
+            q, k = rope.rotate(q).to(v.dtype), rope.rotate(k).to(v.dtype)
+        mask = None
+        if key_padding_mask is not None:
+            mask = key_padding_mask[:, None, None, :].to(torch.bool)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.proj(out.transpose(1, 2).reshape(B, N, D))
+
+
+class SwiGLU(nn.Module):
+    """``w3(silu(a)·b)``; ``fused``: one ``w12`` Linear giving [a | b] (RAE v1), else ``w1``/``w2`` (RAEv2)."""
+
+    def __init__(self, dim: int, hidden: int, *, fused: bool = True):
+        super().__init__()
+        self.fused = fused
+        if fused:
+            self.w12 = nn.Linear(dim, 2 * hidden)
+        else:
+            self.w1 = nn.Linear(dim, hidden)
+            self.w2 = nn.Linear(dim, hidden)
+        self.w3 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        if self.fused:
+            a, b = self.w12(x).chunk(2, dim=-1)
+        else:
+            a, b = self.w1(x), self.w2(x)
+        return self.w3(F.silu(a) * b)
+
+
+def swiglu_hidden(dim: int, mlp_ratio: float = 4.0) -> int:
+    return int(2 / 3 * dim * mlp_ratio)
+
+
+class ViTSelfAttention(nn.Module):
+    """Attention of the ViT encoders/decoder with separate q/k/v projections; RoPE (if any) is applied by
+    the caller-supplied ``rotate`` (DINOv3's convention differs from RAE's, so it stays in torch)."""
+
+    def __init__(self, dim: int, num_heads: int, backend: str = "raekern"):
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.backend = check_backend(backend)
+
+    def attend(self, q, k, v):
+        """q, k, v ``[B, N, H*Dh]`` → ``[B, N, H*Dh]``."""
+        B, N, D = q.shape
+        H, Dh = self.num_heads, self.head_dim
+        if self.backend == "raekern":
+            out = _ops().attention(q.view(B, N, H, Dh), k.view(B, N, H, Dh), v.view(B, N, H, Dh), layout="bnhd")
+            return out.reshape(B, N, D)
+        q, k, v = (t.view(B, N, H, Dh).transpose(1, 2) for t in (q, k, v))
+        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, D)
+
+
+def sincos_2d(dim: int, grid: int, cls_token: bool = False) -> torch.Tensor:
+    """MAE's fixed 2-D sin-cos table ``[grid² (+1), dim]``: first half encodes the column (w), second half
+    the row (h) — the layout RAE's ``pos_embed``/``decoder_pos_embed`` were built with (computed in fp64)."""
+    if dim % 4:
+        raise ValueError(f"raekern.models: sin-cos position table needs a width divisible by 4, got {dim}")
+
+    def one_axis(d, pos):
+        omega = 1.0 / 10000 ** (torch.arange(d // 2, dtype=torch.float64) / (d / 2.0))
+        out = torch.outer(pos.reshape(-1), omega)
+        return torch.cat([out.sin(), out.cos()], dim=1)
+
+    g = torch.arange(grid, dtype=torch.float64)
+    gw, gh = torch.meshgrid(g, g, indexing="xy")  # gw[i, j] = j (column), gh[i, j] = i (row)
+    emb = torch.cat([one_axis(dim // 2, gw), one_axis(dim // 2, gh)], dim=1)
+    if cls_token:
+        emb = torch.cat([emb.new_zeros(1, dim), emb], dim=0)
+    return emb.float()
+
+
+def gaussian_fourier(t: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+    """``[sin(2π t W), cos(2π t W)]``, t ``[B]`` in [0, 1]."""
+    dt = torch.promote_types(W.dtype, torch.float32)  # the angle in fp32 at least, as released
+    a = t[:, None].to(dt) * W[None, :].to(dt) * 2 * math.pi
+    return torch.cat([a.sin(), a.cos()], dim=-1)

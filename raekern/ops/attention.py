@@ -1,0 +1,368 @@
+"""DiT attention (DESIGN §3.3): non-causal scaled dot-product attention with optional fused
+per-head QK-RMSNorm, RAE's 2-D RoPE and a key padding mask; forward and backward.
+
+Paths (see :func:`attention_path`):
+
+* ``raekern_cpu``  -- tiled online-softmax (flash) kernel, fp64/fp32/bf16/fp16, O(N·Dh) extra memory,
+  QK-norm and RoPE applied while K/V/Q tiles are packed. Forward and backward.
+* ``raekern_cuda`` -- sm80+ tensor-core (``mma.sync``) forward. **Compiled but not yet run on a GPU.**
+  Training calls (inputs requiring grad) and unsupported head dims use the fallback.
+* ``sdpa`` -- explicit QK-norm and RoPE in PyTorch followed by ``F.scaled_dot_product_attention``.
+
+Each call logs the chosen path at DEBUG level on the ``raekern.attention`` logger.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from raekern._utils.checks import check_choice, check_tensor, fail
+
+__all__ = [
+    "attention",
+    "attention_packed",
+    "attention_reference",
+    "attention_path",
+    "rope_2d_reference",
+    "qk_rms_norm_reference",
+]
+
+log = logging.getLogger("raekern.attention")
+_OP = "attention"
+_LAYOUTS = ("bnhd", "bhnd")
+
+
+# ----------------------------------------------------------------------------- reference math
+def qk_rms_norm_reference(x: torch.Tensor, weight: Optional[torch.Tensor], eps: float = 1e-6) -> torch.Tensor:
+    """Per-head RMSNorm over the last dim; statistics in fp32 (fp64 for fp64), as RAEv2's RMSNorm."""
+    if weight is None:
+        return x
+    xf = x if x.dtype == torch.float64 else x.float()
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return y.to(x.dtype) * weight.to(x.dtype)
+
+
+def _rope_tables(n: int, grid: tuple[int, int], dh: int, theta: float, device, dtype):
+    """cos/sin [n, dh] for RAE's 2-D RoPE; rows past the grid are (1, 0), i.e. unrotated."""
+    gh, gw = grid
+    npair = dh // 4
+    freqs = theta ** (-torch.arange(npair, dtype=torch.float64) * 2.0 / (dh // 2))
+    tok = torch.arange(n, dtype=torch.int64)
+    row = (tok // gw).to(torch.float64)
+    col = (tok % gw).to(torch.float64)
+    ang = torch.cat([row[:, None] * freqs, col[:, None] * freqs], dim=-1)  # [n, dh/2]
+    ang = ang.repeat_interleave(2, dim=-1)  # one angle per interleaved pair
+    ang = torch.where((tok < gh * gw)[:, None], ang, torch.zeros_like(ang))
+    return ang.cos().to(device=device, dtype=dtype), ang.sin().to(device=device, dtype=dtype)
+
+
+def rope_2d_reference(x: torch.Tensor, grid: Optional[tuple[int, int]], theta: float = 10000.0) -> torch.Tensor:
+    """RAE/RAEv2 2-D RoPE on x [..., N, Dh] (tokens on dim -2): first half of Dh rotated by the
+    token's grid row, second half by its column, interleaved pairs (0,1),(2,3),...; tokens with
+    index >= H·W are unrotated."""
+    if grid is None:
+        return x
+    n, dh = x.shape[-2], x.shape[-1]
+    cos, sin = _rope_tables(n, grid, dh, theta, x.device, x.dtype)
+    pairs = x.unflatten(-1, (dh // 2, 2))
+    rot = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
+    return x * cos + rot * sin
+
+
+def _prologue(q, k, v, layout, q_norm_weight, k_norm_weight, norm_eps, rope_grid, rope_theta):
+    if layout == "bnhd":
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    q = rope_2d_reference(qk_rms_norm_reference(q, q_norm_weight, norm_eps), rope_grid, rope_theta)
+    k = rope_2d_reference(qk_rms_norm_reference(k, k_norm_weight, norm_eps), rope_grid, rope_theta)
+    return q, k, v
+
+
+def attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    layout: str = "bnhd",
+    scale: Optional[float] = None,
+    q_norm_weight: Optional[torch.Tensor] = None,
+    k_norm_weight: Optional[torch.Tensor] = None,
+    norm_eps: float = 1e-6,
+    rope_grid: Optional[tuple[int, int]] = None,
+    rope_theta: float = 10000.0,
+    key_padding_mask: Optional[torch.Tensor] = None,
+    return_lse: bool = False,
+):
+    """Plain-PyTorch attention with the same arguments as :func:`attention`, in the input dtype
+    (any float dtype, fp64 included). Rows whose keys are all masked give 0 (lse = -inf)."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    q, k, v = _prologue(q, k, v, layout, q_norm_weight, k_norm_weight, norm_eps, rope_grid, rope_theta)
+    s = (q @ k.transpose(-1, -2)) * scale
+    if key_padding_mask is not None:
+        keep = key_padding_mask[:, None, None, :].to(torch.bool)
+        s = s.masked_fill(~keep, float("-inf"))
+        dead = ~keep.any(-1, keepdim=True)  # [B,1,1,1]: no key left for this batch
+        s = s.masked_fill(dead, 0.0)
+        p = torch.softmax(s, dim=-1) * keep.to(s.dtype)
+    else:
+        dead = None
+        p = torch.softmax(s, dim=-1)
+    out = p @ v
+    if layout == "bnhd":
+        out = out.transpose(1, 2)
+    if not return_lse:
+        return out
+    lse = torch.logsumexp(s.to(torch.float64 if s.dtype == torch.float64 else torch.float32), dim=-1)
+    if dead is not None:
+        lse = lse.masked_fill(dead[..., 0], float("-inf"))
+    return out, lse
+
+
+def _sdpa_fallback(q, k, v, layout, scale, qw, kw, eps, grid, theta, mask):
+    """Explicit norm + RoPE, then torch SDPA (used where no raekern kernel fits)."""
+    qp, kp, vp = _prologue(q, k, v, layout, qw, kw, eps, grid, theta)
+    attn_mask, dead = None, None
+    if mask is not None:
+        dead = ~mask.any(-1)  # SDPA returns NaN for rows with no key: attend to all, then zero
+        attn_mask = (mask | dead[:, None])[:, None, None, :]
+    out = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=attn_mask, scale=scale)
+    if dead is not None and bool(dead.any()):
+        out = out * (~dead).to(out.dtype)[:, None, None, None]
+    return out.transpose(1, 2) if layout == "bnhd" else out
+
+
+# ----------------------------------------------------------------------------- custom-op glue
+def _layout_sizes(t: torch.Tensor, layout: int):
+    b, x1, x2, d = t.shape
+    return (b, x1, x2, d) if layout == 0 else (b, x2, x1, d)  # (B, N, H, D)
+
+
+@torch.library.register_fake("raekern::attention")
+def _attention_fake(q, k, v, qw, kw, mask, scale, eps, rope_h, rope_w, theta, layout):
+    b, n, h, _ = _layout_sizes(q, layout)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = q.new_empty((b, h, n), dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
+    return out, lse
+
+
+@torch.library.register_fake("raekern::attention_backward")
+def _attention_backward_fake(dout, dlse, q, k, v, out, lse, qw, kw, mask, scale, eps, rope_h, rope_w,
+                             theta, layout, deterministic):
+    def wgrad(w):
+        if w is None:
+            return q.new_empty((0,))
+        return torch.empty(w.shape, dtype=w.dtype, device=w.device)
+
+    return (torch.empty(q.shape, dtype=q.dtype, device=q.device),
+            torch.empty(k.shape, dtype=q.dtype, device=q.device),
+            torch.empty(v.shape, dtype=q.dtype, device=q.device), wgrad(qw), wgrad(kw))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, qw, kw, mask, scale, eps, rope_h, rope_w, theta, layout = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, qw, kw, mask)
+    ctx.params = (scale, eps, rope_h, rope_w, theta, layout)
+
+
+def _backward(ctx, dout, dlse):
+    q, k, v, out, lse, qw, kw, mask = ctx.saved_tensors
+    scale, eps, rope_h, rope_w, theta, layout = ctx.params
+    dq, dk, dv, dqw, dkw = torch.ops.raekern.attention_backward(
+        dout, dlse, q, k, v, out, lse, qw, kw, mask, scale, eps, rope_h, rope_w, theta, layout,
+        torch.are_deterministic_algorithms_enabled())
+    return (dq, dk, dv, dqw if qw is not None else None, dkw if kw is not None else None,
+            None, None, None, None, None, None, None)
+
+
+torch.library.register_autograd("raekern::attention", _backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------- dispatch
+def _has_kernel(key: str) -> bool:
+    return torch._C._dispatch_has_kernel_for_dispatch_key("raekern::attention", key)
+
+
+_CUDA_HEAD_DIMS = (64, 72, 128)  # instantiated tile configs of the sm80 forward
+
+
+def _path_reasons(q, k, v, qw, kw, mask, grid) -> dict[str, Optional[str]]:
+    dh = q.shape[-1]
+    reasons: dict[str, Optional[str]] = {}
+    # raekern_cpu
+    if q.device.type != "cpu":
+        reasons["raekern_cpu"] = f"inputs are on {q.device.type}, not cpu"
+    elif dh > 256:
+        reasons["raekern_cpu"] = f"head dim {dh} > 256"
+    else:
+        reasons["raekern_cpu"] = None
+    # raekern_cuda
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (q, k, v, qw, kw))
+    if q.device.type != "cuda":
+        reasons["raekern_cuda"] = f"inputs are on {q.device.type}, not cuda"
+    elif not _has_kernel("CUDA"):
+        reasons["raekern_cuda"] = "raekern was built without CUDA kernels"
+    elif torch.cuda.get_device_capability(q.device) < (8, 0):
+        reasons["raekern_cuda"] = "needs compute capability >= 8.0 (mma.sync bf16/fp16)"
+    elif q.dtype not in (torch.float16, torch.bfloat16):
+        reasons["raekern_cuda"] = f"dtype {q.dtype} (the tensor-core kernel takes fp16/bf16)"
+    elif dh not in _CUDA_HEAD_DIMS:
+        reasons["raekern_cuda"] = f"head dim {dh} has no tile config (have {_CUDA_HEAD_DIMS})"
+    elif needs_grad:
+        reasons["raekern_cuda"] = "backward is not implemented on CUDA yet (inputs require grad)"
+    else:
+        reasons["raekern_cuda"] = None
+    reasons["sdpa"] = None
+    return reasons
+
+
+def _choose(reasons: dict[str, Optional[str]]) -> str:
+    for name in ("raekern_cuda", "raekern_cpu", "sdpa"):
+        if reasons[name] is None:
+            return name
+    return "sdpa"  # pragma: no cover
+
+
+def _validate(q, k, v, layout, scale, qw, kw, eps, grid, theta, mask):
+    check_choice(layout, _LAYOUTS, _OP, "layout")
+    check_tensor(q, _OP, "q", ndim=4)
+    check_tensor(k, _OP, "k", ndim=4, like=q)
+    check_tensor(v, _OP, "v", ndim=4, like=q)
+    b, nq, h, dh = _layout_sizes(q, _LAYOUTS.index(layout))
+    bk, nk, hk, dk = _layout_sizes(k, _LAYOUTS.index(layout))
+    if (bk, hk, dk) != (b, h, dh):
+        fail(_OP, "k", f"must match q in batch, heads and head dim ({layout}), got {tuple(k.shape)} "
+             f"vs q {tuple(q.shape)}")
+    if tuple(v.shape) != tuple(k.shape):
+        fail(_OP, "v", f"must have the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
+    if min(b, nq, h, dh, nk) < 1:
+        fail(_OP, "q", f"must be non-empty, got {tuple(q.shape)} and k {tuple(k.shape)}")
+    if scale is not None and not isinstance(scale, (int, float)):
+        fail(_OP, "scale", f"must be a float or None, got {type(scale).__name__}", TypeError)
+    for name, w in (("q_norm_weight", qw), ("k_norm_weight", kw)):
+        if w is not None:
+            check_tensor(w, _OP, name, ndim=1)
+            if w.shape[0] != dh:
+                fail(_OP, name, f"must have shape [{dh}] (the head dim), got {tuple(w.shape)}")
+            if w.device != q.device:
+                fail(_OP, name, f"must be on {q.device} like q, got {w.device}")
+    if not isinstance(eps, (int, float)) or eps < 0:
+        fail(_OP, "norm_eps", f"must be a non-negative float, got {eps!r}")
+    if grid is not None:
+        if (not isinstance(grid, (tuple, list)) or len(grid) != 2
+                or not all(isinstance(g, int) and g > 0 for g in grid)):
+            fail(_OP, "rope_grid", f"must be a tuple (H, W) of positive ints or None, got {grid!r}")
+        if dh % 4:
+            fail(_OP, "rope_grid", f"needs a head dim divisible by 4, got {dh}")
+        if not isinstance(theta, (int, float)) or theta <= 0:
+            fail(_OP, "rope_theta", f"must be a positive float, got {theta!r}")
+    if mask is not None:
+        check_tensor(mask, _OP, "key_padding_mask", floating=False)
+        if mask.dtype != torch.bool:
+            fail(_OP, "key_padding_mask", f"must be a bool tensor (True = keep), got {mask.dtype}", TypeError)
+        if mask.dim() != 2 or mask.shape[1] != nk or mask.shape[0] not in (1, b):
+            fail(_OP, "key_padding_mask", f"must have shape [{b}, {nk}] (or [1, {nk}]), got {tuple(mask.shape)}")
+        if mask.device != q.device:
+            fail(_OP, "key_padding_mask", f"must be on {q.device} like q, got {mask.device}")
+        mask = mask.expand(b, nk)
+    return mask
+
+
+def attention_path(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout: str = "bnhd",
+                   q_norm_weight: Optional[torch.Tensor] = None, k_norm_weight: Optional[torch.Tensor] = None,
+                   rope_grid: Optional[tuple[int, int]] = None,
+                   key_padding_mask: Optional[torch.Tensor] = None, **_unused) -> tuple[str, dict]:
+    """Which implementation :func:`attention` would run for these arguments, and why each of the
+    others would not: ``(path, {path_name: None if eligible else reason})``."""
+    reasons = _path_reasons(q, k, v, q_norm_weight, k_norm_weight, key_padding_mask, rope_grid)
+    return _choose(reasons), reasons
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    layout: str = "bnhd",
+    scale: Optional[float] = None,
+    q_norm_weight: Optional[torch.Tensor] = None,
+    k_norm_weight: Optional[torch.Tensor] = None,
+    norm_eps: float = 1e-6,
+    rope_grid: Optional[tuple[int, int]] = None,
+    rope_theta: float = 10000.0,
+    key_padding_mask: Optional[torch.Tensor] = None,
+    return_lse: bool = False,
+):
+    """Non-causal attention ``softmax(scale · rope(norm(q)) · rope(norm(k))ᵀ) · v``.
+
+    Args:
+        q: ``[B, Nq, H, Dh]`` (``layout="bnhd"``) or ``[B, H, Nq, Dh]`` (``"bhnd"``); fp64/fp32/bf16/fp16.
+            Any strides (views of a packed qkv projection, expanded/stride-0 dims); the head dim is
+            read with unit stride (copied once otherwise).
+        k, v: ``[B, Nk, H, Dh]`` / ``[B, H, Nk, Dh]``, same dtype and device as q.
+        scale: softmax scale, default ``Dh ** -0.5``.
+        q_norm_weight, k_norm_weight: ``[Dh]`` weights of a per-head RMSNorm (eps ``norm_eps``)
+            applied to q / k before RoPE (RAEv2's QK-norm); None = no norm.
+        rope_grid: ``(H, W)``: the first H·W tokens form a row-major grid and get RAE's 2-D RoPE
+            (first half of Dh rotated by row, second half by column, interleaved pairs, base
+            ``rope_theta``); later tokens (RAEv2's time/class tokens) are unrotated. Needs Dh % 4 == 0.
+        key_padding_mask: bool ``[B, Nk]`` (or ``[1, Nk]``), True = attend. A row with no key gets
+            output 0 and lse -inf.
+        return_lse: also return the log-sum-exp of the scaled scores, ``[B, H, Nq]`` fp32 (fp64 for
+            fp64 inputs).
+
+    Returns:
+        ``out`` in the input layout (and ``lse``). Differentiable in q, k, v and both norm weights
+        (gradient through lse included).
+
+    Devices: the CPU kernel (all four dtypes, Dh <= 256) runs forward and backward; the CUDA
+    tensor-core forward (bf16/fp16, Dh 64/72/128, inference only) has not yet run on a GPU; other
+    cases use torch SDPA with explicit norm and RoPE. :func:`attention_path` says which runs.
+    """
+    mask = _validate(q, k, v, layout, scale, q_norm_weight, k_norm_weight, norm_eps, rope_grid,
+                     rope_theta, key_padding_mask)
+    dh = q.shape[-1]
+    scale = float(dh ** -0.5 if scale is None else scale)
+    reasons = _path_reasons(q, k, v, q_norm_weight, k_norm_weight, mask, rope_grid)
+    path = _choose(reasons)
+    if log.isEnabledFor(logging.DEBUG):
+        log.debug("attention %s %s q%s: path=%s (%s)", layout, q.dtype, tuple(q.shape), path,
+                  "; ".join(f"{n}: {r}" for n, r in reasons.items() if r))
+    if path == "sdpa":
+        if return_lse:
+            return attention_reference(q, k, v, layout=layout, scale=scale, q_norm_weight=q_norm_weight,
+                                       k_norm_weight=k_norm_weight, norm_eps=norm_eps, rope_grid=rope_grid,
+                                       rope_theta=rope_theta, key_padding_mask=mask, return_lse=True)
+        return _sdpa_fallback(q, k, v, layout, scale, q_norm_weight, k_norm_weight, norm_eps, rope_grid,
+                              rope_theta, mask)
+    gh, gw = rope_grid if rope_grid is not None else (0, 0)
+    out, lse = torch.ops.raekern.attention(q, k, v, q_norm_weight, k_norm_weight, mask, scale,
+                                           float(norm_eps), int(gh), int(gw), float(rope_theta),
+                                           _LAYOUTS.index(layout))
+    return (out, lse) if return_lse else out
+
+
+def attention_packed(qkv: torch.Tensor, num_heads: int, **kwargs):
+    """Attention on the ``[B, N, 3·H·Dh]`` output of a fused qkv Linear (q, k, v in that order,
+    each ``[H, Dh]`` head-major), read in place with no copy. Returns ``[B, N, H·Dh]``, the layout
+    the output projection consumes (and lse ``[B, H, N]`` with ``return_lse=True``). Takes the
+    keyword arguments of :func:`attention` except ``layout``."""
+    check_tensor(qkv, "attention_packed", "qkv", ndim=3)
+    if not isinstance(num_heads, int) or num_heads < 1:
+        fail("attention_packed", "num_heads", f"must be a positive int, got {num_heads!r}")
+    if "layout" in kwargs:
+        fail("attention_packed", "layout", "is fixed by the packed [B, N, 3·H·Dh] input; do not pass it",
+             TypeError)
+    b, n, c = qkv.shape
+    if c % (3 * num_heads):
+        fail("attention_packed", "qkv", f"last dim {c} is not divisible by 3·num_heads = {3 * num_heads}")
+    dh = c // (3 * num_heads)
+    q, k, v = qkv.unflatten(-1, (3, num_heads, dh)).unbind(2)
+    res = attention(q, k, v, layout="bnhd", **kwargs)
+    if isinstance(res, tuple):
+        return res[0].flatten(-2), res[1]
+    return res.flatten(-2)

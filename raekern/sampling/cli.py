@@ -1,0 +1,197 @@
+"""`raekern sample`: labels → latents → images from local checkpoints, single process or torchrun.
+
+The lead's ``raekern/cli.py`` calls :func:`add_sample_parser` and dispatches to :func:`run_sample`;
+``python -m raekern.sampling.cli ...`` runs the same command on its own.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from raekern.sampling.policy_spec import GUIDANCE_HELP, build_policy, describe
+from raekern.sampling.presets import DEFAULT_PRESET, PRESETS, get_preset
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+          "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+          "fp64": torch.float64, "float64": torch.float64}
+
+DESCRIPTION = """\
+Sample images from a class-conditional RAE diffusion model with raekern's fused guidance sampler.
+
+  raekern sample --preset rae-v1-256 --ckpt DiTDH-XL/stage2_model.pt --weak-ckpt DiTDH-S/stage2_model.pt \\
+      --decoder-ckpt ViTXL_n08/model.pt --stats stat.pt --guidance ag:1.42 --num 64 --out out/
+  torchrun --nproc-per-node 8 -m raekern.sampling.cli --preset raev2-256 ... --num 50000 --out fid50k/
+
+Outputs in --out: grid.png (the first --grid-images samples), samples.npz (arr_0 = uint8 images
+[N,H,W,3] in sample order, labels; latents with --keep-latents), images/NNNNNN.png (with --png),
+shards/ (per-shard .npz; a restarted run skips finished shards), manifest.json. Sample i's noise and
+label depend only on (--seed, i), so the output does not depend on the number of processes.
+--config FILE.json|.yaml sets any option by its long name (e.g. {"preset": "raev2-256", "num": 64});
+flags on the command line win.
+"""
+
+
+def _defaults() -> dict:
+    p = argparse.ArgumentParser(add_help=False)
+    _add_arguments(p)
+    return {a.dest: a.default for a in p._actions if a.dest != "help"}
+
+
+def _add_arguments(p: argparse.ArgumentParser) -> None:
+    presets = ", ".join(f"{n}" for n in sorted(PRESETS))
+    p.add_argument("--config", help="JSON or YAML file whose keys are option names (dest form: weak_ckpt)")
+    p.add_argument("--preset", default=DEFAULT_PRESET, help=f"model configuration ({presets}); default "
+                   f"{DEFAULT_PRESET!r}")
+    p.add_argument("--ckpt", help="main diffusion model checkpoint (local path)")
+    p.add_argument("--weak-ckpt", help="AutoGuidance weak model checkpoint")
+    p.add_argument("--decoder-ckpt", help="pixel decoder checkpoint (without it: latents only, and a "
+                   "preview of 3 latent channels as images)")
+    p.add_argument("--stats", help="latent statistics file (stat.pt / stats.pt with mean and var)")
+    p.add_argument("--classifier-ckpt", help="GFCG classifier checkpoint")
+    p.add_argument("--classifier-model", help="registry name of the GFCG classifier (raekern.models)")
+    p.add_argument("--classifier-space", choices=("latent", "pixel"), default="latent",
+                   help="GFCG classifier input: x0 latents, or images decoded from them")
+    p.add_argument("--guidance", action="append", metavar="SPEC",
+                   help="guidance method, repeatable (see the list below); default: the preset's")
+    p.add_argument("--steps", type=int, help="grid size: points for grid 'rae' (50 → 49 steps), steps "
+                   "otherwise; default: the preset's")
+    p.add_argument("--grid", choices=("rae", "raev2", "uniform"), help="time grid (default: the preset's)")
+    p.add_argument("--solver", choices=("euler", "heun"), default="euler")
+    p.add_argument("--num", type=int, default=16, help="number of samples")
+    p.add_argument("--batch-size", type=int, default=16, help="samples per network batch (and per shard)")
+    p.add_argument("--labels", default="equal", help="'equal' (i mod classes), 'random', or a comma list "
+                   "of class ids used in turn")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="samples", help="output folder")
+    p.add_argument("--png", action=argparse.BooleanOptionalAction, default=False,
+                   help="also write one PNG per sample")
+    p.add_argument("--keep-latents", action="store_true", help="store the final latents in the .npz files")
+    p.add_argument("--grid-images", type=int, default=64, help="samples in grid.png (0: none)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="sampler state dtype")
+    p.add_argument("--model-dtype", choices=sorted(DTYPES), help="network dtype (e.g. bf16)")
+    p.add_argument("--cuda-graph", action="store_true", help="capture each step in a CUDA graph")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def add_sample_parser(subparsers) -> argparse.ArgumentParser:
+    """Register `sample` on an argparse subparsers object; returns the new parser."""
+    p = subparsers.add_parser("sample", help="sample images with the fused guidance sampler",
+                              description=DESCRIPTION, epilog=GUIDANCE_HELP,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_arguments(p)
+    p.set_defaults(func=run_sample)
+    return p
+
+
+def _apply_config(args: argparse.Namespace) -> argparse.Namespace:
+    if not args.config:
+        return args
+    path = Path(args.config)
+    text = path.read_text()
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        cfg = yaml.safe_load(text) or {}
+    else:
+        cfg = json.loads(text)
+    defaults = _defaults()
+    for key, value in cfg.items():
+        dest = key.replace("-", "_")
+        if dest not in defaults:
+            raise ValueError(f"raekern sample: argument '--config' has an unknown option {key!r}")
+        if getattr(args, dest) == defaults[dest]:  # the command line did not set it
+            if dest == "guidance" and isinstance(value, str):
+                value = [value]
+            setattr(args, dest, value)
+    return args
+
+
+def _labels_fn(spec: str, num_classes: int, seed: int):
+    from raekern.sampling.distributed import class_labels
+
+    if spec in ("equal", "random"):
+        return lambda idx: class_labels(idx, num_classes, seed, spec)
+    try:
+        ids = [int(v) for v in spec.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"raekern sample: argument '--labels' must be 'equal', 'random' or a comma list "
+                         f"of integers, got {spec!r}") from None
+    if not ids or any(not 0 <= i < num_classes for i in ids):
+        raise ValueError(f"raekern sample: argument '--labels' must name classes in [0, {num_classes}), got {spec!r}")
+    return lambda idx: torch.tensor([ids[i % len(ids)] for i in idx], dtype=torch.int64)
+
+
+def build_from_args(args: argparse.Namespace):
+    """(pipeline with its policy, policy specs) from parsed arguments."""
+    preset = get_preset(args.preset)
+    opts = {k: v for k, v in vars(args).items() if k != "func"}
+    opts["dtype"] = DTYPES[args.dtype]
+    opts["model_dtype"] = DTYPES[args.model_dtype] if args.model_dtype else None
+    opts["progress"] = False  # per-step bars inside a shard bar are noise
+    pipe = preset.build(opts)
+    specs = list(args.guidance or preset.guidance)
+    has_weak = "weak" in pipe.models and pipe.models["weak"] is not None
+    if not args.guidance and describe(specs)["method"] == "ag" and not has_weak:
+        specs = ["none"]
+    classifier = None
+    if describe(specs)["method"] == "gfcg" and preset.classifier is not None:
+        classifier = preset.classifier(opts, pipe)
+    policy = build_policy(specs, classifier=classifier, has_weak=has_weak, num_classes=preset.num_classes)
+    return pipe.with_policy(policy), specs
+
+
+def run_sample(args: argparse.Namespace) -> int:
+    from raekern.sampling.distributed import MERGED, distributed_sample, init_distributed
+    from raekern.sampling.pipelines import image_grid
+    from raekern.sampling.distributed import save_png_atomic
+
+    args = _apply_config(args)
+    if args.num < 1:
+        raise ValueError(f"raekern sample: argument '--num' must be >= 1, got {args.num}")
+    if args.batch_size < 1:
+        raise ValueError(f"raekern sample: argument '--batch-size' must be >= 1, got {args.batch_size}")
+    rank, world = init_distributed(args.device)
+    if args.device.startswith("cuda") and world > 1:
+        args.device = f"cuda:{torch.cuda.current_device()}"
+    pipe, specs = build_from_args(args)
+    labels_of = _labels_fn(args.labels, pipe.num_classes, args.seed)
+
+    def generate(indices):
+        return pipe.generate(indices, seed=args.seed, labels=labels_of(indices))
+
+    manifest = {"preset": args.preset, "ckpt": args.ckpt, "weak_ckpt": args.weak_ckpt,
+                "decoder_ckpt": args.decoder_ckpt, "stats": args.stats, "guidance": specs,
+                "steps": pipe.grid.num_steps, "grid": pipe.grid.name, "solver": args.solver,
+                "seed": args.seed, "labels": args.labels, "dtype": args.dtype, "model_dtype": args.model_dtype}
+    log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731  one line per shard
+    merged = distributed_sample(generate, args.num, args.out, shard_size=args.batch_size, manifest=manifest,
+                                png=args.png, keep_latents=args.keep_latents, device=args.device,
+                                progress=not args.no_progress, log=log)
+    if rank == 0 and merged is not None and args.grid_images > 0:
+        with np.load(merged) as z:
+            imgs = z["arr_0"][: args.grid_images]
+        save_png_atomic(Path(args.out) / "grid.png", image_grid(imgs))
+        print(f"wrote {Path(args.out) / MERGED} ({args.num} samples) and {Path(args.out) / 'grid.png'}")
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="raekern sample", description=DESCRIPTION, epilog=GUIDANCE_HELP,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run_sample(args)
+    except ValueError as e:
+        parser.error(str(e))
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
