@@ -85,7 +85,8 @@ def add_sample_parser(subparsers) -> argparse.ArgumentParser:
                               description=DESCRIPTION, epilog=GUIDANCE_HELP,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_arguments(p)
-    p.set_defaults(func=run_sample)
+    # raekern/cli.py dispatches on `fn`
+    p.set_defaults(func=run_sample, fn=run_sample)
     return p
 
 
