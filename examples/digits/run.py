@@ -41,7 +41,7 @@ from raekern.models.digits import ASSET, LatentProbe, save_digits_model  # noqa:
 from raekern.models.rae import noise_augment  # noqa: E402
 from raekern.models.training import shift_alpha, xpred_loss  # noqa: E402
 
-FULL = dict(eval_steps=300, enc_steps=600, dec_steps=500, dro_p2=200, dro_p3=300, probe_steps=300,
+FULL = dict(eval_steps=800, enc_steps=600, dec_steps=500, dro_p2=200, dro_p3=300, probe_steps=300,
             dit_steps=1500, weak_steps=400, batch=64, per_class=20, sample_steps=20)
 QUICK = dict(eval_steps=10, enc_steps=10, dec_steps=10, dro_p2=5, dro_p3=5, probe_steps=10,
              dit_steps=10, weak_steps=5, batch=32, per_class=2, sample_steps=4)
