@@ -47,15 +47,15 @@ def _sample(tmp_path, *extra):
     from raekern.cli import main
 
     out = tmp_path / "out"
-    t0 = time.time()
+    t0 = time.process_time()  # CPU seconds: wall time means little on a machine shared with other jobs
     assert main(["sample", "--out", str(out), "--no-progress", *extra]) == 0
-    return out, time.time() - t0
+    return out, time.process_time() - t0
 
 
 @needs_asset
 def test_raekern_sample_without_checkpoints_writes_a_digit_grid(tmp_path):
     out, sec = _sample(tmp_path, "--num", "20")
-    assert sec < 30  # seconds on two cores; generous for a shared machine
+    assert sec < 20  # CPU seconds (a few on an idle 2-core machine)
     assert (out / "grid.png").is_file()
     with np.load(out / "samples.npz") as z:
         imgs, labels = z["arr_0"], z["labels"]

@@ -64,7 +64,7 @@ class DigitsModel:
         return P.Pipeline(
             self.dit, policy or NoGuidance(),
             P.make_grid(grid or self.config.get("grid", "raev2"), steps or self.config.get("steps", 32),
-                        latent_shape=shape),
+                        alpha=self.config.get("alpha"), latent_shape=shape),
             latent_shape=shape, decoder=self.decoder, latent_mean=self.latent_mean, latent_var=self.latent_var,
             decoder_output="unit", param="x0", x0_t_eps=0.05, models={"weak": self.weak},
             null_label=NUM_CLASSES, num_classes=NUM_CLASSES, device=device, **kw)
