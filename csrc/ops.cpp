@@ -5,10 +5,10 @@
 
 #include <string>
 
-#include "fusion/fusion_schema.h"
-#include "norm/norm_schema.h"
-#include "guidance/guidance_schema.h"
 #include "attention/attention_schema.h"
+#include "fusion/fusion_schema.h"
+#include "guidance/guidance_schema.h"
+#include "norm/norm_schema.h"
 
 namespace raekern {
 
@@ -44,10 +44,10 @@ static std::string build_info() {
 
 TORCH_LIBRARY(raekern, m) {
   m.def("build_info() -> str", &raekern::build_info);
-  raekern::norm::define_schemas(m);
+  raekern::attention::define_schemas(m);
   raekern::fusion::define_schemas(m);
   raekern::guidance::define_schemas(m);
-  raekern::attention::define_schemas(m);
+  raekern::norm::define_schemas(m);
 }
 
 // `import raekern._C` loads this library (and so registers the ops); it holds no Python API.

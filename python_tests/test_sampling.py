@@ -309,3 +309,51 @@ def test_pipeline_bad_arguments(nets):
         pipe.decode(_noise())
     with pytest.raises(ValueError, match="'space'"):
         gfcg_pipeline(pipe, TinyLatentClassifier(C, 10), space="text")
+
+
+# -- the CUDA-graph path's buffer chaining, on the CPU -------------------------------------------------------
+@pytest.mark.parametrize("case", ["cfg_heun", "gfcg", "apg_momentum"])
+def test_graph_path_chaining_matches_eager(nets, case):
+    from raekern.sampling.sampler import _RerunGraphs
+
+    grid = rae_v1_grid(7, latent_shape=SHAPE)
+    if case == "cfg_heun":
+        make = lambda: Sampler(nets["main"], G.CFG(1.5), grid, solver="heun", progress=False)  # noqa: E731
+    elif case == "gfcg":
+        make = lambda: Sampler(nets["main"], G.GFCG(TinyLatentClassifier(C, 10), w_max=2.0, kappa=3.0,  # noqa: E731
+                                                    num_classes=10), grid, progress=False)
+    else:
+        make = lambda: Sampler(nets["main"], G.APG(2.0, eta=0.0, norm_threshold=5.0, momentum=-0.5,  # noqa: E731
+                                                   num_classes=10), grid, progress=False)
+    graphed = make()
+    graphed.cuda_graph, graphed._graph_api = True, _RerunGraphs()
+    for seed in (1, 2):  # the second call replays the captured steps with new noise
+        want = make()(_noise(seed=seed), LABELS)
+        got = graphed(_noise(seed=seed), LABELS)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    assert len(graphed._graphs) == 1
+
+
+def test_inactive_interval_skips_the_unneeded_branches(nets):
+    grid = rae_v1_grid(12, latent_shape=SHAPE)
+    ts = grid.times()[:-1]
+    inside = [0.2 <= t <= 0.7 for t in ts]
+    main, weak = Counting(nets["main"]), Counting(nets["weak"])
+    sample(main, _noise(), LABELS, G.CFG(2.0, interval=(0.2, 0.7)), grid, progress=False)
+    assert main.calls == [6 if on else 3 for on in inside]
+    main.calls.clear()
+    sample(main, _noise(), LABELS, G.AutoGuidance(1.5, interval=(0.2, 0.7)), grid, models={"weak": weak},
+           progress=False)
+    assert main.calls == [3] * len(ts) and len(weak.calls) == sum(inside)
+    want = rae_v1_reference_sample(nets["main"], _noise(), LABELS, num_steps=12, cfg_scale=1.5,
+                                   method="autoguidance", weak_model=nets["weak"], interval=(0.2, 0.7))
+    got = sample(nets["main"], _noise(), LABELS, G.AutoGuidance(1.5, interval=(0.2, 0.7)), grid,
+                 models={"weak": nets["weak"]}, progress=False)
+    torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
+    # GFCG + CFG with an interval, and rescale around CFG: same result with and without skipping
+    for policy in (lambda: G.GFCG(TinyLatentClassifier(C, 10), w_max=2.0, kappa=3.0, mode="cfg3", cfg_scale=1.5,
+                                  interval=(0.2, 0.7), num_classes=10),
+                   lambda: G.GuidanceRescale(G.CFG(2.0, interval=(0.2, 0.7)), 0.7)):
+        a = sample(nets["main"], _noise(), LABELS, policy(), grid, progress=False)
+        b = sample(nets["main"], _noise(), LABELS, policy(), grid, progress=False, skip_inactive=False)
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)

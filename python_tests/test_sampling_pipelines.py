@@ -36,7 +36,7 @@ def _randomize(m, seed):
 def ckpts(tmp_path_factory):
     d = tmp_path_factory.mktemp("ckpt")
     nets = {"main": _randomize(M.build("ditdh-tiny", backend="torch"), 0),
-            "weak": _randomize(M.build("ditdh-tiny", backend="torch", depth=(1, 1)), 1),
+            "weak": _randomize(M.build("ditdh-tiny", backend="torch"), 1),
             "v2": _randomize(M.build("ditdh-tiny-v2", backend="torch"), 2),
             "dec": _randomize(M.build("decoder-tiny", backend="torch"), 3)}
     for k, m in nets.items():
@@ -51,8 +51,7 @@ def test_rae_v1_from_checkpoints_with_autoguidance(ckpts):
     d, nets = ckpts
     pipe = rae_v1_from_checkpoints(d / "main.pt", d / "dec.pt", d / "stat.pt", weak=d / "weak.pt",
                                    dit_name="ditdh-tiny", weak_name="ditdh-tiny", decoder_name="decoder-tiny",
-                                   num_points=10, latent_shape=SHAPE, progress=False, backend="torch",
-                                   weak_overrides={"depth": (1, 1)})
+                                   num_points=10, progress=False, backend="torch")
     assert isinstance(pipe.policy, AutoGuidance)
     noise = indexed_noise(range(3), SHAPE, 0)
     z = pipe.latents(LABELS, noise)
@@ -104,3 +103,31 @@ def test_raekern_backend_sampler_matches_plain_pytorch(ckpts):
     got = sample(fast, noise, LABELS, CFG(1.5), rae_v1_grid(8, latent_shape=SHAPE), progress=False)
     want = rae_v1_reference_sample(nets["main"], noise, LABELS, num_steps=8, cfg_scale=1.5)
     torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("preset", ["rae-v1-256", "raev2-256"])
+def test_cli_from_checkpoint_paths(ckpts, tmp_path, preset):
+    import numpy as np
+
+    from raekern.sampling import cli
+
+    d, nets = ckpts
+    if preset == "rae-v1-256":
+        extra = ["--ckpt", str(d / "main.pt"), "--dit-model", "ditdh-tiny", "--weak-ckpt", str(d / "weak.pt"),
+                 "--weak-model", "ditdh-tiny", "--steps", "6"]
+    else:
+        extra = ["--ckpt", str(d / "v2.pt"), "--dit-model", "ditdh-tiny-v2", "--steps", "6"]
+    argv = [*extra, "--preset", preset, "--decoder-ckpt", str(d / "dec.pt"), "--decoder-model", "decoder-tiny",
+            "--stats", str(d / "stat.pt"), "--labels", "3,999,0", "--num", "3", "--batch-size", "3",
+            "--no-progress", "--device", "cpu", "--keep-latents", "--out", str(tmp_path)]
+    assert cli.main(argv) == 0
+    with np.load(tmp_path / "samples.npz") as z:
+        latents, images = torch.from_numpy(z["latents"]), z["arr_0"]
+    noise = indexed_noise(range(3), SHAPE, 0)
+    if preset == "rae-v1-256":  # default guidance with a weak model: AutoGuidance 1.42
+        want = rae_v1_reference_sample(nets["main"], noise, LABELS, num_steps=6, cfg_scale=1.42,
+                                       method="autoguidance", weak_model=nets["weak"])
+    else:  # default: internal guidance 1.78 on [0.1, 1]
+        want = raev2_reference_sample(nets["v2"], noise, LABELS, num_steps=6, ig_scale=1.78)
+    torch.testing.assert_close(latents, want, rtol=1e-3, atol=1e-3)
+    assert images.shape == (3, 16, 16, 3) and (tmp_path / "grid.png").exists()

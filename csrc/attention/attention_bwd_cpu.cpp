@@ -21,7 +21,8 @@
 namespace raekern::attention::cpu {
 
 constexpr int64_t kBwdTileQ = 48;
-constexpr int64_t kBwdTileK = 64;
+constexpr int64_t kBwdTileK = 64;  // one transposed 64-key panel
+constexpr int64_t kBwdLdS = kBwdTileK + 16;
 
 template <class T>
 void backward_kernel(const Problem<T, raekern::cpu::acc_t<T>>& P, const at::Tensor& dout,
@@ -30,7 +31,7 @@ void backward_kernel(const Problem<T, raekern::cpu::acc_t<T>>& P, const at::Tens
                      at::Tensor& dv, std::vector<raekern::cpu::acc_t<T>>& dw_parts, int64_t layout) {
   using C = raekern::cpu::acc_t<T>;
   const Dims d = P.d;
-  const int64_t D = d.D, Dp = P.Dp, Nq = d.Nq;
+  const int64_t D = d.D, Dp = P.Dp, LD = P.ld, Nq = d.Nq;
   const Strides4 sdo = strides_bnhd(dout, layout), so = strides_bnhd(out, layout);
   const Strides4 sdq = strides_bnhd(dq, layout), sdk = strides_bnhd(dk, layout),
                  sdv = strides_bnhd(dv, layout);
@@ -45,16 +46,16 @@ void backward_kernel(const Problem<T, raekern::cpu::acc_t<T>>& P, const at::Tens
 
   at::parallel_for(0, d.B * d.H, 1, [&](int64_t begin, int64_t end) {
     std::vector<int64_t> kidx;
-    const int64_t nkp_max = round16(d.Nk);
-    std::vector<C> qp(Nq * Dp), dop_(Nq * Dp), kp(d.Nk * Dp), kt(D * nkp_max), vt(D * nkp_max),
-        dqa(Nq * Dp), dka(d.Nk * Dp), dva(d.Nk * Dp), delta(Nq), l2(Nq), s(kBwdTileQ * kBwdTileK),
-        dp(kBwdTileQ * kBwdTileK), row(Dp), xbuf(Dp);
+    const int64_t nkp_max = round64(d.Nk);
+    std::vector<C> qp(Nq * LD), dop_(Nq * LD), kp(d.Nk * LD), kt(D * nkp_max), vt(D * nkp_max),
+        dqa(Nq * LD), dka(d.Nk * LD), dva(d.Nk * LD), delta(Nq), l2(Nq), s(kBwdTileQ * kBwdLdS),
+        dp(kBwdTileQ * kBwdLdS), row(Dp), xbuf(Dp);
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / d.H, h = bh % d.H;
       C* dwq = &dw_parts[bh * 2 * D];
       C* dwk = dwq + D;
       P.kept_keys(b, kidx);
-      const int64_t nk = int64_t(kidx.size()), nkp = round16(nk);
+      const int64_t nk = int64_t(kidx.size());
       if (nk == 0) {  // every key masked: the output was 0, so every gradient is 0
         for (int64_t n = 0; n < Nq; ++n) {
           T* dst = dqp + b * sdq.b + n * sdq.n + h * sdq.h;
@@ -66,11 +67,11 @@ void backward_kernel(const Problem<T, raekern::cpu::acc_t<T>>& P, const at::Tens
       std::fill(qp.begin(), qp.end(), C(0));
       std::fill(dop_.begin(), dop_.end(), C(0));
       for (int64_t n = 0; n < Nq; ++n) {
-        prologue_row<T, C>(P.q_row(b, n, h), D, P.qwp(), P.eps, P.rope, n, qmul, &qp[n * Dp]);
+        prologue_row<T, C>(P.q_row(b, n, h), D, P.qwp(), P.eps, P.rope, n, qmul, &qp[n * LD]);
         const T* g = dop + b * sdo.b + n * sdo.n + h * sdo.h;
         const T* o = op + b * so.b + n * so.n + h * so.h;
         C acc = 0;
-        C* gr = &dop_[n * Dp];
+        C* gr = &dop_[n * LD];
         for (int64_t i = 0; i < D; ++i) {
           gr[i] = C(raekern::cpu::widen(g[i]));
           acc += gr[i] * C(raekern::cpu::widen(o[i]));
@@ -86,49 +87,49 @@ void backward_kernel(const Problem<T, raekern::cpu::acc_t<T>>& P, const at::Tens
       std::fill(vt.begin(), vt.end(), C(0));
       for (int64_t j = 0; j < nk; ++j) {
         const int64_t n = kidx[j];
-        C* kr = &kp[j * Dp];
+        C* kr = &kp[j * LD];
         prologue_row<T, C>(P.k_row(b, n, h), D, P.kwp(), P.eps, P.rope, n, C(1), kr);
         for (int64_t i = D; i < Dp; ++i) kr[i] = C(0);
-        for (int64_t i = 0; i < D; ++i) kt[i * nkp + j] = kr[i];
+        for (int64_t i = 0; i < D; ++i) kt[tpanel_index(D, i, j)] = kr[i];
         const T* vs = P.v_row(b, n, h);
-        for (int64_t i = 0; i < D; ++i) vt[i * nkp + j] = C(raekern::cpu::widen(vs[i]));
+        for (int64_t i = 0; i < D; ++i) vt[tpanel_index(D, i, j)] = C(raekern::cpu::widen(vs[i]));
       }
       std::fill(dqa.begin(), dqa.end(), C(0));
       for (int64_t j0 = 0; j0 < nk; j0 += kBwdTileK) {
         const int64_t bk = std::min(kBwdTileK, nk - j0), bkp = round16(bk);
-        C* dkb = &dka[j0 * Dp];
-        C* dvb = &dva[j0 * Dp];
+        C* dkb = &dka[j0 * LD];
+        C* dvb = &dva[j0 * LD];
         for (int64_t i0 = 0; i0 < Nq; i0 += kBwdTileQ) {
           const int64_t bq = std::min(kBwdTileQ, Nq - i0);
-          gemm<C>(bq, bkp, D, &qp[i0 * Dp], Dp, 1, &kt[j0], nkp, s.data(), kBwdTileK, false);
-          gemm<C>(bq, bkp, D, &dop_[i0 * Dp], Dp, 1, &vt[j0], nkp, dp.data(), kBwdTileK, false);
+          gemm<C>(bq, bkp, D, &qp[i0 * LD], LD, 1, &kt[j0 * D], 64, D * 64, s.data(), kBwdLdS, false);
+          gemm<C>(bq, bkp, D, &dop_[i0 * LD], LD, 1, &vt[j0 * D], 64, D * 64, dp.data(), kBwdLdS, false);
           for (int64_t r = 0; r < bq; ++r) {
-            C* sr = &s[r * kBwdTileK];
-            C* dr = &dp[r * kBwdTileK];
+            C* sr = &s[r * kBwdLdS];
+            C* dr = &dp[r * kBwdLdS];
             exp2_shift_sum(sr, bk, l2[i0 + r]);
             const C dl = delta[i0 + r];
 #pragma omp simd
             for (int64_t c = 0; c < bk; ++c) dr[c] = sr[c] * (dr[c] - dl);
           }
           const bool first = i0 == 0;
-          gemm<C>(bk, Dp, bq, s.data(), 1, kBwdTileK, &dop_[i0 * Dp], Dp, dvb, Dp, !first);
-          gemm<C>(bk, Dp, bq, dp.data(), 1, kBwdTileK, &qp[i0 * Dp], Dp, dkb, Dp, !first);
-          gemm<C>(bq, Dp, bk, dp.data(), kBwdTileK, 1, &kp[j0 * Dp], Dp, &dqa[i0 * Dp], Dp, true);
+          gemm<C>(bk, Dp, bq, s.data(), 1, kBwdLdS, &dop_[i0 * LD], LD, 64, dvb, LD, !first);
+          gemm<C>(bk, Dp, bq, dp.data(), 1, kBwdLdS, &qp[i0 * LD], LD, 64, dkb, LD, !first);
+          gemm<C>(bq, Dp, bk, dp.data(), kBwdLdS, 1, &kp[j0 * LD], LD, 64, &dqa[i0 * LD], LD, true);
         }
       }
       // Undo the prologues: dq_rot = scale·dS·k_rot, dk_rot = dSᵀ·(scale·log2e·q_rot) / log2e.
       for (int64_t n = 0; n < Nq; ++n) {
-        std::copy(&dqa[n * Dp], &dqa[n * Dp] + D, row.data());
+        std::copy(&dqa[n * LD], &dqa[n * LD] + D, row.data());
         prologue_row_backward<T, C>(P.q_row(b, n, h), D, P.qwp(), P.eps, P.rope, n, C(P.scale),
                                     row.data(), xbuf.data(), dwq, dqp + b * sdq.b + n * sdq.n + h * sdq.h);
       }
       for (int64_t j = 0; j < nk; ++j) {
         const int64_t n = kidx[j];
-        std::copy(&dka[j * Dp], &dka[j * Dp] + D, row.data());
+        std::copy(&dka[j * LD], &dka[j * LD] + D, row.data());
         prologue_row_backward<T, C>(P.k_row(b, n, h), D, P.kwp(), P.eps, P.rope, n, C(1) / log2e,
                                     row.data(), xbuf.data(), dwk, dkp + b * sdk.b + n * sdk.n + h * sdk.h);
         T* dst = dvp + b * sdv.b + n * sdv.n + h * sdv.h;
-        for (int64_t i = 0; i < D; ++i) dst[i] = static_cast<T>(dva[j * Dp + i]);
+        for (int64_t i = 0; i < D; ++i) dst[i] = static_cast<T>(dva[j * LD + i]);
       }
     }
   });

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "attention/attention_args.h"
+#include "attention/cpu_amx_fwd.h"
 #include "attention/cpu_exp2.h"
 #include "attention/cpu_gemm.h"
 #include "attention/cpu_problem.h"
@@ -19,14 +20,15 @@
 namespace raekern::attention::cpu {
 
 constexpr int64_t kTileQ = 48;   // query rows per tile (a multiple of the 6-row micro-tile)
-constexpr int64_t kTileK = 128;  // keys per online-softmax step
+constexpr int64_t kTileK = 128;  // keys per online-softmax step (a multiple of 64)
+constexpr int64_t kLdS = kTileK + 16;  // score-tile row stride, off the power of two
 
 template <class T>
 void forward_kernel(const Problem<T, raekern::cpu::acc_t<T>>& P, at::Tensor& out, at::Tensor& lse,
                     int64_t layout) {
   using C = raekern::cpu::acc_t<T>;
   const Dims d = P.d;
-  const int64_t D = d.D, Dp = P.Dp;
+  const int64_t D = d.D, Dp = P.Dp, LD = P.ld;
   const Strides4 so = strides_bnhd(out, layout);
   T* optr = out.data_ptr<T>();
   const int64_t lse_bytes = lse.element_size();
@@ -40,22 +42,21 @@ void forward_kernel(const Problem<T, raekern::cpu::acc_t<T>>& P, at::Tensor& out
 
   at::parallel_for(0, d.B * d.H * chunks, 1, [&](int64_t begin, int64_t end) {
     std::vector<int64_t> kidx;
-    std::vector<C> kt(D * round16(d.Nk)), vp(d.Nk * Dp), qs(kTileQ * D), s(kTileQ * kTileK),
-        o(kTileQ * Dp), row(Dp), m(kTileQ), l(kTileQ);
+    std::vector<C> kt(D * round64(d.Nk)), vp(d.Nk * LD), qs(kTileQ * D), s(kTileQ * kLdS),
+        o(kTileQ * LD), row(Dp), m(kTileQ), l(kTileQ);
     int64_t packed_bh = -1;
-    int64_t nk = 0, nkp = 0;
+    int64_t nk = 0;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / chunks, chunk = task % chunks, b = bh / d.H, h = bh % d.H;
       if (bh != packed_bh) {
         P.kept_keys(b, kidx);
         nk = int64_t(kidx.size());
-        nkp = round16(nk);
         std::fill(kt.begin(), kt.end(), C(0));
         for (int64_t j = 0; j < nk; ++j) {
           const int64_t n = kidx[j];
           prologue_row<T, C>(P.k_row(b, n, h), D, P.kwp(), P.eps, P.rope, n, C(1), row.data());
-          for (int64_t i = 0; i < D; ++i) kt[i * nkp + j] = row[i];
-          C* vr = &vp[j * Dp];
+          for (int64_t i = 0; i < D; ++i) kt[tpanel_index(D, i, j)] = row[i];
+          C* vr = &vp[j * LD];
           const T* vs = P.v_row(b, n, h);
           for (int64_t i = 0; i < D; ++i) vr[i] = C(raekern::cpu::widen(vs[i]));
           for (int64_t i = D; i < Dp; ++i) vr[i] = C(0);
@@ -71,26 +72,27 @@ void forward_kernel(const Problem<T, raekern::cpu::acc_t<T>>& P, at::Tensor& out
         std::fill(l.begin(), l.end(), C(0));
         for (int64_t j0 = 0; j0 < nk; j0 += kTileK) {
           const int64_t bk = std::min(kTileK, nk - j0);
-          gemm<C>(bq, round16(bk), D, qs.data(), D, 1, &kt[j0], nkp, s.data(), kTileK, false);
+          gemm<C>(bq, round16(bk), D, qs.data(), D, 1, &kt[(j0 / 64) * D * 64], 64, D * 64, s.data(), kLdS,
+                  false);
           for (int64_t r = 0; r < bq; ++r) {
-            C* sr = &s[r * kTileK];
+            C* sr = &s[r * kLdS];
             const C mnew = std::max(m[r], row_max(sr, bk));
             const C alpha = std::exp2(m[r] - mnew);
             l[r] = l[r] * alpha + exp2_shift_sum(sr, bk, mnew);
             m[r] = mnew;
             if (j0 > 0 && alpha != C(1)) {
-              C* orow = &o[r * Dp];
+              C* orow = &o[r * LD];
 #pragma omp simd
               for (int64_t i = 0; i < Dp; ++i) orow[i] *= alpha;
             }
           }
-          gemm<C>(bq, Dp, bk, s.data(), kTileK, 1, &vp[j0 * Dp], Dp, o.data(), Dp, j0 > 0);
+          gemm<C>(bq, Dp, bk, s.data(), kLdS, 1, &vp[j0 * LD], LD, 64, o.data(), LD, j0 > 0);
         }
         for (int64_t r = 0; r < bq; ++r) {
           const int64_t n = i0 + r;
           T* dst = optr + b * so.b + n * so.n + h * so.h;
           const C inv = nk > 0 ? C(1) / l[r] : C(0);
-          const C* orow = &o[r * Dp];
+          const C* orow = &o[r * LD];
           for (int64_t i = 0; i < D; ++i) dst[i] = static_cast<T>(nk > 0 ? orow[i] * inv : C(0));
           const double lv = nk > 0 ? (double(m[r]) + std::log2(double(l[r]))) * std::log(2.0) : -INFINITY;
           const int64_t li = (b * d.H + h) * d.Nq + n;
@@ -103,6 +105,17 @@ void forward_kernel(const Problem<T, raekern::cpu::acc_t<T>>& P, at::Tensor& out
     }
   });
 }
+
+// bf16 goes to the AMX tile kernel when the CPU (and the OS) offer it; everything else, and bf16
+// elsewhere, to the portable AVX-512 / scalar kernel above. RAEKERN_ATTENTION_AMX=0 disables AMX.
+template <class Prob> inline bool try_amx(const Prob&, at::Tensor&, at::Tensor&, int64_t) { return false; }
+#ifdef RAEKERN_ATTENTION_AMX
+inline bool try_amx(const Problem<c10::BFloat16, float>& P, at::Tensor& out, at::Tensor& lse, int64_t layout) {
+  if (!amx::available()) return false;
+  amx::forward(P, out, lse, layout);
+  return true;
+}
+#endif
 
 std::tuple<at::Tensor, at::Tensor> attention_cpu(const at::Tensor& q_, const at::Tensor& k_,
                                                  const at::Tensor& v_,
@@ -120,7 +133,7 @@ std::tuple<at::Tensor, at::Tensor> attention_cpu(const at::Tensor& q_, const at:
   RAEKERN_DISPATCH_FLOATING(q.scalar_type(), "raekern.attention", [&] {
     using C = raekern::cpu::acc_t<scalar_t>;
     const Problem<scalar_t, C> P(q, k, v, qw, kw, mask, scale, eps, rope_h, rope_w, theta, layout);
-    forward_kernel<scalar_t>(P, out, lse, layout);
+    if (!try_amx(P, out, lse, layout)) forward_kernel<scalar_t>(P, out, lse, layout);
   });
   return {out, lse};
 }

@@ -12,20 +12,20 @@
 namespace raekern::attention::cpu {
 
 #if defined(__AVX512F__)
-// Horizontal reductions through memory: GCC 12's _mm512_reduce_* trip -Wmaybe-uninitialized.
+// Horizontal reductions by halving (GCC 12's _mm512_reduce_* trip -Wmaybe-uninitialized).
 inline float hsum(__m512 v) {
-  alignas(64) float t[16];
-  _mm512_store_ps(t, v);
-  float s = 0.f;
-  for (int i = 0; i < 16; ++i) s += t[i];
-  return s;
+  const __m256 a = _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1));
+  __m128 b = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  b = _mm_add_ps(b, _mm_movehl_ps(b, b));
+  b = _mm_add_ss(b, _mm_movehdup_ps(b));
+  return _mm_cvtss_f32(b);
 }
 inline float hmax(__m512 v) {
-  alignas(64) float t[16];
-  _mm512_store_ps(t, v);
-  float m = t[0];
-  for (int i = 1; i < 16; ++i) m = t[i] > m ? t[i] : m;
-  return m;
+  const __m256 a = _mm256_max_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1));
+  __m128 b = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  b = _mm_max_ps(b, _mm_movehl_ps(b, b));
+  b = _mm_max_ss(b, _mm_movehdup_ps(b));
+  return _mm_cvtss_f32(b);
 }
 
 // 2^x = 2^round(x) · 2^f, |f| <= 1/2; degree-6 Taylor of e^(f·ln2): relative error < 1.3e-7.
@@ -71,6 +71,22 @@ template <> inline float exp2_shift_sum<float>(float* __restrict s, int64_t n, f
     const __m512 p = exp2_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, s + i), vs));
     _mm512_mask_storeu_ps(s + i, mk, p);
     acc = _mm512_add_ps(acc, _mm512_maskz_mov_ps(mk, p));
+  }
+  return hsum(acc);
+}
+#endif
+
+#if defined(__AVX512BF16__)
+// Like exp2_shift_sum, but writes p rounded to bf16 (n rounded up to 32 with zeros) in one pass.
+inline float exp2_shift_sum_bf16(const float* __restrict s, int64_t n, int64_t n32, float sub,
+                                 uint16_t* __restrict p) {
+  const __m512 vs = _mm512_set1_ps(sub);
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t i = 0; i < n32; i += 16) {
+    const __mmask16 mk = n - i >= 16 ? __mmask16(0xffff) : n > i ? __mmask16((1u << (n - i)) - 1u) : 0;
+    const __m512 e = _mm512_maskz_mov_ps(mk, exp2_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, s + i), vs)));
+    acc = _mm512_add_ps(acc, e);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + i), (__m256i)_mm512_cvtneps_pbh(e));
   }
   return hsum(acc);
 }

@@ -2,7 +2,11 @@
 // A is read by scalar broadcast through two strides, so Aᵀ costs nothing (dV += Pᵀ·dO,
 // dK += dSᵀ·Q); B and C are row-major with their columns contiguous, so they are read with
 // full-width vector loads. The fp32 AVX-512 path requires N % 16 == 0 (callers pad panels).
+// B may also be packed as consecutive 64-column panels (`bpanel` elements apart, row stride ldb):
+// a transposed K panel then streams through L1 contiguously instead of at a power-of-two stride.
+// Row-major B passes bpanel = 64.
 #pragma once
+#include <algorithm>
 #include <cstdint>
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -13,7 +17,14 @@ namespace raekern::attention::cpu {
 // Portable version (fp64 reference precision, and fp32 on CPUs without AVX-512).
 template <class F>
 inline void gemm(int64_t M, int64_t N, int64_t K, const F* __restrict A, int64_t sam, int64_t sak,
-                 const F* __restrict B, int64_t ldb, F* __restrict C, int64_t ldc, bool accumulate) {
+                 const F* __restrict B, int64_t ldb, int64_t bpanel, F* __restrict C, int64_t ldc,
+                 bool accumulate) {
+  if (bpanel != 64) {
+    for (int64_t n = 0; n < N; n += 64)
+      gemm<F>(M, std::min<int64_t>(64, N - n), K, A, sam, sak, B + (n / 64) * bpanel, ldb, 64, C + n, ldc,
+              accumulate);
+    return;
+  }
   for (int64_t m = 0; m < M; ++m) {
     F* __restrict c = C + m * ldc;
     if (!accumulate) {
@@ -83,14 +94,16 @@ inline void panel_f32(int64_t M, int64_t K, const float* A, int64_t sam, int64_t
 
 template <>
 inline void gemm<float>(int64_t M, int64_t N, int64_t K, const float* __restrict A, int64_t sam,
-                        int64_t sak, const float* __restrict B, int64_t ldb, float* __restrict C,
-                        int64_t ldc, bool accumulate) {
+                        int64_t sak, const float* __restrict B, int64_t ldb, int64_t bpanel,
+                        float* __restrict C, int64_t ldc, bool accumulate) {
   int64_t nv = N / 16, n = 0;
-  if (nv == 5) return panel_f32<5>(M, K, A, sam, sak, B, ldb, C, ldc, accumulate);
-  for (; nv >= 4; nv -= 4, n += 64) panel_f32<4>(M, K, A, sam, sak, B + n, ldb, C + n, ldc, accumulate);
-  if (nv == 3) panel_f32<3>(M, K, A, sam, sak, B + n, ldb, C + n, ldc, accumulate);
-  if (nv == 2) panel_f32<2>(M, K, A, sam, sak, B + n, ldb, C + n, ldc, accumulate);
-  if (nv == 1) panel_f32<1>(M, K, A, sam, sak, B + n, ldb, C + n, ldc, accumulate);
+  if (nv == 5 && bpanel == 64) return panel_f32<5>(M, K, A, sam, sak, B, ldb, C, ldc, accumulate);
+  for (; nv >= 4; nv -= 4, n += 64)
+    panel_f32<4>(M, K, A, sam, sak, B + (n / 64) * bpanel, ldb, C + n, ldc, accumulate);
+  const float* Bt = B + (n / 64) * bpanel;
+  if (nv == 3) panel_f32<3>(M, K, A, sam, sak, Bt, ldb, C + n, ldc, accumulate);
+  if (nv == 2) panel_f32<2>(M, K, A, sam, sak, Bt, ldb, C + n, ldc, accumulate);
+  if (nv == 1) panel_f32<1>(M, K, A, sam, sak, Bt, ldb, C + n, ldc, accumulate);
 }
 #endif
 

@@ -12,10 +12,17 @@
 namespace raekern::attention::cpu {
 
 inline int64_t round16(int64_t n) { return (n + 15) / 16 * 16; }
+inline int64_t round64(int64_t n) { return (n + 63) / 64 * 64; }
+// Row stride of the row-major panels: the padded head dim plus one vector, so rows do not all
+// land in the same few L1 sets when Dh is a multiple of 64.
+inline int64_t panel_ld(int64_t D) { return round16(D) + 16; }
+// Transposed panels ([Dh][64 keys] blocks): element (i, key j).
+inline int64_t tpanel_index(int64_t D, int64_t i, int64_t j) { return (j / 64) * D * 64 + i * 64 + j % 64; }
 
 template <class T, class C> struct Problem {
   Dims d;
   int64_t Dp;  // head dim padded to 16 lanes for the row-major panels
+  int64_t ld;  // their row stride
   const T *q, *k, *v;
   Strides4 sq, sk, sv;
   std::vector<C> qw, kw;  // empty: no QK-norm
@@ -31,6 +38,7 @@ template <class T, class C> struct Problem {
           double theta, int64_t layout)
       : d(dims_of(q_, k_, layout)),
         Dp(round16(d.D)),
+        ld(panel_ld(d.D)),
         q(q_.data_ptr<T>()),
         k(k_.data_ptr<T>()),
         v(v_.data_ptr<T>()),

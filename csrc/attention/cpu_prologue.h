@@ -6,27 +6,36 @@
 #pragma once
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 #include "common/cpu_utils.h"
 
 namespace raekern::attention::cpu {
 
 template <class C> struct RopeTable {
-  int64_t gh = 0, gw = 0, npair = 0;  // npair = Dh/4 pairs per half
-  std::vector<C> cr, sr, cc, sc;      // [gh][npair] by row, [gw][npair] by column
+  int64_t gh = 0, gw = 0, half = 0;  // half = Dh/2 channels rotated by one position
+  // Per position and channel of a half: cos, and sin signed for the pair partner, so that
+  // y[i] = x[i]·cos[i] + x[i^1]·sin[i] (interleaved pairs (2p, 2p+1) share angle p).
+  std::vector<C> cr, sr, cc, sc;  // [gh][half] by row, [gw][half] by column
 
-  RopeTable(int64_t h, int64_t w, int64_t D, double theta) : gh(h), gw(w), npair(D / 4) {
+  RopeTable(int64_t h, int64_t w, int64_t D, double theta) : gh(h), gw(w), half(D / 2) {
     if (gh == 0) return;
+    const int64_t npair = D / 4;
     std::vector<double> f(npair);
     for (int64_t p = 0; p < npair; ++p) f[p] = std::pow(theta, -double(2 * p) / double(D / 2));
     auto fill = [&](int64_t n, std::vector<C>& c, std::vector<C>& s) {
-      c.resize(n * npair);
-      s.resize(n * npair);
+      c.resize(n * half);
+      s.resize(n * half);
       for (int64_t i = 0; i < n; ++i)
         for (int64_t p = 0; p < npair; ++p) {
-          c[i * npair + p] = C(std::cos(double(i) * f[p]));
-          s[i * npair + p] = C(std::sin(double(i) * f[p]));
+          const double cs = std::cos(double(i) * f[p]), sn = std::sin(double(i) * f[p]);
+          c[i * half + 2 * p] = c[i * half + 2 * p + 1] = C(cs);
+          s[i * half + 2 * p] = C(-sn);
+          s[i * half + 2 * p + 1] = C(sn);
         }
     };
     fill(gh, cr, sr);
@@ -35,24 +44,52 @@ template <class C> struct RopeTable {
   bool rotates(int64_t token) const { return gh > 0 && token < gh * gw; }
 };
 
-// Rotate (or, with sign = -1, un-rotate) one half of a row by the angles of one table row.
+// Rotate (sign = 1) or un-rotate (sign = -1) n channels of interleaved pairs.
 template <class C>
-inline void rotate_half(C* __restrict x, const C* __restrict c, const C* __restrict s, int64_t npair,
-                        C sign) {
-#pragma omp simd
-  for (int64_t p = 0; p < npair; ++p) {
-    const C a = x[2 * p], b = x[2 * p + 1], sn = sign * s[p];
-    x[2 * p] = a * c[p] - b * sn;
-    x[2 * p + 1] = b * c[p] + a * sn;
+inline void rotate_half(C* __restrict x, const C* __restrict c, const C* __restrict s, int64_t n, C sign) {
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<C, float>) {
+    const __m512 sg = _mm512_set1_ps(sign);
+    for (int64_t i = 0; i < n; i += 16) {
+      const __mmask16 mk = n - i >= 16 ? __mmask16(0xffff) : __mmask16((1u << (n - i)) - 1u);
+      const __m512 v = _mm512_maskz_loadu_ps(mk, x + i);
+      const __m512 sw = _mm512_permute_ps(v, 0xB1);  // swap the two members of every pair
+      const __m512 r = _mm512_fmadd_ps(v, _mm512_maskz_loadu_ps(mk, c + i),
+                                       _mm512_mul_ps(sg, _mm512_mul_ps(sw, _mm512_maskz_loadu_ps(mk, s + i))));
+      _mm512_mask_storeu_ps(x + i, mk, r);
+    }
+    return;
+  }
+#endif
+  for (int64_t p = 0; p < n; p += 2) {
+    const C a = x[p], b = x[p + 1];
+    x[p] = a * c[p] + sign * b * s[p];
+    x[p + 1] = b * c[p + 1] + sign * a * s[p + 1];
   }
 }
 
 template <class C>
 inline void apply_rope(C* x, int64_t D, const RopeTable<C>& t, int64_t token, C sign) {
   if (!t.rotates(token)) return;
-  const int64_t row = token / t.gw, col = token % t.gw, np = t.npair;
-  rotate_half(x, &t.cr[row * np], &t.sr[row * np], np, sign);
-  rotate_half(x + D / 2, &t.cc[col * np], &t.sc[col * np], np, sign);
+  const int64_t row = token / t.gw, col = token % t.gw, h = t.half;
+  rotate_half(x, &t.cr[row * h], &t.sr[row * h], h, sign);
+  rotate_half(x + D / 2, &t.cc[col * h], &t.sc[col * h], h, sign);
+}
+
+// Widen one row of storage type T to the compute type (bf16 via a 16-bit shift, 16 lanes at a time).
+template <class T, class C> inline void widen_row(const T* __restrict src, int64_t D, C* __restrict dst) {
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, c10::BFloat16> && std::is_same_v<C, float>) {
+    const uint16_t* u = reinterpret_cast<const uint16_t*>(src);
+    for (int64_t i = 0; i < D; i += 16) {
+      const __mmask16 mk = D - i >= 16 ? __mmask16(0xffff) : __mmask16((1u << (D - i)) - 1u);
+      const __m512i w = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mk, u + i));
+      _mm512_mask_storeu_ps(dst + i, mk, _mm512_castsi512_ps(_mm512_slli_epi32(w, 16)));
+    }
+    return;
+  }
+#endif
+  for (int64_t i = 0; i < D; ++i) dst[i] = C(raekern::cpu::widen(src[i]));
 }
 
 template <class C> inline C inv_rms(const C* __restrict x, int64_t D, C eps) {
@@ -66,7 +103,7 @@ template <class C> inline C inv_rms(const C* __restrict x, int64_t D, C eps) {
 template <class T, class C>
 inline void prologue_row(const T* __restrict src, int64_t D, const C* __restrict w, C eps,
                          const RopeTable<C>& rope, int64_t token, C mul, C* __restrict dst) {
-  for (int64_t i = 0; i < D; ++i) dst[i] = C(raekern::cpu::widen(src[i]));
+  widen_row(src, D, dst);
   C m = mul;
   if (w) {
     const C r = inv_rms(dst, D, eps);
@@ -92,7 +129,7 @@ inline void prologue_row_backward(const T* __restrict src, int64_t D, const C* _
   }
   apply_rope(g, D, rope, token, C(-1));
   if (w) {
-    for (int64_t i = 0; i < D; ++i) xbuf[i] = C(raekern::cpu::widen(src[i]));
+    widen_row(src, D, xbuf);
     const C r = inv_rms(xbuf, D, eps);
     C dot = 0;
 #pragma omp simd reduction(+ : dot)

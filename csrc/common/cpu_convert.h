@@ -7,6 +7,7 @@
 #include <c10/util/Half.h>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
@@ -141,6 +142,75 @@ inline void narrow_row<c10::Half>(const float* __restrict src, int64_t n, c10::H
 #endif
   for (; i < n; ++i) dst[i] = static_cast<c10::Half>(src[i]);
 }
+
+
+// 16 lanes of fp32 loaded from / stored to any storage type, with a lane mask for row tails.
+// Kernels write their hot row loops with these when RAEKERN_CPU_VEC16 is defined.
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#define RAEKERN_CPU_VEC16 1
+inline __mmask16 tail_mask(int64_t left) { return left >= 16 ? __mmask16(0xffff) : __mmask16((1u << left) - 1); }
+
+template <class T> inline __m512 load16(const T* p, __mmask16 m);
+template <> inline __m512 load16<float>(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+template <> inline __m512 load16<c10::BFloat16>(const c10::BFloat16* p, __mmask16 m) {
+  __m512i v = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+}
+template <> inline __m512 load16<c10::Half>(const c10::Half* p, __mmask16 m) {
+  return _mm512_maskz_cvtph_ps(__mmask16(0xffff), _mm256_maskz_loadu_epi16(m, p));
+}
+
+inline float hsum16(__m512 v) { return _mm512_reduce_add_ps(v); }
+
+// fp32 lanes -> 16-bit storage bits (round to nearest even).
+inline __m256i bf16_bits(__m512 f) {
+#if defined(__AVX512BF16__)
+  __m256bh v = _mm512_cvtneps_pbh(f);
+  return reinterpret_cast<__m256i&>(v);
+#else
+  __m512i u = _mm512_castps_si512(f);
+  __m512i r = _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)),
+                               _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1)));
+  r = _mm512_mask_mov_epi32(_mm512_srli_epi32(r, 16), _mm512_cmp_ps_mask(f, f, _CMP_UNORD_Q),
+                            _mm512_set1_epi32(0x7fc0));
+  return _mm512_cvtepi32_epi16(r);
+#endif
+}
+
+template <class T> inline void store16(T* p, __m512 v, __mmask16 m);
+template <> inline void store16<float>(float* p, __m512 v, __mmask16 m) { _mm512_mask_storeu_ps(p, m, v); }
+template <> inline void store16<c10::BFloat16>(c10::BFloat16* p, __m512 v, __mmask16 m) {
+  _mm256_mask_storeu_epi16(p, m, bf16_bits(v));
+}
+template <> inline void store16<c10::Half>(c10::Half* p, __m512 v, __mmask16 m) {
+  _mm256_mask_storeu_epi16(p, m, _mm512_maskz_cvtps_ph(__mmask16(0xffff), v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+
+// Non-temporal store of 16 full lanes (no read-for-ownership of the destination line): for outputs
+// far larger than the caches. p must be 64-byte (fp32) / 32-byte (16-bit types) aligned; callers
+// issue _mm_sfence() before other threads may read the data.
+template <class T> inline void stream16(T* p, __m512 v);
+template <> inline void stream16<float>(float* p, __m512 v) { _mm512_stream_ps(p, v); }
+template <> inline void stream16<c10::BFloat16>(c10::BFloat16* p, __m512 v) {
+  _mm256_stream_si256(reinterpret_cast<__m256i*>(p), bf16_bits(v));
+}
+template <> inline void stream16<c10::Half>(c10::Half* p, __m512 v) {
+  _mm256_stream_si256(reinterpret_cast<__m256i*>(p),
+                      _mm512_maskz_cvtps_ph(__mmask16(0xffff), v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+
+// The value v takes once stored as T (identity for fp32).
+template <class T> inline __m512 round16(__m512 v) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bf16_bits(v)), 16));
+  } else if constexpr (std::is_same_v<T, c10::Half>) {
+    return _mm512_maskz_cvtph_ps(__mmask16(0xffff),
+                                 _mm512_maskz_cvtps_ph(__mmask16(0xffff), v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  } else {
+    return v;
+  }
+}
+#endif
 
 }  // namespace raekern::cpu
 

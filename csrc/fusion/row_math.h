@@ -7,12 +7,18 @@
 namespace raekern::fusion::cpu {
 
 // Two-pass mean/variance: ViT hidden states carry channels with |x| in the hundreds, where the
-// one-pass E[x²] − E[x]² formula loses the variance to cancellation in fp32.
+// one-pass E[x²] − E[x]² formula loses the variance to cancellation in fp32. The row is first
+// shifted by its first value (exact for nearby values), so a large common offset costs no low bits
+// in the mean either. Returns the mean of the shifted row: normalise with row_normalize(x, n, mean, rstd).
 template <class A>
-inline void row_moments(const A* __restrict x, int64_t n, A eps, A& mean, A& rstd) {
+inline void row_moments(A* __restrict x, int64_t n, A eps, A& mean, A& rstd) {
+  const A shift = x[0];
   A s = 0;
 #pragma omp simd reduction(+ : s)
-  for (int64_t i = 0; i < n; ++i) s += x[i];
+  for (int64_t i = 0; i < n; ++i) {
+    x[i] -= shift;
+    s += x[i];
+  }
   const A mu = s / A(n);
   A v = 0;
 #pragma omp simd reduction(+ : v)

@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -73,6 +74,119 @@ inline std::pair<A, A> row_stats(const A* __restrict xb, int64_t D, Kind kind, d
   return {mean, A(1) / std::sqrt(ss * inv_d + A(eps))};
 }
 
+// Small problems run on the calling thread: waking the pool costs more than the work.
+inline int64_t grain_for(int64_t tasks, int64_t elements) {
+  return elements < (int64_t(1) << 15) ? std::max<int64_t>(tasks, 1) : 1;
+}
+
+// Output size from which the forward streams its stores past the caches.
+constexpr int64_t kStreamBytes = int64_t(8) << 20;
+
+#ifdef RAEKERN_CPU_VEC16
+template <class T> constexpr bool has_vec16 = !std::is_same_v<T, double>;
+
+// Full vectors of rows whose starts are cache-line aligned go around the cache when `stream`.
+template <class T>
+inline void put16(T* p, __m512 v, __mmask16 m, bool stream) {
+  if (stream && m == __mmask16(0xffff)) cpu::stream16(p, v);
+  else cpu::store16(p, v, m);
+}
+
+
+// One pass over the row: xb = x + gate*y (rounded to T, as stored in x_out), and its statistics.
+template <class T>
+inline void vec_residual_stats(const T* x, const T* gate, const T* y, T* x_out, int64_t D, acc_t<T>* xb,
+                               Kind kind, double eps, acc_t<T>& mean, acc_t<T>& rstd, bool stream) {
+  if constexpr (has_vec16<T>) {
+  const auto put = [stream](T* p, __m512 v, __mmask16 m) { put16(p, v, m, stream); };
+  if (kind == Kind::None) {  // gated_residual alone: a pure stream, no row buffer
+    for (int64_t i = 0; i < D; i += 16) {
+      const __mmask16 m = cpu::tail_mask(D - i);
+      __m512 r = _mm512_fmadd_ps(cpu::load16(gate + i, m), cpu::load16(y + i, m), cpu::load16(x + i, m));
+      put(x_out + i, r, m);
+    }
+    return;
+  }
+  __m512 vs = _mm512_setzero_ps(), vss = _mm512_setzero_ps();
+  for (int64_t i = 0; i < D; i += 16) {
+    const __mmask16 m = cpu::tail_mask(D - i);
+    __m512 r = cpu::load16(x + i, m);
+    if (gate) {
+      r = _mm512_fmadd_ps(cpu::load16(gate + i, m), cpu::load16(y + i, m), r);
+      put(x_out + i, r, m);
+      r = cpu::round16<T>(r);
+    }
+    _mm512_mask_storeu_ps(xb + i, m, r);
+    vs = _mm512_add_ps(vs, r);
+    vss = _mm512_fmadd_ps(r, r, vss);
+  }
+  if (kind == Kind::None) return;
+  const float inv_d = 1.f / float(D);
+  float ss;
+  if (kind == Kind::Layer) {
+    // Second pass from L1 for the variance: E[x^2] - mean^2 cancels badly for large means.
+    mean = cpu::hsum16(vs) * inv_d;
+    const __m512 vm = _mm512_set1_ps(mean);
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t i = 0; i < D; i += 16) {
+      const __mmask16 m = cpu::tail_mask(D - i);
+      __m512 d = _mm512_maskz_sub_ps(m, _mm512_maskz_loadu_ps(m, xb + i), vm);
+      acc = _mm512_fmadd_ps(d, d, acc);
+    }
+    ss = cpu::hsum16(acc);
+  } else {
+    mean = 0.f;
+    ss = cpu::hsum16(vss);
+  }
+  rstd = 1.f / std::sqrt(ss * inv_d + float(eps));
+  }
+}
+
+// out = (xb * rstd - mean * rstd) * ca + cb, stored as T.
+template <class T>
+inline void vec_output(const acc_t<T>* xb, const acc_t<T>* ca, const acc_t<T>* cb, acc_t<T> rstd,
+                       acc_t<T> nmr, int64_t D, T* out, bool stream) {
+  if constexpr (has_vec16<T>) {
+  const auto put = [stream](T* p, __m512 v, __mmask16 m) { put16(p, v, m, stream); };
+  const __m512 vr = _mm512_set1_ps(rstd), vn = _mm512_set1_ps(nmr);
+  for (int64_t i = 0; i < D; i += 16) {
+    const __mmask16 m = cpu::tail_mask(D - i);
+    __m512 h = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, xb + i), vr, vn);
+    put(out + i, _mm512_fmadd_ps(h, _mm512_maskz_loadu_ps(m, ca + i), _mm512_maskz_loadu_ps(m, cb + i)), m);
+  }
+  }
+}
+
+// Per-token modulation: out = (xhat * w + bias) * (1 + scale) + shift, shift/scale read from memory.
+template <class T>
+inline void vec_output_token(const acc_t<T>* xb, const acc_t<T>* w, const acc_t<T>* bias, const T* shift,
+                             const T* scale, acc_t<T> rstd, acc_t<T> nmr, int64_t D, T* out, bool stream) {
+  if constexpr (has_vec16<T>) {
+  const auto put = [stream](T* p, __m512 v, __mmask16 m) { put16(p, v, m, stream); };
+  const __m512 vr = _mm512_set1_ps(rstd), vn = _mm512_set1_ps(nmr), one = _mm512_set1_ps(1.f);
+  for (int64_t i = 0; i < D; i += 16) {
+    const __mmask16 m = cpu::tail_mask(D - i);
+    __m512 h = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, xb + i), vr, vn);
+    if (w) h = _mm512_mul_ps(h, _mm512_maskz_loadu_ps(m, w + i));
+    if (bias) h = _mm512_add_ps(h, _mm512_maskz_loadu_ps(m, bias + i));
+    const __m512 sc = scale ? _mm512_add_ps(one, cpu::load16(scale + i, m)) : one;
+    const __m512 sh = shift ? cpu::load16(shift + i, m) : _mm512_setzero_ps();
+    put(out + i, _mm512_fmadd_ps(h, sc, sh), m);
+  }
+  }
+}
+#else
+template <class T> constexpr bool has_vec16 = false;
+template <class T>
+inline void vec_output_token(const acc_t<T>*, const acc_t<T>*, const acc_t<T>*, const T*, const T*, acc_t<T>,
+                             acc_t<T>, int64_t, T*, bool) {}
+template <class T>
+inline void vec_residual_stats(const T*, const T*, const T*, T*, int64_t, acc_t<T>*, Kind, double, acc_t<T>&,
+                               acc_t<T>&, bool) {}
+template <class T>
+inline void vec_output(const acc_t<T>*, const acc_t<T>*, const acc_t<T>*, acc_t<T>, acc_t<T>, int64_t, T*, bool) {}
+#endif
+
 template <class T>
 void forward_kernel(const FwdParams& p) {
   using A = acc_t<T>;
@@ -83,12 +197,23 @@ void forward_kernel(const FwdParams& p) {
   // token only when shift or scale vary per token, otherwise once per sample.
   const bool coef_per_row = (p.shift.ptr && p.shift.sn != 0) || (p.scale.ptr && p.scale.sn != 0);
   const bool gate_per_row = residual && p.gate.sn != 0;
+  // Hand-vectorised rows need unit feature strides; fp64 (reference precision) uses the generic path.
+  const bool vec_rows = has_vec16<T> && p.x.sd == 1 && (!residual || (p.gate.sd == 1 && p.y.sd == 1));
+  // Outputs much larger than the caches are written with non-temporal stores (saves the
+  // read-for-ownership of every output line); needs cache-line aligned rows.
+  const int64_t out_bytes = B * N * D * int64_t(sizeof(T)) * ((residual ? 1 : 0) + (norm ? 1 : 0));
+  const bool stream = vec_rows && out_bytes >= kStreamBytes && (D * int64_t(sizeof(T))) % 64 == 0 &&
+                      (!p.out || reinterpret_cast<uintptr_t>(p.out) % 64 == 0) &&
+                      (!p.x_out || reinterpret_cast<uintptr_t>(p.x_out) % 64 == 0);
+  // Per-token shift/scale: fold them into the output loop instead of precomputing coefficients.
+  const bool vec_token = vec_rows && coef_per_row && (!p.shift.ptr || p.shift.sd == 1) &&
+                         (!p.scale.ptr || p.scale.sd == 1);
   const A* w = static_cast<const A*>(p.weight);
   const A* bias = static_cast<const A*>(p.bias);
   A* mean_out = static_cast<A*>(p.mean);
   A* rstd_out = static_cast<A*>(p.rstd);
 
-  at::parallel_for(0, B * plan.chunks, 1, [&](int64_t t0, int64_t t1) {
+  at::parallel_for(0, B * plan.chunks, grain_for(B * plan.chunks, B * N * D), [&](int64_t t0, int64_t t1) {
     Scratch<A> s(6, D);
     A *xb = s[0], *ca = s[1], *cb = s[2], *gb = s[3], *t1b = s[4], *t2b = s[5];
     int64_t coef_b = -1, gate_b = -1;
@@ -97,28 +222,38 @@ void forward_kernel(const FwdParams& p) {
       const int64_t n1 = std::min(N, n0 + plan.rows_per_task);
       for (int64_t n = n0; n < n1; ++n) {
         const int64_t row = b * N + n;
-        widen<T>(p.x, b, n, D, xb);
-        if (residual) {
-          if (gate_per_row || gate_b != b) {
-            widen<T>(p.gate, b, n, D, gb);
-            gate_b = b;
-          }
-          widen<T>(p.y, b, n, D, t1b);
+        T* xo = residual ? static_cast<T*>(p.x_out) + row * D : nullptr;
+        A mean = 0, rstd = 0;
+        // Stage 1: xb = x (+ gate*y), x_out written, statistics.
+        if (vec_rows) {
+          vec_residual_stats<T>(row_of<T>(p.x, b, n), residual ? row_of<T>(p.gate, b, n) : nullptr,
+                                residual ? row_of<T>(p.y, b, n) : nullptr, xo, D, xb, p.kind, p.eps, mean, rstd, stream);
+        } else {
+          widen<T>(p.x, b, n, D, xb);
+          if (residual) {
+            if (gate_per_row || gate_b != b) {
+              widen<T>(p.gate, b, n, D, gb);
+              gate_b = b;
+            }
+            widen<T>(p.y, b, n, D, t1b);
 #pragma omp simd
-          for (int64_t i = 0; i < D; ++i) xb[i] += gb[i] * t1b[i];
-          if constexpr (std::is_same_v<T, A>) {
-            std::memcpy(static_cast<T*>(p.x_out) + row * D, xb, D * sizeof(T));
-          } else {
+            for (int64_t i = 0; i < D; ++i) xb[i] += gb[i] * t1b[i];
             // Normalise the rounded residual, as an unfused x' = x + g*y; h = norm(x') would.
-            T* xo = static_cast<T*>(p.x_out) + row * D;
             cpu::narrow_row<T>(xb, D, xo);
-            cpu::widen_row<T>(xo, 1, D, xb);
+            if constexpr (!std::is_same_v<T, A>) cpu::widen_row<T>(xo, 1, D, xb);
           }
+          if (norm) std::tie(mean, rstd) = row_stats(xb, D, p.kind, p.eps);
         }
         if (!norm) continue;
-        const auto [mean, rstd] = row_stats(xb, D, p.kind, p.eps);
         mean_out[row] = mean;
         rstd_out[row] = rstd;
+        const A nmr = -mean * rstd;
+        T* out = static_cast<T*>(p.out) + row * D;
+        if (vec_token) {
+          vec_output_token<T>(xb, w, bias, p.shift.ptr ? row_of<T>(p.shift, b, n) : nullptr,
+                              p.scale.ptr ? row_of<T>(p.scale, b, n) : nullptr, rstd, nmr, D, out, stream);
+          continue;
+        }
         if (coef_per_row || coef_b != b) {
           coef_b = b;
           if (p.scale.ptr) widen<T>(p.scale, b, n, D, t1b);
@@ -139,14 +274,19 @@ void forward_kernel(const FwdParams& p) {
             for (int64_t i = 0; i < D; ++i) ca[i] *= w[i];
           }
         }
-        const A nmr = -mean * rstd;
-        T* out = static_cast<T*>(p.out) + row * D;
-        A* ob = std::is_same_v<T, A> ? reinterpret_cast<A*>(out) : t1b;
+        if (vec_rows) {
+          vec_output<T>(xb, ca, cb, rstd, nmr, D, out, stream);
+        } else {
+          // Through a scratch row: GCC's loop writing `out` directly ran several times slower.
 #pragma omp simd
-        for (int64_t i = 0; i < D; ++i) ob[i] = (xb[i] * rstd + nmr) * ca[i] + cb[i];
-        narrow<T>(ob, D, out);
+          for (int64_t i = 0; i < D; ++i) t1b[i] = (xb[i] * rstd + nmr) * ca[i] + cb[i];
+          narrow<T>(t1b, D, out);
+        }
       }
     }
+#ifdef RAEKERN_CPU_VEC16
+    if (stream) _mm_sfence();  // make the streamed lines visible before the join
+#endif
   });
 }
 
@@ -166,7 +306,7 @@ void backward_kernel(const BwdParams& p) {
   A* partials = static_cast<A*>(p.partials);
   const int64_t np = p.num_partials;
 
-  at::parallel_for(0, B * p.chunks, 1, [&](int64_t t0, int64_t t1) {
+  at::parallel_for(0, B * p.chunks, grain_for(B * p.chunks, B * N * D), [&](int64_t t0, int64_t t1) {
     Scratch<A> s(7 + 5, D);
     A *xh = s[0], *g = s[1], *ops = s[2], *gb = s[3], *yb = s[4], *tb = s[5], *hb = s[6];
     // Task-local sums, one per reduced gradient, in the slot order of the partial workspace.
@@ -300,48 +440,10 @@ void backward_cpu(const BwdParams& p, at::ScalarType st) {
 int64_t cpu_workers(const at::Tensor&) { return at::get_num_threads(); }
 
 // Tasks of at least 8 tokens keep the partial-sum workspace small next to the data.
-const Backend kCpu{forward_cpu, backward_cpu, cpu_workers, 8};
-
 }  // namespace
 
-TORCH_LIBRARY_IMPL(raekern, CPU, m) {
-  m.impl("rms_norm", [](const at::Tensor& x, const OptTensor& w, double eps) { return rms_norm(kCpu, x, w, eps); });
-  m.impl("rms_norm_backward", [](const at::Tensor& go, const at::Tensor& x, const OptTensor& w,
-                                 const at::Tensor& rstd) { return rms_norm_backward(kCpu, go, x, w, rstd); });
-  m.impl("layer_norm", [](const at::Tensor& x, const OptTensor& w, const OptTensor& b, double eps) {
-    return layer_norm(kCpu, x, w, b, eps);
-  });
-  m.impl("layer_norm_backward", [](const at::Tensor& go, const at::Tensor& x, const OptTensor& w,
-                                   const OptTensor& b, const at::Tensor& mean, const at::Tensor& rstd) {
-    return layer_norm_backward(kCpu, go, x, w, b, mean, rstd);
-  });
-  m.impl("norm_modulate", [](const at::Tensor& x, const at::Tensor& shift, const at::Tensor& scale,
-                             c10::string_view kind, const OptTensor& w, const OptTensor& b, double eps) {
-    return norm_modulate(kCpu, x, shift, scale, kind, w, b, eps);
-  });
-  m.impl("norm_modulate_backward",
-         [](const at::Tensor& go, const at::Tensor& x, const at::Tensor& shift, const at::Tensor& scale,
-            c10::string_view kind, const OptTensor& w, const OptTensor& b, const at::Tensor& mean,
-            const at::Tensor& rstd) {
-           return norm_modulate_backward(kCpu, go, x, shift, scale, kind, w, b, mean, rstd);
-         });
-  m.impl("gated_residual", [](const at::Tensor& x, const at::Tensor& gate, const at::Tensor& y) {
-    return gated_residual(kCpu, x, gate, y);
-  });
-  m.impl("gated_residual_backward", [](const at::Tensor& grad, const at::Tensor& gate, const at::Tensor& y) {
-    return gated_residual_backward(kCpu, grad, gate, y);
-  });
-  m.impl("gated_residual_norm_modulate",
-         [](const at::Tensor& x, const at::Tensor& gate, const at::Tensor& y, const at::Tensor& shift,
-            const at::Tensor& scale, c10::string_view kind, const OptTensor& w, const OptTensor& b,
-            double eps) { return gated_residual_norm_modulate(kCpu, x, gate, y, shift, scale, kind, w, b, eps); });
-  m.impl("gated_residual_norm_modulate_backward",
-         [](const OptTensor& gxo, const OptTensor& go, const at::Tensor& x_out, const at::Tensor& gate,
-            const at::Tensor& y, const at::Tensor& shift, const at::Tensor& scale, c10::string_view kind,
-            const OptTensor& w, const OptTensor& b, const at::Tensor& mean, const at::Tensor& rstd) {
-           return gated_residual_norm_modulate_backward(kCpu, gxo, go, x_out, gate, y, shift, scale, kind, w, b,
-                                                        mean, rstd);
-         });
-}
+const Backend kCpu{forward_cpu, backward_cpu, cpu_workers, 8};
+
+TORCH_LIBRARY_IMPL(raekern, CPU, m) { register_impls<&kCpu>(m); }
 
 }  // namespace raekern::norm

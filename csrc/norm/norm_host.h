@@ -3,6 +3,7 @@
 // stride-based FwdParams/BwdParams the kernels take. Backends only provide the two kernels.
 #pragma once
 #include <ATen/ATen.h>
+#include <torch/library.h>
 
 #include <optional>
 #include <tuple>
@@ -100,6 +101,7 @@ inline FwdOut run_forward(const Backend& be, const char* op, const at::Tensor& x
   r.rstd = at::empty({B * N}, x.options().dtype(acc));
   FwdParams p;
   p.B = B, p.N = N, p.D = D, p.kind = kind, p.eps = eps;
+  p.device = x.is_cuda() ? x.device().index() : -1;
   p.x = operand(x), p.gate = operand(gate), p.y = operand(y);
   p.shift = operand(shift), p.scale = operand(scale);
   p.weight = w.defined() ? w.data_ptr() : nullptr;
@@ -175,6 +177,7 @@ inline BwdOut run_backward(const Backend& be, const char* op, const OptTensor& d
   }
   BwdParams p;
   p.B = B, p.N = N, p.D = D, p.kind = kind;
+  p.device = xin.is_cuda() ? xin.device().index() : -1;
   p.dout = operand(dout), p.dxo = operand(dxo), p.xin = operand(xin);
   p.gate = operand(gate), p.y = operand(y), p.scale = operand(scale);
   p.weight = w.defined() ? w.data_ptr() : nullptr;
@@ -341,6 +344,48 @@ gated_residual_norm_modulate_backward(const Backend& be, const OptTensor& grad_x
   auto r = run_backward(be, op, grad_out, grad_x_out, x_out, gate, y, shift, scale, parse_kind(kind, op),
                         weight, bias, mean, rstd);
   return {r.dx, r.dgate, r.dy, r.dshift, r.dscale, or_empty(r.dweight, x_out), or_empty(r.dbias, x_out)};
+}
+
+// Registers the ten ops for one dispatch key; every backend calls this with its kernels.
+template <const Backend* be>
+inline void register_impls(torch::Library& m) {
+  m.impl("rms_norm", [](const at::Tensor& x, const OptTensor& w, double eps) { return rms_norm(*be, x, w, eps); });
+  m.impl("rms_norm_backward", [](const at::Tensor& go, const at::Tensor& x, const OptTensor& w,
+                                 const at::Tensor& rstd) { return rms_norm_backward(*be, go, x, w, rstd); });
+  m.impl("layer_norm", [](const at::Tensor& x, const OptTensor& w, const OptTensor& b, double eps) {
+    return layer_norm(*be, x, w, b, eps);
+  });
+  m.impl("layer_norm_backward", [](const at::Tensor& go, const at::Tensor& x, const OptTensor& w,
+                                   const OptTensor& b, const at::Tensor& mean, const at::Tensor& rstd) {
+    return layer_norm_backward(*be, go, x, w, b, mean, rstd);
+  });
+  m.impl("norm_modulate", [](const at::Tensor& x, const at::Tensor& shift, const at::Tensor& scale,
+                             c10::string_view kind, const OptTensor& w, const OptTensor& b, double eps) {
+    return norm_modulate(*be, x, shift, scale, kind, w, b, eps);
+  });
+  m.impl("norm_modulate_backward",
+         [](const at::Tensor& go, const at::Tensor& x, const at::Tensor& shift, const at::Tensor& scale,
+            c10::string_view kind, const OptTensor& w, const OptTensor& b, const at::Tensor& mean,
+            const at::Tensor& rstd) {
+           return norm_modulate_backward(*be, go, x, shift, scale, kind, w, b, mean, rstd);
+         });
+  m.impl("gated_residual", [](const at::Tensor& x, const at::Tensor& gate, const at::Tensor& y) {
+    return gated_residual(*be, x, gate, y);
+  });
+  m.impl("gated_residual_backward", [](const at::Tensor& grad, const at::Tensor& gate, const at::Tensor& y) {
+    return gated_residual_backward(*be, grad, gate, y);
+  });
+  m.impl("gated_residual_norm_modulate",
+         [](const at::Tensor& x, const at::Tensor& gate, const at::Tensor& y, const at::Tensor& shift,
+            const at::Tensor& scale, c10::string_view kind, const OptTensor& w, const OptTensor& b,
+            double eps) { return gated_residual_norm_modulate(*be, x, gate, y, shift, scale, kind, w, b, eps); });
+  m.impl("gated_residual_norm_modulate_backward",
+         [](const OptTensor& gxo, const OptTensor& go, const at::Tensor& x_out, const at::Tensor& gate,
+            const at::Tensor& y, const at::Tensor& shift, const at::Tensor& scale, c10::string_view kind,
+            const OptTensor& w, const OptTensor& b, const at::Tensor& mean, const at::Tensor& rstd) {
+           return gated_residual_norm_modulate_backward(*be, gxo, go, x_out, gate, y, shift, scale, kind, w, b,
+                                                        mean, rstd);
+         });
 }
 
 }  // namespace raekern::norm

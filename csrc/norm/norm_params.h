@@ -36,6 +36,7 @@ struct GradSlot {
 
 struct FwdParams {
   int64_t B = 0, N = 0, D = 0;
+  int32_t device = -1;  // CUDA device index of the tensors (-1 on CPU)
   Kind kind = Kind::Layer;
   double eps = 1e-6;
   Operand x, gate, y, shift, scale;  // gate and y both present = residual stage
@@ -49,6 +50,7 @@ struct FwdParams {
 
 struct BwdParams {
   int64_t B = 0, N = 0, D = 0;
+  int32_t device = -1;
   Kind kind = Kind::Layer;
   Operand dout;          // gradient of `out` (absent when kind == None)
   Operand dxo;           // gradient of `x_out` (residual stage; may be absent)

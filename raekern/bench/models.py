@@ -16,7 +16,6 @@ from raekern.bench.registry import Case, compiled, register
 def dit_flops(model, batch: int) -> int:
     """Useful forward flops of a DiT-DH: every per-token GEMM, the per-sample adaLN GEMMs, and attention
     (4·B·H·N²·Dh per block)."""
-    from raekern.models.blocks import DiTBlock
     N = model.input_size ** 2
     ds = model.depth[0]
     n_body = N

@@ -89,4 +89,15 @@ def sampling_cases(device: str, quick: bool) -> list[Case]:
             {"raekern": fast, "eager": _eager_step(main_t, weak_t, name, scale, x, y, t, t_next)},
             baseline_of_interest=("eager",),
             notes=f"DiT-DH backend {backend!r}; eager = RAE v1's released step in plain PyTorch"))
+    if device == "cuda" and not quick:
+        # The GPU target: the whole 49-step AutoGuidance sampling, ours (CUDA graphs) vs the released loop.
+        from raekern.sampling.reference import rae_v1_reference_sample
+
+        s = Sampler(main, G.AutoGuidance(1.42), grid, models={"weak": weak}, cuda_graph=True, progress=False)
+        cases.append(Case(
+            FAMILY, "sampling 49 steps autoguidance", f"B={B} latent={'x'.join(map(str, shape))}", dtype,
+            {"raekern": lambda: s(x, y),
+             "eager": lambda: rae_v1_reference_sample(main_t, x, y, num_steps=50, cfg_scale=1.42,
+                                                      method="autoguidance", weak_model=weak_t)},
+            baseline_of_interest=("eager",), notes="target: raekern >= 2x eager (not yet measured on a GPU)"))
     return cases

@@ -10,6 +10,7 @@ from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from raekern.models.layers import (DiTAttention, NormSpec, RMSNorm, Rope2D, SwiGLU, apply_norm, check_backend,
                                    residual_norm, swiglu_hidden)
@@ -33,18 +34,21 @@ class DiTBlock(nn.Module):
         self.norm1 = RMSNorm(dim, backend=backend)
         self.norm2 = RMSNorm(dim, backend=backend)
         self.attn = DiTAttention(dim, num_heads, fused_qkv=version == 1, qk_norm=qk_norm, backend=backend)
-        self.mlp = SwiGLU(dim, swiglu_hidden(dim, mlp_ratio), fused=version == 1)
+        self.mlp = SwiGLU(dim, swiglu_hidden(dim, mlp_ratio), fused=version == 1, backend=backend)
         self.mod_name = "adaLN_modulation" if version == 1 else "adaln_modulation"
         if adaln:
             setattr(self, self.mod_name, nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim)))
         self.backend = check_backend(backend)
 
     # --- pieces used by the fused runner -------------------------------------------------------------
-    def modulation(self, c: Optional[torch.Tensor]):
-        """The six adaLN chunks as views of one GEMM output (None for a plain block)."""
+    def modulation(self, c: Optional[torch.Tensor], c_silu: Optional[torch.Tensor] = None):
+        """The six adaLN chunks as views of one GEMM output (None for a plain block). ``c_silu``:
+        ``SiLU(c)`` computed once by the caller and shared by every consumer of the same condition."""
         if not self.adaln:
             return None
-        return getattr(self, self.mod_name)(c).chunk(6, dim=-1)
+        mod = getattr(self, self.mod_name)
+        out = mod(c) if c_silu is None else mod[1](c_silu)
+        return out.chunk(6, dim=-1)
 
     def norm_spec(self, which: int, mods) -> NormSpec:
         norm = self.norm1 if which == 1 else self.norm2
@@ -72,13 +76,14 @@ class DiTBlock(nn.Module):
 
 
 def run_blocks(blocks: Sequence[DiTBlock], x: torch.Tensor, c: Optional[torch.Tensor], rope: Optional[Rope2D],
-               *, backend: str, final: Optional[NormSpec] = None, taps: Sequence[int] = ()):
-    """Run ``blocks`` on ``x`` with condition ``c``; returns ``(x, h, tapped)``-style tuple ``(x, h)`` where
-    ``h = final(x)`` (None without ``final``), plus a dict of the residual stream after the blocks whose
-    1-based depth is in ``taps`` when ``taps`` is given.
+               *, backend: str, final: Optional[NormSpec] = None, taps: Sequence[int] = (),
+               c_silu: Optional[torch.Tensor] = None):
+    """Run ``blocks`` on ``x`` with condition ``c``. Returns ``(x, h)`` with ``h = final(x)`` (None without
+    ``final``); with ``taps`` (1-based depths) returns ``(x, h, {depth: residual stream after it})``.
 
     raekern backend: each residual add is fused with the norm (and modulation) that consumes it, also
-    across block boundaries and into ``final``.
+    across block boundaries and into ``final``; ``SiLU(c)`` is computed once for all blocks (pass it as
+    ``c_silu`` to share it with ``final`` too).
     """
     tapped = {}
     if backend == "torch":
@@ -88,7 +93,9 @@ def run_blocks(blocks: Sequence[DiTBlock], x: torch.Tensor, c: Optional[torch.Te
                 tapped[i + 1] = x
         h = None if final is None else apply_norm(x, final, "torch")
         return (x, h, tapped) if taps else (x, h)
-    mods = [b.modulation(c) for b in blocks]
+    if c is not None and c_silu is None:
+        c_silu = F.silu(c)
+    mods = [b.modulation(c, c_silu) for b in blocks]
     h = apply_norm(x, blocks[0].norm_spec(1, mods[0]), backend)
     for i, b in enumerate(blocks):
         y = b.attn(h, rope)
@@ -115,8 +122,9 @@ class FinalLayer(nn.Module):
         setattr(self, self.mod_name, nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim)))
         self.backend = check_backend(backend)
 
-    def spec(self, c: torch.Tensor) -> NormSpec:
-        shift, scale = getattr(self, self.mod_name)(c).chunk(2, dim=-1)
+    def spec(self, c: torch.Tensor, c_silu: Optional[torch.Tensor] = None) -> NormSpec:
+        mod = getattr(self, self.mod_name)
+        shift, scale = (mod(c) if c_silu is None else mod[1](c_silu)).chunk(2, dim=-1)
         return getattr(self, self.norm_name).spec(shift, scale)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:

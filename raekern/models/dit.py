@@ -9,7 +9,7 @@ Forward signatures are the released ones: v1 ``forward(x, t, y) -> velocity``; v
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -170,9 +170,35 @@ class DiTDH(_DiTBase):
         s, _ = run_blocks(self.blocks[:ds], s, c, self.enc_feat_rope, backend=self.backend)
         s = self.s_projector(F.silu(t_emb[:, None] + s))
         h = self.x_embedder(x)
+        s_silu = F.silu(s) if self.backend == "raekern" else None  # shared by the head's three adaLN GEMMs
         h, hn = run_blocks(self.blocks[ds:], h, s, self.dec_feat_rope, backend=self.backend,
-                           final=self.final_layer.spec(s))
+                           final=self.final_layer.spec(s, s_silu), c_silu=s_silu)
         return _unpatchify(self.final_layer.linear(hn), C, H, W)
+
+    @staticmethod
+    def _in_interval(t, interval, like):
+        lo, hi = interval
+        if not lo < hi:
+            raise ValueError(f"raekern.models: argument 'cfg_interval' must be (min, max) with min < max, got {interval}")
+        return ((t >= lo) & (t <= hi)).view(-1, *([1] * (like.dim() - 1)))
+
+    def forward_with_cfg(self, x, t, y, cfg_scale: float, cfg_interval=(0.0, 1.0)):
+        """The released classifier-free-guidance entry point: the batch is ``[cond; uncond]`` (the second half
+        labelled 1000); both halves get ``v_u + s·(v_c − v_u)`` where t lies in ``cfg_interval``, else
+        ``v_c``. Drop-in for RAE's sampler; raekern.sampling has the fused guidance step."""
+        half = x[: len(x) // 2]
+        out = self.forward(torch.cat([half, half]), t, y)
+        cond, uncond = out.chunk(2)
+        th = t[: len(t) // 2]
+        guided = torch.where(self._in_interval(th, cfg_interval, cond), uncond + cfg_scale * (cond - uncond), cond)
+        return torch.cat([guided, guided])
+
+    def forward_with_autoguidance(self, x, t, y, cfg_scale: float, additional_model_forward, cfg_interval=(0.0, 1.0)):
+        """The released AutoGuidance entry point: ``v_weak + s·(v − v_weak)`` (weak model e.g. DiT^DH-S,
+        s = 1.42 at 256 px) where t lies in ``cfg_interval``."""
+        out = self.forward(x, t, y)
+        weak = additional_model_forward(x, t, y)
+        return torch.where(self._in_interval(t, cfg_interval, out), weak + cfg_scale * (out - weak), out)
 
 
 class DiTDHv2(_DiTBase):
@@ -232,11 +258,22 @@ class DiTDHv2(_DiTBase):
         seq = out[0]
         s = self.s_projector(F.silu(t_emb + seq[:, :N]))
         h = self.x_embedder(x)
+        s_silu = F.silu(s) if self.backend == "raekern" else None
         h, hn = run_blocks(self.blocks[ds:], h, s, self.dec_rope, backend=self.backend,
-                           final=self.final_layer.spec(s))
+                           final=self.final_layer.spec(s, s_silu), c_silu=s_silu)
         x_full = _unpatchify(self.final_layer.linear(hn), C, H, W)
         if self.base_model_depth is None:
             return x_full
         u = F.silu(t_emb + out[2][self.base_model_depth][:, :N])
         x_base = _unpatchify(self.base_final_layer(u, u), C, H, W)
         return x_full, x_base
+
+    def forward_with_internal_guidance(self, x, t, y, scale: float = 1.78, interval=(0.1, 1.0)):
+        """RAEv2's guidance from its own base head: ``x_base + s·(x_full − x_base)`` where t lies in
+        ``interval`` (released ImageNet setting: s = 1.78, t ∈ [0.1, 1]), else ``x_full``. One forward."""
+        if self.base_model_depth is None:
+            raise ValueError("raekern.models: forward_with_internal_guidance needs a base head "
+                             "(argument 'base_model_depth' was None)")
+        x_full, x_base = self.forward(x, t, y)
+        mask = DiTDH._in_interval(t, interval, x_full)
+        return torch.where(mask, x_base + scale * (x_full - x_base), x_full)

@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from raekern.models.decoder import IMAGENET_MEAN, IMAGENET_STD
-from raekern.models.layers import check_backend, layer_norm_spec
+from raekern.models.layers import check_backend
 from raekern.models.vit import Dinov2Layer, Dinov3Layer, run_vit
 
 

@@ -38,6 +38,8 @@ def set_backend(model: nn.Module, backend: str) -> nn.Module:
     for m in model.modules():
         if hasattr(m, "backend"):
             m.backend = backend
+        if hasattr(m, "use_raekern"):  # the fusion modules' spelling of the same switch
+            m.use_raekern = backend == "raekern"
     return model
 
 
@@ -79,8 +81,8 @@ class NormSpec(NamedTuple):
 
 
 def _torch_rms(x, weight, eps):
-    # as the released RMSNorm: statistics in fp32, cast back, then the weight
-    xf = x.float()
+    # as the released RMSNorm: statistics in fp32 (fp64 stays fp64), cast back, then the weight
+    xf = x if x.dtype == torch.float64 else x.float()
     out = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x)
     return out * weight if weight is not None else out
 
@@ -269,9 +271,10 @@ class DiTAttention(nn.Module):
 class SwiGLU(nn.Module):
     """``w3(silu(a)·b)``; ``fused``: one ``w12`` Linear giving [a | b] (RAE v1), else ``w1``/``w2`` (RAEv2)."""
 
-    def __init__(self, dim: int, hidden: int, *, fused: bool = True):
+    def __init__(self, dim: int, hidden: int, *, fused: bool = True, backend: str = "raekern"):
         super().__init__()
         self.fused = fused
+        self.backend = check_backend(backend)
         if fused:
             self.w12 = nn.Linear(dim, 2 * hidden)
         else:
@@ -284,6 +287,10 @@ class SwiGLU(nn.Module):
             a, b = self.w12(x).chunk(2, dim=-1)
         else:
             a, b = self.w1(x), self.w2(x)
+        if self.backend == "raekern" and not (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)):
+            # inference: one buffer for silu(a)·b instead of two
+            h = F.silu(a)
+            return self.w3(h.mul_(b))
         return self.w3(F.silu(a) * b)
 
 

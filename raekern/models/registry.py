@@ -7,6 +7,7 @@ Build on any device, including ``'meta'`` (shapes and keys without memory)::
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -98,6 +99,55 @@ MODELS: dict[str, ModelSpec] = {
 }
 
 
+# Autoencoders: encoder config, the encoder blocks fused, fusion arguments, decoder config.
+AUTOENCODERS = {
+    "rae-dinov2-b": dict(encoder="dinov2-b-reg", layers=(11,), decoder="decoder-vit-xl",
+                         fusion=dict(skip_tokens=5, eps=1e-6, add_last_token_mean=False),
+                         doc="RAE v1: DINOv2-B-reg last block (non-affine LN), ViT-XL decoder (ImageNet-normalised)"),
+    "raev2-dinov3l-k7": dict(encoder="dinov3-l16", layers=(11, 13, 15, 17, 19, 21, 23), decoder="decoder-vit-xl-v2",
+                             fusion=dict(skip_tokens=5, eps=1e-5, add_last_token_mean=True),
+                             doc="RAEv2 K=7: DINOv3-L blocks 11..23 step 2, LN mean + last-layer token mean"),
+    "drorae-dinov2-b": dict(encoder="dinov2-b-reg", layers=tuple(range(12)), decoder="decoder-vit-xl",
+                            fusion_cls="DepthRoutedFusion",
+                            fusion=dict(dim=768, num_layers=12, hidden=1536, skip_tokens=5, eps=1e-6),
+                            doc="DRoRAE (inferred formulation): all 12 DINOv2-B blocks, expert MLPs, signed "
+                                "L2-energy depth routing, tanh-bounded correction of the last-layer latent"),
+    "rae-tiny": dict(encoder="dinov2-tiny-reg", layers=(2,), decoder="decoder-tiny",
+                     fusion=dict(skip_tokens=5, eps=1e-6, add_last_token_mean=False), doc="tiny, for tests"),
+    "drorae-tiny": dict(encoder="dinov2-tiny-reg", layers=(0, 1, 2), decoder="decoder-tiny",
+                        fusion_cls="DepthRoutedFusion",
+                        fusion=dict(dim=16, num_layers=3, hidden=32, skip_tokens=5, eps=1e-6), doc="tiny, for tests"),
+}
+
+
+def build_rae(name: str, *, encoder_path: Optional[str] = None, decoder_path: Optional[str] = None,
+              stats_path: Optional[str] = None, backend: str = "raekern", noise_tau: float = 0.0,
+              noise_dist: str = "uniform", device=None, dtype: Optional[torch.dtype] = None):
+    """Build an autoencoder (``'rae-dinov2-b'``, ``'raev2-dinov3l-k7'``, ``'drorae-dinov2-b'``) and load
+    whatever paths are given:
+    ``encoder_path`` (DINOv2: Hugging Face folder; DINOv3: the released ``.pth``), ``decoder_path``
+    (``model.pt`` / ``decoder.pt``), ``stats_path`` (``stat.pt`` / ``stats.pt``)."""
+    from raekern.models import fusion as fusion_mod
+    from raekern.models.rae import RAE
+    if name not in AUTOENCODERS:
+        raise ValueError(f"raekern.models: argument 'name' must be one of {sorted(AUTOENCODERS)}, got {name!r}")
+    spec = AUTOENCODERS[name]
+    if encoder_path is not None:
+        encoder = load(spec["encoder"], encoder_path, backend=backend)
+    else:
+        encoder = build(spec["encoder"], backend=backend)
+    decoder = (load(spec["decoder"], decoder_path, backend=backend) if decoder_path is not None
+               else build(spec["decoder"], backend=backend))
+    cls = getattr(fusion_mod, spec.get("fusion_cls", "LayerMeanFusion"))
+    args = () if spec.get("fusion_cls") else (None,)  # LayerMeanFusion fuses every block RAE hands it
+    fusion = cls(*args, **spec["fusion"], use_raekern=backend == "raekern")
+    rae = RAE(encoder, fusion, decoder, layers=spec["layers"], noise_tau=noise_tau, noise_dist=noise_dist,
+              backend=backend)
+    if stats_path is not None:
+        rae.load_stats(stats_path)
+    return rae.to(device=device, dtype=dtype)
+
+
 def list_models(released_only: bool = False) -> list[str]:
     return sorted(k for k, v in MODELS.items() if v.released or not released_only)
 
@@ -129,6 +179,12 @@ def load(name: str, path: str, *, device=None, dtype: Optional[torch.dtype] = No
     a safetensors file, or — for encoders — a Hugging Face folder). Mismatches raise
     :class:`~raekern.models.checkpoints.CheckpointMismatchError` naming every key."""
     from raekern.models.checkpoints import read_checkpoint, load_state_dict_into
+    _spec(name)
+    if MODELS[name].factory is _dino2 and os.path.isdir(path):
+        from raekern.models.encoder import Dinov2Encoder
+        kw = {k: v for k, v in overrides.items() if k in ("input_size", "backend")}
+        return Dinov2Encoder.from_pretrained(path, device=device, dtype=dtype,
+                                             **{"input_size": MODELS[name].kwargs["input_size"], **kw})
     sd = read_checkpoint(path)
     model = build(name, device="meta", **overrides)
     optional = ("bias_mask",) if name.startswith("dinov3") else ()

@@ -1,6 +1,6 @@
 """raekern's ops, one module per family (DESIGN §3). Each op has a typed function, a fake kernel,
 autograd, and a plain-PyTorch ``<name>_reference`` beside it."""
-from raekern.ops.fusion import *  # noqa: E402,F401,F403
 from raekern.ops.guidance import GuidanceOutput, gfcg_select, guidance_step  # noqa: E402,F401
 from raekern.ops.norm import *  # noqa: E402,F401,F403
 from raekern.ops.attention import attention, attention_packed, attention_path, attention_reference  # noqa: F401,E402
+from raekern.ops.fusion import *  # noqa: E402,F401,F403

@@ -329,7 +329,7 @@ def attention(
     scale = float(dh ** -0.5 if scale is None else scale)
     reasons = _path_reasons(q, k, v, q_norm_weight, k_norm_weight, mask, rope_grid)
     path = _choose(reasons)
-    if log.isEnabledFor(logging.DEBUG):
+    if not torch.compiler.is_compiling() and log.isEnabledFor(logging.DEBUG):
         log.debug("attention %s %s q%s: path=%s (%s)", layout, q.dtype, tuple(q.shape), path,
                   "; ".join(f"{n}: {r}" for n, r in reasons.items() if r))
     if path == "sdpa":

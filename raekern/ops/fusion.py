@@ -150,6 +150,9 @@ def layer_stack_fuse(
             gh, gw = int(grid[0]), int(grid[1])
         elif latent_mean is not None and latent_mean.dim() == 3:
             gh, gw = latent_mean.shape[1], latent_mean.shape[2]
+            if gh * gw != N:
+                fail(op, "latent_mean", f"must have shape [D, H, W] with H*W = N = {N} patch tokens, got "
+                                        f"{tuple(latent_mean.shape)}")
         else:
             gh, gw = _square_grid(N, op)
         if gh * gw != N:

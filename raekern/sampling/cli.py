@@ -52,6 +52,10 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decoder-ckpt", help="pixel decoder checkpoint (without it: latents only, and a "
                    "preview of 3 latent channels as images)")
     p.add_argument("--stats", help="latent statistics file (stat.pt / stats.pt with mean and var)")
+    p.add_argument("--dit-model", help="raekern.models registry name of the diffusion model (default: "
+                   "the preset's, e.g. ditdh-xl)")
+    p.add_argument("--weak-model", help="registry name of the AutoGuidance weak model (default: the preset's)")
+    p.add_argument("--decoder-model", help="registry name of the decoder (default: the preset's)")
     p.add_argument("--classifier-ckpt", help="GFCG classifier checkpoint")
     p.add_argument("--classifier-model", help="registry name of the GFCG classifier (raekern.models)")
     p.add_argument("--classifier-space", choices=("latent", "pixel"), default="latent",
@@ -85,9 +89,17 @@ def add_sample_parser(subparsers) -> argparse.ArgumentParser:
                               description=DESCRIPTION, epilog=GUIDANCE_HELP,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_arguments(p)
-    # raekern/cli.py dispatches on `fn`
-    p.set_defaults(func=run_sample, fn=run_sample)
+    p.set_defaults(func=_run_reporting_errors, fn=_run_reporting_errors)
     return p
+
+
+def _run_reporting_errors(args: argparse.Namespace) -> int:
+    """run_sample for `raekern sample`: a bad argument is one error line, not a traceback."""
+    try:
+        return run_sample(args)
+    except ValueError as e:
+        print(f"raekern sample: error: {e}", file=sys.stderr)
+        return 2
 
 
 def _apply_config(args: argparse.Namespace) -> argparse.Namespace:
@@ -168,6 +180,7 @@ def run_sample(args: argparse.Namespace) -> int:
 
     manifest = {"preset": args.preset, "ckpt": args.ckpt, "weak_ckpt": args.weak_ckpt,
                 "decoder_ckpt": args.decoder_ckpt, "stats": args.stats, "guidance": specs,
+                "dit_model": args.dit_model, "weak_model": args.weak_model, "decoder_model": args.decoder_model,
                 "steps": pipe.grid.num_steps, "grid": pipe.grid.name, "solver": args.solver,
                 "seed": args.seed, "labels": args.labels, "dtype": args.dtype, "model_dtype": args.model_dtype}
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731  one line per shard

@@ -113,6 +113,8 @@ class Pipeline:
             std = torch.sqrt(self.latent_var.to(z.device, torch.float32) + STAT_EPS).to(z.dtype)
             z = z * std + mean
         tokens = z.flatten(2).transpose(1, 2)  # [B, H·W, C], row-major tokens
+        if self.model_dtype is not None:
+            tokens = tokens.to(self.model_dtype)
         px = self.decoder(tokens)
         px = px[0] if isinstance(px, (tuple, list)) else px
         px = px.float()
@@ -176,9 +178,19 @@ def image_grid(images: np.ndarray, nrow: int | None = None, pad: int = 2) -> np.
 
 
 # -- released configurations -------------------------------------------------------------------------
+def _latent_shape(dit, given, default):
+    """The latent shape: given, else read off a raekern.models DiT (in_channels, input_size)."""
+    if given is not None:
+        return tuple(given)
+    c, n = getattr(dit, "in_channels", None), getattr(dit, "input_size", None)
+    if isinstance(c, int) and isinstance(n, int):
+        return (c, n, n)
+    return default
+
+
 def rae_v1_pipeline(dit: Callable, decoder: Callable | None, *, weak: Callable | None = None,
                     stats: tuple[torch.Tensor, torch.Tensor] | None = None, policy=None,
-                    num_points: int = 50, latent_shape: Sequence[int] = (768, 16, 16), **kw) -> Pipeline:
+                    num_points: int = 50, latent_shape: Sequence[int] | None = None, **kw) -> Pipeline:
     """RAE v1: DiT-DH (velocity), optional AutoGuidance with a weak DiT-DH, RAE's 49-step Euler grid.
 
     ``policy`` defaults to AutoGuidance(1.42) when ``weak`` is given (the released 256-px setting),
@@ -188,6 +200,7 @@ def rae_v1_pipeline(dit: Callable, decoder: Callable | None, *, weak: Callable |
 
     if policy is None:
         policy = G.AutoGuidance(1.42) if weak is not None else G.NoGuidance()
+    latent_shape = _latent_shape(dit, latent_shape, (768, 16, 16))
     mean, var = stats if stats is not None else (None, None)
     models = {"weak": weak} if weak is not None else {}
     return Pipeline(dit, policy, make_grid("rae", num_points, latent_shape=latent_shape),
@@ -196,13 +209,14 @@ def rae_v1_pipeline(dit: Callable, decoder: Callable | None, *, weak: Callable |
 
 
 def raev2_pipeline(dit: Callable, decoder: Callable | None, *, stats=None, policy=None,
-                   num_steps: int = 100, latent_shape: Sequence[int] = (1024, 16, 16), **kw) -> Pipeline:
+                   num_steps: int = 100, latent_shape: Sequence[int] | None = None, **kw) -> Pipeline:
     """RAEv2: x-predicting DiT-DH returning (x_full, x_base); internal guidance 1.78 on t ∈ [0.1, 1]
     by default; Euler on shift(linspace(1, 0, 101)); velocity (x − x̂)/max(t, 0.05)."""
     from raekern.sampling import guidance as G
 
     if policy is None:
         policy = G.InternalGuidance(1.78, interval=(0.1, 1.0))
+    latent_shape = _latent_shape(dit, latent_shape, (1024, 16, 16))
     mean, var = stats if stats is not None else (None, None)
     return Pipeline(dit, policy, make_grid("raev2", num_steps, latent_shape=latent_shape),
                     latent_shape=latent_shape, decoder=decoder, latent_mean=mean, latent_var=var,
@@ -266,26 +280,33 @@ def _over(backend: str | None, extra: Mapping | None) -> dict:
 def rae_v1_from_checkpoints(dit: str | Path, decoder: str | Path | None, stats: str | Path | None, *,
                             weak: str | Path | None = None, dit_name: str = "ditdh-xl",
                             weak_name: str = "ditdh-s", decoder_name: str = "decoder-vit-xl",
-                            device="cpu", dtype=torch.float32, backend: str | None = None,
-                            dit_overrides: Mapping | None = None, weak_overrides: Mapping | None = None,
-                            decoder_overrides: Mapping | None = None, **kw) -> Pipeline:
+                            device="cpu", dtype=torch.float32, model_dtype: torch.dtype | None = None,
+                            backend: str | None = None, dit_overrides: Mapping | None = None,
+                            weak_overrides: Mapping | None = None, decoder_overrides: Mapping | None = None,
+                            **kw) -> Pipeline:
     """RAE v1 from local files (DiT ``stage2_model.pt``, decoder ``model.pt``, ``stat.pt``); the
     networks are ``raekern.models`` configurations (``*_name``, constructor ``*_overrides``;
-    ``backend`` "raekern" or "torch" for all of them)."""
+    ``backend`` "raekern" or "torch" for all of them). ``dtype``: sampler state; ``model_dtype``:
+    the networks (default: ``dtype``), e.g. bf16 networks with an fp32 state."""
+    md = model_dtype or dtype
     return rae_v1_pipeline(
-        _load(dit_name, dit, device, dtype, **_over(backend, dit_overrides)),
-        _load(decoder_name, decoder, device, dtype, **_over(backend, decoder_overrides)),
-        weak=_load(weak_name, weak, device, dtype, **_over(backend, weak_overrides)),
-        stats=load_latent_stats(stats) if stats else None, device=device, **kw)
+        _load(dit_name, dit, device, md, **_over(backend, dit_overrides)),
+        _load(decoder_name, decoder, device, md, **_over(backend, decoder_overrides)),
+        weak=_load(weak_name, weak, device, md, **_over(backend, weak_overrides)),
+        stats=load_latent_stats(stats) if stats else None, device=device, dtype=dtype,
+        model_dtype=model_dtype, **kw)
 
 
 def raev2_from_checkpoints(dit: str | Path, decoder: str | Path | None, stats: str | Path | None, *,
                            dit_name: str = "ditdh-xl-v2", decoder_name: str = "decoder-vit-xl-v2",
-                           device="cpu", dtype=torch.float32, backend: str | None = None,
-                           dit_overrides: Mapping | None = None, decoder_overrides: Mapping | None = None,
-                           **kw) -> Pipeline:
-    """RAEv2 from local files (``checkpoint.pt``, ``decoder.pt``, ``stats.pt``)."""
+                           device="cpu", dtype=torch.float32, model_dtype: torch.dtype | None = None,
+                           backend: str | None = None, dit_overrides: Mapping | None = None,
+                           decoder_overrides: Mapping | None = None, **kw) -> Pipeline:
+    """RAEv2 from local files (``checkpoint.pt``, ``decoder.pt``, ``stats.pt``); arguments as
+    :func:`rae_v1_from_checkpoints`."""
+    md = model_dtype or dtype
     return raev2_pipeline(
-        _load(dit_name, dit, device, dtype, **_over(backend, dit_overrides)),
-        _load(decoder_name, decoder, device, dtype, **_over(backend, decoder_overrides)),
-        stats=load_latent_stats(stats) if stats else None, device=device, **kw)
+        _load(dit_name, dit, device, md, **_over(backend, dit_overrides)),
+        _load(decoder_name, decoder, device, md, **_over(backend, decoder_overrides)),
+        stats=load_latent_stats(stats) if stats else None, device=device, dtype=dtype,
+        model_dtype=model_dtype, **kw)

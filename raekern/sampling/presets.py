@@ -69,15 +69,22 @@ def _load_classifier(o: dict, pipe: "P.Pipeline"):
     return clf
 
 
-def _rae_v1(latent_shape):
+def _names(o: dict, dit: str, decoder: str, weak: str | None = None) -> dict:
+    """Registry names: the preset's, unless --dit-model/--weak-model/--decoder-model override them."""
+    out = {"dit_name": o.get("dit_model") or dit, "decoder_name": o.get("decoder_model") or decoder}
+    if weak is not None:
+        out["weak_name"] = o.get("weak_model") or weak
+    return out
+
+
+def _rae_v1(dit: str, weak: str, decoder: str):
     def build(o: dict) -> "P.Pipeline":
         from raekern.sampling.guidance import NoGuidance
 
-        steps = o.get("steps") or 50
         return P.rae_v1_from_checkpoints(
             _need(o, "ckpt", "--ckpt", "rae-v1"), o.get("decoder_ckpt"), o.get("stats"),
-            weak=o.get("weak_ckpt"), policy=NoGuidance(), num_points=steps, latent_shape=latent_shape,
-            dtype=o.get("dtype", torch.float32), **_common(o))
+            weak=o.get("weak_ckpt"), policy=NoGuidance(), num_points=o.get("steps") or 50,
+            dtype=o.get("dtype", torch.float32), **_names(o, dit, decoder, weak), **_common(o))
     return build
 
 
@@ -86,8 +93,8 @@ def _raev2(o: dict) -> "P.Pipeline":
 
     return P.raev2_from_checkpoints(
         _need(o, "ckpt", "--ckpt", "raev2-256"), o.get("decoder_ckpt"), o.get("stats"),
-        policy=NoGuidance(), num_steps=o.get("steps") or 100, dtype=o.get("dtype", torch.float32),
-        **_common(o))
+        policy=NoGuidance(), num_steps=o.get("steps") or 100,
+        dtype=o.get("dtype", torch.float32), **_names(o, "ditdh-xl-v2", "decoder-vit-xl-v2"), **_common(o))
 
 
 def _tiny(o: dict) -> "P.Pipeline":
@@ -114,10 +121,10 @@ def _tiny_classifier(o: dict, pipe: "P.Pipeline"):
 
 register_preset(Preset("rae-v1-256", "RAE v1, ImageNet 256: DiT-DH-XL on DINOv2-B latents [768,16,16], "
                        "ViT-XL decoder, 49 Euler steps (grid 'rae', 50 points), AutoGuidance 1.42 with "
-                       "DiT-DH-S when --weak-ckpt is given", _rae_v1((768, 16, 16)),
+                       "DiT-DH-S when --weak-ckpt is given", _rae_v1("ditdh-xl", "ditdh-s", "decoder-vit-xl"),
                        guidance=("ag:1.42",), classifier=_load_classifier))
 register_preset(Preset("rae-v1-512", "RAE v1, ImageNet 512: latents [768,32,32], AutoGuidance 1.5",
-                       _rae_v1((768, 32, 32)), guidance=("ag:1.5",), classifier=_load_classifier))
+                       _rae_v1("ditdh-xl-512", "ditdh-s-512", "decoder-vit-xl-512"), guidance=("ag:1.5",), classifier=_load_classifier))
 register_preset(Preset("raev2-256", "RAEv2, ImageNet 256: x-predicting DiT-DH-XL on DINOv3-L K=7 latents "
                        "[1024,16,16], 100 Euler steps (grid 'raev2'), internal guidance 1.78 on t in "
                        "[0.1, 1]", _raev2, guidance=("internal:1.78",), classifier=_load_classifier))

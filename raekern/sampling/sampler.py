@@ -29,9 +29,11 @@ every device); the loop itself draws no random numbers.
 
 CUDA graphs (``cuda_graph=True``, CUDA tensors, fixed shapes): the first call for a given shape runs
 one eager pass as warm-up, then captures every step into its own graph (one shared memory pool,
-replayed in capture order); later calls copy noise and labels into the static inputs and replay.
-The policy must therefore not synchronise with the host inside a step. **This path has not yet run
-on a GPU** (developed on a CPU-only machine).
+replayed in capture order; step k reads fixed buffer k and copies its result into buffer k+1);
+later calls copy noise and labels into the static inputs and replay. The models and the policy must
+not synchronise with the host inside a step. The buffer chaining is tested on the CPU with a
+stand-in that re-runs each step; **the CUDA capture itself has not yet run on a GPU** (developed on a
+CPU-only machine).
 """
 from __future__ import annotations
 
@@ -91,18 +93,22 @@ class Sampler:
         models: further named models a policy refers to, e.g. ``{"weak": small_dit}`` (AutoGuidance).
         solver: "euler" or "heun".
         null_label: label of the unconditional branch (default: ``policy.null_label`` or 1000).
-        x0_t_eps: RAEv2's clamp ``u = (x − x̂)/max(t, x0_t_eps)`` for x0 models (0 = none).
+        x0_t_eps: RAEv2's clamp ``u = (x − x̂)/max(t, x0_t_eps)`` when every branch predicts x0
+            (0 = none).
         model_kwargs: extra keyword arguments for every model call.
         model_dtype: cast the network input to this dtype (outputs are cast back to the state dtype).
         cuda_graph: capture each step into a CUDA graph (CUDA only; fixed shapes).
         progress: show a progress bar (tqdm) over the steps.
+        skip_inactive: outside the policy's guidance interval the policy returns the conditional
+            prediction C, so only C's network call runs (CFG: B rows instead of 2B; AutoGuidance:
+            no weak-model call); the other branches are passed as C, which their zero weights ignore.
     """
 
     def __init__(self, model_fn: ModelFn, policy=None, grid: TimeGrid | str | None = None, *,
                  param: str | Mapping[str, str] = "velocity", models: Mapping[str, ModelFn] | None = None,
                  solver: str = "euler", null_label: int | None = None, x0_t_eps: float = 0.0,
                  model_kwargs: Mapping | None = None, model_dtype: torch.dtype | None = None,
-                 cuda_graph: bool = False, progress: bool = True):
+                 cuda_graph: bool = False, progress: bool = True, skip_inactive: bool = True):
         if not callable(model_fn):
             _fail("model_fn", f"must be callable, got {type(model_fn).__name__}", TypeError)
         self.models: dict[str, ModelFn] = {"main": model_fn}
@@ -135,9 +141,11 @@ class Sampler:
         self.model_dtype = model_dtype
         self.cuda_graph = cuda_graph
         self.progress = progress
+        self.skip_inactive = bool(skip_inactive)
         self._plan()
         self._step_accepts_return_x0 = "return_x0" in inspect.signature(self.policy.step).parameters
         self._graphs: dict = {}
+        self._graph_api = None  # tests substitute _RerunGraphs to run the graph path on the CPU
 
     # -- branch plan -----------------------------------------------------------------------------
     def _plan(self) -> None:
@@ -167,6 +175,16 @@ class Sampler:
             and [b.label for b in branches] == self.calls[branches[0].model]
         )
         self.needs_reference = bool(getattr(self.policy, "needs_reference", False))
+        # Policies return exactly branch 0 (C) outside their interval. Not skippable: internal
+        # guidance combined with CFG (its interval gates only the internal part) and APG momentum
+        # (the buffer would see the skipped branches).
+        from raekern.sampling.guidance import APG, InternalGuidance
+
+        inner = getattr(self.policy, "inner", self.policy)
+        interval = getattr(self.policy, "interval", None)
+        unsafe = ((isinstance(inner, InternalGuidance) and inner.cfg_scale is not None)
+                  or (isinstance(inner, APG) and inner.beta != 0.0))
+        self.skippable_interval = interval if (self.skip_inactive and interval is not None and not unsafe) else None
         self.cond_branch = next((b for b in branches if b.label == "cond" and b.model == "main"), None)
         if self.needs_reference and self.cond_branch is None:
             _fail("policy", "needs a reference class but has no conditional branch of the main model")
@@ -188,9 +206,19 @@ class Sampler:
             outs = tuple(o.to(x.dtype) for o in outs)
         return outs
 
+    def _inactive(self, t: float) -> bool:
+        iv = self.skippable_interval
+        return iv is not None and not (iv[0] <= t <= iv[1])
+
     def _evaluate(self, x, t, labels: dict[str, torch.Tensor | None], cache: dict):
         """Fill ``cache[(model, label)] = (outputs tuple, row slot)``; one call per model."""
         B = x.shape[0]
+        if self._inactive(t):
+            b0 = self.branches[0]
+            if (b0.model, b0.label) not in cache:
+                self._evaluate_only(x, t, labels, cache, b0.model, b0.label)
+            c = cache[(b0.model, b0.label)][0][b0.output]
+            return [c] * len(self.branches)
         for name, kinds in self.calls.items():
             todo = [k for k in kinds if (name, k) not in cache]
             if not todo:
@@ -221,7 +249,8 @@ class Sampler:
                                 num_steps=self.grid.num_steps, state=state, **kw)
 
     def _x0_clamped(self, t: float) -> bool:
-        return self.x0_t_eps > 0 and t < self.x0_t_eps and "x0" in self.branch_param
+        # Only exact when every branch is an x0 prediction (then the clamp scales the guided u).
+        return self.x0_t_eps > 0 and t < self.x0_t_eps and all(p == "x0" for p in self.branch_param)
 
     def _step(self, k: int, x: torch.Tensor, labels: torch.Tensor | None, x0_prev, state: dict):
         """One solver step k: returns (x_next, guided x0 estimate or None)."""
@@ -239,7 +268,10 @@ class Sampler:
                 x0_prev = to_x0(x, outs[cb.output], t, self.param[cb.model])
             # Step 0 of the previous-step variant has no x0 yet: select_reference(None, …) gives
             # r = y with weight 0, i.e. the plain host rule for that step.
-            lab["ref"], _ = self.policy.select_reference(x0_prev, labels)
+            if not self._inactive(t):
+                lab["ref"], _ = self.policy.select_reference(x0_prev, labels)
+            else:
+                lab["ref"] = labels
         outputs = self._evaluate(x, t, lab, cache)
 
         heun = self.solver == "heun" and tn > 0 and not self._x0_clamped(tn)
@@ -284,7 +316,7 @@ class Sampler:
             labels = labels.long()
         if labels is None and any(b.label != "cond" for b in self.branches):
             _fail("labels", "are required by a policy with null or reference branches")
-        if self.cuda_graph and noise.is_cuda:
+        if self.cuda_graph and (noise.is_cuda or self._graph_api is not None):
             return self._run_graphed(noise, labels, callback)
         return self._run_eager(noise, labels, callback)
 
@@ -324,35 +356,74 @@ class Sampler:
         g["x"].copy_(x)
         if labels is not None:
             g["labels"].copy_(labels)
-        bar = _progress(len(g["graphs"]), self.progress, "sampling (graphs)")
-        for k, graph in enumerate(g["graphs"]):
-            graph.replay()
+        bar = _progress(len(g["replays"]), self.progress, "sampling (graphs)")
+        for k, replay in enumerate(g["replays"]):
+            replay()
             if callback is not None:
-                callback(k, self.grid.times()[k + 1], g["outs"][k], None)
+                callback(k, self.grid.times()[k + 1], g["bufs"][k + 1], None)
             if bar is not None:
                 bar.update(1)
         if bar is not None:
             bar.close()
-        return g["outs"][-1].clone()
+        return g["bufs"][-1].clone()
 
     def _capture(self, x, labels):
+        """One graph per step. Step k reads ``bufs[k]`` (and the previous x0 buffer for GFCG) and
+        copies its results into ``bufs[k+1]``: every graph's inputs and outputs are fixed buffers, so
+        replays chain without Python in between (and the same structure runs on the CPU, see
+        ``_RerunGraphs``)."""
+        api = self._graph_api if self._graph_api is not None else _CudaGraphs()
         static_x = x.clone()
         static_labels = labels.clone() if labels is not None else None
+        api.warmup(lambda: self._run_eager(static_x, static_labels, None))
+        K = self.grid.num_steps
+        bufs = [static_x] + [torch.empty_like(x) for _ in range(K)]
+        x0bufs = [torch.empty_like(x) for _ in range(K)] if self.needs_reference else None
+        state: dict = {}
+
+        def make(k):
+            def fn():
+                x0_prev = x0bufs[k - 1] if (x0bufs is not None and k > 0) else None
+                xn, x0 = self._step(k, bufs[k], static_labels, x0_prev, state)
+                bufs[k + 1].copy_(xn)
+                if x0bufs is not None and x0 is not None:
+                    x0bufs[k].copy_(x0)
+            return fn
+
+        replays = [api.capture(make(k)) for k in range(K)]
+        return {"x": static_x, "labels": static_labels, "replays": replays, "bufs": bufs}
+
+
+class _CudaGraphs:
+    """Capture with torch.cuda graphs sharing one memory pool (replayed in capture order)."""
+
+    def __init__(self):
+        self.pool = torch.cuda.graph_pool_handle()
+
+    def warmup(self, fn):
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up pass: allocator, cuBLAS handles, lazy inits
-            self._run_eager(static_x, static_labels, None)
+        with torch.cuda.stream(side):  # allocator, cuBLAS handles, lazy initialisation
+            fn()
         torch.cuda.current_stream().wait_stream(side)
-        pool = torch.cuda.graph_pool_handle()
-        graphs, outs = [], []
-        cur, x0, state = static_x, None, {}
-        for k in range(self.grid.num_steps):
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                cur, x0 = self._step(k, cur, static_labels, x0, state)
-            graphs.append(graph)
-            outs.append(cur)
-        return {"x": static_x, "labels": static_labels, "graphs": graphs, "outs": outs}
+
+    def capture(self, fn):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            fn()
+        return graph.replay
+
+
+class _RerunGraphs:
+    """CPU stand-in with the semantics the graph path relies on: a "replay" re-runs the captured
+    step against the same fixed buffers. Lets the tests check the buffer chaining without a GPU."""
+
+    def warmup(self, fn):
+        fn()
+
+    def capture(self, fn):
+        fn()
+        return fn
 
 
 def make_noise(shape: Sequence[int], seed: int = 0, *, device=None, dtype=torch.float32) -> torch.Tensor:

@@ -1,0 +1,61 @@
+// SIMT pieces of the CUDA attention kernels that carry no tensor-core code: the QK-norm + 2-D RoPE
+// prologue applied to a tile row in shared memory, and the softmax epilogue of one output row.
+// Includes only common/simt.cuh, so the host emulation (common/host_emulation.h) can run the same
+// source on the CPU. Not yet run on a GPU.
+#pragma once
+#include "common/simt.cuh"
+
+namespace raekern::attention::simt_dev {
+
+// Two adjacent lanes own one row of Dh elements: lane parity `half` selects the half of the head
+// dim this thread normalises and rotates (RAE's RoPE rotates the first half by the grid row and the
+// second by the grid column, so each thread needs only one position). Both lanes of every pair must
+// call this (the RMS statistic is combined with one shuffle). `w` == nullptr: no QK-norm;
+// rope == false: no rotation (token past the grid, or RoPE off).
+template <class T>
+__device__ __forceinline__ void qk_prologue_half_row(T* __restrict__ row, int D, int half,
+                                                     const float* __restrict__ w, float eps, bool rope,
+                                                     int pos, float log2_theta) {
+  const int h2 = D / 2;
+  T* x = row + half * h2;
+  float ss = 0.f;
+  if (w) {
+    for (int i = 0; i < h2; ++i) {
+      const float a = simt::to_float(x[i]);
+      ss += a * a;
+    }
+  }
+  ss += __shfl_xor_sync(simt::kFullMask, ss, 1);
+  const float r = w ? rsqrtf(ss / float(D) + eps) : 1.f;
+  const float* wh = w ? w + half * h2 : nullptr;
+  for (int p = 0; p < h2 / 2; ++p) {
+    float a = simt::to_float(x[2 * p]), c = simt::to_float(x[2 * p + 1]);
+    if (wh) {
+      a *= r * wh[2 * p];
+      c *= r * wh[2 * p + 1];
+    }
+    if (rope) {
+      // θ^(-2p/(Dh/2)); angles reach ~grid size radians, so use the accurate sincosf.
+      const float ang = float(pos) * exp2f(-float(2 * p) / float(h2) * log2_theta);
+      float sn, cs;
+      sincosf(ang, &sn, &cs);
+      const float a2 = a * cs - c * sn;
+      c = c * cs + a * sn;
+      a = a2;
+    }
+    x[2 * p] = simt::from_float<T>(a);
+    x[2 * p + 1] = simt::from_float<T>(c);
+  }
+}
+
+// Softmax epilogue for one query row: 1/l scaling factor and the natural-log log-sum-exp from the
+// running max m (log2 units) and sum l. A row that saw no key (l == 0) yields 0 and -inf.
+struct RowFinal {
+  float inv_l, lse;
+};
+__device__ __forceinline__ RowFinal softmax_finalize(float m, float l) {
+  if (!(l > 0.f)) return {0.f, -INFINITY};
+  return {1.f / l, (m + __log2f(l)) * 0.6931471805599453f};
+}
+
+}  // namespace raekern::attention::simt_dev

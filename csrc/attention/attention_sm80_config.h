@@ -1,0 +1,49 @@
+// Tile configuration of the sm80 (mma.sync) attention forward, kept apart from the mainloop so a
+// Hopper wgmma/TMA mainloop can be added as its own translation unit with its own configs.
+// Dh = 72 runs natively: only the QKᵀ reduction is padded (to 80, a multiple of the MMA k = 16);
+// V, the output and the P·V product use 72 columns (nine 8-wide MMA n-tiles).
+#pragma once
+#include <cstdint>
+
+namespace raekern::attention::sm80 {
+
+template <int HeadDim> struct FwdConfig {
+  static_assert(HeadDim % 8 == 0 && HeadDim <= 256, "head dim must be a multiple of 8, <= 256");
+  static constexpr int kHeadDim = HeadDim;
+  static constexpr int kHeadDimQK = (HeadDim + 15) / 16 * 16;  // k-extent of QKᵀ (72 -> 80)
+  static constexpr int kBlockM = 64;                           // query rows per CTA (16 per warp)
+  static constexpr int kBlockN = 64;                           // keys per mainloop step
+  static constexpr int kWarps = 4;
+  static constexpr int kThreads = kWarps * 32;
+  // +8 elements per row: fragment loads of 8 rows hit 8 distinct bank groups; rows stay 16-byte aligned.
+  static constexpr int kLdQK = kHeadDimQK + 8;
+  static constexpr int kLdV = HeadDim + 8;
+  static constexpr int kNTilesS = kBlockN / 8;   // S accumulator n-tiles per warp
+  static constexpr int kNTilesO = HeadDim / 8;   // O accumulator n-tiles per warp
+  static constexpr int kKStepsQK = kHeadDimQK / 16;
+  // Q once, K and V double-buffered (cp.async prefetch of step j+1 during step j), in elements.
+  static constexpr int kSmemElems = kBlockM * kLdQK + 2 * kBlockN * kLdQK + 2 * kBlockN * kLdV;
+  static constexpr int kSmemBytes = kSmemElems * 2;  // bf16 / fp16
+};
+
+// Everything the kernel reads, by value in the kernel's parameter space. Strides are in elements,
+// 64-bit, in (batch, token, head) order whatever the tensors' layout.
+struct FwdParams {
+  const void* q;
+  const void* k;
+  const void* v;
+  void* out;
+  float* lse;            // [B, H, Nq]
+  const float* q_norm;   // [Dh] fp32 or nullptr
+  const float* k_norm;
+  const bool* mask;      // [B, Nk] (True = keep) or nullptr
+  int64_t q_sb, q_sn, q_sh, k_sb, k_sn, k_sh, v_sb, v_sn, v_sh, o_sb, o_sn, o_sh;
+  int64_t mask_sb, mask_sn;
+  int B, H, Nq, Nk;
+  float scale_log2;      // softmax scale · log2(e)
+  float eps;
+  int rope_h, rope_w;    // 0, 0: no RoPE
+  float log2_theta;
+};
+
+}  // namespace raekern::attention::sm80

@@ -1,0 +1,241 @@
+// sm80 attention forward mainloop: FlashAttention-2 structure with hand-written tensor-core code.
+// CTA = 64 query rows × one (batch, head), 4 warps × 16 rows; K/V tiles of 64 keys stream through
+// double-buffered shared memory with cp.async; S = Q·Kᵀ and O += P·V use mma.sync.m16n8k16
+// (bf16/fp16 in, fp32 accumulate); the online softmax (log2 units) stays in registers and P is fed
+// to the second MMA straight from the S accumulators. QK-norm and RoPE are applied to the Q tile
+// and to each K tile in shared memory after it lands (attention_prologue_kernel.cuh).
+// NOT YET RUN ON A GPU: compiled for sm_80/sm_90a only; the GPU check verifies it.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+
+#include "attention/attention_prologue_kernel.cuh"
+#include "attention/attention_sm80_config.h"
+#include "common/simt.cuh"
+
+namespace raekern::attention::sm80 {
+
+template <class T> struct Mma;
+template <> struct Mma<__nv_bfloat16> {
+  __device__ __forceinline__ static void run(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+  __device__ __forceinline__ static uint32_t pack(float lo, float hi) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
+  }
+};
+template <> struct Mma<__half> {
+  __device__ __forceinline__ static void run(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+  __device__ __forceinline__ static uint32_t pack(float lo, float hi) {
+    __half2 v = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
+  }
+};
+
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  const int bytes = valid ? 16 : 0;  // 0: zero-fill (rows past the sequence end)
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N> __device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+__device__ __forceinline__ uint32_t lds32(const void* p) { return *reinterpret_cast<const uint32_t*>(p); }
+
+// rows × D elements from global (token stride sn) into smem (row stride ld). Aligned: 16-byte
+// cp.async chunks (async, zero-fill past `rows_valid`); otherwise plain element copies.
+template <class Cfg, class T, bool kAligned>
+__device__ __forceinline__ void load_tile(T* __restrict__ dst, int ld, const T* __restrict__ src, int64_t sn,
+                                          int rows, int rows_valid) {
+  constexpr int D = Cfg::kHeadDim;
+  if constexpr (kAligned) {
+    constexpr int kChunks = D / 8;
+    for (int c = threadIdx.x; c < rows * kChunks; c += Cfg::kThreads) {
+      const int r = c / kChunks, col = (c % kChunks) * 8;
+      const bool ok = r < rows_valid;
+      cp_async16(dst + r * ld + col, src + (ok ? int64_t(r) * sn + col : 0), ok);
+    }
+  } else {
+    for (int e = threadIdx.x; e < rows * D; e += Cfg::kThreads) {
+      const int r = e / D, col = e % D;
+      dst[r * ld + col] = r < rows_valid ? src[int64_t(r) * sn + col] : simt::from_float<T>(0.f);
+    }
+  }
+}
+
+// QK-norm + RoPE on a 64-row tile in smem: two threads per row (all 128 threads take part).
+template <class Cfg, class T>
+__device__ __forceinline__ void prologue_tile(T* tile, int ld, int token0, const float* w, const FwdParams& p) {
+  const int r = threadIdx.x >> 1, half = threadIdx.x & 1, token = token0 + r;
+  const bool rope = p.rope_h > 0 && token < p.rope_h * p.rope_w;
+  const int pos = rope ? (half ? token % p.rope_w : token / p.rope_w) : 0;
+  simt_dev::qk_prologue_half_row<T>(tile + r * ld, Cfg::kHeadDim, half, w, p.eps, rope, pos, p.log2_theta);
+}
+
+template <class Cfg, class T, bool kAligned>
+__global__ void __launch_bounds__(Cfg::kThreads) attention_fwd_sm80_kernel(const FwdParams p) {
+  constexpr int kM = Cfg::kBlockM, kN = Cfg::kBlockN, D = Cfg::kHeadDim, DQK = Cfg::kHeadDimQK;
+  constexpr int LQ = Cfg::kLdQK, LV = Cfg::kLdV;
+  RAEKERN_DYNAMIC_SHARED(T, smem);
+  T* sQ = smem;
+  T* sK = sQ + kM * LQ;       // [2][kN][LQ]
+  T* sV = sK + 2 * kN * LQ;   // [2][kN][LV]
+
+  const int m0 = blockIdx.x * kM, h = blockIdx.y, b = blockIdx.z;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  const bool prologue = p.q_norm || p.k_norm || p.rope_h > 0;
+  const T* qg = static_cast<const T*>(p.q) + b * p.q_sb + h * p.q_sh + int64_t(m0) * p.q_sn;
+  const T* kg = static_cast<const T*>(p.k) + b * p.k_sb + h * p.k_sh;
+  const T* vg = static_cast<const T*>(p.v) + b * p.v_sb + h * p.v_sh;
+
+  // The QKᵀ padding columns (D..DQK) must read as zero in Q and in both K buffers.
+  if constexpr (DQK > D) {
+    for (int e = threadIdx.x; e < 3 * kM * (DQK - D); e += Cfg::kThreads) {
+      const int r = e / (DQK - D), c = D + e % (DQK - D);
+      sQ[r * LQ + c] = simt::from_float<T>(0.f);  // rows 0..3·64 span sQ and both sK buffers
+    }
+  }
+  const int n_blocks = (p.Nk + kN - 1) / kN;
+  load_tile<Cfg, T, kAligned>(sQ, LQ, qg, p.q_sn, kM, min(kM, p.Nq - m0));
+  load_tile<Cfg, T, kAligned>(sK, LQ, kg, p.k_sn, kN, min(kN, p.Nk));
+  load_tile<Cfg, T, kAligned>(sV, LV, vg, p.v_sn, kN, min(kN, p.Nk));
+  if constexpr (kAligned) cp_async_commit();
+
+  float acc_o[Cfg::kNTilesO][4];
+#pragma unroll
+  for (int n = 0; n < Cfg::kNTilesO; ++n) acc_o[n][0] = acc_o[n][1] = acc_o[n][2] = acc_o[n][3] = 0.f;
+  float row_m[2] = {-INFINITY, -INFINITY}, row_l[2] = {0.f, 0.f};
+  const bool* mask = p.mask ? p.mask + b * p.mask_sb : nullptr;
+
+  for (int j = 0; j < n_blocks; ++j) {
+    const int buf = j & 1, n0 = j * kN;
+    if (j + 1 < n_blocks) {
+      const int nb = (j + 1) & 1, n1 = n0 + kN;
+      load_tile<Cfg, T, kAligned>(sK + nb * kN * LQ, LQ, kg + int64_t(n1) * p.k_sn, p.k_sn, kN, min(kN, p.Nk - n1));
+      load_tile<Cfg, T, kAligned>(sV + nb * kN * LV, LV, vg + int64_t(n1) * p.v_sn, p.v_sn, kN, min(kN, p.Nk - n1));
+      if constexpr (kAligned) {
+        cp_async_commit();
+        cp_async_wait<1>();
+      }
+    } else if constexpr (kAligned) {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+    T* k_tile = sK + buf * kN * LQ;
+    const T* v_tile = sV + buf * kN * LV;
+    if (prologue) {
+      if (j == 0) prologue_tile<Cfg, T>(sQ, LQ, m0, p.q_norm, p);
+      prologue_tile<Cfg, T>(k_tile, LQ, n0, p.k_norm, p);
+      __syncthreads();
+    }
+
+    // S = Q·Kᵀ for this warp's 16 rows × 64 keys.
+    float acc_s[Cfg::kNTilesS][4];
+#pragma unroll
+    for (int n = 0; n < Cfg::kNTilesS; ++n) acc_s[n][0] = acc_s[n][1] = acc_s[n][2] = acc_s[n][3] = 0.f;
+    const T* qw = sQ + (warp * 16 + g) * LQ + 2 * t;
+#pragma unroll
+    for (int ks = 0; ks < Cfg::kKStepsQK; ++ks) {
+      const uint32_t a[4] = {lds32(qw + ks * 16), lds32(qw + 8 * LQ + ks * 16), lds32(qw + ks * 16 + 8),
+                             lds32(qw + 8 * LQ + ks * 16 + 8)};
+#pragma unroll
+      for (int n = 0; n < Cfg::kNTilesS; ++n) {
+        const T* kr = k_tile + (n * 8 + g) * LQ + ks * 16 + 2 * t;
+        Mma<T>::run(acc_s[n], a, lds32(kr), lds32(kr + 8));
+      }
+    }
+
+    // Online softmax in log2 units; rows g and g+8 of the warp, 4 lanes share a row.
+    float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int n = 0; n < Cfg::kNTilesS; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int col = n0 + n * 8 + 2 * t + (e & 1);
+        const bool keep = col < p.Nk && (!mask || mask[int64_t(col) * p.mask_sn]);
+        const float s = keep ? acc_s[n][e] * p.scale_log2 : -INFINITY;
+        acc_s[n][e] = s;
+        mx[e >> 1] = fmaxf(mx[e >> 1], s);
+      }
+    float alpha[2], shift[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      mx[r] = fmaxf(mx[r], __shfl_xor_sync(simt::kFullMask, mx[r], 1));
+      mx[r] = fmaxf(mx[r], __shfl_xor_sync(simt::kFullMask, mx[r], 2));
+      const float m_new = fmaxf(row_m[r], mx[r]);
+      shift[r] = m_new == -INFINITY ? 0.f : m_new;  // no key yet: keep exp2(-inf) = 0, not NaN
+      alpha[r] = exp2f(row_m[r] - shift[r]);
+      row_m[r] = m_new;
+      row_l[r] *= alpha[r];
+    }
+#pragma unroll
+    for (int n = 0; n < Cfg::kNTilesS; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const float pe = exp2f(acc_s[n][e] - shift[e >> 1]);
+        acc_s[n][e] = pe;
+        row_l[e >> 1] += pe;
+      }
+#pragma unroll
+    for (int n = 0; n < Cfg::kNTilesO; ++n) {
+      acc_o[n][0] *= alpha[0];
+      acc_o[n][1] *= alpha[0];
+      acc_o[n][2] *= alpha[1];
+      acc_o[n][3] *= alpha[1];
+    }
+
+    // O += P·V: the S accumulators of two adjacent n-tiles form one A fragment (k = 16 keys).
+#pragma unroll
+    for (int kk = 0; kk < kN / 16; ++kk) {
+      const uint32_t a[4] = {Mma<T>::pack(acc_s[2 * kk][0], acc_s[2 * kk][1]),
+                             Mma<T>::pack(acc_s[2 * kk][2], acc_s[2 * kk][3]),
+                             Mma<T>::pack(acc_s[2 * kk + 1][0], acc_s[2 * kk + 1][1]),
+                             Mma<T>::pack(acc_s[2 * kk + 1][2], acc_s[2 * kk + 1][3])};
+      const unsigned row_addr =
+          static_cast<unsigned>(__cvta_generic_to_shared(v_tile + (kk * 16 + (lane & 15)) * LV));
+#pragma unroll
+      for (int n = 0; n < Cfg::kNTilesO; ++n) {
+        uint32_t b0, b1;
+        asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n"
+                     : "=r"(b0), "=r"(b1)
+                     : "r"(row_addr + n * 16));
+        Mma<T>::run(acc_o[n], a, b0, b1);
+      }
+    }
+    __syncthreads();  // this buffer is refilled by the prefetch of step j+2
+  }
+
+  // Epilogue: full row sums across the 4 lanes of a row, normalise, write out and lse.
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    row_l[r] += __shfl_xor_sync(simt::kFullMask, row_l[r], 1);
+    row_l[r] += __shfl_xor_sync(simt::kFullMask, row_l[r], 2);
+    const int m = m0 + warp * 16 + g + 8 * r;
+    const simt_dev::RowFinal fin = simt_dev::softmax_finalize(row_m[r], row_l[r]);
+    if (m >= p.Nq) continue;
+    T* og = static_cast<T*>(p.out) + b * p.o_sb + h * p.o_sh + int64_t(m) * p.o_sn;
+#pragma unroll
+    for (int n = 0; n < Cfg::kNTilesO; ++n)
+      *reinterpret_cast<uint32_t*>(og + n * 8 + 2 * t) =
+          Mma<T>::pack(acc_o[n][2 * r] * fin.inv_l, acc_o[n][2 * r + 1] * fin.inv_l);
+    if (t == 0) p.lse[(int64_t(b) * p.H + h) * p.Nq + m] = fin.lse;
+  }
+  (void)D;
+}
+
+}  // namespace raekern::attention::sm80

@@ -1,0 +1,87 @@
+// Device helpers shared by the fusion family's SIMT kernels: a token row spread over one block as
+// ITEMS vectors of V elements per thread (V = 16 bytes / sizeof(T) when rows are aligned, else 1),
+// held in fp32 registers. Includes only common/simt.cuh so the host emulation can compile it.
+// Not yet run on a GPU.
+#pragma once
+#include "common/simt.cuh"
+
+namespace raekern::fusion::cuda {
+
+constexpr int kThreads = 256;
+constexpr int kMaxLayers = 48;
+
+// Element d of item i of this thread: (i·kThreads + tid)·V + j.
+template <int V>
+__device__ __forceinline__ int item_base(int i) {
+  return (i * kThreads + int(threadIdx.x)) * V;
+}
+
+template <int V, int ITEMS>
+__device__ __forceinline__ bool item_valid(int i, int D) {
+  return item_base<V>(i) < D;
+}
+
+// Loads a row of D elements (element stride sd, only used when V == 1); invalid slots read 0.
+template <class T, int V, int ITEMS>
+__device__ __forceinline__ void load_row(const T* __restrict__ row, int64_t sd, int D, float (&x)[ITEMS][V]) {
+#pragma unroll
+  for (int i = 0; i < ITEMS; ++i) {
+    const int d0 = item_base<V>(i);
+    if (d0 < D) {
+      if constexpr (V > 1) {
+        simt::load_vec<T, V>(row + d0, x[i]);
+      } else {
+        x[i][0] = simt::to_float(row[int64_t(d0) * sd]);
+      }
+    } else {
+#pragma unroll
+      for (int j = 0; j < V; ++j) x[i][j] = 0.f;
+    }
+  }
+}
+
+template <class T, int V, int ITEMS>
+__device__ __forceinline__ void store_row(T* __restrict__ row, int D, const float (&x)[ITEMS][V]) {
+#pragma unroll
+  for (int i = 0; i < ITEMS; ++i) {
+    const int d0 = item_base<V>(i);
+    if (d0 < D) {
+      if constexpr (V > 1) {
+        simt::store_vec<T, V>(row + d0, x[i]);
+      } else {
+        row[d0] = simt::from_float<T>(x[i][0]);
+      }
+    }
+  }
+}
+
+// Non-affine LayerNorm of a row held in registers, in place; returns rstd. Statistics are taken
+// around the row's first element so large common offsets (ViT outlier channels) do not cancel.
+template <int V, int ITEMS>
+__device__ __forceinline__ float normalize_row(float (&x)[ITEMS][V], float shift, int D, float eps, float* red) {
+  float s1 = 0.f, s2 = 0.f;
+#pragma unroll
+  for (int i = 0; i < ITEMS; ++i) {
+    if (item_valid<V, ITEMS>(i, D)) {
+#pragma unroll
+      for (int j = 0; j < V; ++j) {
+        x[i][j] -= shift;
+        s1 += x[i][j];
+        s2 += x[i][j] * x[i][j];
+      }
+    }
+  }
+  simt::block_sum2(s1, s2, red);
+  const float mean = s1 / float(D);
+  const float var = fmaxf(s2 / float(D) - mean * mean, 0.f);
+  const float rstd = rsqrtf(var + eps);
+#pragma unroll
+  for (int i = 0; i < ITEMS; ++i) {
+    const bool ok = item_valid<V, ITEMS>(i, D);
+#pragma unroll
+    for (int j = 0; j < V; ++j) x[i][j] = ok ? (x[i][j] - mean) * rstd : 0.f;
+  }
+  return rstd;
+}
+
+}  // namespace raekern::fusion::cuda

@@ -1,0 +1,214 @@
+// SIMT kernels of layer_stack_fuse: one block per patch token reads that token from each of the L
+// layers through the layer's own pointer (no stacked copy), normalises it in registers and reduces.
+// Not yet run on a GPU: verified only by compiling for sm_80/sm_90a (and, once the host emulation
+// lands, by running this same source on the CPU).
+#pragma once
+#include "fusion/fusion_kernel_common.cuh"
+
+namespace raekern::fusion::cuda {
+
+struct StackArgs {
+  const void* layer[kMaxLayers];
+  int64_t sb[kMaxLayers], st[kMaxLayers], sd[kMaxLayers];
+  int L, D;
+  int64_t B, T, P, N;
+  int reduce;        // Reduce: 0 mean, 1 sum, 2 per layer [L], 3 per token [B, N, L]
+  const float* w;    // fp32 weights or null
+  float uniform;     // 1/L or 1
+  bool normalize;
+  float eps;
+  const float* tmean;  // [B, D] token-mean of the last normalised layer, or null
+  bool channels_first;
+  const float* lmean;  // [D, N] latent statistics or null
+  const float* lvar;
+  float leps;
+};
+
+__device__ __forceinline__ float stack_coef(const StackArgs& a, int l, int64_t tok) {
+  if (a.reduce == 2) return a.w[l];
+  if (a.reduce == 3) return a.w[tok * a.L + l];
+  return a.uniform;
+}
+
+template <class T, int V, int ITEMS>
+__device__ __forceinline__ float load_layer(const StackArgs& a, int l, int64_t b, int64_t n, float (&x)[ITEMS][V],
+                                            float* red) {
+  const T* row = static_cast<const T*>(a.layer[l]) + b * a.sb[l] + (a.P + n) * a.st[l];
+  load_row<T, V, ITEMS>(row, a.sd[l], a.D, x);
+  if (!a.normalize) return 1.f;
+  return normalize_row<V, ITEMS>(x, simt::to_float(row[0]), a.D, a.eps, red);
+}
+
+// Token-mean of the last normalised layer: blockIdx.y picks the sample, blocks stride over tokens
+// and add their partial sums (already divided by N) into tmean [B, D] (zeroed by the launcher).
+template <class T, int V, int ITEMS>
+__global__ void __launch_bounds__(kThreads) last_token_mean_kernel(StackArgs a, float* __restrict__ tmean) {
+  __shared__ float red[2 * simt::kWarp];
+  const int64_t b = blockIdx.y;
+  float acc[ITEMS][V] = {};
+  for (int64_t n = blockIdx.x; n < a.N; n += gridDim.x) {
+    float x[ITEMS][V];
+    load_layer<T, V, ITEMS>(a, a.L - 1, b, n, x, red);
+#pragma unroll
+    for (int i = 0; i < ITEMS; ++i)
+#pragma unroll
+      for (int j = 0; j < V; ++j) acc[i][j] += x[i][j];
+  }
+  const float inv_n = 1.f / float(a.N);
+#pragma unroll
+  for (int i = 0; i < ITEMS; ++i) {
+    const int d0 = item_base<V>(i);
+    if (d0 < a.D)
+#pragma unroll
+      for (int j = 0; j < V; ++j) atomicAdd(tmean + b * a.D + d0 + j, acc[i][j] * inv_n);
+  }
+}
+
+template <class T, int V, int ITEMS>
+__global__ void __launch_bounds__(kThreads) layer_stack_fuse_kernel(StackArgs a, T* __restrict__ out) {
+  __shared__ float red[2 * simt::kWarp];
+  const int64_t tok = blockIdx.x;
+  const int64_t b = tok / a.N, n = tok % a.N;
+  float acc[ITEMS][V] = {};
+  for (int l = 0; l < a.L; ++l) {
+    float x[ITEMS][V];
+    load_layer<T, V, ITEMS>(a, l, b, n, x, red);
+    const float c = stack_coef(a, l, tok);
+#pragma unroll
+    for (int i = 0; i < ITEMS; ++i)
+#pragma unroll
+      for (int j = 0; j < V; ++j) acc[i][j] += c * x[i][j];
+  }
+  if (a.tmean) {
+#pragma unroll
+    for (int i = 0; i < ITEMS; ++i) {
+      const int d0 = item_base<V>(i);
+      if (d0 < a.D)
+#pragma unroll
+        for (int j = 0; j < V; ++j) acc[i][j] += a.tmean[b * a.D + d0 + j];
+    }
+  }
+  if (!a.channels_first) {
+    store_row<T, V, ITEMS>(out + tok * a.D, a.D, acc);
+    return;
+  }
+  // [B, D, N]: neighbouring blocks write neighbouring tokens of each channel row.
+#pragma unroll
+  for (int i = 0; i < ITEMS; ++i) {
+    const int d0 = item_base<V>(i);
+    if (d0 >= a.D) continue;
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      const int64_t dn = int64_t(d0 + j) * a.N + n;
+      float v = acc[i][j];
+      if (a.lmean) v = (v - a.lmean[dn]) * rsqrtf(a.lvar[dn] + a.leps);
+      out[b * a.D * a.N + dn] = simt::from_float<T>(v);
+    }
+  }
+}
+
+struct StackGradArgs {
+  void* dlayer[kMaxLayers];  // L contiguous [B, T, D] gradients
+  const void* grad;          // contiguous [B, N, D] or [B, D, N]
+  const float* gmean;        // [B, D]: (1/N)·Σ_n g for the last-token-mean term, or null
+  float* dw;                 // fp32 [L] (atomics) or [B, N, L], or null
+};
+
+template <class T, int V, int ITEMS>
+__device__ __forceinline__ void load_grad(const StackArgs& a, const StackGradArgs& g, int64_t b, int64_t n,
+                                          float (&x)[ITEMS][V]) {
+  const T* gp = static_cast<const T*>(g.grad);
+  if (!a.channels_first) {
+    load_row<T, V, ITEMS>(gp + (b * a.N + n) * a.D, 1, a.D, x);
+    return;
+  }
+#pragma unroll
+  for (int i = 0; i < ITEMS; ++i) {
+    const int d0 = item_base<V>(i);
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      float v = 0.f;
+      if (d0 < a.D) {
+        const int64_t dn = int64_t(d0 + j) * a.N + n;
+        v = simt::to_float(gp[b * a.D * a.N + dn]);
+        if (a.lvar) v *= rsqrtf(a.lvar[dn] + a.leps);
+      }
+      x[i][j] = v;
+    }
+  }
+}
+
+template <class T, int V, int ITEMS>
+__global__ void __launch_bounds__(kThreads) grad_token_mean_kernel(StackArgs a, StackGradArgs g,
+                                                                   float* __restrict__ gmean) {
+  const int64_t b = blockIdx.y;
+  float acc[ITEMS][V] = {};
+  for (int64_t n = blockIdx.x; n < a.N; n += gridDim.x) {
+    float x[ITEMS][V];
+    load_grad<T, V, ITEMS>(a, g, b, n, x);
+#pragma unroll
+    for (int i = 0; i < ITEMS; ++i)
+#pragma unroll
+      for (int j = 0; j < V; ++j) acc[i][j] += x[i][j];
+  }
+  const float inv_n = 1.f / float(a.N);
+#pragma unroll
+  for (int i = 0; i < ITEMS; ++i) {
+    const int d0 = item_base<V>(i);
+    if (d0 < a.D)
+#pragma unroll
+      for (int j = 0; j < V; ++j) atomicAdd(gmean + b * a.D + d0 + j, acc[i][j] * inv_n);
+  }
+}
+
+// One block per token: reads the output gradient once and each layer once more, writes each
+// layer's gradient row (LayerNorm backward in registers) and the weights' gradient.
+template <class T, int V, int ITEMS>
+__global__ void __launch_bounds__(kThreads) layer_stack_fuse_backward_kernel(StackArgs a, StackGradArgs g) {
+  __shared__ float red[2 * simt::kWarp];
+  const int64_t tok = blockIdx.x;
+  const int64_t b = tok / a.N, n = tok % a.N;
+  float gr[ITEMS][V];
+  load_grad<T, V, ITEMS>(a, g, b, n, gr);
+  for (int l = 0; l < a.L; ++l) {
+    float y[ITEMS][V];
+    const float rstd = load_layer<T, V, ITEMS>(a, l, b, n, y, red);
+    const float c = stack_coef(a, l, tok);
+    const bool last_mean = g.gmean != nullptr && l == a.L - 1;
+    float dy[ITEMS][V];
+    float dot = 0.f, s1 = 0.f, s2 = 0.f;
+#pragma unroll
+    for (int i = 0; i < ITEMS; ++i) {
+      const int d0 = item_base<V>(i);
+      const bool ok = d0 < a.D;
+#pragma unroll
+      for (int j = 0; j < V; ++j) {
+        float v = c * gr[i][j];
+        if (last_mean && ok) v += g.gmean[b * a.D + d0 + j];
+        dy[i][j] = ok ? v : 0.f;
+        dot += gr[i][j] * y[i][j];
+        s1 += dy[i][j];
+        s2 += dy[i][j] * y[i][j];
+      }
+    }
+    if (a.normalize) simt::block_sum2(s1, s2, red);
+    if (g.dw) {
+      dot = simt::block_sum(dot, red);
+      if (threadIdx.x == 0) {
+        if (a.reduce == 3) g.dw[tok * a.L + l] = dot;
+        else atomicAdd(g.dw + l, dot);
+      }
+    }
+    if (a.normalize) {
+      const float m1 = s1 / float(a.D), m2 = s2 / float(a.D);
+#pragma unroll
+      for (int i = 0; i < ITEMS; ++i)
+#pragma unroll
+        for (int j = 0; j < V; ++j) dy[i][j] = rstd * (dy[i][j] - m1 - y[i][j] * m2);
+    }
+    T* drow = static_cast<T*>(g.dlayer[l]) + (b * a.T + a.P + n) * a.D;
+    store_row<T, V, ITEMS>(drow, a.D, dy);
+  }
+}
+
+}  // namespace raekern::fusion::cuda

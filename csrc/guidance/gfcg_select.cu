@@ -1,0 +1,53 @@
+// CUDA launcher of raekern::gfcg_select. NOT YET RUN ON A GPU (compiled for sm_80/sm_90a only).
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include "common/checks.h"
+#include "common/cuda_launch.h"
+
+// fp32/bf16/fp16 only: a switch without a float64 case, so no float64 kernel is ever instantiated.
+#define RAEKERN_DISPATCH_CUDA_FLOATING(TYPE, NAME, ...)                                       \
+  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)                   \
+                                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__)            \
+                                         AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__))
+#include "common/dispatch.h"
+#include "guidance/gfcg_select_kernel.cuh"
+
+namespace raekern::guidance {
+namespace {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gfcg_select_cuda(const at::Tensor& logits,
+                                                                            const at::Tensor& target,
+                                                                            double w_max, double kappa,
+                                                                            double w_min) {
+  constexpr const char* op = "gfcg_select";
+  check_floating(logits, op, "logits");
+  check_dim(logits, 2, op, "logits");
+  const int64_t B = logits.size(0), C = logits.size(1);
+  RAEKERN_CHECK(C >= 2, op, "logits", "must have at least 2 classes, got shape ", logits.sizes());
+  RAEKERN_CHECK(target.dim() == 1 && target.size(0) == B, op, "target", "must have shape [", B, "], got ",
+                target.sizes());
+  check_same_device(target, logits, op, "target");
+  RAEKERN_CHECK(logits.scalar_type() != at::kDouble, op, "logits", "float64 is not supported on CUDA");
+  c10::cuda::CUDAGuard guard(logits.device());
+  at::Tensor lg = logits.contiguous();
+  at::Tensor tg = target.to(at::kLong).contiguous();
+  auto f32 = logits.options().dtype(at::kFloat);
+  at::Tensor ref = at::empty({B}, logits.options().dtype(at::kLong));
+  at::Tensor weight = at::empty({B}, f32), pt = at::empty({B}, f32), pr = at::empty({B}, f32);
+  if (B == 0) return {ref, weight, pt, pr};
+  RAEKERN_DISPATCH_CUDA_FLOATING(lg.scalar_type(), "gfcg_select_cuda", [&] {
+      cuda::gfcg_select_kernel<cuda_t<scalar_t>><<<B, cuda::kSelectThreads, 0, current_stream()>>>(
+          cuda_ptr<scalar_t>(lg), reinterpret_cast<const long long*>(tg.const_data_ptr<int64_t>()), C,
+          float(w_max), float(kappa), float(w_min), reinterpret_cast<long long*>(ref.data_ptr<int64_t>()),
+          weight.data_ptr<float>(), pt.data_ptr<float>(), pr.data_ptr<float>());
+      RAEKERN_CUDA_CHECK_LAUNCH();
+  });
+  return {ref, weight, pt, pr};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(raekern, CUDA, m) { m.impl("gfcg_select", &gfcg_select_cuda); }
+
+}  // namespace raekern::guidance

@@ -1,0 +1,113 @@
+// CUDA launchers of the norm family and its CUDA registration (kernels in fused_norm_kernel.cuh).
+// NOT YET RUN ON A GPU: this code compiles for sm_80/sm_90a; `benchmarks/gpu_check.sh` is where it
+// will first be tested and measured.
+// Launches go to the current stream with no host synchronisation (CUDA-graph capturable); indices are
+// 64-bit. fp32/bf16/fp16; fp64 is CPU-only (reference precision).
+#include <ATen/cuda/CUDAContext.h>
+#include <torch/library.h>
+
+#include <algorithm>
+
+#include "common/checks.h"
+#include "common/cuda_launch.h"
+#include "common/dispatch.h"
+#include "norm/fused_norm_kernel.cuh"
+#include "norm/norm_host.h"
+
+namespace raekern::norm {
+namespace {
+
+// 128-bit accesses need unit feature stride and 16-byte aligned row starts.
+template <int V, class E>
+bool vec_ok(const Operand& o) {
+  if (!o.ptr) return true;
+  const auto addr = reinterpret_cast<uintptr_t>(o.ptr);
+  return o.sd == 1 && addr % (V * sizeof(E)) == 0 && o.sb % V == 0 && o.sn % V == 0;
+}
+
+template <int V>
+int threads_for(int64_t D) {
+  const int64_t vecs = (D + V - 1) / V;
+  return int(std::clamp<int64_t>((vecs + 31) / 32 * 32, 64, 512));
+}
+
+// Dynamic shared memory above the default 48 KiB must be opted into per kernel.
+template <class K>
+void allow_smem(K kernel, size_t bytes, const char* op) {
+  const auto* prop = at::cuda::getCurrentDeviceProperties();
+  RAEKERN_CHECK(bytes <= prop->sharedMemPerBlockOptin, op, "x",
+                "has a last dimension too large for the CUDA kernel's shared-memory row buffer (", bytes,
+                " bytes needed, ", prop->sharedMemPerBlockOptin, " available)");
+  if (bytes > 48 * 1024)
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
+}
+
+template <class T>
+void forward_typed(const FwdParams& p) {
+  using E = cuda_t<T>;
+  constexpr int V = simt::kVec16<E>;
+  const bool vec = p.D % V == 0 && vec_ok<V, E>(p.x) && vec_ok<V, E>(p.gate) && vec_ok<V, E>(p.y) &&
+                   vec_ok<V, E>(p.shift) && vec_ok<V, E>(p.scale);
+  const int64_t rows = p.B * p.N;
+  const unsigned grid = unsigned(std::min<int64_t>(rows, int64_t(1) << 30));
+  const size_t smem = size_t(p.D) * sizeof(float);
+  if (vec) {
+    auto k = cuda::fused_norm_forward<E, V>;
+    allow_smem(k, smem, "norm");
+    k<<<grid, threads_for<V>(p.D), smem, current_stream()>>>(p);
+  } else {
+    auto k = cuda::fused_norm_forward<E, 1>;
+    allow_smem(k, smem, "norm");
+    k<<<grid, threads_for<1>(p.D), smem, current_stream()>>>(p);
+  }
+  RAEKERN_CUDA_CHECK_LAUNCH();
+}
+
+template <class T>
+void backward_typed(const BwdParams& p) {
+  using E = cuda_t<T>;
+  constexpr int V = simt::kVec16<E>;
+  const bool vec = p.D % V == 0 && vec_ok<V, E>(p.dout) && vec_ok<V, E>(p.dxo) && vec_ok<V, E>(p.xin) &&
+                   vec_ok<V, E>(p.gate) && vec_ok<V, E>(p.y) && vec_ok<V, E>(p.scale);
+  const unsigned grid = unsigned(p.B * p.chunks);
+  const size_t smem = size_t(2 + p.num_partials) * size_t(p.D) * sizeof(float);
+  if (vec) {
+    auto k = cuda::fused_norm_backward<E, V>;
+    allow_smem(k, smem, "norm_backward");
+    k<<<grid, threads_for<V>(p.D), smem, current_stream()>>>(p);
+  } else {
+    auto k = cuda::fused_norm_backward<E, 1>;
+    allow_smem(k, smem, "norm_backward");
+    k<<<grid, threads_for<1>(p.D), smem, current_stream()>>>(p);
+  }
+  RAEKERN_CUDA_CHECK_LAUNCH();
+}
+
+void forward_cuda(const FwdParams& p, at::ScalarType st) {
+  RAEKERN_CHECK(st != at::kDouble, "norm", "x", "float64 is supported on CPU only; use float32/bfloat16/float16");
+  c10::cuda::CUDAGuard guard(p.device);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, st, "raekern.norm_forward_cuda", [&] {
+    if constexpr (!std::is_same_v<scalar_t, double>) forward_typed<scalar_t>(p);
+  });
+}
+
+void backward_cuda(const BwdParams& p, at::ScalarType st) {
+  RAEKERN_CHECK(st != at::kDouble, "norm_backward", "x", "float64 is supported on CPU only");
+  c10::cuda::CUDAGuard guard(p.device);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, st, "raekern.norm_backward_cuda", [&] {
+    if constexpr (!std::is_same_v<scalar_t, double>) backward_typed<scalar_t>(p);
+  });
+}
+
+int64_t cuda_workers(const at::Tensor& like) {
+  return at::cuda::getDeviceProperties(like.device().index())->multiProcessorCount;
+}
+
+}  // namespace
+
+// Tasks of >= 16 tokens: about four blocks per SM for DiT shapes, partial sums ~1/16 of the data.
+const Backend kCuda{forward_cuda, backward_cuda, cuda_workers, 16};
+
+TORCH_LIBRARY_IMPL(raekern, CUDA, m) { register_impls<&kCuda>(m); }
+
+}  // namespace raekern::norm

@@ -1,0 +1,252 @@
+// Device code of the norm family: the fused row operation of norm_params.h, forward and backward.
+// Includes only common/simt.cuh (and the plain-data params), so the host emulation can run it.
+// NOT YET RUN ON A GPU: compiled for sm_80/sm_90a without spills; verified on the CPU kernels' math only.
+//
+// Forward: one block per row (grid-stride). Each thread owns the columns
+//   i = (threadIdx.x + k * blockDim.x) * V,  k = 0, 1, ...
+// and touches only those, so the fp32 row kept in dynamic shared memory needs no barrier besides the
+// ones inside the block reductions. V = 16 bytes / sizeof(T) when every operand allows 128-bit
+// accesses (kVec), else 1 with arbitrary feature strides.
+// Backward: one block per task (a token range of one sample). Per-sample / global gradients are
+// summed over the task's rows in shared memory, per owned column, and written once as partial sums.
+#pragma once
+#include "common/simt.cuh"
+#include "norm/norm_params.h"
+
+namespace raekern::norm::cuda {
+
+using simt::from_float;
+using simt::to_float;
+
+template <class T>
+__device__ __forceinline__ const T* row_ptr(const Operand& o, int64_t b, int64_t n) {
+  return static_cast<const T*>(o.ptr) + b * o.sb + n * o.sn;
+}
+
+template <class T, int V>
+__device__ __forceinline__ void load(const T* p, int64_t i, int64_t sd, float (&v)[V]) {
+  if constexpr (V > 1) {
+    simt::load_vec<T, V>(p + i, v);
+  } else {
+    v[0] = to_float(p[i * sd]);
+  }
+}
+
+template <class T, int V>
+__device__ __forceinline__ void store(T* p, int64_t i, const float (&v)[V]) {
+  if constexpr (V > 1) {
+    simt::store_vec<T, V>(p + i, v);
+  } else {
+    p[i] = from_float<T>(v[0]);
+  }
+}
+
+template <int V>
+__device__ __forceinline__ void load_f32(const float* p, int64_t i, float (&v)[V]) {
+#pragma unroll
+  for (int j = 0; j < V; ++j) v[j] = p[i + j];
+}
+
+template <int V>
+__device__ __forceinline__ void fill(float (&v)[V], float x) {
+#pragma unroll
+  for (int j = 0; j < V; ++j) v[j] = x;
+}
+
+template <class T, int V>
+__global__ void fused_norm_forward(FwdParams p) {
+  RAEKERN_DYNAMIC_SHARED(float, xb);
+  __shared__ float red[2 * simt::kWarp];
+  const int64_t rows = p.B * p.N, D = p.D;
+  const int64_t step = int64_t(blockDim.x) * V;
+  const bool residual = p.gate.ptr != nullptr, norm = p.kind != Kind::None;
+  const float* w = static_cast<const float*>(p.weight);
+  const float* bias = static_cast<const float*>(p.bias);
+  for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
+    const int64_t b = row / p.N, n = row - b * p.N;
+    const T* x = row_ptr<T>(p.x, b, n);
+    const T* gate = residual ? row_ptr<T>(p.gate, b, n) : nullptr;
+    const T* y = residual ? row_ptr<T>(p.y, b, n) : nullptr;
+    T* x_out = residual ? static_cast<T*>(p.x_out) + row * D : nullptr;
+    float s = 0.f, ss = 0.f;
+    for (int64_t i = int64_t(threadIdx.x) * V; i < D; i += step) {
+      float r[V];
+      load<T, V>(x, i, p.x.sd, r);
+      if (residual) {
+        float g[V], yv[V];
+        load<T, V>(gate, i, p.gate.sd, g);
+        load<T, V>(y, i, p.y.sd, yv);
+#pragma unroll
+        for (int j = 0; j < V; ++j) r[j] = fmaf(g[j], yv[j], r[j]);
+        store<T, V>(x_out, i, r);
+        // Normalise the value x_out holds, as the unfused pair would.
+#pragma unroll
+        for (int j = 0; j < V; ++j) r[j] = to_float(from_float<T>(r[j]));
+      }
+#pragma unroll
+      for (int j = 0; j < V; ++j) {
+        xb[i + j] = r[j];
+        s += r[j];
+        ss = fmaf(r[j], r[j], ss);
+      }
+    }
+    if (!norm) continue;
+    simt::block_sum2(s, ss, red);
+    const float inv_d = 1.f / float(D);
+    float mean = 0.f;
+    if (p.kind == Kind::Layer) {
+      // Variance from the row in shared memory, not E[x^2] - mean^2 (cancellation).
+      mean = s * inv_d;
+      float v = 0.f;
+      for (int64_t i = int64_t(threadIdx.x) * V; i < D; i += step) {
+#pragma unroll
+        for (int j = 0; j < V; ++j) {
+          const float d = xb[i + j] - mean;
+          v = fmaf(d, d, v);
+        }
+      }
+      ss = simt::block_sum(v, red);
+    }
+    const float rstd = rsqrtf(ss * inv_d + float(p.eps));
+    if (threadIdx.x == 0) {
+      static_cast<float*>(p.mean)[row] = mean;
+      static_cast<float*>(p.rstd)[row] = rstd;
+    }
+    const T* shift = p.shift.ptr ? row_ptr<T>(p.shift, b, n) : nullptr;
+    const T* scale = p.scale.ptr ? row_ptr<T>(p.scale, b, n) : nullptr;
+    T* out = static_cast<T*>(p.out) + row * D;
+    const float nmr = -mean * rstd;
+    for (int64_t i = int64_t(threadIdx.x) * V; i < D; i += step) {
+      float sh[V], sc[V], wv[V], bv[V], o[V];
+      if (shift) load<T, V>(shift, i, p.shift.sd, sh);
+      else fill(sh, 0.f);
+      if (scale) load<T, V>(scale, i, p.scale.sd, sc);
+      else fill(sc, 0.f);
+      if (w) load_f32(w, i, wv);
+      else fill(wv, 1.f);
+      if (bias) load_f32(bias, i, bv);
+      else fill(bv, 0.f);
+#pragma unroll
+      for (int j = 0; j < V; ++j) {
+        const float h = fmaf(fmaf(xb[i + j], rstd, nmr), wv[j], bv[j]);
+        o[j] = fmaf(h, 1.f + sc[j], sh[j]);
+      }
+      store<T, V>(out, i, o);
+    }
+  }
+}
+
+// Shared memory: xh[D] (normalised input), g[D] (d xhat), acc[num_partials * D] (task sums).
+template <class T, int V>
+__global__ void fused_norm_backward(BwdParams p) {
+  RAEKERN_DYNAMIC_SHARED(float, smem);
+  __shared__ float red[2 * simt::kWarp];
+  const int64_t D = p.D, np = p.num_partials;
+  float* xh = smem;
+  float* gs = smem + D;
+  float* acc = smem + 2 * D;
+  const int64_t step = int64_t(blockDim.x) * V;
+  const int64_t t = blockIdx.x;
+  const int64_t b = t / p.chunks, n0 = (t % p.chunks) * p.rows_per_task;
+  const int64_t n1 = n0 + p.rows_per_task < p.N ? n0 + p.rows_per_task : p.N;
+  const bool residual = p.gate.ptr != nullptr;
+  const bool norm = p.kind != Kind::None && p.dout.ptr != nullptr;
+  const float* w = static_cast<const float*>(p.weight);
+  const float* bias = static_cast<const float*>(p.bias);
+  const float inv_d = 1.f / float(D);
+  float* acc_gate = p.dgate.partial >= 0 ? acc + p.dgate.partial * D : nullptr;
+  float* acc_shift = p.dshift.partial >= 0 ? acc + p.dshift.partial * D : nullptr;
+  float* acc_scale = p.dscale.partial >= 0 ? acc + p.dscale.partial * D : nullptr;
+  float* acc_w = p.dweight.partial >= 0 ? acc + p.dweight.partial * D : nullptr;
+  float* acc_b = p.dbias.partial >= 0 ? acc + p.dbias.partial * D : nullptr;
+  for (int64_t k = 0; k < np; ++k)
+    for (int64_t i = int64_t(threadIdx.x) * V; i < D; i += step)
+#pragma unroll
+      for (int j = 0; j < V; ++j) acc[k * D + i + j] = 0.f;
+
+  for (int64_t n = n0; n < n1; ++n) {
+    const int64_t row = b * p.N + n;
+    float c1 = 0.f, c2 = 0.f, rstd = 0.f;
+    if (norm) {
+      rstd = static_cast<const float*>(p.rstd)[row];
+      const float mean = p.kind == Kind::Layer ? static_cast<const float*>(p.mean)[row] : 0.f;
+      const float nmr = -mean * rstd;
+      const T* xin = row_ptr<T>(p.xin, b, n);
+      const T* dout = row_ptr<T>(p.dout, b, n);
+      const T* scale = p.scale.ptr ? row_ptr<T>(p.scale, b, n) : nullptr;
+      float s1 = 0.f, s2 = 0.f;
+      for (int64_t i = int64_t(threadIdx.x) * V; i < D; i += step) {
+        float xv[V], go[V], sc[V], wv[V], bv[V], tmp[V];
+        load<T, V>(xin, i, p.xin.sd, xv);
+        load<T, V>(dout, i, p.dout.sd, go);
+        if (scale) load<T, V>(scale, i, p.scale.sd, sc);
+        else fill(sc, 0.f);
+        if (w) load_f32(w, i, wv);
+        else fill(wv, 1.f);
+        if (bias) load_f32(bias, i, bv);
+        else fill(bv, 0.f);
+        if (p.dshift.mode == GradMode::PerRow) store<T, V>(static_cast<T*>(p.dshift.ptr) + row * D, i, go);
+#pragma unroll
+        for (int j = 0; j < V; ++j) {
+          const float xhat = fmaf(xv[j], rstd, nmr);
+          tmp[j] = go[j] * fmaf(xhat, wv[j], bv[j]);  // d scale
+          if (acc_shift) acc_shift[i + j] += go[j];
+          if (acc_scale) acc_scale[i + j] += tmp[j];
+          const float dh = go[j] * (1.f + sc[j]);
+          if (acc_w) acc_w[i + j] = fmaf(dh, xhat, acc_w[i + j]);
+          if (acc_b) acc_b[i + j] += dh;
+          const float g = dh * wv[j];
+          xh[i + j] = xhat;
+          gs[i + j] = g;
+          s1 += g;
+          s2 = fmaf(g, xhat, s2);
+        }
+        if (p.dscale.mode == GradMode::PerRow) store<T, V>(static_cast<T*>(p.dscale.ptr) + row * D, i, tmp);
+      }
+      simt::block_sum2(s1, s2, red);
+      c1 = p.kind == Kind::Layer ? s1 * inv_d : 0.f;
+      c2 = s2 * inv_d;
+    } else if (p.kind != Kind::None) {  // no gradient reached `out`
+      float zero[V];
+      fill(zero, 0.f);
+      for (int64_t i = int64_t(threadIdx.x) * V; i < D; i += step) {
+        if (p.dshift.mode == GradMode::PerRow) store<T, V>(static_cast<T*>(p.dshift.ptr) + row * D, i, zero);
+        if (p.dscale.mode == GradMode::PerRow) store<T, V>(static_cast<T*>(p.dscale.ptr) + row * D, i, zero);
+      }
+    }
+    const T* dxo = p.dxo.ptr ? row_ptr<T>(p.dxo, b, n) : nullptr;
+    const T* gate = residual ? row_ptr<T>(p.gate, b, n) : nullptr;
+    const T* y = residual ? row_ptr<T>(p.y, b, n) : nullptr;
+    for (int64_t i = int64_t(threadIdx.x) * V; i < D; i += step) {
+      float dx[V], e[V];
+      if (dxo) load<T, V>(dxo, i, p.dxo.sd, dx);
+      else fill(dx, 0.f);
+      if (norm) {
+#pragma unroll
+        for (int j = 0; j < V; ++j) dx[j] += rstd * (gs[i + j] - c1 - xh[i + j] * c2);
+      }
+      if (residual) {
+        float g[V], yv[V];
+        load<T, V>(gate, i, p.gate.sd, g);
+        load<T, V>(y, i, p.y.sd, yv);
+#pragma unroll
+        for (int j = 0; j < V; ++j) {
+          e[j] = dx[j] * yv[j];  // d gate
+          if (acc_gate) acc_gate[i + j] += e[j];
+        }
+        if (p.dgate.mode == GradMode::PerRow) store<T, V>(static_cast<T*>(p.dgate.ptr) + row * D, i, e);
+#pragma unroll
+        for (int j = 0; j < V; ++j) e[j] = g[j] * dx[j];  // d y
+        store<T, V>(static_cast<T*>(p.dy) + row * D, i, e);
+      }
+      store<T, V>(static_cast<T*>(p.dx) + row * D, i, dx);
+    }
+  }
+  float* part = static_cast<float*>(p.partials) + t * np * D;
+  for (int64_t k = 0; k < np; ++k)
+    for (int64_t i = int64_t(threadIdx.x) * V; i < D; i += step)
+#pragma unroll
+      for (int j = 0; j < V; ++j) part[k * D + i + j] = acc[k * D + i + j];
+}
+
+}  // namespace raekern::norm::cuda

@@ -1,0 +1,327 @@
+"""raekern.ops.attention: CPU flash kernel (and CUDA when present) vs an fp64 reference.
+
+Accuracy rule (flash-attention's): the max error of out / every gradient vs the fp64 reference is
+at most 2x the error of the same-dtype PyTorch reference plus a small floor."""
+import importlib
+import logging
+
+import pytest
+import torch
+
+from raekern._utils.library import emulation_library
+from raekern.ops import attention, attention_packed, attention_path, attention_reference
+
+attn_mod = importlib.import_module("raekern.ops.attention")  # the module (raekern.ops.attention is the op)
+
+FLOOR = {torch.float64: 1e-10, torch.float32: 2e-6, torch.bfloat16: 2e-3, torch.float16: 2e-4}
+GRAD_FLOOR = {torch.float64: 1e-9, torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-3}
+
+
+def make(shape_bnhd, dtype, layout="bnhd", device="cpu", seed=0, nk=None):
+    g = torch.Generator().manual_seed(seed)
+    b, n, h, d = shape_bnhd
+    nk = n if nk is None else nk
+
+    def t(nn):
+        x = torch.randn(b, nn, h, d, generator=g, dtype=torch.float64)
+        x = x if layout == "bnhd" else x.transpose(1, 2).contiguous()
+        return x.to(device=device, dtype=dtype)
+
+    return t(n), t(nk), t(nk)
+
+
+def features(d, n, b, dtype, device="cpu", seed=1, norm=True, rope=True, mask=True):
+    g = torch.Generator().manual_seed(seed)
+    kw = {}
+    if norm:
+        kw["q_norm_weight"] = (torch.rand(d, generator=g, dtype=torch.float64) + 0.5).to(device, dtype)
+        kw["k_norm_weight"] = (torch.rand(d, generator=g, dtype=torch.float64) + 0.5).to(device, dtype)
+    if rope and d % 4 == 0:
+        kw["rope_grid"] = (16, 16) if n >= 256 else (max(1, n // 4), 4) if n >= 4 else (1, 1)
+    if mask:
+        m = torch.rand(b, n, generator=g) > 0.25
+        m[:, 0] = True
+        kw["key_padding_mask"] = m.to(device)
+    return kw
+
+
+def to64(kw):
+    return {k: (v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v) for k, v in kw.items()}
+
+
+def check_close(got, ref_same, ref64, floor, what):
+    err = (got.double() - ref64).abs().max().item()
+    ref_err = (ref_same.double() - ref64).abs().max().item()
+    assert err <= 2 * ref_err + floor, f"{what}: error {err:.3g} > 2 x {ref_err:.3g} + {floor:g}"
+
+
+SHAPES = [(2, 257, 3, 72), (1, 1, 2, 64), (1, 268, 2, 128), (2, 33, 2, 12), (1, 17, 1, 10), (1, 40, 1, 256)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("layout", ["bnhd", "bhnd"])
+def test_forward_matches_reference(dtype, shape, layout):
+    b, n, h, d = shape
+    q, k, v = make(shape, dtype, layout)
+    kw = features(d, n, b, dtype)
+    out, lse = attention(q, k, v, layout=layout, return_lse=True, **kw)
+    assert out.shape == q.shape and out.dtype == dtype
+    assert lse.shape == (b, h, n)
+    ref, ref_lse = attention_reference(q.double(), k.double(), v.double(), layout=layout, return_lse=True,
+                                       **to64(kw))
+    same, same_lse = attention_reference(q, k, v, layout=layout, return_lse=True, **kw)
+    check_close(out, same, ref, FLOOR[dtype], "out")
+    check_close(lse, same_lse, ref_lse, FLOOR[dtype], "lse")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(2, 257, 2, 72), (1, 268, 2, 64), (2, 19, 1, 12)], ids=str)
+@pytest.mark.parametrize("layout", ["bnhd", "bhnd"])
+def test_gradients_match_reference(dtype, shape, layout):
+    b, n, h, d = shape
+    q, k, v = make(shape, dtype, layout)
+    kw = features(d, n, b, dtype)
+    g = torch.randn(q.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+
+    def grads(fn, q, k, v, kw):
+        leaves = [t.detach().clone().requires_grad_() for t in (q, k, v, kw["q_norm_weight"], kw["k_norm_weight"])]
+        kw2 = dict(kw, q_norm_weight=leaves[3], k_norm_weight=leaves[4])
+        out = fn(*leaves[:3], layout=layout, **kw2)
+        out.backward(g.to(out.dtype))
+        return [t.grad for t in leaves]
+
+    got = grads(attention, q, k, v, kw)
+    same = grads(attention_reference, q, k, v, kw)
+    ref = grads(attention_reference, q.double(), k.double(), v.double(), to64(kw))
+    for name, a, s, r in zip(("dq", "dk", "dv", "dq_norm_weight", "dk_norm_weight"), got, same, ref):
+        scale = max(1.0, r.abs().max().item())
+        check_close(a, s, r, GRAD_FLOOR[dtype] * scale, name)
+
+
+@pytest.mark.parametrize("layout", ["bnhd", "bhnd"])
+def test_gradcheck_fp64_all_features(layout):
+    b, n, h, d = 2, 7, 1, 8
+    q, k, v = make((b, n, h, d), torch.float64, layout)
+    kw = features(d, n, b, torch.float64)
+    kw["key_padding_mask"][1] = False  # a batch with every key masked
+    kw["rope_grid"] = (2, 3)  # 6 grid tokens, the 7th unrotated
+    qw, kw_ = kw.pop("q_norm_weight"), kw.pop("k_norm_weight")
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, qw, kw_)]
+
+    def f(q, k, v, qw, kw_):
+        out, lse = attention(q, k, v, layout=layout, q_norm_weight=qw, k_norm_weight=kw_, return_lse=True, **kw)
+        return out, lse.masked_fill(torch.isinf(lse), 0.0)
+
+    assert torch.autograd.gradcheck(f, leaves, fast_mode=True)
+
+
+def test_gradcheck_fp64_plain_and_cross_attention():
+    q = torch.randn(1, 3, 1, 8, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(1, 5, 1, 8, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(1, 5, 1, 8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda q, k, v: attention(q, k, v, scale=0.3), (q, k, v))
+
+
+def test_fully_masked_rows_give_zero_and_finite_grads():
+    q, k, v = (t.requires_grad_() for t in make((2, 9, 2, 16), torch.float32))
+    mask = torch.ones(2, 9, dtype=torch.bool)
+    mask[0] = False
+    out, lse = attention(q, k, v, key_padding_mask=mask, return_lse=True)
+    assert torch.all(out[0] == 0) and torch.isinf(lse[0]).all() and torch.isfinite(lse[1]).all()
+    out.sum().backward()
+    for t in (q, k, v):
+        assert torch.isfinite(t.grad).all() and torch.all(t.grad[0] == 0)
+
+
+def test_masked_keys_get_no_gradient_and_mask_broadcasts():
+    q, k, v = (t.requires_grad_() for t in make((2, 12, 1, 8), torch.float32))
+    mask = torch.ones(1, 12, dtype=torch.bool)
+    mask[0, 5:] = False
+    out = attention(q, k, v, key_padding_mask=mask)
+    ref = attention_reference(q, k, v, key_padding_mask=mask.expand(2, 12))
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    out.sum().backward()
+    assert torch.all(k.grad[:, 5:] == 0) and torch.all(v.grad[:, 5:] == 0)
+
+
+def test_non_contiguous_and_expanded_inputs():
+    b, n, h, d = 3, 20, 2, 16
+    base = torch.randn(b, h, n, 2 * d)
+    q = base[..., ::2].transpose(1, 2)  # strided head dim -> copied once, still correct
+    k = torch.randn(1, n, h, d).expand(b, n, h, d).requires_grad_(False)  # stride-0 batch
+    v1 = torch.randn(1, n, 1, d, requires_grad=True)
+    v = v1.expand(b, n, h, d)  # stride-0 batch and head
+    kw = features(d, n, b, torch.float32)
+    out = attention(q, k, v, **kw)
+    ref = attention_reference(q.double(), k.double(), v.double(), **to64(kw))
+    assert (out.double() - ref).abs().max() < 1e-5
+    out.sum().backward()
+    ref_v1 = v1.detach().double().requires_grad_()
+    attention_reference(q.double(), k.double(), ref_v1.expand(b, n, h, d), **to64(kw)).sum().backward()
+    assert (v1.grad.double() - ref_v1.grad).abs().max() < 1e-4
+
+
+def test_packed_entry_point_matches_separate_qkv():
+    b, n, h, d = 2, 21, 3, 8
+    w = torch.randn(h * d * 3, 24)
+    x = torch.randn(b, n, 24)
+    qkv = (x @ w.t()).requires_grad_()
+    kw = features(d, n, b, torch.float32)
+    out = attention_packed(qkv, h, **kw)
+    assert out.shape == (b, n, h * d) and out.is_contiguous()
+    q, k, v = qkv.detach().view(b, n, 3, h, d).unbind(2)
+    ref = attention_reference(q, k, v, **kw).reshape(b, n, h * d)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-5)
+    out.sum().backward()
+    ref_qkv = qkv.detach().clone().requires_grad_()
+    rq, rk, rv = ref_qkv.view(b, n, 3, h, d).unbind(2)
+    attention_reference(rq, rk, rv, **kw).sum().backward()
+    torch.testing.assert_close(qkv.grad, ref_qkv.grad, atol=1e-4, rtol=1e-4)
+    out2, lse = attention_packed(qkv.detach(), h, return_lse=True)
+    assert lse.shape == (b, h, n)
+
+
+def test_rope_reference_matches_rae_definition():
+    # RAE's VisionRotaryEmbeddingFast(dim=Dh/2): freqs theta^(-arange(0, Dh/2, 2)/(Dh/2)) per interleaved
+    # pair, first half by row, second half by column.
+    d, gh, gw = 8, 2, 3
+    x = torch.randn(1, 1, gh * gw + 1, d, dtype=torch.float64)
+    y = attn_mod.rope_2d_reference(x, (gh, gw))
+    f = 10000.0 ** (-torch.arange(0, d // 2, 2, dtype=torch.float64) / (d // 2))
+    for t in range(gh * gw):
+        r, c = divmod(t, gw)
+        for half, pos in ((0, r), (1, c)):
+            for p in range(d // 4):
+                i = half * d // 2 + 2 * p
+                a, bb = x[0, 0, t, i], x[0, 0, t, i + 1]
+                ang = pos * f[p]
+                torch.testing.assert_close(y[0, 0, t, i], a * torch.cos(ang) - bb * torch.sin(ang))
+                torch.testing.assert_close(y[0, 0, t, i + 1], bb * torch.cos(ang) + a * torch.sin(ang))
+    torch.testing.assert_close(y[0, 0, -1], x[0, 0, -1])  # past the grid: unrotated
+
+
+def test_sdpa_fallback_matches_reference():
+    q, k, v = make((2, 30, 2, 16), torch.float32)
+    kw = features(16, 30, 2, torch.float32)
+    kw["key_padding_mask"][1] = False
+    got = attn_mod._sdpa_fallback(q, k, v, "bnhd", 0.25, kw["q_norm_weight"], kw["k_norm_weight"], 1e-6,
+                                  kw["rope_grid"], 10000.0, kw["key_padding_mask"])
+    ref = attention_reference(q, k, v, scale=0.25, **kw)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_path_introspection_and_debug_log(caplog):
+    q, k, v = make((1, 8, 2, 16), torch.float32)
+    path, reasons = attention_path(q, k, v)
+    assert path == "raekern_cpu" and reasons["raekern_cpu"] is None
+    assert "not cuda" in reasons["raekern_cuda"] and reasons["sdpa"] is None
+    with caplog.at_level(logging.DEBUG, logger="raekern.attention"):
+        attention(q, k, v)
+    assert "path=raekern_cpu" in caplog.text
+
+
+def test_opcheck():
+    q, k, v = make((2, 10, 2, 8), torch.float32)
+    kw = features(8, 10, 2, torch.float32)
+    args = (q, k, v, kw["q_norm_weight"].requires_grad_(), kw["k_norm_weight"], kw["key_padding_mask"],
+            0.35, 1e-6, 2, 4, 10000.0, 0)
+    torch.library.opcheck(torch.ops.raekern.attention.default, args)
+    with torch.no_grad():
+        out, lse = torch.ops.raekern.attention(*args)
+    bargs = (torch.randn_like(out), torch.randn_like(lse), q, k, v, out, lse, args[3].detach(), *args[4:], False)
+    torch.library.opcheck(torch.ops.raekern.attention_backward.default, bargs)
+
+
+def test_torch_compile_fullgraph_forward_backward():
+    q, k, v = (t.requires_grad_() for t in make((1, 12, 2, 8), torch.float32))
+    kw = features(8, 12, 1, torch.float32, mask=False)
+
+    def f(q, k, v):
+        return attention(q, k, v, rope_grid=(3, 4), q_norm_weight=kw["q_norm_weight"],
+                         k_norm_weight=kw["k_norm_weight"]).square().sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    loss = compiled(q, k, v)
+    loss.backward()
+    grads = [t.grad.clone() for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    f(q, k, v).backward()
+    for a, t in zip(grads, (q, k, v)):
+        torch.testing.assert_close(a, t.grad)
+
+
+@pytest.mark.parametrize(
+    "kwargs, arg, exc",
+    [
+        (dict(layout="nbhd"), "layout", ValueError),
+        (dict(q_norm_weight=torch.ones(7)), "q_norm_weight", ValueError),
+        (dict(k_norm_weight=torch.ones(8, dtype=torch.int32)), "k_norm_weight", TypeError),
+        (dict(rope_grid=(0, 4)), "rope_grid", ValueError),
+        (dict(rope_grid=4), "rope_grid", ValueError),
+        (dict(key_padding_mask=torch.ones(2, 10)), "key_padding_mask", TypeError),
+        (dict(key_padding_mask=torch.ones(2, 9, dtype=torch.bool)), "key_padding_mask", ValueError),
+        (dict(scale="big"), "scale", TypeError),
+        (dict(norm_eps=-1.0), "norm_eps", ValueError),
+    ],
+)
+def test_bad_arguments_name_the_argument(kwargs, arg, exc):
+    q, k, v = make((2, 10, 2, 8), torch.float32)
+    with pytest.raises(exc, match=f"'{arg}'"):
+        attention(q, k, v, **kwargs)
+
+
+def test_bad_tensors_name_the_argument():
+    q, k, v = make((2, 10, 2, 8), torch.float32)
+    with pytest.raises(ValueError, match="'k'"):
+        attention(q, k[..., :4], v)
+    with pytest.raises(ValueError, match="'v'"):
+        attention(q, k, v[:, :5])
+    with pytest.raises(TypeError, match="'v'"):
+        attention(q, k, v.double())
+    with pytest.raises(TypeError, match="'q'"):
+        attention(q.numpy(), k, v)
+    with pytest.raises(ValueError, match="'q'"):
+        attention(q[0], k, v)
+    with pytest.raises(ValueError, match="'rope_grid'"):
+        attention(*make((1, 4, 1, 10), torch.float32), rope_grid=(2, 2))
+    with pytest.raises(ValueError, match="'qkv'"):
+        attention_packed(torch.randn(1, 4, 10), 2)
+    with pytest.raises(ValueError, match="'num_heads'"):
+        attention_packed(torch.randn(1, 4, 12), 0)
+    with pytest.raises(ValueError, match="'key_padding_mask'"):  # the C++ op checks too
+        torch.ops.raekern.attention(q, k, v, None, None, torch.ones(3, 10, dtype=torch.bool), 1.0, 1e-6, 0, 0,
+                                    1e4, 0)
+
+
+def test_emulated_simt_prologue_and_epilogue():
+    emu = emulation_library()
+    if emu is None or not hasattr(emu, "attention_prologue"):
+        pytest.skip("raekern._emu (host emulation of the SIMT attention prologue) is not built yet")
+    x = torch.randn(2, 20, 2, 72)
+    w = torch.rand(72) + 0.5
+    got = emu.attention_prologue(x, w, 1e-6, 4, 4, 10000.0)
+    ref = attn_mod.rope_2d_reference(attn_mod.qk_rms_norm_reference(x.transpose(1, 2), w), (4, 4)).transpose(1, 2)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("d", [64, 72, 128])
+@pytest.mark.parametrize("n", [1, 257, 268])
+def test_cuda_forward_matches_reference(dtype, d, n):
+    b, h = 2, 3
+    q, k, v = make((b, n, h, d), dtype, device="cuda")
+    kw = features(d, n, b, dtype, device="cuda")
+    path, reasons = attention_path(q, k, v, **kw)
+    if path != "raekern_cuda":
+        pytest.skip(f"CUDA kernel not eligible: {reasons['raekern_cuda']}")
+    out, lse = attention(q, k, v, return_lse=True, **kw)
+    ref, ref_lse = attention_reference(q.double(), k.double(), v.double(), return_lse=True, **to64(kw))
+    same = attention_reference(q, k, v, **kw)
+    check_close(out, same, ref, FLOOR[dtype], "out")
+    assert (lse.double() - ref_lse).abs().max() < 1e-2

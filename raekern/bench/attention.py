@@ -1,0 +1,87 @@
+"""Benchmark cases of the attention family (DESIGN §6: GFLOP/s against torch SDPA in the same run).
+
+Shapes (B, H, N, Dh) are the DiT ones from the issue: (4,16,256,72) RAE v1 body, (4,16,256,128) the
+DDT head, (1,16,1024,64) a long-sequence case; plus RAEv2's fused variant (QK-norm + 2-D RoPE, N=268)
+where the baseline is SDPA preceded by the same norm and RoPE as separate PyTorch ops.
+Forward flops 4·B·H·N²·Dh; backward counted as 2.5× forward (FlashAttention's convention).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from raekern.bench.registry import Case, compiled, register
+
+SHAPES = ((4, 16, 256, 72), (4, 16, 256, 128), (1, 16, 1024, 64))
+FUSED_SHAPES = ((4, 16, 268, 72),)
+
+
+def _inputs(B, H, N, D, dtype, device, grad):
+    g = torch.Generator(device="cpu").manual_seed(0)
+    mk = lambda: torch.randn(B, N, H, D, generator=g).to(device=device, dtype=dtype).requires_grad_(grad)  # noqa: E731
+    return mk(), mk(), mk()
+
+
+def _fwd_cases(B, H, N, D, dtype, device, fused):
+    from raekern.ops import attention
+    from raekern.ops.attention import _rope_tables, qk_rms_norm_reference
+
+    q, k, v = _inputs(B, H, N, D, dtype, device, False)
+    kw = {}
+    if fused:
+        kw = dict(q_norm_weight=torch.ones(D, device=device, dtype=dtype),
+                  k_norm_weight=torch.ones(D, device=device, dtype=dtype), rope_grid=(16, 16))
+        cos, sin = _rope_tables(N, (16, 16), D, 10000.0, device, dtype)  # cached, as a model's buffers
+
+    def rope(x):
+        pairs = x.unflatten(-1, (D // 2, 2))
+        return x * cos + torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2) * sin
+
+    def sdpa_math(q, k, v):  # the unfused baseline a DiT runs today (bnhd in, bnhd out)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        if fused:
+            q = rope(qk_rms_norm_reference(q, kw["q_norm_weight"]))
+            k = rope(qk_rms_norm_reference(k, kw["k_norm_weight"]))
+        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
+
+    comp = compiled(sdpa_math)
+    impls = {
+        "raekern": lambda: attention(q, k, v, **kw),
+        "sdpa": lambda: sdpa_math(q, k, v),
+        "compile": lambda: comp(q, k, v),
+    }
+    name = "attention+qknorm+rope fwd" if fused else "attention fwd"
+    return Case("attention", name, f"B={B} H={H} N={N} Dh={D}", dtype, impls, flops=4 * B * H * N * N * D,
+                baseline_of_interest=("sdpa", "compile"))
+
+
+def _bwd_case(B, H, N, D, dtype, device):
+    from raekern.ops import attention
+
+    q, k, v = _inputs(B, H, N, D, dtype, device, True)
+    out_r = attention(q, k, v)
+    out_s = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
+    go = torch.randn_like(out_r)
+
+    def bwd(out):
+        return lambda: torch.autograd.grad(out, (q, k, v), go, retain_graph=True)
+
+    return Case("attention", "attention bwd", f"B={B} H={H} N={N} Dh={D}", dtype,
+                {"raekern": bwd(out_r), "sdpa": bwd(out_s)}, flops=int(2.5 * 4 * B * H * N * N * D),
+                baseline_of_interest=("sdpa",), notes="backward only (graph retained)")
+
+
+@register("attention")
+def attention_cases(device: str, quick: bool) -> list[Case]:
+    dtypes = (torch.float32, torch.bfloat16) if device == "cpu" else (torch.bfloat16, torch.float16)
+    shapes = SHAPES[:1] if quick else SHAPES
+    cases = []
+    for dtype in dtypes:
+        for s in shapes:
+            cases.append(_fwd_cases(*s, dtype, device, fused=False))
+        for s in FUSED_SHAPES:
+            cases.append(_fwd_cases(*s, dtype, device, fused=True))
+        if device == "cpu":  # the CUDA backward is not implemented yet: nothing of ours to time
+            for s in shapes:
+                cases.append(_bwd_case(*s, dtype, device))
+    return cases

@@ -1,0 +1,91 @@
+"""Benchmark cases of the fusion family (DESIGN §6): RAEv2 layer fusion at the released K = 7
+DINOv3-L shape (B = 8, T = 261, D = 1024), forward and backward, DRoRAE depth routing and the latent
+transposes, each against eager PyTorch and torch.compile of the same math."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from raekern.bench.registry import Case, compiled, register
+from raekern.ops import fusion as fu
+
+
+def _fuse_math(layers, P, eps):
+    ys = [F.layer_norm(h[:, P:], (h.shape[-1],), eps=eps) for h in layers]
+    return sum(ys) / len(ys) + ys[-1].mean(dim=1, keepdim=True)
+
+
+def _route_math(experts, logits, base, gamma):
+    w = F.normalize(logits.float(), dim=-1).to(base.dtype)
+    f = sum(w[..., l:l + 1] * e for l, e in enumerate(experts))
+    return base + gamma * torch.tanh(f)
+
+
+def _normalize_math(z, mean, var):
+    B, N, D = z.shape
+    x = z.transpose(1, 2).reshape(B, D, *mean.shape[1:])
+    return (x - mean) * torch.rsqrt(var + 1e-5)
+
+
+@register("fusion")
+def fusion_cases(device: str, quick: bool) -> list[Case]:
+    cases: list[Case] = []
+    for dtype in (torch.float32, torch.bfloat16):
+        cases += _cases_for(device, dtype, quick)
+    return cases
+
+
+def _cases_for(device: str, dtype: torch.dtype, quick: bool) -> list[Case]:
+    """One dtype's cases (a function, so each case's closures keep their own tensors)."""
+    K, B, T, D, P = (7, 8, 261, 1024, 5) if not quick else (3, 2, 37, 64, 5)
+    N = T - P
+    cases: list[Case] = []
+    es = torch.finfo(dtype).bits // 8
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    layers = [torch.randn(B, T, D, generator=gen).to(device, dtype) for _ in range(K)]
+    shape = f"K={K} B={B} T={T} D={D}"
+    eager = lambda: _fuse_math(layers, P, 1e-5)  # noqa: E731
+    comp = compiled(lambda hs: _fuse_math(hs, P, 1e-5))
+    cases.append(Case(
+        "fusion", "layer_stack_fuse fwd", shape, dtype,
+        impls={"raekern": lambda: fu.layer_stack_fuse(layers, skip_tokens=P, eps=1e-5, add_last_token_mean=True),
+               "eager": eager, "compile": lambda: comp(layers)},
+        bytes=(K + 1) * B * N * D * es, notes="RAEv2 K=7 (mean + last-layer token mean)"))
+
+    req = [h.detach().clone().requires_grad_() for h in layers]
+    g = torch.randn(B, N, D, generator=gen).to(device, dtype)
+    out_r = fu.layer_stack_fuse(req, skip_tokens=P, eps=1e-5, add_last_token_mean=True)
+    out_e = _fuse_math(req, P, 1e-5)
+    out_c = comp(req)
+    grad_of = lambda out: (lambda: torch.autograd.grad(out, req, g, retain_graph=True))  # noqa: E731
+    cases.append(Case(
+        "fusion", "layer_stack_fuse bwd", shape, dtype,
+        impls={"raekern": grad_of(out_r), "eager": grad_of(out_e), "compile": grad_of(out_c)},
+        bytes=(2 * K + 1) * B * N * D * es, notes="gradients of all K layers"))
+
+    L = 12
+    Dr = 768 if not quick else 64
+    experts = [torch.randn(B, N, Dr, generator=gen).to(device, dtype) for _ in range(L)]
+    logits = torch.randn(B, N, L, generator=gen).to(device, dtype)
+    base = torch.randn(B, N, Dr, generator=gen).to(device, dtype)
+    gamma = torch.randn(Dr, generator=gen).to(device, dtype)
+    rcomp = compiled(_route_math)
+    cases.append(Case(
+        "fusion", "depth_route fwd", f"L={L} B={B} N={N} D={Dr}", dtype,
+        impls={"raekern": lambda: fu.depth_route(experts, logits, base, gamma=gamma),
+               "eager": lambda: _route_math(experts, logits, base, gamma),
+               "compile": lambda: rcomp(experts, logits, base, gamma)},
+        bytes=(L + 2) * B * N * Dr * es, notes="DRoRAE l2 energy + tanh gate"))
+
+    H = int(N ** 0.5)
+    z = torch.randn(B, H * H, D, generator=gen).to(device, dtype)
+    mean = torch.randn(D, H, H, generator=gen).to(device)
+    var = (torch.rand(D, H, H, generator=gen) + 0.5).to(device)
+    ncomp = compiled(_normalize_math)
+    cases.append(Case(
+        "fusion", "latent_normalize", f"B={B} N={H * H} D={D}", dtype,
+        impls={"raekern": lambda: fu.latent_normalize(z, mean, var),
+               "eager": lambda: _normalize_math(z, mean, var).to(dtype),
+               "compile": lambda: ncomp(z, mean, var).to(dtype)},
+        bytes=2 * B * H * H * D * es))
+    return cases
