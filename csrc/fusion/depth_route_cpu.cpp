@@ -6,10 +6,13 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
+#include "common/cpu_convert.h"
 #include "common/cpu_utils.h"
 #include "common/dispatch.h"
+#include "fusion/dynamic_tasks.h"
 #include "fusion/fusion_args.h"
 #include "fusion/row_math.h"
 
@@ -17,8 +20,8 @@ namespace raekern::fusion::cpu {
 namespace {
 
 using raekern::cpu::acc_t;
-using raekern::cpu::load_row;
-using raekern::cpu::store_row;
+using raekern::cpu::narrow_row;
+using raekern::cpu::widen_row;
 
 // F.normalize's floor on the norm: logits that are all ~0 give weights ~0 instead of NaN.
 constexpr double kL2Floor = 1e-12;
@@ -93,20 +96,27 @@ struct Route {
     }
   }
 
-  void load_expert(int64_t l, int64_t b, int64_t n, A* row) const {
-    load_row(ptr[l] + b * sb[l] + n * sn[l], sd[l], s.D, row);
+  // fp32/fp64 rows with unit stride are read where they live; others are widened into scratch.
+  static constexpr bool kDirect = std::is_same_v<T, A>;
+  const T* expert_ptr(int64_t l, int64_t b, int64_t n) const { return ptr[l] + b * sb[l] + n * sn[l]; }
+  const A* expert_row(int64_t l, int64_t b, int64_t n, A* scratch) const {
+    const T* src = expert_ptr(l, b, n);
+    if constexpr (kDirect)
+      if (sd[l] == 1) return reinterpret_cast<const A*>(src);
+    widen_row(src, sd[l], s.D, scratch);
+    return scratch;
   }
-  void load_base(int64_t b, int64_t n, A* row) const { load_row(base + b * bsb + n * bsn, bsd, s.D, row); }
+  void load_base(int64_t b, int64_t n, A* row) const { widen_row(base + b * bsb + n * bsn, bsd, s.D, row); }
 
   // f = Σ_l w_l e_l for token (b, n); also returns the weights and the L2 norm used by them.
   void fuse(int64_t b, int64_t n, A* w, A& norm, A* f, A* row) const {
     depth_weights(s.energy, logits + (b * s.N + n) * s.L, s.L, w, norm);
     std::fill(f, f + s.D, A(0));
     for (int64_t l = 0; l < s.L; ++l) {
-      load_expert(l, b, n, row);
+      const A* __restrict e = expert_row(l, b, n, row);
       const A c = w[l];
 #pragma omp simd
-      for (int64_t d = 0; d < s.D; ++d) f[d] += c * row[d];
+      for (int64_t d = 0; d < s.D; ++d) f[d] += c * e[d];
     }
   }
 
@@ -120,7 +130,7 @@ template <class T>
 void route_forward(const Route<T>& k, T* out) {
   using A = acc_t<T>;
   const auto& s = k.s;
-  raekern::cpu::parallel_rows(s.B * s.N, (s.L + 2) * s.D * sizeof(T), [&](int64_t lo, int64_t hi) {
+  parallel_tasks(s.B * s.N, 1, [&](int64_t lo, int64_t hi) {
     std::vector<A> fv(s.D), rowv(s.D), basev(s.D), gv(s.D, A(1)), w(s.L);
     A *f = fv.data(), *row = rowv.data(), *bs = basev.data(), *g = gv.data();
     if (s.gamma_numel) for (int64_t d = 0; d < s.D; ++d) g[d] = k.gate(d);
@@ -146,7 +156,7 @@ void route_forward(const Route<T>& k, T* out) {
           for (int64_t d = 0; d < s.D; ++d) bs[d] += f[d];
           break;
       }
-      store_row(bs, s.D, out + tok * s.D);
+      narrow_row(bs, s.D, out + tok * s.D);
     }
   });
 }
@@ -165,7 +175,7 @@ void route_backward(const Route<T>& k, const at::Tensor& grad, std::vector<at::T
   const int nthreads = at::get_num_threads();
   std::vector<A> gamma_part(s.gamma_numel ? nthreads * s.D : 0, A(0));
 
-  raekern::cpu::parallel_rows(s.B * s.N, (2 * s.L + 3) * s.D * sizeof(T), [&](int64_t lo, int64_t hi) {
+  parallel_tasks(s.B * s.N, 1, [&](int64_t lo, int64_t hi) {
     std::vector<A> fv(s.D), rowv(s.D), basev(s.D), gv(s.D), gfv(s.D), gatev(s.D, A(1)), w(s.L), gw(s.L),
         ga(s.L);
     A *f = fv.data(), *row = rowv.data(), *bs = basev.data(), *g = gv.data(), *gf = gfv.data(),
@@ -176,7 +186,7 @@ void route_backward(const Route<T>& k, const at::Tensor& grad, std::vector<at::T
       const int64_t b = tok / s.N, n = tok % s.N;
       A norm;
       k.fuse(b, n, w.data(), norm, f, row);
-      load_row(gp + b * gsb + n * gsn, gsd, s.D, g);
+      widen_row(gp + b * gsb + n * gsn, gsd, s.D, g);
       // gbase starts as g; the norm cap adds its dependence on ‖base‖.
       std::copy(g, g + s.D, bs);
       switch (s.bound) {
@@ -215,14 +225,15 @@ void route_backward(const Route<T>& k, const at::Tensor& grad, std::vector<at::T
           std::copy(g, g + s.D, gf);
           break;
       }
-      store_row(bs, s.D, gbp + tok * s.D);
+      narrow_row(bs, s.D, gbp + tok * s.D);
       for (int64_t l = 0; l < s.L; ++l) {
-        k.load_expert(l, b, n, row);
-        gw[l] = row_dot(gf, row, s.D);
+        gw[l] = row_dot(gf, k.expert_row(l, b, n, row), s.D);
         const A c = w[l];
+        T* dst = gep[l] + tok * s.D;
+        A* __restrict ge_row = Route<T>::kDirect ? reinterpret_cast<A*>(dst) : row;
 #pragma omp simd
-        for (int64_t d = 0; d < s.D; ++d) row[d] = c * gf[d];
-        store_row(row, s.D, gep[l] + tok * s.D);
+        for (int64_t d = 0; d < s.D; ++d) ge_row[d] = c * gf[d];
+        if constexpr (!Route<T>::kDirect) narrow_row(row, s.D, dst);
       }
       depth_weights_backward(s.energy, w.data(), norm, gw.data(), s.L, ga.data());
       std::copy(ga.begin(), ga.end(), glp + tok * s.L);

@@ -22,6 +22,8 @@ at::Tensor transpose(const at::Tensor& in, const at::Tensor& mean, const at::Ten
   at::Tensor out = to_cf ? at::empty({B, D, H, W}, in.options()) : at::empty({B, N, D}, in.options());
   if (out.numel() == 0) return out;
   RAEKERN_CHECK(B <= 65535, op, to_cf ? "z" : "x", "batch must be at most 65535 on CUDA, got ", B);
+  // The kernel splits token indices with 32-bit division (64-bit division is a called routine that spills).
+  RAEKERN_CHECK(N <= INT32_MAX, op, "var", "must have at most 2^31 - 1 tokens (H*W) on CUDA, got ", N);
   const at::Tensor v = var.to(at::kFloat).contiguous();
   const at::Tensor m = mean.defined() ? mean.to(at::kFloat).contiguous() : at::Tensor();
   LatentArgs a{};

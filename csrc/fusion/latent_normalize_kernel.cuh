@@ -20,9 +20,19 @@ struct LatentArgs {
   bool inverse;  // scale = rsqrt(var + eps) (normalize) or sqrt(var + eps) (denormalize)
 };
 
+// v·rsqrt(v) instead of sqrtf, and 32-bit token division (the launcher checks N < 2^31): IEEE sqrtf's
+// slow path and 64-bit division are called routines whose saved registers ptxas reports as spills.
+// v = var + eps > 0, so v·rsqrt(v) is within 2 ulp of sqrt(v).
 __device__ __forceinline__ float latent_scale(const LatentArgs& a, int64_t dn) {
   const float v = a.var[dn] + a.eps;
-  return a.inverse ? rsqrtf(v) : sqrtf(v);
+  const float r = rsqrtf(v);
+  return a.inverse ? r : v * r;
+}
+
+// Offset of token n (n < N < 2^31) of channel d in the input.
+__device__ __forceinline__ int64_t latent_offset(const LatentArgs& a, int64_t n, int64_t d) {
+  const int nn = int(n), w = int(a.W);
+  return int64_t(nn / w) * a.sh + int64_t(nn % w) * a.sw + d * a.sd;
 }
 
 // kToCF: tokens → [B, D, N], out = (in − mean)·scale. Otherwise [B, D, N] → tokens,
@@ -37,12 +47,12 @@ __global__ void __launch_bounds__(kTileDim * kTileRows) latent_transpose_kernel(
   for (int r = ty; r < kTileDim; r += kTileRows) {
     if (kToCF) {  // tile[token r][channel tx], reads contiguous in D
       const int64_t n = n0 + r, d = d0 + tx;
-      if (n < a.N && d < a.D) tile[r][tx] = simt::to_float(in[(n / a.W) * a.sh + (n % a.W) * a.sw + d * a.sd]);
+      if (n < a.N && d < a.D) tile[r][tx] = simt::to_float(in[latent_offset(a, n, d)]);
     } else {  // tile[channel r][token tx], reads contiguous in N, statistics too
       const int64_t d = d0 + r, n = n0 + tx;
       if (n < a.N && d < a.D) {
         const int64_t dn = d * a.N + n;
-        float v = simt::to_float(in[(n / a.W) * a.sh + (n % a.W) * a.sw + d * a.sd]) * latent_scale(a, dn);
+        float v = simt::to_float(in[latent_offset(a, n, d)]) * latent_scale(a, dn);
         if (a.mean) v += a.mean[dn];
         tile[r][tx] = v;
       }

@@ -8,10 +8,14 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
+#include <type_traits>
 #include <vector>
 
+#include "common/cpu_convert.h"
 #include "common/cpu_utils.h"
 #include "common/dispatch.h"
+#include "fusion/dynamic_tasks.h"
 #include "fusion/fusion_args.h"
 #include "fusion/latent_tile.h"
 #include "fusion/row_math.h"
@@ -20,9 +24,7 @@ namespace raekern::fusion::cpu {
 namespace {
 
 using raekern::cpu::acc_t;
-using raekern::cpu::load_row;
 using raekern::cpu::narrow;
-using raekern::cpu::store_row;
 
 constexpr const char* kOp = "layer_stack_fuse";
 
@@ -57,15 +59,22 @@ struct Stack {
     }
   }
 
-  // Loads token n (patch index) of layer l, sample b, and normalises it; returns rstd (1 if raw).
-  A load(int64_t l, int64_t b, int64_t n, A* row) const {
-    const T* src = ptr[l] + b * sb[l] + (s.P + n) * st[l];
-    load_row(src, sd[l], s.D, row);
-    if (!normalize) return A(1);
+  const T* row_ptr(int64_t l, int64_t b, int64_t n) const { return ptr[l] + b * sb[l] + (s.P + n) * st[l]; }
+
+  // acc += c·LN(h_l[b, P + n]) (or c·h if raw) without normalising the row in memory:
+  // acc += (c·rstd)·(xs − μ) with xs the shifted row from row_moments. row is scratch.
+  void accumulate(int64_t l, int64_t b, int64_t n, A c, A* __restrict row, A* __restrict acc) const {
+    raekern::cpu::widen_row(row_ptr(l, b, n), sd[l], s.D, row);
+    if (!normalize) {
+#pragma omp simd
+      for (int64_t d = 0; d < s.D; ++d) acc[d] += c * row[d];
+      return;
+    }
     A mean, rstd;
     row_moments(row, s.D, eps, mean, rstd);
-    row_normalize(row, s.D, mean, rstd);
-    return rstd;
+    const A k = c * rstd;
+#pragma omp simd
+    for (int64_t d = 0; d < s.D; ++d) acc[d] += k * (row[d] - mean);
   }
 };
 
@@ -82,15 +91,13 @@ std::vector<acc_t<T>> last_token_mean(const Stack<T>& k) {
   const auto& s = k.s;
   const int64_t tiles = (s.N + kTile - 1) / kTile;
   std::vector<A> part(s.B * tiles * s.D, A(0));
-  raekern::cpu::parallel_rows(s.B * tiles, kTile * s.D * sizeof(T), [&](int64_t lo, int64_t hi) {
+  parallel_tasks(s.B * tiles, 1, [&](int64_t lo, int64_t hi) {
     std::vector<A> row(s.D);
     for (int64_t task = lo; task < hi; ++task) {
       const int64_t b = task / tiles, n0 = (task % tiles) * kTile, n1 = std::min(s.N, n0 + kTile);
       A* acc = part.data() + task * s.D;
       for (int64_t n = n0; n < n1; ++n) {
-        k.load(s.L - 1, b, n, row.data());
-#pragma omp simd
-        for (int64_t d = 0; d < s.D; ++d) acc[d] += row[d];
+        k.accumulate(s.L - 1, b, n, A(1), row.data(), acc);
       }
     }
   });
@@ -111,7 +118,7 @@ void fuse_forward(const Stack<T>& k, const acc_t<T>* tmean, const acc_t<T>* lmea
   using A = acc_t<T>;
   const auto& s = k.s;
   const int64_t tiles = (s.N + kTile - 1) / kTile;
-  raekern::cpu::parallel_rows(s.B * tiles, s.L * kTile * s.D * sizeof(T), [&](int64_t lo, int64_t hi) {
+  parallel_tasks(s.B * tiles, 1, [&](int64_t lo, int64_t hi) {
     std::vector<A> accv(kTile * s.D), rowv(s.D);
     A* acc = accv.data();
     A* row = rowv.data();
@@ -119,13 +126,7 @@ void fuse_forward(const Stack<T>& k, const acc_t<T>* tmean, const acc_t<T>* lmea
       const int64_t b = task / tiles, n0 = (task % tiles) * kTile, tn = std::min(s.N, n0 + kTile) - n0;
       std::fill(acc, acc + tn * s.D, A(0));
       for (int64_t l = 0; l < s.L; ++l) {
-        for (int64_t t = 0; t < tn; ++t) {
-          k.load(l, b, n0 + t, row);
-          const A c = k.coef(l, b, n0 + t);
-          A* a = acc + t * s.D;
-#pragma omp simd
-          for (int64_t d = 0; d < s.D; ++d) a[d] += c * row[d];
-        }
+        for (int64_t t = 0; t < tn; ++t) k.accumulate(l, b, n0 + t, k.coef(l, b, n0 + t), row, acc + t * s.D);
       }
       if (tmean) {
         const A* m = tmean + b * s.D;
@@ -138,7 +139,7 @@ void fuse_forward(const Stack<T>& k, const acc_t<T>* tmean, const acc_t<T>* lmea
       if (s.channels_first) {
         store_tile_cf(acc, tn, s.D, s.N, b, n0, lmean, lscale, out);
       } else {
-        for (int64_t t = 0; t < tn; ++t) store_row(acc + t * s.D, s.D, out + (b * s.N + n0 + t) * s.D);
+        for (int64_t t = 0; t < tn; ++t) raekern::cpu::narrow_row(acc + t * s.D, s.D, out + (b * s.N + n0 + t) * s.D);
       }
     }
   });
@@ -152,7 +153,7 @@ void load_grad_tile(const at::Tensor& g, const StackShape& s, const acc_t<T>* ls
   const T* gp = g.data_ptr<T>();
   if (!s.channels_first) {
     for (int64_t t = 0; t < tn; ++t)
-      load_row(gp + b * g.stride(0) + (n0 + t) * g.stride(1), g.stride(2), s.D, G + t * s.D);
+      raekern::cpu::widen_row(gp + b * g.stride(0) + (n0 + t) * g.stride(1), g.stride(2), s.D, G + t * s.D);
     return;
   }
   load_tile_cf<T, acc_t<T>>(gp, g.stride(0), g.stride(1), g.stride(2), g.stride(3), g.size(3), s.D, s.N, b, n0, tn,
@@ -166,38 +167,109 @@ at::Tensor as_acc(const std::optional<at::Tensor>& t, at::ScalarType st) {
   return t->to(acc_dtype(st)).contiguous();
 }
 
+// LayerNorm backward of one layer row, in three passes over L1-resident data (the row is never
+// normalised in memory). With xs = x − x[0] (shifted as in row_moments), μ = mean(xs), ρ = rstd,
+// y = (xs − μ)·ρ and dy = c·g + gm:
+//   dx = ρ·(dy − mean(dy) − y·mean(dy·y)) = ρc·g + ρ·gm − ρ·mean(dy) − ρ²·mean(dy·y)·(xs − μ),
+// where Σdy = c·Σg + Σgm is known per token, and Σ dy·(xs − μ) is summed beside the variance
+// (after μ is known, so no cancellation against a large mean).
+template <class A>
+struct RowGrad {
+  A k_g, k_gm, k_0, k_x, mu;  // dx = k_g·g + k_gm·gm − k_0 − k_x·(xs − μ)
+  A gy;                       // Σ g·y: this row's contribution to d weights / c
+};
+
+template <class A>
+inline RowGrad<A> row_grad_coefs(A* __restrict xs, const A* __restrict g, const A* __restrict gm, int64_t n,
+                                 A c, A gsum, A gmsum, A eps) {
+  const A shift = xs[0];
+  A s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) {
+    const A v = xs[i] - shift;
+    xs[i] = v;
+    s += v;
+  }
+  const A mu = s / A(n);
+  A var = 0, sg = 0, sgm = 0;
+  if (gm) {
+#pragma omp simd reduction(+ : var, sg, sgm)
+    for (int64_t i = 0; i < n; ++i) {
+      const A d = xs[i] - mu;
+      var += d * d;
+      sg += g[i] * d;
+      sgm += gm[i] * d;
+    }
+  } else {
+#pragma omp simd reduction(+ : var, sg)
+    for (int64_t i = 0; i < n; ++i) {
+      const A d = xs[i] - mu;
+      var += d * d;
+      sg += g[i] * d;
+    }
+  }
+  const A rstd = A(1) / std::sqrt(var / A(n) + eps);
+  const A dsum = c * gsum + gmsum;
+  const A dyy = rstd * (c * sg + sgm);
+  RowGrad<A> r;
+  r.k_g = rstd * c;
+  r.k_gm = rstd;
+  r.k_0 = rstd * dsum / A(n);
+  r.k_x = rstd * rstd * dyy / A(n);
+  r.mu = mu;
+  r.gy = rstd * sg;
+  return r;
+}
+
+template <class A>
+inline void row_grad_apply(const RowGrad<A>& r, const A* __restrict xs, const A* __restrict g,
+                           const A* __restrict gm, int64_t n, A* __restrict dx) {
+  if (gm) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) dx[i] = r.k_g * g[i] + r.k_gm * gm[i] - r.k_0 - r.k_x * (xs[i] - r.mu);
+  } else {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) dx[i] = r.k_g * g[i] - r.k_0 - r.k_x * (xs[i] - r.mu);
+  }
+}
+
 template <class T>
 void fuse_backward(const at::Tensor& grad, at::TensorList layers, const StackShape& s, const at::Tensor& w,
                    const at::Tensor& v, bool normalize, double eps, bool add_last_token_mean, double latent_eps,
                    bool want_dw, at::Tensor& dw, std::vector<at::Tensor>& dl) {
     using A = acc_t<T>;
+    constexpr bool kDirect = std::is_same_v<T, A>;  // fp32/fp64: read and write rows in place, no staging
     Stack<T> k(layers, s, w, normalize, eps);
     std::vector<A> lsv;
     if (v.defined()) lsv = latent_scale(v.data_ptr<A>(), s.D * s.N, A(latent_eps), true);
     const A* lscale = lsv.empty() ? nullptr : lsv.data();
     const int64_t tiles = (s.N + kTile - 1) / kTile;
+    const int64_t D = s.D;
     // The token-mean term sends (1/N)·Σ_n g[b, n] to every token of the last layer.
-    std::vector<A> gmean;
+    std::vector<A> gmean, gmsum;
     if (add_last_token_mean) {
-      std::vector<A> part(s.B * tiles * s.D, A(0));
-      raekern::cpu::parallel_rows(s.B * tiles, kTile * s.D * sizeof(T), [&](int64_t lo, int64_t hi) {
-        std::vector<A> G(kTile * s.D);
+      std::vector<A> part(s.B * tiles * D, A(0));
+      parallel_tasks(s.B * tiles, 1, [&](int64_t lo, int64_t hi) {
+        std::vector<A> G(kTile * D);
         for (int64_t task = lo; task < hi; ++task) {
           const int64_t b = task / tiles, n0 = (task % tiles) * kTile, tn = std::min(s.N, n0 + kTile) - n0;
           load_grad_tile<T>(grad, s, lscale, b, n0, tn, G.data());
-          A* p = part.data() + task * s.D;
+          A* p = part.data() + task * D;
           for (int64_t t = 0; t < tn; ++t) {
-            const A* gt = G.data() + t * s.D;
+            const A* gt = G.data() + t * D;
 #pragma omp simd
-            for (int64_t d = 0; d < s.D; ++d) p[d] += gt[d];
+            for (int64_t d = 0; d < D; ++d) p[d] += gt[d];
           }
         }
       });
-      gmean.assign(s.B * s.D, A(0));
-      for (int64_t b = 0; b < s.B; ++b)
+      gmean.assign(s.B * D, A(0));
+      gmsum.assign(s.B, A(0));
+      for (int64_t b = 0; b < s.B; ++b) {
         for (int64_t t = 0; t < tiles; ++t)
-          for (int64_t d = 0; d < s.D; ++d) gmean[b * s.D + d] += part[(b * tiles + t) * s.D + d];
-      for (auto& x : gmean) x /= A(s.N);
+          for (int64_t d = 0; d < D; ++d) gmean[b * D + d] += part[(b * tiles + t) * D + d];
+        for (int64_t d = 0; d < D; ++d) gmean[b * D + d] /= A(s.N);
+        gmsum[b] = row_sum(gmean.data() + b * D, D);
+      }
     }
     const int nthreads = at::get_num_threads();
     std::vector<double> dw_part(want_dw && s.reduce == Reduce::kLayerWeights ? nthreads * s.L : 0, 0.0);
@@ -205,35 +277,47 @@ void fuse_backward(const at::Tensor& grad, at::TensorList layers, const StackSha
     std::vector<T*> dptr;
     for (auto& t : dl) dptr.push_back(t.data_ptr<T>());
 
-    raekern::cpu::parallel_rows(s.B * tiles, 2 * s.L * kTile * s.D * sizeof(T), [&](int64_t lo, int64_t hi) {
-      std::vector<A> Gv(kTile * s.D), rowv(s.D), dyv(s.D);
-      A *G = Gv.data(), *row = rowv.data(), *dy = dyv.data();
+    parallel_tasks(s.B * tiles, 1, [&](int64_t lo, int64_t hi) {
+      std::vector<A> Gv(kTile * D), rowv(D), dxv(D), gsum(kTile);
+      A *G = Gv.data(), *row = rowv.data(), *dxb = dxv.data();
       double* my_dw = dw_part.empty() ? nullptr : dw_part.data() + at::get_thread_num() * s.L;
       for (int64_t task = lo; task < hi; ++task) {
         const int64_t b = task / tiles, n0 = (task % tiles) * kTile, tn = std::min(s.N, n0 + kTile) - n0;
         load_grad_tile<T>(grad, s, lscale, b, n0, tn, G);
+        for (int64_t t = 0; t < tn; ++t) gsum[t] = row_sum(G + t * D, D);
         for (int64_t l = 0; l < s.L; ++l) {
           const bool last_mean = add_last_token_mean && l == s.L - 1;
+          const A* gm = last_mean ? gmean.data() + b * D : nullptr;
+          const A gms = last_mean ? gmsum[b] : A(0);
           for (int64_t t = 0; t < tn; ++t) {
             const int64_t n = n0 + t;
-            const A rstd = k.load(l, b, n, row);
-            const A* gt = G + t * s.D;
-            if (want_dw) {
-              const A dot = row_dot(gt, row, s.D);
-              if (s.reduce == Reduce::kTokenWeights) dwp[(b * s.N + n) * s.L + l] = dot;
-              else my_dw[l] += double(dot);
-            }
+            const A* gt = G + t * D;
             const A c = k.coef(l, b, n);
-            if (last_mean) {
-              const A* gm = gmean.data() + b * s.D;
-#pragma omp simd
-              for (int64_t d = 0; d < s.D; ++d) dy[d] = c * gt[d] + gm[d];
+            T* dst = dptr[l] + (b * s.T + s.P + n) * D;
+            A* dx = kDirect ? reinterpret_cast<A*>(dst) : dxb;
+            const T* src = k.ptr[l] + b * k.sb[l] + (s.P + n) * k.st[l];
+            A gy;
+            if (normalize) {
+              raekern::cpu::widen_row(src, k.sd[l], D, row);
+              const RowGrad<A> r = row_grad_coefs(row, gt, gm, D, c, gsum[t], gms, k.eps);
+              row_grad_apply(r, row, gt, gm, D, dx);
+              gy = r.gy;
             } else {
+              raekern::cpu::widen_row(src, k.sd[l], D, row);
+              gy = want_dw ? row_dot(gt, row, D) : A(0);
+              if (gm) {
 #pragma omp simd
-              for (int64_t d = 0; d < s.D; ++d) dy[d] = c * gt[d];
+                for (int64_t d = 0; d < D; ++d) dx[d] = c * gt[d] + gm[d];
+              } else {
+#pragma omp simd
+                for (int64_t d = 0; d < D; ++d) dx[d] = c * gt[d];
+              }
             }
-            if (normalize) row_layernorm_backward(row, dy, s.D, rstd);
-            store_row(dy, s.D, dptr[l] + (b * s.T + s.P + n) * s.D);
+            if (want_dw) {
+              if (s.reduce == Reduce::kTokenWeights) dwp[(b * s.N + n) * s.L + l] = gy;
+              else my_dw[l] += double(gy);
+            }
+            if constexpr (!kDirect) raekern::cpu::narrow_row(dxb, D, dst);
           }
         }
       }

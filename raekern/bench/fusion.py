@@ -77,6 +77,17 @@ def _cases_for(device: str, dtype: torch.dtype, quick: bool) -> list[Case]:
                "compile": lambda: rcomp(experts, logits, base, gamma)},
         bytes=(L + 2) * B * N * Dr * es, notes="DRoRAE l2 energy + tanh gate"))
 
+    rin = [t.detach().clone().requires_grad_() for t in (*experts, logits, base, gamma)]
+    r_ex, r_lg, r_base, r_gm = rin[:L], rin[L], rin[L + 1], rin[L + 2]
+    gr = torch.randn(B, N, Dr, generator=gen).to(device, dtype)
+    rout = {"raekern": fu.depth_route(r_ex, r_lg, r_base, gamma=r_gm),
+            "eager": _route_math(r_ex, r_lg, r_base, r_gm), "compile": rcomp(r_ex, r_lg, r_base, r_gm)}
+    rgrad_of = lambda out: (lambda: torch.autograd.grad(out, rin, gr, retain_graph=True))  # noqa: E731
+    cases.append(Case(
+        "fusion", "depth_route bwd", f"L={L} B={B} N={N} D={Dr}", dtype,
+        impls={k: rgrad_of(o) for k, o in rout.items()},
+        bytes=(2 * L + 2) * B * N * Dr * es, notes="gradients of experts, logits, base and gamma"))
+
     H = int(N ** 0.5)
     z = torch.randn(B, H * H, D, generator=gen).to(device, dtype)
     mean = torch.randn(D, H, H, generator=gen).to(device)
