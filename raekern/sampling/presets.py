@@ -132,3 +132,14 @@ register_preset(Preset("tiny-test", "random tiny networks (8x4x4 latents, 10 cla
                        "latent classifier): exercises the whole pipeline in seconds; images are noise",
                        _tiny, guidance=("cfg:1.5",), needs_checkpoint=False, num_classes=10,
                        classifier=_tiny_classifier))
+
+
+def _register_embedded() -> None:
+    try:
+        from raekern.models.digits import register
+    except ImportError:  # a build without the embedded model
+        return
+    register()
+
+
+_register_embedded()

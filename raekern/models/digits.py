@@ -1,0 +1,155 @@
+"""The embedded default model: a small RAE + DiT-DH trained on scikit-learn's handwritten digits.
+
+``raekern sample`` with no checkpoint arguments uses it (preset ``digits``): 32×32 digit images from a
+[64, 4, 4] latent (the RAEv2 layer mean of a small ViT trained on the digits), an x-predicting
+DiT-DH v2 with the depth-8 base head (internal guidance), a smaller DiT for AutoGuidance, the ViT-MAE
+pixel decoder, the latent statistics and a linear probe on latent tokens (GFCG's classifier) — all in
+one safetensors file under ``raekern/assets/digits/``. ``examples/digits/run.py`` trains and writes
+it; the file's metadata holds the configurations, so this module holds no sizes of its own.
+
+    from raekern.models.digits import load_digits_model
+    m = load_digits_model()                      # DigitsModel: dit, weak, decoder, probe, mean, var
+    pipe = m.pipeline(steps=32)                  # raekern.sampling.pipelines.Pipeline, no guidance
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+ASSET = Path(__file__).resolve().parent.parent / "assets" / "digits" / "digits.safetensors"
+NUM_CLASSES = 10
+DEFAULT_GUIDANCE = ("gfcg:w_max=2,kappa=10,mode=autoguidance,ag=1.5",)
+
+
+class LatentProbe(nn.Module):
+    """GFCG's classifier: a linear head on the token mean of a standardised latent x0 ``[B, C, H, W]``
+    (the latent is the encoder's representation, so no decoding is needed)."""
+
+    def __init__(self, channels: int, classes: int = NUM_CLASSES):
+        super().__init__()
+        self.fc = nn.Linear(channels, classes)
+
+    def forward(self, x0: torch.Tensor) -> torch.Tensor:
+        return self.fc(x0.to(self.fc.weight.dtype).mean(dim=(2, 3)))
+
+
+@dataclass
+class DigitsModel:
+    config: dict
+    dit: nn.Module
+    weak: nn.Module
+    decoder: nn.Module
+    probe: LatentProbe
+    latent_mean: torch.Tensor  # [C, H, W]
+    latent_var: torch.Tensor
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        return tuple(self.latent_mean.shape)
+
+    def pipeline(self, *, steps: int | None = None, grid: str | None = None, policy=None, device="cpu",
+                 **kw):
+        """A :class:`raekern.sampling.pipelines.Pipeline` over these networks (x-prediction, RAEv2 grid,
+        decoder output in [0, 1], null label 10, the weak model registered for AutoGuidance)."""
+        from raekern.sampling import pipelines as P
+        from raekern.sampling.guidance import NoGuidance
+
+        for m in (self.dit, self.weak, self.decoder, self.probe):
+            m.to(device)
+        shape = self.latent_shape
+        return P.Pipeline(
+            self.dit, policy or NoGuidance(),
+            P.make_grid(grid or self.config.get("grid", "raev2"), steps or self.config.get("steps", 32),
+                        alpha=self.config.get("alpha"), latent_shape=shape),
+            latent_shape=shape, decoder=self.decoder, latent_mean=self.latent_mean, latent_var=self.latent_var,
+            decoder_output="unit", param="x0", x0_t_eps=0.05, models={"weak": self.weak},
+            null_label=NUM_CLASSES, num_classes=NUM_CLASSES, device=device, **kw)
+
+
+def save_digits_model(path, config: dict, dit: nn.Module, weak: nn.Module, decoder: nn.Module,
+                      probe: nn.Module, latent_mean: torch.Tensor, latent_var: torch.Tensor,
+                      dtype: torch.dtype = torch.float16) -> None:
+    """Write everything into one safetensors file (weights in ``dtype`` to keep it a few MB; the
+    statistics in fp32); ``config`` (JSON) goes into the metadata."""
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for prefix, mod in (("dit", dit), ("weak", weak), ("decoder", decoder), ("probe", probe)):
+        for k, v in mod.state_dict().items():
+            tensors[f"{prefix}.{k}"] = v.detach().to("cpu", dtype).contiguous()
+    tensors["stats.mean"] = latent_mean.detach().float().cpu().contiguous()
+    tensors["stats.var"] = latent_var.detach().float().cpu().contiguous()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path), metadata={"config": json.dumps(config)})
+
+
+def read_config(path=ASSET) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return json.loads(f.metadata()["config"])
+
+
+def load_digits_model(path=None, *, backend: str = "raekern") -> DigitsModel:
+    """Load the embedded model (or another file written by :func:`save_digits_model`) in fp32, eval mode."""
+    from safetensors.torch import load_file
+
+    from raekern.models.checkpoints import load_state_dict_into
+    from raekern.models.decoder import ViTMAEDecoder
+    from raekern.models.dit import DiTDHv2
+
+    path = Path(path) if path is not None else ASSET
+    if not path.is_file():
+        raise FileNotFoundError(f"raekern.models.digits: argument 'path': model file not found: {path}")
+    cfg = read_config(path)
+    sd = load_file(str(path))
+    part = lambda p: {k[len(p) + 1:]: v.float() for k, v in sd.items() if k.startswith(p + ".")}  # noqa: E731
+    dit = DiTDHv2(**cfg["dit"], backend=backend)
+    weak = DiTDHv2(**cfg["weak"], backend=backend)
+    dec = ViTMAEDecoder(**cfg["decoder"], backend=backend)
+    probe = LatentProbe(cfg["dit"]["in_channels"])
+    for name, mod in (("dit", dit), ("weak", weak), ("decoder", dec), ("probe", probe)):
+        load_state_dict_into(mod, part(name), what=f"{path} [{name}]")
+        mod.eval().requires_grad_(False)
+    return DigitsModel(cfg, dit, weak, dec, probe, sd["stats.mean"].float(), sd["stats.var"].float())
+
+
+# -- the `raekern sample` preset -----------------------------------------------------------------------
+_CACHE: dict = {}
+
+
+def _cached(backend: str = "raekern") -> DigitsModel:
+    if backend not in _CACHE:
+        _CACHE[backend] = load_digits_model(backend=backend)
+    return _CACHE[backend]
+
+
+def _build(o: dict):
+    m = _cached()
+    kw = {k: o[k] for k in ("solver", "cuda_graph", "progress", "model_dtype") if o.get(k) is not None}
+    return m.pipeline(steps=o.get("steps"), grid=o.get("grid"), device=o.get("device", "cpu"),
+                      dtype=o.get("dtype", torch.float32), **kw)
+
+
+def _classifier(o: dict, pipe):
+    return _cached().probe.to(pipe.device)
+
+
+def register() -> None:
+    """Register preset ``digits`` (the CLI's default) when the embedded file is installed."""
+    if not ASSET.is_file():
+        return
+    from raekern.sampling.presets import Preset, register_preset
+
+    try:
+        guidance = tuple(read_config().get("guidance", DEFAULT_GUIDANCE))
+    except Exception:  # an unreadable file surfaces when the preset is built
+        guidance = DEFAULT_GUIDANCE
+    register_preset(Preset(
+        "digits", "embedded small RAE + DiT-DH v2 trained on scikit-learn's digits: 32x32 images, latent "
+        "[64,4,4], depth-8 base head, a weak model and a latent probe (GFCG); no checkpoint needed",
+        _build, guidance=guidance, needs_checkpoint=False, num_classes=NUM_CLASSES, classifier=_classifier))
