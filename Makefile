@@ -8,7 +8,7 @@ TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch==2.14.
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: venv build test bench info clean
+.PHONY: venv build test bench info sample clean
 
 $(VENV)/.deps: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,3 +33,6 @@ info: build
 
 clean:
 	rm -rf build $(VENV) raekern/_C*.so raekern/_emu*.so
+
+sample: build
+	$(VENV)/bin/raekern sample $(SAMPLE_ARGS)
