@@ -17,3 +17,9 @@ def cuda_available() -> bool:
 @pytest.fixture(params=["cpu"] + (["cuda"] if cuda_available() else []))
 def device(request):
     return request.param
+
+
+@pytest.fixture(autouse=True)
+def _seed_each_test():
+    """Every test starts from the same RNG state, so a result never depends on which tests ran before."""
+    torch.manual_seed(0)
