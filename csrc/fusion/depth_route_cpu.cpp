@@ -175,7 +175,9 @@ void route_backward(const Route<T>& k, const at::Tensor& grad, std::vector<at::T
   const int nthreads = at::get_num_threads();
   std::vector<A> gamma_part(s.gamma_numel ? nthreads * s.D : 0, A(0));
 
-  parallel_tasks(s.B * s.N, 1, [&](int64_t lo, int64_t hi) {
+  // Static partition (not parallel_tasks): each thread's gamma partial then covers the same tokens
+  // on every run, so the gradient is bit-identical across runs for a given thread count.
+  at::parallel_for(0, s.B * s.N, 1, [&](int64_t lo, int64_t hi) {
     std::vector<A> fv(s.D), rowv(s.D), basev(s.D), gv(s.D), gfv(s.D), gatev(s.D, A(1)), w(s.L), gw(s.L),
         ga(s.L);
     A *f = fv.data(), *row = rowv.data(), *bs = basev.data(), *g = gv.data(), *gf = gfv.data(),
