@@ -76,14 +76,10 @@ def test_depth_route_softmax_energy_is_stable_for_large_router_logits():
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.xfail(strict=True, reason="norm kernels form x*rstd - mean*rstd in one FMA: on a constant row "
-                   "rstd = 1/sqrt(eps) amplifies the rounding of mean*rstd (|x| = 1e4 gives 0.39 instead of 0). "
-                   "(x - mean)*rstd fixes it (tried: CPU+CUDA, passes norm/emulation tests) but moves "
-                   "test_models.py::test_dit_compile_fullgraph past its 1e-5 tolerance; left to the norm family.")
 @pytest.mark.parametrize("value", [100.0, 1e4])
 def test_layer_norm_of_a_constant_row_is_exactly_the_bias(value):
     """Variance 0 makes rstd = 1/sqrt(eps): (x - mean)·rstd is exactly 0 there, while the one-FMA form
-    x·rstd − mean·rstd leaves 0.39 at |x| = 1e4."""
+    x·rstd − mean·rstd (the kernels' first form) left 0.39 at |x| = 1e4."""
     bias = torch.linspace(-1, 1, 64)
     for D in (64, 1):
         x = torch.full((2, 3, D), value)

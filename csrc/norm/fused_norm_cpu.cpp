@@ -142,16 +142,17 @@ inline void vec_residual_stats(const T* x, const T* gate, const T* y, T* x_out, 
   }
 }
 
-// out = (xb * rstd - mean * rstd) * ca + cb, stored as T.
+// out = (xb - mean) * rstd * ca + cb, stored as T. Subtracting before scaling keeps a constant row
+// exactly 0 (rstd = 1/sqrt(eps) would amplify the rounding of a folded mean*rstd).
 template <class T>
 inline void vec_output(const acc_t<T>* xb, const acc_t<T>* ca, const acc_t<T>* cb, acc_t<T> rstd,
-                       acc_t<T> nmr, int64_t D, T* out, bool stream) {
+                       acc_t<T> mean, int64_t D, T* out, bool stream) {
   if constexpr (has_vec16<T>) {
   const auto put = [stream](T* p, __m512 v, __mmask16 m) { put16(p, v, m, stream); };
-  const __m512 vr = _mm512_set1_ps(rstd), vn = _mm512_set1_ps(nmr);
+  const __m512 vr = _mm512_set1_ps(rstd), vm = _mm512_set1_ps(mean);
   for (int64_t i = 0; i < D; i += 16) {
     const __mmask16 m = cpu::tail_mask(D - i);
-    __m512 h = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, xb + i), vr, vn);
+    __m512 h = _mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, xb + i), vm), vr);
     put(out + i, _mm512_fmadd_ps(h, _mm512_maskz_loadu_ps(m, ca + i), _mm512_maskz_loadu_ps(m, cb + i)), m);
   }
   }
@@ -160,13 +161,13 @@ inline void vec_output(const acc_t<T>* xb, const acc_t<T>* ca, const acc_t<T>* c
 // Per-token modulation: out = (xhat * w + bias) * (1 + scale) + shift, shift/scale read from memory.
 template <class T>
 inline void vec_output_token(const acc_t<T>* xb, const acc_t<T>* w, const acc_t<T>* bias, const T* shift,
-                             const T* scale, acc_t<T> rstd, acc_t<T> nmr, int64_t D, T* out, bool stream) {
+                             const T* scale, acc_t<T> rstd, acc_t<T> mean, int64_t D, T* out, bool stream) {
   if constexpr (has_vec16<T>) {
   const auto put = [stream](T* p, __m512 v, __mmask16 m) { put16(p, v, m, stream); };
-  const __m512 vr = _mm512_set1_ps(rstd), vn = _mm512_set1_ps(nmr), one = _mm512_set1_ps(1.f);
+  const __m512 vr = _mm512_set1_ps(rstd), vm = _mm512_set1_ps(mean), one = _mm512_set1_ps(1.f);
   for (int64_t i = 0; i < D; i += 16) {
     const __mmask16 m = cpu::tail_mask(D - i);
-    __m512 h = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, xb + i), vr, vn);
+    __m512 h = _mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, xb + i), vm), vr);
     if (w) h = _mm512_mul_ps(h, _mm512_maskz_loadu_ps(m, w + i));
     if (bias) h = _mm512_add_ps(h, _mm512_maskz_loadu_ps(m, bias + i));
     const __m512 sc = scale ? _mm512_add_ps(one, cpu::load16(scale + i, m)) : one;
@@ -247,11 +248,10 @@ void forward_kernel(const FwdParams& p) {
         if (!norm) continue;
         mean_out[row] = mean;
         rstd_out[row] = rstd;
-        const A nmr = -mean * rstd;
         T* out = static_cast<T*>(p.out) + row * D;
         if (vec_token) {
           vec_output_token<T>(xb, w, bias, p.shift.ptr ? row_of<T>(p.shift, b, n) : nullptr,
-                              p.scale.ptr ? row_of<T>(p.scale, b, n) : nullptr, rstd, nmr, D, out, stream);
+                              p.scale.ptr ? row_of<T>(p.scale, b, n) : nullptr, rstd, mean, D, out, stream);
           continue;
         }
         if (coef_per_row || coef_b != b) {
@@ -275,11 +275,11 @@ void forward_kernel(const FwdParams& p) {
           }
         }
         if (vec_rows) {
-          vec_output<T>(xb, ca, cb, rstd, nmr, D, out, stream);
+          vec_output<T>(xb, ca, cb, rstd, mean, D, out, stream);
         } else {
           // Through a scratch row: GCC's loop writing `out` directly ran several times slower.
 #pragma omp simd
-          for (int64_t i = 0; i < D; ++i) t1b[i] = (xb[i] * rstd + nmr) * ca[i] + cb[i];
+          for (int64_t i = 0; i < D; ++i) t1b[i] = (xb[i] - mean) * rstd * ca[i] + cb[i];
           narrow<T>(t1b, D, out);
         }
       }
@@ -329,9 +329,8 @@ void backward_kernel(const BwdParams& p) {
           const A rstd = rstd_in[row];
           const A mean = p.kind == Kind::Layer ? mean_in[row] : A(0);
           widen<T>(p.xin, b, n, D, xh);
-          const A nmr = -mean * rstd;
 #pragma omp simd
-          for (int64_t i = 0; i < D; ++i) xh[i] = xh[i] * rstd + nmr;
+          for (int64_t i = 0; i < D; ++i) xh[i] = (xh[i] - mean) * rstd;
           widen<T>(p.dout, b, n, D, g);
           if (p.scale.ptr && (scale_per_row || scale_b != b)) {
             scale_b = b;

@@ -115,7 +115,6 @@ __global__ void fused_norm_forward(FwdParams p) {
     const T* shift = p.shift.ptr ? row_ptr<T>(p.shift, b, n) : nullptr;
     const T* scale = p.scale.ptr ? row_ptr<T>(p.scale, b, n) : nullptr;
     T* out = static_cast<T*>(p.out) + row * D;
-    const float nmr = -mean * rstd;
     for (int64_t i = int64_t(threadIdx.x) * V; i < D; i += step) {
       float sh[V], sc[V], wv[V], bv[V], o[V];
       if (shift) load<T, V>(shift, i, p.shift.sd, sh);
@@ -128,7 +127,8 @@ __global__ void fused_norm_forward(FwdParams p) {
       else fill(bv, 0.f);
 #pragma unroll
       for (int j = 0; j < V; ++j) {
-        const float h = fmaf(fmaf(xb[i + j], rstd, nmr), wv[j], bv[j]);
+        // (x - mean) * rstd, not x*rstd - mean*rstd: exact 0 on a constant row (rstd = 1/sqrt(eps)).
+        const float h = fmaf((xb[i + j] - mean) * rstd, wv[j], bv[j]);
         o[j] = fmaf(h, 1.f + sc[j], sh[j]);
       }
       store<T, V>(out, i, o);
@@ -170,7 +170,6 @@ __global__ void fused_norm_backward(BwdParams p) {
     if (norm) {
       rstd = static_cast<const float*>(p.rstd)[row];
       const float mean = p.kind == Kind::Layer ? static_cast<const float*>(p.mean)[row] : 0.f;
-      const float nmr = -mean * rstd;
       const T* xin = row_ptr<T>(p.xin, b, n);
       const T* dout = row_ptr<T>(p.dout, b, n);
       const T* scale = p.scale.ptr ? row_ptr<T>(p.scale, b, n) : nullptr;
@@ -188,7 +187,7 @@ __global__ void fused_norm_backward(BwdParams p) {
         if (p.dshift.mode == GradMode::PerRow) store<T, V>(static_cast<T*>(p.dshift.ptr) + row * D, i, go);
 #pragma unroll
         for (int j = 0; j < V; ++j) {
-          const float xhat = fmaf(xv[j], rstd, nmr);
+          const float xhat = (xv[j] - mean) * rstd;
           tmp[j] = go[j] * fmaf(xhat, wv[j], bv[j]);  // d scale
           if (acc_shift) acc_shift[i + j] += go[j];
           if (acc_scale) acc_scale[i + j] += tmp[j];
