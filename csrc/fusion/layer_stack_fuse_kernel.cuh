@@ -197,15 +197,12 @@ __global__ void __launch_bounds__(kThreads) grad_token_mean_kernel(StackArgs a, 
   }
 }
 
-// One block per token: reads the output gradient once and each layer once more, writes each
-// layer's gradient row (LayerNorm backward in registers) and the weights' gradient.
+// Backward of one token whose output gradient row gr is in registers: reads each layer once more,
+// writes each layer's gradient row (LayerNorm backward in registers) and the weights' gradient.
 template <class T, int V, int ITEMS>
-__global__ void __launch_bounds__(kThreads) layer_stack_fuse_backward_kernel(StackArgs a, StackGradArgs g) {
-  __shared__ float red[2 * simt::kWarp];
-  const int64_t tok = blockIdx.x;
-  const int64_t b = tok / a.N, n = tok % a.N;
-  float gr[ITEMS][V];
-  load_grad<T, V, ITEMS>(a, g, b, n, gr);
+__device__ __forceinline__ void backward_token(const StackArgs& a, const StackGradArgs& g, int64_t b, int64_t n,
+                                               const float (&gr)[ITEMS][V], float* red) {
+  const int64_t tok = b * a.N + n;
   for (int l = 0; l < a.L; ++l) {
     float y[ITEMS][V];
     const float rstd = load_layer<T, V, ITEMS>(a, l, b, n, y, red);
@@ -244,6 +241,50 @@ __global__ void __launch_bounds__(kThreads) layer_stack_fuse_backward_kernel(Sta
     }
     T* drow = static_cast<T*>(g.dlayer[l]) + (b * a.T + a.P + n) * a.D;
     store_row<T, V, ITEMS>(drow, a.D, dy);
+  }
+}
+
+// Tokens-major gradient [B, N, D]: one block per token.
+template <class T, int V, int ITEMS>
+__global__ void __launch_bounds__(kThreads) layer_stack_fuse_backward_kernel(StackArgs a, StackGradArgs g) {
+  __shared__ float red[2 * simt::kWarp];
+  const int64_t tok = blockIdx.x;
+  const int64_t b = tok / a.N, n = tok % a.N;
+  float gr[ITEMS][V];
+  load_grad<T, V, ITEMS>(a, g, b, n, gr);
+  backward_token<T, V, ITEMS>(a, g, b, n, gr, red);
+}
+
+// Channels-first gradient [B, D, N]: the transpose of layer_stack_fuse_cf_kernel. Block (x, y)
+// first reads `tile` consecutive tokens of sample y channel by channel (contiguous runs of the
+// gradient and of the statistics) into a shared [tile, pitch] tile, then runs each token as above
+// with its gradient row taken from the tile. grid = (ceil(N / tile), B), shared tile·cf_pitch(D)·4 bytes.
+template <class T, int V, int ITEMS>
+__global__ void __launch_bounds__(kThreads) layer_stack_fuse_backward_cf_kernel(StackArgs a, StackGradArgs g,
+                                                                                int tile) {
+  __shared__ float red[2 * simt::kWarp];
+  RAEKERN_DYNAMIC_SHARED(float, rows);
+  const int64_t b = blockIdx.y;
+  const int64_t n0 = int64_t(blockIdx.x) * tile;
+  const int tn = a.N - n0 < tile ? int(a.N - n0) : tile;
+  const int pitch = cf_pitch(a.D);
+  const T* gb = static_cast<const T*>(g.grad) + b * a.D * a.N + n0;
+  for (int e = threadIdx.x; e < tn * a.D; e += kThreads) {
+    const int d = e / tn, t = e - d * tn;
+    float v = simt::to_float(gb[int64_t(d) * a.N + t]);
+    if (a.lvar) v *= rsqrtf(a.lvar[int64_t(d) * a.N + n0 + t] + a.leps);
+    rows[t * pitch + d] = v;
+  }
+  __syncthreads();
+  for (int t = 0; t < tn; ++t) {
+    float gr[ITEMS][V];
+#pragma unroll
+    for (int i = 0; i < ITEMS; ++i) {
+      const int d0 = item_base<V>(i);
+#pragma unroll
+      for (int j = 0; j < V; ++j) gr[i][j] = d0 < a.D ? rows[t * pitch + d0 + j] : 0.f;
+    }
+    backward_token<T, V, ITEMS>(a, g, b, n0 + t, gr, red);
   }
 }
 

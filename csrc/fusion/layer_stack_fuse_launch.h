@@ -156,7 +156,15 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> layer_stack_fuse_backward_op(
           dev.launch(grad_token_mean_kernel<T, V, ITEMS>, grid, dim3(kThreads), 0, a, g, gmp);
           g.gmean = gmp;
         }
-        dev.launch(layer_stack_fuse_backward_kernel<T, V, ITEMS>, dim3(unsigned(s.B * s.N)), dim3(kThreads), 0, a, g);
+        if (channels_first) {
+          const int tile = cf_tile_tokens(s.D, s.N);
+          const dim3 grid(unsigned((s.N + tile - 1) / tile), unsigned(s.B));
+          const size_t smem = size_t(tile) * size_t(cf_pitch(int(s.D))) * sizeof(float);
+          dev.launch(layer_stack_fuse_backward_cf_kernel<T, V, ITEMS>, grid, dim3(kThreads), smem, a, g, tile);
+        } else {
+          dev.launch(layer_stack_fuse_backward_kernel<T, V, ITEMS>, dim3(unsigned(s.B * s.N)), dim3(kThreads), 0, a,
+                     g);
+        }
       });
     });
   }
