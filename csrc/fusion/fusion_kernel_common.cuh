@@ -57,8 +57,11 @@ __device__ __forceinline__ void store_row(T* __restrict__ row, int D, const floa
 
 // Non-affine LayerNorm of a row held in registers, in place; returns rstd. Statistics are taken
 // around the row's first element so large common offsets (ViT outlier channels) do not cancel.
+// inv_d = 1/D from the host: an IEEE division's slow path is a called subroutine whose saved
+// registers ptxas reports as spills once the caller keeps more state live (the tiled kernel).
 template <int V, int ITEMS>
-__device__ __forceinline__ float normalize_row(float (&x)[ITEMS][V], float shift, int D, float eps, float* red) {
+__device__ __forceinline__ float normalize_row(float (&x)[ITEMS][V], float shift, int D, float inv_d, float eps,
+                                               float* red) {
   float s1 = 0.f, s2 = 0.f;
 #pragma unroll
   for (int i = 0; i < ITEMS; ++i) {
@@ -72,8 +75,8 @@ __device__ __forceinline__ float normalize_row(float (&x)[ITEMS][V], float shift
     }
   }
   simt::block_sum2(s1, s2, red);
-  const float mean = s1 / float(D);
-  const float var = fmaxf(s2 / float(D) - mean * mean, 0.f);
+  const float mean = s1 * inv_d;
+  const float var = fmaxf(s2 * inv_d - mean * mean, 0.f);
   const float rstd = rsqrtf(var + eps);
 #pragma unroll
   for (int i = 0; i < ITEMS; ++i) {

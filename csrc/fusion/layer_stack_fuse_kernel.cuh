@@ -1,7 +1,7 @@
 // SIMT kernels of layer_stack_fuse: one block per patch token reads that token from each of the L
 // layers through the layer's own pointer (no stacked copy), normalises it in registers and reduces.
-// Not yet run on a GPU: verified only by compiling for sm_80/sm_90a (and, once the host emulation
-// lands, by running this same source on the CPU).
+// Not yet run on a GPU: verified by compiling for sm_80/sm_90a and by running this same source on
+// the CPU through the host emulation (python_tests/test_fusion_emulation.py).
 #pragma once
 #include "fusion/fusion_kernel_common.cuh"
 
@@ -11,6 +11,7 @@ struct StackArgs {
   const void* layer[kMaxLayers];
   int64_t sb[kMaxLayers], st[kMaxLayers], sd[kMaxLayers];
   int L, D;
+  float inv_d;  // 1/D
   int64_t B, T, P, N;
   int reduce;        // Reduce: 0 mean, 1 sum, 2 per layer [L], 3 per token [B, N, L]
   const float* w;    // fp32 weights or null
@@ -36,7 +37,7 @@ __device__ __forceinline__ float load_layer(const StackArgs& a, int l, int64_t b
   const T* row = static_cast<const T*>(a.layer[l]) + b * a.sb[l] + (a.P + n) * a.st[l];
   load_row<T, V, ITEMS>(row, a.sd[l], a.D, x);
   if (!a.normalize) return 1.f;
-  return normalize_row<V, ITEMS>(x, simt::to_float(row[0]), a.D, a.eps, red);
+  return normalize_row<V, ITEMS>(x, simt::to_float(row[0]), a.D, a.inv_d, a.eps, red);
 }
 
 // Token-mean of the last normalised layer: blockIdx.y picks the sample, blocks stride over tokens
@@ -64,12 +65,15 @@ __global__ void __launch_bounds__(kThreads) last_token_mean_kernel(StackArgs a, 
   }
 }
 
+// acc = Σ_l c_l·LN(h_l[b, P + n]) (+ the last layer's token-mean) for one token, in registers.
 template <class T, int V, int ITEMS>
-__global__ void __launch_bounds__(kThreads) layer_stack_fuse_kernel(StackArgs a, T* __restrict__ out) {
-  __shared__ float red[2 * simt::kWarp];
-  const int64_t tok = blockIdx.x;
-  const int64_t b = tok / a.N, n = tok % a.N;
-  float acc[ITEMS][V] = {};
+__device__ __forceinline__ void fuse_token(const StackArgs& a, int64_t b, int64_t n, float (&acc)[ITEMS][V],
+                                           float* red) {
+  const int64_t tok = b * a.N + n;
+#pragma unroll
+  for (int i = 0; i < ITEMS; ++i)
+#pragma unroll
+    for (int j = 0; j < V; ++j) acc[i][j] = 0.f;
   for (int l = 0; l < a.L; ++l) {
     float x[ITEMS][V];
     load_layer<T, V, ITEMS>(a, l, b, n, x, red);
@@ -88,22 +92,54 @@ __global__ void __launch_bounds__(kThreads) layer_stack_fuse_kernel(StackArgs a,
         for (int j = 0; j < V; ++j) acc[i][j] += a.tmean[b * a.D + d0 + j];
     }
   }
-  if (!a.channels_first) {
-    store_row<T, V, ITEMS>(out + tok * a.D, a.D, acc);
-    return;
-  }
-  // [B, D, N]: neighbouring blocks write neighbouring tokens of each channel row.
+}
+
+// Tokens-major output [B, N, D]: one block per token.
+template <class T, int V, int ITEMS>
+__global__ void __launch_bounds__(kThreads) layer_stack_fuse_kernel(StackArgs a, T* __restrict__ out) {
+  __shared__ float red[2 * simt::kWarp];
+  const int64_t tok = blockIdx.x;
+  float acc[ITEMS][V];
+  fuse_token<T, V, ITEMS>(a, tok / a.N, tok % a.N, acc, red);
+  store_row<T, V, ITEMS>(out + tok * a.D, a.D, acc);
+}
+
+// Row pitch (floats) of the channels-first kernel's shared tile: odd, so the column reads of the
+// write phase (consecutive threads, consecutive tokens of one channel) fall in distinct banks.
+__host__ __device__ constexpr int cf_pitch(int D) { return D | 1; }
+
+// Channels-first output [B, D, N] (+ the latent standardisation): block (x, y) fuses `tile`
+// consecutive tokens of sample y into a shared [tile, pitch] fp32 tile, reading tokens-major as
+// above, then writes the tile channel by channel, so each channel's `tile` tokens (and their
+// statistics) are one contiguous run instead of one scattered element per block.
+// grid = (ceil(N / tile), B), dynamic shared memory tile·cf_pitch(D)·4 bytes.
+template <class T, int V, int ITEMS>
+__global__ void __launch_bounds__(kThreads) layer_stack_fuse_cf_kernel(StackArgs a, int tile, T* __restrict__ out) {
+  __shared__ float red[2 * simt::kWarp];
+  RAEKERN_DYNAMIC_SHARED(float, rows);
+  const int64_t b = blockIdx.y;
+  const int64_t n0 = int64_t(blockIdx.x) * tile;
+  const int tn = a.N - n0 < tile ? int(a.N - n0) : tile;
+  const int pitch = cf_pitch(a.D);
+  for (int t = 0; t < tn; ++t) {
+    float acc[ITEMS][V];
+    fuse_token<T, V, ITEMS>(a, b, n0 + t, acc, red);
 #pragma unroll
-  for (int i = 0; i < ITEMS; ++i) {
-    const int d0 = item_base<V>(i);
-    if (d0 >= a.D) continue;
+    for (int i = 0; i < ITEMS; ++i) {
+      const int d0 = item_base<V>(i);
+      if (d0 < a.D)
 #pragma unroll
-    for (int j = 0; j < V; ++j) {
-      const int64_t dn = int64_t(d0 + j) * a.N + n;
-      float v = acc[i][j];
-      if (a.lmean) v = (v - a.lmean[dn]) * rsqrtf(a.lvar[dn] + a.leps);
-      out[b * a.D * a.N + dn] = simt::from_float<T>(v);
+        for (int j = 0; j < V; ++j) rows[t * pitch + d0 + j] = acc[i][j];
     }
+  }
+  __syncthreads();
+  T* ob = out + b * a.D * a.N + n0;
+  for (int e = threadIdx.x; e < tn * a.D; e += kThreads) {
+    const int d = e / tn, t = e - d * tn;
+    const int64_t dn = int64_t(d) * a.N + n0 + t;
+    float v = rows[t * pitch + d];
+    if (a.lmean) v = (v - a.lmean[dn]) * rsqrtf(a.lvar[dn] + a.leps);
+    ob[int64_t(d) * a.N + t] = simt::from_float<T>(v);
   }
 }
 
@@ -161,15 +197,12 @@ __global__ void __launch_bounds__(kThreads) grad_token_mean_kernel(StackArgs a, 
   }
 }
 
-// One block per token: reads the output gradient once and each layer once more, writes each
-// layer's gradient row (LayerNorm backward in registers) and the weights' gradient.
+// Backward of one token whose output gradient row gr is in registers: reads each layer once more,
+// writes each layer's gradient row (LayerNorm backward in registers) and the weights' gradient.
 template <class T, int V, int ITEMS>
-__global__ void __launch_bounds__(kThreads) layer_stack_fuse_backward_kernel(StackArgs a, StackGradArgs g) {
-  __shared__ float red[2 * simt::kWarp];
-  const int64_t tok = blockIdx.x;
-  const int64_t b = tok / a.N, n = tok % a.N;
-  float gr[ITEMS][V];
-  load_grad<T, V, ITEMS>(a, g, b, n, gr);
+__device__ __forceinline__ void backward_token(const StackArgs& a, const StackGradArgs& g, int64_t b, int64_t n,
+                                               const float (&gr)[ITEMS][V], float* red) {
+  const int64_t tok = b * a.N + n;
   for (int l = 0; l < a.L; ++l) {
     float y[ITEMS][V];
     const float rstd = load_layer<T, V, ITEMS>(a, l, b, n, y, red);
@@ -200,7 +233,7 @@ __global__ void __launch_bounds__(kThreads) layer_stack_fuse_backward_kernel(Sta
       }
     }
     if (a.normalize) {
-      const float m1 = s1 / float(a.D), m2 = s2 / float(a.D);
+      const float m1 = s1 * a.inv_d, m2 = s2 * a.inv_d;
 #pragma unroll
       for (int i = 0; i < ITEMS; ++i)
 #pragma unroll
@@ -208,6 +241,50 @@ __global__ void __launch_bounds__(kThreads) layer_stack_fuse_backward_kernel(Sta
     }
     T* drow = static_cast<T*>(g.dlayer[l]) + (b * a.T + a.P + n) * a.D;
     store_row<T, V, ITEMS>(drow, a.D, dy);
+  }
+}
+
+// Tokens-major gradient [B, N, D]: one block per token.
+template <class T, int V, int ITEMS>
+__global__ void __launch_bounds__(kThreads) layer_stack_fuse_backward_kernel(StackArgs a, StackGradArgs g) {
+  __shared__ float red[2 * simt::kWarp];
+  const int64_t tok = blockIdx.x;
+  const int64_t b = tok / a.N, n = tok % a.N;
+  float gr[ITEMS][V];
+  load_grad<T, V, ITEMS>(a, g, b, n, gr);
+  backward_token<T, V, ITEMS>(a, g, b, n, gr, red);
+}
+
+// Channels-first gradient [B, D, N]: the transpose of layer_stack_fuse_cf_kernel. Block (x, y)
+// first reads `tile` consecutive tokens of sample y channel by channel (contiguous runs of the
+// gradient and of the statistics) into a shared [tile, pitch] tile, then runs each token as above
+// with its gradient row taken from the tile. grid = (ceil(N / tile), B), shared tile·cf_pitch(D)·4 bytes.
+template <class T, int V, int ITEMS>
+__global__ void __launch_bounds__(kThreads) layer_stack_fuse_backward_cf_kernel(StackArgs a, StackGradArgs g,
+                                                                                int tile) {
+  __shared__ float red[2 * simt::kWarp];
+  RAEKERN_DYNAMIC_SHARED(float, rows);
+  const int64_t b = blockIdx.y;
+  const int64_t n0 = int64_t(blockIdx.x) * tile;
+  const int tn = a.N - n0 < tile ? int(a.N - n0) : tile;
+  const int pitch = cf_pitch(a.D);
+  const T* gb = static_cast<const T*>(g.grad) + b * a.D * a.N + n0;
+  for (int e = threadIdx.x; e < tn * a.D; e += kThreads) {
+    const int d = e / tn, t = e - d * tn;
+    float v = simt::to_float(gb[int64_t(d) * a.N + t]);
+    if (a.lvar) v *= rsqrtf(a.lvar[int64_t(d) * a.N + n0 + t] + a.leps);
+    rows[t * pitch + d] = v;
+  }
+  __syncthreads();
+  for (int t = 0; t < tn; ++t) {
+    float gr[ITEMS][V];
+#pragma unroll
+    for (int i = 0; i < ITEMS; ++i) {
+      const int d0 = item_base<V>(i);
+#pragma unroll
+      for (int j = 0; j < V; ++j) gr[i][j] = d0 < a.D ? rows[t * pitch + d0 + j] : 0.f;
+    }
+    backward_token<T, V, ITEMS>(a, g, b, n0 + t, gr, red);
   }
 }
 

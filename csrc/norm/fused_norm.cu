@@ -13,23 +13,10 @@
 #include "common/dispatch.h"
 #include "norm/fused_norm_kernel.cuh"
 #include "norm/norm_host.h"
+#include "norm/norm_launch.h"
 
 namespace raekern::norm {
 namespace {
-
-// 128-bit accesses need unit feature stride and 16-byte aligned row starts.
-template <int V, class E>
-bool vec_ok(const Operand& o) {
-  if (!o.ptr) return true;
-  const auto addr = reinterpret_cast<uintptr_t>(o.ptr);
-  return o.sd == 1 && addr % (V * sizeof(E)) == 0 && o.sb % V == 0 && o.sn % V == 0;
-}
-
-template <int V>
-int threads_for(int64_t D) {
-  const int64_t vecs = (D + V - 1) / V;
-  return int(std::clamp<int64_t>((vecs + 31) / 32 * 32, 64, 512));
-}
 
 // Dynamic shared memory above the default 48 KiB must be opted into per kernel.
 template <class K>
@@ -42,23 +29,20 @@ void allow_smem(K kernel, size_t bytes, const char* op) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
 }
 
+// The launch itself is norm_launch.h's decision, shared with the host emulation.
 template <class T>
 void forward_typed(const FwdParams& p) {
   using E = cuda_t<T>;
   constexpr int V = simt::kVec16<E>;
-  const bool vec = p.D % V == 0 && vec_ok<V, E>(p.x) && vec_ok<V, E>(p.gate) && vec_ok<V, E>(p.y) &&
-                   vec_ok<V, E>(p.shift) && vec_ok<V, E>(p.scale);
-  const int64_t rows = p.B * p.N;
-  const unsigned grid = unsigned(std::min<int64_t>(rows, int64_t(1) << 30));
-  const size_t smem = size_t(p.D) * sizeof(float);
-  if (vec) {
+  const NormLaunch ln = forward_launch(p, sizeof(E));
+  if (ln.vec) {
     auto k = cuda::fused_norm_forward<E, V>;
-    allow_smem(k, smem, "norm");
-    k<<<grid, threads_for<V>(p.D), smem, current_stream()>>>(p);
+    allow_smem(k, ln.smem, "norm");
+    k<<<ln.grid, ln.block, ln.smem, current_stream()>>>(p);
   } else {
     auto k = cuda::fused_norm_forward<E, 1>;
-    allow_smem(k, smem, "norm");
-    k<<<grid, threads_for<1>(p.D), smem, current_stream()>>>(p);
+    allow_smem(k, ln.smem, "norm");
+    k<<<ln.grid, ln.block, ln.smem, current_stream()>>>(p);
   }
   RAEKERN_CUDA_CHECK_LAUNCH();
 }
@@ -67,18 +51,15 @@ template <class T>
 void backward_typed(const BwdParams& p) {
   using E = cuda_t<T>;
   constexpr int V = simt::kVec16<E>;
-  const bool vec = p.D % V == 0 && vec_ok<V, E>(p.dout) && vec_ok<V, E>(p.dxo) && vec_ok<V, E>(p.xin) &&
-                   vec_ok<V, E>(p.gate) && vec_ok<V, E>(p.y) && vec_ok<V, E>(p.scale);
-  const unsigned grid = unsigned(p.B * p.chunks);
-  const size_t smem = size_t(2 + p.num_partials) * size_t(p.D) * sizeof(float);
-  if (vec) {
+  const NormLaunch ln = backward_launch(p, sizeof(E));
+  if (ln.vec) {
     auto k = cuda::fused_norm_backward<E, V>;
-    allow_smem(k, smem, "norm_backward");
-    k<<<grid, threads_for<V>(p.D), smem, current_stream()>>>(p);
+    allow_smem(k, ln.smem, "norm_backward");
+    k<<<ln.grid, ln.block, ln.smem, current_stream()>>>(p);
   } else {
     auto k = cuda::fused_norm_backward<E, 1>;
-    allow_smem(k, smem, "norm_backward");
-    k<<<grid, threads_for<1>(p.D), smem, current_stream()>>>(p);
+    allow_smem(k, ln.smem, "norm_backward");
+    k<<<ln.grid, ln.block, ln.smem, current_stream()>>>(p);
   }
   RAEKERN_CUDA_CHECK_LAUNCH();
 }
@@ -105,8 +86,7 @@ int64_t cuda_workers(const at::Tensor& like) {
 
 }  // namespace
 
-// Tasks of >= 16 tokens: about four blocks per SM for DiT shapes, partial sums ~1/16 of the data.
-const Backend kCuda{forward_cuda, backward_cuda, cuda_workers, 16};
+const Backend kCuda{forward_cuda, backward_cuda, cuda_workers, kMinTaskRows};
 
 TORCH_LIBRARY_IMPL(raekern, CUDA, m) { register_impls<&kCuda>(m); }
 

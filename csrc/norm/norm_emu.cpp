@@ -2,8 +2,8 @@
 // python_tests/test_norm_emulated.py. The ten ops are the family's own host layer (norm_host.h: the
 // same argument checks, output allocation and broadcast-gradient plan as on CUDA) with an emulated
 // backend: every pointer of FwdParams/BwdParams is mapped into a guarded "device" buffer and the
-// kernels are launched as csrc/norm/fused_norm.cu launches them, with a block size, grid cap and
-// task count the test may override (torch.ops.raekern_emu.norm_launch_config).
+// kernels are launched with fused_norm.cu's own launch decisions (norm/norm_launch.h), on which the
+// test may override the block size, grid cap and task count (torch.ops.raekern_emu.norm_launch_config).
 // Compiles to nothing in a checkout without the norm family's CUDA kernels (the test then skips).
 #if defined(RAEKERN_HOST_EMULATION) && __has_include("norm/fused_norm_kernel.cuh")
 #include <torch/library.h>
@@ -13,6 +13,7 @@
 #include "common/emulation_torch.h"
 #include "norm/fused_norm_kernel.cuh"
 #include "norm/norm_host.h"
+#include "norm/norm_launch.h"
 #include "norm/norm_schema.h"
 
 namespace raekern::norm {
@@ -33,54 +34,31 @@ void launch_config(int64_t block, int64_t max_grid, int64_t workers) {
   tl_block = block, tl_max_grid = max_grid, tl_workers = workers;
 }
 
-// ---- fused_norm.cu's launch decisions (kept in step with it) ----
+// ---- fused_norm.cu's launch (norm_launch.h), with the test's overrides on top ----
 
-template <int V, class E>
-bool vec_ok(const Operand& o) {
-  if (!o.ptr) return true;
-  const auto addr = reinterpret_cast<uintptr_t>(o.ptr);
-  return o.sd == 1 && addr % (V * sizeof(E)) == 0 && o.sb % V == 0 && o.sn % V == 0;
-}
-
-template <int V>
-int threads_for(int64_t D) {
-  const int64_t vecs = (D + V - 1) / V;
-  return int(std::clamp<int64_t>((vecs + 31) / 32 * 32, 64, 512));
-}
-
-template <int V>
-dim3 block_for(int64_t D) {
-  return dim3(unsigned(tl_block > 0 ? tl_block : threads_for<V>(D)));
-}
-
-dim3 grid_for(int64_t blocks) {
-  if (tl_max_grid > 0) blocks = std::min(blocks, tl_max_grid);
-  return dim3(unsigned(std::max<int64_t>(blocks, 1)));
+NormLaunch with_overrides(NormLaunch ln, bool cap_grid) {
+  if (tl_block > 0) ln.block = unsigned(tl_block);
+  if (cap_grid && tl_max_grid > 0) ln.grid = unsigned(std::min<int64_t>(ln.grid, tl_max_grid));
+  return ln;
 }
 
 template <class T>
 void forward_typed(const FwdParams& p) {
   using E = emu_t<T>;
   constexpr int V = simt::kVec16<E>;
-  const bool vec = p.D % V == 0 && vec_ok<V, E>(p.x) && vec_ok<V, E>(p.gate) && vec_ok<V, E>(p.y) &&
-                   vec_ok<V, E>(p.shift) && vec_ok<V, E>(p.scale);
-  const dim3 grid = grid_for(std::min<int64_t>(p.B * p.N, int64_t(1) << 30));
-  const size_t smem = size_t(p.D) * sizeof(float);
-  if (vec) emu::emulate_launch(cuda::fused_norm_forward<E, V>, grid, block_for<V>(p.D), smem, p);
-  else emu::emulate_launch(cuda::fused_norm_forward<E, 1>, grid, block_for<1>(p.D), smem, p);
+  const NormLaunch ln = with_overrides(forward_launch(p, sizeof(E)), true);
+  if (ln.vec) emu::emulate_launch(cuda::fused_norm_forward<E, V>, dim3(ln.grid), dim3(ln.block), ln.smem, p);
+  else emu::emulate_launch(cuda::fused_norm_forward<E, 1>, dim3(ln.grid), dim3(ln.block), ln.smem, p);
 }
 
 template <class T>
 void backward_typed(const BwdParams& p) {
   using E = emu_t<T>;
   constexpr int V = simt::kVec16<E>;
-  const bool vec = p.D % V == 0 && vec_ok<V, E>(p.dout) && vec_ok<V, E>(p.dxo) && vec_ok<V, E>(p.xin) &&
-                   vec_ok<V, E>(p.gate) && vec_ok<V, E>(p.y) && vec_ok<V, E>(p.scale);
   // One block per task: the grid cannot be capped (no grid-stride loop over tasks).
-  const dim3 grid(unsigned(p.B * p.chunks));
-  const size_t smem = size_t(2 + p.num_partials) * size_t(p.D) * sizeof(float);
-  if (vec) emu::emulate_launch(cuda::fused_norm_backward<E, V>, grid, block_for<V>(p.D), smem, p);
-  else emu::emulate_launch(cuda::fused_norm_backward<E, 1>, grid, block_for<1>(p.D), smem, p);
+  const NormLaunch ln = with_overrides(backward_launch(p, sizeof(E)), false);
+  if (ln.vec) emu::emulate_launch(cuda::fused_norm_backward<E, V>, dim3(ln.grid), dim3(ln.block), ln.smem, p);
+  else emu::emulate_launch(cuda::fused_norm_backward<E, 1>, dim3(ln.grid), dim3(ln.block), ln.smem, p);
 }
 
 // ---- host memory -> guarded device buffers ----
@@ -161,7 +139,7 @@ int64_t emu_workers(const at::Tensor&) { return tl_workers; }
 }  // namespace
 
 // Same task granularity as the CUDA backend (fused_norm.cu's kCuda).
-const Backend kEmu{forward_emu, backward_emu, emu_workers, 16};
+const Backend kEmu{forward_emu, backward_emu, emu_workers, kMinTaskRows};
 
 }  // namespace raekern::norm
 

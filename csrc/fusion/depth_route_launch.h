@@ -1,0 +1,131 @@
+// Launch plan of depth_route (+ backward), written once against a Dev (fusion/launch_shape.h) and
+// used by both depth_route.cu (CudaDev) and the host emulation (fusion_emu.cpp).
+#pragma once
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "fusion/cuda_dispatch.h"
+#include "fusion/depth_route_kernel.cuh"
+#include "fusion/fusion_args.h"
+#include "fusion/launch_shape.h"
+
+namespace raekern::fusion::cuda {
+
+// Blocks of the backward kernel per SM: blocks stride over tokens so the γ gradient is reduced in
+// registers and written with one atomic per element per block.
+constexpr int64_t kRouteBwdBlocksPerSm = 8;
+
+template <class Dev>
+RouteArgs route_args(Dev& dev, at::TensorList experts, const RouteShape& s, const at::Tensor& base,
+                     const at::Tensor& lg, const at::Tensor& gm, double cap, const char* op) {
+  RAEKERN_CHECK(s.L <= kMaxLayers, op, "experts", "may hold at most ", kMaxLayers, " tensors on CUDA, got ", s.L);
+  RouteArgs a{};
+  for (int64_t l = 0; l < s.L; ++l) {
+    a.expert[l] = dev.in(experts[l], "experts");
+    a.sb[l] = experts[l].stride(0);
+    a.sn[l] = experts[l].stride(1);
+    a.sd[l] = experts[l].stride(2);
+  }
+  a.base = dev.in(base, "base");
+  a.bsb = base.stride(0);
+  a.bsn = base.stride(1);
+  a.bsd = base.stride(2);
+  a.logits = static_cast<const float*>(dev.in(lg, "router_logits"));
+  a.gamma = gm.defined() ? static_cast<const float*>(dev.in(gm, "gamma")) : nullptr;
+  a.gamma_numel = int(s.gamma_numel);
+  a.L = int(s.L);
+  a.D = int(s.D);
+  a.N = s.N;
+  a.tokens = s.B * s.N;
+  a.energy = int(s.energy);
+  a.bound = int(s.bound);
+  a.cap = float(cap);
+  return a;
+}
+
+template <class Dev>
+at::Tensor depth_route_op(at::TensorList experts, const at::Tensor& router_logits, const at::Tensor& base,
+                          c10::string_view energy, c10::string_view bound, const std::optional<at::Tensor>& gamma,
+                          double cap) {
+  const char* op = "depth_route";
+  const RouteShape s =
+      parse_depth_route(experts, router_logits, base, std::string(energy), std::string(bound), gamma, cap, op);
+  RAEKERN_CHECK(base.scalar_type() != at::kDouble, op, "base", "float64 is CPU-only; got a CUDA float64 tensor");
+  Dev dev(base);
+  at::Tensor out = at::empty({s.B, s.N, s.D}, base.options());
+  if (out.numel() == 0) return out;
+  const at::Tensor lg = router_logits.to(at::kFloat).contiguous();
+  const at::Tensor gm = gamma.has_value() ? gamma->to(at::kFloat).contiguous().reshape(-1) : at::Tensor();
+  const RouteArgs a = route_args(dev, experts, s, base, lg, gm, cap, op);
+  std::vector<at::Tensor> all(experts.begin(), experts.end());
+  all.push_back(base);
+  all.push_back(out);
+  void* outp = dev.out(out, "out");
+  RAEKERN_FUSION_DISPATCH_CUDA(base.scalar_type(), "depth_route_cuda", [&] {
+    using T = typename Dev::template elem<scalar_t>;
+    with_layout(all, s.D, sizeof(T), op, "experts", [&](auto vec) {
+      constexpr int V = kV<T, decltype(vec)::value>;
+      constexpr int ITEMS = kItems<decltype(vec)::value>;
+      dev.launch(depth_route_kernel<T, V, ITEMS>, dim3(unsigned(s.B * s.N)), dim3(kThreads), 0, a,
+                 static_cast<T*>(outp));
+    });
+  });
+  dev.finish();
+  return out;
+}
+
+template <class Dev>
+std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor> depth_route_backward_op(
+    const at::Tensor& grad_in, at::TensorList experts, const at::Tensor& router_logits, const at::Tensor& base,
+    c10::string_view energy, c10::string_view bound, const std::optional<at::Tensor>& gamma, double cap) {
+  const char* op = "depth_route_backward";
+  const RouteShape s =
+      parse_depth_route(experts, router_logits, base, std::string(energy), std::string(bound), gamma, cap, op);
+  RAEKERN_CHECK(grad_in.sizes() == base.sizes() && grad_in.scalar_type() == base.scalar_type(), op, "grad",
+                "must match base (shape ", base.sizes(), ", dtype ", base.scalar_type(), "), got ", grad_in.sizes(),
+                " ", grad_in.scalar_type());
+  Dev dev(base);
+  const at::Tensor grad = grad_in.contiguous();
+  std::vector<at::Tensor> ge;
+  for (int64_t l = 0; l < s.L; ++l) ge.push_back(at::empty({s.B, s.N, s.D}, base.options()));
+  at::Tensor glog = at::zeros({s.B, s.N, s.L}, base.options().dtype(at::kFloat));
+  at::Tensor gbase = at::empty({s.B, s.N, s.D}, base.options());
+  at::Tensor ggamma = gamma.has_value() ? at::zeros(gamma->sizes(), base.options().dtype(at::kFloat))
+                                        : at::empty({0}, base.options());
+  if (s.B * s.N > 0 && s.D > 0) {
+    const at::Tensor lg = router_logits.to(at::kFloat).contiguous();
+    const at::Tensor gm = gamma.has_value() ? gamma->to(at::kFloat).contiguous().reshape(-1) : at::Tensor();
+    const RouteArgs a = route_args(dev, experts, s, base, lg, gm, cap, op);
+    RouteGradArgs g{};
+    g.grad = dev.in(grad, "grad");
+    for (int64_t l = 0; l < s.L; ++l) g.dexpert[l] = dev.out(ge[l], "grad_experts");
+    g.dbase = dev.out(gbase, "grad_base");
+    // Every token's logit gradients are written; zeros above only define an empty-token result.
+    g.dlogits = static_cast<float*>(dev.out(glog, "grad_router_logits"));
+    g.dgamma = gamma.has_value() ? static_cast<float*>(dev.inout(ggamma, "grad_gamma")) : nullptr;
+    std::vector<at::Tensor> all(experts.begin(), experts.end());
+    all.push_back(base);
+    all.push_back(grad);
+    all.push_back(gbase);
+    all.push_back(ge[0]);
+    const unsigned blocks = unsigned(std::min<int64_t>(s.B * s.N, dev.workers(base) * kRouteBwdBlocksPerSm));
+    RAEKERN_FUSION_DISPATCH_CUDA(base.scalar_type(), "depth_route_backward_cuda", [&] {
+      using T = typename Dev::template elem<scalar_t>;
+      with_layout(all, s.D, sizeof(T), op, "experts", [&](auto vec) {
+        constexpr int V = kV<T, decltype(vec)::value>;
+        constexpr int ITEMS = kItems<decltype(vec)::value>;
+        dev.launch(depth_route_backward_kernel<T, V, ITEMS>, dim3(blocks), dim3(kThreads), 0, a, g);
+      });
+    });
+  }
+  dev.finish();
+  glog = glog.to(router_logits.scalar_type());
+  if (gamma.has_value()) ggamma = ggamma.to(gamma->scalar_type());
+  return {ge, glog, gbase, ggamma};
+}
+
+}  // namespace raekern::fusion::cuda
