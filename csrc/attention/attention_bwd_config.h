@@ -50,7 +50,11 @@ struct BwdParams {
   float scale_log2;        // scale · log2(e)
   float eps;
   int rope_h, rope_w;      // 0, 0: no RoPE
-  float log2_theta;
+  // RoPE cos / sin per position and pair, [(rope_h + rope_w) × Dh/4]: grid rows 0..rope_h-1 (first
+  // half of Dh), then grid columns (second half). Computed once per call in fp64 from θ^(-2p/(Dh/2)),
+  // as the CPU kernel and the PyTorch reference do, so no row kernel evaluates a transcendental.
+  const float* rope_cos;
+  const float* rope_sin;
 };
 
 // Head-dim buckets: the kernels keep per-thread register tiles sized for the bucket's maximum and
@@ -73,6 +77,7 @@ template <int MaxD> struct BwdSimtConfig {
   static constexpr int kRowsQ = kBlockM / kTR;           // S / dQ rows per thread
   static constexpr int kColsS = kBlockN / kTC;           // S key columns per thread
   static constexpr int kLdS = kBlockN + 1;               // odd strides: column reads hit distinct banks
+  static constexpr int kUnroll = MaxD <= 128 ? 2 : 1;    // 16 head-dim columns per thread: no room for 2
   // Dynamic shared memory in floats for head dim D (row stride D + 1, odd when D is even):
   // K̂ and V [kBlockN], Q̂ and dO [kBlockM], P and dS [kBlockM × kLdS], keep flags, lse, Δ.
   static constexpr int64_t smem_floats(int D) {

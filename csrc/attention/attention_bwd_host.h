@@ -9,7 +9,12 @@
 //   Launch: operator()(kernel, dim3 grid, dim3 block, size_t shared_bytes, args...)
 #pragma once
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/arange.h>
+#include <ATen/ops/cat.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/full.h>
+#include <ATen/ops/outer.h>
+#include <ATen/ops/pow.h>
 #include <ATen/ops/zeros.h>
 
 #include <algorithm>
@@ -138,7 +143,18 @@ Grads run_typed(Mem& mem, Launch& launch, const Inputs& in) {
   p.scale_log2 = float(in.scale * 1.4426950408889634);
   p.eps = float(in.eps);
   p.rope_h = int(in.rope_h), p.rope_w = int(in.rope_w);
-  p.log2_theta = in.rope_h > 0 ? float(std::log2(in.theta)) : 0.f;
+  at::Tensor rope_cos, rope_sin;
+  if (in.rope_h > 0) {
+    // Device-side ops in fp64 (no host sync): angle = pos · θ^(-2p/(Dh/2)), rows then columns.
+    const auto f64 = q.options().dtype(at::kDouble);
+    const at::Tensor freq = at::pow(at::full({}, in.theta, f64), at::arange(d.D / 4, f64) * (-2.0 / double(d.D / 2)));
+    const at::Tensor pos = at::cat({at::arange(in.rope_h, f64), at::arange(in.rope_w, f64)});
+    const at::Tensor ang = at::outer(pos, freq);
+    rope_cos = ang.cos().to(at::kFloat).contiguous();
+    rope_sin = ang.sin().to(at::kFloat).contiguous();
+  }
+  p.rope_cos = static_cast<const float*>(map_in<Mem, float>(mem, rope_cos, "rope_cos"));
+  p.rope_sin = static_cast<const float*>(map_in<Mem, float>(mem, rope_sin, "rope_sin"));
 
   const int64_t row_blocks = std::min<int64_t>((std::max(rows_q, rows_k) + kRowWarps - 1) / kRowWarps, 1 << 20);
   launch(attention_bwd_preprocess_kernel<E, kCols>, dim3(unsigned(row_blocks), 2), dim3(kRowThreads), 0, p);
@@ -147,7 +163,7 @@ Grads run_typed(Mem& mem, Launch& launch, const Inputs& in) {
   launch(attention_bwd_prologue_backward_kernel<E, kCols>, dim3(unsigned(dw_blocks), 2), dim3(kRowThreads),
          size_t(kRowWarps) * size_t(d.D) * sizeof(float), p);
   if (in.qw.defined() || in.kw.defined())
-    launch(attention_bwd_dw_reduce_kernel, dim3(unsigned((d.D + 31) / 32), 2), dim3(256), 0, p);
+    launch(attention_bwd_dw_reduce_kernel<8>, dim3(unsigned((d.D + 31) / 32), 2), dim3(256), 0, p);
   mem.sync();
 
   auto finish = [&](const at::Tensor& w, int64_t i) {

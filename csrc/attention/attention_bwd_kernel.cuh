@@ -123,7 +123,7 @@ __device__ __forceinline__ void bwd_key_block(const BwdParams& p, float* smem, i
     __syncthreads();
 
     // dV += Pᵀ·dO, dK̂ += dSᵀ·q̂: key rows tr + 16·i, head-dim columns tc + 16·j.
-#pragma unroll 2
+#pragma unroll (Cfg::kUnroll)
     for (int m = 0; m < BM; ++m) {
       float pv[RKV], dsv[RKV], gv[CD], qv[CD];
 #pragma unroll
@@ -151,7 +151,7 @@ __device__ __forceinline__ void bwd_key_block(const BwdParams& p, float* smem, i
     for (int i = 0; i < RQ; ++i)
 #pragma unroll
       for (int j = 0; j < CD; ++j) dq[i][j] = 0.f;
-#pragma unroll 2
+#pragma unroll (Cfg::kUnroll)
     for (int n = 0; n < BN; ++n) {
       float dsv[RQ], kv[CD];
 #pragma unroll
@@ -199,7 +199,7 @@ __device__ __forceinline__ void bwd_key_block(const BwdParams& p, float* smem, i
 
 // Grid (ceil(key blocks / key_blocks_per_cta), H, B); dynamic shared memory Cfg::smem_floats(D).
 template <class Cfg, class T>
-__global__ void __launch_bounds__(Cfg::kThreads) attention_bwd_simt_kernel(const BwdParams p) {
+__global__ void __launch_bounds__(Cfg::kThreads, 1) attention_bwd_simt_kernel(const BwdParams p) {
   RAEKERN_DYNAMIC_SHARED(float, smem);
   const int h = blockIdx.y, b = blockIdx.z;
   const int n_kblocks = (p.Nk + Cfg::kBlockN - 1) / Cfg::kBlockN;

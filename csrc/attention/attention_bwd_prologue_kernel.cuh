@@ -30,17 +30,17 @@ __device__ __forceinline__ RowKind row_kind(const BwdParams& p, bool is_k) {
 template <int kCols>
 __device__ __forceinline__ void rope_row(float (&x)[kCols], int lane, int D, int token, const BwdParams& p,
                                          float sign) {
-  const int h2 = D / 2;
+  const int h2 = D / 2, npair = D / 4;
+  const int64_t row_base = int64_t(token / p.rope_w) * npair;
+  const int64_t col_base = int64_t(p.rope_h + token % p.rope_w) * npair;
 #pragma unroll
   for (int j = 0; j < kCols; ++j) {
     const int c = lane + 32 * j;
     const float partner = __shfl_xor_sync(simt::kFullMask, x[j], 1);
     if (c < D) {
       const int half = c >= h2;
-      const int pos = half ? token % p.rope_w : token / p.rope_w;
-      float sn, cs;
-      simt_dev::rope_sincos(pos, (c - half * h2) / 2, h2, p.log2_theta, &sn, &cs);
-      sn *= sign;
+      const int64_t t = (half ? col_base : row_base) + (c - half * h2) / 2;
+      const float cs = p.rope_cos[t], sn = sign * p.rope_sin[t];
       // Forward pair update: a' = a·cos − b·sin, b' = b·cos + a·sin.
       x[j] = (c & 1) ? x[j] * cs + partner * sn : x[j] * cs - partner * sn;
     }
@@ -183,20 +183,22 @@ __global__ void __launch_bounds__(kRowThreads) attention_bwd_prologue_backward_k
 }
 
 // dw[y][c] = Σ over blocks of dw_part[y][block][c] in a fixed order. Grid (ceil(D/32), 2), 256
-// threads: 8 strided streams of blocks per column, then the streams in order.
+// threads: kStreams = 8 strided streams of blocks per column, then the streams in order.
+template <int kStreams>
 __global__ void __launch_bounds__(256) attention_bwd_dw_reduce_kernel(const BwdParams p) {
-  __shared__ float part[8][33];
+  static_assert(kStreams * 32 == 256, "one warp per stream");
+  __shared__ float part[kStreams][33];
   const int y = blockIdx.y;
   if (!(y ? p.k_norm : p.q_norm)) return;  // uniform over the block
   const int cx = threadIdx.x % 32, stream = threadIdx.x / 32, c = blockIdx.x * 32 + cx;
   float acc = 0.f;
   if (c < p.D)
-    for (int blk = stream; blk < p.dw_blocks; blk += 8) acc += p.dw_part[(int64_t(y) * p.dw_blocks + blk) * p.D + c];
+    for (int blk = stream; blk < p.dw_blocks; blk += kStreams) acc += p.dw_part[(int64_t(y) * p.dw_blocks + blk) * p.D + c];
   part[stream][cx] = acc;
   __syncthreads();
   if (stream == 0 && c < p.D) {
     float s = 0.f;
-    for (int i = 0; i < 8; ++i) s += part[i][cx];
+    for (int i = 0; i < kStreams; ++i) s += part[i][cx];
     p.dw[y * p.D + c] = s;
   }
 }

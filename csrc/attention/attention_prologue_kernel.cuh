@@ -8,15 +8,14 @@
 namespace raekern::attention::simt_dev {
 
 // The RoPE angle of pair p of a half (h2 = Dh/2 channels) at grid position pos: θ^(-2p/(Dh/2))·pos.
-// Shared by the forward prologue and the backward's prologue / prologue-backward kernels, so the
-// backward rotates by exactly the angles the forward used. Angles reach ~grid size radians, so the
-// accurate sincosf is used.
+// Angles reach ~grid size radians, so the accurate sincosf is used. (The backward's row kernels read
+// an fp64-computed cos/sin table instead: see BwdParams::rope_cos.)
 __device__ __forceinline__ void rope_sincos(int pos, int p, int h2, float log2_theta, float* sn, float* cs) {
   const float ang = float(pos) * exp2f(-float(2 * p) / float(h2) * log2_theta);
   sincosf(ang, sn, cs);
 }
 
-// QK-norm's 1/rms from the row's sum of squares (same formula in forward and backward).
+// QK-norm's 1/rms from the row's sum of squares (the forward prologue and the backward's preprocess).
 __device__ __forceinline__ float rms_rstd(float sumsq, int D, float eps) { return rsqrtf(sumsq / float(D) + eps); }
 
 // Two adjacent lanes own one row of Dh elements: lane parity `half` selects the half of the head
