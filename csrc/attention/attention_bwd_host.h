@@ -147,7 +147,7 @@ Grads run_typed(Mem& mem, Launch& launch, const Inputs& in) {
   if (in.rope_h > 0) {
     // Device-side ops in fp64 (no host sync): angle = pos · θ^(-2p/(Dh/2)), rows then columns.
     const auto f64 = q.options().dtype(at::kDouble);
-    const at::Tensor freq = at::pow(at::full({}, in.theta, f64), at::arange(d.D / 4, f64) * (-2.0 / double(d.D / 2)));
+    const at::Tensor freq = at::pow(at::full({}, in.theta, f64), at::arange(d.D / 4, f64).mul(-2.0 / double(d.D / 2)));
     const at::Tensor pos = at::cat({at::arange(in.rope_h, f64), at::arange(in.rope_w, f64)});
     const at::Tensor ang = at::outer(pos, freq);
     rope_cos = ang.cos().to(at::kFloat).contiguous();
