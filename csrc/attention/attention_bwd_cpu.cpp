@@ -142,10 +142,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
     double eps, int64_t rope_h, int64_t rope_w, double theta, int64_t layout, bool deterministic) {
   (void)deterministic;  // the CPU backward is always deterministic
   check_args(q_, k_, v_, qw, kw, mask, rope_h, rope_w, layout);
+  check_backward_args(dout_, out_, lse, dlse, q_, dims_of(q_, k_, layout));
   const at::Tensor q = unit_last(q_), k = unit_last(k_), v = unit_last(v_), dout = unit_last(dout_),
                    out = unit_last(out_);
   const Dims d = dims_of(q, k, layout);
-  check_backward_args(dout_, out_, lse, dlse, q_, d);
   const at::Tensor lsec = lse.contiguous();
   std::optional<at::Tensor> dlsec;
   if (dlse) dlsec = dlse->to(lse.scalar_type()).contiguous();

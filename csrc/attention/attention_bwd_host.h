@@ -183,11 +183,11 @@ Grads run(Mem& mem, Launch& launch, const at::Tensor& dout_, const std::optional
   const at::ScalarType st = q_.scalar_type();
   RAEKERN_CHECK(st == at::kFloat || st == at::kBFloat16 || st == at::kHalf, kOp, "q",
                 "must be float32, bfloat16 or float16 for the CUDA backward, got ", st);
+  const Dims d = dims_of(q_, k_, layout);
+  check_backward_args(dout_, out_, lse, dlse, q_, d);
   Inputs in;
   in.q = unit_last(q_), in.k = unit_last(k_), in.v = unit_last(v_);
   in.dout = unit_last(dout_), in.out = unit_last(out_);
-  const Dims d = dims_of(in.q, in.k, layout);
-  check_backward_args(dout_, out_, lse, dlse, q_, d);
   RAEKERN_CHECK(d.H <= 65535 && d.B <= 65535, kOp, "q", "batch and heads must be <= 65535 on CUDA, got ",
                 q_.sizes());
   RAEKERN_CHECK(d.Nq < (int64_t(1) << 31) && d.Nk < (int64_t(1) << 31), kOp, "q", "sequence too long");
