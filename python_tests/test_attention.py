@@ -349,3 +349,208 @@ def test_cuda_forward_matches_reference(dtype, d, n):
     same = attention_reference(q, k, v, **kw)
     check_close(out, same, ref, FLOOR[dtype], "out")
     assert (lse.double() - ref_lse).abs().max() < 1e-2
+
+
+# ----------------------------------------------------------------------------- CUDA backward, emulated
+def _emu_bwd_or_skip():
+    emu = emulation_library()
+    if emu is None or not hasattr(emu, "attention_bwd"):
+        pytest.skip("raekern._emu (host emulation of the CUDA attention backward) is not built")
+    return emu
+
+
+def _bwd_problem(b, nq, nk, h, d, dtype, layout, norm, rope, mask, dlse, seed=0):
+    """Inputs of attention_backward with out / lse from the CPU forward, plus the fp64 reference
+    gradients of sum(out·g) + sum(lse·gl) (the same q, k, v, weights widened to fp64)."""
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = make((b, nq, h, d), dtype, layout, seed=seed, nk=nk)
+    kw = features(d, nk, b, dtype, seed=seed + 1, norm=norm, rope=rope, mask=mask)
+    if rope and d % 4 == 0:
+        kw["rope_grid"] = (2, 3) if max(nq, nk) > 6 else (1, 1)  # later tokens unrotated
+    qw, kw_, m = kw.get("q_norm_weight"), kw.get("k_norm_weight"), kw.get("key_padding_mask")
+    gh, gw = kw.get("rope_grid", (0, 0))
+    scale = 0.7 / math.sqrt(d)
+    li = ("bnhd", "bhnd").index(layout)
+    out, lse = torch.ops.raekern.attention(q, k, v, qw, kw_, m, scale, 1e-6, gh, gw, 1e4, li)
+    g = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(dtype)
+    gl = torch.randn(lse.shape, generator=gen, dtype=torch.float64).float() if dlse else None
+    args = (g, gl, q, k, v, out, lse, qw, kw_, m, scale, 1e-6, gh, gw, 1e4, li)
+
+    leaves = [t.double().requires_grad_() if t is not None else None for t in (q, k, v, qw, kw_)]
+    o64, l64 = attention_reference(*leaves[:3], layout=layout, scale=scale, q_norm_weight=leaves[3],
+                                   k_norm_weight=leaves[4], norm_eps=1e-6, key_padding_mask=m,
+                                   rope_grid=kw.get("rope_grid"), rope_theta=1e4, return_lse=True)
+    loss = (o64 * g.double()).sum()
+    if gl is not None:
+        loss = loss + (l64.masked_fill(torch.isinf(l64), 0.0) * gl.double()).sum()
+    loss.backward()
+    ref = [t.grad if t is not None else None for t in leaves]
+    return args, ref
+
+
+GRAD_NAMES = ("dq", "dk", "dv", "dq_norm_weight", "dk_norm_weight")
+
+# (b, nq, nk, h, d, dtype, layout, norm, rope, mask, grad_lse)
+EMU_BWD_CASES = [
+    (1, 1, 1, 1, 8, torch.float32, "bnhd", False, False, False, False),
+    (2, 5, 5, 2, 8, torch.float32, "bhnd", True, True, True, True),
+    (1, 37, 37, 2, 72, torch.float32, "bnhd", True, True, True, True),
+    (1, 37, 37, 1, 72, torch.bfloat16, "bhnd", True, True, True, True),
+    (2, 37, 37, 1, 64, torch.float32, "bhnd", False, True, False, True),
+    (1, 37, 37, 1, 64, torch.bfloat16, "bnhd", True, False, True, False),
+    (1, 5, 70, 1, 8, torch.float32, "bnhd", True, True, True, True),  # two key blocks, cross attention
+    (1, 9, 37, 1, 136, torch.float32, "bhnd", True, True, False, True),  # Dh bucket 256: three key blocks
+    (1, 7, 9, 2, 10, torch.float32, "bnhd", True, False, True, True),  # Dh 10: not a multiple of 8
+    (1, 5, 5, 1, 8, torch.float16, "bnhd", True, True, True, True),
+]
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("case", EMU_BWD_CASES, ids=lambda c: f"{c[0]}x{c[1]}x{c[2]}x{c[3]}x{c[4]}-{str(c[5])[6:]}"
+                         f"-{c[6]}-n{int(c[7])}r{int(c[8])}m{int(c[9])}l{int(c[10])}")
+def test_emulated_cuda_backward_matches_reference(case, deterministic):
+    emu = _emu_bwd_or_skip()
+    b, nq, nk, h, d, dtype, layout, norm, rope, mask, dlse = case
+    args, ref = _bwd_problem(b, nq, nk, h, d, dtype, layout, norm, rope, mask, dlse)
+    got = emu.attention_bwd(*args, deterministic)
+    cpu = torch.ops.raekern.attention_backward(*args, deterministic)
+    for name, a, c, r in zip(GRAD_NAMES, got, cpu, ref):
+        if r is None:
+            assert a.numel() == 0 and c.numel() == 0, name
+            continue
+        assert a.shape == c.shape and a.dtype == c.dtype and a.is_contiguous(), name
+        assert torch.isfinite(a).all(), name
+        scale = max(1.0, r.abs().max().item())
+        # the CPU op (same fp32 accumulation, same low-precision out / lse) is the same-dtype reference
+        check_close(a, c, r, GRAD_FLOOR[dtype] * scale, name)
+
+
+def test_emulated_cuda_backward_masked_batch_and_strided_inputs():
+    emu = _emu_bwd_or_skip()
+    b, n, h, d = 2, 9, 2, 16
+    qkv = torch.randn(b, n, 3, h, d)
+    q, k, v = qkv.unbind(2)  # strided views of a packed projection
+    mask = torch.ones(b, n, dtype=torch.bool)
+    mask[0] = False  # batch 0 attends to nothing: zero output, lse -inf, zero gradients
+    mask[1, 4:] = False
+    qw, kw = torch.rand(d) + 0.5, torch.rand(d) + 0.5
+    out, lse = torch.ops.raekern.attention(q, k, v, qw, kw, mask, 0.25, 1e-6, 2, 4, 1e4, 0)
+    g, gl = torch.randn_like(out), torch.randn_like(lse)
+    args = (g, gl, q, k, v, out, lse, qw, kw, mask, 0.25, 1e-6, 2, 4, 1e4, 0)
+    for det in (False, True):
+        got = emu.attention_bwd(*args, det)
+        cpu = torch.ops.raekern.attention_backward(*args, det)
+        for name, a, c in zip(GRAD_NAMES, got, cpu):
+            torch.testing.assert_close(a, c, atol=2e-5, rtol=2e-5, msg=name)
+        assert torch.all(got[0][0] == 0) and torch.all(got[1][0] == 0) and torch.all(got[2][0] == 0)
+        assert torch.all(got[1][1, 4:] == 0) and torch.all(got[2][1, 4:] == 0)  # masked keys
+
+
+def test_emulated_cuda_backward_deterministic_is_bit_identical():
+    emu = _emu_bwd_or_skip()
+    # three key blocks (Dh bucket 256 has 16-key blocks), several slabs
+    args, _ = _bwd_problem(1, 6, 40, 2, 132, torch.float32, "bnhd", True, True, True, True, seed=5)
+    try:
+        emu.set_schedule("random", 7)
+        first = emu.attention_bwd(*args, True)
+        emu.set_schedule("reverse", 0)
+        second = emu.attention_bwd(*args, True)
+    finally:
+        emu.set_schedule("forward", 0)
+    # two key blocks per CTA: fewer slabs, same summation order
+    grouped = emu.attention_bwd(*args, True, 2)
+    atomic = emu.attention_bwd(*args, False)
+    for name, a, b_, c, e in zip(GRAD_NAMES, first, second, grouped, atomic):
+        assert torch.equal(a, b_), name
+        assert torch.equal(a, c), name
+        torch.testing.assert_close(a, e, atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_emulated_cuda_backward_bad_arguments_name_the_argument():
+    emu = _emu_bwd_or_skip()
+    args, _ = _bwd_problem(1, 5, 5, 1, 8, torch.float32, "bnhd", False, False, False, False)
+    with pytest.raises(ValueError, match="'q'"):
+        emu.attention_bwd(*(a.double() if isinstance(a, torch.Tensor) and i in (0, 2, 3, 4, 5) else a
+                            for i, a in enumerate(args)), False)
+    with pytest.raises(ValueError, match="'lse'"):
+        emu.attention_bwd(*args[:6], args[6][:, :, :3], *args[7:], False)
+    with pytest.raises(ValueError, match="'grad_out'"):
+        emu.attention_bwd(args[0][:, :4], *args[1:], False)
+
+
+# ----------------------------------------------------------------------------- CUDA backward on a GPU
+def _cuda_backward_or_skip():
+    if not attn_mod._has_kernel("CUDA", "raekern::attention_backward"):
+        pytest.skip("raekern was built without the CUDA attention backward")
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("d", [64, 72, 128])
+@pytest.mark.parametrize("n", [1, 37, 268])
+@pytest.mark.parametrize("layout", ["bnhd", "bhnd"])
+def test_cuda_training_matches_reference(dtype, d, n, layout):
+    _cuda_backward_or_skip()
+    b, h = 2, 3
+    q, k, v = make((b, n, h, d), dtype, layout, device="cuda")
+    kw = features(d, n, b, dtype, device="cuda")
+    g = torch.randn(q.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64).cuda()
+
+    def grads(fn, q, k, v, kw):
+        leaves = [t.detach().clone().requires_grad_() for t in (q, k, v, kw["q_norm_weight"], kw["k_norm_weight"])]
+        kw2 = dict(kw, q_norm_weight=leaves[3], k_norm_weight=leaves[4])
+        if fn is attention:
+            path, reasons = attention_path(*leaves[:3], layout=layout, **kw2)
+            if path != "raekern_cuda":
+                pytest.skip(f"CUDA kernels not eligible: {reasons['raekern_cuda']}")
+        out = fn(*leaves[:3], layout=layout, **kw2)
+        out.backward(g.to(out.dtype))
+        return [t.grad for t in leaves]
+
+    got = grads(attention, q, k, v, kw)
+    same = grads(attention_reference, q, k, v, kw)
+    ref = grads(attention_reference, q.double(), k.double(), v.double(), to64(kw))
+    for name, a, s, r in zip(GRAD_NAMES, got, same, ref):
+        scale = max(1.0, r.abs().max().item())
+        check_close(a, s, r, GRAD_FLOOR[dtype] * scale, name)
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("d", [8, 72, 136, 256])
+def test_cuda_backward_op_matches_cpu_and_is_deterministic(dtype, d):
+    _cuda_backward_or_skip()
+    args, ref = _bwd_problem(2, 70, 70, 2, d, dtype, "bnhd", True, True, True, True, seed=4)
+    dev = tuple(a.cuda() if isinstance(a, torch.Tensor) else a for a in args)
+    cpu = torch.ops.raekern.attention_backward(*args, False)
+    atomic = torch.ops.raekern.attention_backward(*dev, False)
+    det = [torch.ops.raekern.attention_backward(*dev, True) for _ in range(2)]
+    for i, name in enumerate(GRAD_NAMES):
+        if ref[i] is None:
+            continue
+        scale = max(1.0, ref[i].abs().max().item())
+        check_close(atomic[i].cpu(), cpu[i], ref[i], GRAD_FLOOR[dtype] * scale, name)
+        check_close(det[0][i].cpu(), cpu[i], ref[i], GRAD_FLOOR[dtype] * scale, name)
+        assert torch.equal(det[0][i], det[1][i]), f"{name}: deterministic mode differs between runs"
+
+
+@cuda
+def test_cuda_training_deterministic_mode_is_bit_identical():
+    _cuda_backward_or_skip()
+    q, k, v = make((2, 268, 4, 72), torch.bfloat16, device="cuda")
+    kw = features(72, 268, 2, torch.bfloat16, device="cuda")
+    if attention_path(q, k, v, **kw)[0] != "raekern_cuda":
+        pytest.skip("CUDA kernels not eligible")
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        runs = []
+        for _ in range(2):
+            leaves = [t.clone().requires_grad_() for t in (q, k, v, kw["q_norm_weight"], kw["k_norm_weight"])]
+            out = attention(*leaves[:3], **dict(kw, q_norm_weight=leaves[3], k_norm_weight=leaves[4]))
+            out.float().square().sum().backward()
+            runs.append([t.grad for t in leaves])
+    finally:
+        torch.use_deterministic_algorithms(prev)
+    for name, a, b_ in zip(GRAD_NAMES, *runs):
+        assert torch.equal(a, b_), name

@@ -9,15 +9,10 @@ def test_build_info_reports_isa_and_archs():
     assert info["openmp"], "CPU kernels must be built with OpenMP or at::parallel_for is serial"
 
 
-# Ops whose CUDA kernel is not written yet (issue #5: the attention backward). raekern.ops routes
-# CUDA training calls to SDPA until it lands; remove the name here when it does.
-CUDA_PENDING = {"attention_backward"}
-
-
 def test_every_op_has_a_cpu_kernel():
     for name, keys in registered_ops().items():
         if name in ("build_info", "attention_cpu_backends"):
             continue
         assert "CPU" in keys or "CompositeImplicitAutograd" in keys, (name, keys)
-        if torch.version.cuda is not None and build_info()["cuda_archs"] and name not in CUDA_PENDING:
+        if torch.version.cuda is not None and build_info()["cuda_archs"]:
             assert "CUDA" in keys or "CompositeImplicitAutograd" in keys, (name, keys)

@@ -87,4 +87,28 @@ inline void check_args(const at::Tensor& q, const at::Tensor& k, const at::Tenso
                 "needs a head dim divisible by 4 (two halves of interleaved pairs), got ", d.D);
 }
 
+// The backward's extra operands (after check_args): grad_out / out like q, lse [B, H, Nq] fp32/fp64,
+// grad_lse like lse. Shared by the CPU and CUDA backward launchers.
+inline void check_backward_args(const at::Tensor& dout, const at::Tensor& out, const at::Tensor& lse,
+                                const std::optional<at::Tensor>& dlse, const at::Tensor& q, const Dims& d) {
+  RAEKERN_CHECK(dout.sizes() == q.sizes(), kOp, "grad_out", "must have the shape of q ", q.sizes(), ", got ",
+                dout.sizes());
+  RAEKERN_CHECK(out.sizes() == q.sizes(), kOp, "out", "must have the shape of q ", q.sizes(), ", got ",
+                out.sizes());
+  check_same_dtype(dout, q, kOp, "grad_out");
+  check_same_dtype(out, q, kOp, "out");
+  check_same_device(dout, q, kOp, "grad_out");
+  check_same_device(out, q, kOp, "out");
+  RAEKERN_CHECK(lse.dim() == 3 && lse.size(0) == d.B && lse.size(1) == d.H && lse.size(2) == d.Nq &&
+                    (lse.scalar_type() == at::kFloat || lse.scalar_type() == at::kDouble),
+                kOp, "lse", "must be float32/float64 of shape [", d.B, ", ", d.H, ", ", d.Nq, "], got ",
+                lse.scalar_type(), " ", lse.sizes());
+  check_same_device(lse, q, kOp, "lse");
+  if (dlse) {
+    RAEKERN_CHECK(dlse->sizes() == lse.sizes(), kOp, "grad_lse", "must have the shape of lse ", lse.sizes(),
+                  ", got ", dlse->sizes());
+    check_same_device(*dlse, q, kOp, "grad_lse");
+  }
+}
+
 }  // namespace raekern::attention

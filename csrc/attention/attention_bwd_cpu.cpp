@@ -142,26 +142,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
     double eps, int64_t rope_h, int64_t rope_w, double theta, int64_t layout, bool deterministic) {
   (void)deterministic;  // the CPU backward is always deterministic
   check_args(q_, k_, v_, qw, kw, mask, rope_h, rope_w, layout);
-  RAEKERN_CHECK(dout_.sizes() == q_.sizes(), kOp, "grad_out", "must have the shape of q ", q_.sizes(),
-                ", got ", dout_.sizes());
-  RAEKERN_CHECK(out_.sizes() == q_.sizes(), kOp, "out", "must have the shape of q ", q_.sizes(),
-                ", got ", out_.sizes());
-  check_same_dtype(dout_, q_, kOp, "grad_out");
-  check_same_dtype(out_, q_, kOp, "out");
+  check_backward_args(dout_, out_, lse, dlse, q_, dims_of(q_, k_, layout));
   const at::Tensor q = unit_last(q_), k = unit_last(k_), v = unit_last(v_), dout = unit_last(dout_),
                    out = unit_last(out_);
   const Dims d = dims_of(q, k, layout);
-  RAEKERN_CHECK(lse.dim() == 3 && lse.size(0) == d.B && lse.size(1) == d.H && lse.size(2) == d.Nq &&
-                    (lse.scalar_type() == at::kFloat || lse.scalar_type() == at::kDouble),
-                kOp, "lse", "must be float32/float64 of shape [", d.B, ", ", d.H, ", ", d.Nq, "], got ",
-                lse.scalar_type(), " ", lse.sizes());
   const at::Tensor lsec = lse.contiguous();
   std::optional<at::Tensor> dlsec;
-  if (dlse) {
-    RAEKERN_CHECK(dlse->sizes() == lse.sizes(), kOp, "grad_lse", "must have the shape of lse ",
-                  lse.sizes(), ", got ", dlse->sizes());
-    dlsec = dlse->to(lse.scalar_type()).contiguous();
-  }
+  if (dlse) dlsec = dlse->to(lse.scalar_type()).contiguous();
   at::Tensor dq = empty_in_layout(d, d.Nq, layout, q.options());
   // Masked keys get no gradient; the kernel writes only kept rows.
   at::Tensor dk = mask ? at::zeros(k.sizes(), q.options()) : empty_in_layout(d, d.Nk, layout, q.options());

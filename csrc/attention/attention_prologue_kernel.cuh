@@ -7,6 +7,17 @@
 
 namespace raekern::attention::simt_dev {
 
+// The RoPE angle of pair p of a half (h2 = Dh/2 channels) at grid position pos: θ^(-2p/(Dh/2))·pos.
+// Angles reach ~grid size radians, so the accurate sincosf is used. (The backward's row kernels read
+// an fp64-computed cos/sin table instead: see BwdParams::rope_cos.)
+__device__ __forceinline__ void rope_sincos(int pos, int p, int h2, float log2_theta, float* sn, float* cs) {
+  const float ang = float(pos) * exp2f(-float(2 * p) / float(h2) * log2_theta);
+  sincosf(ang, sn, cs);
+}
+
+// QK-norm's 1/rms from the row's sum of squares (the forward prologue and the backward's preprocess).
+__device__ __forceinline__ float rms_rstd(float sumsq, int D, float eps) { return rsqrtf(sumsq / float(D) + eps); }
+
 // Two adjacent lanes own one row of Dh elements: lane parity `half` selects the half of the head
 // dim this thread normalises and rotates (RAE's RoPE rotates the first half by the grid row and the
 // second by the grid column, so each thread needs only one position). Both lanes of every pair must
@@ -26,7 +37,7 @@ __device__ __forceinline__ void qk_prologue_half_row(T* __restrict__ row, int D,
     }
   }
   ss += __shfl_xor_sync(simt::kFullMask, ss, 1);
-  const float r = w ? rsqrtf(ss / float(D) + eps) : 1.f;
+  const float r = w ? rms_rstd(ss, D, eps) : 1.f;
   const float* wh = w ? w + half * h2 : nullptr;
   for (int p = 0; p < h2 / 2; ++p) {
     float a = simt::to_float(x[2 * p]), c = simt::to_float(x[2 * p + 1]);
@@ -35,10 +46,8 @@ __device__ __forceinline__ void qk_prologue_half_row(T* __restrict__ row, int D,
       c *= r * wh[2 * p + 1];
     }
     if (rope) {
-      // θ^(-2p/(Dh/2)); angles reach ~grid size radians, so use the accurate sincosf.
-      const float ang = float(pos) * exp2f(-float(2 * p) / float(h2) * log2_theta);
       float sn, cs;
-      sincosf(ang, &sn, &cs);
+      rope_sincos(pos, p, h2, log2_theta, &sn, &cs);
       const float a2 = a * cs - c * sn;
       c = c * cs + a * sn;
       a = a2;

@@ -5,8 +5,11 @@ Paths (see :func:`attention_path`):
 
 * ``raekern_cpu``  -- tiled online-softmax (flash) kernel, fp64/fp32/bf16/fp16, O(N·Dh) extra memory,
   QK-norm and RoPE applied while K/V/Q tiles are packed. Forward and backward.
-* ``raekern_cuda`` -- sm80+ tensor-core (``mma.sync``) forward. **Compiled but not yet run on a GPU.**
-  Training calls (inputs requiring grad) and unsupported head dims use the fallback.
+* ``raekern_cuda`` -- sm80+ tensor-core (``mma.sync``) forward; training calls (inputs requiring grad)
+  add the SIMT FlashAttention-2 backward (``attention_backward`` on CUDA: fp32 accumulation, dQ by fp32
+  atomics, or by per-key-block slabs summed in a fixed order when
+  ``torch.are_deterministic_algorithms_enabled()``). **Compiled, and the backward emulated on the CPU,
+  but neither has run on a GPU yet.** Unsupported dtypes / head dims use the fallback.
 * ``sdpa`` -- explicit QK-norm and RoPE in PyTorch followed by ``F.scaled_dot_product_attention``.
 
 Each call logs the chosen path at DEBUG level on the ``raekern.attention`` logger.
@@ -183,8 +186,8 @@ torch.library.register_autograd("raekern::attention", _backward, setup_context=_
 
 
 # ----------------------------------------------------------------------------- dispatch
-def _has_kernel(key: str) -> bool:
-    return torch._C._dispatch_has_kernel_for_dispatch_key("raekern::attention", key)
+def _has_kernel(key: str, op: str = "raekern::attention") -> bool:
+    return torch._C._dispatch_has_kernel_for_dispatch_key(op, key)
 
 
 _CUDA_HEAD_DIMS = (64, 72, 128)  # instantiated tile configs of the sm80 forward
@@ -213,8 +216,8 @@ def _path_reasons(q, k, v, qw, kw, mask, grid) -> dict[str, Optional[str]]:
         reasons["raekern_cuda"] = f"dtype {q.dtype} (the tensor-core kernel takes fp16/bf16)"
     elif dh not in _CUDA_HEAD_DIMS:
         reasons["raekern_cuda"] = f"head dim {dh} has no tile config (have {_CUDA_HEAD_DIMS})"
-    elif needs_grad:
-        reasons["raekern_cuda"] = "backward is not implemented on CUDA yet (inputs require grad)"
+    elif needs_grad and not _has_kernel("CUDA", "raekern::attention_backward"):
+        reasons["raekern_cuda"] = "inputs require grad and this build has no CUDA attention_backward kernel"
     else:
         reasons["raekern_cuda"] = None
     reasons["sdpa"] = None
@@ -275,9 +278,12 @@ def _validate(q, k, v, layout, scale, qw, kw, eps, grid, theta, mask):
 
 def attention_info() -> dict[str, str]:
     """What this build and machine offer, for ``raekern info``: the CPU kernels' instruction sets
-    (``bf16_forward``: amx / avx512 / portable, ``fp32``) and whether the CUDA forward is compiled."""
+    (``bf16_forward``: amx / avx512 / portable, ``fp32``) and whether the CUDA forward and backward are
+    compiled."""
     info = dict(item.split("=", 1) for item in torch.ops.raekern.attention_cpu_backends().split(";"))
     info["cuda_forward"] = "sm80 mma.sync (not yet run on a GPU)" if _has_kernel("CUDA") else "not built"
+    info["cuda_backward"] = ("SIMT flash backward, fp32 atomics or deterministic slabs (emulated on CPU, not yet run "
+                             "on a GPU)" if _has_kernel("CUDA", "raekern::attention_backward") else "not built")
     return info
 
 
@@ -328,9 +334,11 @@ def attention(
         ``out`` in the input layout (and ``lse``). Differentiable in q, k, v and both norm weights
         (gradient through lse included).
 
-    Devices: the CPU kernel (all four dtypes, Dh <= 256) runs forward and backward; the CUDA
-    tensor-core forward (bf16/fp16, Dh 64/72/128, inference only) has not yet run on a GPU; other
-    cases use torch SDPA with explicit norm and RoPE. :func:`attention_path` says which runs.
+    Devices: the CPU kernel (all four dtypes, Dh <= 256) runs forward and backward; on CUDA the
+    tensor-core forward (bf16/fp16, Dh 64/72/128) and, for training, the SIMT backward run (neither
+    has run on a GPU yet; the backward is deterministic when
+    ``torch.are_deterministic_algorithms_enabled()``); other cases use torch SDPA with explicit norm
+    and RoPE. :func:`attention_path` says which runs.
     """
     mask = _validate(q, k, v, layout, scale, q_norm_weight, k_norm_weight, norm_eps, rope_grid,
                      rope_theta, key_padding_mask)
@@ -346,7 +354,12 @@ def attention(
     reasons = _path_reasons(q, k, v, q_norm_weight, k_norm_weight, mask, rope_grid)
     path = _choose(reasons)
     if not torch.compiler.is_compiling() and log.isEnabledFor(logging.DEBUG):
-        log.debug("attention %s %s q%s: path=%s (%s)", layout, q.dtype, tuple(q.shape), path,
+        grad = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (q, k, v, q_norm_weight, k_norm_weight))
+        bwd = ""
+        if grad and path != "sdpa":
+            bwd = (f", backward={path} deterministic={torch.are_deterministic_algorithms_enabled()}")
+        log.debug("attention %s %s q%s: path=%s%s (%s)", layout, q.dtype, tuple(q.shape), path, bwd,
                   "; ".join(f"{n}: {r}" for n, r in reasons.items() if r))
     if path == "sdpa":
         if return_lse:
