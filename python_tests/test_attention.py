@@ -489,8 +489,9 @@ def _cuda_backward_or_skip():
 @pytest.mark.parametrize("d", [64, 72, 128])
 @pytest.mark.parametrize("n", [1, 37, 268])
 @pytest.mark.parametrize("layout", ["bnhd", "bhnd"])
-def test_cuda_training_matches_reference(dtype, d, n, layout):
+def test_cuda_training_matches_reference(dtype, d, n, layout, monkeypatch):
     _cuda_backward_or_skip()
+    monkeypatch.setenv("RAEKERN_CUDA_ATTENTION_BACKWARD", "1")  # by default training goes to SDPA
     b, h = 2, 3
     q, k, v = make((b, n, h, d), dtype, layout, device="cuda")
     kw = features(d, n, b, dtype, device="cuda")

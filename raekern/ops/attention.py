@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from typing import Optional
 
 import torch
@@ -191,6 +192,11 @@ def _has_kernel(key: str, op: str = "raekern::attention") -> bool:
 
 
 _CUDA_HEAD_DIMS = (64, 72, 128)  # instantiated tile configs of the sm80 forward
+_FORCE_CUDA_BACKWARD = "RAEKERN_CUDA_ATTENTION_BACKWARD"
+
+
+def _cuda_backward_forced() -> bool:
+    return os.environ.get(_FORCE_CUDA_BACKWARD, "0") not in ("", "0")
 
 
 def _path_reasons(q, k, v, qw, kw, mask, grid) -> dict[str, Optional[str]]:
@@ -218,6 +224,12 @@ def _path_reasons(q, k, v, qw, kw, mask, grid) -> dict[str, Optional[str]]:
         reasons["raekern_cuda"] = f"head dim {dh} has no tile config (have {_CUDA_HEAD_DIMS})"
     elif needs_grad and not _has_kernel("CUDA", "raekern::attention_backward"):
         reasons["raekern_cuda"] = "inputs require grad and this build has no CUDA attention_backward kernel"
+    elif needs_grad and not (torch.are_deterministic_algorithms_enabled() or _cuda_backward_forced()):
+        # The CUDA backward runs on CUDA cores (no tensor-core mainloop yet), so SDPA's flash backward
+        # is the faster default; ours is taken where it adds something SDPA lacks: a deterministic dq.
+        reasons["raekern_cuda"] = ("inputs require grad: the raekern CUDA backward (SIMT, slower than SDPA's) "
+                                   "is used only under torch.use_deterministic_algorithms(True) or "
+                                   f"{_FORCE_CUDA_BACKWARD}=1")
     else:
         reasons["raekern_cuda"] = None
     reasons["sdpa"] = None
