@@ -38,6 +38,10 @@ def _ref_grads(fn, inputs, grad):
     return torch.autograd.grad(fn(*leaves), leaves, grad.double())
 
 
+def a_size(dtype):
+    return torch.finfo(dtype).bits // 8
+
+
 def _pair(shape, dtype, device="cpu", scale=3.0):
     a = (torch.randn(shape, dtype=torch.float64) * scale).to(device=device, dtype=dtype)
     b = torch.randn(shape, dtype=torch.float64).to(device=device, dtype=dtype)
@@ -88,11 +92,11 @@ def test_nan_and_inf_propagate_like_torch():
 def test_large_outputs_stream(dtype):
     """Outputs past the CPU kernel's streaming-store threshold (8 MiB) take the non-temporal path,
     including rows whose starts are off the cache-line grid (the packed halves with H = 2730)."""
-    a, b = _pair((2048, 1024), dtype)
+    a, b = _pair((8 * 1024 * 1024 // (1024 * a_size(dtype)), 1024), dtype)  # an 8 MiB output
     _close(R.swiglu(a, b), R.swiglu_reference(a, b), dtype, "swiglu")
-    ab = torch.randn(1024, 2 * 2730, dtype=dtype)
+    ab = torch.randn(1600, 2 * 2730, dtype=dtype)
     _close(R.swiglu_packed(ab), R.swiglu_packed_reference(ab), dtype, "packed")
-    g = torch.randn(1024, 2730, dtype=dtype)
+    g = torch.randn(1600, 2730, dtype=dtype)
     ab_ = ab.detach().requires_grad_()
     got = torch.autograd.grad(R.swiglu_packed(ab_), ab_, g)[0]
     want = _ref_grads(R.swiglu_packed_reference, [ab], g)[0].to(dtype)

@@ -14,6 +14,13 @@
 #include "common/dispatch.h"
 #include "mlp/mlp_host.h"
 
+// GCC 12 reports the intrinsics' own _mm512_undefined_ps() operands (abs, roundscale, scalef, rcp14)
+// as uninitialized once they are inlined here (GCC bug 105593, a false positive).
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+
 namespace raekern::mlp {
 namespace {
 
