@@ -2,9 +2,9 @@
 // python_tests/test_mlp.py. The four ops are the family's own host layer (mlp_host.h: the same
 // checks, output allocation and stride collapse as on CUDA) with an emulated backend: every operand
 // is mapped into a guarded "device" buffer covering the span its strides address, and the kernels
-// are launched with swiglu_launch.h's shape, as swiglu.cu launches them; the test may shrink the
-// block and cap the grid (torch.ops.raekern_emu.swiglu_launch_config) to exercise partial blocks
-// and the grid-stride loops.
+// are launched with swiglu_launch.h's plan, as swiglu.cu launches them; on top of it the test may
+// force the block size and cap the grid (torch.ops.raekern_emu.swiglu_launch_config) to exercise
+// partial blocks and the grid-stride loops.
 #if defined(RAEKERN_HOST_EMULATION) && __has_include("mlp/swiglu_kernel.cuh")
 #include <torch/library.h>
 
@@ -68,7 +68,11 @@ void place_outs(DeviceMemory& mem, const Params& hp, Operand& x, Operand& y, siz
 template <class T>
 void launch(const Params& p, bool backward) {
   using E = emu_t<T>;
-  const Launch l = plan_launch(p, backward, sizeof(E), int(tl_block), tl_grid_x, tl_grid_y);
+  Launch l = plan_launch(p, backward, sizeof(E));
+  // Test knobs on top of the shared plan (the kernels are grid-stride in both directions).
+  if (tl_block > 0) l.threads = unsigned(tl_block);
+  if (tl_grid_x > 0) l.grid_x = std::min(l.grid_x, tl_grid_x);
+  if (tl_grid_y > 0) l.grid_y = std::min(l.grid_y, tl_grid_y);
   const dim3 grid(unsigned(l.grid_x), unsigned(l.grid_y)), block(l.threads);
   auto go = [&](auto fwd, auto bwd) {
     if (backward) emu::emulate_launch(bwd, grid, block, 0, p);

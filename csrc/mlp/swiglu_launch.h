@@ -27,10 +27,9 @@ inline bool vec_ok(const Params& p, const Operand& o, int v, size_t elem) {
   return true;
 }
 
-// block / max_grid_x / max_grid_y = 0: the defaults (the emulation tests override them to exercise
-// partial blocks and the grid-stride loops).
-inline Launch plan_launch(const Params& p, bool backward, size_t elem, int block = 0, int64_t max_grid_x = 0,
-                          int64_t max_grid_y = 0) {
+// The kernels loop over columns and rows grid-stride, so any block size and any grid cover the
+// problem; the emulation tests shrink both on top of this plan to exercise those loops.
+inline Launch plan_launch(const Params& p, bool backward, size_t elem) {
   Launch l;
   // Widest access (<= 16 bytes) every operand allows; a row's tail shorter than it runs scalar.
   for (int v = int(16 / elem); v > 1; v /= 2) {
@@ -43,10 +42,10 @@ inline Launch plan_launch(const Params& p, bool backward, size_t elem, int block
     }
   }
   const int64_t vecs = (p.cols + l.vec - 1) / l.vec;
-  l.threads = block > 0 ? unsigned(block) : unsigned(std::clamp<int64_t>((vecs + 31) / 32 * 32, 32, 256));
+  l.threads = unsigned(std::clamp<int64_t>((vecs + 31) / 32 * 32, 32, 256));
   const int64_t tile = int64_t(l.threads) * l.vec;
-  l.grid_x = std::min<int64_t>((p.cols + tile - 1) / tile, max_grid_x > 0 ? max_grid_x : int64_t(1) << 30);
-  l.grid_y = std::min<int64_t>(p.rows, max_grid_y > 0 ? max_grid_y : 65535);
+  l.grid_x = std::min<int64_t>((p.cols + tile - 1) / tile, int64_t(1) << 30);
+  l.grid_y = std::min<int64_t>(p.rows, 65535);
   l.grid_x = std::max<int64_t>(l.grid_x, 1);
   l.grid_y = std::max<int64_t>(l.grid_y, 1);
   return l;
