@@ -8,6 +8,7 @@
 #include "attention/attention_schema.h"
 #include "fusion/fusion_schema.h"
 #include "guidance/guidance_schema.h"
+#include "mlp/mlp_schema.h"
 #include "norm/norm_schema.h"
 
 namespace raekern {
@@ -47,6 +48,7 @@ TORCH_LIBRARY(raekern, m) {
   raekern::attention::define_schemas(m);
   raekern::fusion::define_schemas(m);
   raekern::guidance::define_schemas(m);
+  raekern::mlp::define_schemas(m);
   raekern::norm::define_schemas(m);
 }
 

@@ -19,7 +19,7 @@ from typing import Callable
 
 import torch
 
-FAMILY_MODULES = ("norm", "fusion", "attention", "guidance", "models", "sampling")
+FAMILY_MODULES = ("norm", "fusion", "attention", "guidance", "mlp", "models", "sampling")
 
 _REGISTRY: dict[str, Callable[[str, bool], list["Case"]]] = {}
 

@@ -11,8 +11,9 @@ What the raekern backend fuses, per transformer block:
   including across block boundaries: a block's last residual is fused with the next block's first norm;
 - attention with the QK-RMSNorm and the 2-D RoPE inside the kernel (``attention`` /
   ``attention_packed``), so q and k are never rotated into copies.
-The GEMMs (nn.Linear) are torch's in both backends. SwiGLU's ``silu(a)·b`` is plain torch in both
-backends (raekern has no op for it yet).
+- SwiGLU's ``silu(a)·b`` in one pass (``swiglu_packed`` reads the fused ``w12`` output's two halves in
+  place, RAE v1; ``swiglu`` takes RAEv2's separate ``w1``/``w2`` outputs), fp32 math, one output buffer.
+The GEMMs (nn.Linear) are torch's in both backends.
 """
 from __future__ import annotations
 
@@ -48,7 +49,8 @@ def _ops():
     import raekern.ops as ops
 
     missing = [n for n in ("norm_modulate", "gated_residual", "gated_residual_norm_modulate", "attention",
-                           "attention_packed", "layer_norm", "rms_norm") if not hasattr(ops, n)]
+                           "attention_packed", "layer_norm", "rms_norm", "swiglu", "swiglu_packed")
+               if not hasattr(ops, n)]
     if missing:
         raise RuntimeError(
             f"raekern.models: backend='raekern' needs raekern.ops.{', '.join(missing)}, which this build does not "
@@ -283,14 +285,14 @@ class SwiGLU(nn.Module):
         self.w3 = nn.Linear(hidden, dim)
 
     def forward(self, x):
+        if self.backend == "raekern":
+            ops = _ops()
+            h = ops.swiglu_packed(self.w12(x)) if self.fused else ops.swiglu(self.w1(x), self.w2(x))
+            return self.w3(h)
         if self.fused:
             a, b = self.w12(x).chunk(2, dim=-1)
         else:
             a, b = self.w1(x), self.w2(x)
-        if self.backend == "raekern" and not (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)):
-            # inference: one buffer for silu(a)·b instead of two
-            h = F.silu(a)
-            return self.w3(h.mul_(b))
         return self.w3(F.silu(a) * b)
 
 

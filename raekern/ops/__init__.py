@@ -4,3 +4,4 @@ from raekern.ops.guidance import GuidanceOutput, gfcg_select, guidance_step  # n
 from raekern.ops.norm import *  # noqa: E402,F401,F403
 from raekern.ops.fusion import *  # noqa: E402,F401,F403
 from raekern.ops.attention import attention, attention_packed, attention_path, attention_reference  # noqa: F401,E402
+from raekern.ops.mlp import swiglu, swiglu_packed, swiglu_packed_reference, swiglu_reference  # noqa: F401,E402

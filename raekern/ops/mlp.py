@@ -1,0 +1,148 @@
+"""MLP family: the gated activation between a transformer MLP's two GEMMs (SwiGLU, as every RAE /
+RAEv2 DiT-DH block uses it)::
+
+    h = silu(a) * b          # silu(a) = a * sigmoid(a)
+    y = w3(h)                # the GEMMs stay torch's (nn.Linear)
+
+Two entry points:
+
+- :func:`swiglu` takes ``a`` and ``b`` as separate tensors (RAEv2's ``w1(x)``, ``w2(x)``).
+- :func:`swiglu_packed` takes the ``[..., 2H]`` output of one fused ``w12`` Linear (RAE v1): ``a`` is
+  the first half of the last dimension and ``b`` the second, read in place (no ``chunk`` copies).
+
+Layouts. Any shape ``[..., H]`` and any strides: non-contiguous views, slices of a larger tensor
+and ``expand``-ed (stride-0) inputs are read through their strides, never copied. ``a`` and ``b``
+must have the same shape (no implicit broadcasting; ``expand`` first). Outputs and gradients are
+contiguous; the packed backward writes ``d(ab)`` as one ``[..., 2H]`` tensor.
+
+Dtypes. float64, float32, bfloat16, float16; bf16/fp16 are computed in fp32 and rounded once
+(``silu(a)`` is not rounded before the product, unlike eager ``F.silu(a) * b`` in bf16). The
+sigmoid is evaluated from ``exp(-|a|)``, so no intermediate overflows for any finite ``a``.
+
+Devices. CPU kernels: AVX-512 (a portable loop otherwise), multithreaded. CUDA kernels (fp32/bf16/
+fp16, up to 128-bit vector accesses, 64-bit indexing, current stream) compile for sm_80/sm_90a and
+are tested on the CPU through the host emulation, but HAVE NOT YET RUN ON A GPU.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from raekern._utils.checks import check_tensor, fail
+
+__all__ = ["swiglu", "swiglu_packed", "swiglu_reference", "swiglu_packed_reference"]
+
+_ops = torch.ops.raekern
+
+
+# --------------------------------------------------------------------------------------------------
+# argument handling (errors name the argument)
+
+def _check_pair(a, b, op: str) -> None:
+    check_tensor(a, op, "a", min_ndim=1)
+    check_tensor(b, op, "b", like=a)
+    if b.shape != a.shape:
+        fail(op, "b", f"must have the shape of a {tuple(a.shape)}, got {tuple(b.shape)} "
+                      "(expand it first to broadcast)")
+
+
+def _check_packed(ab, op: str) -> None:
+    check_tensor(ab, op, "ab", min_ndim=1)
+    if ab.shape[-1] % 2:
+        fail(op, "ab", f"must have an even last dimension [..., 2H] (a then b), got shape {tuple(ab.shape)}")
+
+
+# --------------------------------------------------------------------------------------------------
+# public ops
+
+def swiglu(a: Tensor, b: Tensor) -> Tensor:
+    """``silu(a) * b``, computed in fp32 (fp64 for fp64 inputs) and rounded once.
+
+    a, b: ``[..., H]`` of one shape, dtype and device; any strides (stride 0 included).
+    Returns a contiguous ``[..., H]`` tensor in a's dtype. Differentiable in a and b.
+    """
+    _check_pair(a, b, "swiglu")
+    return _ops.swiglu(a, b)
+
+
+def swiglu_packed(ab: Tensor) -> Tensor:
+    """``silu(a) * b`` with ``a, b = ab.chunk(2, dim=-1)``, reading both halves in place.
+
+    ab: ``[..., 2H]`` (a fused w12 Linear's output), any strides. Returns a contiguous ``[..., H]``
+    tensor in ab's dtype. Differentiable in ab (its gradient is one contiguous ``[..., 2H]`` tensor).
+    """
+    _check_packed(ab, "swiglu_packed")
+    return _ops.swiglu_packed(ab)
+
+
+# --------------------------------------------------------------------------------------------------
+# plain-PyTorch references (the tests' ground truth, and the eager baseline of the benchmarks)
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def swiglu_reference(a: Tensor, b: Tensor) -> Tensor:
+    cd = _compute_dtype(a)
+    return (F.silu(a.to(cd)) * b.to(cd)).to(a.dtype)
+
+
+def swiglu_packed_reference(ab: Tensor) -> Tensor:
+    a, b = ab.chunk(2, dim=-1)
+    return swiglu_reference(a, b)
+
+
+# --------------------------------------------------------------------------------------------------
+# fake kernels: shapes/dtypes of every op, so torch.compile and torch.export trace through them
+
+def _half(ab: Tensor) -> list[int]:
+    return [*ab.shape[:-1], ab.shape[-1] // 2]
+
+
+@torch.library.register_fake("raekern::swiglu")
+def _(a, b):
+    return a.new_empty(a.shape)
+
+
+@torch.library.register_fake("raekern::swiglu_backward")
+def _(grad, a, b):
+    return a.new_empty(a.shape), a.new_empty(a.shape)
+
+
+@torch.library.register_fake("raekern::swiglu_packed")
+def _(ab):
+    return ab.new_empty(_half(ab))
+
+
+@torch.library.register_fake("raekern::swiglu_packed_backward")
+def _(grad, ab):
+    return ab.new_empty(ab.shape)
+
+
+# --------------------------------------------------------------------------------------------------
+# autograd: the backward is itself a custom op (with a fake kernel above)
+
+def _sw_setup(ctx, inputs, output):
+    a, b = inputs
+    ctx.save_for_backward(a, b)
+
+
+def _sw_backward(ctx, grad):
+    a, b = ctx.saved_tensors
+    da, db = _ops.swiglu_backward(grad, a, b)
+    return da, db
+
+
+def _swp_setup(ctx, inputs, output):
+    (ab,) = inputs
+    ctx.save_for_backward(ab)
+
+
+def _swp_backward(ctx, grad):
+    (ab,) = ctx.saved_tensors
+    return _ops.swiglu_packed_backward(grad, ab)
+
+
+torch.library.register_autograd("raekern::swiglu", _sw_backward, setup_context=_sw_setup)
+torch.library.register_autograd("raekern::swiglu_packed", _swp_backward, setup_context=_swp_setup)
