@@ -11,7 +11,7 @@
                                      AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__)            \
                                          AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__))
 #include "common/dispatch.h"
-#include "guidance/guidance_launch.h"
+#include "guidance/gfcg_select_launch.h"
 
 namespace raekern::guidance {
 namespace {

@@ -9,6 +9,9 @@
 
 #include "common/emulation_torch.h"
 #include "guidance/guidance_launch.h"
+// clang-format off
+#include "guidance/gfcg_select_launch.h"
+// clang-format on
 #include "guidance/guidance_schema.h"
 
 namespace raekern::guidance {

@@ -1,7 +1,8 @@
-// Launch decisions of the guidance family's CUDA kernels (grid, block, passes, kernel parameters),
-// shared by the CUDA launchers (guidance_step.cu, gfcg_select.cu) and the host emulation
+// Launch decisions of guidance_step's and guidance_combine's CUDA kernels (grid, block, passes,
+// kernel parameters), shared by the CUDA launcher (guidance_step.cu) and the host emulation
 // (guidance_emu.cpp), so the emulated tests run the kernels exactly as a GPU gets them.
-// Host code only; include after the kernel headers' element types are known (cuda_t / emu_t).
+// gfcg_select's is in gfcg_select_launch.h.
+// Host code only (ATen); the element type DT is the launcher's (cuda_t<T> or emu_t<T>).
 #pragma once
 #include <algorithm>
 #include <cstdint>
@@ -11,7 +12,6 @@
 // CUDA keywords as macros that ATen's headers must not see.
 #include "guidance/guidance_step.h"
 // clang-format off
-#include "guidance/gfcg_select_kernel.cuh"
 #include "guidance/guidance_step_kernel.cuh"
 // clang-format on
 
@@ -118,8 +118,5 @@ inline int64_t plan_combine(int64_t B, int64_t N, CombineParams& p) {
   p.chunks = (N + p.chunk - 1) / p.chunk;
   return B * p.chunks;
 }
-
-// gfcg_select: one block of kSelectThreads per classifier row.
-inline int64_t select_blocks(int64_t B) { return B; }
 
 }  // namespace raekern::guidance::cuda
