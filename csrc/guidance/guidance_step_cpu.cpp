@@ -85,6 +85,16 @@ inline A sum_chunk(const A* __restrict u, int64_t n) {
   return s;
 }
 
+// True when a statistic may involve x. With velocity branches and every statistic taken in velocity
+// space (stats spaces, CFG-Zero*'s scaling space, rescale space), every vector the solve measures is
+// a combination of branches and momentum only, and x's Gram entries get zero weight.
+inline bool stats_read_x(const Config& c) {
+  if (c.work != kVelocity) return true;
+  for (int j = 0; j < c.J; ++j)
+    if (c.stats_space[j] != kVelocity || (c.zero_star[j] >= 0 && c.zero_star[j] != kVelocity)) return true;
+  return c.phi != 0.0 && c.rescale_space != kVelocity;
+}
+
 template <class T>
 struct Runner {
   using A = acc_t<T>;
@@ -107,7 +117,7 @@ struct Runner {
         loader{pp, cfg.K, 1 + cfg.K, 1 + cfg.K + jm},
         out(pp.out.data_ptr<T>()), x0(pp.return_x0 ? pp.x0.data_ptr<T>() : nullptr),
         mom(cfg.has_momentum ? pp.momentum_out.data_ptr<A>() : nullptr),
-        gram_fn(blocks::pick_gram<T>(1 + cfg.K, jm)), plans(size_t(pp.B)),
+        gram_fn(blocks::pick_gram<T>(1 + cfg.K, jm, stats_read_x(cfg))), plans(size_t(pp.B)),
         stream_outputs(pp.B * pp.N * int64_t(sizeof(T)) >= kStreamBytes) {}
 
   template <class S>
