@@ -265,12 +265,15 @@ struct Runner {
   void go() {
     const int threads = at::get_num_threads();
     const int64_t per = (N + kOutChunk - 1) / kOutChunk;
+    // Bytes one output task moves: small calls (a few KiB, e.g. the digits model's latents) stay on
+    // the calling thread instead of paying for a parallel region.
+    const int64_t task_bytes = int64_t(ns + nout) * int64_t(sizeof(T)) * std::min(kOutChunk, N);
     if (!cfg.needs_gram() || N == 0) {
       for (int64_t b = 0; b < B; ++b) solve_sample(b, nullptr);
       if (N == 0) return;
       // One pass. Tasks of kOutChunk elements, so both halves of a small batch and the tail of a
       // large one still spread across threads.
-      at::parallel_for(0, B * per, 1, [&](int64_t begin, int64_t end) {
+      cpu::parallel_rows(B * per, task_bytes, [&](int64_t begin, int64_t end) {
         std::vector<A> buf;
         for (int64_t task = begin; task < end; ++task) {
           const int64_t b = task / per, i0 = (task % per) * kOutChunk;
@@ -282,7 +285,7 @@ struct Runner {
     if (B >= threads && (B % threads == 0 || B >= 4 * threads)) {
       // Per-sample schedule: statistics, solve and output pass of one sample back to back, so the
       // second read of its inputs comes from cache rather than memory.
-      at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+      cpu::parallel_rows(B, 2 * int64_t(ns) * int64_t(sizeof(T)) * N, [&](int64_t begin, int64_t end) {
         std::vector<A> buf;
         std::vector<double> partial(size_t(nchunks) * nacc), stats(nacc);
         for (int64_t b = begin; b < end; ++b) {
@@ -311,7 +314,7 @@ struct Runner {
       solve_sample(b, stats.data());
     }
     // Each thread gets about the range of elements it reduced; backwards for the same reason as above.
-    at::parallel_for(0, B * per, 1, [&](int64_t begin, int64_t end) {
+    cpu::parallel_rows(B * per, task_bytes, [&](int64_t begin, int64_t end) {
       std::vector<A> buf;
       for (int64_t task = end - 1; task >= begin; --task) {
         const int64_t b = task / per, i0 = (task % per) * kOutChunk;
