@@ -11,7 +11,7 @@
                                      AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__)            \
                                          AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__))
 #include "common/dispatch.h"
-#include "guidance/gfcg_select_kernel.cuh"
+#include "guidance/gfcg_select_launch.h"
 
 namespace raekern::guidance {
 namespace {
@@ -37,7 +37,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gfcg_select_cuda(cons
   at::Tensor weight = at::empty({B}, f32), pt = at::empty({B}, f32), pr = at::empty({B}, f32);
   if (B == 0) return {ref, weight, pt, pr};
   RAEKERN_DISPATCH_CUDA_FLOATING(lg.scalar_type(), "gfcg_select_cuda", [&] {
-      cuda::gfcg_select_kernel<cuda_t<scalar_t>><<<B, cuda::kSelectThreads, 0, current_stream()>>>(
+      cuda::gfcg_select_kernel<cuda_t<scalar_t>><<<cuda::select_blocks(B), cuda::kSelectThreads, 0, current_stream()>>>(
           cuda_ptr<scalar_t>(lg), reinterpret_cast<const long long*>(tg.const_data_ptr<int64_t>()), C,
           float(w_max), float(kappa), float(w_min), reinterpret_cast<long long*>(ref.data_ptr<int64_t>()),
           weight.data_ptr<float>(), pt.data_ptr<float>(), pr.data_ptr<float>());

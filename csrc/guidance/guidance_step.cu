@@ -11,93 +11,32 @@
   AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)                   \
                                      AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__)            \
                                          AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__))
-#include "guidance/guidance_step.h"
-#include "guidance/guidance_step_kernel.cuh"
+#include "guidance/guidance_launch.h"
 
 namespace raekern::guidance {
 namespace {
 
 using cuda::Params;
 
-// Blocks per sample: enough blocks for the whole GPU at small batches, >= 8 vector iterations each.
-int64_t pick_chunk(int64_t B, int64_t N, int V) {
-  const int64_t min_chunk = int64_t(cuda::kThreads) * V * 8;
-  int64_t chunks = std::max<int64_t>(1, (N + min_chunk - 1) / min_chunk);
-  const int64_t target_blocks = 1024;
-  if (B * chunks > target_blocks) chunks = std::max<int64_t>(1, target_blocks / std::max<int64_t>(B, 1));
-  int64_t chunk = (N + chunks - 1) / chunks;
-  chunk = (chunk + V - 1) / V * V;  // keeps every block's start vector-aligned
-  return std::max<int64_t>(chunk, V);
-}
-
 template <class T>
 void launch(Prepared& pr) {
   using DT = cuda_t<T>;
-  const Config& cfg = pr.cfg;
-  Params p{};
-  p.cfg = cfg;
-  p.B = pr.B;
-  p.N = pr.N;
-  p.ns = cfg.num_streams();
-  p.nout = cfg.num_outputs();
-  p.first_m = 1 + cfg.K;
-  p.last_m = p.first_m + (cfg.has_momentum ? cfg.J : 0);
-  constexpr int V = simt::kVec16<DT>;
-  bool vec_ok = pr.N % V == 0;
-  for (int e = 0; e < p.ns; ++e) {
-    p.ptr[e] = pr.streams[e].ptr;
-    p.stride[e] = pr.streams[e].stride;
-    const bool is_m = e >= p.first_m && e < p.last_m;
-    const int64_t esize = is_m ? 4 : int64_t(sizeof(T));
-    vec_ok = vec_ok && reinterpret_cast<uintptr_t>(p.ptr[e]) % 16 == 0 && (p.stride[e] * esize) % 16 == 0;
-  }
-  p.vec_ok = vec_ok;
-  p.chunk = pick_chunk(pr.B, pr.N, vec_ok ? V : 1);
-  p.chunks = (pr.N + p.chunk - 1) / p.chunk;
-  p.return_x0 = pr.return_x0;
-  p.t = pr.t.const_data_ptr<double>();
-  p.t_next = pr.t_next.const_data_ptr<double>();
-  p.w = pr.weights.const_data_ptr<double>();
-  p.zero_init = pr.zero_init.const_data_ptr<uint8_t>();
-  p.coeffs = pr.coeffs.data_ptr<double>();
-  p.out = pr.out.data_ptr();
-  p.x0 = pr.return_x0 ? pr.x0.data_ptr() : nullptr;
-  p.mom_out = cfg.has_momentum ? pr.momentum_out.data_ptr<float>() : nullptr;
+  Params p;
+  const cuda::StepLaunch L = cuda::plan_step<DT>(pr, p);
   cudaStream_t stream = current_stream();
-  const int64_t blocks = pr.B * p.chunks;
-
   at::Tensor stats;
-  const int ng = cfg.gram_size();
-  if (cfg.needs_gram() && pr.N > 0) {
-    RAEKERN_CHECK(ng <= cuda::kMaxGram, kOp, "terms", "on CUDA, 1 + K + (momentum terms) must be <= ",
-                  cuda::kMaxGram, " when a statistic is needed, got ", ng);
-    stats = at::zeros({pr.B, gram_entries(ng) + ng}, pr.out.options().dtype(at::kDouble));
+  if (L.gram) {
+    stats = at::zeros({pr.B, L.stats_entries}, pr.out.options().dtype(at::kDouble));
     p.stats = stats.data_ptr<double>();
-    const size_t smem = size_t(cuda::kThreads / simt::kWarp) * (gram_entries(ng) + ng) * sizeof(float);
-    switch (ng) {
-#define RAEKERN_GRAM_CASE(NGV)                                                        \
-  case NGV:                                                                           \
-    cuda::gram_kernel<DT, NGV><<<blocks, cuda::kThreads, smem, stream>>>(p);          \
-    break;
-      RAEKERN_GRAM_CASE(2)
-      RAEKERN_GRAM_CASE(3)
-      RAEKERN_GRAM_CASE(4)
-      RAEKERN_GRAM_CASE(5)
-      RAEKERN_GRAM_CASE(6)
-      RAEKERN_GRAM_CASE(7)
-      RAEKERN_GRAM_CASE(8)
-#undef RAEKERN_GRAM_CASE
-      default:
-        break;
-    }
-    RAEKERN_CUDA_CHECK_LAUNCH();
-  } else {
-    p.stats = nullptr;
+    cuda::with_gram_kernel<DT>(L.ng, [&](auto kernel) {
+      kernel<<<L.blocks, cuda::kThreads, L.gram_smem, stream>>>(p);
+      RAEKERN_CUDA_CHECK_LAUNCH();
+    });
   }
-  cuda::solve_kernel<<<(pr.B + 63) / 64, 64, 0, stream>>>(p);
+  cuda::solve_kernel<<<L.solve_blocks, L.solve_threads, 0, stream>>>(p);
   RAEKERN_CUDA_CHECK_LAUNCH();
-  if (pr.N > 0) {
-    cuda::combine_kernel<DT><<<blocks, cuda::kThreads, 0, stream>>>(p);
+  if (L.combine) {
+    cuda::combine_kernel<DT><<<L.blocks, cuda::kThreads, 0, stream>>>(p);
     RAEKERN_CUDA_CHECK_LAUNCH();
   }
 }
@@ -150,15 +89,13 @@ at::Tensor guidance_combine_cuda(at::TensorList inputs, const at::Tensor& coeffs
   at::Tensor c = coeffs.to(ref.device(), at::kDouble).contiguous();
   at::Tensor out = at::empty(ref.sizes(), ref.options().memory_format(at::MemoryFormat::Contiguous));
   p.n_in = int(n_in);
-  p.B = B;
-  p.N = B > 0 ? ref.numel() / B : 0;
-  if (p.N == 0) return out;
-  p.chunk = pick_chunk(B, p.N, 1);
-  p.chunks = (p.N + p.chunk - 1) / p.chunk;
+  const int64_t N = B > 0 ? ref.numel() / B : 0;
+  if (N == 0) return out;
+  const int64_t blocks = cuda::plan_combine(B, N, p);
   p.coeffs = c.const_data_ptr<double>();
   p.out = out.data_ptr();
   RAEKERN_DISPATCH_CUDA_FLOATING(ref.scalar_type(), "guidance_combine_cuda", [&] {
-      cuda::lincomb_kernel<cuda_t<scalar_t>><<<B * p.chunks, cuda::kThreads, 0, current_stream()>>>(p);
+      cuda::lincomb_kernel<cuda_t<scalar_t>><<<blocks, cuda::kThreads, 0, current_stream()>>>(p);
       RAEKERN_CUDA_CHECK_LAUNCH();
   });
   return out;

@@ -1,12 +1,15 @@
 // CPU kernel of raekern::guidance_step: (pass 1, only when a rule needs statistics) per-sample Gram
 // matrix and sums of the rebased input streams, the shared scalar solve, then one pass writing every
-// output as a per-sample linear combination of the inputs.
+// output as a per-sample linear combination of the rebased streams (base branch, branch differences
+// formed per element in registers, x, ...): register-blocked kernels of guidance_blocks_cpu.h
+// specialised on the stream counts, a buffered generic path for the rest.
 #include <torch/library.h>
 
 #include <vector>
 
 #include "common/cpu_utils.h"
 #include "common/dispatch.h"
+#include "guidance/guidance_blocks_cpu.h"
 #include "guidance/guidance_step.h"
 
 namespace raekern::guidance {
@@ -15,8 +18,16 @@ namespace {
 using cpu::acc_t;
 using cpu::widen;
 
-// Elements per task: each stream's chunk (fp32) stays in L1/L2 while every output is formed.
+// Elements per chunk of the statistics pass (and of the buffered fallback): partial sums per chunk
+// in fp32, combined across chunks in fp64.
 constexpr int64_t kChunk = 1024;
+// Elements per task of the register-blocked output pass: large enough to amortise the task set-up,
+// small enough that a batch of a few samples still spreads across threads.
+constexpr int64_t kOutChunk = 16384;
+// Outputs at least this large are written with non-temporal stores: they cannot stay in cache for the
+// next consumer anyway, and skipping the read-for-ownership saves a quarter to a fifth of the memory
+// traffic of a few-stream combination.
+constexpr int64_t kStreamBytes = int64_t(4) << 20;
 
 // Loads stream e of sample b, elements [i0, i0+n), into `dst` as accumulator type; differences with
 // the base branch are formed here, before any product.
@@ -74,109 +85,248 @@ inline A sum_chunk(const A* __restrict u, int64_t n) {
   return s;
 }
 
+// True when a statistic may involve x. With velocity branches and every statistic taken in velocity
+// space (stats spaces, CFG-Zero*'s scaling space, rescale space), every vector the solve measures is
+// a combination of branches and momentum only, and x's Gram entries get zero weight.
+inline bool stats_read_x(const Config& c) {
+  if (c.work != kVelocity) return true;
+  for (int j = 0; j < c.J; ++j)
+    if (c.stats_space[j] != kVelocity || (c.zero_star[j] >= 0 && c.zero_star[j] != kVelocity)) return true;
+  return c.phi != 0.0 && c.rescale_space != kVelocity;
+}
+
 template <class T>
-void run(Prepared& p) {
+struct Runner {
   using A = acc_t<T>;
-  const Config& cfg = p.cfg;
-  const int64_t B = p.B, N = p.N;
-  const int ns = cfg.num_streams(), ng = cfg.gram_size(), nout = cfg.num_outputs();
-  const int first_m = 1 + cfg.K, last_m = first_m + (cfg.has_momentum ? cfg.J : 0);
-  Loader<T> loader{p, cfg.K, first_m, last_m};
-  const int64_t nchunks = (N + kChunk - 1) / kChunk;
-  const int64_t tasks = B * nchunks;
-  const int64_t row_bytes = int64_t(ns) * kChunk * int64_t(sizeof(T));
+  Prepared& p;
+  const Config& cfg;
+  int64_t B, N, nchunks;
+  int ns, ng, nout, nacc, jm;
+  Loader<T> loader;
+  T* out;
+  T* x0;
+  A* mom;
+  blocks::GramFn<T> gram_fn;
+  std::vector<blocks::CombinePlan<T>> plans;
+  bool stream_outputs;
 
-  // Pass 1: Gram matrix and sums per sample, accumulated per chunk in A and across chunks in fp64
-  // (chunk partials are combined in a fixed order, so the result is deterministic).
-  const int nacc = gram_entries(ng) + ng;
-  std::vector<double> stats;
-  if (cfg.needs_gram() && N > 0) {
-    std::vector<double> partial(size_t(tasks) * nacc);
-    cpu::parallel_rows(tasks, row_bytes, [&](int64_t begin, int64_t end) {
-      std::vector<A> buf(size_t(ng) * kChunk);
-      for (int64_t task = begin; task < end; ++task) {
-        const int64_t b = task / nchunks, i0 = (task % nchunks) * kChunk;
-        const int64_t n = std::min(kChunk, N - i0);
-        for (int e = 0; e < ng; ++e) loader(e, b, i0, n, buf.data() + e * kChunk, buf.data() + kChunk);
-        double* out = partial.data() + task * nacc;
-        for (int e = 0; e < ng; ++e) {
-          const A* __restrict u = buf.data() + e * kChunk;
-          for (int f = e; f < ng; ++f)
-            out[gram_index(e, f, ng)] = double(dot_chunk(u, buf.data() + f * kChunk, n));
-          out[gram_entries(ng) + e] = double(sum_chunk(u, n));
-        }
-      }
-    });
-    stats.assign(size_t(B) * nacc, 0.0);
-    for (int64_t b = 0; b < B; ++b)
-      for (int64_t c = 0; c < nchunks; ++c)
-        for (int a = 0; a < nacc; ++a) stats[b * nacc + a] += partial[(b * nchunks + c) * nacc + a];
+  explicit Runner(Prepared& pp)
+      : p(pp), cfg(pp.cfg), B(pp.B), N(pp.N), nchunks((pp.N + kChunk - 1) / kChunk),
+        ns(cfg.num_streams()), ng(cfg.gram_size()), nout(cfg.num_outputs()),
+        nacc(gram_entries(ng) + ng), jm(cfg.has_momentum ? cfg.J : 0),
+        loader{pp, cfg.K, 1 + cfg.K, 1 + cfg.K + jm},
+        out(pp.out.data_ptr<T>()), x0(pp.return_x0 ? pp.x0.data_ptr<T>() : nullptr),
+        mom(cfg.has_momentum ? pp.momentum_out.data_ptr<A>() : nullptr),
+        gram_fn(blocks::pick_gram<T>(1 + cfg.K, jm, stats_read_x(cfg))), plans(size_t(pp.B)),
+        stream_outputs(pp.B * pp.N * int64_t(sizeof(T)) >= kStreamBytes) {}
+
+  template <class S>
+  const S* row(int e, int64_t b) const {
+    return static_cast<const S*>(p.streams[e].ptr) + b * p.streams[e].stride;
   }
 
-  // Per-sample solve.
-  double* coeffs = p.coeffs.data_ptr<double>();
-  const double* tt = p.t.const_data_ptr<double>();
-  const double* tn = p.t_next.const_data_ptr<double>();
-  const double* w = p.weights.const_data_ptr<double>();
-  const uint8_t* zi = p.zero_init.const_data_ptr<uint8_t>();
-  for (int64_t b = 0; b < B; ++b) {
+  // Gram matrix and sums of chunk c of sample b into dst[nacc].
+  void gram_chunk(int64_t b, int64_t c, double* dst, std::vector<A>& buf) const {
+    const int64_t i0 = c * kChunk, n = std::min(kChunk, N - i0);
+    if (gram_fn) {
+      const T* in[1 + kMaxBranches];
+      const A* min[kMaxTerms];
+      for (int e = 0; e <= cfg.K; ++e) in[e] = row<T>(e, b) + i0;
+      for (int j = 0; j < jm; ++j) min[j] = row<A>(1 + cfg.K + j, b) + i0;
+      gram_fn(in, min, n, dst);
+      return;
+    }
+    buf.resize(size_t(ng) * kChunk);
+    for (int e = 0; e < ng; ++e) loader(e, b, i0, n, buf.data() + e * kChunk, buf.data() + kChunk);
+    for (int e = 0; e < ng; ++e) {
+      const A* __restrict u = buf.data() + e * kChunk;
+      for (int f = e; f < ng; ++f) dst[gram_index(e, f, ng)] = double(dot_chunk(u, buf.data() + f * kChunk, n));
+      dst[gram_entries(ng) + e] = double(sum_chunk(u, n));
+    }
+  }
+
+  // Scalar solve of sample b (stats: its nacc sums, or nullptr) and the plan of its output pass.
+  void solve_sample(int64_t b, const double* stats) {
+    double* coeffs = p.coeffs.data_ptr<double>() + b * nout * ns;
     Sample s;
-    s.t = tt[b];
-    s.t_next = tn[b];
-    for (int j = 0; j < cfg.J; ++j) s.w[j] = w[b * cfg.J + j];
-    s.zero_init = zi[b] != 0;
+    s.t = p.t.const_data_ptr<double>()[b];
+    s.t_next = p.t_next.const_data_ptr<double>()[b];
+    for (int j = 0; j < cfg.J; ++j) s.w[j] = p.weights.const_data_ptr<double>()[b * cfg.J + j];
+    s.zero_init = p.zero_init.const_data_ptr<uint8_t>()[b] != 0;
     Coeffs c;
-    const double* g = stats.empty() ? nullptr : stats.data() + b * nacc;
-    solve(cfg, s, g, g ? g + gram_entries(ng) : nullptr, c);
+    solve(cfg, s, stats, stats ? stats + gram_entries(ng) : nullptr, c);
     for (int o = 0; o < nout; ++o)
-      for (int e = 0; e < ns; ++e) coeffs[(b * nout + o) * ns + e] = c.c[o][e];
+      for (int e = 0; e < ns; ++e) coeffs[o * ns + e] = c.c[o][e];
+    plan_sample(b, coeffs);
   }
-  if (N == 0) return;
 
-  // Pass 2: every output as a combination of the streams. Streams whose coefficients are all zero
-  // for a sample are not read (e.g. x for a pure velocity combination), which also keeps a NaN in an
-  // unused input from reaching the output, as in the reference formulas.
-  T* out = p.out.data_ptr<T>();
-  T* x0 = p.return_x0 ? p.x0.data_ptr<T>() : nullptr;
-  A* mom = cfg.has_momentum ? p.momentum_out.data_ptr<A>() : nullptr;
-  cpu::parallel_rows(tasks, row_bytes, [&](int64_t begin, int64_t end) {
-    std::vector<A> buf(size_t(ns + 1) * kChunk);
-    A* acc = buf.data() + size_t(ns) * kChunk;
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / nchunks, i0 = (task % nchunks) * kChunk;
-      const int64_t n = std::min(kChunk, N - i0);
-      const double* cb = coeffs + b * nout * ns;
-      bool used[kMaxStreams] = {};
-      for (int o = 0; o < nout; ++o) {
-        if (o == 1 && !x0) continue;
-        for (int e = 0; e < ns; ++e) used[e] = used[e] || cb[o * ns + e] != 0.0;
-      }
-      // Difference streams need the base branch in buffer 1.
-      for (int e = 2; e <= cfg.K; ++e) used[1] = used[1] || used[e];
-      for (int e = 0; e < ns; ++e)
-        if (used[e]) loader(e, b, i0, n, buf.data() + e * kChunk, buf.data() + kChunk);
-      for (int o = 0; o < nout; ++o) {
-        if (o == 1 && !x0) continue;
-        const double* c = cb + o * ns;
-        for (int64_t i = 0; i < n; ++i) acc[i] = 0;
-        for (int e = 0; e < ns; ++e) {
-          if (c[e] == 0.0) continue;
-          const A ce = static_cast<A>(c[e]);
-          const A* __restrict v = buf.data() + e * kChunk;
-#pragma omp simd
-          for (int64_t i = 0; i < n; ++i) acc[i] += ce * v[i];
-        }
-        if (o == 0) {
-          cpu::store_row<T>(acc, n, out + b * N + i0);
-        } else if (o == 1) {
-          cpu::store_row<T>(acc, n, x0 + b * N + i0);
-        } else {
-          A* dst = mom + ((o - 2) * B + b) * N + i0;
-          for (int64_t i = 0; i < n; ++i) dst[i] = acc[i];
-        }
+  // The register-blocked plan of sample b: the used streams (a stream whose coefficients are all zero
+  // is not read, e.g. x for a pure velocity combination, which also keeps a NaN in an unused input
+  // from reaching the output, as in the reference formulas), ordered base branch first, then the
+  // branches of the difference streams, then the rest; the coefficients stay the rebased ones.
+  void plan_sample(int64_t b, const double* cb) {
+    blocks::CombinePlan<T>& pl = plans[b];
+    pl.fn = nullptr;
+    if (jm > 1) return;
+    bool used[kMaxStreams] = {};
+    int outs[kMaxOutputs], no = 0, nmo = 0;
+    outs[no++] = 0;
+    if (x0) outs[no++] = 1;
+    for (int j = 0; j < jm; ++j) outs[no + nmo++] = 2 + j;
+    for (int q = 0; q < no + nmo; ++q)
+      for (int e = 0; e < ns; ++e) used[e] = used[e] || cb[outs[q] * ns + e] != 0.0;
+    int idx[kMaxStreams], nsu = 0, nd = 0, nmi = 0, midx = -1;
+    for (int e = 2; e <= cfg.K; ++e) nd += used[e];
+    if (nd > 0) used[1] = true;
+    // base, differences, then x / x_prev / u_prev
+    if (used[1]) idx[nsu++] = 1;
+    for (int e = 2; e <= cfg.K; ++e)
+      if (used[e]) idx[nsu++] = e;
+    for (int e = 0; e < ns; ++e) {
+      if (!used[e] || (e >= 1 && e <= cfg.K)) continue;
+      if (e > cfg.K && e <= cfg.K + jm) {
+        midx = e;
+        nmi = 1;
+      } else {
+        if (nsu == blocks::kMaxFixedInputs) return;
+        idx[nsu++] = e;
       }
     }
-  });
+    if (nsu == 0 || nsu > blocks::kMaxFixedInputs) return;
+    pl.fn = blocks::pick_combine<T>(nsu, nd, nmi, no, nmo);
+    if (!pl.fn) return;
+    for (int s = 0; s < nsu; ++s) pl.in[s] = row<T>(idx[s], b);
+    if (nmi) pl.min[0] = row<A>(midx, b);
+    pl.out[0] = out + b * N;
+    if (x0) pl.out[1] = x0 + b * N;
+    if (nmo) pl.mout[0] = mom + b * N;
+    auto aligned = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 64 == 0; };
+    pl.stream = stream_outputs && aligned(pl.out[0]) && (!x0 || aligned(pl.out[1])) && (!nmo || aligned(pl.mout[0]));
+    for (int q = 0; q < no + nmo; ++q) {
+      const double* c = cb + outs[q] * ns;
+      for (int s = 0; s < nsu; ++s) pl.coef[q][s] = static_cast<A>(c[idx[s]]);
+      if (nmi) pl.coef[q][nsu] = static_cast<A>(c[midx]);
+    }
+  }
+
+  // Output pass over elements [i0, i0 + n) of sample b.
+  void combine(int64_t b, int64_t i0, int64_t n, std::vector<A>& buf) const {
+    if (plans[b].fn) {
+      plans[b].fn(plans[b], i0, n);
+      return;
+    }
+    for (int64_t c0 = i0; c0 < i0 + n; c0 += kChunk) combine_generic(b, c0, std::min(kChunk, i0 + n - c0), buf);
+  }
+
+  // Buffered fallback for configurations without a register-blocked instance (K > 4, several
+  // momentum buffers, more than six storage-typed streams).
+  void combine_generic(int64_t b, int64_t i0, int64_t n, std::vector<A>& buf) const {
+    buf.resize(size_t(ns + 1) * kChunk);
+    A* acc = buf.data() + size_t(ns) * kChunk;
+    const double* cb = p.coeffs.const_data_ptr<double>() + b * nout * ns;
+    bool used[kMaxStreams] = {};
+    for (int o = 0; o < nout; ++o) {
+      if (o == 1 && !x0) continue;
+      for (int e = 0; e < ns; ++e) used[e] = used[e] || cb[o * ns + e] != 0.0;
+    }
+    for (int e = 2; e <= cfg.K; ++e) used[1] = used[1] || used[e];
+    for (int e = 0; e < ns; ++e)
+      if (used[e]) loader(e, b, i0, n, buf.data() + e * kChunk, buf.data() + kChunk);
+    for (int o = 0; o < nout; ++o) {
+      if (o == 1 && !x0) continue;
+      const double* c = cb + o * ns;
+      for (int64_t i = 0; i < n; ++i) acc[i] = 0;
+      for (int e = 0; e < ns; ++e) {
+        if (c[e] == 0.0) continue;
+        const A ce = static_cast<A>(c[e]);
+        const A* __restrict v = buf.data() + e * kChunk;
+#pragma omp simd
+        for (int64_t i = 0; i < n; ++i) acc[i] += ce * v[i];
+      }
+      if (o == 0) {
+        cpu::store_row<T>(acc, n, out + b * N + i0);
+      } else if (o == 1) {
+        cpu::store_row<T>(acc, n, x0 + b * N + i0);
+      } else {
+        A* dst = mom + ((o - 2) * B + b) * N + i0;
+        for (int64_t i = 0; i < n; ++i) dst[i] = acc[i];
+      }
+    }
+  }
+
+  // Statistics of sample b: chunk partials accumulated in a fixed order (deterministic, and the same
+  // in the per-sample and the split schedule).
+  void reduce_sample(const double* partial, double* stats) const {
+    for (int a = 0; a < nacc; ++a) stats[a] = 0.0;
+    for (int64_t c = 0; c < nchunks; ++c)
+      for (int a = 0; a < nacc; ++a) stats[a] += partial[c * nacc + a];
+  }
+
+  void go() {
+    const int threads = at::get_num_threads();
+    const int64_t per = (N + kOutChunk - 1) / kOutChunk;
+    // Bytes one output task moves: small calls (a few KiB, e.g. the digits model's latents) stay on
+    // the calling thread instead of paying for a parallel region.
+    const int64_t task_bytes = int64_t(ns + nout) * int64_t(sizeof(T)) * std::min(kOutChunk, N);
+    if (!cfg.needs_gram() || N == 0) {
+      for (int64_t b = 0; b < B; ++b) solve_sample(b, nullptr);
+      if (N == 0) return;
+      // One pass. Tasks of kOutChunk elements, so both halves of a small batch and the tail of a
+      // large one still spread across threads.
+      cpu::parallel_rows(B * per, task_bytes, [&](int64_t begin, int64_t end) {
+        std::vector<A> buf;
+        for (int64_t task = begin; task < end; ++task) {
+          const int64_t b = task / per, i0 = (task % per) * kOutChunk;
+          combine(b, i0, std::min(kOutChunk, N - i0), buf);
+        }
+      });
+      return;
+    }
+    if (B >= threads && (B % threads == 0 || B >= 4 * threads)) {
+      // Per-sample schedule: statistics, solve and output pass of one sample back to back, so the
+      // second read of its inputs comes from cache rather than memory.
+      cpu::parallel_rows(B, 2 * int64_t(ns) * int64_t(sizeof(T)) * N, [&](int64_t begin, int64_t end) {
+        std::vector<A> buf;
+        std::vector<double> partial(size_t(nchunks) * nacc), stats(nacc);
+        for (int64_t b = begin; b < end; ++b) {
+          for (int64_t c = 0; c < nchunks; ++c) gram_chunk(b, c, partial.data() + c * nacc, buf);
+          reduce_sample(partial.data(), stats.data());
+          solve_sample(b, stats.data());
+          // Backwards: the most recently read elements are the ones still in cache (a forward
+          // re-read of a sample larger than L2 would miss on every line, LRU evicting ahead of it).
+          for (int64_t i0 = (N - 1) / kOutChunk * kOutChunk; i0 >= 0; i0 -= kOutChunk)
+            combine(b, i0, std::min(kOutChunk, N - i0), buf);
+        }
+      });
+      return;
+    }
+    // Few samples: both passes split over chunks.
+    const int64_t tasks = B * nchunks;
+    std::vector<double> partial(size_t(tasks) * nacc);
+    cpu::parallel_rows(tasks, int64_t(ns) * int64_t(sizeof(T)) * kChunk, [&](int64_t begin, int64_t end) {
+      std::vector<A> buf;
+      for (int64_t task = begin; task < end; ++task)
+        gram_chunk(task / nchunks, task % nchunks, partial.data() + task * nacc, buf);
+    });
+    std::vector<double> stats(nacc);
+    for (int64_t b = 0; b < B; ++b) {
+      reduce_sample(partial.data() + b * nchunks * nacc, stats.data());
+      solve_sample(b, stats.data());
+    }
+    // Each thread gets about the range of elements it reduced; backwards for the same reason as above.
+    cpu::parallel_rows(B * per, task_bytes, [&](int64_t begin, int64_t end) {
+      std::vector<A> buf;
+      for (int64_t task = end - 1; task >= begin; --task) {
+        const int64_t b = task / per, i0 = (task % per) * kOutChunk;
+        combine(b, i0, std::min(kOutChunk, N - i0), buf);
+      }
+    });
+  }
+};
+
+template <class T>
+void run(Prepared& p) {
+  Runner<T>(p).go();
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> guidance_step_cpu(

@@ -1,0 +1,122 @@
+// Launch decisions of guidance_step's and guidance_combine's CUDA kernels (grid, block, passes,
+// kernel parameters), shared by the CUDA launcher (guidance_step.cu) and the host emulation
+// (guidance_emu.cpp), so the emulated tests run the kernels exactly as a GPU gets them.
+// gfcg_select's is in gfcg_select_launch.h.
+// Host code only (ATen); the element type DT is the launcher's (cuda_t<T> or emu_t<T>).
+#pragma once
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+// ATen (through guidance_step.h) before the kernel headers: under the host emulation these define
+// CUDA keywords as macros that ATen's headers must not see.
+#include "guidance/guidance_step.h"
+// clang-format off
+#include "guidance/guidance_step_kernel.cuh"
+// clang-format on
+
+namespace raekern::guidance::cuda {
+
+// Blocks per sample: enough blocks for the whole GPU at small batches, >= 8 vector iterations each.
+inline int64_t pick_chunk(int64_t B, int64_t N, int V) {
+  const int64_t min_chunk = int64_t(kThreads) * V * 8;
+  int64_t chunks = std::max<int64_t>(1, (N + min_chunk - 1) / min_chunk);
+  const int64_t target_blocks = 1024;
+  if (B * chunks > target_blocks) chunks = std::max<int64_t>(1, target_blocks / std::max<int64_t>(B, 1));
+  int64_t chunk = (N + chunks - 1) / chunks;
+  chunk = (chunk + V - 1) / V * V;  // keeps every block's start vector-aligned
+  return std::max<int64_t>(chunk, V);
+}
+
+// The launches of one guidance_step call. The statistics buffer (zeroed, float64 [B, stats_entries])
+// and the device addresses in Params are the launcher's.
+struct StepLaunch {
+  int64_t blocks = 0;  // B * chunks: grid of the Gram and output kernels (kThreads each)
+  bool gram = false;   // statistics pass needed
+  int ng = 0;          // Gram size (template argument of gram_kernel)
+  int64_t stats_entries = 0;
+  size_t gram_smem = 0;
+  int64_t solve_blocks = 0;  // solve_kernel: one thread per sample
+  int solve_threads = 64;
+  bool combine = false;  // output pass (N > 0)
+};
+
+// Params from the prepared host arguments (pointers as `pr` holds them; an emulating launcher remaps
+// them) and the launch plan. DT is the device element type (__half, __nv_bfloat16, float).
+template <class DT>
+StepLaunch plan_step(const Prepared& pr, Params& p) {
+  const Config& cfg = pr.cfg;
+  p = Params{};
+  p.cfg = cfg;
+  p.B = pr.B;
+  p.N = pr.N;
+  p.ns = cfg.num_streams();
+  p.nout = cfg.num_outputs();
+  p.first_m = 1 + cfg.K;
+  p.last_m = p.first_m + (cfg.has_momentum ? cfg.J : 0);
+  constexpr int V = simt::kVec16<DT>;
+  bool vec_ok = pr.N % V == 0;
+  for (int e = 0; e < p.ns; ++e) {
+    p.ptr[e] = pr.streams[e].ptr;
+    p.stride[e] = pr.streams[e].stride;
+    const bool is_m = e >= p.first_m && e < p.last_m;
+    const int64_t esize = is_m ? 4 : int64_t(sizeof(DT));
+    vec_ok = vec_ok && reinterpret_cast<uintptr_t>(p.ptr[e]) % 16 == 0 && (p.stride[e] * esize) % 16 == 0;
+  }
+  // Outputs are fresh allocations, but a vector store must not rely on that silently.
+  vec_ok = vec_ok && reinterpret_cast<uintptr_t>(pr.out.const_data_ptr()) % 16 == 0 &&
+           (!pr.return_x0 || reinterpret_cast<uintptr_t>(pr.x0.const_data_ptr()) % 16 == 0);
+  p.vec_ok = vec_ok;
+  p.chunk = pick_chunk(pr.B, pr.N, vec_ok ? V : 1);
+  p.chunks = (pr.N + p.chunk - 1) / p.chunk;
+  p.return_x0 = pr.return_x0;
+  p.t = pr.t.const_data_ptr<double>();
+  p.t_next = pr.t_next.const_data_ptr<double>();
+  p.w = pr.weights.const_data_ptr<double>();
+  p.zero_init = pr.zero_init.const_data_ptr<uint8_t>();
+  p.coeffs = const_cast<double*>(pr.coeffs.const_data_ptr<double>());
+  p.out = const_cast<void*>(pr.out.const_data_ptr());
+  p.x0 = pr.return_x0 ? const_cast<void*>(pr.x0.const_data_ptr()) : nullptr;
+  p.mom_out = cfg.has_momentum ? const_cast<float*>(pr.momentum_out.const_data_ptr<float>()) : nullptr;
+  p.stats = nullptr;
+
+  StepLaunch L;
+  L.blocks = pr.B * p.chunks;
+  L.ng = cfg.gram_size();
+  L.gram = cfg.needs_gram() && pr.N > 0;
+  if (L.gram) {
+    RAEKERN_CHECK(L.ng <= kMaxGram, kOp, "terms", "on CUDA, 1 + K + (momentum terms) must be <= ", kMaxGram,
+                  " when a statistic is needed, got ", L.ng);
+    L.stats_entries = gram_entries(L.ng) + L.ng;
+    L.gram_smem = size_t(kThreads / simt::kWarp) * size_t(L.stats_entries) * sizeof(float);
+  }
+  L.solve_blocks = (pr.B + L.solve_threads - 1) / L.solve_threads;
+  L.combine = pr.N > 0;
+  return L;
+}
+
+// f(kernel) with the gram_kernel instance of Gram size ng (2..kMaxGram).
+template <class DT, class F>
+void with_gram_kernel(int ng, F&& f) {
+  switch (ng) {
+    case 2: f(&gram_kernel<DT, 2>); break;
+    case 3: f(&gram_kernel<DT, 3>); break;
+    case 4: f(&gram_kernel<DT, 4>); break;
+    case 5: f(&gram_kernel<DT, 5>); break;
+    case 6: f(&gram_kernel<DT, 6>); break;
+    case 7: f(&gram_kernel<DT, 7>); break;
+    case 8: f(&gram_kernel<DT, 8>); break;
+    default: break;
+  }
+}
+
+// guidance_combine: one block of kThreads per (sample, chunk), scalar loads.
+inline int64_t plan_combine(int64_t B, int64_t N, CombineParams& p) {
+  p.B = B;
+  p.N = N;
+  p.chunk = pick_chunk(B, N, 1);
+  p.chunks = (N + p.chunk - 1) / p.chunk;
+  return B * p.chunks;
+}
+
+}  // namespace raekern::guidance::cuda
