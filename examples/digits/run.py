@@ -44,7 +44,7 @@ from raekern.models.rae import noise_augment  # noqa: E402
 from raekern.models.training import xpred_loss  # noqa: E402
 
 FULL = dict(eval_steps=400, enc_steps=600, dec_steps=500, dro_p2=200, dro_p3=300, probe_steps=300,
-            gen_dec_steps=250, dit_steps=800, weak_steps=250, batch=64, per_class=20, sample_steps=20)
+            gen_dec_steps=250, dit_steps=1600, weak_steps=300, batch=64, per_class=20, sample_steps=20)
 QUICK = dict(eval_steps=10, enc_steps=10, dec_steps=10, dro_p2=5, dro_p3=5, probe_steps=10, gen_dec_steps=5,
              dit_steps=10, weak_steps=5, batch=32, per_class=2, sample_steps=4)
 # Time shift for training and sampling. RAE's rule α = sqrt(C·H·W / 4096) gives 0.5 for this [64, 4, 4]
@@ -139,12 +139,12 @@ def evaluate_images(evalnet, images_gray, labels=None, bs=500):
 
 # -- stages ------------------------------------------------------------------------------------------
 def train_evalnet(ds, cfg, st: Stage):
+    torch.manual_seed(1)  # before construction: the initial weights come from the global generator
     net = nets.EvalNet()
     saved = st.done("evalnet_v2")
     if saved is not None:
         net.load_state_dict(saved)
         return net.eval()
-    torch.manual_seed(1)
     gen = torch.Generator().manual_seed(1)
     it = batches(len(ds.train_y), cfg["batch"], gen)
 
@@ -159,10 +159,10 @@ def train_evalnet(ds, cfg, st: Stage):
 
 
 def train_encoder(ds, cfg, st: Stage):
+    torch.manual_seed(2)
     model = nets.EncoderClassifier()
     saved = st.done("encoder")
     if saved is None:
-        torch.manual_seed(2)
         gen = torch.Generator().manual_seed(2)
         it = batches(len(ds.train_y), cfg["batch"], gen)
 
@@ -196,13 +196,13 @@ def recon_loss(px, target_gray):
 
 def train_decoder(name, fusion, hs_train, ds, cfg, st: Stage, steps, seed, decoder=None, train_fusion=False,
                   train_decoder=True, tau=None):
+    torch.manual_seed(seed)  # before construction, so that a resumed run initialises as a cold one
     dec = decoder if decoder is not None else nets.decoder()
     saved = st.done(name)
     if saved is not None:
         dec.load_state_dict(saved["decoder"])
         fusion.load_state_dict(saved["fusion"])
         return dec.eval(), fusion.eval()
-    torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     it = batches(len(ds.train_y), cfg["batch"], gen)
     dec.requires_grad_(train_decoder)
@@ -338,6 +338,7 @@ def main(argv=None) -> int:
     dec_b, fus_b = train_decoder("dec_raev2", nets.LayerMean(), hs_train, ds, cfg, st, cfg["dec_steps"], 11)
     recon["(b) RAEv2: layer mean"], recon_imgs["b"] = eval_recon(dec_b, fus_b, hs_test, ds, evalnet, real_feats)
     # DRoRAE phase 1 is decoder (a); phase 2 trains only the routing through that frozen decoder
+    torch.manual_seed(12)
     dro = nets.DepthRouted()
     dec_c2, dro = train_decoder("dro_p2", dro, hs_train, ds, cfg, st, cfg["dro_p2"], 12,
                                 decoder=copy.deepcopy(dec_a), train_fusion=True, train_decoder=False)
@@ -365,10 +366,10 @@ def main(argv=None) -> int:
     mean, var = chw(tok_train).mean(0), chw(tok_train).var(0, unbiased=False)
     z_train = (chw(tok_train) - mean) / torch.sqrt(var + 1e-5)
     z_test = (chw(tok_test) - mean) / torch.sqrt(var + 1e-5)
+    torch.manual_seed(3)
     probe = LatentProbe(C)
     saved = st.done("probe")
     if saved is None:
-        torch.manual_seed(3)
         gen = torch.Generator().manual_seed(3)
         it = batches(len(ds.train_y), cfg["batch"], gen)
 
