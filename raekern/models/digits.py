@@ -226,6 +226,11 @@ def _cached(backend: str = "raekern") -> DigitsModel:
 
 
 def _build(o: dict):
+    if torch.device(o.get("device", "cpu")).type == "cpu" and torch.get_num_threads() > 1:
+        # This model's matrices are a few dozen rows wide: a second OpenMP thread only adds a barrier
+        # per op, and on a busy machine those waits cost more than the work (20 samples: 1.5 CPU-s
+        # on one thread, 37 CPU-s on two while other jobs were running).
+        torch.set_num_threads(1)
     m = _cached()
     kw = {k: o[k] for k in ("solver", "cuda_graph", "progress", "model_dtype") if o.get(k) is not None}
     return m.pipeline(steps=o.get("steps"), grid=o.get("grid"), device=o.get("device", "cpu"),
