@@ -1,61 +1,15 @@
-"""pytest-benchmark suite of the norm family: raekern vs eager PyTorch vs torch.compile of the same
-math on RAE / DiT-DH shapes (cases: raekern/bench/norm.py).
+"""pytest-benchmark suite of the norm family (rms_norm, layer_norm, norm_modulate, gated residuals)
+on RAE / DiT-DH shapes (cases: raekern/bench/norm.py).
 
-    python -m pytest benchmarks/bench_norm.py --benchmark-group-by=group   # full sweep
-    python -m pytest benchmarks/bench_norm.py --benchmark-disable -q       # quick smoke (one shape)
-
-Each result records GB/s and its fraction of the copy bandwidth measured in the same run
-(``extra_info``); results of one case share a group, so the table compares the implementations.
-RAEKERN_BENCH_QUICK=1 restricts a timed run to the quick shapes; RAEKERN_BENCH_DEVICE picks the device
-(default: cuda when available).
+    python -m pytest benchmarks/bench_norm.py                                        # timings
+    RAEKERN_BENCH_QUICK=1 python -m pytest benchmarks/bench_norm.py --benchmark-disable   # smoke
+RAEKERN_BENCH_DEVICE=cuda runs it on a GPU. Shared machinery: raekern/bench/pytest_suite.py.
 """
-from __future__ import annotations
-
-import os
-
 import pytest
-import torch
 
-from raekern.bench import registry
-from raekern.bench.machine import measure_copy_bandwidth
-
-DEVICE = os.environ.get("RAEKERN_BENCH_DEVICE", "cuda" if torch.cuda.is_available() else "cpu")
+from raekern.bench.pytest_suite import params, run_case
 
 
-def pytest_generate_tests(metafunc):
-    if "case_impl" not in metafunc.fixturenames:
-        return
-    quick = bool(metafunc.config.getoption("benchmark_disable", False)) or \
-        os.environ.get("RAEKERN_BENCH_QUICK") == "1"
-    params, ids = [], []
-    for case in registry.cases("norm", DEVICE, quick=quick):
-        for impl in case.impls:
-            params.append((case, impl))
-            ids.append(f"{case.id}/{impl}".replace(" ", "_"))
-    metafunc.parametrize("case_impl", params, ids=ids)
-
-
-def _timed(fn):
-    if DEVICE.startswith("cuda"):
-        def run():
-            fn()
-            torch.cuda.synchronize()
-        return run
-    return fn
-
-
-def test_norm(benchmark, case_impl):
-    case, impl = case_impl
-    fn = _timed(case.impls[impl])
-    fn()  # build inputs, compile, warm caches
-    benchmark.group = case.id
-    benchmark.extra_info.update(case=case.name, shape=case.shape, dtype=str(case.dtype), impl=impl)
-    benchmark(fn)
-    stats = getattr(benchmark, "stats", None)
-    if stats is None or case.bytes is None:  # --benchmark-disable
-        return
-    seconds = stats.stats.median
-    gbps = case.bytes / seconds / 1e9
-    copy = measure_copy_bandwidth(DEVICE)
-    benchmark.extra_info.update(gbps=round(gbps, 2), copy_gbps=round(copy, 2),
-                                fraction_of_copy=round(gbps / copy, 3))
+@pytest.mark.parametrize("case,impl", params("norm"))
+def test_norm(benchmark, case, impl):
+    run_case(benchmark, case, impl)
