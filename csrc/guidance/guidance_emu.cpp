@@ -80,30 +80,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> guidance_step_emu(
 }
 
 at::Tensor guidance_combine_emu(at::TensorList inputs, const at::Tensor& coeffs) {
-  constexpr const char* op = "guidance_combine";
-  RAEKERN_CHECK(!inputs.empty() && int64_t(inputs.size()) <= cuda::kMaxCombineInputs, op, "inputs",
-                "must hold 1..", cuda::kMaxCombineInputs, " tensors, got ", inputs.size());
-  const at::Tensor& ref = inputs[0];
-  RAEKERN_CHECK(ref.scalar_type() != at::kDouble, op, "inputs", "float64 is not supported on CUDA");
-  const int64_t B = ref.dim() > 0 ? ref.size(0) : 1;
-  const int64_t n_in = int64_t(inputs.size());
-  RAEKERN_CHECK(coeffs.dim() == 2 && coeffs.size(0) == B && coeffs.size(1) == n_in, op, "coeffs",
-                "must have shape [B, len(inputs)] = [", B, ", ", n_in, "], got ", coeffs.sizes());
-  std::vector<Rows> rows;
-  for (const auto& in : inputs) {
-    RAEKERN_CHECK(in.sizes() == ref.sizes(), op, "inputs", "must all have shape ", ref.sizes(), ", got ",
-                  in.sizes());
-    check_same_dtype(in, ref, op, "inputs");
-    rows.push_back(rows_of(in));
-  }
-  at::Tensor c = coeffs.to(at::kDouble).contiguous();
-  at::Tensor out = at::empty(ref.sizes(), ref.options().memory_format(at::MemoryFormat::Contiguous));
-  const int64_t N = B > 0 ? ref.numel() / B : 0;
+  PreparedCombine pc = prepare_combine(inputs, coeffs, cuda::kMaxCombineInputs, /*cuda=*/true);
+  const std::vector<Rows>& rows = pc.rows;
+  const at::Tensor &c = pc.coeffs, &out = pc.out;
+  const int64_t B = pc.B, N = pc.N, n_in = int64_t(rows.size());
   if (N == 0) return out;
   cuda::CombineParams p{};
   p.n_in = int(n_in);
   const int64_t blocks = cuda::plan_combine(B, N, p);
-  RAEKERN_EMU_DISPATCH(ref.scalar_type(), "guidance_combine_emu", [&] {
+  RAEKERN_EMU_DISPATCH(out.scalar_type(), "guidance_combine_emu", [&] {
     using DT = emu_t<scalar_t>;
     DeviceMemory mem;
     for (int64_t e = 0; e < n_in; ++e) {

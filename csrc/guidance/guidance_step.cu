@@ -63,42 +63,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> guidance_step_cuda(
 }
 
 at::Tensor guidance_combine_cuda(at::TensorList inputs, const at::Tensor& coeffs) {
-  constexpr const char* op = "guidance_combine";
-  RAEKERN_CHECK(!inputs.empty() && int64_t(inputs.size()) <= cuda::kMaxCombineInputs, op, "inputs",
-                "must hold 1..", cuda::kMaxCombineInputs, " tensors, got ", inputs.size());
-  const at::Tensor& ref = inputs[0];
-  RAEKERN_CHECK(ref.scalar_type() != at::kDouble, op, "inputs", "float64 is not supported on CUDA");
-  const int64_t B = ref.dim() > 0 ? ref.size(0) : 1;
-  const int64_t n_in = int64_t(inputs.size());
-  RAEKERN_CHECK(coeffs.dim() == 2 && coeffs.size(0) == B && coeffs.size(1) == n_in, op, "coeffs",
-                "must have shape [B, len(inputs)] = [", B, ", ", n_in, "], got ", coeffs.sizes());
-  c10::cuda::CUDAGuard guard(ref.device());
+  const c10::cuda::CUDAGuard guard(inputs.empty() ? coeffs.device() : inputs[0].device());
+  PreparedCombine c = prepare_combine(inputs, coeffs, cuda::kMaxCombineInputs, /*cuda=*/true);
+  if (c.N == 0) return c.out;
   cuda::CombineParams p{};
-  std::vector<Rows> rows;
-  for (const auto& in : inputs) {
-    RAEKERN_CHECK(in.sizes() == ref.sizes(), op, "inputs", "must all have shape ", ref.sizes(), ", got ",
-                  in.sizes());
-    check_same_dtype(in, ref, op, "inputs");
-    check_same_device(in, ref, op, "inputs");
-    rows.push_back(rows_of(in));
+  p.n_in = int(c.rows.size());
+  for (int e = 0; e < p.n_in; ++e) {
+    p.ptr[e] = c.rows[e].ptr;
+    p.stride[e] = c.rows[e].stride;
   }
-  for (int64_t e = 0; e < n_in; ++e) {
-    p.ptr[e] = rows[e].ptr;
-    p.stride[e] = rows[e].stride;
-  }
-  at::Tensor c = coeffs.to(ref.device(), at::kDouble).contiguous();
-  at::Tensor out = at::empty(ref.sizes(), ref.options().memory_format(at::MemoryFormat::Contiguous));
-  p.n_in = int(n_in);
-  const int64_t N = B > 0 ? ref.numel() / B : 0;
-  if (N == 0) return out;
-  const int64_t blocks = cuda::plan_combine(B, N, p);
-  p.coeffs = c.const_data_ptr<double>();
-  p.out = out.data_ptr();
-  RAEKERN_DISPATCH_CUDA_FLOATING(ref.scalar_type(), "guidance_combine_cuda", [&] {
+  const int64_t blocks = cuda::plan_combine(c.B, c.N, p);
+  p.coeffs = c.coeffs.const_data_ptr<double>();
+  p.out = c.out.data_ptr();
+  RAEKERN_DISPATCH_CUDA_FLOATING(c.out.scalar_type(), "guidance_combine_cuda", [&] {
       cuda::lincomb_kernel<cuda_t<scalar_t>><<<blocks, cuda::kThreads, 0, current_stream()>>>(p);
       RAEKERN_CUDA_CHECK_LAUNCH();
   });
-  return out;
+  return c.out;
 }
 
 }  // namespace

@@ -3,6 +3,7 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include <cstdint>
 #include <vector>
 
 #include "common/checks.h"
@@ -213,6 +214,42 @@ inline Prepared prepare(const at::Tensor& x, at::TensorList branches, const at::
     p.momentum_out = at::empty({0}, x.options().dtype(acc_dtype));
   }
   p.coeffs = at::empty({B, c.num_outputs(), c.num_streams()}, f64);
+  return p;
+}
+
+// guidance_combine (the backward's Σ_e coeffs[b, e]·inputs_e[b]) as the CPU kernel, the CUDA
+// launcher and the emulation all see it: the inputs as row views, the coefficients in fp64 on the
+// inputs' device, and a fresh contiguous output. max_inputs: the CUDA kernel's parameter slots.
+struct PreparedCombine {
+  std::vector<Rows> rows;
+  at::Tensor coeffs, out;
+  int64_t B = 0, N = 0;
+};
+
+inline PreparedCombine prepare_combine(at::TensorList inputs, const at::Tensor& coeffs,
+                                       int64_t max_inputs = INT64_MAX, bool cuda = false) {
+  constexpr const char* op = "guidance_combine";
+  RAEKERN_CHECK(!inputs.empty(), op, "inputs", "must not be empty");
+  RAEKERN_CHECK(int64_t(inputs.size()) <= max_inputs, op, "inputs", "must hold at most ", max_inputs,
+                " tensors on this device, got ", inputs.size());
+  const at::Tensor& ref = inputs[0];
+  check_floating(ref, op, "inputs");
+  RAEKERN_CHECK(!cuda || ref.scalar_type() != at::kDouble, op, "inputs", "float64 is not supported on CUDA");
+  PreparedCombine p;
+  p.B = ref.dim() > 0 ? ref.size(0) : 1;
+  const int64_t n_in = int64_t(inputs.size());
+  RAEKERN_CHECK(coeffs.dim() == 2 && coeffs.size(0) == p.B && coeffs.size(1) == n_in, op, "coeffs",
+                "must have shape [B, len(inputs)] = [", p.B, ", ", n_in, "], got ", coeffs.sizes());
+  for (const auto& in : inputs) {
+    RAEKERN_CHECK(in.sizes() == ref.sizes(), op, "inputs", "must all have shape ", ref.sizes(), ", got ",
+                  in.sizes());
+    check_same_dtype(in, ref, op, "inputs");
+    check_same_device(in, ref, op, "inputs");
+    p.rows.push_back(rows_of(in));
+  }
+  p.coeffs = coeffs.to(ref.device(), at::kDouble).contiguous();
+  p.out = at::empty(ref.sizes(), ref.options().memory_format(at::MemoryFormat::Contiguous));
+  p.N = p.B > 0 ? ref.numel() / p.B : 0;
   return p;
 }
 

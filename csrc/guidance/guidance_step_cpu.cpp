@@ -374,27 +374,10 @@ void combine_rows(const std::vector<Rows>& rows, const at::Tensor& c, at::Tensor
 
 // Σ_e coeffs[b, e] · inputs_e[b]: the transpose of guidance_step's output pass, used by its backward.
 at::Tensor guidance_combine_cpu(at::TensorList inputs, const at::Tensor& coeffs) {
-  constexpr const char* op = "guidance_combine";
-  RAEKERN_CHECK(!inputs.empty(), op, "inputs", "must not be empty");
-  const at::Tensor& ref = inputs[0];
-  check_floating(ref, op, "inputs");
-  const int64_t B = ref.dim() > 0 ? ref.size(0) : 1;
-  const int64_t n_in = int64_t(inputs.size());
-  RAEKERN_CHECK(coeffs.dim() == 2 && coeffs.size(0) == B && coeffs.size(1) == n_in, op, "coeffs",
-                "must have shape [B, len(inputs)] = [", B, ", ", n_in, "], got ", coeffs.sizes());
-  std::vector<Rows> rows;
-  for (const auto& in : inputs) {
-    RAEKERN_CHECK(in.sizes() == ref.sizes(), op, "inputs", "must all have shape ", ref.sizes(), ", got ",
-                  in.sizes());
-    check_same_dtype(in, ref, op, "inputs");
-    rows.push_back(rows_of(in));
-  }
-  at::Tensor c = coeffs.to(at::kDouble).contiguous();
-  at::Tensor out = at::empty(ref.sizes(), ref.options().memory_format(at::MemoryFormat::Contiguous));
-  const int64_t N = B > 0 ? ref.numel() / B : 0;
-  RAEKERN_DISPATCH_FLOATING(ref.scalar_type(), "guidance_combine_cpu",
-                            [&] { combine_rows<scalar_t>(rows, c, out, B, N); });
-  return out;
+  PreparedCombine c = prepare_combine(inputs, coeffs);
+  RAEKERN_DISPATCH_FLOATING(c.out.scalar_type(), "guidance_combine_cpu",
+                            [&] { combine_rows<scalar_t>(c.rows, c.coeffs, c.out, c.B, c.N); });
+  return c.out;
 }
 
 }  // namespace
