@@ -1,4 +1,4 @@
-# Two entry points that work on a fresh clone: `make bench` (the main job) and `make test`.
+# Two entry points that work on a fresh clone: `make sample` (the main job) and `make test`.
 # Both create .venv, install torch and the build/test tools, and build raekern into it.
 PYTHON ?= python3
 VENV ?= .venv
