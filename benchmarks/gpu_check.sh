@@ -6,7 +6,7 @@
 #
 #   benchmarks/gpu_check.sh [OUTDIR]        # default: $OUT if set (device tool), else out/gpu-check
 #   GPU_CHECK_DEVICE=cpu GPU_CHECK_SKIP_BUILD=1 benchmarks/gpu_check.sh out/x
-#                                           # the CPU-side rehearsal CI runs (same steps, CPU shapes)
+#                                           # the CPU-side rehearsal (python_tests/test_bench.py runs it)
 #
 # The nvidia-cutlass wheel (CUTLASS/CuTe headers) travels in .whl/ (tools/prepare_gpu_check.sh puts
 # it there); it is installed with --no-index into a private folder.
@@ -64,7 +64,7 @@ TEST_ARGS=(-q -p no:cacheprovider -o addopts="" --junitxml="$OUTDIR/tests.xml")
 step tests 240 $PY -m pytest "${TEST_ARGS[@]}"
 
 BENCH_ARGS=(--device "$DEVICE" --json "$OUTDIR/bench.json" --plot "$OUTDIR/bench.png" --min-time 0.2)
-if [ "$DEVICE" = cuda ]; then BENCH_ARGS+=(--full --dtype bf16,fp16); else BENCH_ARGS+=(--dtype fp32 --min-time 0.02 --family norm); fi
+if [ "$DEVICE" = cuda ]; then BENCH_ARGS+=(--full --dtype bf16,fp16); else BENCH_ARGS+=(--dtype fp32 --min-time 0.01 --family sampling); fi
 step bench 300 $PY -m raekern.cli bench "${BENCH_ARGS[@]}"
 
 echo "total: $(( $(date +%s) - t0 ))s; failed: ${FAILED[*]:-none}" | tee -a "$SUMMARY"

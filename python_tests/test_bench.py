@@ -1,0 +1,44 @@
+"""The benchmark tooling itself (issue #9): `raekern bench` writes its table, JSON and chart, and the
+CPU-side steps of benchmarks/gpu_check.sh run and report failures. Timings are never asserted."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(cmd, env=None, timeout=900):
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_raekern_bench_writes_table_json_and_chart(tmp_path):
+    # The sampling family: real cases, no torch.compile baseline, so the run stays short.
+    js, png = tmp_path / "b.json", tmp_path / "b.png"
+    r = _run([sys.executable, "-m", "raekern.cli", "bench", "--device", "cpu", "--family", "sampling",
+              "--dtype", "fp32", "--min-time", "0.01", "--json", str(js), "--plot", str(png)])
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "copy bandwidth" in r.stdout and "vs eager" in r.stdout
+    data = json.loads(js.read_text())
+    assert data["copy_bandwidth_gbps"] > 0
+    assert data["machine"]["cpu"] and data["machine"]["torch"]
+    assert "sampling" in json.dumps(data["families"])
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_gpu_check_cpu_rehearsal_writes_every_output(tmp_path):
+    env = dict(os.environ, GPU_CHECK_DEVICE="cpu", GPU_CHECK_SKIP_BUILD="1", PYTHON=sys.executable)
+    r = _run(["bash", "benchmarks/gpu_check.sh", str(tmp_path)], env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    for name in ("summary.txt", "tests.log", "tests.xml", "bench.log", "bench.json", "bench.png"):
+        assert (tmp_path / name).is_file(), name
+    summary = (tmp_path / "summary.txt").read_text()
+    assert "tests: rc=0" in summary and "bench: rc=0" in summary and "failed: none" in summary
+
+
+def test_gpu_check_exits_nonzero_and_names_the_failed_steps(tmp_path):
+    env = dict(os.environ, GPU_CHECK_DEVICE="cpu", GPU_CHECK_SKIP_BUILD="1", PYTHON="false")
+    r = _run(["bash", "benchmarks/gpu_check.sh", str(tmp_path)], env=env, timeout=120)
+    assert r.returncode != 0
+    assert "failed: tests bench" in (tmp_path / "summary.txt").read_text()
