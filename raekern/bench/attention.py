@@ -7,10 +7,13 @@ Forward flops 4·B·H·N²·Dh; backward counted as 2.5× forward (FlashAttentio
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
 from raekern.bench.registry import Case, compiled, register
+from raekern.ops.attention import _FORCE_CUDA_BACKWARD as _FORCE
 
 SHAPES = ((4, 16, 256, 72), (4, 16, 256, 128), (1, 16, 1024, 64))
 FUSED_SHAPES = ((4, 16, 268, 72),)
@@ -59,7 +62,17 @@ def _bwd_case(B, H, N, D, dtype, device):
     from raekern.ops import attention
 
     q, k, v = _inputs(B, H, N, D, dtype, device, True)
-    out_r = attention(q, k, v)
+    # Training calls on CUDA go to SDPA unless the raekern backward is forced: force it, so this case
+    # times our CUDA backward against SDPA's (the path is picked in the forward, recorded by autograd).
+    prev = os.environ.get(_FORCE)
+    os.environ[_FORCE] = "1"
+    try:
+        out_r = attention(q, k, v)
+    finally:
+        if prev is None:
+            del os.environ[_FORCE]
+        else:
+            os.environ[_FORCE] = prev
     out_s = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
     go = torch.randn_like(out_r)
 
@@ -81,7 +94,6 @@ def attention_cases(device: str, quick: bool) -> list[Case]:
             cases.append(_fwd_cases(*s, dtype, device, fused=False))
         for s in FUSED_SHAPES:
             cases.append(_fwd_cases(*s, dtype, device, fused=True))
-        if device == "cpu":  # the CUDA backward is not implemented yet: nothing of ours to time
-            for s in shapes:
-                cases.append(_bwd_case(*s, dtype, device))
+        for s in shapes:
+            cases.append(_bwd_case(*s, dtype, device))
     return cases
