@@ -10,6 +10,7 @@
 #include "common/cpu_utils.h"
 #include "common/dispatch.h"
 #include "guidance/gfcg_select.h"
+#include "guidance/gfcg_select_host.h"
 
 namespace raekern::guidance {
 namespace {
@@ -49,26 +50,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gfcg_select_cpu(const
                                                                            double w_max, double kappa,
                                                                            double w_min) {
   constexpr const char* op = "gfcg_select";
-  check_floating(logits, op, "logits");
-  check_dim(logits, 2, op, "logits");
-  const int64_t B = logits.size(0), C = logits.size(1);
-  RAEKERN_CHECK(C >= 2, op, "logits", "must have at least 2 classes, got shape ", logits.sizes());
-  RAEKERN_CHECK(target.dim() == 1 && target.size(0) == B, op, "target", "must have shape [", B, "], got ",
-                target.sizes());
   RAEKERN_CHECK(!target.is_floating_point() && !target.is_complex(), op, "target",
                 "must be an integer tensor, got ", target.scalar_type());
-  at::Tensor tg = target.to(at::kLong).contiguous();
-  at::Tensor lg = logits.contiguous();
-  auto f32 = logits.options().dtype(at::kFloat);
-  at::Tensor ref = at::empty({B}, logits.options().dtype(at::kLong));
-  at::Tensor weight = at::empty({B}, f32), pt = at::empty({B}, f32), pr = at::empty({B}, f32);
+  PreparedSelect s = prepare_select(logits, target);
+  const at::Tensor &lg = s.logits, &tg = s.target;
+  const int64_t B = s.B, C = s.C;
   const int64_t* tgp = tg.const_data_ptr<int64_t>();
   for (int64_t b = 0; b < B; ++b)
     RAEKERN_CHECK(tgp[b] >= 0 && tgp[b] < C, op, "target", "must hold class indices in [0, ", C, "), got ",
                   tgp[b], " at row ", b);
   RAEKERN_DISPATCH_FLOATING(lg.scalar_type(), "gfcg_select_cpu",
-                            [&] { select_rows<scalar_t>(lg, tg, ref, weight, pt, pr, w_max, kappa, w_min); });
-  return {ref, weight, pt, pr};
+                            [&] {
+                              select_rows<scalar_t>(lg, tg, s.ref, s.weight, s.p_target, s.p_ref, w_max, kappa, w_min);
+                            });
+  return {s.ref, s.weight, s.p_target, s.p_ref};
 }
 
 }  // namespace

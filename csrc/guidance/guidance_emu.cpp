@@ -10,6 +10,7 @@
 #include "common/emulation_torch.h"
 #include "guidance/guidance_launch.h"
 // clang-format off
+#include "guidance/gfcg_select_host.h"
 #include "guidance/gfcg_select_launch.h"
 // clang-format on
 #include "guidance/guidance_schema.h"
@@ -110,18 +111,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gfcg_select_emu(const
                                                                            double w_max, double kappa,
                                                                            double w_min) {
   constexpr const char* op = "gfcg_select";
-  check_floating(logits, op, "logits");
-  check_dim(logits, 2, op, "logits");
-  const int64_t B = logits.size(0), C = logits.size(1);
-  RAEKERN_CHECK(C >= 2, op, "logits", "must have at least 2 classes, got shape ", logits.sizes());
-  RAEKERN_CHECK(target.dim() == 1 && target.size(0) == B, op, "target", "must have shape [", B, "], got ",
-                target.sizes());
   RAEKERN_CHECK(logits.scalar_type() != at::kDouble, op, "logits", "float64 is not supported on CUDA");
-  at::Tensor lg = logits.contiguous();
-  at::Tensor tg = target.to(at::kLong).contiguous();
-  auto f32 = logits.options().dtype(at::kFloat);
-  at::Tensor ref = at::empty({B}, logits.options().dtype(at::kLong));
-  at::Tensor weight = at::empty({B}, f32), pt = at::empty({B}, f32), pr = at::empty({B}, f32);
+  PreparedSelect s = prepare_select(logits, target);
+  const at::Tensor &lg = s.logits, &tg = s.target, &ref = s.ref, &weight = s.weight, &pt = s.p_target,
+                   &pr = s.p_ref;
+  const int64_t B = s.B, C = s.C;
   if (B == 0) return {ref, weight, pt, pr};
   RAEKERN_EMU_DISPATCH(lg.scalar_type(), "gfcg_select_emu", [&] {
     DeviceMemory mem;
