@@ -44,8 +44,8 @@ void forward_kernel(const Problem<T, raekern::cpu::acc_t<T>>& P, at::Tensor& out
 
   at::parallel_for(0, d.B * d.H * chunks, 1, [&](int64_t begin, int64_t end) {
     std::vector<int64_t> kidx;
-    std::vector<C> kt(D * round64(d.Nk)), vp(d.Nk * LD), qs(kTileQ * D), s(kTileQ * kLdS),
-        o(kTileQ * LD), row(Dp), m(kTileQ), l(kTileQ);
+    std::vector<C> kt(D * round64(d.Nk)), kr(d.Nk * LD), vp(d.Nk * LD), qs(kTileQ * D), s(kTileQ * kLdS),
+        o(kTileQ * LD), m(kTileQ), l(kTileQ);
     int64_t packed_bh = -1;
     int64_t nk = 0;
     for (int64_t task = begin; task < end; ++task) {
@@ -53,23 +53,27 @@ void forward_kernel(const Problem<T, raekern::cpu::acc_t<T>>& P, at::Tensor& out
       if (bh != packed_bh) {
         P.kept_keys(b, kidx);
         nk = int64_t(kidx.size());
-        std::fill(kt.begin(), kt.end(), C(0));
+        for (int64_t j = 0; j < std::min(nk, kPrefetchRows); ++j) P.prefetch_kv(b, kidx[j], h);
         for (int64_t j = 0; j < nk; ++j) {
           const int64_t n = kidx[j];
-          prologue_row<T, C>(P.k_row(b, n, h), D, P.kwp(), P.eps, P.rope, n, C(1), row.data());
-          for (int64_t i = 0; i < D; ++i) kt[tpanel_index(D, i, j)] = row[i];
+          if (j + kPrefetchRows < nk) P.prefetch_kv(b, kidx[j + kPrefetchRows], h);
+          prologue_row<T, C>(P.k_row(b, n, h), D, P.kwp(), P.eps, P.rope, n, C(1), &kr[j * LD]);
           C* vr = &vp[j * LD];
           const T* vs = P.v_row(b, n, h);
           for (int64_t i = 0; i < D; ++i) vr[i] = C(raekern::cpu::widen(vs[i]));
           for (int64_t i = D; i < Dp; ++i) vr[i] = C(0);
         }
+        transpose_to_panels(kr.data(), LD, nk, D, kt.data());
         packed_bh = bh;
       }
       const int64_t t0 = chunk * tiles_per_chunk, t1 = std::min(ntiles, t0 + tiles_per_chunk);
       for (int64_t tile = t0; tile < t1; ++tile) {
         const int64_t i0 = tile * kTileQ, bq = std::min(kTileQ, d.Nq - i0);
-        for (int64_t r = 0; r < bq; ++r)
+        for (int64_t r = 0; r < bq; ++r) {
+          if (r + kPrefetchRows < bq) P.prefetch_q(b, i0 + r + kPrefetchRows, h);
           prologue_row<T, C>(P.q_row(b, i0 + r, h), D, P.qwp(), P.eps, P.rope, i0 + r, qmul, &qs[r * D]);
+        }
+        const Lookahead<T, C> prefetch_ahead(P, optr, so, task, end, chunks, tiles_per_chunk, kTileQ, tile, t0, t1);
         std::fill(m.begin(), m.end(), C(-INFINITY));
         std::fill(l.begin(), l.end(), C(0));
         for (int64_t j0 = 0; j0 < nk; j0 += kTileK) {
@@ -77,6 +81,7 @@ void forward_kernel(const Problem<T, raekern::cpu::acc_t<T>>& P, at::Tensor& out
           gemm<C>(bq, round16(bk), D, qs.data(), D, 1, &kt[(j0 / 64) * D * 64], 64, D * 64, s.data(), kLdS,
                   false);
           for (int64_t r = 0; r < bq; ++r) {
+            if (j0 == 0) prefetch_ahead(r);
             C* sr = &s[r * kLdS];
             const C mnew = std::max(m[r], row_max(sr, bk));
             const C alpha = std::exp2(m[r] - mnew);
@@ -88,7 +93,13 @@ void forward_kernel(const Problem<T, raekern::cpu::acc_t<T>>& P, at::Tensor& out
               for (int64_t i = 0; i < Dp; ++i) orow[i] *= alpha;
             }
           }
-          gemm<C>(bq, Dp, bk, s.data(), kLdS, 1, &vp[j0 * LD], LD, 64, o.data(), LD, j0 > 0);
+          if (j0 == 0)
+            for (int64_t r = bq; r < kTileQ; ++r) prefetch_ahead(r);
+          // P·V in 64-key steps: a 64-row V slice (≤ 24 KiB) stays in L1 across the query rows,
+          // where the whole 128-row block would stream from L2 once per micro-tile row group.
+          for (int64_t kk = 0; kk < bk; kk += 64)
+            gemm<C>(bq, Dp, std::min<int64_t>(64, bk - kk), &s[kk], kLdS, 1, &vp[(j0 + kk) * LD], LD, 64, o.data(), LD,
+                    j0 + kk > 0);
         }
         for (int64_t r = 0; r < bq; ++r) {
           const int64_t n = i0 + r;

@@ -151,8 +151,10 @@ inline void forward(const Problem<c10::BFloat16, float>& P, at::Tensor& out, at:
         nk = int64_t(kidx.size());
         std::fill(kv.begin(), kv.end(), uint16_t(0));
         std::fill(vv.begin(), vv.end(), uint16_t(0));
+        for (int64_t j = 0; j < std::min(nk, kPrefetchRows); ++j) P.prefetch_kv(b, kidx[j], h);
         for (int64_t j = 0; j < nk; ++j) {
           const int64_t n = kidx[j];
+          if (j + kPrefetchRows < nk) P.prefetch_kv(b, kidx[j + kPrefetchRows], h);
           prologue_row<T, float>(P.k_row(b, n, h), D, P.kwp(), P.eps, P.rope, n, 1.f, row.data());
           to_bf16_row(row.data(), D, rowb.data());
           // K in VNNI: the (d, d+1) pair of key j is one 32-bit word at [j/16][d/2][j%16].
@@ -180,9 +182,11 @@ inline void forward(const Problem<c10::BFloat16, float>& P, at::Tensor& out, at:
         const int64_t i0 = tile * kRows, bq = std::min(kRows, d.Nq - i0);
         std::fill(qb.begin(), qb.end(), uint16_t(0));
         for (int64_t r = 0; r < bq; ++r) {
+          if (r + kPrefetchRows < bq) P.prefetch_q(b, i0 + r + kPrefetchRows, h);
           prologue_row<T, float>(P.q_row(b, i0 + r, h), D, P.qwp(), P.eps, P.rope, i0 + r, qmul, row.data());
           to_bf16_row(row.data(), D, &qb[r * DQ]);
         }
+        const Lookahead<T, float> prefetch_ahead(P, optr, so, task, end, chunks, tiles_per_chunk, kRows, tile, t0, t1);
         std::fill(m.begin(), m.end(), -INFINITY);
         std::fill(l.begin(), l.end(), 0.f);
         std::fill(o.begin(), o.end(), 0.f);
@@ -193,6 +197,7 @@ inline void forward(const Problem<c10::BFloat16, float>& P, at::Tensor& out, at:
             s_block(qb.data(), DQ, DQ / 32, kb0, kb0 + (DQ / 2) * 32, &s[c], kLdS);
           }
           for (int64_t r = 0; r < kRows; ++r) {
+            if (j0 == 0) prefetch_ahead(r);
             float* sr = &s[r * kLdS];
             const float mnew = std::max(m[r], row_max(sr, bk));
             const float alpha = std::exp2(m[r] - mnew);
