@@ -49,7 +49,7 @@ void backward_kernel(const Problem<T, raekern::cpu::acc_t<T>>& P, const at::Tens
     const int64_t nkp_max = round64(d.Nk);
     std::vector<C> qp(Nq * LD), dop_(Nq * LD), kp(d.Nk * LD), kt(D * nkp_max), vt(D * nkp_max),
         dqa(Nq * LD), dka(d.Nk * LD), dva(d.Nk * LD), delta(Nq), l2(Nq), s(kBwdTileQ * kBwdLdS),
-        dp(kBwdTileQ * kBwdLdS), row(Dp), xbuf(Dp);
+        dp(kBwdTileQ * kBwdLdS), row(Dp), xbuf(Dp), vrow(d.Nk * LD);
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / d.H, h = bh % d.H;
       C* dwq = &dw_parts[bh * 2 * D];
@@ -67,6 +67,12 @@ void backward_kernel(const Problem<T, raekern::cpu::acc_t<T>>& P, const at::Tens
       std::fill(qp.begin(), qp.end(), C(0));
       std::fill(dop_.begin(), dop_.end(), C(0));
       for (int64_t n = 0; n < Nq; ++n) {
+        if (n + kPrefetchRows < Nq) {
+          const int64_t a = n + kPrefetchRows;
+          P.prefetch_q(b, a, h);
+          prefetch_row(dop + b * sdo.b + a * sdo.n + h * sdo.h, D * sizeof(T));
+          prefetch_row(op + b * so.b + a * so.n + h * so.h, D * sizeof(T));
+        }
         prologue_row<T, C>(P.q_row(b, n, h), D, P.qwp(), P.eps, P.rope, n, qmul, &qp[n * LD]);
         const T* g = dop + b * sdo.b + n * sdo.n + h * sdo.h;
         const T* o = op + b * so.b + n * so.n + h * so.h;
@@ -83,17 +89,17 @@ void backward_kernel(const Problem<T, raekern::cpu::acc_t<T>>& P, const at::Tens
         l2[n] = C((lse64 ? static_cast<const double*>(lp)[li] : double(static_cast<const float*>(lp)[li])) /
                   std::log(2.0));
       }
-      std::fill(kt.begin(), kt.end(), C(0));
-      std::fill(vt.begin(), vt.end(), C(0));
+      for (int64_t j = 0; j < std::min(nk, kPrefetchRows); ++j) P.prefetch_kv(b, kidx[j], h);
       for (int64_t j = 0; j < nk; ++j) {
         const int64_t n = kidx[j];
+        if (j + kPrefetchRows < nk) P.prefetch_kv(b, kidx[j + kPrefetchRows], h);
         C* kr = &kp[j * LD];
         prologue_row<T, C>(P.k_row(b, n, h), D, P.kwp(), P.eps, P.rope, n, C(1), kr);
         for (int64_t i = D; i < Dp; ++i) kr[i] = C(0);
-        for (int64_t i = 0; i < D; ++i) kt[tpanel_index(D, i, j)] = kr[i];
-        const T* vs = P.v_row(b, n, h);
-        for (int64_t i = 0; i < D; ++i) vt[tpanel_index(D, i, j)] = C(raekern::cpu::widen(vs[i]));
+        widen_row<T, C>(P.v_row(b, n, h), D, &vrow[j * LD]);
       }
+      transpose_to_panels(kp.data(), LD, nk, D, kt.data());
+      transpose_to_panels(vrow.data(), LD, nk, D, vt.data());
       std::fill(dqa.begin(), dqa.end(), C(0));
       for (int64_t j0 = 0; j0 < nk; j0 += kBwdTileK) {
         const int64_t bk = std::min(kBwdTileK, nk - j0), bkp = round16(bk);
@@ -119,12 +125,23 @@ void backward_kernel(const Problem<T, raekern::cpu::acc_t<T>>& P, const at::Tens
       }
       // Undo the prologues: dq_rot = scale·dS·k_rot, dk_rot = dSᵀ·(scale·log2e·q_rot) / log2e.
       for (int64_t n = 0; n < Nq; ++n) {
+        if (n + kPrefetchRows < Nq) {
+          const int64_t a = n + kPrefetchRows;
+          prefetch_row<true>(dqp + b * sdq.b + a * sdq.n + h * sdq.h, D * sizeof(T));
+          if (P.qwp()) P.prefetch_q(b, a, h);
+        }
         std::copy(&dqa[n * LD], &dqa[n * LD] + D, row.data());
         prologue_row_backward<T, C>(P.q_row(b, n, h), D, P.qwp(), P.eps, P.rope, n, C(P.scale),
                                     row.data(), xbuf.data(), dwq, dqp + b * sdq.b + n * sdq.n + h * sdq.h);
       }
       for (int64_t j = 0; j < nk; ++j) {
         const int64_t n = kidx[j];
+        if (j + kPrefetchRows < nk) {
+          const int64_t a = kidx[j + kPrefetchRows];
+          prefetch_row<true>(dkp + b * sdk.b + a * sdk.n + h * sdk.h, D * sizeof(T));
+          prefetch_row<true>(dvp + b * sdv.b + a * sdv.n + h * sdv.h, D * sizeof(T));
+          if (P.kwp()) prefetch_row(P.k_row(b, a, h), D * sizeof(T));
+        }
         std::copy(&dka[j * LD], &dka[j * LD] + D, row.data());
         prologue_row_backward<T, C>(P.k_row(b, n, h), D, P.kwp(), P.eps, P.rope, n, C(1) / log2e,
                                     row.data(), xbuf.data(), dwk, dkp + b * sdk.b + n * sdk.n + h * sdk.h);
