@@ -163,6 +163,32 @@ def test_non_contiguous_and_expanded_inputs():
     assert (v1.grad.double() - ref_v1.grad).abs().max() < 1e-4
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("feat", [False, True], ids=["plain", "norm_rope_mask"])
+def test_cpu_forward_head_staging_and_thread_split(dtype, feat):
+    # bnhd inputs with H > 1 are staged per batch into a head-major copy (HeadStage); the copy is
+    # exact, so the output must not depend on the thread count (which moves the task ranges, and
+    # with them which heads a thread stages and where query chunks start) nor on the layout
+    # (bhnd is read in place), and must meet the accuracy rule.
+    b, n, h, d = 3, 130, 5, 72
+    q, k, v = make((b, n, h, d), dtype)
+    kw = features(d, n, b, dtype, norm=feat, rope=feat, mask=feat)
+    prev = torch.get_num_threads()
+    try:
+        outs = []
+        for threads in (1, 2, 4, 7):
+            torch.set_num_threads(threads)
+            outs.append(attention(q, k, v, **kw))
+    finally:
+        torch.set_num_threads(prev)
+    for o in outs[1:]:
+        assert torch.equal(o, outs[0])
+    qt, kt, vt = (x.transpose(1, 2).contiguous() for x in (q, k, v))
+    assert torch.equal(attention(qt, kt, vt, layout="bhnd", **kw).transpose(1, 2), outs[0])
+    ref64 = attention_reference(q.double(), k.double(), v.double(), **to64(kw))
+    check_close(outs[0], attention_reference(q, k, v, **kw), ref64, FLOOR[dtype], "out")
+
+
 def test_packed_entry_point_matches_separate_qkv():
     b, n, h, d = 2, 21, 3, 8
     w = torch.randn(h * d * 3, 24)

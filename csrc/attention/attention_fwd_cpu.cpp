@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <string>
 #include <cmath>
+#include <optional>
 #include <vector>
 
 #include "attention/attention_args.h"
@@ -46,20 +47,24 @@ void forward_kernel(const Problem<T, raekern::cpu::acc_t<T>>& P, at::Tensor& out
     std::vector<int64_t> kidx;
     std::vector<C> kt(D * round64(d.Nk)), kr(d.Nk * LD), vp(d.Nk * LD), qs(kTileQ * D), s(kTileQ * kLdS),
         o(kTileQ * LD), m(kTileQ), l(kTileQ);
+    std::optional<HeadStage<T, C>> stage;
+    if (HeadStage<T, C>::wanted(P)) stage.emplace(P);
     int64_t packed_bh = -1;
     int64_t nk = 0;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / chunks, chunk = task % chunks, b = bh / d.H, h = bh % d.H;
+      const int64_t last_bh = (end - 1) / chunks;
+      const auto& R = stage ? stage->get(P, b, h, last_bh / d.H == b ? last_bh % d.H : d.H - 1) : P;
       if (bh != packed_bh) {
         P.kept_keys(b, kidx);
         nk = int64_t(kidx.size());
-        for (int64_t j = 0; j < std::min(nk, kPrefetchRows); ++j) P.prefetch_kv(b, kidx[j], h);
+        for (int64_t j = 0; j < std::min(nk, kPrefetchRows); ++j) R.prefetch_kv(b, kidx[j], h);
         for (int64_t j = 0; j < nk; ++j) {
           const int64_t n = kidx[j];
-          if (j + kPrefetchRows < nk) P.prefetch_kv(b, kidx[j + kPrefetchRows], h);
-          prologue_row<T, C>(P.k_row(b, n, h), D, P.kwp(), P.eps, P.rope, n, C(1), &kr[j * LD]);
+          if (j + kPrefetchRows < nk) R.prefetch_kv(b, kidx[j + kPrefetchRows], h);
+          prologue_row<T, C>(R.k_row(b, n, h), D, P.kwp(), P.eps, P.rope, n, C(1), &kr[j * LD]);
           C* vr = &vp[j * LD];
-          const T* vs = P.v_row(b, n, h);
+          const T* vs = R.v_row(b, n, h);
           for (int64_t i = 0; i < D; ++i) vr[i] = C(raekern::cpu::widen(vs[i]));
           for (int64_t i = D; i < Dp; ++i) vr[i] = C(0);
         }
@@ -70,10 +75,10 @@ void forward_kernel(const Problem<T, raekern::cpu::acc_t<T>>& P, at::Tensor& out
       for (int64_t tile = t0; tile < t1; ++tile) {
         const int64_t i0 = tile * kTileQ, bq = std::min(kTileQ, d.Nq - i0);
         for (int64_t r = 0; r < bq; ++r) {
-          if (r + kPrefetchRows < bq) P.prefetch_q(b, i0 + r + kPrefetchRows, h);
-          prologue_row<T, C>(P.q_row(b, i0 + r, h), D, P.qwp(), P.eps, P.rope, i0 + r, qmul, &qs[r * D]);
+          if (r + kPrefetchRows < bq) R.prefetch_q(b, i0 + r + kPrefetchRows, h);
+          prologue_row<T, C>(R.q_row(b, i0 + r, h), D, P.qwp(), P.eps, P.rope, i0 + r, qmul, &qs[r * D]);
         }
-        const Lookahead<T, C> prefetch_ahead(P, optr, so, task, end, chunks, tiles_per_chunk, kTileQ, tile, t0, t1);
+        const Lookahead<T, C> prefetch_ahead(R, optr, so, task, end, chunks, tiles_per_chunk, kTileQ, tile, t0, t1, !stage);
         std::fill(m.begin(), m.end(), C(-INFINITY));
         std::fill(l.begin(), l.end(), C(0));
         for (int64_t j0 = 0; j0 < nk; j0 += kTileK) {

@@ -18,6 +18,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <optional>
 #include <vector>
 
 #include "attention/cpu_exp2.h"
@@ -143,19 +144,23 @@ inline void forward(const Problem<c10::BFloat16, float>& P, at::Tensor& out, at:
     std::vector<uint16_t> kv(nk_alloc * DQ), vv(nk_alloc * DV), qb(kRows * DQ), pb(kRows * kKeys);
     std::vector<float> s(kRows * kLdS), o(kRows * DV), row(DQ), m(kRows), l(kRows);
     std::vector<uint16_t> rowb(DQ + 32);
+    std::optional<HeadStage<T, float>> stage;
+    if (HeadStage<T, float>::wanted(P)) stage.emplace(P);
     int64_t packed_bh = -1, nk = 0;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / chunks, chunk = task % chunks, b = bh / d.H, h = bh % d.H;
+      const int64_t last_bh = (end - 1) / chunks;
+      const auto& R = stage ? stage->get(P, b, h, last_bh / d.H == b ? last_bh % d.H : d.H - 1) : P;
       if (bh != packed_bh) {
         P.kept_keys(b, kidx);
         nk = int64_t(kidx.size());
         std::fill(kv.begin(), kv.end(), uint16_t(0));
         std::fill(vv.begin(), vv.end(), uint16_t(0));
-        for (int64_t j = 0; j < std::min(nk, kPrefetchRows); ++j) P.prefetch_kv(b, kidx[j], h);
+        for (int64_t j = 0; j < std::min(nk, kPrefetchRows); ++j) R.prefetch_kv(b, kidx[j], h);
         for (int64_t j = 0; j < nk; ++j) {
           const int64_t n = kidx[j];
-          if (j + kPrefetchRows < nk) P.prefetch_kv(b, kidx[j + kPrefetchRows], h);
-          prologue_row<T, float>(P.k_row(b, n, h), D, P.kwp(), P.eps, P.rope, n, 1.f, row.data());
+          if (j + kPrefetchRows < nk) R.prefetch_kv(b, kidx[j + kPrefetchRows], h);
+          prologue_row<T, float>(R.k_row(b, n, h), D, P.kwp(), P.eps, P.rope, n, 1.f, row.data());
           to_bf16_row(row.data(), D, rowb.data());
           // K in VNNI: the (d, d+1) pair of key j is one 32-bit word at [j/16][d/2][j%16].
           uint32_t* kb = reinterpret_cast<uint32_t*>(kv.data()) + (j / 16) * (DQ / 2) * 16 + (j % 16);
@@ -166,8 +171,8 @@ inline void forward(const Problem<c10::BFloat16, float>& P, at::Tensor& out, at:
         // V in VNNI: keys (2i, 2i+1) of dim d form one 32-bit word at [d/16][i][d%16].
         uint32_t* v32 = reinterpret_cast<uint32_t*>(vv.data());
         for (int64_t j = 0; j < nk; j += 2) {
-          const uint16_t* a = reinterpret_cast<const uint16_t*>(P.v_row(b, kidx[j], h));
-          const uint16_t* c = j + 1 < nk ? reinterpret_cast<const uint16_t*>(P.v_row(b, kidx[j + 1], h)) : nullptr;
+          const uint16_t* a = reinterpret_cast<const uint16_t*>(R.v_row(b, kidx[j], h));
+          const uint16_t* c = j + 1 < nk ? reinterpret_cast<const uint16_t*>(R.v_row(b, kidx[j + 1], h)) : nullptr;
           for (int64_t i = 0; i < D; i += 16) {
             const __mmask16 mk = D - i >= 16 ? __mmask16(0xffff) : __mmask16((1u << (D - i)) - 1u);
             __m512i w = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mk, a + i));
@@ -182,11 +187,11 @@ inline void forward(const Problem<c10::BFloat16, float>& P, at::Tensor& out, at:
         const int64_t i0 = tile * kRows, bq = std::min(kRows, d.Nq - i0);
         std::fill(qb.begin(), qb.end(), uint16_t(0));
         for (int64_t r = 0; r < bq; ++r) {
-          if (r + kPrefetchRows < bq) P.prefetch_q(b, i0 + r + kPrefetchRows, h);
-          prologue_row<T, float>(P.q_row(b, i0 + r, h), D, P.qwp(), P.eps, P.rope, i0 + r, qmul, row.data());
+          if (r + kPrefetchRows < bq) R.prefetch_q(b, i0 + r + kPrefetchRows, h);
+          prologue_row<T, float>(R.q_row(b, i0 + r, h), D, P.qwp(), P.eps, P.rope, i0 + r, qmul, row.data());
           to_bf16_row(row.data(), D, &qb[r * DQ]);
         }
-        const Lookahead<T, float> prefetch_ahead(P, optr, so, task, end, chunks, tiles_per_chunk, kRows, tile, t0, t1);
+        const Lookahead<T, float> prefetch_ahead(R, optr, so, task, end, chunks, tiles_per_chunk, kRows, tile, t0, t1, !stage);
         std::fill(m.begin(), m.end(), -INFINITY);
         std::fill(l.begin(), l.end(), 0.f);
         std::fill(o.begin(), o.end(), 0.f);
