@@ -176,6 +176,79 @@ inline void vec_output_token(const acc_t<T>* xb, const acc_t<T>* w, const acc_t<
   }
   }
 }
+
+// Backward of one row in two sweeps over 16-lane chunks, every conversion and gradient fused into
+// them. Sweep 1 forms d h = g * (1 + scale) * w (kept in fp32 in `gw`), the modulation and affine
+// gradients and the two row sums; sweep 2 re-derives xhat from the (L1-resident) input row and writes
+// dx, dy and the gate gradient. Per-sample / shared gradients accumulate into the task's fp32 sums.
+struct BwdRowPtrs {
+  const void *x, *dout, *dxo, *scale, *gate, *y;
+  void *dx, *dy, *dshift_row, *dscale_row, *dgate_row;
+  float *acc_shift, *acc_scale, *acc_w, *acc_b, *acc_gate;
+};
+
+template <class T>
+inline void vec_backward_row(const BwdRowPtrs& r, const float* w, const float* bias, float mean, float rstd,
+                             int64_t D, bool layer, float* __restrict gw, bool stream) {
+  if constexpr (has_vec16<T>) {
+  const auto put = [stream](void* p, __m512 v, __mmask16 m) { put16(static_cast<T*>(p), v, m, stream); };
+  const __m512 vr = _mm512_set1_ps(rstd), vm = _mm512_set1_ps(mean), one = _mm512_set1_ps(1.f);
+  const T* x = static_cast<const T*>(r.x);
+  float c1 = 0.f, c2 = 0.f;
+  if (r.dout) {
+    const T* dout = static_cast<const T*>(r.dout);
+    const T* scale = static_cast<const T*>(r.scale);
+    const bool need_h = r.dscale_row || r.acc_scale;
+    __m512 vs1 = _mm512_setzero_ps(), vs2 = _mm512_setzero_ps();
+    for (int64_t i = 0; i < D; i += 16) {
+      const __mmask16 m = cpu::tail_mask(D - i);
+      const __m512 xh = _mm512_mul_ps(_mm512_sub_ps(cpu::load16(x + i, m), vm), vr);
+      __m512 g = cpu::load16(dout + i, m);  // zero in the tail lanes, so no sum sees them
+      const __m512 wv = w ? _mm512_maskz_loadu_ps(m, w + i) : one;
+      if (r.dshift_row) put(static_cast<T*>(r.dshift_row) + i, g, m);
+      else if (r.acc_shift)
+        _mm512_mask_storeu_ps(r.acc_shift + i, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, r.acc_shift + i), g));
+      if (need_h) {
+        __m512 h = _mm512_mul_ps(xh, wv);
+        if (bias) h = _mm512_add_ps(h, _mm512_maskz_loadu_ps(m, bias + i));
+        if (r.dscale_row) put(static_cast<T*>(r.dscale_row) + i, _mm512_mul_ps(g, h), m);
+        else _mm512_mask_storeu_ps(r.acc_scale + i, m, _mm512_fmadd_ps(g, h, _mm512_maskz_loadu_ps(m, r.acc_scale + i)));
+      }
+      if (scale) g = _mm512_mul_ps(g, _mm512_add_ps(one, cpu::load16(scale + i, m)));
+      if (r.acc_w)
+        _mm512_mask_storeu_ps(r.acc_w + i, m, _mm512_fmadd_ps(g, xh, _mm512_maskz_loadu_ps(m, r.acc_w + i)));
+      if (r.acc_b) _mm512_mask_storeu_ps(r.acc_b + i, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, r.acc_b + i), g));
+      g = _mm512_mul_ps(g, wv);
+      vs1 = _mm512_add_ps(vs1, g);
+      vs2 = _mm512_fmadd_ps(g, xh, vs2);
+      _mm512_mask_storeu_ps(gw + i, m, g);
+    }
+    const float inv_d = 1.f / float(D);
+    c1 = layer ? cpu::hsum16(vs1) * inv_d : 0.f;
+    c2 = cpu::hsum16(vs2) * inv_d;
+  }
+  const __m512 vc1 = _mm512_set1_ps(c1), vc2 = _mm512_set1_ps(c2);
+  const T* dxo = static_cast<const T*>(r.dxo);
+  const T* gate = static_cast<const T*>(r.gate);
+  const T* y = static_cast<const T*>(r.y);
+  for (int64_t i = 0; i < D; i += 16) {
+    const __mmask16 m = cpu::tail_mask(D - i);
+    __m512 d = _mm512_setzero_ps();
+    if (r.dout) {
+      const __m512 xh = _mm512_mul_ps(_mm512_sub_ps(cpu::load16(x + i, m), vm), vr);
+      d = _mm512_mul_ps(vr, _mm512_sub_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, gw + i), vc1), _mm512_mul_ps(xh, vc2)));
+    }
+    if (dxo) d = _mm512_add_ps(d, cpu::load16(dxo + i, m));
+    if (gate) {
+      const __m512 yv = cpu::load16(y + i, m);
+      if (r.dgate_row) put(static_cast<T*>(r.dgate_row) + i, _mm512_mul_ps(d, yv), m);
+      else _mm512_mask_storeu_ps(r.acc_gate + i, m, _mm512_fmadd_ps(d, yv, _mm512_maskz_loadu_ps(m, r.acc_gate + i)));
+      put(static_cast<T*>(r.dy) + i, _mm512_mul_ps(cpu::load16(gate + i, m), d), m);
+    }
+    put(static_cast<T*>(r.dx) + i, d, m);
+  }
+  }
+}
 #else
 template <class T> constexpr bool has_vec16 = false;
 template <class T>
@@ -186,6 +259,14 @@ inline void vec_residual_stats(const T*, const T*, const T*, T*, int64_t, acc_t<
                                acc_t<T>&, bool) {}
 template <class T>
 inline void vec_output(const acc_t<T>*, const acc_t<T>*, const acc_t<T>*, acc_t<T>, acc_t<T>, int64_t, T*, bool) {}
+struct BwdRowPtrs {
+  const void *x, *dout, *dxo, *scale, *gate, *y;
+  void *dx, *dy, *dshift_row, *dscale_row, *dgate_row;
+  float *acc_shift, *acc_scale, *acc_w, *acc_b, *acc_gate;
+};
+template <class T>
+inline void vec_backward_row(const BwdRowPtrs&, const float*, const float*, float, float, int64_t, bool, float*,
+                             bool) {}
 #endif
 
 template <class T>
@@ -305,6 +386,18 @@ void backward_kernel(const BwdParams& p) {
   const A inv_d = A(1) / A(D);
   A* partials = static_cast<A*>(p.partials);
   const int64_t np = p.num_partials;
+  const auto unit = [](const Operand& o) { return !o.ptr || o.sd == 1; };
+  // Hand-vectorised rows need unit feature strides; fp64 (reference precision) uses the generic path.
+  const bool vec_rows = has_vec16<T> && p.xin.sd == 1 && unit(p.dout) && unit(p.dxo) && unit(p.scale) &&
+                        unit(p.gate) && unit(p.y);
+  // As in the forward: outputs far larger than the caches bypass them (no read-for-ownership).
+  const auto aligned = [](const void* q) { return !q || reinterpret_cast<uintptr_t>(q) % 64 == 0; };
+  int64_t out_rows = 1 + (residual ? 1 : 0);
+  for (const GradSlot* sl : {&p.dgate, &p.dshift, &p.dscale})
+    if (sl->mode == GradMode::PerRow) out_rows += 1;
+  const bool stream = vec_rows && B * N * D * int64_t(sizeof(T)) * out_rows >= kStreamBytes &&
+                      (D * int64_t(sizeof(T))) % 64 == 0 && aligned(p.dx) && aligned(p.dy) &&
+                      aligned(p.dgate.ptr) && aligned(p.dshift.ptr) && aligned(p.dscale.ptr);
 
   at::parallel_for(0, B * p.chunks, grain_for(B * p.chunks, B * N * D), [&](int64_t t0, int64_t t1) {
     Scratch<A> s(7 + 5, D);
@@ -324,6 +417,29 @@ void backward_kernel(const BwdParams& p) {
         if (!norm && p.kind != Kind::None) {  // no gradient reached `out`
           for (const GradSlot* sl : {&p.dshift, &p.dscale})
             if (sl->mode == GradMode::PerRow) std::memset(static_cast<T*>(sl->ptr) + row * D, 0, D * sizeof(T));
+        }
+        if constexpr (has_vec16<T>) {
+          if (vec_rows) {
+            const auto row_ptr = [&](const GradSlot& sl) -> void* {
+              return sl.mode == GradMode::PerRow ? static_cast<T*>(sl.ptr) + row * D : nullptr;
+            };
+            BwdRowPtrs r;
+            r.x = row_of<T>(p.xin, b, n);
+            r.dout = norm ? row_of<T>(p.dout, b, n) : nullptr;
+            r.dxo = p.dxo.ptr ? row_of<T>(p.dxo, b, n) : nullptr;
+            r.scale = p.scale.ptr ? row_of<T>(p.scale, b, n) : nullptr;
+            r.gate = residual ? row_of<T>(p.gate, b, n) : nullptr;
+            r.y = residual ? row_of<T>(p.y, b, n) : nullptr;
+            r.dx = static_cast<T*>(p.dx) + row * D;
+            r.dy = residual ? static_cast<T*>(p.dy) + row * D : nullptr;
+            r.dshift_row = row_ptr(p.dshift), r.dscale_row = row_ptr(p.dscale), r.dgate_row = row_ptr(p.dgate);
+            r.acc_shift = acc_shift, r.acc_scale = acc_scale, r.acc_w = acc_w, r.acc_b = acc_b;
+            r.acc_gate = acc_gate;
+            const A rstd = norm ? rstd_in[row] : A(0);
+            const A mean = norm && p.kind == Kind::Layer ? mean_in[row] : A(0);
+            vec_backward_row<T>(r, w, bias, mean, rstd, D, p.kind == Kind::Layer, g, stream);
+            continue;
+          }
         }
         if (norm) {
           const A rstd = rstd_in[row];
@@ -425,6 +541,9 @@ void backward_kernel(const BwdParams& p) {
       }
       if (np > 0) std::memcpy(partials + t * np * D, acc, np * D * sizeof(A));
     }
+#ifdef RAEKERN_CPU_VEC16
+    if (stream) _mm_sfence();  // make the streamed lines visible before the join
+#endif
   });
 }
 
