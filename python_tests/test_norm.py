@@ -148,7 +148,7 @@ def _fused_inputs(layout, B, N, D, dtype, kind, grad=True):
     return x, y, base, shift, scale, gate, w, b
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("kind", ["layer", "rms"])
 def test_backward_matches_reference(dtype, layout, kind):
@@ -191,8 +191,12 @@ def test_plain_norm_backward(dtype):
 
 
 @pytest.mark.parametrize("used", ["x_out", "out"])
-def test_fused_pair_with_one_output_used(used):
-    x, y, base, shift, scale, gate, w, _ = _fused_inputs("sample", 2, 9, 16, torch.float64, "rms")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["sample", "token"])
+def test_fused_pair_with_one_output_used(used, dtype, layout):
+    """Only one output's gradient: the backward runs without grad_out (or without grad_x_out); fp32 and
+    bf16 take the vectorised CPU rows, fp64 the generic ones."""
+    x, y, base, shift, scale, gate, w, _ = _fused_inputs(layout, 2, 9, 40, dtype, "rms")
     leaves = [x, y, base, w]
 
     def grads(fn):
@@ -202,8 +206,43 @@ def test_fused_pair_with_one_output_used(used):
     for got, want in zip(grads(R.gated_residual_norm_modulate), grads(R.gated_residual_norm_modulate_reference)):
         if want is None:
             assert got is None or not got.any()
-        else:
+        elif dtype == torch.float64:
             torch.testing.assert_close(got, want)
+        else:
+            _grad_close(got, want, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["sample", "token"])
+def test_backward_large_outputs(dtype, layout):
+    """Gradients past the CPU backward's streaming-store threshold (8 MiB of outputs, rows a multiple
+    of 64 bytes) take the non-temporal path."""
+    B, N, D = 4, 512, 1024
+    x, y, base, shift, scale, gate, w, _ = _fused_inputs(layout, B, N, D, dtype, "rms")
+    gxo, gout = torch.randn(B, N, D, dtype=dtype), torch.randn(B, N, D, dtype=dtype)
+
+    def grads(fn):
+        xo, out = fn(x, gate, y, shift, scale, kind="rms", weight=w)
+        return torch.autograd.grad([xo, out], [x, y, base, w], [gxo, gout])
+
+    for got, want, name in zip(grads(R.gated_residual_norm_modulate),
+                               grads(R.gated_residual_norm_modulate_reference), "x y adaLN w".split()):
+        _grad_close(got, want, dtype, f"d{name}")
+
+
+def test_backward_strided_feature_dim():
+    """Inputs whose feature stride is not 1 take the CPU backward's generic (non-vectorised) rows."""
+    B, N, D = 2, 11, 40
+    x = torch.randn(B, D, N).transpose(1, 2).requires_grad_()
+    base = (torch.randn(B, 1, 2 * D) * 0.5).requires_grad_()
+    shift, scale = base.chunk(2, dim=-1)
+    w = torch.randn(D, requires_grad=True)
+    g = torch.randn(B, D, N).transpose(1, 2)
+    for kind in ("layer", "rms"):
+        got = torch.autograd.grad(R.norm_modulate(x, shift, scale, kind=kind, weight=w), [x, base, w], g)
+        want = torch.autograd.grad(R.norm_modulate_reference(x, shift, scale, kind=kind, weight=w), [x, base, w], g)
+        for a, e, name in zip(got, want, "x adaLN w".split()):
+            _grad_close(a, e, torch.float32, f"{kind} d{name}")
 
 
 @pytest.mark.parametrize("layout", ["sample", "token", "shared", "flat2d"])

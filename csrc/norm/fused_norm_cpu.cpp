@@ -82,8 +82,22 @@ inline int64_t grain_for(int64_t tasks, int64_t elements) {
 // Output size from which the forward streams its stores past the caches.
 constexpr int64_t kStreamBytes = int64_t(8) << 20;
 
+// The next token's row of a per-token operand that is not laid out right after this one (a chunk of
+// an adaLN output: rows 6*D apart), or nullptr. The hardware prefetchers follow each row but restart
+// cold at every jump; rows read through this pointer are prefetched one token ahead.
+template <class T>
+inline const T* next_strided_row(const Operand& o, int64_t b, int64_t n, int64_t n_end, int64_t D) {
+  if (!o.ptr || o.sn == 0 || o.sn == D || n + 1 >= n_end) return nullptr;
+  return row_of<T>(o, b, n + 1);
+}
+
 #ifdef RAEKERN_CPU_VEC16
 template <class T> constexpr bool has_vec16 = !std::is_same_v<T, double>;
+
+template <class T>
+inline void prefetch16(const T* p) {
+  if (p) _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0);
+}
 
 // Full vectors of rows whose starts are cache-line aligned go around the cache when `stream`.
 template <class T>
@@ -96,12 +110,14 @@ inline void put16(T* p, __m512 v, __mmask16 m, bool stream) {
 // One pass over the row: xb = x + gate*y (rounded to T, as stored in x_out), and its statistics.
 template <class T>
 inline void vec_residual_stats(const T* x, const T* gate, const T* y, T* x_out, int64_t D, acc_t<T>* xb,
-                               Kind kind, double eps, acc_t<T>& mean, acc_t<T>& rstd, bool stream) {
+                               Kind kind, double eps, acc_t<T>& mean, acc_t<T>& rstd, bool stream,
+                               const T* pf_gate) {
   if constexpr (has_vec16<T>) {
   const auto put = [stream](T* p, __m512 v, __mmask16 m) { put16(p, v, m, stream); };
   if (kind == Kind::None) {  // gated_residual alone: a pure stream, no row buffer
     for (int64_t i = 0; i < D; i += 16) {
       const __mmask16 m = cpu::tail_mask(D - i);
+      if (pf_gate) prefetch16(pf_gate + i);
       __m512 r = _mm512_fmadd_ps(cpu::load16(gate + i, m), cpu::load16(y + i, m), cpu::load16(x + i, m));
       put(x_out + i, r, m);
     }
@@ -112,6 +128,7 @@ inline void vec_residual_stats(const T* x, const T* gate, const T* y, T* x_out, 
     const __mmask16 m = cpu::tail_mask(D - i);
     __m512 r = cpu::load16(x + i, m);
     if (gate) {
+      if (pf_gate) prefetch16(pf_gate + i);
       r = _mm512_fmadd_ps(cpu::load16(gate + i, m), cpu::load16(y + i, m), r);
       put(x_out + i, r, m);
       r = cpu::round16<T>(r);
@@ -161,13 +178,16 @@ inline void vec_output(const acc_t<T>* xb, const acc_t<T>* ca, const acc_t<T>* c
 // Per-token modulation: out = (xhat * w + bias) * (1 + scale) + shift, shift/scale read from memory.
 template <class T>
 inline void vec_output_token(const acc_t<T>* xb, const acc_t<T>* w, const acc_t<T>* bias, const T* shift,
-                             const T* scale, acc_t<T> rstd, acc_t<T> mean, int64_t D, T* out, bool stream) {
+                             const T* scale, acc_t<T> rstd, acc_t<T> mean, int64_t D, T* out, bool stream,
+                             const T* pf_shift, const T* pf_scale) {
   if constexpr (has_vec16<T>) {
   const auto put = [stream](T* p, __m512 v, __mmask16 m) { put16(p, v, m, stream); };
   const __m512 vr = _mm512_set1_ps(rstd), vm = _mm512_set1_ps(mean), one = _mm512_set1_ps(1.f);
   for (int64_t i = 0; i < D; i += 16) {
     const __mmask16 m = cpu::tail_mask(D - i);
     __m512 h = _mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, xb + i), vm), vr);
+    prefetch16(pf_shift ? pf_shift + i : nullptr);
+    prefetch16(pf_scale ? pf_scale + i : nullptr);
     if (w) h = _mm512_mul_ps(h, _mm512_maskz_loadu_ps(m, w + i));
     if (bias) h = _mm512_add_ps(h, _mm512_maskz_loadu_ps(m, bias + i));
     const __m512 sc = scale ? _mm512_add_ps(one, cpu::load16(scale + i, m)) : one;
@@ -176,16 +196,101 @@ inline void vec_output_token(const acc_t<T>* xb, const acc_t<T>* w, const acc_t<
   }
   }
 }
+
+// Backward of one row in two sweeps over 16-lane chunks, every conversion and gradient fused into
+// them. Sweep 1 forms d h = g * (1 + scale) * w (kept in fp32 in `gw`), the modulation and affine
+// gradients and the two row sums; sweep 2 re-derives xhat from the (L1-resident) input row and writes
+// dx, dy and the gate gradient. Per-sample / shared gradients accumulate into the task's fp32 sums.
+struct BwdRowPtrs {
+  const void *x, *dout, *dxo, *scale, *gate, *y;
+  const void *next_scale, *next_gate;  // prefetched: see next_strided_row
+  void *dx, *dy, *dshift_row, *dscale_row, *dgate_row;
+  float *acc_shift, *acc_scale, *acc_w, *acc_b, *acc_gate;
+};
+
+template <class T>
+inline void vec_backward_row(const BwdRowPtrs& r, const float* w, const float* bias, float mean, float rstd,
+                             int64_t D, bool layer, float* __restrict gw, bool stream) {
+  if constexpr (has_vec16<T>) {
+  const auto put = [stream](void* p, __m512 v, __mmask16 m) { put16(static_cast<T*>(p), v, m, stream); };
+  const __m512 vr = _mm512_set1_ps(rstd), vm = _mm512_set1_ps(mean), one = _mm512_set1_ps(1.f);
+  const T* x = static_cast<const T*>(r.x);
+  float c1 = 0.f, c2 = 0.f;
+  if (r.dout) {
+    const T* dout = static_cast<const T*>(r.dout);
+    const T* scale = static_cast<const T*>(r.scale);
+    const bool need_h = r.dscale_row || r.acc_scale;
+    __m512 vs1 = _mm512_setzero_ps(), vs2 = _mm512_setzero_ps();
+    for (int64_t i = 0; i < D; i += 16) {
+      const __mmask16 m = cpu::tail_mask(D - i);
+      const __m512 xh = _mm512_mul_ps(_mm512_sub_ps(cpu::load16(x + i, m), vm), vr);
+      prefetch16(static_cast<const T*>(r.next_scale) ? static_cast<const T*>(r.next_scale) + i : nullptr);
+      __m512 g = cpu::load16(dout + i, m);  // zero in the tail lanes, so no sum sees them
+      const __m512 wv = w ? _mm512_maskz_loadu_ps(m, w + i) : one;
+      if (r.dshift_row) put(static_cast<T*>(r.dshift_row) + i, g, m);
+      else if (r.acc_shift)
+        _mm512_mask_storeu_ps(r.acc_shift + i, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, r.acc_shift + i), g));
+      if (need_h) {
+        __m512 h = _mm512_mul_ps(xh, wv);
+        if (bias) h = _mm512_add_ps(h, _mm512_maskz_loadu_ps(m, bias + i));
+        if (r.dscale_row) put(static_cast<T*>(r.dscale_row) + i, _mm512_mul_ps(g, h), m);
+        else _mm512_mask_storeu_ps(r.acc_scale + i, m, _mm512_fmadd_ps(g, h, _mm512_maskz_loadu_ps(m, r.acc_scale + i)));
+      }
+      if (scale) g = _mm512_mul_ps(g, _mm512_add_ps(one, cpu::load16(scale + i, m)));
+      if (r.acc_w)
+        _mm512_mask_storeu_ps(r.acc_w + i, m, _mm512_fmadd_ps(g, xh, _mm512_maskz_loadu_ps(m, r.acc_w + i)));
+      if (r.acc_b) _mm512_mask_storeu_ps(r.acc_b + i, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, r.acc_b + i), g));
+      g = _mm512_mul_ps(g, wv);
+      vs1 = _mm512_add_ps(vs1, g);
+      vs2 = _mm512_fmadd_ps(g, xh, vs2);
+      _mm512_mask_storeu_ps(gw + i, m, g);
+    }
+    const float inv_d = 1.f / float(D);
+    c1 = layer ? cpu::hsum16(vs1) * inv_d : 0.f;
+    c2 = cpu::hsum16(vs2) * inv_d;
+  }
+  const __m512 vc1 = _mm512_set1_ps(c1), vc2 = _mm512_set1_ps(c2);
+  const T* dxo = static_cast<const T*>(r.dxo);
+  const T* gate = static_cast<const T*>(r.gate);
+  const T* y = static_cast<const T*>(r.y);
+  for (int64_t i = 0; i < D; i += 16) {
+    const __mmask16 m = cpu::tail_mask(D - i);
+    __m512 d = _mm512_setzero_ps();
+    if (r.dout) {
+      const __m512 xh = _mm512_mul_ps(_mm512_sub_ps(cpu::load16(x + i, m), vm), vr);
+      d = _mm512_mul_ps(vr, _mm512_sub_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, gw + i), vc1), _mm512_mul_ps(xh, vc2)));
+    }
+    if (dxo) d = _mm512_add_ps(d, cpu::load16(dxo + i, m));
+    if (gate) {
+      prefetch16(r.next_gate ? static_cast<const T*>(r.next_gate) + i : nullptr);
+      const __m512 yv = cpu::load16(y + i, m);
+      if (r.dgate_row) put(static_cast<T*>(r.dgate_row) + i, _mm512_mul_ps(d, yv), m);
+      else _mm512_mask_storeu_ps(r.acc_gate + i, m, _mm512_fmadd_ps(d, yv, _mm512_maskz_loadu_ps(m, r.acc_gate + i)));
+      put(static_cast<T*>(r.dy) + i, _mm512_mul_ps(cpu::load16(gate + i, m), d), m);
+    }
+    put(static_cast<T*>(r.dx) + i, d, m);
+  }
+  }
+}
 #else
 template <class T> constexpr bool has_vec16 = false;
 template <class T>
 inline void vec_output_token(const acc_t<T>*, const acc_t<T>*, const acc_t<T>*, const T*, const T*, acc_t<T>,
-                             acc_t<T>, int64_t, T*, bool) {}
+                             acc_t<T>, int64_t, T*, bool, const T*, const T*) {}
 template <class T>
 inline void vec_residual_stats(const T*, const T*, const T*, T*, int64_t, acc_t<T>*, Kind, double, acc_t<T>&,
-                               acc_t<T>&, bool) {}
+                               acc_t<T>&, bool, const T*) {}
 template <class T>
 inline void vec_output(const acc_t<T>*, const acc_t<T>*, const acc_t<T>*, acc_t<T>, acc_t<T>, int64_t, T*, bool) {}
+struct BwdRowPtrs {
+  const void *x, *dout, *dxo, *scale, *gate, *y;
+  const void *next_scale, *next_gate;  // prefetched: see next_strided_row
+  void *dx, *dy, *dshift_row, *dscale_row, *dgate_row;
+  float *acc_shift, *acc_scale, *acc_w, *acc_b, *acc_gate;
+};
+template <class T>
+inline void vec_backward_row(const BwdRowPtrs&, const float*, const float*, float, float, int64_t, bool, float*,
+                             bool) {}
 #endif
 
 template <class T>
@@ -228,7 +333,8 @@ void forward_kernel(const FwdParams& p) {
         // Stage 1: xb = x (+ gate*y), x_out written, statistics.
         if (vec_rows) {
           vec_residual_stats<T>(row_of<T>(p.x, b, n), residual ? row_of<T>(p.gate, b, n) : nullptr,
-                                residual ? row_of<T>(p.y, b, n) : nullptr, xo, D, xb, p.kind, p.eps, mean, rstd, stream);
+                                residual ? row_of<T>(p.y, b, n) : nullptr, xo, D, xb, p.kind, p.eps, mean, rstd, stream,
+                                residual ? next_strided_row<T>(p.gate, b, n, n1, D) : nullptr);
         } else {
           widen<T>(p.x, b, n, D, xb);
           if (residual) {
@@ -251,7 +357,8 @@ void forward_kernel(const FwdParams& p) {
         T* out = static_cast<T*>(p.out) + row * D;
         if (vec_token) {
           vec_output_token<T>(xb, w, bias, p.shift.ptr ? row_of<T>(p.shift, b, n) : nullptr,
-                              p.scale.ptr ? row_of<T>(p.scale, b, n) : nullptr, rstd, mean, D, out, stream);
+                              p.scale.ptr ? row_of<T>(p.scale, b, n) : nullptr, rstd, mean, D, out, stream,
+                              next_strided_row<T>(p.shift, b, n, n1, D), next_strided_row<T>(p.scale, b, n, n1, D));
           continue;
         }
         if (coef_per_row || coef_b != b) {
@@ -305,6 +412,18 @@ void backward_kernel(const BwdParams& p) {
   const A inv_d = A(1) / A(D);
   A* partials = static_cast<A*>(p.partials);
   const int64_t np = p.num_partials;
+  const auto unit = [](const Operand& o) { return !o.ptr || o.sd == 1; };
+  // Hand-vectorised rows need unit feature strides; fp64 (reference precision) uses the generic path.
+  const bool vec_rows = has_vec16<T> && p.xin.sd == 1 && unit(p.dout) && unit(p.dxo) && unit(p.scale) &&
+                        unit(p.gate) && unit(p.y);
+  // As in the forward: outputs far larger than the caches bypass them (no read-for-ownership).
+  const auto aligned = [](const void* q) { return !q || reinterpret_cast<uintptr_t>(q) % 64 == 0; };
+  int64_t out_rows = 1 + (residual ? 1 : 0);
+  for (const GradSlot* sl : {&p.dgate, &p.dshift, &p.dscale})
+    if (sl->mode == GradMode::PerRow) out_rows += 1;
+  const bool stream = vec_rows && B * N * D * int64_t(sizeof(T)) * out_rows >= kStreamBytes &&
+                      (D * int64_t(sizeof(T))) % 64 == 0 && aligned(p.dx) && aligned(p.dy) &&
+                      aligned(p.dgate.ptr) && aligned(p.dshift.ptr) && aligned(p.dscale.ptr);
 
   at::parallel_for(0, B * p.chunks, grain_for(B * p.chunks, B * N * D), [&](int64_t t0, int64_t t1) {
     Scratch<A> s(7 + 5, D);
@@ -324,6 +443,31 @@ void backward_kernel(const BwdParams& p) {
         if (!norm && p.kind != Kind::None) {  // no gradient reached `out`
           for (const GradSlot* sl : {&p.dshift, &p.dscale})
             if (sl->mode == GradMode::PerRow) std::memset(static_cast<T*>(sl->ptr) + row * D, 0, D * sizeof(T));
+        }
+        if constexpr (has_vec16<T>) {
+          if (vec_rows) {
+            const auto row_ptr = [&](const GradSlot& sl) -> void* {
+              return sl.mode == GradMode::PerRow ? static_cast<T*>(sl.ptr) + row * D : nullptr;
+            };
+            BwdRowPtrs r;
+            r.x = row_of<T>(p.xin, b, n);
+            r.dout = norm ? row_of<T>(p.dout, b, n) : nullptr;
+            r.dxo = p.dxo.ptr ? row_of<T>(p.dxo, b, n) : nullptr;
+            r.scale = p.scale.ptr ? row_of<T>(p.scale, b, n) : nullptr;
+            r.gate = residual ? row_of<T>(p.gate, b, n) : nullptr;
+            r.y = residual ? row_of<T>(p.y, b, n) : nullptr;
+            r.next_scale = norm ? next_strided_row<T>(p.scale, b, n, n1, D) : nullptr;
+            r.next_gate = residual ? next_strided_row<T>(p.gate, b, n, n1, D) : nullptr;
+            r.dx = static_cast<T*>(p.dx) + row * D;
+            r.dy = residual ? static_cast<T*>(p.dy) + row * D : nullptr;
+            r.dshift_row = row_ptr(p.dshift), r.dscale_row = row_ptr(p.dscale), r.dgate_row = row_ptr(p.dgate);
+            r.acc_shift = acc_shift, r.acc_scale = acc_scale, r.acc_w = acc_w, r.acc_b = acc_b;
+            r.acc_gate = acc_gate;
+            const A rstd = norm ? rstd_in[row] : A(0);
+            const A mean = norm && p.kind == Kind::Layer ? mean_in[row] : A(0);
+            vec_backward_row<T>(r, w, bias, mean, rstd, D, p.kind == Kind::Layer, g, stream);
+            continue;
+          }
         }
         if (norm) {
           const A rstd = rstd_in[row];
@@ -425,6 +569,9 @@ void backward_kernel(const BwdParams& p) {
       }
       if (np > 0) std::memcpy(partials + t * np * D, acc, np * D * sizeof(A));
     }
+#ifdef RAEKERN_CPU_VEC16
+    if (stream) _mm_sfence();  // make the streamed lines visible before the join
+#endif
   });
 }
 
