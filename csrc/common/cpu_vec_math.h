@@ -53,6 +53,32 @@ inline __m512 tanh16(__m512 x) {
   return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(a, _mm512_set1_ps(0.625f), _CMP_LT_OQ), big_signed, small);
 }
 
+// In-register transpose of a 16×16 fp32 block: r[i] lane j becomes r[j] lane i. Three stages of
+// in-lane shuffles (unpack, shuffle_ps) and two of 128-bit lane shuffles, 64 shuffles in all.
+inline void transpose16(__m512* r) {
+  __m512 t[16], u[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  // u[4g + c], 128-bit lane k: rows 4g..4g+3 of column 4k + c.
+  for (int g = 0; g < 4; ++g) {
+    u[4 * g + 0] = _mm512_shuffle_ps(t[4 * g], t[4 * g + 2], 0x44);
+    u[4 * g + 1] = _mm512_shuffle_ps(t[4 * g], t[4 * g + 2], 0xEE);
+    u[4 * g + 2] = _mm512_shuffle_ps(t[4 * g + 1], t[4 * g + 3], 0x44);
+    u[4 * g + 3] = _mm512_shuffle_ps(t[4 * g + 1], t[4 * g + 3], 0xEE);
+  }
+  for (int c = 0; c < 4; ++c) {
+    const __m512 xe = _mm512_shuffle_f32x4(u[c], u[4 + c], 0x88), xo = _mm512_shuffle_f32x4(u[c], u[4 + c], 0xDD);
+    const __m512 ye = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0x88);
+    const __m512 yo = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0xDD);
+    r[c] = _mm512_shuffle_f32x4(xe, ye, 0x88);
+    r[8 + c] = _mm512_shuffle_f32x4(xe, ye, 0xDD);
+    r[4 + c] = _mm512_shuffle_f32x4(xo, yo, 0x88);
+    r[12 + c] = _mm512_shuffle_f32x4(xo, yo, 0xDD);
+  }
+}
+
 // Whether stream16 may write 16 lanes at p (its alignment: 64 bytes fp32, 32 bytes 16-bit types).
 template <class T> inline bool stream_aligned(const T* p) {
   return reinterpret_cast<uintptr_t>(p) % (16 * sizeof(T)) == 0;

@@ -5,10 +5,14 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "common/cpu_utils.h"
+#include "common/cpu_vec_math.h"
 #include "common/dispatch.h"
+#include "fusion/dynamic_tasks.h"
 #include "fusion/fusion_args.h"
 #include "fusion/latent_tile.h"
 
@@ -18,6 +22,125 @@ namespace {
 using raekern::cpu::acc_t;
 
 at::ScalarType acc_of(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+#if defined(RAEKERN_CPU_VEC16)
+using raekern::cpu::load16;
+using raekern::cpu::store16;
+using raekern::cpu::tail_mask;
+
+// The transposes by 16×16 register blocks. A task is 16 tokens × up to kChannels channels of every
+// sample: its slice of the statistics (packed [channel][16 tokens], scale computed here) is read
+// from memory once and stays in L1 for all B samples, instead of once per sample, while each sample
+// reads whole token rows of the tile and writes whole 64-byte channel runs (streamed when large).
+constexpr int64_t kChannels = 256;
+
+struct CfTask {
+  int64_t n0, tn, d0, dn;
+};
+
+inline CfTask cf_task(int64_t task, int64_t D, int64_t N) {
+  const int64_t dblocks = (D + kChannels - 1) / kChannels;
+  CfTask t;
+  t.n0 = (task / dblocks) * 16;
+  t.tn = std::min<int64_t>(16, N - t.n0);
+  t.d0 = (task % dblocks) * kChannels;
+  t.dn = std::min(kChannels, D - t.d0);
+  return t;
+}
+
+// Packs shift[d, n0 + j] and scale = rsqrt(var + eps) (or sqrt) for the task's channels, 16 per row;
+// lanes past the tile's last token are 0.
+inline void pack_stats(const CfTask& t, int64_t N, const float* var, const float* shift, float eps, bool inverse,
+                       float* sc, float* sh) {
+  const __mmask16 m = tail_mask(t.tn);
+  const __m512 e = _mm512_set1_ps(eps), one = _mm512_set1_ps(1.f);
+  for (int64_t j = 0; j < t.dn; ++j) {
+    const int64_t off = (t.d0 + j) * N + t.n0;
+    const __m512 r = _mm512_sqrt_ps(_mm512_add_ps(_mm512_maskz_loadu_ps(m, var + off), e));
+    _mm512_storeu_ps(sc + 16 * j, _mm512_maskz_mov_ps(m, inverse ? _mm512_div_ps(one, r) : r));
+    if (shift) _mm512_storeu_ps(sh + 16 * j, _mm512_maskz_loadu_ps(m, shift + off));
+  }
+}
+
+// tokens z [B, N, D] (unit stride in D) → contiguous [B, D, N]: (z − shift)·scale.
+template <class T>
+void tokens_to_cf_vec(const T* z, int64_t zsb, int64_t zsn, int64_t B, int64_t N, int64_t D, const float* var,
+                      const float* shift, float eps, bool inverse, T* out) {
+  const bool stream = B * N * D * int64_t(sizeof(T)) >= raekern::cpu::kStreamBytes &&
+                      (N * int64_t(sizeof(T))) % 64 == 0 && raekern::cpu::stream_aligned(out);
+  const int64_t tasks = ((N + 15) / 16) * ((D + kChannels - 1) / kChannels);
+  parallel_tasks(tasks, 1, [&](int64_t lo, int64_t hi) {
+    std::vector<float> sc(16 * kChannels), sh(shift ? 16 * kChannels : 0);
+    for (int64_t task = lo; task < hi; ++task) {
+      const CfTask t = cf_task(task, D, N);
+      pack_stats(t, N, var, shift, eps, inverse, sc.data(), sh.data());
+      const __mmask16 mt = tail_mask(t.tn);
+      for (int64_t b = 0; b < B; ++b) {
+        for (int64_t j0 = 0; j0 < t.dn; j0 += 16) {
+          const int64_t dc = std::min<int64_t>(16, t.dn - j0);
+          const __mmask16 mc = tail_mask(dc);
+          __m512 r[16];
+          for (int64_t i = 0; i < 16; ++i)
+            r[i] = i < t.tn ? load16(z + b * zsb + (t.n0 + i) * zsn + t.d0 + j0, mc) : _mm512_setzero_ps();
+          raekern::cpu::transpose16(r);
+          for (int64_t i = 0; i < dc; ++i) {
+            const int64_t j = j0 + i;
+            __m512 v = r[i];
+            if (shift) v = _mm512_sub_ps(v, _mm512_loadu_ps(sh.data() + 16 * j));
+            v = _mm512_mul_ps(v, _mm512_loadu_ps(sc.data() + 16 * j));
+            T* dst = out + (b * D + t.d0 + j) * N + t.n0;
+            if (stream && t.tn == 16) raekern::cpu::stream16(dst, v);
+            else store16(dst, v, mt);
+          }
+        }
+      }
+    }
+    if (stream) _mm_sfence();
+  });
+}
+
+// x [B, D, N] (unit stride in N, channel stride xsd) → contiguous tokens [B, N, D]: x·scale + shift.
+template <class T>
+void cf_to_tokens_vec(const T* x, int64_t xsb, int64_t xsd, int64_t B, int64_t N, int64_t D, const float* var,
+                      const float* shift, float eps, bool inverse, T* out) {
+  const bool stream = B * N * D * int64_t(sizeof(T)) >= raekern::cpu::kStreamBytes &&
+                      (D * int64_t(sizeof(T))) % 64 == 0 && raekern::cpu::stream_aligned(out);
+  const int64_t tasks = ((N + 15) / 16) * ((D + kChannels - 1) / kChannels);
+  parallel_tasks(tasks, 1, [&](int64_t lo, int64_t hi) {
+    std::vector<float> sc(16 * kChannels), sh(shift ? 16 * kChannels : 0);
+    for (int64_t task = lo; task < hi; ++task) {
+      const CfTask t = cf_task(task, D, N);
+      pack_stats(t, N, var, shift, eps, inverse, sc.data(), sh.data());
+      const __mmask16 mt = tail_mask(t.tn);
+      for (int64_t b = 0; b < B; ++b) {
+        for (int64_t j0 = 0; j0 < t.dn; j0 += 16) {
+          const int64_t dc = std::min<int64_t>(16, t.dn - j0);
+          const __mmask16 mc = tail_mask(dc);
+          __m512 r[16];
+          for (int64_t i = 0; i < 16; ++i) {
+            if (i >= dc) {
+              r[i] = _mm512_setzero_ps();
+              continue;
+            }
+            const int64_t j = j0 + i;
+            __m512 v = _mm512_mul_ps(load16(x + b * xsb + (t.d0 + j) * xsd + t.n0, mt),
+                                     _mm512_loadu_ps(sc.data() + 16 * j));
+            if (shift) v = _mm512_add_ps(v, _mm512_loadu_ps(sh.data() + 16 * j));
+            r[i] = v;
+          }
+          raekern::cpu::transpose16(r);
+          for (int64_t i = 0; i < t.tn; ++i) {
+            T* dst = out + (b * N + t.n0 + i) * D + t.d0 + j0;
+            if (stream && dc == 16) raekern::cpu::stream16(dst, r[i]);
+            else store16(dst, r[i], mc);
+          }
+        }
+      }
+    }
+    if (stream) _mm_sfence();
+  });
+}
+#endif
 
 // tokens [B, N, D] (any strides) → contiguous [B, D, H, W]: (z − shift)·scale.
 at::Tensor tokens_to_cf(const at::Tensor& z, const at::Tensor& shift, const at::Tensor& var, double eps,
@@ -30,6 +153,16 @@ at::Tensor tokens_to_cf(const at::Tensor& z, const at::Tensor& shift, const at::
   const at::Tensor m = shift.defined() ? shift.to(acc).contiguous() : at::Tensor();
   RAEKERN_DISPATCH_FLOATING(z.scalar_type(), "latent_tokens_to_cf", [&] {
     using A = acc_t<scalar_t>;
+#if defined(RAEKERN_CPU_VEC16)
+    if constexpr (!std::is_same_v<scalar_t, double>) {
+      if (z.stride(2) == 1) {
+        tokens_to_cf_vec(z.data_ptr<scalar_t>(), z.stride(0), z.stride(1), B, N, D, v.data_ptr<float>(),
+                         m.defined() ? m.data_ptr<float>() : nullptr, float(eps), inverse_scale,
+                         out.data_ptr<scalar_t>());
+        return;
+      }
+    }
+#endif
     const std::vector<A> sc = latent_scale(v.data_ptr<A>(), D * N, A(eps), inverse_scale);
     const A* mp = m.defined() ? m.data_ptr<A>() : nullptr;
     const scalar_t* zp = z.data_ptr<scalar_t>();
@@ -60,6 +193,16 @@ at::Tensor cf_to_tokens(const at::Tensor& x, const at::Tensor& shift, const at::
   const at::Tensor m = shift.defined() ? shift.to(acc).contiguous() : at::Tensor();
   RAEKERN_DISPATCH_FLOATING(x.scalar_type(), "latent_cf_to_tokens", [&] {
     using A = acc_t<scalar_t>;
+#if defined(RAEKERN_CPU_VEC16)
+    if constexpr (!std::is_same_v<scalar_t, double>) {
+      if (x.stride(3) == 1 && x.stride(2) == W) {
+        cf_to_tokens_vec(x.data_ptr<scalar_t>(), x.stride(0), x.stride(1), B, N, D, v.data_ptr<float>(),
+                         m.defined() ? m.data_ptr<float>() : nullptr, float(eps), inverse_scale,
+                         out.data_ptr<scalar_t>());
+        return;
+      }
+    }
+#endif
     const std::vector<A> sc = latent_scale(v.data_ptr<A>(), D * N, A(eps), inverse_scale);
     const A* mp = m.defined() ? m.data_ptr<A>() : nullptr;
     const scalar_t* xp = x.data_ptr<scalar_t>();
