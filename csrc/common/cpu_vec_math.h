@@ -79,14 +79,5 @@ inline void transpose16(__m512* r) {
   }
 }
 
-// Whether stream16 may write 16 lanes at p (its alignment: 64 bytes fp32, 32 bytes 16-bit types).
-template <class T> inline bool stream_aligned(const T* p) {
-  return reinterpret_cast<uintptr_t>(p) % (16 * sizeof(T)) == 0;
-}
-
-// Outputs at least this large are written with non-temporal stores: they cannot stay in the caches
-// anyway, and streaming skips the read-for-ownership that makes a normal store cost two transfers.
-constexpr int64_t kStreamBytes = int64_t(4) << 20;
-
 }  // namespace raekern::cpu
 #endif

@@ -131,7 +131,6 @@ A row_norm(const A* x, int64_t n) { return std::sqrt(row_dot(x, x, n)); }
 #if defined(RAEKERN_CPU_VEC16)
 using raekern::cpu::load16;
 using raekern::cpu::store16;
-using raekern::cpu::stream16;
 using raekern::cpu::tail_mask;
 
 // The 16-lane kernels take fp32/bf16/fp16 rows that are contiguous in D, with bound tanh or none
@@ -148,18 +147,11 @@ bool route_vectorised(const Route<T>& k) {
   }
 }
 
-// Stores 16 lanes, streaming where the destination allows it (full lanes, aligned, large output).
-template <class T>
-inline void put16(T* p, __m512 v, __mmask16 m, bool stream) {
-  if (stream && m == __mmask16(0xffff)) stream16(p, v);
-  else store16(p, v, m);
-}
-
 // One token forward, 16 channels at a time: f = Σ_l w_l e_l stays in a register across the L expert
 // rows (no fp32 row buffer, no widening pass for 16-bit storage), then the bound and the base add.
 template <class T>
 void route_token_forward_vec(const Route<T>& k, int64_t b, int64_t n, const float* w, const float* gate,
-                             const T** rows, T* out, bool stream) {
+                             const T** rows, T* out) {
   const auto& s = k.s;
   for (int64_t l = 0; l < s.L; ++l) rows[l] = k.expert_ptr(l, b, n);
   const T* bp = k.base + b * k.bsb + n * k.bsn;
@@ -178,7 +170,7 @@ void route_token_forward_vec(const Route<T>& k, int64_t b, int64_t n, const floa
     const __m512 o = s.bound == Bound::kTanh
                          ? _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, gate + d), raekern::cpu::tanh16(f), base)
                          : _mm512_add_ps(base, f);
-    put16(out + d, o, m, stream);
+    store16(out + d, o, m);
   }
 }
 #endif
@@ -190,8 +182,6 @@ void route_forward(const Route<T>& k, T* out) {
 #if defined(RAEKERN_CPU_VEC16)
   if constexpr (!std::is_same_v<T, double>) {
   if (route_vectorised(k)) {
-    const bool stream = s.B * s.N * s.D * int64_t(sizeof(T)) >= raekern::cpu::kStreamBytes &&
-                        (s.D * int64_t(sizeof(T))) % 64 == 0 && raekern::cpu::stream_aligned(out);
     parallel_tasks(s.B * s.N, 1, [&](int64_t lo, int64_t hi) {
       std::vector<float> gv(s.D, 1.f), w(s.L);
       std::vector<const T*> rows(s.L);
@@ -200,9 +190,8 @@ void route_forward(const Route<T>& k, T* out) {
         const int64_t b = tok / s.N, n = tok % s.N;
         float norm;
         depth_weights(s.energy, k.logits + tok * s.L, s.L, w.data(), norm);
-        route_token_forward_vec(k, b, n, w.data(), gv.data(), rows.data(), out + tok * s.D, stream);
+        route_token_forward_vec(k, b, n, w.data(), gv.data(), rows.data(), out + tok * s.D);
       }
-      if (stream) _mm_sfence();
     });
     return;
   }
@@ -246,7 +235,7 @@ void route_forward(const Route<T>& k, T* out) {
 template <class T>
 void route_token_backward_vec(const Route<T>& k, int64_t b, int64_t n, const float* w, const float* gate,
                               const T* grow, const T** rows, T* const* ge, T* gbase, float* gw_acc,
-                              float* gamma_acc, bool stream) {
+                              float* gamma_acc) {
   const auto& s = k.s;
   for (int64_t l = 0; l < s.L; ++l) rows[l] = k.expert_ptr(l, b, n);
   std::fill(gw_acc, gw_acc + 16 * s.L, 0.f);
@@ -261,7 +250,7 @@ void route_token_backward_vec(const Route<T>& k, int64_t b, int64_t n, const flo
     if (l < s.L) f0 = _mm512_fmadd_ps(_mm512_set1_ps(w[l]), load16(rows[l] + d, m), f0);
     const __m512 f = _mm512_add_ps(f0, f1);
     const __m512 g = load16(grow + d, m);
-    put16(gbase + d, g, m, stream);
+    store16(gbase + d, g, m);
     __m512 gf = g;
     if (s.bound == Bound::kTanh) {
       const __m512 th = raekern::cpu::tanh16(f);
@@ -274,7 +263,7 @@ void route_token_backward_vec(const Route<T>& k, int64_t b, int64_t n, const flo
     for (l = 0; l < s.L; ++l) {
       float* acc = gw_acc + 16 * l;
       _mm512_storeu_ps(acc, _mm512_fmadd_ps(gf, load16(rows[l] + d, m), _mm512_loadu_ps(acc)));
-      put16(ge[l] + d, _mm512_mul_ps(_mm512_set1_ps(w[l]), gf), m, stream);
+      store16(ge[l] + d, _mm512_mul_ps(_mm512_set1_ps(w[l]), gf), m);
     }
   }
 }
@@ -298,9 +287,6 @@ void route_backward(const Route<T>& k, const at::Tensor& grad, std::vector<at::T
   if constexpr (!std::is_same_v<T, double>) {
   if (route_vectorised(k) && gsd == 1) {
     done = true;
-    bool stream = s.B * s.N * s.D * int64_t(sizeof(T)) >= raekern::cpu::kStreamBytes &&
-                  (s.D * int64_t(sizeof(T))) % 64 == 0 && raekern::cpu::stream_aligned(gbp);
-    for (T* p : gep) stream = stream && raekern::cpu::stream_aligned(p);
     // Static partition, as below: bit-identical γ gradients across runs.
     at::parallel_for(0, s.B * s.N, 1, [&](int64_t lo, int64_t hi) {
       std::vector<float> gatev(s.D, 1.f), w(s.L), gw(s.L), ga(s.L), gw_acc(16 * s.L);
@@ -314,12 +300,11 @@ void route_backward(const Route<T>& k, const at::Tensor& grad, std::vector<at::T
         depth_weights(s.energy, k.logits + tok * s.L, s.L, w.data(), norm);
         for (int64_t l = 0; l < s.L; ++l) dst[l] = gep[l] + tok * s.D;
         route_token_backward_vec(k, b, n, w.data(), gatev.data(), gp + b * gsb + n * gsn, rows.data(), dst.data(),
-                                 gbp + tok * s.D, gw_acc.data(), my_gamma, stream);
+                                 gbp + tok * s.D, gw_acc.data(), my_gamma);
         for (int64_t l = 0; l < s.L; ++l) gw[l] = _mm512_reduce_add_ps(_mm512_loadu_ps(gw_acc.data() + 16 * l));
         depth_weights_backward(s.energy, w.data(), norm, gw.data(), s.L, ga.data());
         std::copy(ga.begin(), ga.end(), glp + tok * s.L);
       }
-      if (stream) _mm_sfence();
     });
   }
   }

@@ -28,11 +28,13 @@ using raekern::cpu::load16;
 using raekern::cpu::store16;
 using raekern::cpu::tail_mask;
 
-// The transposes by 16×16 register blocks. A task is 16 tokens × up to kChannels channels of every
-// sample: its slice of the statistics (packed [channel][16 tokens], scale computed here) is read
-// from memory once and stays in L1 for all B samples, instead of once per sample, while each sample
-// reads whole token rows of the tile and writes whole 64-byte channel runs (streamed when large).
+// The transposes by 16×16 register blocks. A task is 32 tokens × up to kChannels channels of every
+// sample: its slice of the statistics (packed [channel][32 tokens], scale computed here) is read
+// from memory once and stays in L1 for all B samples, instead of once per sample. Each channel run
+// written (or read) is 32 tokens, a whole 64-byte line even for 16-bit types, and each token row
+// 32 channels, so no line is touched in halves by two different tasks.
 constexpr int64_t kChannels = 256;
+constexpr int64_t kTokens = 32;
 
 struct CfTask {
   int64_t n0, tn, d0, dn;
@@ -41,61 +43,70 @@ struct CfTask {
 inline CfTask cf_task(int64_t task, int64_t D, int64_t N) {
   const int64_t dblocks = (D + kChannels - 1) / kChannels;
   CfTask t;
-  t.n0 = (task / dblocks) * 16;
-  t.tn = std::min<int64_t>(16, N - t.n0);
+  t.n0 = (task / dblocks) * kTokens;
+  t.tn = std::min(kTokens, N - t.n0);
   t.d0 = (task % dblocks) * kChannels;
   t.dn = std::min(kChannels, D - t.d0);
   return t;
 }
 
-// Packs shift[d, n0 + j] and scale = rsqrt(var + eps) (or sqrt) for the task's channels, 16 per row;
-// lanes past the tile's last token are 0.
+inline int64_t cf_tasks(int64_t D, int64_t N) {
+  return ((N + kTokens - 1) / kTokens) * ((D + kChannels - 1) / kChannels);
+}
+
+// Token-lane mask of half h (tokens 16h .. 16h+15) of a task with tn tokens.
+inline __mmask16 half_mask(int64_t tn, int h) { return tn > 16 * h ? tail_mask(tn - 16 * h) : __mmask16(0); }
+
+// Packs shift[d, n0 + k] and scale = rsqrt(var + eps) (or sqrt) for the task's channels, kTokens per
+// row; lanes past the tile's last token are 0.
 inline void pack_stats(const CfTask& t, int64_t N, const float* var, const float* shift, float eps, bool inverse,
                        float* sc, float* sh) {
-  const __mmask16 m = tail_mask(t.tn);
   const __m512 e = _mm512_set1_ps(eps), one = _mm512_set1_ps(1.f);
-  for (int64_t j = 0; j < t.dn; ++j) {
-    const int64_t off = (t.d0 + j) * N + t.n0;
-    const __m512 r = _mm512_sqrt_ps(_mm512_add_ps(_mm512_maskz_loadu_ps(m, var + off), e));
-    _mm512_storeu_ps(sc + 16 * j, _mm512_maskz_mov_ps(m, inverse ? _mm512_div_ps(one, r) : r));
-    if (shift) _mm512_storeu_ps(sh + 16 * j, _mm512_maskz_loadu_ps(m, shift + off));
-  }
+  for (int64_t j = 0; j < t.dn; ++j)
+    for (int h = 0; h < 2; ++h) {
+      const __mmask16 m = half_mask(t.tn, h);
+      const int64_t off = (t.d0 + j) * N + t.n0 + 16 * h;
+      const __m512 r = _mm512_sqrt_ps(_mm512_add_ps(_mm512_maskz_loadu_ps(m, var + off), e));
+      _mm512_storeu_ps(sc + kTokens * j + 16 * h, _mm512_maskz_mov_ps(m, inverse ? _mm512_div_ps(one, r) : r));
+      if (shift) _mm512_storeu_ps(sh + kTokens * j + 16 * h, _mm512_maskz_loadu_ps(m, shift + off));
+    }
 }
 
 // tokens z [B, N, D] (unit stride in D) → contiguous [B, D, N]: (z − shift)·scale.
 template <class T>
 void tokens_to_cf_vec(const T* z, int64_t zsb, int64_t zsn, int64_t B, int64_t N, int64_t D, const float* var,
                       const float* shift, float eps, bool inverse, T* out) {
-  const bool stream = B * N * D * int64_t(sizeof(T)) >= raekern::cpu::kStreamBytes &&
-                      (N * int64_t(sizeof(T))) % 64 == 0 && raekern::cpu::stream_aligned(out);
-  const int64_t tasks = ((N + 15) / 16) * ((D + kChannels - 1) / kChannels);
-  parallel_tasks(tasks, 1, [&](int64_t lo, int64_t hi) {
-    std::vector<float> sc(16 * kChannels), sh(shift ? 16 * kChannels : 0);
+  parallel_tasks(cf_tasks(D, N), 1, [&](int64_t lo, int64_t hi) {
+    std::vector<float> sc(kTokens * kChannels), sh(shift ? kTokens * kChannels : 0);
     for (int64_t task = lo; task < hi; ++task) {
       const CfTask t = cf_task(task, D, N);
       pack_stats(t, N, var, shift, eps, inverse, sc.data(), sh.data());
-      const __mmask16 mt = tail_mask(t.tn);
+      const __mmask16 mt[2] = {half_mask(t.tn, 0), half_mask(t.tn, 1)};
       for (int64_t b = 0; b < B; ++b) {
         for (int64_t j0 = 0; j0 < t.dn; j0 += 16) {
           const int64_t dc = std::min<int64_t>(16, t.dn - j0);
           const __mmask16 mc = tail_mask(dc);
-          __m512 r[16];
-          for (int64_t i = 0; i < 16; ++i)
-            r[i] = i < t.tn ? load16(z + b * zsb + (t.n0 + i) * zsn + t.d0 + j0, mc) : _mm512_setzero_ps();
-          raekern::cpu::transpose16(r);
+          __m512 r[2][16];  // [token half][row]: token rows in, channel rows after the transpose
+          for (int h = 0; h < 2; ++h) {
+            for (int64_t i = 0; i < 16; ++i) {
+              const int64_t k = 16 * h + i;
+              r[h][i] = k < t.tn ? load16(z + b * zsb + (t.n0 + k) * zsn + t.d0 + j0, mc) : _mm512_setzero_ps();
+            }
+            raekern::cpu::transpose16(r[h]);
+          }
           for (int64_t i = 0; i < dc; ++i) {
             const int64_t j = j0 + i;
-            __m512 v = r[i];
-            if (shift) v = _mm512_sub_ps(v, _mm512_loadu_ps(sh.data() + 16 * j));
-            v = _mm512_mul_ps(v, _mm512_loadu_ps(sc.data() + 16 * j));
             T* dst = out + (b * D + t.d0 + j) * N + t.n0;
-            if (stream && t.tn == 16) raekern::cpu::stream16(dst, v);
-            else store16(dst, v, mt);
+            for (int h = 0; h < 2; ++h) {
+              __m512 v = r[h][i];
+              if (shift) v = _mm512_sub_ps(v, _mm512_loadu_ps(sh.data() + kTokens * j + 16 * h));
+              v = _mm512_mul_ps(v, _mm512_loadu_ps(sc.data() + kTokens * j + 16 * h));
+              if (mt[h]) store16(dst + 16 * h, v, mt[h]);
+            }
           }
         }
       }
     }
-    if (stream) _mm_sfence();
   });
 }
 
@@ -103,41 +114,43 @@ void tokens_to_cf_vec(const T* z, int64_t zsb, int64_t zsn, int64_t B, int64_t N
 template <class T>
 void cf_to_tokens_vec(const T* x, int64_t xsb, int64_t xsd, int64_t B, int64_t N, int64_t D, const float* var,
                       const float* shift, float eps, bool inverse, T* out) {
-  const bool stream = B * N * D * int64_t(sizeof(T)) >= raekern::cpu::kStreamBytes &&
-                      (D * int64_t(sizeof(T))) % 64 == 0 && raekern::cpu::stream_aligned(out);
-  const int64_t tasks = ((N + 15) / 16) * ((D + kChannels - 1) / kChannels);
-  parallel_tasks(tasks, 1, [&](int64_t lo, int64_t hi) {
-    std::vector<float> sc(16 * kChannels), sh(shift ? 16 * kChannels : 0);
+  parallel_tasks(cf_tasks(D, N), 1, [&](int64_t lo, int64_t hi) {
+    std::vector<float> sc(kTokens * kChannels), sh(shift ? kTokens * kChannels : 0);
     for (int64_t task = lo; task < hi; ++task) {
       const CfTask t = cf_task(task, D, N);
       pack_stats(t, N, var, shift, eps, inverse, sc.data(), sh.data());
-      const __mmask16 mt = tail_mask(t.tn);
       for (int64_t b = 0; b < B; ++b) {
-        for (int64_t j0 = 0; j0 < t.dn; j0 += 16) {
-          const int64_t dc = std::min<int64_t>(16, t.dn - j0);
-          const __mmask16 mc = tail_mask(dc);
-          __m512 r[16];
-          for (int64_t i = 0; i < 16; ++i) {
-            if (i >= dc) {
-              r[i] = _mm512_setzero_ps();
-              continue;
+        for (int h = 0; h < 2 && 16 * h < t.tn; ++h) {
+          const __mmask16 mt = half_mask(t.tn, h);
+          const int64_t tn = std::min<int64_t>(16, t.tn - 16 * h);
+          for (int64_t j0 = 0; j0 < t.dn; j0 += 32) {
+            __m512 r[2][16];  // [channel half][row]: channel rows in, token rows after the transpose
+            __mmask16 mc[2];
+            for (int c = 0; c < 2; ++c) {
+              const int64_t jc = j0 + 16 * c, dc = std::max<int64_t>(0, std::min<int64_t>(16, t.dn - jc));
+              mc[c] = dc ? tail_mask(dc) : __mmask16(0);
+              for (int64_t i = 0; i < 16; ++i) {
+                if (i >= dc) {
+                  r[c][i] = _mm512_setzero_ps();
+                  continue;
+                }
+                const int64_t j = jc + i;
+                __m512 v = _mm512_mul_ps(load16(x + b * xsb + (t.d0 + j) * xsd + t.n0 + 16 * h, mt),
+                                         _mm512_loadu_ps(sc.data() + kTokens * j + 16 * h));
+                if (shift) v = _mm512_add_ps(v, _mm512_loadu_ps(sh.data() + kTokens * j + 16 * h));
+                r[c][i] = v;
+              }
+              if (dc) raekern::cpu::transpose16(r[c]);
             }
-            const int64_t j = j0 + i;
-            __m512 v = _mm512_mul_ps(load16(x + b * xsb + (t.d0 + j) * xsd + t.n0, mt),
-                                     _mm512_loadu_ps(sc.data() + 16 * j));
-            if (shift) v = _mm512_add_ps(v, _mm512_loadu_ps(sh.data() + 16 * j));
-            r[i] = v;
-          }
-          raekern::cpu::transpose16(r);
-          for (int64_t i = 0; i < t.tn; ++i) {
-            T* dst = out + (b * N + t.n0 + i) * D + t.d0 + j0;
-            if (stream && dc == 16) raekern::cpu::stream16(dst, r[i]);
-            else store16(dst, r[i], mc);
+            for (int64_t i = 0; i < tn; ++i) {
+              T* dst = out + (b * N + t.n0 + 16 * h + i) * D + t.d0 + j0;
+              for (int c = 0; c < 2; ++c)
+                if (mc[c]) store16(dst + 16 * c, r[c][i], mc[c]);
+            }
           }
         }
       }
     }
-    if (stream) _mm_sfence();
   });
 }
 #endif
