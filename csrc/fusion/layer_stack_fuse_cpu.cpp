@@ -14,6 +14,7 @@
 
 #include "common/cpu_convert.h"
 #include "common/cpu_utils.h"
+#include "common/cpu_vec_math.h"
 #include "common/dispatch.h"
 #include "fusion/dynamic_tasks.h"
 #include "fusion/fusion_args.h"
@@ -27,6 +28,63 @@ using raekern::cpu::acc_t;
 using raekern::cpu::narrow;
 
 constexpr const char* kOp = "layer_stack_fuse";
+
+#if defined(RAEKERN_CPU_VEC16)
+using raekern::cpu::load16;
+using raekern::cpu::tail_mask;
+
+// row_moments on a row read from storage: buf = x − x[0] (fp32), mean of buf and rstd, by the same two
+// passes. The reductions keep four independent partial vectors: with one, each 16-lane add waits for
+// the previous one (4-cycle latency), and the LayerNorm, not memory, bounds the layer fusion.
+template <class T>
+inline void row_moments_vec(const T* __restrict src, int64_t D, float eps, float* __restrict buf, float& mean,
+                            float& rstd) {
+  const __m512 shift = _mm512_set1_ps(raekern::cpu::to_f(src[0]));
+  __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  int64_t d = 0;
+  for (; d + 64 <= D; d += 64) {
+    const __m512 v0 = _mm512_sub_ps(load16(src + d, 0xffff), shift);
+    const __m512 v1 = _mm512_sub_ps(load16(src + d + 16, 0xffff), shift);
+    const __m512 v2 = _mm512_sub_ps(load16(src + d + 32, 0xffff), shift);
+    const __m512 v3 = _mm512_sub_ps(load16(src + d + 48, 0xffff), shift);
+    _mm512_storeu_ps(buf + d, v0);
+    _mm512_storeu_ps(buf + d + 16, v1);
+    _mm512_storeu_ps(buf + d + 32, v2);
+    _mm512_storeu_ps(buf + d + 48, v3);
+    a0 = _mm512_add_ps(a0, v0);
+    a1 = _mm512_add_ps(a1, v1);
+    a2 = _mm512_add_ps(a2, v2);
+    a3 = _mm512_add_ps(a3, v3);
+  }
+  for (; d < D; d += 16) {
+    const __mmask16 m = tail_mask(D - d);
+    const __m512 v = _mm512_maskz_sub_ps(m, load16(src + d, m), shift);
+    _mm512_mask_storeu_ps(buf + d, m, v);
+    a0 = _mm512_add_ps(a0, v);
+  }
+  const float mu = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3))) / float(D);
+  const __m512 vm = _mm512_set1_ps(mu);
+  a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  for (d = 0; d + 64 <= D; d += 64) {
+    const __m512 v0 = _mm512_sub_ps(_mm512_loadu_ps(buf + d), vm);
+    const __m512 v1 = _mm512_sub_ps(_mm512_loadu_ps(buf + d + 16), vm);
+    const __m512 v2 = _mm512_sub_ps(_mm512_loadu_ps(buf + d + 32), vm);
+    const __m512 v3 = _mm512_sub_ps(_mm512_loadu_ps(buf + d + 48), vm);
+    a0 = _mm512_fmadd_ps(v0, v0, a0);
+    a1 = _mm512_fmadd_ps(v1, v1, a1);
+    a2 = _mm512_fmadd_ps(v2, v2, a2);
+    a3 = _mm512_fmadd_ps(v3, v3, a3);
+  }
+  for (; d < D; d += 16) {
+    const __mmask16 m = tail_mask(D - d);
+    const __m512 v = _mm512_maskz_sub_ps(m, _mm512_maskz_loadu_ps(m, buf + d), vm);
+    a0 = _mm512_fmadd_ps(v, v, a0);
+  }
+  const float var = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+  mean = mu;
+  rstd = 1.f / std::sqrt(var / float(D) + eps);
+}
+#endif
 
 template <class T>
 struct Stack {
@@ -64,6 +122,18 @@ struct Stack {
   // acc += c·LN(h_l[b, P + n]) (or c·h if raw) without normalising the row in memory:
   // acc += (c·rstd)·(xs − μ) with xs the shifted row from row_moments. row is scratch.
   void accumulate(int64_t l, int64_t b, int64_t n, A c, A* __restrict row, A* __restrict acc) const {
+#if defined(RAEKERN_CPU_VEC16)
+    if constexpr (!std::is_same_v<T, double>) {
+      if (normalize && sd[l] == 1) {
+        float mean, rstd;
+        row_moments_vec(row_ptr(l, b, n), s.D, eps, row, mean, rstd);
+        const float k = c * rstd;
+#pragma omp simd
+        for (int64_t d = 0; d < s.D; ++d) acc[d] += k * (row[d] - mean);
+        return;
+      }
+    }
+#endif
     raekern::cpu::widen_row(row_ptr(l, b, n), sd[l], s.D, row);
     if (!normalize) {
 #pragma omp simd
