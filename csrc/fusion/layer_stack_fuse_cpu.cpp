@@ -303,6 +303,73 @@ inline void row_grad_apply(const RowGrad<A>& r, const A* __restrict xs, const A*
   }
 }
 
+#if defined(RAEKERN_CPU_VEC16)
+// row_grad_coefs + row_grad_apply on a row read from storage and a gradient row written to storage,
+// with the reductions split over independent partial vectors (see row_moments_vec). Returns Σ g·y.
+template <class T>
+inline float row_grad_vec(const T* __restrict src, const float* __restrict g, const float* __restrict gm,
+                          int64_t D, float c, float gsum, float gmsum, float eps, float* __restrict xs,
+                          T* __restrict dst) {
+  const __m512 shift = _mm512_set1_ps(raekern::cpu::to_f(src[0]));
+  __m512 a0 = _mm512_setzero_ps(), a1 = a0;
+  int64_t d = 0;
+  for (; d + 32 <= D; d += 32) {
+    const __m512 v0 = _mm512_sub_ps(load16(src + d, 0xffff), shift);
+    const __m512 v1 = _mm512_sub_ps(load16(src + d + 16, 0xffff), shift);
+    _mm512_storeu_ps(xs + d, v0);
+    _mm512_storeu_ps(xs + d + 16, v1);
+    a0 = _mm512_add_ps(a0, v0);
+    a1 = _mm512_add_ps(a1, v1);
+  }
+  for (; d < D; d += 16) {
+    const __mmask16 m = tail_mask(D - d);
+    const __m512 v = _mm512_maskz_sub_ps(m, load16(src + d, m), shift);
+    _mm512_mask_storeu_ps(xs + d, m, v);
+    a0 = _mm512_add_ps(a0, v);
+  }
+  const float mu = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1)) / float(D);
+  const __m512 vm = _mm512_set1_ps(mu);
+  __m512 q0 = _mm512_setzero_ps(), q1 = q0, s0 = q0, s1 = q0, t0 = q0, t1 = q0;
+  for (d = 0; d + 32 <= D; d += 32) {
+    const __m512 v0 = _mm512_sub_ps(_mm512_loadu_ps(xs + d), vm);
+    const __m512 v1 = _mm512_sub_ps(_mm512_loadu_ps(xs + d + 16), vm);
+    q0 = _mm512_fmadd_ps(v0, v0, q0);
+    q1 = _mm512_fmadd_ps(v1, v1, q1);
+    s0 = _mm512_fmadd_ps(_mm512_loadu_ps(g + d), v0, s0);
+    s1 = _mm512_fmadd_ps(_mm512_loadu_ps(g + d + 16), v1, s1);
+    if (gm) {
+      t0 = _mm512_fmadd_ps(_mm512_loadu_ps(gm + d), v0, t0);
+      t1 = _mm512_fmadd_ps(_mm512_loadu_ps(gm + d + 16), v1, t1);
+    }
+  }
+  for (; d < D; d += 16) {
+    const __mmask16 m = tail_mask(D - d);
+    const __m512 v = _mm512_maskz_sub_ps(m, _mm512_maskz_loadu_ps(m, xs + d), vm);
+    q0 = _mm512_fmadd_ps(v, v, q0);
+    s0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, g + d), v, s0);
+    if (gm) t0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, gm + d), v, t0);
+  }
+  const float var = _mm512_reduce_add_ps(_mm512_add_ps(q0, q1));
+  const float sg = _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
+  const float sgm = gm ? _mm512_reduce_add_ps(_mm512_add_ps(t0, t1)) : 0.f;
+  const float rstd = 1.f / std::sqrt(var / float(D) + eps);
+  const float dsum = c * gsum + gmsum;
+  const float dyy = rstd * (c * sg + sgm);
+  // dx = k_g·g + k_gm·gm − k_0 − k_x·(xs − μ), as row_grad_apply.
+  const __m512 kg = _mm512_set1_ps(rstd * c), kgm = _mm512_set1_ps(rstd), k0 = _mm512_set1_ps(rstd * dsum / float(D));
+  const __m512 kx = _mm512_set1_ps(rstd * rstd * dyy / float(D));
+  for (d = 0; d < D; d += 16) {
+    const __mmask16 m = tail_mask(D - d);
+    __m512 v = _mm512_mul_ps(kg, _mm512_maskz_loadu_ps(m, g + d));
+    if (gm) v = _mm512_fmadd_ps(kgm, _mm512_maskz_loadu_ps(m, gm + d), v);
+    v = _mm512_sub_ps(v, k0);
+    v = _mm512_fnmadd_ps(kx, _mm512_sub_ps(_mm512_maskz_loadu_ps(m, xs + d), vm), v);
+    raekern::cpu::store16(dst + d, v, m);
+  }
+  return rstd * sg;
+}
+#endif
+
 template <class T>
 void fuse_backward(const at::Tensor& grad, at::TensorList layers, const StackShape& s, const at::Tensor& w,
                    const at::Tensor& v, bool normalize, double eps, bool add_last_token_mean, double latent_eps,
@@ -371,6 +438,18 @@ void fuse_backward(const at::Tensor& grad, at::TensorList layers, const StackSha
             A* dx = kDirect ? reinterpret_cast<A*>(dst) : dxb;
             const T* src = k.ptr[l] + b * k.sb[l] + (s.P + n) * k.st[l];
             A gy;
+#if defined(RAEKERN_CPU_VEC16)
+            if constexpr (!std::is_same_v<T, double>) {
+              if (normalize && k.sd[l] == 1) {
+                gy = row_grad_vec(src, gt, gm, D, c, gsum[t], gms, k.eps, row, dst);
+                if (want_dw) {
+                  if (s.reduce == Reduce::kTokenWeights) dwp[(b * s.N + n) * s.L + l] = gy;
+                  else my_dw[l] += double(gy);
+                }
+                continue;
+              }
+            }
+#endif
             if (normalize) {
               raekern::cpu::widen_row(src, k.sd[l], D, row);
               const RowGrad<A> r = row_grad_coefs(row, gt, gm, D, c, gsum[t], gms, k.eps);
