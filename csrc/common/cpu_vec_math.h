@@ -79,5 +79,17 @@ inline void transpose16(__m512* r) {
   }
 }
 
+// Software prefetch of the 64-byte lines in [p, p + bytes): for rows that start a new 4 KiB page,
+// where the hardware streamer stops and has to be trained again. For a destination, prefetchw also
+// takes the line in exclusive state, so the store that follows does not wait for ownership.
+inline void prefetch_lines(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t i = 0; i < bytes; i += 64) _mm_prefetch(c + i, _MM_HINT_T0);
+}
+inline void prefetchw_lines(void* p, int64_t bytes) {
+  char* c = static_cast<char*>(p);
+  for (int64_t i = 0; i < bytes; i += 64) _m_prefetchw(c + i);
+}
+
 }  // namespace raekern::cpu
 #endif

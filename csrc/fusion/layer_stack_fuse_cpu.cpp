@@ -38,11 +38,13 @@ using raekern::cpu::tail_mask;
 // the previous one (4-cycle latency), and the LayerNorm, not memory, bounds the layer fusion.
 template <class T>
 inline void row_moments_vec(const T* __restrict src, int64_t D, float eps, float* __restrict buf, float& mean,
-                            float& rstd) {
+                            float& rstd, const T* next) {
   const __m512 shift = _mm512_set1_ps(raekern::cpu::to_f(src[0]));
   __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
   int64_t d = 0;
   for (; d + 64 <= D; d += 64) {
+    // The next row, one row ahead, spread over this one's first pass.
+    if (next) raekern::cpu::prefetch_lines(next + d, 64 * int64_t(sizeof(T)));
     const __m512 v0 = _mm512_sub_ps(load16(src + d, 0xffff), shift);
     const __m512 v1 = _mm512_sub_ps(load16(src + d + 16, 0xffff), shift);
     const __m512 v2 = _mm512_sub_ps(load16(src + d + 32, 0xffff), shift);
@@ -121,12 +123,14 @@ struct Stack {
 
   // acc += c·LN(h_l[b, P + n]) (or c·h if raw) without normalising the row in memory:
   // acc += (c·rstd)·(xs − μ) with xs the shifted row from row_moments. row is scratch.
-  void accumulate(int64_t l, int64_t b, int64_t n, A c, A* __restrict row, A* __restrict acc) const {
+  // next: the row the caller reads after this one (prefetched), or null.
+  void accumulate(int64_t l, int64_t b, int64_t n, A c, A* __restrict row, A* __restrict acc,
+                  const T* next = nullptr) const {
 #if defined(RAEKERN_CPU_VEC16)
     if constexpr (!std::is_same_v<T, double>) {
       if (normalize && sd[l] == 1) {
         float mean, rstd;
-        row_moments_vec(row_ptr(l, b, n), s.D, eps, row, mean, rstd);
+        row_moments_vec(row_ptr(l, b, n), s.D, eps, row, mean, rstd, sd[l] == 1 ? next : nullptr);
         const float k = c * rstd;
 #pragma omp simd
         for (int64_t d = 0; d < s.D; ++d) acc[d] += k * (row[d] - mean);
@@ -167,7 +171,7 @@ std::vector<acc_t<T>> last_token_mean(const Stack<T>& k) {
       const int64_t b = task / tiles, n0 = (task % tiles) * kTile, n1 = std::min(s.N, n0 + kTile);
       A* acc = part.data() + task * s.D;
       for (int64_t n = n0; n < n1; ++n) {
-        k.accumulate(s.L - 1, b, n, A(1), row.data(), acc);
+        k.accumulate(s.L - 1, b, n, A(1), row.data(), acc, n + 1 < n1 ? k.row_ptr(s.L - 1, b, n + 1) : nullptr);
       }
     }
   });
@@ -196,7 +200,10 @@ void fuse_forward(const Stack<T>& k, const acc_t<T>* tmean, const acc_t<T>* lmea
       const int64_t b = task / tiles, n0 = (task % tiles) * kTile, tn = std::min(s.N, n0 + kTile) - n0;
       std::fill(acc, acc + tn * s.D, A(0));
       for (int64_t l = 0; l < s.L; ++l) {
-        for (int64_t t = 0; t < tn; ++t) k.accumulate(l, b, n0 + t, k.coef(l, b, n0 + t), row, acc + t * s.D);
+        for (int64_t t = 0; t < tn; ++t) {
+          const T* next = t + 1 < tn ? k.row_ptr(l, b, n0 + t + 1) : l + 1 < s.L ? k.row_ptr(l + 1, b, n0) : nullptr;
+          k.accumulate(l, b, n0 + t, k.coef(l, b, n0 + t), row, acc + t * s.D, next);
+        }
       }
       if (tmean) {
         const A* m = tmean + b * s.D;
@@ -309,11 +316,14 @@ inline void row_grad_apply(const RowGrad<A>& r, const A* __restrict xs, const A*
 template <class T>
 inline float row_grad_vec(const T* __restrict src, const float* __restrict g, const float* __restrict gm,
                           int64_t D, float c, float gsum, float gmsum, float eps, float* __restrict xs,
-                          T* __restrict dst) {
+                          T* __restrict dst, const T* next, T* next_dst) {
   const __m512 shift = _mm512_set1_ps(raekern::cpu::to_f(src[0]));
   __m512 a0 = _mm512_setzero_ps(), a1 = a0;
   int64_t d = 0;
   for (; d + 32 <= D; d += 32) {
+    // The next source row and the next destination row, one row ahead.
+    if (next) raekern::cpu::prefetch_lines(next + d, 32 * int64_t(sizeof(T)));
+    if (next_dst) raekern::cpu::prefetchw_lines(next_dst + d, 32 * int64_t(sizeof(T)));
     const __m512 v0 = _mm512_sub_ps(load16(src + d, 0xffff), shift);
     const __m512 v1 = _mm512_sub_ps(load16(src + d + 16, 0xffff), shift);
     _mm512_storeu_ps(xs + d, v0);
@@ -441,7 +451,9 @@ void fuse_backward(const at::Tensor& grad, at::TensorList layers, const StackSha
 #if defined(RAEKERN_CPU_VEC16)
             if constexpr (!std::is_same_v<T, double>) {
               if (normalize && k.sd[l] == 1) {
-                gy = row_grad_vec(src, gt, gm, D, c, gsum[t], gms, k.eps, row, dst);
+                const bool more = t + 1 < tn;
+                const T* next = more ? src + k.st[l] : nullptr;
+                gy = row_grad_vec(src, gt, gm, D, c, gsum[t], gms, k.eps, row, dst, next, more ? dst + D : nullptr);
                 if (want_dw) {
                   if (s.reduce == Reduce::kTokenWeights) dwp[(b * s.N + n) * s.L + l] = gy;
                   else my_dw[l] += double(gy);
