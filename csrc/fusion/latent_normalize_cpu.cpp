@@ -86,6 +86,18 @@ void tokens_to_cf_vec(const T* z, int64_t zsb, int64_t zsn, int64_t B, int64_t N
         for (int64_t j0 = 0; j0 < t.dn; j0 += 16) {
           const int64_t dc = std::min<int64_t>(16, t.dn - j0);
           const __mmask16 mc = tail_mask(dc);
+          // Rows here touch 64 bytes of 32 different pages per block, too little for the hardware
+          // streamer to train on: the next line of every token row (or the next sample's first)
+          // and the next block's output lines are fetched one block ahead.
+          if ((j0 * int64_t(sizeof(T))) % 64 == 0) {
+            int64_t pb = b, pj = j0 + 64 / int64_t(sizeof(T));
+            if (pj >= t.dn) pb = b + 1, pj = 0;
+            if (pb < B)
+              for (int64_t k = 0; k < t.tn; ++k) _mm_prefetch(reinterpret_cast<const char*>(z + pb * zsb + (t.n0 + k) * zsn + t.d0 + pj), _MM_HINT_T0);
+          }
+          if (j0 + 16 < t.dn)
+            for (int64_t i = 0; i < std::min<int64_t>(16, t.dn - j0 - 16); ++i)
+              raekern::cpu::prefetchw_lines(out + (b * D + t.d0 + j0 + 16 + i) * N + t.n0, t.tn * int64_t(sizeof(T)));
           __m512 r[2][16];  // [token half][row]: token rows in, channel rows after the transpose
           for (int h = 0; h < 2; ++h) {
             for (int64_t i = 0; i < 16; ++i) {
@@ -124,6 +136,14 @@ void cf_to_tokens_vec(const T* x, int64_t xsb, int64_t xsd, int64_t B, int64_t N
           const __mmask16 mt = half_mask(t.tn, h);
           const int64_t tn = std::min<int64_t>(16, t.tn - 16 * h);
           for (int64_t j0 = 0; j0 < t.dn; j0 += 32) {
+            // As above: the next block's 32 channel rows and output lines, one block ahead.
+            if (j0 + 32 < t.dn) {
+              for (int64_t i = j0 + 32; i < std::min(t.dn, j0 + 64); ++i)
+                _mm_prefetch(reinterpret_cast<const char*>(x + b * xsb + (t.d0 + i) * xsd + t.n0 + 16 * h), _MM_HINT_T0);
+              for (int64_t i = 0; i < tn; ++i)
+                raekern::cpu::prefetchw_lines(out + (b * N + t.n0 + 16 * h + i) * D + t.d0 + j0 + 32,
+                                              std::min<int64_t>(32, t.dn - j0 - 32) * int64_t(sizeof(T)));
+            }
             __m512 r[2][16];  // [channel half][row]: channel rows in, token rows after the transpose
             __mmask16 mc[2];
             for (int c = 0; c < 2; ++c) {
