@@ -243,6 +243,23 @@ def test_depth_route_matches_reference(dtype, B, N, D, route):
     close(out, fu.depth_route_reference(ex, logits, base, **kw), dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_depth_route_wide_rows(dtype):
+    # Rows of many 16-lane blocks (the CPU kernels' vector path), forward and every gradient.
+    L, B, N, D = 3, 2, 520, 1024
+    ex0 = layers(L, B, N, D, dtype)
+    base0, logits0, gamma0 = torch.randn(B, N, D).to(dtype), torch.randn(B, N, L), torch.randn(D)
+    g = torch.randn(B, N, D).to(dtype)
+    res = []
+    for fn in (ops.depth_route, fu.depth_route_reference):
+        args = [t.clone().requires_grad_() for t in (*ex0, logits0, base0, gamma0)]
+        out = fn(args[:L], args[L], args[L + 1], gamma=args[L + 2])
+        out.backward(g)
+        res.append([out] + [a.grad for a in args])
+    for a, b in zip(*res):
+        close(a, b, dtype)
+
+
 def test_depth_route_stacked_strided_and_broadcast():
     L, B, N, D = 3, 2, 17, 24
     stacked = torch.randn(L, B, N, 2 * D)[..., ::2]
@@ -349,6 +366,22 @@ def test_latent_normalize_roundtrip(dtype, B, H, W, D):
     close(y, fu.latent_denormalize_reference(x, mean, var), dtype)
     if dtype in (torch.float64, torch.float32):
         close(y, z, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("B,H,W,D", [(2, 12, 15, 40), (4, 16, 16, 1024)])
+def test_latent_normalize_blocked(dtype, B, H, W, D):
+    # The CPU kernels' 16x16 register tiles: partial token and channel blocks, and a full-size tile grid.
+    z = torch.randn(B, H * W, D).to(dtype)
+    mean, var = torch.randn(D, H, W), torch.rand(D, H, W) + 0.1
+    x = ops.latent_normalize(z, mean, var)
+    close(x, fu.latent_normalize_reference(z, mean, var), dtype)
+    close(ops.latent_denormalize(x, mean, var), fu.latent_denormalize_reference(x, mean, var), dtype)
+    zr = z.clone().requires_grad_()
+    g = torch.randn(B, D, H, W).to(dtype)
+    (gz,) = torch.autograd.grad(ops.latent_normalize(zr, mean, var), zr, g)
+    (gr,) = torch.autograd.grad(fu.latent_normalize_reference(zr, mean, var), zr, g)
+    close(gz, gr, dtype)
 
 
 def test_latent_normalize_strided_inputs():

@@ -6,11 +6,13 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <type_traits>
 #include <vector>
 
 #include "common/cpu_convert.h"
 #include "common/cpu_utils.h"
+#include "common/cpu_vec_math.h"
 #include "common/dispatch.h"
 #include "fusion/dynamic_tasks.h"
 #include "fusion/fusion_args.h"
@@ -126,10 +128,75 @@ struct Route {
 template <class A>
 A row_norm(const A* x, int64_t n) { return std::sqrt(row_dot(x, x, n)); }
 
+#if defined(RAEKERN_CPU_VEC16)
+using raekern::cpu::load16;
+using raekern::cpu::store16;
+using raekern::cpu::tail_mask;
+
+// The 16-lane kernels take fp32/bf16/fp16 rows that are contiguous in D, with bound tanh or none
+// (the norm cap needs whole-row norms before any element is final: it keeps the row loops).
+template <class T>
+bool route_vectorised(const Route<T>& k) {
+  if constexpr (std::is_same_v<T, double>) {
+    return false;
+  } else {
+    if (k.s.bound == Bound::kNormCap || k.bsd != 1) return false;
+    for (int64_t l = 0; l < k.s.L; ++l)
+      if (k.sd[l] != 1) return false;
+    return true;
+  }
+}
+
+// One token forward, 16 channels at a time: f = Σ_l w_l e_l stays in a register across the L expert
+// rows (no fp32 row buffer, no widening pass for 16-bit storage), then the bound and the base add.
+template <class T>
+void route_token_forward_vec(const Route<T>& k, int64_t b, int64_t n, const float* w, const float* gate,
+                             const T** rows, T* out) {
+  const auto& s = k.s;
+  for (int64_t l = 0; l < s.L; ++l) rows[l] = k.expert_ptr(l, b, n);
+  const T* bp = k.base + b * k.bsb + n * k.bsn;
+  for (int64_t d = 0; d < s.D; d += 16) {
+    const __mmask16 m = tail_mask(s.D - d);
+    __m512 f0 = _mm512_setzero_ps(), f1 = _mm512_setzero_ps();
+    int64_t l = 0;
+    // Two partial sums: the FMA chain over the layers is latency-bound otherwise.
+    for (; l + 2 <= s.L; l += 2) {
+      f0 = _mm512_fmadd_ps(_mm512_set1_ps(w[l]), load16(rows[l] + d, m), f0);
+      f1 = _mm512_fmadd_ps(_mm512_set1_ps(w[l + 1]), load16(rows[l + 1] + d, m), f1);
+    }
+    if (l < s.L) f0 = _mm512_fmadd_ps(_mm512_set1_ps(w[l]), load16(rows[l] + d, m), f0);
+    const __m512 f = _mm512_add_ps(f0, f1);
+    const __m512 base = load16(bp + d, m);
+    const __m512 o = s.bound == Bound::kTanh
+                         ? _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, gate + d), raekern::cpu::tanh16(f), base)
+                         : _mm512_add_ps(base, f);
+    store16(out + d, o, m);
+  }
+}
+#endif
+
 template <class T>
 void route_forward(const Route<T>& k, T* out) {
   using A = acc_t<T>;
   const auto& s = k.s;
+#if defined(RAEKERN_CPU_VEC16)
+  if constexpr (!std::is_same_v<T, double>) {
+  if (route_vectorised(k)) {
+    parallel_tasks(s.B * s.N, 1, [&](int64_t lo, int64_t hi) {
+      std::vector<float> gv(s.D, 1.f), w(s.L);
+      std::vector<const T*> rows(s.L);
+      if (s.gamma_numel) for (int64_t d = 0; d < s.D; ++d) gv[d] = float(k.gate(d));
+      for (int64_t tok = lo; tok < hi; ++tok) {
+        const int64_t b = tok / s.N, n = tok % s.N;
+        float norm;
+        depth_weights(s.energy, k.logits + tok * s.L, s.L, w.data(), norm);
+        route_token_forward_vec(k, b, n, w.data(), gv.data(), rows.data(), out + tok * s.D);
+      }
+    });
+    return;
+  }
+  }
+#endif
   parallel_tasks(s.B * s.N, 1, [&](int64_t lo, int64_t hi) {
     std::vector<A> fv(s.D), rowv(s.D), basev(s.D), gv(s.D, A(1)), w(s.L);
     A *f = fv.data(), *row = rowv.data(), *bs = basev.data(), *g = gv.data();
@@ -161,6 +228,47 @@ void route_forward(const Route<T>& k, T* out) {
   });
 }
 
+#if defined(RAEKERN_CPU_VEC16)
+// One token backward in a single sweep over its channels, 16 at a time: f is rebuilt from the L
+// expert rows, and while those lanes are still in L1 they give every layer's Σ gf·e_l (one partial
+// vector per layer in gw_acc) and every layer's gradient row w_l·gf. gbase = g for tanh and none.
+template <class T>
+void route_token_backward_vec(const Route<T>& k, int64_t b, int64_t n, const float* w, const float* gate,
+                              const T* grow, const T** rows, T* const* ge, T* gbase, float* gw_acc,
+                              float* gamma_acc) {
+  const auto& s = k.s;
+  for (int64_t l = 0; l < s.L; ++l) rows[l] = k.expert_ptr(l, b, n);
+  std::fill(gw_acc, gw_acc + 16 * s.L, 0.f);
+  for (int64_t d = 0; d < s.D; d += 16) {
+    const __mmask16 m = tail_mask(s.D - d);
+    __m512 f0 = _mm512_setzero_ps(), f1 = _mm512_setzero_ps();
+    int64_t l = 0;
+    for (; l + 2 <= s.L; l += 2) {
+      f0 = _mm512_fmadd_ps(_mm512_set1_ps(w[l]), load16(rows[l] + d, m), f0);
+      f1 = _mm512_fmadd_ps(_mm512_set1_ps(w[l + 1]), load16(rows[l + 1] + d, m), f1);
+    }
+    if (l < s.L) f0 = _mm512_fmadd_ps(_mm512_set1_ps(w[l]), load16(rows[l] + d, m), f0);
+    const __m512 f = _mm512_add_ps(f0, f1);
+    const __m512 g = load16(grow + d, m);
+    store16(gbase + d, g, m);
+    __m512 gf = g;
+    if (s.bound == Bound::kTanh) {
+      const __m512 th = raekern::cpu::tanh16(f);
+      gf = _mm512_mul_ps(_mm512_mul_ps(g, _mm512_maskz_loadu_ps(m, gate + d)),
+                         _mm512_fnmadd_ps(th, th, _mm512_set1_ps(1.f)));
+      if (gamma_acc)
+        _mm512_mask_storeu_ps(gamma_acc + d, m,
+                              _mm512_add_ps(_mm512_maskz_loadu_ps(m, gamma_acc + d), _mm512_mul_ps(g, th)));
+    }
+    for (l = 0; l < s.L; ++l) {
+      float* acc = gw_acc + 16 * l;
+      _mm512_storeu_ps(acc, _mm512_fmadd_ps(gf, load16(rows[l] + d, m), _mm512_loadu_ps(acc)));
+      store16(ge[l] + d, _mm512_mul_ps(_mm512_set1_ps(w[l]), gf), m);
+    }
+  }
+}
+#endif
+
 template <class T>
 void route_backward(const Route<T>& k, const at::Tensor& grad, std::vector<at::Tensor>& ge, at::Tensor& glog,
                     at::Tensor& gbase, at::Tensor& ggamma) {
@@ -174,6 +282,34 @@ void route_backward(const Route<T>& k, const at::Tensor& grad, std::vector<at::T
   T* gbp = gbase.data_ptr<T>();
   const int nthreads = at::get_num_threads();
   std::vector<A> gamma_part(s.gamma_numel ? nthreads * s.D : 0, A(0));
+  bool done = false;
+#if defined(RAEKERN_CPU_VEC16)
+  if constexpr (!std::is_same_v<T, double>) {
+  if (route_vectorised(k) && gsd == 1) {
+    done = true;
+    // Static partition, as below: bit-identical γ gradients across runs.
+    at::parallel_for(0, s.B * s.N, 1, [&](int64_t lo, int64_t hi) {
+      std::vector<float> gatev(s.D, 1.f), w(s.L), gw(s.L), ga(s.L), gw_acc(16 * s.L);
+      std::vector<const T*> rows(s.L);
+      std::vector<T*> dst(s.L);
+      if (s.gamma_numel) for (int64_t d = 0; d < s.D; ++d) gatev[d] = float(k.gate(d));
+      float* my_gamma = gamma_part.empty() ? nullptr : gamma_part.data() + at::get_thread_num() * s.D;
+      for (int64_t tok = lo; tok < hi; ++tok) {
+        const int64_t b = tok / s.N, n = tok % s.N;
+        float norm;
+        depth_weights(s.energy, k.logits + tok * s.L, s.L, w.data(), norm);
+        for (int64_t l = 0; l < s.L; ++l) dst[l] = gep[l] + tok * s.D;
+        route_token_backward_vec(k, b, n, w.data(), gatev.data(), gp + b * gsb + n * gsn, rows.data(), dst.data(),
+                                 gbp + tok * s.D, gw_acc.data(), my_gamma);
+        for (int64_t l = 0; l < s.L; ++l) gw[l] = _mm512_reduce_add_ps(_mm512_loadu_ps(gw_acc.data() + 16 * l));
+        depth_weights_backward(s.energy, w.data(), norm, gw.data(), s.L, ga.data());
+        std::copy(ga.begin(), ga.end(), glp + tok * s.L);
+      }
+    });
+  }
+  }
+#endif
+  if (!done) {
 
   // Static partition (not parallel_tasks): each thread's gamma partial then covers the same tokens
   // on every run, so the gradient is bit-identical across runs for a given thread count.
@@ -241,6 +377,7 @@ void route_backward(const Route<T>& k, const at::Tensor& grad, std::vector<at::T
       std::copy(ga.begin(), ga.end(), glp + tok * s.L);
     }
   });
+  }
   if (s.gamma_numel) {
     A* gg = ggamma.data_ptr<A>();
     for (int64_t d = 0; d < s.D; ++d) {

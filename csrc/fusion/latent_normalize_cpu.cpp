@@ -5,10 +5,14 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "common/cpu_utils.h"
+#include "common/cpu_vec_math.h"
 #include "common/dispatch.h"
+#include "fusion/dynamic_tasks.h"
 #include "fusion/fusion_args.h"
 #include "fusion/latent_tile.h"
 
@@ -18,6 +22,158 @@ namespace {
 using raekern::cpu::acc_t;
 
 at::ScalarType acc_of(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+#if defined(RAEKERN_CPU_VEC16)
+using raekern::cpu::load16;
+using raekern::cpu::store16;
+using raekern::cpu::tail_mask;
+
+// The transposes by 16×16 register blocks. A task is 32 tokens × up to kChannels channels of every
+// sample: its slice of the statistics (packed [channel][32 tokens], scale computed here) is read
+// from memory once and stays in L1 for all B samples, instead of once per sample. Each channel run
+// written (or read) is 32 tokens, a whole 64-byte line even for 16-bit types, and each token row
+// 32 channels, so no line is touched in halves by two different tasks.
+constexpr int64_t kChannels = 256;
+constexpr int64_t kTokens = 32;
+
+struct CfTask {
+  int64_t n0, tn, d0, dn;
+};
+
+inline CfTask cf_task(int64_t task, int64_t D, int64_t N) {
+  const int64_t dblocks = (D + kChannels - 1) / kChannels;
+  CfTask t;
+  t.n0 = (task / dblocks) * kTokens;
+  t.tn = std::min(kTokens, N - t.n0);
+  t.d0 = (task % dblocks) * kChannels;
+  t.dn = std::min(kChannels, D - t.d0);
+  return t;
+}
+
+inline int64_t cf_tasks(int64_t D, int64_t N) {
+  return ((N + kTokens - 1) / kTokens) * ((D + kChannels - 1) / kChannels);
+}
+
+// Token-lane mask of half h (tokens 16h .. 16h+15) of a task with tn tokens.
+inline __mmask16 half_mask(int64_t tn, int h) { return tn > 16 * h ? tail_mask(tn - 16 * h) : __mmask16(0); }
+
+// Packs shift[d, n0 + k] and scale = rsqrt(var + eps) (or sqrt) for the task's channels, kTokens per
+// row; lanes past the tile's last token are 0.
+inline void pack_stats(const CfTask& t, int64_t N, const float* var, const float* shift, float eps, bool inverse,
+                       float* sc, float* sh) {
+  const __m512 e = _mm512_set1_ps(eps), one = _mm512_set1_ps(1.f);
+  for (int64_t j = 0; j < t.dn; ++j)
+    for (int h = 0; h < 2; ++h) {
+      const __mmask16 m = half_mask(t.tn, h);
+      const int64_t off = (t.d0 + j) * N + t.n0 + 16 * h;
+      const __m512 r = _mm512_sqrt_ps(_mm512_add_ps(_mm512_maskz_loadu_ps(m, var + off), e));
+      _mm512_storeu_ps(sc + kTokens * j + 16 * h, _mm512_maskz_mov_ps(m, inverse ? _mm512_div_ps(one, r) : r));
+      if (shift) _mm512_storeu_ps(sh + kTokens * j + 16 * h, _mm512_maskz_loadu_ps(m, shift + off));
+    }
+}
+
+// tokens z [B, N, D] (unit stride in D) → contiguous [B, D, N]: (z − shift)·scale.
+template <class T>
+void tokens_to_cf_vec(const T* z, int64_t zsb, int64_t zsn, int64_t B, int64_t N, int64_t D, const float* var,
+                      const float* shift, float eps, bool inverse, T* out) {
+  parallel_tasks(cf_tasks(D, N), 1, [&](int64_t lo, int64_t hi) {
+    std::vector<float> sc(kTokens * kChannels), sh(shift ? kTokens * kChannels : 0);
+    for (int64_t task = lo; task < hi; ++task) {
+      const CfTask t = cf_task(task, D, N);
+      pack_stats(t, N, var, shift, eps, inverse, sc.data(), sh.data());
+      const __mmask16 mt[2] = {half_mask(t.tn, 0), half_mask(t.tn, 1)};
+      for (int64_t b = 0; b < B; ++b) {
+        for (int64_t j0 = 0; j0 < t.dn; j0 += 16) {
+          const int64_t dc = std::min<int64_t>(16, t.dn - j0);
+          const __mmask16 mc = tail_mask(dc);
+          // Rows here touch 64 bytes of 32 different pages per block, too little for the hardware
+          // streamer to train on: the next line of every token row (or the next sample's first)
+          // and the next block's output lines are fetched one block ahead.
+          if ((j0 * int64_t(sizeof(T))) % 64 == 0) {
+            int64_t pb = b, pj = j0 + 64 / int64_t(sizeof(T));
+            if (pj >= t.dn) pb = b + 1, pj = 0;
+            if (pb < B)
+              for (int64_t k = 0; k < t.tn; ++k) _mm_prefetch(reinterpret_cast<const char*>(z + pb * zsb + (t.n0 + k) * zsn + t.d0 + pj), _MM_HINT_T0);
+          }
+          if (j0 + 16 < t.dn)
+            for (int64_t i = 0; i < std::min<int64_t>(16, t.dn - j0 - 16); ++i)
+              raekern::cpu::prefetchw_lines(out + (b * D + t.d0 + j0 + 16 + i) * N + t.n0, t.tn * int64_t(sizeof(T)));
+          __m512 r[2][16];  // [token half][row]: token rows in, channel rows after the transpose
+          for (int h = 0; h < 2; ++h) {
+            for (int64_t i = 0; i < 16; ++i) {
+              const int64_t k = 16 * h + i;
+              r[h][i] = k < t.tn ? load16(z + b * zsb + (t.n0 + k) * zsn + t.d0 + j0, mc) : _mm512_setzero_ps();
+            }
+            raekern::cpu::transpose16(r[h]);
+          }
+          for (int64_t i = 0; i < dc; ++i) {
+            const int64_t j = j0 + i;
+            T* dst = out + (b * D + t.d0 + j) * N + t.n0;
+            for (int h = 0; h < 2; ++h) {
+              __m512 v = r[h][i];
+              if (shift) v = _mm512_sub_ps(v, _mm512_loadu_ps(sh.data() + kTokens * j + 16 * h));
+              v = _mm512_mul_ps(v, _mm512_loadu_ps(sc.data() + kTokens * j + 16 * h));
+              if (mt[h]) store16(dst + 16 * h, v, mt[h]);
+            }
+          }
+        }
+      }
+    }
+  });
+}
+
+// x [B, D, N] (unit stride in N, channel stride xsd) → contiguous tokens [B, N, D]: x·scale + shift.
+template <class T>
+void cf_to_tokens_vec(const T* x, int64_t xsb, int64_t xsd, int64_t B, int64_t N, int64_t D, const float* var,
+                      const float* shift, float eps, bool inverse, T* out) {
+  parallel_tasks(cf_tasks(D, N), 1, [&](int64_t lo, int64_t hi) {
+    std::vector<float> sc(kTokens * kChannels), sh(shift ? kTokens * kChannels : 0);
+    for (int64_t task = lo; task < hi; ++task) {
+      const CfTask t = cf_task(task, D, N);
+      pack_stats(t, N, var, shift, eps, inverse, sc.data(), sh.data());
+      for (int64_t b = 0; b < B; ++b) {
+        for (int h = 0; h < 2 && 16 * h < t.tn; ++h) {
+          const __mmask16 mt = half_mask(t.tn, h);
+          const int64_t tn = std::min<int64_t>(16, t.tn - 16 * h);
+          for (int64_t j0 = 0; j0 < t.dn; j0 += 32) {
+            // As above: the next block's 32 channel rows and output lines, one block ahead.
+            if (j0 + 32 < t.dn) {
+              for (int64_t i = j0 + 32; i < std::min(t.dn, j0 + 64); ++i)
+                _mm_prefetch(reinterpret_cast<const char*>(x + b * xsb + (t.d0 + i) * xsd + t.n0 + 16 * h), _MM_HINT_T0);
+              for (int64_t i = 0; i < tn; ++i)
+                raekern::cpu::prefetchw_lines(out + (b * N + t.n0 + 16 * h + i) * D + t.d0 + j0 + 32,
+                                              std::min<int64_t>(32, t.dn - j0 - 32) * int64_t(sizeof(T)));
+            }
+            __m512 r[2][16];  // [channel half][row]: channel rows in, token rows after the transpose
+            __mmask16 mc[2];
+            for (int c = 0; c < 2; ++c) {
+              const int64_t jc = j0 + 16 * c, dc = std::max<int64_t>(0, std::min<int64_t>(16, t.dn - jc));
+              mc[c] = dc ? tail_mask(dc) : __mmask16(0);
+              for (int64_t i = 0; i < 16; ++i) {
+                if (i >= dc) {
+                  r[c][i] = _mm512_setzero_ps();
+                  continue;
+                }
+                const int64_t j = jc + i;
+                __m512 v = _mm512_mul_ps(load16(x + b * xsb + (t.d0 + j) * xsd + t.n0 + 16 * h, mt),
+                                         _mm512_loadu_ps(sc.data() + kTokens * j + 16 * h));
+                if (shift) v = _mm512_add_ps(v, _mm512_loadu_ps(sh.data() + kTokens * j + 16 * h));
+                r[c][i] = v;
+              }
+              if (dc) raekern::cpu::transpose16(r[c]);
+            }
+            for (int64_t i = 0; i < tn; ++i) {
+              T* dst = out + (b * N + t.n0 + 16 * h + i) * D + t.d0 + j0;
+              for (int c = 0; c < 2; ++c)
+                if (mc[c]) store16(dst + 16 * c, r[c][i], mc[c]);
+            }
+          }
+        }
+      }
+    }
+  });
+}
+#endif
 
 // tokens [B, N, D] (any strides) → contiguous [B, D, H, W]: (z − shift)·scale.
 at::Tensor tokens_to_cf(const at::Tensor& z, const at::Tensor& shift, const at::Tensor& var, double eps,
@@ -30,6 +186,16 @@ at::Tensor tokens_to_cf(const at::Tensor& z, const at::Tensor& shift, const at::
   const at::Tensor m = shift.defined() ? shift.to(acc).contiguous() : at::Tensor();
   RAEKERN_DISPATCH_FLOATING(z.scalar_type(), "latent_tokens_to_cf", [&] {
     using A = acc_t<scalar_t>;
+#if defined(RAEKERN_CPU_VEC16)
+    if constexpr (!std::is_same_v<scalar_t, double>) {
+      if (z.stride(2) == 1) {
+        tokens_to_cf_vec(z.data_ptr<scalar_t>(), z.stride(0), z.stride(1), B, N, D, v.data_ptr<float>(),
+                         m.defined() ? m.data_ptr<float>() : nullptr, float(eps), inverse_scale,
+                         out.data_ptr<scalar_t>());
+        return;
+      }
+    }
+#endif
     const std::vector<A> sc = latent_scale(v.data_ptr<A>(), D * N, A(eps), inverse_scale);
     const A* mp = m.defined() ? m.data_ptr<A>() : nullptr;
     const scalar_t* zp = z.data_ptr<scalar_t>();
@@ -60,6 +226,16 @@ at::Tensor cf_to_tokens(const at::Tensor& x, const at::Tensor& shift, const at::
   const at::Tensor m = shift.defined() ? shift.to(acc).contiguous() : at::Tensor();
   RAEKERN_DISPATCH_FLOATING(x.scalar_type(), "latent_cf_to_tokens", [&] {
     using A = acc_t<scalar_t>;
+#if defined(RAEKERN_CPU_VEC16)
+    if constexpr (!std::is_same_v<scalar_t, double>) {
+      if (x.stride(3) == 1 && x.stride(2) == W) {
+        cf_to_tokens_vec(x.data_ptr<scalar_t>(), x.stride(0), x.stride(1), B, N, D, v.data_ptr<float>(),
+                         m.defined() ? m.data_ptr<float>() : nullptr, float(eps), inverse_scale,
+                         out.data_ptr<scalar_t>());
+        return;
+      }
+    }
+#endif
     const std::vector<A> sc = latent_scale(v.data_ptr<A>(), D * N, A(eps), inverse_scale);
     const A* mp = m.defined() ? m.data_ptr<A>() : nullptr;
     const scalar_t* xp = x.data_ptr<scalar_t>();

@@ -14,6 +14,7 @@
 
 #include "common/cpu_convert.h"
 #include "common/cpu_utils.h"
+#include "common/cpu_vec_math.h"
 #include "common/dispatch.h"
 #include "fusion/dynamic_tasks.h"
 #include "fusion/fusion_args.h"
@@ -27,6 +28,65 @@ using raekern::cpu::acc_t;
 using raekern::cpu::narrow;
 
 constexpr const char* kOp = "layer_stack_fuse";
+
+#if defined(RAEKERN_CPU_VEC16)
+using raekern::cpu::load16;
+using raekern::cpu::tail_mask;
+
+// row_moments on a row read from storage: buf = x − x[0] (fp32), mean of buf and rstd, by the same two
+// passes. The reductions keep four independent partial vectors: with one, each 16-lane add waits for
+// the previous one (4-cycle latency), and the LayerNorm, not memory, bounds the layer fusion.
+template <class T>
+inline void row_moments_vec(const T* __restrict src, int64_t D, float eps, float* __restrict buf, float& mean,
+                            float& rstd, const T* next) {
+  const __m512 shift = _mm512_set1_ps(raekern::cpu::to_f(src[0]));
+  __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  int64_t d = 0;
+  for (; d + 64 <= D; d += 64) {
+    // The next row, one row ahead, spread over this one's first pass.
+    if (next) raekern::cpu::prefetch_lines(next + d, 64 * int64_t(sizeof(T)));
+    const __m512 v0 = _mm512_sub_ps(load16(src + d, 0xffff), shift);
+    const __m512 v1 = _mm512_sub_ps(load16(src + d + 16, 0xffff), shift);
+    const __m512 v2 = _mm512_sub_ps(load16(src + d + 32, 0xffff), shift);
+    const __m512 v3 = _mm512_sub_ps(load16(src + d + 48, 0xffff), shift);
+    _mm512_storeu_ps(buf + d, v0);
+    _mm512_storeu_ps(buf + d + 16, v1);
+    _mm512_storeu_ps(buf + d + 32, v2);
+    _mm512_storeu_ps(buf + d + 48, v3);
+    a0 = _mm512_add_ps(a0, v0);
+    a1 = _mm512_add_ps(a1, v1);
+    a2 = _mm512_add_ps(a2, v2);
+    a3 = _mm512_add_ps(a3, v3);
+  }
+  for (; d < D; d += 16) {
+    const __mmask16 m = tail_mask(D - d);
+    const __m512 v = _mm512_maskz_sub_ps(m, load16(src + d, m), shift);
+    _mm512_mask_storeu_ps(buf + d, m, v);
+    a0 = _mm512_add_ps(a0, v);
+  }
+  const float mu = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3))) / float(D);
+  const __m512 vm = _mm512_set1_ps(mu);
+  a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  for (d = 0; d + 64 <= D; d += 64) {
+    const __m512 v0 = _mm512_sub_ps(_mm512_loadu_ps(buf + d), vm);
+    const __m512 v1 = _mm512_sub_ps(_mm512_loadu_ps(buf + d + 16), vm);
+    const __m512 v2 = _mm512_sub_ps(_mm512_loadu_ps(buf + d + 32), vm);
+    const __m512 v3 = _mm512_sub_ps(_mm512_loadu_ps(buf + d + 48), vm);
+    a0 = _mm512_fmadd_ps(v0, v0, a0);
+    a1 = _mm512_fmadd_ps(v1, v1, a1);
+    a2 = _mm512_fmadd_ps(v2, v2, a2);
+    a3 = _mm512_fmadd_ps(v3, v3, a3);
+  }
+  for (; d < D; d += 16) {
+    const __mmask16 m = tail_mask(D - d);
+    const __m512 v = _mm512_maskz_sub_ps(m, _mm512_maskz_loadu_ps(m, buf + d), vm);
+    a0 = _mm512_fmadd_ps(v, v, a0);
+  }
+  const float var = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+  mean = mu;
+  rstd = 1.f / std::sqrt(var / float(D) + eps);
+}
+#endif
 
 template <class T>
 struct Stack {
@@ -63,7 +123,21 @@ struct Stack {
 
   // acc += c·LN(h_l[b, P + n]) (or c·h if raw) without normalising the row in memory:
   // acc += (c·rstd)·(xs − μ) with xs the shifted row from row_moments. row is scratch.
-  void accumulate(int64_t l, int64_t b, int64_t n, A c, A* __restrict row, A* __restrict acc) const {
+  // next: the row the caller reads after this one (prefetched), or null.
+  void accumulate(int64_t l, int64_t b, int64_t n, A c, A* __restrict row, A* __restrict acc,
+                  const T* next = nullptr) const {
+#if defined(RAEKERN_CPU_VEC16)
+    if constexpr (!std::is_same_v<T, double>) {
+      if (normalize && sd[l] == 1) {
+        float mean, rstd;
+        row_moments_vec(row_ptr(l, b, n), s.D, eps, row, mean, rstd, sd[l] == 1 ? next : nullptr);
+        const float k = c * rstd;
+#pragma omp simd
+        for (int64_t d = 0; d < s.D; ++d) acc[d] += k * (row[d] - mean);
+        return;
+      }
+    }
+#endif
     raekern::cpu::widen_row(row_ptr(l, b, n), sd[l], s.D, row);
     if (!normalize) {
 #pragma omp simd
@@ -97,7 +171,7 @@ std::vector<acc_t<T>> last_token_mean(const Stack<T>& k) {
       const int64_t b = task / tiles, n0 = (task % tiles) * kTile, n1 = std::min(s.N, n0 + kTile);
       A* acc = part.data() + task * s.D;
       for (int64_t n = n0; n < n1; ++n) {
-        k.accumulate(s.L - 1, b, n, A(1), row.data(), acc);
+        k.accumulate(s.L - 1, b, n, A(1), row.data(), acc, n + 1 < n1 ? k.row_ptr(s.L - 1, b, n + 1) : nullptr);
       }
     }
   });
@@ -126,7 +200,10 @@ void fuse_forward(const Stack<T>& k, const acc_t<T>* tmean, const acc_t<T>* lmea
       const int64_t b = task / tiles, n0 = (task % tiles) * kTile, tn = std::min(s.N, n0 + kTile) - n0;
       std::fill(acc, acc + tn * s.D, A(0));
       for (int64_t l = 0; l < s.L; ++l) {
-        for (int64_t t = 0; t < tn; ++t) k.accumulate(l, b, n0 + t, k.coef(l, b, n0 + t), row, acc + t * s.D);
+        for (int64_t t = 0; t < tn; ++t) {
+          const T* next = t + 1 < tn ? k.row_ptr(l, b, n0 + t + 1) : l + 1 < s.L ? k.row_ptr(l + 1, b, n0) : nullptr;
+          k.accumulate(l, b, n0 + t, k.coef(l, b, n0 + t), row, acc + t * s.D, next);
+        }
       }
       if (tmean) {
         const A* m = tmean + b * s.D;
@@ -233,6 +310,76 @@ inline void row_grad_apply(const RowGrad<A>& r, const A* __restrict xs, const A*
   }
 }
 
+#if defined(RAEKERN_CPU_VEC16)
+// row_grad_coefs + row_grad_apply on a row read from storage and a gradient row written to storage,
+// with the reductions split over independent partial vectors (see row_moments_vec). Returns Σ g·y.
+template <class T>
+inline float row_grad_vec(const T* __restrict src, const float* __restrict g, const float* __restrict gm,
+                          int64_t D, float c, float gsum, float gmsum, float eps, float* __restrict xs,
+                          T* __restrict dst, const T* next, T* next_dst) {
+  const __m512 shift = _mm512_set1_ps(raekern::cpu::to_f(src[0]));
+  __m512 a0 = _mm512_setzero_ps(), a1 = a0;
+  int64_t d = 0;
+  for (; d + 32 <= D; d += 32) {
+    // The next source row and the next destination row, one row ahead.
+    if (next) raekern::cpu::prefetch_lines(next + d, 32 * int64_t(sizeof(T)));
+    if (next_dst) raekern::cpu::prefetchw_lines(next_dst + d, 32 * int64_t(sizeof(T)));
+    const __m512 v0 = _mm512_sub_ps(load16(src + d, 0xffff), shift);
+    const __m512 v1 = _mm512_sub_ps(load16(src + d + 16, 0xffff), shift);
+    _mm512_storeu_ps(xs + d, v0);
+    _mm512_storeu_ps(xs + d + 16, v1);
+    a0 = _mm512_add_ps(a0, v0);
+    a1 = _mm512_add_ps(a1, v1);
+  }
+  for (; d < D; d += 16) {
+    const __mmask16 m = tail_mask(D - d);
+    const __m512 v = _mm512_maskz_sub_ps(m, load16(src + d, m), shift);
+    _mm512_mask_storeu_ps(xs + d, m, v);
+    a0 = _mm512_add_ps(a0, v);
+  }
+  const float mu = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1)) / float(D);
+  const __m512 vm = _mm512_set1_ps(mu);
+  __m512 q0 = _mm512_setzero_ps(), q1 = q0, s0 = q0, s1 = q0, t0 = q0, t1 = q0;
+  for (d = 0; d + 32 <= D; d += 32) {
+    const __m512 v0 = _mm512_sub_ps(_mm512_loadu_ps(xs + d), vm);
+    const __m512 v1 = _mm512_sub_ps(_mm512_loadu_ps(xs + d + 16), vm);
+    q0 = _mm512_fmadd_ps(v0, v0, q0);
+    q1 = _mm512_fmadd_ps(v1, v1, q1);
+    s0 = _mm512_fmadd_ps(_mm512_loadu_ps(g + d), v0, s0);
+    s1 = _mm512_fmadd_ps(_mm512_loadu_ps(g + d + 16), v1, s1);
+    if (gm) {
+      t0 = _mm512_fmadd_ps(_mm512_loadu_ps(gm + d), v0, t0);
+      t1 = _mm512_fmadd_ps(_mm512_loadu_ps(gm + d + 16), v1, t1);
+    }
+  }
+  for (; d < D; d += 16) {
+    const __mmask16 m = tail_mask(D - d);
+    const __m512 v = _mm512_maskz_sub_ps(m, _mm512_maskz_loadu_ps(m, xs + d), vm);
+    q0 = _mm512_fmadd_ps(v, v, q0);
+    s0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, g + d), v, s0);
+    if (gm) t0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, gm + d), v, t0);
+  }
+  const float var = _mm512_reduce_add_ps(_mm512_add_ps(q0, q1));
+  const float sg = _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
+  const float sgm = gm ? _mm512_reduce_add_ps(_mm512_add_ps(t0, t1)) : 0.f;
+  const float rstd = 1.f / std::sqrt(var / float(D) + eps);
+  const float dsum = c * gsum + gmsum;
+  const float dyy = rstd * (c * sg + sgm);
+  // dx = k_g·g + k_gm·gm − k_0 − k_x·(xs − μ), as row_grad_apply.
+  const __m512 kg = _mm512_set1_ps(rstd * c), kgm = _mm512_set1_ps(rstd), k0 = _mm512_set1_ps(rstd * dsum / float(D));
+  const __m512 kx = _mm512_set1_ps(rstd * rstd * dyy / float(D));
+  for (d = 0; d < D; d += 16) {
+    const __mmask16 m = tail_mask(D - d);
+    __m512 v = _mm512_mul_ps(kg, _mm512_maskz_loadu_ps(m, g + d));
+    if (gm) v = _mm512_fmadd_ps(kgm, _mm512_maskz_loadu_ps(m, gm + d), v);
+    v = _mm512_sub_ps(v, k0);
+    v = _mm512_fnmadd_ps(kx, _mm512_sub_ps(_mm512_maskz_loadu_ps(m, xs + d), vm), v);
+    raekern::cpu::store16(dst + d, v, m);
+  }
+  return rstd * sg;
+}
+#endif
+
 template <class T>
 void fuse_backward(const at::Tensor& grad, at::TensorList layers, const StackShape& s, const at::Tensor& w,
                    const at::Tensor& v, bool normalize, double eps, bool add_last_token_mean, double latent_eps,
@@ -301,6 +448,20 @@ void fuse_backward(const at::Tensor& grad, at::TensorList layers, const StackSha
             A* dx = kDirect ? reinterpret_cast<A*>(dst) : dxb;
             const T* src = k.ptr[l] + b * k.sb[l] + (s.P + n) * k.st[l];
             A gy;
+#if defined(RAEKERN_CPU_VEC16)
+            if constexpr (!std::is_same_v<T, double>) {
+              if (normalize && k.sd[l] == 1) {
+                const bool more = t + 1 < tn;
+                const T* next = more ? src + k.st[l] : nullptr;
+                gy = row_grad_vec(src, gt, gm, D, c, gsum[t], gms, k.eps, row, dst, next, more ? dst + D : nullptr);
+                if (want_dw) {
+                  if (s.reduce == Reduce::kTokenWeights) dwp[(b * s.N + n) * s.L + l] = gy;
+                  else my_dw[l] += double(gy);
+                }
+                continue;
+              }
+            }
+#endif
             if (normalize) {
               raekern::cpu::widen_row(src, k.sd[l], D, row);
               const RowGrad<A> r = row_grad_coefs(row, gt, gm, D, c, gsum[t], gms, k.eps);
