@@ -169,6 +169,9 @@ void gram_fixed(const T* const* in, const acc_t<T>* const* min, int64_t n, doubl
   V acc[NP], sum[NG];
   for (int p = 0; p < NP; ++p) acc[p] = V{};
   for (int e = 0; e < NG; ++e) sum[e] = V{};
+  // Without x, its row of products is skipped rather than multiplied by zero (the compiler may not
+  // drop 0·v: v could be infinite), a third of the arithmetic of a two-branch rule.
+  constexpr int E0 = X ? 0 : 1;
   int64_t i = 0;
   for (; i + L <= n; i += L) {
     V v[NG];
@@ -178,8 +181,9 @@ void gram_fixed(const T* const* in, const acc_t<T>* const* min, int64_t n, doubl
     for (int e = 0; e < NM; ++e) v[NT + e] = vec::load(min[e] + i);
     int p = 0;
     for (int e = 0; e < NG; ++e)
-      for (int f = e; f < NG; ++f) acc[p++] += v[e] * v[f];
-    for (int e = 0; e < NG; ++e) sum[e] += v[e];
+      for (int f = e; f < NG; ++f, ++p)
+        if (e >= E0) acc[p] = vec::fma<A>(v[e], v[f], acc[p]);
+    for (int e = E0; e < NG; ++e) sum[e] += v[e];
   }
   A tacc[NP] = {}, tsum[NG] = {};
   for (; i < n; ++i) {
@@ -190,8 +194,9 @@ void gram_fixed(const T* const* in, const acc_t<T>* const* min, int64_t n, doubl
     for (int e = 0; e < NM; ++e) v[NT + e] = min[e][i];
     int p = 0;
     for (int e = 0; e < NG; ++e)
-      for (int f = e; f < NG; ++f) tacc[p++] += v[e] * v[f];
-    for (int e = 0; e < NG; ++e) tsum[e] += v[e];
+      for (int f = e; f < NG; ++f, ++p)
+        if (e >= E0) tacc[p] = std::fma(v[e], v[f], tacc[p]);
+    for (int e = E0; e < NG; ++e) tsum[e] += v[e];
   }
   for (int p = 0; p < NP; ++p) out[p] = double(tacc[p] + vec::hsum<A>(acc[p]));
   for (int e = 0; e < NG; ++e) out[NP + e] = double(tsum[e] + vec::hsum<A>(sum[e]));
