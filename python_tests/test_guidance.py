@@ -122,11 +122,11 @@ def test_large_outputs(name, dtype):
 
 
 @pytest.mark.parametrize("name", ["zero_star", "apg", "rescale"])
-@pytest.mark.parametrize("B, N", [(5, 131_072), (4, 40_000), (2, 300_000)])
+@pytest.mark.parametrize("B, N", [(5, 131_072), (4, 40_000), (3, 300_000), (2, 300_000)])
 def test_statistics_schedules(name, B, N):
-    # Two threads: B = 5 samples of 1 MiB of statistics input each go in groups of two (2, 2, 1); B = 4
-    # small samples take the per-sample schedule; B = 2 samples larger than one core's L2 budget are
-    # each split between both threads.
+    # Two threads: B = 4 and B = 2 share out evenly (per-sample schedule); B = 5 samples of 1 MiB of
+    # statistics input go in groups of two (2, 2, 1), each split between both threads; B = 3 samples
+    # larger than one core's L2 budget are split one at a time.
     prev = torch.get_num_threads()
     torch.set_num_threads(2)
     try:

@@ -30,8 +30,8 @@ constexpr int64_t kOutChunk = 16384;
 // traffic of a few-stream combination.
 constexpr int64_t kStreamBytes = int64_t(4) << 20;
 // Bytes of statistics-pass input one core keeps in L2 (2 MiB on the Sapphire Rapids target) for the
-// output pass's second read, leaving room for the output pass's own streams (x when the statistics
-// skip it) and the prefetchers' run-ahead.
+// output pass's second read in the sample-split schedule, leaving room for the output pass's own
+// streams (x when the statistics skip it) and the prefetchers' run-ahead.
 constexpr int64_t kL2Budget = int64_t(1280) << 10;
 
 // Loads stream e of sample b, elements [i0, i0+n), into `dst` as accumulator type; differences with
@@ -291,7 +291,10 @@ struct Runner {
     // they are still there.
     const int64_t sample_bytes =
         (int64_t(cfg.K + (stats_read_x(cfg) ? 1 : 0)) * int64_t(sizeof(T)) + jm * int64_t(sizeof(A))) * N;
-    if (sample_bytes <= kL2Budget && B >= threads && (B % threads == 0 || B >= 4 * threads)) {
+    // Whenever the batch shares out evenly, even for samples over the L2 budget: a sample-split
+    // schedule costs two parallel regions per group of samples, and measured slower than the
+    // per-sample one's partial L2 reuse (backward re-read) on RAE/RAEv2 latents.
+    if (B >= threads && (B % threads == 0 || B >= 4 * threads)) {
       // Per-sample schedule: statistics, solve and output pass of one sample back to back, so the
       // second read of its inputs comes from cache rather than memory.
       cpu::parallel_rows(B, 2 * int64_t(ns) * int64_t(sizeof(T)) * N, [&](int64_t begin, int64_t end) {
@@ -309,8 +312,8 @@ struct Runner {
       });
       return;
     }
-    // Samples too large for one core's L2 (or too few to share out): groups of samples, each split
-    // over chunks between the threads, as many samples per group as the threads' L2 hold. Both
+    // Too few samples to share out: groups of samples, each split over chunks between the threads,
+    // as many samples per group as the threads' L2 hold. Both
     // passes of a group divide the same chunk range the same way, so a thread's output pass re-reads
     // from its own L2 what its statistics pass just read.
     const int64_t G = std::clamp<int64_t>(kL2Budget * threads / std::max<int64_t>(sample_bytes, 1), 1, B);
@@ -369,8 +372,8 @@ void combine_rows(const std::vector<Rows>& rows, const at::Tensor& c, at::Tensor
   // Per sample, the register-blocked combination of its inputs with a non-zero coefficient (the
   // output pass's kernel, no differences): one read of each and one write, no accumulator buffer.
   // An input with a zero coefficient is not read, so a NaN in it stays out of the result.
-  std::vector<blocks::CombinePlan<T>> plans(size_t(B));
-  std::vector<int> used(size_t(B));
+  std::vector<blocks::CombinePlan<T>> plans(static_cast<size_t>(B));
+  std::vector<int> used(static_cast<size_t>(B));
   const bool stream = B * N * int64_t(sizeof(T)) >= kStreamBytes;
   for (int64_t b = 0; b < B; ++b) {
     blocks::CombinePlan<T>& pl = plans[b];
