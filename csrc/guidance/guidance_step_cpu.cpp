@@ -313,9 +313,9 @@ struct Runner {
       return;
     }
     // Too few samples to share out: groups of samples, each split over chunks between the threads,
-    // as many samples per group as the threads' L2 hold. Both
-    // passes of a group divide the same chunk range the same way, so a thread's output pass re-reads
-    // from its own L2 what its statistics pass just read.
+    // as many samples per group as the threads' L2 hold. Both passes of a group divide the same
+    // chunk range the same way, so a thread's output pass re-reads from its own L2 what its
+    // statistics pass just read.
     const int64_t G = std::clamp<int64_t>(kL2Budget * threads / std::max<int64_t>(sample_bytes, 1), 1, B);
     const int64_t grain_bytes = int64_t(ns) * int64_t(sizeof(T)) * kChunk;
     std::vector<double> partial(size_t(G * nchunks) * nacc), stats(nacc);
