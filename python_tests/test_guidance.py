@@ -121,6 +121,86 @@ def test_large_outputs(name, dtype):
         _close(got.momentum, want.momentum, dtype)
 
 
+@pytest.mark.parametrize("name", ["zero_star", "apg", "rescale"])
+@pytest.mark.parametrize("B, N", [(5, 131_072), (4, 40_000), (3, 300_000), (2, 300_000)])
+def test_statistics_schedules(name, B, N):
+    # Two threads: B = 4 and B = 2 share out evenly (per-sample schedule); B = 5 samples of 1 MiB of
+    # statistics input go in groups of two (2, 2, 1), each split between both threads; B = 3 samples
+    # larger than one core's L2 budget are split one at a time.
+    prev = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        cfg = _configs(B)[name]
+        x, P, extra, mom = _inputs(B, (N,), torch.float32, momentum_J=cfg.get("J_m", 0))
+        got = _run(guidance_step, x, P, extra, mom, cfg)
+        want = _run(guidance_step_reference, x, P, extra, mom, cfg)
+        _close(got.out, want.out, torch.float32)
+        torch.set_num_threads(1)  # same chunk order of the statistics, one thread: bit-identical
+        one = _run(guidance_step, x, P, extra, mom, cfg)
+        assert torch.equal(got.out, one.out)
+    finally:
+        torch.set_num_threads(prev)
+
+
+def _bf16_bits_rne(f32):
+    # c10's fp32 -> bf16 rounding (nearest even) on the bit pattern, for finite values
+    u = f32.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).to(torch.int32)
+
+
+def test_bf16_rounding_of_denormals_and_specials():
+    # The bf16 output path converts 16 lanes at once: a block with a denormal, a NaN or an infinity must
+    # round exactly as c10 does (denormals rounded, not flushed), and so must the blocks around it.
+    B, N = 2, 64
+    g = torch.Generator().manual_seed(3)
+    C = (torch.randn(B, N, generator=g) * 1e-38).to(torch.bfloat16)
+    U = (torch.randn(B, N, generator=g) * 1e-38).to(torch.bfloat16)
+    C[:, 32:48] = torch.randn(B, 16, generator=g).to(torch.bfloat16)  # a block of normal values
+    U[:, 32:48] = torch.randn(B, 16, generator=g).to(torch.bfloat16)
+    C[0, 5], C[0, 20], C[1, 60] = float("nan"), float("inf"), -float("inf")
+    U[1, 60] = 0.0
+    x = torch.zeros(B, N, dtype=torch.bfloat16)
+    kw = dict(terms=[(0, 1)], weights=[0.37], base=0)
+    got = guidance_step(x, [C, U], 0.5, **kw).out
+    f32 = guidance_step(x.float(), [C.float(), U.float()], 0.5, **kw).out  # same fp32 arithmetic
+    assert (f32.abs() < 1.1754944e-38).sum() > 50  # the case exercises fp32 denormals
+    nan = torch.isnan(f32)
+    assert torch.equal(torch.isnan(got), nan)
+    bits = got.view(torch.int16).to(torch.int32) & 0xFFFF
+    assert torch.equal(bits[~nan], _bf16_bits_rne(f32)[~nan])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n_in", [1, 3, 8])
+def test_combine(dtype, n_in):
+    # guidance_combine (the backward's kernel): up to six inputs with a non-zero coefficient take the
+    # register-blocked kernel, more the buffered path; a zero coefficient skips its input (a NaN there
+    # stays out), a sample with no input left is zero.
+    B, N = 4, 1000
+    g = torch.Generator().manual_seed(n_in)
+    ins = [torch.randn(B, N, generator=g, dtype=torch.float64).to(dtype) for _ in range(n_in)]
+    c = torch.randn(B, n_in, generator=g, dtype=torch.float64)
+    c[1, n_in - 1] = 0.0
+    ins[n_in - 1][1, 7] = float("nan")
+    c[2] = 0.0
+    ins[0][2, 3] = float("nan")
+    got = torch.ops.raekern.guidance_combine(ins, c)
+    want = sum(c[:, e].view(B, 1) * torch.nan_to_num(ins[e].double(), nan=0.0) for e in range(n_in))
+    assert got.dtype == dtype and not torch.isnan(got).any()
+    _close(got, want, dtype)
+    assert torch.equal(got[2], torch.zeros_like(got[2]))
+
+
+def test_combine_large_output():
+    # > 4 MiB of output: non-temporal stores on aligned rows, ordinary ones on the odd-sized sample.
+    B, N = 2, 700_001
+    ins = [torch.randn(B, N) for _ in range(2)]
+    c = torch.tensor([[0.5, -2.0], [1.25, 3.0]], dtype=torch.float64)
+    got = torch.ops.raekern.guidance_combine(ins, c)
+    want = sum(c[:, e].view(B, 1) * ins[e].double() for e in range(2))
+    _close(got, want, torch.float32)
+
+
 @pytest.mark.parametrize("name", ["cfg_euler_x0", "zero_star", "apg"])
 def test_stacked_branches_and_layouts(name):
     B, S = 4, (6, 9)

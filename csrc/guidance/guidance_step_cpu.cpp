@@ -5,6 +5,7 @@
 // specialised on the stream counts, a buffered generic path for the rest.
 #include <torch/library.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "common/cpu_utils.h"
@@ -28,6 +29,10 @@ constexpr int64_t kOutChunk = 16384;
 // next consumer anyway, and skipping the read-for-ownership saves a quarter to a fifth of the memory
 // traffic of a few-stream combination.
 constexpr int64_t kStreamBytes = int64_t(4) << 20;
+// Bytes of statistics-pass input one core keeps in L2 (2 MiB on the Sapphire Rapids target) for the
+// output pass's second read in the sample-split schedule, leaving room for the output pass's own
+// streams (x when the statistics skip it) and the prefetchers' run-ahead.
+constexpr int64_t kL2Budget = int64_t(1280) << 10;
 
 // Loads stream e of sample b, elements [i0, i0+n), into `dst` as accumulator type; differences with
 // the base branch are formed here, before any product.
@@ -282,6 +287,13 @@ struct Runner {
       });
       return;
     }
+    // Bytes of one sample the statistics pass reads; the output pass re-reads them, from L2 when
+    // they are still there.
+    const int64_t sample_bytes =
+        (int64_t(cfg.K + (stats_read_x(cfg) ? 1 : 0)) * int64_t(sizeof(T)) + jm * int64_t(sizeof(A))) * N;
+    // Whenever the batch shares out evenly, even for samples over the L2 budget: a sample-split
+    // schedule costs two parallel regions per group of samples, and measured slower than the
+    // per-sample one's partial L2 reuse (backward re-read) on RAE/RAEv2 latents.
     if (B >= threads && (B % threads == 0 || B >= 4 * threads)) {
       // Per-sample schedule: statistics, solve and output pass of one sample back to back, so the
       // second read of its inputs comes from cache rather than memory.
@@ -300,27 +312,33 @@ struct Runner {
       });
       return;
     }
-    // Few samples: both passes split over chunks.
-    const int64_t tasks = B * nchunks;
-    std::vector<double> partial(size_t(tasks) * nacc);
-    cpu::parallel_rows(tasks, int64_t(ns) * int64_t(sizeof(T)) * kChunk, [&](int64_t begin, int64_t end) {
-      std::vector<A> buf;
-      for (int64_t task = begin; task < end; ++task)
-        gram_chunk(task / nchunks, task % nchunks, partial.data() + task * nacc, buf);
-    });
-    std::vector<double> stats(nacc);
-    for (int64_t b = 0; b < B; ++b) {
-      reduce_sample(partial.data() + b * nchunks * nacc, stats.data());
-      solve_sample(b, stats.data());
-    }
-    // Each thread gets about the range of elements it reduced; backwards for the same reason as above.
-    cpu::parallel_rows(B * per, task_bytes, [&](int64_t begin, int64_t end) {
-      std::vector<A> buf;
-      for (int64_t task = end - 1; task >= begin; --task) {
-        const int64_t b = task / per, i0 = (task % per) * kOutChunk;
-        combine(b, i0, std::min(kOutChunk, N - i0), buf);
+    // Too few samples to share out: groups of samples, each split over chunks between the threads,
+    // as many samples per group as the threads' L2 hold. Both passes of a group divide the same
+    // chunk range the same way, so a thread's output pass re-reads from its own L2 what its
+    // statistics pass just read.
+    const int64_t G = std::clamp<int64_t>(kL2Budget * threads / std::max<int64_t>(sample_bytes, 1), 1, B);
+    const int64_t grain_bytes = int64_t(ns) * int64_t(sizeof(T)) * kChunk;
+    std::vector<double> partial(size_t(G * nchunks) * nacc), stats(nacc);
+    for (int64_t b0 = 0; b0 < B; b0 += G) {
+      const int64_t tasks = std::min(G, B - b0) * nchunks;
+      cpu::parallel_rows(tasks, grain_bytes, [&](int64_t begin, int64_t end) {
+        std::vector<A> buf;
+        for (int64_t task = begin; task < end; ++task)
+          gram_chunk(b0 + task / nchunks, task % nchunks, partial.data() + task * nacc, buf);
+      });
+      for (int64_t b = b0; b < std::min(B, b0 + G); ++b) {
+        reduce_sample(partial.data() + (b - b0) * nchunks * nacc, stats.data());
+        solve_sample(b, stats.data());
       }
-    });
+      // Backwards for the same reason as in the per-sample schedule.
+      cpu::parallel_rows(tasks, grain_bytes, [&](int64_t begin, int64_t end) {
+        std::vector<A> buf;
+        for (int64_t task = end - 1; task >= begin; --task) {
+          const int64_t b = b0 + task / nchunks, i0 = (task % nchunks) * kChunk;
+          combine(b, i0, std::min(kChunk, N - i0), buf);
+        }
+      });
+    }
   }
 };
 
@@ -351,23 +369,58 @@ void combine_rows(const std::vector<Rows>& rows, const at::Tensor& c, at::Tensor
   const int64_t n_in = int64_t(rows.size());
   const double* cp = c.const_data_ptr<double>();
   T* o = out.data_ptr<T>();
-  const int64_t nchunks = (N + kChunk - 1) / kChunk;
-  cpu::parallel_rows(B * nchunks, n_in * kChunk * int64_t(sizeof(T)), [&](int64_t begin, int64_t end) {
-    std::vector<A> acc(kChunk);
+  // Per sample, the register-blocked combination of its inputs with a non-zero coefficient (the
+  // output pass's kernel, no differences): one read of each and one write, no accumulator buffer.
+  // An input with a zero coefficient is not read, so a NaN in it stays out of the result.
+  std::vector<blocks::CombinePlan<T>> plans(static_cast<size_t>(B));
+  std::vector<int> used(static_cast<size_t>(B));
+  const bool stream = B * N * int64_t(sizeof(T)) >= kStreamBytes;
+  for (int64_t b = 0; b < B; ++b) {
+    blocks::CombinePlan<T>& pl = plans[b];
+    int nu = 0;
+    for (int64_t e = 0; e < n_in; ++e) nu += cp[b * n_in + e] != 0.0;
+    used[b] = nu;
+    if (nu == 0 || nu > blocks::kMaxFixedInputs) continue;
+    nu = 0;
+    for (int64_t e = 0; e < n_in; ++e) {
+      const double ce = cp[b * n_in + e];
+      if (ce == 0.0) continue;
+      pl.in[nu] = static_cast<const T*>(rows[e].ptr) + b * rows[e].stride;
+      pl.coef[0][nu++] = static_cast<A>(ce);
+    }
+    pl.out[0] = o + b * N;
+    pl.stream = stream && reinterpret_cast<uintptr_t>(pl.out[0]) % 64 == 0;
+    pl.fn = blocks::pick_combine<T>(nu, 0, 0, 1, 0);
+  }
+  const int64_t per = (N + kOutChunk - 1) / kOutChunk;
+  cpu::parallel_rows(B * per, (n_in + 1) * std::min(kOutChunk, N) * int64_t(sizeof(T)), [&](int64_t begin, int64_t end) {
+    std::vector<A> acc;
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / nchunks, i0 = (task % nchunks) * kChunk;
-      const int64_t n = std::min(kChunk, N - i0);
-      for (int64_t i = 0; i < n; ++i) acc[i] = 0;
-      for (int64_t e = 0; e < n_in; ++e) {
-        const double ce = cp[b * n_in + e];
-        if (ce == 0.0) continue;
-        const A a = static_cast<A>(ce);
-        const T* __restrict v = static_cast<const T*>(rows[e].ptr) + b * rows[e].stride + i0;
-        A* __restrict ap = acc.data();
-#pragma omp simd
-        for (int64_t i = 0; i < n; ++i) ap[i] += a * widen(v[i]);
+      const int64_t b = task / per, i0 = (task % per) * kOutChunk, n = std::min(kOutChunk, N - i0);
+      if (plans[b].fn) {
+        plans[b].fn(plans[b], i0, n);
+        continue;
       }
-      cpu::store_row<T>(acc.data(), n, o + b * N + i0);
+      if (used[b] == 0) {
+        std::fill(o + b * N + i0, o + b * N + i0 + n, T(0));
+        continue;
+      }
+      // More inputs than the fixed kernels take: accumulate through a buffer.
+      acc.resize(kChunk);
+      for (int64_t c0 = i0; c0 < i0 + n; c0 += kChunk) {
+        const int64_t m = std::min(kChunk, i0 + n - c0);
+        for (int64_t i = 0; i < m; ++i) acc[i] = 0;
+        for (int64_t e = 0; e < n_in; ++e) {
+          const double ce = cp[b * n_in + e];
+          if (ce == 0.0) continue;
+          const A a = static_cast<A>(ce);
+          const T* __restrict v = static_cast<const T*>(rows[e].ptr) + b * rows[e].stride + c0;
+          A* __restrict ap = acc.data();
+#pragma omp simd
+          for (int64_t i = 0; i < m; ++i) ap[i] += a * widen(v[i]);
+        }
+        cpu::store_row<T>(acc.data(), m, o + b * N + c0);
+      }
     }
   });
 }

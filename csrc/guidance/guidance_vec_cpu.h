@@ -15,6 +15,11 @@
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
+// GCC 12 reports its own AVX-512 intrinsics as "maybe uninitialized" once inlined (GCC bug 105593).
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
 
 namespace raekern::guidance::vec {
 
@@ -41,12 +46,19 @@ inline block_t<cpu::acc_t<T>> load(const T* p) {
 }
 template <>
 inline block_t<float> load<c10::BFloat16>(const c10::BFloat16* p) {
+#if defined(__AVX512F__)
+  // One zero-extending load and a shift: GCC lowers the generic conversion below to five
+  // instructions (two half-width extensions and a lane insert), a third of a bf16 kernel's loop.
+  const __m512i w = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16);
+  return (block_t<float>)_mm512_castsi512_ps(w);
+#else
   u16x16 h;
   std::memcpy(&h, p, sizeof(h));
   u32x16 w = __builtin_convertvector(h, u32x16) << 16;
   block_t<float> v;
   std::memcpy(&v, &w, sizeof(v));
   return v;
+#endif
 }
 template <>
 inline block_t<float> load<c10::Half>(const c10::Half* p) {
@@ -61,13 +73,25 @@ template <class T>
 inline void store(T* p, block_t<cpu::acc_t<T>> v) {
   std::memcpy(p, &v, sizeof(v));
 }
-template <>
-inline void store<c10::BFloat16>(c10::BFloat16* p, block_t<float> v) {
+// fp32 -> bf16 bits, c10's rounding (nearest even, NaN -> 0x7fc0, denormals rounded, not flushed).
+inline u16x16 to_bf16_bits(block_t<float> v) {
+#if defined(__AVX512BF16__) && defined(__AVX512DQ__)
+  // vcvtneps2bf16 rounds to nearest even in one instruction but flushes denormal inputs and keeps a
+  // NaN's payload; a block holding either (never in practice) takes the exact integer path instead.
+  const __m512 f = (__m512)v;
+  if (__builtin_expect(_mm512_fpclass_ps_mask(f, 0xA1) == 0, 1))  // QNaN | denormal | SNaN
+    return (u16x16)_mm512_cvtneps_pbh(f);
+#endif
   u32x16 u;
   std::memcpy(&u, &v, sizeof(u));
   u32x16 r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
   r = ((u & 0x7fffffffu) > 0x7f800000u) ? u32x16{} + 0x7fc0u : r;
-  u16x16 h = __builtin_convertvector(r, u16x16);
+  return __builtin_convertvector(r, u16x16);
+}
+
+template <>
+inline void store<c10::BFloat16>(c10::BFloat16* p, block_t<float> v) {
+  const u16x16 h = to_bf16_bits(v);
   std::memcpy(p, &h, sizeof(h));
 }
 template <>
@@ -95,11 +119,7 @@ inline void store_nt<double>(double* p, block_t<double> v) {
 }
 template <>
 inline void store_nt<c10::BFloat16>(c10::BFloat16* p, block_t<float> v) {
-  u32x16 u;
-  std::memcpy(&u, &v, sizeof(u));
-  u32x16 r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-  r = ((u & 0x7fffffffu) > 0x7f800000u) ? u32x16{} + 0x7fc0u : r;
-  u16x16 h = __builtin_convertvector(r, u16x16);
+  u16x16 h = to_bf16_bits(v);
   _mm256_stream_si256(reinterpret_cast<__m256i*>(p), reinterpret_cast<__m256i&>(h));
 }
 inline void stream_fence() { _mm_sfence(); }
@@ -139,3 +159,7 @@ inline A hsum(block_t<A> v) {
 }
 
 }  // namespace raekern::guidance::vec
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif

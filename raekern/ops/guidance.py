@@ -437,19 +437,20 @@ def _backward_step(ctx, g_out, g_x0, g_mom, g_coeffs):
     branch_cols[base] = raw_base
     for i, k in enumerate(others):
         branch_cols[k] = coeffs[:, :, 2 + i]
-    grads_in, nout = [], coeffs.shape[1]
-    B = ctx.shape[0]
     wdtype = torch.float64 if ctx.dtype == torch.float64 else torch.float32
-    zeros = None
+    # Only the outputs that received a gradient take part: an unused x0 (or momentum) output adds
+    # nothing, and reading a materialised zero tensor for it would cost a full pass per input grad.
+    grads_in, outs = [], []
     for o, g in enumerate((g_out, g_x0) + tuple(g_mom[j] for j in range(J)) if ctx.has_m else (g_out, g_x0)):
-        if g is None or g.numel() == 0:
-            if zeros is None:
-                zeros = torch.zeros(ctx.shape, dtype=wdtype, device=coeffs.device)
-            g = zeros
-        grads_in.append(g.to(wdtype))
+        if g is not None and g.numel() != 0:
+            grads_in.append(g.to(wdtype))
+            outs.append(o)
+    if not grads_in:
+        grads_in, outs = [torch.zeros(ctx.shape, dtype=wdtype, device=coeffs.device)], [0]
+    sel = torch.tensor(outs, device=coeffs.device)
 
     def combine(c):  # c: [B, nout]
-        return torch.ops.raekern.guidance_combine(grads_in, c[:, : len(grads_in)].contiguous())
+        return torch.ops.raekern.guidance_combine(grads_in, c.index_select(1, sel).contiguous())
 
     gx = combine(col[0]).to(ctx.dtype)
     gb = [combine(branch_cols[k]).to(ctx.dtype) for k in range(K)]
