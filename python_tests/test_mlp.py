@@ -107,6 +107,19 @@ def test_large_outputs_stream(dtype):
     _grad_close(got, want, dtype, "packed backward")
 
 
+def test_outputs_past_the_huge_page_hint():
+    """A packed backward output over 32 MiB is allocated with the transparent-huge-page hint
+    (csrc/common/output_alloc.h, applied to every family's large outputs): the hint must not change
+    the result, including a buffer whose start is not 2 MiB aligned."""
+    ab = torch.randn(1500, 2 * 3000)
+    g = torch.randn(1500, 3000)
+    ab_ = ab.detach().requires_grad_()
+    got = torch.autograd.grad(R.swiglu_packed(ab_), ab_, g)[0]
+    assert got.numel() * got.element_size() > 32 << 20
+    want = _ref_grads(R.swiglu_packed_reference, [ab], g)[0].to(torch.float32)
+    _grad_close(got, want, torch.float32, "packed backward")
+
+
 def test_noncontiguous_and_stride0_inputs():
     dtype = torch.float32
     B, N, H = 3, 11, 40

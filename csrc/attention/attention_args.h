@@ -6,6 +6,7 @@
 #include <optional>
 
 #include "common/checks.h"
+#include "common/output_alloc.h"
 
 namespace raekern::attention {
 
@@ -36,7 +37,7 @@ inline at::Tensor unit_last(const at::Tensor& t) {
 }
 
 inline at::Tensor empty_in_layout(const Dims& d, int64_t n, int64_t layout, const at::TensorOptions& o) {
-  return layout == 0 ? at::empty({d.B, n, d.H, d.D}, o) : at::empty({d.B, d.H, n, d.D}, o);
+  return layout == 0 ? ::raekern::empty_output({d.B, n, d.H, d.D}, o) : ::raekern::empty_output({d.B, d.H, n, d.D}, o);
 }
 
 inline void check_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,

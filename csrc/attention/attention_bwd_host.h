@@ -26,6 +26,7 @@
 #include "attention/attention_bwd_config.h"
 #include "attention/attention_bwd_kernel.cuh"
 #include "attention/attention_bwd_prologue_kernel.cuh"
+#include "common/output_alloc.h"
 
 namespace raekern::attention::bwd {
 
@@ -82,18 +83,18 @@ Grads run_typed(Mem& mem, Launch& launch, const Inputs& in) {
   const int64_t slabs = in.deterministic ? ctas_x : 1;
   RAEKERN_CHECK(ctas_x < (int64_t(1) << 31), kOp, "k", "too many key blocks for one grid: ", n_kblocks);
 
-  at::Tensor qh = at::empty({d.B, d.H, d.Nq, d.D}, f32), kh = at::empty({d.B, d.H, d.Nk, d.D}, f32);
-  at::Tensor rstd_q = in.qw.defined() ? at::empty({d.B, d.H, d.Nq}, f32) : at::Tensor();
-  at::Tensor rstd_k = in.kw.defined() ? at::empty({d.B, d.H, d.Nk}, f32) : at::Tensor();
-  at::Tensor delta = at::empty({d.B, d.H, d.Nq}, f32);
+  at::Tensor qh = ::raekern::empty_output({d.B, d.H, d.Nq, d.D}, f32), kh = ::raekern::empty_output({d.B, d.H, d.Nk, d.D}, f32);
+  at::Tensor rstd_q = in.qw.defined() ? ::raekern::empty_output({d.B, d.H, d.Nq}, f32) : at::Tensor();
+  at::Tensor rstd_k = in.kw.defined() ? ::raekern::empty_output({d.B, d.H, d.Nk}, f32) : at::Tensor();
+  at::Tensor delta = ::raekern::empty_output({d.B, d.H, d.Nq}, f32);
   // Atomic mode accumulates into zeros; every slab of the deterministic mode is fully stored first.
-  at::Tensor dqh = in.deterministic ? at::empty({slabs, d.B, d.H, d.Nq, d.D}, f32)
+  at::Tensor dqh = in.deterministic ? ::raekern::empty_output({slabs, d.B, d.H, d.Nq, d.D}, f32)
                                     : at::zeros({d.B, d.H, d.Nq, d.D}, f32);
-  at::Tensor dkh = at::empty({d.B, d.H, d.Nk, d.D}, f32);
+  at::Tensor dkh = ::raekern::empty_output({d.B, d.H, d.Nk, d.D}, f32);
   const int64_t rows_q = d.B * d.H * d.Nq, rows_k = d.B * d.H * d.Nk;
   const int64_t dw_blocks = std::min<int64_t>(kMaxDwBlocks, (std::max(rows_q, rows_k) + 63) / 64);
-  at::Tensor dw_part = at::empty({2, dw_blocks, d.D}, f32);
-  at::Tensor dw = at::empty({2, d.D}, f32);
+  at::Tensor dw_part = ::raekern::empty_output({2, dw_blocks, d.D}, f32);
+  at::Tensor dw = ::raekern::empty_output({2, d.D}, f32);
 
   BwdParams p{};
   p.q = map_in<Mem, T>(mem, q, "q");

@@ -19,6 +19,7 @@
 #include "attention/cpu_gemm.h"
 #include "attention/cpu_problem.h"
 #include "common/dispatch.h"
+#include "common/output_alloc.h"
 
 namespace raekern::attention::cpu {
 
@@ -146,7 +147,7 @@ std::tuple<at::Tensor, at::Tensor> attention_cpu(const at::Tensor& q_, const at:
   const at::Tensor q = unit_last(q_), k = unit_last(k_), v = unit_last(v_);
   const Dims d = dims_of(q, k, layout);
   at::Tensor out = empty_in_layout(d, d.Nq, layout, q.options());
-  at::Tensor lse = at::empty({d.B, d.H, d.Nq},
+  at::Tensor lse = ::raekern::empty_output({d.B, d.H, d.Nq},
                              q.options().dtype(q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat));
   RAEKERN_DISPATCH_FLOATING(q.scalar_type(), "raekern.attention", [&] {
     using C = raekern::cpu::acc_t<scalar_t>;

@@ -17,6 +17,7 @@
 #include "fusion/dynamic_tasks.h"
 #include "fusion/fusion_args.h"
 #include "fusion/row_math.h"
+#include "common/output_alloc.h"
 
 namespace raekern::fusion::cpu {
 namespace {
@@ -147,6 +148,20 @@ bool route_vectorised(const Route<T>& k) {
   }
 }
 
+// f = Σ_l w_l e_l for 16 channels starting at d. Two partial sums: the FMA chain over the layers is
+// latency-bound otherwise. Forward and backward must form f identically (the backward recomputes it).
+template <class T>
+inline __m512 depth_sum16(const T* const* rows, const float* w, int64_t L, int64_t d, __mmask16 m) {
+  __m512 f0 = _mm512_setzero_ps(), f1 = _mm512_setzero_ps();
+  int64_t l = 0;
+  for (; l + 2 <= L; l += 2) {
+    f0 = _mm512_fmadd_ps(_mm512_set1_ps(w[l]), load16(rows[l] + d, m), f0);
+    f1 = _mm512_fmadd_ps(_mm512_set1_ps(w[l + 1]), load16(rows[l + 1] + d, m), f1);
+  }
+  if (l < L) f0 = _mm512_fmadd_ps(_mm512_set1_ps(w[l]), load16(rows[l] + d, m), f0);
+  return _mm512_add_ps(f0, f1);
+}
+
 // One token forward, 16 channels at a time: f = Σ_l w_l e_l stays in a register across the L expert
 // rows (no fp32 row buffer, no widening pass for 16-bit storage), then the bound and the base add.
 template <class T>
@@ -157,15 +172,7 @@ void route_token_forward_vec(const Route<T>& k, int64_t b, int64_t n, const floa
   const T* bp = k.base + b * k.bsb + n * k.bsn;
   for (int64_t d = 0; d < s.D; d += 16) {
     const __mmask16 m = tail_mask(s.D - d);
-    __m512 f0 = _mm512_setzero_ps(), f1 = _mm512_setzero_ps();
-    int64_t l = 0;
-    // Two partial sums: the FMA chain over the layers is latency-bound otherwise.
-    for (; l + 2 <= s.L; l += 2) {
-      f0 = _mm512_fmadd_ps(_mm512_set1_ps(w[l]), load16(rows[l] + d, m), f0);
-      f1 = _mm512_fmadd_ps(_mm512_set1_ps(w[l + 1]), load16(rows[l + 1] + d, m), f1);
-    }
-    if (l < s.L) f0 = _mm512_fmadd_ps(_mm512_set1_ps(w[l]), load16(rows[l] + d, m), f0);
-    const __m512 f = _mm512_add_ps(f0, f1);
+    const __m512 f = depth_sum16(rows, w, s.L, d, m);
     const __m512 base = load16(bp + d, m);
     const __m512 o = s.bound == Bound::kTanh
                          ? _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, gate + d), raekern::cpu::tanh16(f), base)
@@ -241,14 +248,7 @@ void route_token_backward_vec(const Route<T>& k, int64_t b, int64_t n, const flo
   std::fill(gw_acc, gw_acc + 16 * s.L, 0.f);
   for (int64_t d = 0; d < s.D; d += 16) {
     const __mmask16 m = tail_mask(s.D - d);
-    __m512 f0 = _mm512_setzero_ps(), f1 = _mm512_setzero_ps();
-    int64_t l = 0;
-    for (; l + 2 <= s.L; l += 2) {
-      f0 = _mm512_fmadd_ps(_mm512_set1_ps(w[l]), load16(rows[l] + d, m), f0);
-      f1 = _mm512_fmadd_ps(_mm512_set1_ps(w[l + 1]), load16(rows[l + 1] + d, m), f1);
-    }
-    if (l < s.L) f0 = _mm512_fmadd_ps(_mm512_set1_ps(w[l]), load16(rows[l] + d, m), f0);
-    const __m512 f = _mm512_add_ps(f0, f1);
+    const __m512 f = depth_sum16(rows, w, s.L, d, m);
     const __m512 g = load16(grow + d, m);
     store16(gbase + d, g, m);
     __m512 gf = g;
@@ -260,7 +260,7 @@ void route_token_backward_vec(const Route<T>& k, int64_t b, int64_t n, const flo
         _mm512_mask_storeu_ps(gamma_acc + d, m,
                               _mm512_add_ps(_mm512_maskz_loadu_ps(m, gamma_acc + d), _mm512_mul_ps(g, th)));
     }
-    for (l = 0; l < s.L; ++l) {
+    for (int64_t l = 0; l < s.L; ++l) {
       float* acc = gw_acc + 16 * l;
       _mm512_storeu_ps(acc, _mm512_fmadd_ps(gf, load16(rows[l] + d, m), _mm512_loadu_ps(acc)));
       store16(ge[l] + d, _mm512_mul_ps(_mm512_set1_ps(w[l]), gf), m);
@@ -396,7 +396,7 @@ at::Tensor depth_route_cpu(at::TensorList experts, const at::Tensor& router_logi
                            double cap) {
   const RouteShape s = parse_depth_route(experts, router_logits, base, std::string(energy), std::string(bound),
                                          gamma, cap, "depth_route");
-  at::Tensor out = at::empty({s.B, s.N, s.D}, base.options());
+  at::Tensor out = ::raekern::empty_output({s.B, s.N, s.D}, base.options());
   if (out.numel() == 0) return out;
   const auto acc = acc_of(base.scalar_type());
   const at::Tensor lg = router_logits.to(acc).contiguous();
@@ -419,11 +419,11 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor> depth_ro
                 " ", grad.scalar_type());
   const auto acc = acc_of(base.scalar_type());
   std::vector<at::Tensor> ge;
-  for (int64_t l = 0; l < s.L; ++l) ge.push_back(at::empty({s.B, s.N, s.D}, base.options()));
-  at::Tensor glog = at::empty({s.B, s.N, s.L}, base.options().dtype(acc));
-  at::Tensor gbase = at::empty({s.B, s.N, s.D}, base.options());
+  for (int64_t l = 0; l < s.L; ++l) ge.push_back(::raekern::empty_output({s.B, s.N, s.D}, base.options()));
+  at::Tensor glog = ::raekern::empty_output({s.B, s.N, s.L}, base.options().dtype(acc));
+  at::Tensor gbase = ::raekern::empty_output({s.B, s.N, s.D}, base.options());
   at::Tensor ggamma = gamma.has_value() ? at::zeros(gamma->sizes(), base.options().dtype(acc))
-                                        : at::empty({0}, base.options());
+                                        : ::raekern::empty_output({0}, base.options());
   if (s.B * s.N > 0 && s.D > 0) {
     const at::Tensor lg = router_logits.to(acc).contiguous();
     const at::Tensor gm = gamma.has_value() ? gamma->to(acc).contiguous().reshape(-1) : at::Tensor();

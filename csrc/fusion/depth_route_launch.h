@@ -12,6 +12,7 @@
 #include "fusion/depth_route_kernel.cuh"
 #include "fusion/fusion_args.h"
 #include "fusion/launch_shape.h"
+#include "common/output_alloc.h"
 
 namespace raekern::fusion::cuda {
 
@@ -56,7 +57,7 @@ at::Tensor depth_route_op(at::TensorList experts, const at::Tensor& router_logit
       parse_depth_route(experts, router_logits, base, std::string(energy), std::string(bound), gamma, cap, op);
   RAEKERN_CHECK(base.scalar_type() != at::kDouble, op, "base", "float64 is CPU-only; got a CUDA float64 tensor");
   Dev dev(base);
-  at::Tensor out = at::empty({s.B, s.N, s.D}, base.options());
+  at::Tensor out = ::raekern::empty_output({s.B, s.N, s.D}, base.options());
   if (out.numel() == 0) return out;
   const at::Tensor lg = router_logits.to(at::kFloat).contiguous();
   const at::Tensor gm = gamma.has_value() ? gamma->to(at::kFloat).contiguous().reshape(-1) : at::Tensor();
@@ -91,11 +92,11 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor> depth_ro
   Dev dev(base);
   const at::Tensor grad = grad_in.contiguous();
   std::vector<at::Tensor> ge;
-  for (int64_t l = 0; l < s.L; ++l) ge.push_back(at::empty({s.B, s.N, s.D}, base.options()));
+  for (int64_t l = 0; l < s.L; ++l) ge.push_back(::raekern::empty_output({s.B, s.N, s.D}, base.options()));
   at::Tensor glog = at::zeros({s.B, s.N, s.L}, base.options().dtype(at::kFloat));
-  at::Tensor gbase = at::empty({s.B, s.N, s.D}, base.options());
+  at::Tensor gbase = ::raekern::empty_output({s.B, s.N, s.D}, base.options());
   at::Tensor ggamma = gamma.has_value() ? at::zeros(gamma->sizes(), base.options().dtype(at::kFloat))
-                                        : at::empty({0}, base.options());
+                                        : ::raekern::empty_output({0}, base.options());
   if (s.B * s.N > 0 && s.D > 0) {
     const at::Tensor lg = router_logits.to(at::kFloat).contiguous();
     const at::Tensor gm = gamma.has_value() ? gamma->to(at::kFloat).contiguous().reshape(-1) : at::Tensor();

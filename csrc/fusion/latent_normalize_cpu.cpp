@@ -15,6 +15,7 @@
 #include "fusion/dynamic_tasks.h"
 #include "fusion/fusion_args.h"
 #include "fusion/latent_tile.h"
+#include "common/output_alloc.h"
 
 namespace raekern::fusion::cpu {
 namespace {
@@ -179,7 +180,7 @@ void cf_to_tokens_vec(const T* x, int64_t xsb, int64_t xsd, int64_t B, int64_t N
 at::Tensor tokens_to_cf(const at::Tensor& z, const at::Tensor& shift, const at::Tensor& var, double eps,
                         bool inverse_scale, int64_t H, int64_t W) {
   const int64_t B = z.size(0), N = z.size(1), D = z.size(2);
-  at::Tensor out = at::empty({B, D, H, W}, z.options());
+  at::Tensor out = ::raekern::empty_output({B, D, H, W}, z.options());
   if (out.numel() == 0) return out;
   const auto acc = acc_of(z.scalar_type());
   const at::Tensor v = var.to(acc).contiguous();
@@ -219,7 +220,7 @@ at::Tensor tokens_to_cf(const at::Tensor& z, const at::Tensor& shift, const at::
 at::Tensor cf_to_tokens(const at::Tensor& x, const at::Tensor& shift, const at::Tensor& var, double eps,
                         bool inverse_scale) {
   const int64_t B = x.size(0), D = x.size(1), W = x.size(3), N = x.size(2) * x.size(3);
-  at::Tensor out = at::empty({B, N, D}, x.options());
+  at::Tensor out = ::raekern::empty_output({B, N, D}, x.options());
   if (out.numel() == 0) return out;
   const auto acc = acc_of(x.scalar_type());
   const at::Tensor v = var.to(acc).contiguous();

@@ -9,6 +9,7 @@
 #include "fusion/fusion_args.h"
 #include "fusion/latent_normalize_kernel.cuh"
 #include "fusion/launch_shape.h"
+#include "common/output_alloc.h"
 
 namespace raekern::fusion::cuda {
 
@@ -21,7 +22,7 @@ at::Tensor latent_transpose(const at::Tensor& in, const at::Tensor& mean, const 
   const int64_t B = in.size(0);
   const int64_t D = to_cf ? in.size(2) : in.size(1);
   const int64_t H = var.size(1), W = var.size(2), N = H * W;
-  at::Tensor out = to_cf ? at::empty({B, D, H, W}, in.options()) : at::empty({B, N, D}, in.options());
+  at::Tensor out = to_cf ? ::raekern::empty_output({B, D, H, W}, in.options()) : ::raekern::empty_output({B, N, D}, in.options());
   if (out.numel() == 0) return out;
   RAEKERN_CHECK(B <= 65535, op, to_cf ? "z" : "x", "batch must be at most 65535 on CUDA, got ", B);
   // The kernel splits token indices with 32-bit division (64-bit division is a called routine that spills).

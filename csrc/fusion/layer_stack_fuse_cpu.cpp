@@ -20,6 +20,7 @@
 #include "fusion/fusion_args.h"
 #include "fusion/latent_tile.h"
 #include "fusion/row_math.h"
+#include "common/output_alloc.h"
 
 namespace raekern::fusion::cpu {
 namespace {
@@ -505,8 +506,8 @@ at::Tensor layer_stack_fuse_cpu(at::TensorList layers, const std::optional<at::T
                                          grid_h, grid_w, latent_mean, latent_var, kOp);
   const auto st = layers[0].scalar_type();
   const at::Tensor w = as_acc(weights, st), m = as_acc(latent_mean, st), v = as_acc(latent_var, st);
-  at::Tensor out = channels_first ? at::empty({s.B, s.D, grid_h, grid_w}, layers[0].options())
-                                  : at::empty({s.B, s.N, s.D}, layers[0].options());
+  at::Tensor out = channels_first ? ::raekern::empty_output({s.B, s.D, grid_h, grid_w}, layers[0].options())
+                                  : ::raekern::empty_output({s.B, s.N, s.D}, layers[0].options());
   if (out.numel() == 0) return out;
   RAEKERN_DISPATCH_FLOATING(st, "layer_stack_fuse_cpu", [&] {
     using A = acc_t<scalar_t>;
@@ -541,14 +542,14 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> layer_stack_fuse_backward_cpu(
   const auto st = layers[0].scalar_type();
   const at::Tensor w = as_acc(weights, st), v = as_acc(latent_var, st);
   std::vector<at::Tensor> dl;
-  for (int64_t l = 0; l < s.L; ++l) dl.push_back(at::empty({s.B, s.T, s.D}, layers[0].options()));
+  for (int64_t l = 0; l < s.L; ++l) dl.push_back(::raekern::empty_output({s.B, s.T, s.D}, layers[0].options()));
   at::Tensor dw;
   const bool want_dw = weights_grad && weights.has_value();
   if (want_dw)
     dw = at::zeros(s.reduce == Reduce::kTokenWeights ? at::IntArrayRef{s.B, s.N, s.L} : at::IntArrayRef{s.L},
                    layers[0].options().dtype(acc_dtype(st)));
   else
-    dw = at::empty({0}, layers[0].options().dtype(weights.has_value() ? weights->scalar_type() : st));
+    dw = ::raekern::empty_output({0}, layers[0].options().dtype(weights.has_value() ? weights->scalar_type() : st));
   if (s.B == 0 || s.D == 0) return {dl, want_dw ? dw.to(weights->scalar_type()) : dw};
 
   RAEKERN_DISPATCH_FLOATING(st, "layer_stack_fuse_backward_cpu", [&] {

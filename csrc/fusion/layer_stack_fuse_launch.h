@@ -13,6 +13,7 @@
 #include "fusion/fusion_args.h"
 #include "fusion/launch_shape.h"
 #include "fusion/layer_stack_fuse_kernel.cuh"
+#include "common/output_alloc.h"
 
 namespace raekern::fusion::cuda {
 
@@ -64,8 +65,8 @@ at::Tensor layer_stack_fuse_op(at::TensorList layers, const std::optional<at::Te
                                          grid_w, latent_mean, latent_var, op);
   RAEKERN_CHECK(layers[0].scalar_type() != at::kDouble, op, "layers", "float64 is CPU-only; got a CUDA float64 tensor");
   Dev dev(layers[0]);
-  at::Tensor out = channels_first ? at::empty({s.B, s.D, grid_h, grid_w}, layers[0].options())
-                                  : at::empty({s.B, s.N, s.D}, layers[0].options());
+  at::Tensor out = channels_first ? ::raekern::empty_output({s.B, s.D, grid_h, grid_w}, layers[0].options())
+                                  : ::raekern::empty_output({s.B, s.N, s.D}, layers[0].options());
   if (out.numel() == 0) return out;
   RAEKERN_CHECK(s.B <= 65535, op, "layers", "batch must be at most 65535 on CUDA, got ", s.B);
   const at::Tensor w = f32(weights), m = f32(latent_mean), v = f32(latent_var);
@@ -120,13 +121,13 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> layer_stack_fuse_backward_op(
   const at::Tensor grad = grad_in.contiguous();
   std::vector<at::Tensor> dl;
   for (int64_t l = 0; l < s.L; ++l) {
-    dl.push_back(at::empty({s.B, s.T, s.D}, layers[0].options()));
+    dl.push_back(::raekern::empty_output({s.B, s.T, s.D}, layers[0].options()));
     dev.fresh(dl.back());
     if (s.P > 0) dl.back().narrow(1, 0, s.P).zero_();
   }
   const bool want_dw = weights_grad && weights.has_value();
   at::Tensor dw = want_dw ? at::zeros(weights->sizes(), layers[0].options().dtype(at::kFloat))
-                          : at::empty({0}, layers[0].options().dtype(weights.has_value() ? weights->scalar_type()
+                          : ::raekern::empty_output({0}, layers[0].options().dtype(weights.has_value() ? weights->scalar_type()
                                                                                            : layers[0].scalar_type()));
   if (s.B * s.N > 0 && s.D > 0) {
     RAEKERN_CHECK(s.B <= 65535, op, "layers", "batch must be at most 65535 on CUDA, got ", s.B);

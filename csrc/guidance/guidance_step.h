@@ -8,6 +8,7 @@
 
 #include "common/checks.h"
 #include "guidance/guidance_solve.h"
+#include "common/output_alloc.h"
 
 namespace raekern::guidance {
 
@@ -203,17 +204,17 @@ inline Prepared prepare(const at::Tensor& x, at::TensorList branches, const at::
   }
 
   p.return_x0 = return_x0;
-  p.out = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
-  p.x0 = return_x0 ? at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous))
-                   : at::empty({0}, x.options());
+  p.out = ::raekern::empty_output(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+  p.x0 = return_x0 ? ::raekern::empty_output(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous))
+                   : ::raekern::empty_output({0}, x.options());
   if (c.has_momentum) {
     std::vector<int64_t> ms{J};
     for (auto s : x.sizes()) ms.push_back(s);
-    p.momentum_out = at::empty(ms, x.options().dtype(acc_dtype));
+    p.momentum_out = ::raekern::empty_output(ms, x.options().dtype(acc_dtype));
   } else {
-    p.momentum_out = at::empty({0}, x.options().dtype(acc_dtype));
+    p.momentum_out = ::raekern::empty_output({0}, x.options().dtype(acc_dtype));
   }
-  p.coeffs = at::empty({B, c.num_outputs(), c.num_streams()}, f64);
+  p.coeffs = ::raekern::empty_output({B, c.num_outputs(), c.num_streams()}, f64);
   return p;
 }
 
@@ -248,7 +249,7 @@ inline PreparedCombine prepare_combine(at::TensorList inputs, const at::Tensor& 
     p.rows.push_back(rows_of(in));
   }
   p.coeffs = coeffs.to(ref.device(), at::kDouble).contiguous();
-  p.out = at::empty(ref.sizes(), ref.options().memory_format(at::MemoryFormat::Contiguous));
+  p.out = ::raekern::empty_output(ref.sizes(), ref.options().memory_format(at::MemoryFormat::Contiguous));
   p.N = p.B > 0 ? ref.numel() / p.B : 0;
   return p;
 }

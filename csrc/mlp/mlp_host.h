@@ -12,6 +12,7 @@
 
 #include "common/checks.h"
 #include "mlp/mlp_params.h"
+#include "common/output_alloc.h"
 
 namespace raekern::mlp {
 
@@ -123,7 +124,7 @@ inline at::Tensor swiglu(const Backend& be, const at::Tensor& a, const at::Tenso
   const char* op = "swiglu";
   detail::check_input(a, op, "a");
   detail::check_like(b, a, a.sizes(), op, "b", "a");
-  at::Tensor out = at::empty(a.sizes(), a.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor out = ::raekern::empty_output(a.sizes(), a.options().memory_format(at::MemoryFormat::Contiguous));
   detail::forward(be, a, b, out);
   return out;
 }
@@ -135,7 +136,7 @@ inline std::tuple<at::Tensor, at::Tensor> swiglu_backward(const Backend& be, con
   detail::check_like(b, a, a.sizes(), op, "b", "a");
   detail::check_like(grad, a, a.sizes(), op, "grad", "a");
   const auto opt = a.options().memory_format(at::MemoryFormat::Contiguous);
-  at::Tensor da = at::empty(a.sizes(), opt), db = at::empty(a.sizes(), opt);
+  at::Tensor da = ::raekern::empty_output(a.sizes(), opt), db = ::raekern::empty_output(a.sizes(), opt);
   detail::backward(be, grad, a, b, da, db);
   return {da, db};
 }
@@ -143,7 +144,7 @@ inline std::tuple<at::Tensor, at::Tensor> swiglu_backward(const Backend& be, con
 inline at::Tensor swiglu_packed(const Backend& be, const at::Tensor& ab) {
   detail::check_packed(ab, "swiglu_packed");
   const int64_t H = ab.size(-1) / 2;
-  at::Tensor out = at::empty(detail::half_shape(ab), ab.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor out = ::raekern::empty_output(detail::half_shape(ab), ab.options().memory_format(at::MemoryFormat::Contiguous));
   detail::forward(be, ab.narrow(-1, 0, H), ab.narrow(-1, H, H), out);
   return out;
 }
@@ -154,7 +155,7 @@ inline at::Tensor swiglu_packed_backward(const Backend& be, const at::Tensor& gr
   const int64_t H = ab.size(-1) / 2;
   const auto half = detail::half_shape(ab);
   detail::check_like(grad, ab, half, op, "grad", "half of ab");
-  at::Tensor dab = at::empty(ab.sizes(), ab.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor dab = ::raekern::empty_output(ab.sizes(), ab.options().memory_format(at::MemoryFormat::Contiguous));
   detail::backward(be, grad, ab.narrow(-1, 0, H), ab.narrow(-1, H, H), dab.narrow(-1, 0, H), dab.narrow(-1, H, H));
   return dab;
 }

@@ -91,6 +91,14 @@ inline const T* next_strided_row(const Operand& o, int64_t b, int64_t n, int64_t
   return row_of<T>(o, b, n + 1);
 }
 
+// Pointers of one row for the vectorised backward (vec_backward_row below).
+struct BwdRowPtrs {
+  const void *x, *dout, *dxo, *scale, *gate, *y;
+  const void *next_scale, *next_gate;  // prefetched: see next_strided_row
+  void *dx, *dy, *dshift_row, *dscale_row, *dgate_row;
+  float *acc_shift, *acc_scale, *acc_w, *acc_b, *acc_gate;
+};
+
 #ifdef RAEKERN_CPU_VEC16
 template <class T> constexpr bool has_vec16 = !std::is_same_v<T, double>;
 
@@ -201,12 +209,6 @@ inline void vec_output_token(const acc_t<T>* xb, const acc_t<T>* w, const acc_t<
 // them. Sweep 1 forms d h = g * (1 + scale) * w (kept in fp32 in `gw`), the modulation and affine
 // gradients and the two row sums; sweep 2 re-derives xhat from the (L1-resident) input row and writes
 // dx, dy and the gate gradient. Per-sample / shared gradients accumulate into the task's fp32 sums.
-struct BwdRowPtrs {
-  const void *x, *dout, *dxo, *scale, *gate, *y;
-  const void *next_scale, *next_gate;  // prefetched: see next_strided_row
-  void *dx, *dy, *dshift_row, *dscale_row, *dgate_row;
-  float *acc_shift, *acc_scale, *acc_w, *acc_b, *acc_gate;
-};
 
 template <class T>
 inline void vec_backward_row(const BwdRowPtrs& r, const float* w, const float* bias, float mean, float rstd,
@@ -282,12 +284,6 @@ inline void vec_residual_stats(const T*, const T*, const T*, T*, int64_t, acc_t<
                                acc_t<T>&, bool, const T*) {}
 template <class T>
 inline void vec_output(const acc_t<T>*, const acc_t<T>*, const acc_t<T>*, acc_t<T>, acc_t<T>, int64_t, T*, bool) {}
-struct BwdRowPtrs {
-  const void *x, *dout, *dxo, *scale, *gate, *y;
-  const void *next_scale, *next_gate;  // prefetched: see next_strided_row
-  void *dx, *dy, *dshift_row, *dscale_row, *dgate_row;
-  float *acc_shift, *acc_scale, *acc_w, *acc_b, *acc_gate;
-};
 template <class T>
 inline void vec_backward_row(const BwdRowPtrs&, const float*, const float*, float, float, int64_t, bool, float*,
                              bool) {}

@@ -11,6 +11,7 @@
 
 #include "common/checks.h"
 #include "norm/norm_params.h"
+#include "common/output_alloc.h"
 
 namespace raekern::norm {
 
@@ -97,8 +98,8 @@ inline FwdOut run_forward(const Backend& be, const char* op, const at::Tensor& x
   at::Tensor b = affine_param(bias, x, D, op, "bias");
   const auto acc = acc_type(x.scalar_type());
   FwdOut r;
-  r.mean = at::empty({B * N}, x.options().dtype(acc));
-  r.rstd = at::empty({B * N}, x.options().dtype(acc));
+  r.mean = ::raekern::empty_output({B * N}, x.options().dtype(acc));
+  r.rstd = ::raekern::empty_output({B * N}, x.options().dtype(acc));
   FwdParams p;
   p.B = B, p.N = N, p.D = D, p.kind = kind, p.eps = eps;
   p.device = x.is_cuda() ? x.device().index() : -1;
@@ -107,11 +108,11 @@ inline FwdOut run_forward(const Backend& be, const char* op, const at::Tensor& x
   p.weight = w.defined() ? w.data_ptr() : nullptr;
   p.bias = b.defined() ? b.data_ptr() : nullptr;
   if (gate) {
-    r.x_out = at::empty({B, N, D}, x.options());
+    r.x_out = ::raekern::empty_output({B, N, D}, x.options());
     p.x_out = r.x_out.data_ptr();
   }
   if (kind != Kind::None) {
-    r.out = at::empty({B, N, D}, x.options());
+    r.out = ::raekern::empty_output({B, N, D}, x.options());
     p.out = r.out.data_ptr();
   }
   p.mean = r.mean.data_ptr(), p.rstd = r.rstd.data_ptr();
@@ -147,7 +148,7 @@ inline SlotPlan plan_slot(const at::IntArrayRef shape, int64_t B, int64_t N, con
     s.slot.mode = GradMode::PerRow;
     s.sum_batch = true;
   }
-  s.rows = at::empty({B, N, D}, opt);
+  s.rows = ::raekern::empty_output({B, N, D}, opt);
   s.slot.ptr = s.rows.data_ptr();
   return s;
 }
@@ -189,10 +190,10 @@ inline BwdOut run_backward(const Backend& be, const char* op, const OptTensor& d
   p.rstd = rs.defined() ? rs.data_ptr() : nullptr;
 
   BwdOut r;
-  r.dx = at::empty({B, N, D}, xin.options());
+  r.dx = ::raekern::empty_output({B, N, D}, xin.options());
   p.dx = r.dx.data_ptr();
   if (gate) {
-    r.dy = at::empty({B, N, D}, xin.options());
+    r.dy = ::raekern::empty_output({B, N, D}, xin.options());
     p.dy = r.dy.data_ptr();
   }
   int32_t np = 0;
@@ -210,7 +211,7 @@ inline BwdOut run_backward(const Backend& be, const char* op, const OptTensor& d
   p.chunks = plan.chunks, p.rows_per_task = plan.rows_per_task, p.num_partials = np;
   at::Tensor partials;
   if (np > 0) {
-    partials = at::empty({B, plan.chunks, np, D}, xin.options().dtype(acc));
+    partials = ::raekern::empty_output({B, plan.chunks, np, D}, xin.options().dtype(acc));
     p.partials = partials.data_ptr();
   }
   if (B * N * D > 0) be.backward(p, xin.scalar_type());
@@ -240,7 +241,7 @@ inline BwdOut run_backward(const Backend& be, const char* op, const OptTensor& d
 // ---- the ten ops of the family, written once for every backend ----
 
 inline at::Tensor or_empty(const at::Tensor& t, const at::Tensor& like) {
-  return t.defined() ? t : at::empty({0}, like.options());
+  return t.defined() ? t : ::raekern::empty_output({0}, like.options());
 }
 
 inline std::vector<int64_t> lead_shape(const at::Tensor& x) {
