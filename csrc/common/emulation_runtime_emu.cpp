@@ -675,14 +675,18 @@ Arena::~Arena() {
 void* Arena::alloc(size_t bytes, uintptr_t align_like, const std::string& name, bool poison) {
   constexpr size_t kLead = 256, kTrail = 64;
   const size_t page = page_size(), misalign = align_like % 256;
+  // Inaccessible zones of 64 KiB on both sides: a write that jumps a one-page guard lands in whatever
+  // the process mapped next to the buffer and corrupts it silently (a test of such a write once
+  // passed or failed by chance and crashed a later test in the garbage collector).
+  const size_t guard = 16 * page;
   const size_t body = round_up(kLead + 256 + bytes + kTrail, page);
-  const size_t map_len = body + 2 * page;
+  const size_t map_len = body + 2 * guard;
   auto* map = static_cast<unsigned char*>(
       mmap(nullptr, map_len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0));
   if (map == MAP_FAILED) throw EmulationError("host emulation: cannot map buffer '" + name + "'");
-  mprotect(map, page, PROT_NONE);
-  mprotect(map + page + body, page, PROT_NONE);
-  unsigned char* lo = map + page;
+  mprotect(map, guard, PROT_NONE);
+  mprotect(map + guard + body, guard, PROT_NONE);
+  unsigned char* lo = map + guard;
   unsigned char* hi = lo + body;
   // The data ends close to the trailing inaccessible page, so an overrun faults soon after the canary.
   uintptr_t d = (reinterpret_cast<uintptr_t>(hi) - kTrail - bytes) & ~uintptr_t(255);
