@@ -189,8 +189,8 @@ class Arena {
     size_t map_len;
     unsigned char* data;
     size_t bytes;
-    unsigned char* lo;  // first canary byte (after the leading inaccessible page)
-    unsigned char* hi;  // one past the last canary byte (start of the trailing inaccessible page)
+    unsigned char* lo;  // first canary byte (after the leading 64 KiB inaccessible zone)
+    unsigned char* hi;  // one past the last canary byte (start of the trailing 64 KiB inaccessible zone)
     std::string name;
   };
 
