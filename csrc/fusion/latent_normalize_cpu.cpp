@@ -73,49 +73,59 @@ inline void pack_stats(const CfTask& t, int64_t N, const float* var, const float
     }
 }
 
-// tokens z [B, N, D] (unit stride in D) → contiguous [B, D, N]: (z − shift)·scale.
-template <class T>
-void tokens_to_cf_vec(const T* z, int64_t zsb, int64_t zsn, int64_t B, int64_t N, int64_t D, const float* var,
-                      const float* shift, float eps, bool inverse, T* out) {
+// Runs body(task, scale, shift) for every task of the [D, N] statistics grid in parallel, with the
+// task's statistics packed (pack_stats) into per-thread buffers.
+template <class Body>
+void for_each_cf_task(int64_t D, int64_t N, const float* var, const float* shift, float eps, bool inverse,
+                      const Body& body) {
   parallel_tasks(cf_tasks(D, N), 1, [&](int64_t lo, int64_t hi) {
     std::vector<float> sc(kTokens * kChannels), sh(shift ? kTokens * kChannels : 0);
     for (int64_t task = lo; task < hi; ++task) {
       const CfTask t = cf_task(task, D, N);
       pack_stats(t, N, var, shift, eps, inverse, sc.data(), sh.data());
-      const __mmask16 mt[2] = {half_mask(t.tn, 0), half_mask(t.tn, 1)};
-      for (int64_t b = 0; b < B; ++b) {
-        for (int64_t j0 = 0; j0 < t.dn; j0 += 16) {
-          const int64_t dc = std::min<int64_t>(16, t.dn - j0);
-          const __mmask16 mc = tail_mask(dc);
-          // Rows here touch 64 bytes of 32 different pages per block, too little for the hardware
-          // streamer to train on: the next line of every token row (or the next sample's first)
-          // and the next block's output lines are fetched one block ahead.
-          if ((j0 * int64_t(sizeof(T))) % 64 == 0) {
-            int64_t pb = b, pj = j0 + 64 / int64_t(sizeof(T));
-            if (pj >= t.dn) pb = b + 1, pj = 0;
-            if (pb < B)
-              for (int64_t k = 0; k < t.tn; ++k) _mm_prefetch(reinterpret_cast<const char*>(z + pb * zsb + (t.n0 + k) * zsn + t.d0 + pj), _MM_HINT_T0);
+      body(t, sc.data(), sh.data());
+    }
+  });
+}
+
+// tokens z [B, N, D] (unit stride in D) → contiguous [B, D, N]: (z − shift)·scale.
+template <class T>
+void tokens_to_cf_vec(const T* z, int64_t zsb, int64_t zsn, int64_t B, int64_t N, int64_t D, const float* var,
+                      const float* shift, float eps, bool inverse, T* out) {
+  for_each_cf_task(D, N, var, shift, eps, inverse, [&](const CfTask& t, const float* sc, const float* sh) {
+    const __mmask16 mt[2] = {half_mask(t.tn, 0), half_mask(t.tn, 1)};
+    for (int64_t b = 0; b < B; ++b) {
+      for (int64_t j0 = 0; j0 < t.dn; j0 += 16) {
+        const int64_t dc = std::min<int64_t>(16, t.dn - j0);
+        const __mmask16 mc = tail_mask(dc);
+        // Rows here touch 64 bytes of 32 different pages per block, too little for the hardware
+        // streamer to train on: the next line of every token row (or the next sample's first)
+        // and the next block's output lines are fetched one block ahead.
+        if ((j0 * int64_t(sizeof(T))) % 64 == 0) {
+          int64_t pb = b, pj = j0 + 64 / int64_t(sizeof(T));
+          if (pj >= t.dn) pb = b + 1, pj = 0;
+          if (pb < B)
+            for (int64_t k = 0; k < t.tn; ++k) _mm_prefetch(reinterpret_cast<const char*>(z + pb * zsb + (t.n0 + k) * zsn + t.d0 + pj), _MM_HINT_T0);
+        }
+        if (j0 + 16 < t.dn)
+          for (int64_t i = 0; i < std::min<int64_t>(16, t.dn - j0 - 16); ++i)
+            raekern::cpu::prefetchw_lines(out + (b * D + t.d0 + j0 + 16 + i) * N + t.n0, t.tn * int64_t(sizeof(T)));
+        __m512 r[2][16];  // [token half][row]: token rows in, channel rows after the transpose
+        for (int h = 0; h < 2; ++h) {
+          for (int64_t i = 0; i < 16; ++i) {
+            const int64_t k = 16 * h + i;
+            r[h][i] = k < t.tn ? load16(z + b * zsb + (t.n0 + k) * zsn + t.d0 + j0, mc) : _mm512_setzero_ps();
           }
-          if (j0 + 16 < t.dn)
-            for (int64_t i = 0; i < std::min<int64_t>(16, t.dn - j0 - 16); ++i)
-              raekern::cpu::prefetchw_lines(out + (b * D + t.d0 + j0 + 16 + i) * N + t.n0, t.tn * int64_t(sizeof(T)));
-          __m512 r[2][16];  // [token half][row]: token rows in, channel rows after the transpose
+          raekern::cpu::transpose16(r[h]);
+        }
+        for (int64_t i = 0; i < dc; ++i) {
+          const int64_t j = j0 + i;
+          T* dst = out + (b * D + t.d0 + j) * N + t.n0;
           for (int h = 0; h < 2; ++h) {
-            for (int64_t i = 0; i < 16; ++i) {
-              const int64_t k = 16 * h + i;
-              r[h][i] = k < t.tn ? load16(z + b * zsb + (t.n0 + k) * zsn + t.d0 + j0, mc) : _mm512_setzero_ps();
-            }
-            raekern::cpu::transpose16(r[h]);
-          }
-          for (int64_t i = 0; i < dc; ++i) {
-            const int64_t j = j0 + i;
-            T* dst = out + (b * D + t.d0 + j) * N + t.n0;
-            for (int h = 0; h < 2; ++h) {
-              __m512 v = r[h][i];
-              if (shift) v = _mm512_sub_ps(v, _mm512_loadu_ps(sh.data() + kTokens * j + 16 * h));
-              v = _mm512_mul_ps(v, _mm512_loadu_ps(sc.data() + kTokens * j + 16 * h));
-              if (mt[h]) store16(dst + 16 * h, v, mt[h]);
-            }
+            __m512 v = r[h][i];
+            if (shift) v = _mm512_sub_ps(v, _mm512_loadu_ps(sh + kTokens * j + 16 * h));
+            v = _mm512_mul_ps(v, _mm512_loadu_ps(sc + kTokens * j + 16 * h));
+            if (mt[h]) store16(dst + 16 * h, v, mt[h]);
           }
         }
       }
@@ -127,47 +137,42 @@ void tokens_to_cf_vec(const T* z, int64_t zsb, int64_t zsn, int64_t B, int64_t N
 template <class T>
 void cf_to_tokens_vec(const T* x, int64_t xsb, int64_t xsd, int64_t B, int64_t N, int64_t D, const float* var,
                       const float* shift, float eps, bool inverse, T* out) {
-  parallel_tasks(cf_tasks(D, N), 1, [&](int64_t lo, int64_t hi) {
-    std::vector<float> sc(kTokens * kChannels), sh(shift ? kTokens * kChannels : 0);
-    for (int64_t task = lo; task < hi; ++task) {
-      const CfTask t = cf_task(task, D, N);
-      pack_stats(t, N, var, shift, eps, inverse, sc.data(), sh.data());
-      for (int64_t b = 0; b < B; ++b) {
-        for (int h = 0; h < 2 && 16 * h < t.tn; ++h) {
-          const __mmask16 mt = half_mask(t.tn, h);
-          const int64_t tn = std::min<int64_t>(16, t.tn - 16 * h);
-          for (int64_t j0 = 0; j0 < t.dn; j0 += 32) {
-            // As above: the next block's 32 channel rows and output lines, one block ahead.
-            if (j0 + 32 < t.dn) {
-              for (int64_t i = j0 + 32; i < std::min(t.dn, j0 + 64); ++i)
-                _mm_prefetch(reinterpret_cast<const char*>(x + b * xsb + (t.d0 + i) * xsd + t.n0 + 16 * h), _MM_HINT_T0);
-              for (int64_t i = 0; i < tn; ++i)
-                raekern::cpu::prefetchw_lines(out + (b * N + t.n0 + 16 * h + i) * D + t.d0 + j0 + 32,
-                                              std::min<int64_t>(32, t.dn - j0 - 32) * int64_t(sizeof(T)));
-            }
-            __m512 r[2][16];  // [channel half][row]: channel rows in, token rows after the transpose
-            __mmask16 mc[2];
-            for (int c = 0; c < 2; ++c) {
-              const int64_t jc = j0 + 16 * c, dc = std::max<int64_t>(0, std::min<int64_t>(16, t.dn - jc));
-              mc[c] = dc ? tail_mask(dc) : __mmask16(0);
-              for (int64_t i = 0; i < 16; ++i) {
-                if (i >= dc) {
-                  r[c][i] = _mm512_setzero_ps();
-                  continue;
-                }
-                const int64_t j = jc + i;
-                __m512 v = _mm512_mul_ps(load16(x + b * xsb + (t.d0 + j) * xsd + t.n0 + 16 * h, mt),
-                                         _mm512_loadu_ps(sc.data() + kTokens * j + 16 * h));
-                if (shift) v = _mm512_add_ps(v, _mm512_loadu_ps(sh.data() + kTokens * j + 16 * h));
-                r[c][i] = v;
+  for_each_cf_task(D, N, var, shift, eps, inverse, [&](const CfTask& t, const float* sc, const float* sh) {
+    for (int64_t b = 0; b < B; ++b) {
+      for (int h = 0; h < 2 && 16 * h < t.tn; ++h) {
+        const __mmask16 mt = half_mask(t.tn, h);
+        const int64_t tn = std::min<int64_t>(16, t.tn - 16 * h);
+        for (int64_t j0 = 0; j0 < t.dn; j0 += 32) {
+          // As above: the next block's 32 channel rows and output lines, one block ahead.
+          if (j0 + 32 < t.dn) {
+            for (int64_t i = j0 + 32; i < std::min(t.dn, j0 + 64); ++i)
+              _mm_prefetch(reinterpret_cast<const char*>(x + b * xsb + (t.d0 + i) * xsd + t.n0 + 16 * h), _MM_HINT_T0);
+            for (int64_t i = 0; i < tn; ++i)
+              raekern::cpu::prefetchw_lines(out + (b * N + t.n0 + 16 * h + i) * D + t.d0 + j0 + 32,
+                                            std::min<int64_t>(32, t.dn - j0 - 32) * int64_t(sizeof(T)));
+          }
+          __m512 r[2][16];  // [channel half][row]: channel rows in, token rows after the transpose
+          __mmask16 mc[2];
+          for (int c = 0; c < 2; ++c) {
+            const int64_t jc = j0 + 16 * c, dc = std::max<int64_t>(0, std::min<int64_t>(16, t.dn - jc));
+            mc[c] = dc ? tail_mask(dc) : __mmask16(0);
+            for (int64_t i = 0; i < 16; ++i) {
+              if (i >= dc) {
+                r[c][i] = _mm512_setzero_ps();
+                continue;
               }
-              if (dc) raekern::cpu::transpose16(r[c]);
+              const int64_t j = jc + i;
+              __m512 v = _mm512_mul_ps(load16(x + b * xsb + (t.d0 + j) * xsd + t.n0 + 16 * h, mt),
+                                       _mm512_loadu_ps(sc + kTokens * j + 16 * h));
+              if (shift) v = _mm512_add_ps(v, _mm512_loadu_ps(sh + kTokens * j + 16 * h));
+              r[c][i] = v;
             }
-            for (int64_t i = 0; i < tn; ++i) {
-              T* dst = out + (b * N + t.n0 + 16 * h + i) * D + t.d0 + j0;
-              for (int c = 0; c < 2; ++c)
-                if (mc[c]) store16(dst + 16 * c, r[c][i], mc[c]);
-            }
+            if (dc) raekern::cpu::transpose16(r[c]);
+          }
+          for (int64_t i = 0; i < tn; ++i) {
+            T* dst = out + (b * N + t.n0 + 16 * h + i) * D + t.d0 + j0;
+            for (int c = 0; c < 2; ++c)
+              if (mc[c]) store16(dst + 16 * c, r[c][i], mc[c]);
           }
         }
       }
