@@ -18,6 +18,8 @@
 #include "attention/cpu_exp2.h"
 #include "attention/cpu_gemm.h"
 #include "attention/cpu_problem.h"
+#include "common/aligned_buffer.h"
+#include "common/cpu_convert.h"
 #include "common/dispatch.h"
 #include "common/output_alloc.h"
 
@@ -46,26 +48,23 @@ void forward_kernel(const Problem<T, raekern::cpu::acc_t<T>>& P, at::Tensor& out
 
   at::parallel_for(0, d.B * d.H * chunks, 1, [&](int64_t begin, int64_t end) {
     std::vector<int64_t> kidx;
-    std::vector<C> kt(D * round64(d.Nk)), kr(d.Nk * LD), vp(d.Nk * LD), qs(kTileQ * D), s(kTileQ * kLdS),
-        o(kTileQ * LD), m(kTileQ), l(kTileQ);
-    std::optional<HeadStage<T, C>> stage;
-    if (HeadStage<T, C>::wanted(P)) stage.emplace(P);
+    raekern::cpu::AlignedBuffer<C> kt(D * round64(d.Nk)), kr(d.Nk * LD), vp(d.Nk * LD), qs(kTileQ * D),
+        s(kTileQ * kLdS), o(kTileQ * LD);
+    std::vector<C> m(kTileQ), l(kTileQ);
     int64_t packed_bh = -1;
     int64_t nk = 0;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / chunks, chunk = task % chunks, b = bh / d.H, h = bh % d.H;
-      const int64_t last_bh = (end - 1) / chunks;
-      const auto& R = stage ? stage->get(P, b, h, last_bh / d.H == b ? last_bh % d.H : d.H - 1) : P;
       if (bh != packed_bh) {
         P.kept_keys(b, kidx);
         nk = int64_t(kidx.size());
-        for (int64_t j = 0; j < std::min(nk, kPrefetchRows); ++j) R.prefetch_kv(b, kidx[j], h);
+        for (int64_t j = 0; j < std::min(nk, kPrefetchRows); ++j) P.prefetch_kv(b, kidx[j], h);
         for (int64_t j = 0; j < nk; ++j) {
           const int64_t n = kidx[j];
-          if (j + kPrefetchRows < nk) R.prefetch_kv(b, kidx[j + kPrefetchRows], h);
-          prologue_row<T, C>(R.k_row(b, n, h), D, P.kwp(), P.eps, P.rope, n, C(1), &kr[j * LD]);
+          if (j + kPrefetchRows < nk) P.prefetch_kv(b, kidx[j + kPrefetchRows], h);
+          prologue_row<T, C>(P.k_row(b, n, h), D, P.kwp(), P.eps, P.rope, n, C(1), &kr[j * LD]);
           C* vr = &vp[j * LD];
-          const T* vs = R.v_row(b, n, h);
+          const T* vs = P.v_row(b, n, h);
           for (int64_t i = 0; i < D; ++i) vr[i] = C(raekern::cpu::widen(vs[i]));
           for (int64_t i = D; i < Dp; ++i) vr[i] = C(0);
         }
@@ -76,10 +75,10 @@ void forward_kernel(const Problem<T, raekern::cpu::acc_t<T>>& P, at::Tensor& out
       for (int64_t tile = t0; tile < t1; ++tile) {
         const int64_t i0 = tile * kTileQ, bq = std::min(kTileQ, d.Nq - i0);
         for (int64_t r = 0; r < bq; ++r) {
-          if (r + kPrefetchRows < bq) R.prefetch_q(b, i0 + r + kPrefetchRows, h);
-          prologue_row<T, C>(R.q_row(b, i0 + r, h), D, P.qwp(), P.eps, P.rope, i0 + r, qmul, &qs[r * D]);
+          if (r + kPrefetchRows < bq) P.prefetch_q(b, i0 + r + kPrefetchRows, h);
+          prologue_row<T, C>(P.q_row(b, i0 + r, h), D, P.qwp(), P.eps, P.rope, i0 + r, qmul, &qs[r * D]);
         }
-        const Lookahead<T, C> prefetch_ahead(R, optr, so, task, end, chunks, tiles_per_chunk, kTileQ, tile, t0, t1, !stage);
+        const Lookahead<T, C> prefetch_ahead(P, optr, so, task, end, chunks, tiles_per_chunk, kTileQ, tile, t0, t1);
         std::fill(m.begin(), m.end(), C(-INFINITY));
         std::fill(l.begin(), l.end(), C(0));
         for (int64_t j0 = 0; j0 < nk; j0 += kTileK) {
@@ -89,10 +88,8 @@ void forward_kernel(const Problem<T, raekern::cpu::acc_t<T>>& P, at::Tensor& out
           for (int64_t r = 0; r < bq; ++r) {
             if (j0 == 0) prefetch_ahead(r);
             C* sr = &s[r * kLdS];
-            const C mnew = std::max(m[r], row_max(sr, bk));
-            const C alpha = std::exp2(m[r] - mnew);
-            l[r] = l[r] * alpha + exp2_shift_sum(sr, bk, mnew);
-            m[r] = mnew;
+            const C alpha = lazy_max_update(m[r], row_max(sr, bk));
+            l[r] = l[r] * alpha + exp2_shift_sum(sr, bk, m[r]);
             if (j0 > 0 && alpha != C(1)) {
               C* orow = &o[r * LD];
 #pragma omp simd
@@ -111,8 +108,10 @@ void forward_kernel(const Problem<T, raekern::cpu::acc_t<T>>& P, at::Tensor& out
           const int64_t n = i0 + r;
           T* dst = optr + b * so.b + n * so.n + h * so.h;
           const C inv = nk > 0 ? C(1) / l[r] : C(0);
-          const C* orow = &o[r * LD];
-          for (int64_t i = 0; i < D; ++i) dst[i] = static_cast<T>(nk > 0 ? orow[i] * inv : C(0));
+          C* orow = &o[r * LD];
+#pragma omp simd
+          for (int64_t i = 0; i < D; ++i) orow[i] = nk > 0 ? orow[i] * inv : C(0);
+          raekern::cpu::narrow_row(orow, D, dst);
           const double lv = nk > 0 ? (double(m[r]) + std::log2(double(l[r]))) * std::log(2.0) : -INFINITY;
           const int64_t li = (b * d.H + h) * d.Nq + n;
           if (lse_bytes == 8)

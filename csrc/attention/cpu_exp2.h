@@ -28,21 +28,33 @@ inline float hmax(__m512 v) {
   return _mm_cvtss_f32(b);
 }
 
-// 2^x = 2^round(x) · 2^f, |f| <= 1/2; degree-6 Taylor of e^(f·ln2): relative error < 1.3e-7.
-// Inputs below -127 (including -inf) return 0 exactly.
+// 2^x = 2^floor(x) · 2^f with f = x − floor(x) ∈ [0, 1): vreduceps gives f in one instruction and
+// vscalefps applies 2^floor(x) to the polynomial, so there is no separate rounding, subtraction or
+// exponent-bit arithmetic. Degree 5 (relative-error fit on [0, 1)): error < 8e-8. Inputs are
+// clamped at -160, so -inf and anything whose result would be below the denormals give exactly 0.
 inline __m512 exp2_ps(__m512 x) {
-  const __mmask16 live = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-127.f), _CMP_GE_OQ);
-  x = _mm512_max_ps(x, _mm512_set1_ps(-127.f));
-  const __m512 r = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_sub_ps(x, r);
-  __m512 p = _mm512_set1_ps(1.5403530393381606e-4f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291076284772e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108664821580e-2f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022650695910071e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718055994531e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
-  return _mm512_maskz_scalef_ps(live, p, r);
+  x = _mm512_max_ps(x, _mm512_set1_ps(-160.f));
+  const __m512 f = _mm512_reduce_ps(x, 0x09);  // x − floor(x): round down, exceptions suppressed
+  __m512 p = _mm512_set1_ps(1.8762329452e-03f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(8.9925840313e-03f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5823604462e-02f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4015452989e-01f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9315296818e-01f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.9999992692e-01f));
+  return _mm512_scalef_ps(p, x);
+}
+
+// The same at bf16 precision, for probabilities that are rounded to bf16 before the P·V product:
+// degree 4, error < 2.7e-6 (bf16 keeps 2^-9). Same clamp.
+inline __m512 exp2_ps_bf16(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-160.f));
+  const __m512 f = _mm512_reduce_ps(x, 0x09);
+  __m512 p = _mm512_set1_ps(1.3520603197e-02f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.2037428774e-02f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4142749325e-01f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9300662066e-01f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0000025181e+00f));
+  return _mm512_scalef_ps(p, x);
 }
 #endif
 
@@ -77,20 +89,34 @@ template <> inline float exp2_shift_sum<float>(float* __restrict s, int64_t n, f
 #endif
 
 #if defined(__AVX512BF16__)
-// Like exp2_shift_sum, but writes p rounded to bf16 (n rounded up to 32 with zeros) in one pass.
-inline float exp2_shift_sum_bf16(const float* __restrict s, int64_t n, int64_t n32, float sub,
-                                 uint16_t* __restrict p) {
-  const __m512 vs = _mm512_set1_ps(sub);
-  __m512 acc = _mm512_setzero_ps();
+// Like exp2_shift_sum with the scores still unscaled: p = 2^(mul·s − sub), at bf16 precision. p (n
+// rounded up to 32 with zeros) is written as bf16 for the tile product and the 16 lane sums are added
+// to acc16 (the caller reduces them once per row, not once per key block).
+inline void exp2_shift_acc_bf16(const float* __restrict s, int64_t n, int64_t n32, float mul, float sub,
+                                uint16_t* __restrict p, float* __restrict acc16) {
+  const __m512 vm = _mm512_set1_ps(mul), vs = _mm512_set1_ps(sub);
+  __m512 acc = _mm512_loadu_ps(acc16);
   for (int64_t i = 0; i < n32; i += 16) {
-    const __mmask16 mk = n - i >= 16 ? __mmask16(0xffff) : n > i ? __mmask16((1u << (n - i)) - 1u) : 0;
-    const __m512 e = _mm512_maskz_mov_ps(mk, exp2_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, s + i), vs)));
+    __m512 e = exp2_ps_bf16(_mm512_fmsub_ps(_mm512_loadu_ps(s + i), vm, vs));
+    if (i + 16 > n) e = _mm512_maskz_mov_ps(n > i ? __mmask16((1u << (n - i)) - 1u) : __mmask16(0), e);
     acc = _mm512_add_ps(acc, e);
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + i), (__m256i)_mm512_cvtneps_pbh(e));
   }
-  return hsum(acc);
+  _mm512_storeu_ps(acc16, acc);
 }
 #endif
+
+// Online softmax with a lazy running max: m moves only when a key block's max exceeds it by more
+// than kLazyMax (log2 units), so after the first blocks the O and l rescale is skipped; the
+// probabilities 2^(s − m) then stay below 2^kLazyMax, harmless in fp32 and bf16 alike.
+// Returns the factor for O and l (1: nothing to rescale); m = -inf (first block) gives 0.
+constexpr float kLazyMax = 8.f;
+template <class F> inline F lazy_max_update(F& m, F block_max) {
+  if (block_max <= m + F(kLazyMax)) return F(1);
+  const F alpha = std::exp2(m - block_max);
+  m = block_max;
+  return alpha;
+}
 
 template <class F> inline F row_max(const F* __restrict s, int64_t n) {
   F m = -INFINITY;
