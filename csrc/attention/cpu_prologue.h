@@ -103,6 +103,13 @@ template <class C> inline C inv_rms(const C* __restrict x, int64_t D, C eps) {
 template <class T, class C>
 inline void prologue_row(const T* __restrict src, int64_t D, const C* __restrict w, C eps,
                          const RopeTable<C>& rope, int64_t token, C mul, C* __restrict dst) {
+  if constexpr (std::is_same_v<T, C>) {
+    if (!w && !rope.rotates(token)) {  // one pass: a copy followed by a scaling pass stalls on the copy's tail store
+#pragma omp simd
+      for (int64_t i = 0; i < D; ++i) dst[i] = src[i] * mul;
+      return;
+    }
+  }
   widen_row(src, D, dst);
   C m = mul;
   if (w) {
