@@ -50,7 +50,9 @@ void forward_kernel(const Problem<T, raekern::cpu::acc_t<T>>& P, at::Tensor& out
     std::vector<int64_t> kidx;
     raekern::cpu::AlignedBuffer<C> kt(D * round64(d.Nk)), kr(d.Nk * LD), vp(d.Nk * LD), qs(kTileQ * D),
         s(kTileQ * kLdS), o(kTileQ * LD);
-    std::vector<C> m(kTileQ), l(kTileQ);
+    constexpr int kL = kSumLanes<C>;
+    raekern::cpu::AlignedBuffer<C> l(kTileQ * kL);
+    std::vector<C> m(kTileQ);
     int64_t packed_bh = -1;
     int64_t nk = 0;
     for (int64_t task = begin; task < end; ++task) {
@@ -80,7 +82,7 @@ void forward_kernel(const Problem<T, raekern::cpu::acc_t<T>>& P, at::Tensor& out
         }
         const Lookahead<T, C> prefetch_ahead(P, optr, so, task, end, chunks, tiles_per_chunk, kTileQ, tile, t0, t1);
         std::fill(m.begin(), m.end(), C(-INFINITY));
-        std::fill(l.begin(), l.end(), C(0));
+        std::fill(l.data(), l.data() + kTileQ * kL, C(0));
         for (int64_t j0 = 0; j0 < nk; j0 += kTileK) {
           const int64_t bk = std::min(kTileK, nk - j0);
           gemm<C>(bq, round16(bk), D, qs.data(), D, 1, &kt[(j0 / 64) * D * 64], 64, D * 64, s.data(), kLdS,
@@ -89,7 +91,9 @@ void forward_kernel(const Problem<T, raekern::cpu::acc_t<T>>& P, at::Tensor& out
             if (j0 == 0) prefetch_ahead(r);
             C* sr = &s[r * kLdS];
             const C alpha = lazy_max_update(m[r], row_max(sr, bk));
-            l[r] = l[r] * alpha + exp2_shift_sum(sr, bk, m[r]);
+            if (alpha != C(1))
+              for (int i = 0; i < kL; ++i) l[r * kL + i] *= alpha;
+            exp2_shift_acc(sr, bk, m[r], &l[r * kL]);
             if (j0 > 0 && alpha != C(1)) {
               C* orow = &o[r * LD];
 #pragma omp simd
@@ -107,12 +111,13 @@ void forward_kernel(const Problem<T, raekern::cpu::acc_t<T>>& P, at::Tensor& out
         for (int64_t r = 0; r < bq; ++r) {
           const int64_t n = i0 + r;
           T* dst = optr + b * so.b + n * so.n + h * so.h;
-          const C inv = nk > 0 ? C(1) / l[r] : C(0);
+          const C lr = lanes_sum(&l[r * kL]);
+          const C inv = nk > 0 ? C(1) / lr : C(0);
           C* orow = &o[r * LD];
 #pragma omp simd
           for (int64_t i = 0; i < D; ++i) orow[i] = nk > 0 ? orow[i] * inv : C(0);
           raekern::cpu::narrow_row(orow, D, dst);
-          const double lv = nk > 0 ? (double(m[r]) + std::log2(double(l[r]))) * std::log(2.0) : -INFINITY;
+          const double lv = nk > 0 ? (double(m[r]) + std::log2(double(lr))) * std::log(2.0) : -INFINITY;
           const int64_t li = (b * d.H + h) * d.Nq + n;
           if (lse_bytes == 8)
             static_cast<double*>(lptr)[li] = lv;

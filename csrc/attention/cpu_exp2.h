@@ -88,6 +88,38 @@ template <> inline float exp2_shift_sum<float>(float* __restrict s, int64_t n, f
 }
 #endif
 
+// The running row sum l of the online softmax, kept as kSumLanes partial sums that are reduced
+// once per row at the end instead of once per key block.
+template <class F> constexpr int kSumLanes = 1;
+template <class F> inline void exp2_shift_acc(F* __restrict s, int64_t n, F sub, F* __restrict acc) {
+  acc[0] += exp2_shift_sum(s, n, sub);
+}
+#if defined(__AVX512F__)
+template <> constexpr int kSumLanes<float> = 16;
+template <> inline void exp2_shift_acc<float>(float* __restrict s, int64_t n, float sub, float* __restrict acc) {
+  const __m512 vs = _mm512_set1_ps(sub);
+  __m512 a = _mm512_loadu_ps(acc);
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m512 p = exp2_ps(_mm512_sub_ps(_mm512_loadu_ps(s + i), vs));
+    _mm512_storeu_ps(s + i, p);
+    a = _mm512_add_ps(a, p);
+  }
+  if (i < n) {
+    const __mmask16 mk = __mmask16((1u << (n - i)) - 1u);
+    const __m512 p = exp2_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, s + i), vs));
+    _mm512_mask_storeu_ps(s + i, mk, p);
+    a = _mm512_add_ps(a, _mm512_maskz_mov_ps(mk, p));
+  }
+  _mm512_storeu_ps(acc, a);
+}
+#endif
+template <class F> inline F lanes_sum(const F* acc) {
+  F t = 0;
+  for (int i = 0; i < kSumLanes<F>; ++i) t += acc[i];
+  return t;
+}
+
 #if defined(__AVX512BF16__)
 // Like exp2_shift_sum with the scores still unscaled: p = 2^(mul·s − sub), at bf16 precision. p (n
 // rounded up to 32 with zeros) is written as bf16 for the tile product and the 16 lane sums are added
