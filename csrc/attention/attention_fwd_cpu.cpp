@@ -52,7 +52,7 @@ void forward_kernel(const Problem<T, raekern::cpu::acc_t<T>>& P, at::Tensor& out
         s(kTileQ * kLdS), o(kTileQ * LD);
     constexpr int kL = kSumLanes<C>;
     raekern::cpu::AlignedBuffer<C> l(kTileQ * kL);
-    std::vector<C> m(kTileQ);
+    std::vector<C> m(kTileQ + 16), alpha(kTileQ + 16);  // + 16: the 16-row max groups may pass bq
     int64_t packed_bh = -1;
     int64_t nk = 0;
     for (int64_t task = begin; task < end; ++task) {
@@ -87,18 +87,29 @@ void forward_kernel(const Problem<T, raekern::cpu::acc_t<T>>& P, at::Tensor& out
           const int64_t bk = std::min(kTileK, nk - j0);
           gemm<C>(bq, round16(bk), D, qs.data(), D, 1, &kt[(j0 / 64) * D * 64], 64, D * 64, s.data(), kLdS,
                   false);
+          // Running maxima first (for fp32, 16 rows per register transpose), then the exponentials.
+          auto rescale = [&](int64_t r, C a) {
+            for (int i = 0; i < kL; ++i) l[r * kL + i] *= a;
+            if (j0 == 0) return;
+            C* orow = &o[r * LD];
+#pragma omp simd
+            for (int64_t i = 0; i < Dp; ++i) orow[i] *= a;
+          };
+#if defined(__AVX512F__)
+          if constexpr (std::is_same_v<C, float>) {
+            for (int64_t r0 = 0; r0 < bq; r0 += 16)
+              if (lazy_max_update16(&s[r0 * kLdS], kLdS, bk, 1.f, &m[r0], &alpha[r0]))
+                for (int64_t r = r0; r < std::min(bq, r0 + 16); ++r)
+                  if (alpha[r] != 1.f) rescale(r, alpha[r]);
+          } else
+#endif
+          {
+            for (int64_t r = 0; r < bq; ++r)
+              if (const C a = lazy_max_update(m[r], row_max(&s[r * kLdS], bk)); a != C(1)) rescale(r, a);
+          }
           for (int64_t r = 0; r < bq; ++r) {
             if (j0 == 0) prefetch_ahead(r);
-            C* sr = &s[r * kLdS];
-            const C alpha = lazy_max_update(m[r], row_max(sr, bk));
-            if (alpha != C(1))
-              for (int i = 0; i < kL; ++i) l[r * kL + i] *= alpha;
-            exp2_shift_acc(sr, bk, m[r], &l[r * kL]);
-            if (j0 > 0 && alpha != C(1)) {
-              C* orow = &o[r * LD];
-#pragma omp simd
-              for (int64_t i = 0; i < Dp; ++i) orow[i] *= alpha;
-            }
+            exp2_shift_acc(&s[r * kLdS], bk, m[r], &l[r * kL]);
           }
           if (j0 == 0)
             for (int64_t r = bq; r < kTileQ; ++r) prefetch_ahead(r);

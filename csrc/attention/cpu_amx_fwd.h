@@ -196,7 +196,7 @@ inline void forward(const Problem<c10::BFloat16, float>& P, at::Tensor& out, at:
     std::vector<int64_t> kidx;
     AlignedBuffer<uint16_t> kv(nk_alloc * DQ), vv(nk_alloc * DV), qb(kRows * DQ), pb(kRows * kKeys), kr(16 * DQ);
     AlignedBuffer<float> s(kRows * kLdS), o(kRows * DV), row(DQ), lv(kRows * 16);
-    std::vector<float> m(kRows);
+    std::vector<float> m(kRows), alpha(kRows);
     int64_t packed_bh = -1, nk = 0;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / chunks, chunk = task % chunks, b = bh / d.H, h = bh % d.H;
@@ -251,19 +251,20 @@ inline void forward(const Problem<c10::BFloat16, float>& P, at::Tensor& out, at:
             const uint16_t* kb0 = &kv[((j0 + c) / 16) * (DQ / 2) * 32];
             s_block(qb.data(), DQ, DQ / 32, kb0, kb0 + (DQ / 2) * 32, &s[c], kLdS);
           }
-          for (int64_t r = 0; r < kRows; ++r) {
-            if (j0 == 0) prefetch_ahead(r);
-            const float* sr = &s[r * kLdS];
-            const float alpha = lazy_max_update(m[r], qmul * row_max(sr, bk));
-            if (alpha != 1.f) {
-              float* lr = &lv[r * 16];
-              _mm512_store_ps(lr, _mm512_mul_ps(_mm512_load_ps(lr), _mm512_set1_ps(alpha)));
+          for (int64_t r0 = 0; r0 < kRows; r0 += 16) {
+            if (!lazy_max_update16(&s[r0 * kLdS], kLdS, bk, qmul, &m[r0], &alpha[r0])) continue;
+            for (int64_t r = r0; r < r0 + 16; ++r) {
+              if (alpha[r] == 1.f) continue;
+              const __m512 a = _mm512_set1_ps(alpha[r]);
+              _mm512_store_ps(&lv[r * 16], _mm512_mul_ps(_mm512_load_ps(&lv[r * 16]), a));
               float* orow = &o[r * DV];
               if (j0 > 0)
-                for (int64_t i = 0; i < DV; i += 16)
-                  _mm512_store_ps(orow + i, _mm512_mul_ps(_mm512_load_ps(orow + i), _mm512_set1_ps(alpha)));
+                for (int64_t i = 0; i < DV; i += 16) _mm512_store_ps(orow + i, _mm512_mul_ps(_mm512_load_ps(orow + i), a));
             }
-            exp2_shift_acc_bf16(sr, bk, bk32, qmul, m[r], &pb[r * kKeys], &lv[r * 16]);
+          }
+          for (int64_t r = 0; r < kRows; ++r) {
+            if (j0 == 0) prefetch_ahead(r);
+            exp2_shift_acc_bf16(&s[r * kLdS], bk, bk32, qmul, m[r], &pb[r * kKeys], &lv[r * 16]);
           }
           if (j0 == 0)
             pv_all<true>(pb.data(), bk32 / 32, vv.data(), vstride, 0, nd16, o.data(), DV);

@@ -2,6 +2,8 @@
 #pragma once
 #include <cmath>
 #include <cstdint>
+
+#include "common/cpu_vec_math.h"
 #if defined(__AVX512F__)
 #include <immintrin.h>
 // GCC 12 reports the intrinsics' own _mm512_undefined_ps() operands as maybe-uninitialized once
@@ -149,6 +151,33 @@ template <class F> inline F lazy_max_update(F& m, F block_max) {
   m = block_max;
   return alpha;
 }
+
+#if defined(__AVX512F__)
+// lazy_max_update for 16 score rows at once (rows i·lds, n >= 1 columns, scores times `mul`): the 16
+// row maxima come out of one register transpose instead of 16 horizontal reductions, whose latency
+// the softmax would otherwise wait on row after row. m[0, 16) is updated; alpha[0, 16) receives the
+// factors (exactly 1 for rows whose max did not move). Returns false when no row moved.
+inline bool lazy_max_update16(const float* s, int64_t lds, int64_t n, float mul, float* m, float* alpha) {
+  __m512 r[16];
+  const __mmask16 tail = (n % 16) ? __mmask16((1u << (n % 16)) - 1u) : __mmask16(0xffff);
+  const int64_t last = (n - 1) / 16 * 16;
+  for (int i = 0; i < 16; ++i) {
+    const float* row = s + i * lds;
+    __m512 v = _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), tail, row + last);
+    for (int64_t j = 0; j < last; j += 16) v = _mm512_max_ps(v, _mm512_loadu_ps(row + j));
+    r[i] = v;
+  }
+  raekern::cpu::transpose16(r);
+  for (int i = 1; i < 16; ++i) r[0] = _mm512_max_ps(r[0], r[i]);
+  const __m512 bm = _mm512_mul_ps(r[0], _mm512_set1_ps(mul)), mo = _mm512_loadu_ps(m);
+  const __mmask16 moved = _mm512_cmp_ps_mask(bm, _mm512_add_ps(mo, _mm512_set1_ps(kLazyMax)), _CMP_NLE_UQ);
+  if (!moved) return false;
+  const __m512 mn = _mm512_mask_mov_ps(mo, moved, bm);
+  _mm512_storeu_ps(m, mn);
+  _mm512_storeu_ps(alpha, _mm512_mask_mov_ps(_mm512_set1_ps(1.f), moved, exp2_ps(_mm512_sub_ps(mo, mn))));
+  return true;
+}
+#endif
 
 template <class F> inline F row_max(const F* __restrict s, int64_t n) {
   F m = -INFINITY;

@@ -7,10 +7,12 @@
 #include "common/cpu_convert.h"
 
 // GCC 12 reports the intrinsics' own _mm512_undefined_ps() operands (max, roundscale, cvtps_epi32,
-// the reductions) as maybe-uninitialized once they are inlined into a kernel (GCC bug 105593, a
-// false positive). The warning fires where the kernel is compiled, so this covers the including unit.
+// the reductions, and as plainly uninitialized the unpack/shuffle operands of transpose16) once they
+// are inlined into a kernel (GCC bug 105593, a false positive). The warning fires where the kernel is
+// compiled, so this covers the including unit.
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 #endif
 
 #if defined(RAEKERN_CPU_VEC16)
