@@ -46,7 +46,8 @@ void forward_kernel(const Problem<T, raekern::cpu::acc_t<T>>& P, at::Tensor& out
   const int64_t tiles_per_chunk = (ntiles + chunks - 1) / chunks;
   const C qmul = C(P.scale / std::log(2.0));  // scores in log2 units: softmax uses exp2
 
-  at::parallel_for(0, d.B * d.H * chunks, 1, [&](int64_t begin, int64_t end) {
+  TaskQueue queue(d.B * d.H * chunks);
+  at::parallel_for(0, queue.threads(), 1, [&](int64_t, int64_t) {
     std::vector<int64_t> kidx;
     raekern::cpu::AlignedBuffer<C> kt(D * round64(d.Nk)), kr(d.Nk * LD), vp(d.Nk * LD), qs(kTileQ * D),
         s(kTileQ * kLdS), o(kTileQ * LD);
@@ -55,7 +56,8 @@ void forward_kernel(const Problem<T, raekern::cpu::acc_t<T>>& P, at::Tensor& out
     std::vector<C> m(kTileQ + 16), alpha(kTileQ + 16);  // + 16: the 16-row max groups may pass bq
     int64_t packed_bh = -1;
     int64_t nk = 0;
-    for (int64_t task = begin; task < end; ++task) {
+    for (int64_t task = queue.claim(), next; task >= 0; task = next) {
+      next = queue.claim();
       const int64_t bh = task / chunks, chunk = task % chunks, b = bh / d.H, h = bh % d.H;
       if (bh != packed_bh) {
         P.kept_keys(b, kidx);
@@ -80,7 +82,7 @@ void forward_kernel(const Problem<T, raekern::cpu::acc_t<T>>& P, at::Tensor& out
           if (r + kPrefetchRows < bq) P.prefetch_q(b, i0 + r + kPrefetchRows, h);
           prologue_row<T, C>(P.q_row(b, i0 + r, h), D, P.qwp(), P.eps, P.rope, i0 + r, qmul, &qs[r * D]);
         }
-        const Lookahead<T, C> prefetch_ahead(P, optr, so, task, end, chunks, tiles_per_chunk, kTileQ, tile, t0, t1);
+        const Lookahead<T, C> prefetch_ahead(P, optr, so, task, next, chunks, tiles_per_chunk, kTileQ, tile, t0, t1);
         std::fill(m.begin(), m.end(), C(-INFINITY));
         std::fill(l.data(), l.data() + kTileQ * kL, C(0));
         for (int64_t j0 = 0; j0 < nk; j0 += kTileK) {

@@ -168,6 +168,13 @@ inline void prologue_bf16(const c10::BFloat16* src, int64_t D, const float* w, f
     }
     return;
   }
+  if (D <= kVecMaxD) {
+    __m512 x[kVecMaxD / 16];
+    const int64_t nv = prologue_vec(src, D, w, eps, rope, token, 1.f, x);
+    for (int64_t v = 0; v < nv; ++v)
+      _mm256_mask_storeu_epi16(dst + 16 * v, lanes_left(D - 16 * v), (__m256i)_mm512_cvtneps_pbh(x[v]));
+    return;
+  }
   prologue_row<c10::BFloat16, float>(src, D, w, eps, rope, token, 1.f, row);
   to_bf16_row(row, D, dst);
 }
@@ -191,14 +198,16 @@ inline void forward(const Problem<c10::BFloat16, float>& P, at::Tensor& out, at:
   const int64_t vstride = (nk_alloc / 2) * 32;  // elements per 16-dim block of the V panel
   constexpr int64_t kLdS = kKeys + 16;
 
-  at::parallel_for(0, d.B * d.H * chunks, 1, [&](int64_t begin, int64_t end) {
+  TaskQueue queue(d.B * d.H * chunks);
+  at::parallel_for(0, queue.threads(), 1, [&](int64_t, int64_t) {
     configure_tiles();
     std::vector<int64_t> kidx;
     AlignedBuffer<uint16_t> kv(nk_alloc * DQ), vv(nk_alloc * DV), qb(kRows * DQ), pb(kRows * kKeys), kr(16 * DQ);
     AlignedBuffer<float> s(kRows * kLdS), o(kRows * DV), row(DQ), lv(kRows * 16);
     std::vector<float> m(kRows), alpha(kRows);
     int64_t packed_bh = -1, nk = 0;
-    for (int64_t task = begin; task < end; ++task) {
+    for (int64_t task = queue.claim(), next; task >= 0; task = next) {
+      next = queue.claim();
       const int64_t bh = task / chunks, chunk = task % chunks, b = bh / d.H, h = bh % d.H;
       if (bh != packed_bh) {
         P.kept_keys(b, kidx);
@@ -242,7 +251,7 @@ inline void forward(const Problem<c10::BFloat16, float>& P, at::Tensor& out, at:
           prologue_bf16(P.q_row(b, i0 + r, h), D, P.qwp(), P.eps, P.rope, i0 + r, row.data(), &qb[r * DQ]);
         }
         if (bq < kRows) std::memset(&qb[bq * DQ], 0, (kRows - bq) * DQ * 2);
-        const Lookahead<T, float> prefetch_ahead(P, optr, so, task, end, chunks, tiles_per_chunk, kRows, tile, t0, t1);
+        const Lookahead<T, float> prefetch_ahead(P, optr, so, task, next, chunks, tiles_per_chunk, kRows, tile, t0, t1);
         std::fill(m.begin(), m.end(), -INFINITY);
         std::memset(lv.data(), 0, kRows * 16 * sizeof(float));
         for (int64_t j0 = 0; j0 < nk; j0 += kKeys) {

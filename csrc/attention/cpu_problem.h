@@ -3,7 +3,9 @@
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <cmath>
+#include <ATen/Parallel.h>
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -131,10 +133,29 @@ template <class T, class C> struct Problem {
   }
 };
 
+// Tasks handed out one at a time to whichever thread is free (rather than a static split): on a
+// machine shared with other work one slowed thread otherwise holds all the others at the end. A
+// thread claims its next task before running the current one, so the current one can prefetch
+// for it.
+class TaskQueue {
+ public:
+  explicit TaskQueue(int64_t n) : n_(n) {}
+  int64_t claim() {
+    const int64_t t = next_.fetch_add(1, std::memory_order_relaxed);
+    return t < n_ ? t : -1;
+  }
+  // The range to give at::parallel_for (grain 1): one call per thread, each looping over claim().
+  int64_t threads() const { return std::max<int64_t>(1, std::min<int64_t>(n_, at::get_num_threads())); }
+
+ private:
+  std::atomic<int64_t> next_{0};
+  int64_t n_;
+};
+
 // What a forward query tile prefetches while it computes, a few rows per call (issued all at once
 // they stall on the fill buffers): the output rows the tile will write, the next tile's queries,
 // and, spread over the tiles of a task, the next task's keys and values. Tasks are
-// (batch·head, chunk of query tiles) in the order the forward kernels walk them.
+// (batch·head, chunk of query tiles); `next` is the task this thread runs next (-1: none).
 template <class T, class C> struct Lookahead {
   const Problem<T, C>& P;
   T* out;
@@ -142,7 +163,7 @@ template <class T, class C> struct Lookahead {
   int64_t b, h, i0, bq, rows;
   int64_t qb = 0, qh = 0, q0 = 0, q1 = 0, kvb = 0, kvh = 0, kv0 = 0, kv1 = 0, per = 0;
 
-  Lookahead(const Problem<T, C>& P_, T* out_, const Strides4& so_, int64_t task, int64_t end, int64_t chunks,
+  Lookahead(const Problem<T, C>& P_, T* out_, const Strides4& so_, int64_t task, int64_t next, int64_t chunks,
             int64_t tiles_per_chunk, int64_t rows_, int64_t tile, int64_t t0, int64_t t1)
       : P(P_), out(out_), so(so_), rows(rows_) {
     const Dims& d = P.d;
@@ -156,15 +177,15 @@ template <class T, class C> struct Lookahead {
       qh = h;
       q0 = i0 + rows;
       q1 = std::min(d.Nq, q0 + rows);
-    } else if (task + 1 < end) {
-      const int64_t nbh = (task + 1) / chunks;
+    } else if (next >= 0) {
+      const int64_t nbh = next / chunks;
       qb = nbh / d.H;
       qh = nbh % d.H;
-      q0 = ((task + 1) % chunks) * tiles_per_chunk * rows;
+      q0 = (next % chunks) * tiles_per_chunk * rows;
       q1 = std::min(d.Nq, q0 + rows);
     }
-    if (task + 1 < end && (task + 1) / chunks != bh) {
-      const int64_t nbh = (task + 1) / chunks, nt = t1 - t0;
+    if (next >= 0 && next / chunks != bh) {
+      const int64_t nbh = next / chunks, nt = t1 - t0;
       kvb = nbh / d.H;
       kvh = nbh % d.H;
       kv0 = (tile - t0) * d.Nk / nt;

@@ -40,8 +40,23 @@ template <class C> struct RopeTable {
     };
     fill(gh, cr, sr);
     fill(gw, cc, sc);
+    fc.resize(gh * gw * D);
+    fs.resize(gh * gw * D);
+    for (int64_t t = 0; t < gh * gw; ++t)
+      for (int64_t i = 0; i < D; ++i) {
+        const bool by_row = i < half;
+        const int64_t at = by_row ? (t / gw) * half + i : (t % gw) * half + i - half;
+        fc[t * D + i] = by_row ? cr[at] : cc[at];
+        fs[t * D + i] = by_row ? sr[at] : sc[at];
+      }
   }
   bool rotates(int64_t token) const { return gh > 0 && token < gh * gw; }
+  // The whole row's tables of a rotated token (both halves), for a single vector pass.
+  const C* row_cos(int64_t token) const { return &fc[token * 2 * half]; }
+  const C* row_sin(int64_t token) const { return &fs[token * 2 * half]; }
+
+ private:
+  std::vector<C> fc, fs;  // [gh·gw][Dh]
 };
 
 // Rotate (sign = 1) or un-rotate (sign = -1) n channels of interleaved pairs.
@@ -99,17 +114,63 @@ template <class C> inline C inv_rms(const C* __restrict x, int64_t D, C eps) {
   return C(1) / std::sqrt(ss / C(D) + eps);
 }
 
+#if defined(__AVX512F__)
+constexpr int64_t kVecMaxD = 256;  // rows the register prologue holds (16 zmm)
+inline __mmask16 lanes_left(int64_t n) { return n >= 16 ? __mmask16(0xffff) : __mmask16((1u << n) - 1u); }
+template <class T> inline constexpr bool kVecPrologue = std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16>;
+
+// mul · rope(norm(src)) of one fp32/bf16 row held in registers: x[v] = channels [16v, 16v + 16), lanes
+// past D zero; returns the vector count. One pass, where a copy followed by separate norm, RoPE and
+// scaling passes over the row stalls on each pass's tail store.
+template <class T>
+inline int64_t prologue_vec(const T* __restrict src, int64_t D, const float* __restrict w, float eps,
+                            const RopeTable<float>& rope, int64_t token, float mul, __m512* x) {
+  const int64_t nv = (D + 15) / 16;
+  for (int64_t v = 0; v < nv; ++v) {
+    const __mmask16 mk = lanes_left(D - 16 * v);
+    if constexpr (std::is_same_v<T, float>) {
+      x[v] = _mm512_maskz_loadu_ps(mk, src + 16 * v);
+    } else {
+      const __m256i b = _mm256_maskz_loadu_epi16(mk, reinterpret_cast<const uint16_t*>(src) + 16 * v);
+      x[v] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16));
+    }
+  }
+  if (w) {
+    __m512 ss = _mm512_setzero_ps();
+    for (int64_t v = 0; v < nv; ++v) ss = _mm512_fmadd_ps(x[v], x[v], ss);
+    const __m512 r = _mm512_set1_ps(1.f / std::sqrt(_mm512_reduce_add_ps(ss) / float(D) + eps));
+    for (int64_t v = 0; v < nv; ++v)
+      x[v] = _mm512_mul_ps(x[v], _mm512_mul_ps(r, _mm512_maskz_loadu_ps(lanes_left(D - 16 * v), w + 16 * v)));
+  }
+  if (rope.rotates(token)) {
+    const float *c = rope.row_cos(token), *s = rope.row_sin(token);
+    for (int64_t v = 0; v < nv; ++v) {
+      const __mmask16 mk = lanes_left(D - 16 * v);
+      const __m512 sw = _mm512_permute_ps(x[v], 0xB1);  // the pair partner of every lane
+      x[v] = _mm512_fmadd_ps(x[v], _mm512_maskz_loadu_ps(mk, c + 16 * v),
+                             _mm512_mul_ps(sw, _mm512_maskz_loadu_ps(mk, s + 16 * v)));
+    }
+  }
+  if (mul != 1.f)
+    for (int64_t v = 0; v < nv; ++v) x[v] = _mm512_mul_ps(x[v], _mm512_set1_ps(mul));
+  return nv;
+}
+#endif
+
 // dst[0..D) = mul · rope(norm(src)); `w` is nullptr when there is no QK-norm.
 template <class T, class C>
 inline void prologue_row(const T* __restrict src, int64_t D, const C* __restrict w, C eps,
                          const RopeTable<C>& rope, int64_t token, C mul, C* __restrict dst) {
-  if constexpr (std::is_same_v<T, C>) {
-    if (!w && !rope.rotates(token)) {  // one pass: a copy followed by a scaling pass stalls on the copy's tail store
-#pragma omp simd
-      for (int64_t i = 0; i < D; ++i) dst[i] = src[i] * mul;
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<C, float> && kVecPrologue<T>) {
+    if (D <= kVecMaxD) {
+      __m512 x[kVecMaxD / 16];
+      const int64_t nv = prologue_vec(src, D, w, eps, rope, token, mul, x);
+      for (int64_t v = 0; v < nv; ++v) _mm512_mask_storeu_ps(dst + 16 * v, lanes_left(D - 16 * v), x[v]);
       return;
     }
   }
+#endif
   widen_row(src, D, dst);
   C m = mul;
   if (w) {
