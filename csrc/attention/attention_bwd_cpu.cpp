@@ -16,6 +16,7 @@
 #include "attention/cpu_exp2.h"
 #include "attention/cpu_gemm.h"
 #include "attention/cpu_problem.h"
+#include "common/aligned_buffer.h"
 #include "common/dispatch.h"
 
 namespace raekern::attention::cpu {
@@ -44,13 +45,16 @@ void backward_kernel(const Problem<T, raekern::cpu::acc_t<T>>& P, const at::Tens
   const C log2e = C(1.0 / std::log(2.0));
   const C qmul = C(P.scale) * log2e;
 
-  at::parallel_for(0, d.B * d.H, 1, [&](int64_t begin, int64_t end) {
+  TaskQueue queue(d.B * d.H);
+  at::parallel_for(0, queue.threads(), 1, [&](int64_t, int64_t) {
     std::vector<int64_t> kidx;
     const int64_t nkp_max = round64(d.Nk);
-    std::vector<C> qp(Nq * LD), dop_(Nq * LD), kp(d.Nk * LD), kt(D * nkp_max), vt(D * nkp_max),
-        dqa(Nq * LD), dka(d.Nk * LD), dva(d.Nk * LD), delta(Nq), l2(Nq), s(kBwdTileQ * kBwdLdS),
-        dp(kBwdTileQ * kBwdLdS), row(Dp), xbuf(Dp), vrow(d.Nk * LD);
-    for (int64_t bh = begin; bh < end; ++bh) {
+    // 64-byte aligned: the micro-kernels' row loads would otherwise straddle cache lines.
+    raekern::cpu::AlignedBuffer<C> qp(Nq * LD), dop_(Nq * LD), kp(d.Nk * LD), kt(D * nkp_max), vt(D * nkp_max),
+        dqa(Nq * LD), dka(d.Nk * LD), dva(d.Nk * LD), s(kBwdTileQ * kBwdLdS), dp(kBwdTileQ * kBwdLdS), row(Dp),
+        xbuf(Dp), vrow(d.Nk * LD);
+    std::vector<C> delta(Nq), l2(Nq);
+    for (int64_t bh = queue.claim(); bh >= 0; bh = queue.claim()) {
       const int64_t b = bh / d.H, h = bh % d.H;
       C* dwq = &dw_parts[bh * 2 * D];
       C* dwk = dwq + D;
@@ -64,8 +68,8 @@ void backward_kernel(const Problem<T, raekern::cpu::acc_t<T>>& P, const at::Tens
         continue;
       }
       // Pack q (scaled into log2 units), dO, k (row-major and transposed) and vᵀ.
-      std::fill(qp.begin(), qp.end(), C(0));
-      std::fill(dop_.begin(), dop_.end(), C(0));
+      std::fill(qp.data(), qp.data() + Nq * LD, C(0));
+      std::fill(dop_.data(), dop_.data() + Nq * LD, C(0));
       for (int64_t n = 0; n < Nq; ++n) {
         if (n + kPrefetchRows < Nq) {
           const int64_t a = n + kPrefetchRows;
@@ -100,7 +104,7 @@ void backward_kernel(const Problem<T, raekern::cpu::acc_t<T>>& P, const at::Tens
       }
       transpose_to_panels(kp.data(), LD, nk, D, kt.data());
       transpose_to_panels(vrow.data(), LD, nk, D, vt.data());
-      std::fill(dqa.begin(), dqa.end(), C(0));
+      std::fill(dqa.data(), dqa.data() + Nq * LD, C(0));
       for (int64_t j0 = 0; j0 < nk; j0 += kBwdTileK) {
         const int64_t bk = std::min(kBwdTileK, nk - j0), bkp = round16(bk);
         C* dkb = &dka[j0 * LD];
