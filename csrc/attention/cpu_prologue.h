@@ -13,6 +13,7 @@
 #endif
 
 #include "common/cpu_utils.h"
+#include "common/cpu_vec_math.h"  // also silences GCC 12's intrinsic false positives (see there)
 
 namespace raekern::attention::cpu {
 

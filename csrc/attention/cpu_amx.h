@@ -1,0 +1,185 @@
+// The AMX (bf16 tile) building blocks the CPU attention forward and backward share: tile state and
+// configuration, the VNNI packings, the 2×2-tile score block and the accumulating P·V-style product.
+// Every buffer a tile reads or writes is 64-byte aligned: a tile row across two cache lines costs two
+// accesses. Tile use: 0-3 accumulators, 4-5 A (two 16-row halves), 6-7 B (two 16-column halves).
+#pragma once
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
+#define RAEKERN_ATTENTION_AMX 1
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+
+#include "attention/cpu_prologue.h"
+#include "common/cpu_vec_math.h"
+
+namespace raekern::attention::cpu::amx {
+
+// Linux hands out AMX tile state only on request (once per process).
+inline bool available() {
+  static const bool ok = [] {
+    if (const char* e = std::getenv("RAEKERN_ATTENTION_AMX"); e && e[0] == '0') return false;
+    constexpr long kReqXcompPerm = 0x1023, kXtiledata = 18;
+    return syscall(SYS_arch_prctl, kReqXcompPerm, kXtiledata) == 0;
+  }();
+  return ok;
+}
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Every tile is 16 rows × 64 bytes: A = 16×32 bf16, B = 16 pair-rows × 16 columns, C = 16×16 fp32.
+inline void configure_tiles() {
+  TileConfig c;
+  for (int i = 0; i < 8; ++i) {
+    c.rows[i] = 16;
+    c.colsb[i] = 64;
+  }
+  _tile_loadconfig(&c);
+}
+
+// fp32 -> bf16 (round to nearest even), 16 lanes at a time.
+inline void to_bf16_row(const float* src, int64_t n, uint16_t* dst) {
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 mk = n - i >= 16 ? __mmask16(0xffff) : __mmask16((1u << (n - i)) - 1u);
+    _mm256_mask_storeu_epi16(dst + i, mk, (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(mk, src + i)));
+  }
+}
+
+constexpr int64_t kChunk = 512;  // elements of one VNNI B tile (16 pair-rows × 32)
+
+// S[32][32] = Q[32][DQ] · K(16-key blocks kb0, kb1)ᵀ.
+inline void s_block(const uint16_t* q, int64_t ldq, int64_t nchunks, const uint16_t* kb0, const uint16_t* kb1,
+                    float* s, int64_t lds) {
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  for (int64_t c = 0; c < nchunks; ++c) {
+    _tile_loadd(4, q + c * 32, ldq * 2);
+    _tile_loadd(5, q + 16 * ldq + c * 32, ldq * 2);
+    _tile_loadd(6, kb0 + c * kChunk, 64);
+    _tile_loadd(7, kb1 + c * kChunk, 64);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    _tile_dpbf16ps(2, 5, 6);
+    _tile_dpbf16ps(3, 5, 7);
+  }
+  _tile_stored(0, s, lds * 4);
+  _tile_stored(1, s + 16, lds * 4);
+  _tile_stored(2, s + 16 * lds, lds * 4);
+  _tile_stored(3, s + 16 * lds + 16, lds * 4);
+}
+
+// O[32][16 or 32 columns] += P[32][32·nchunks] · V(d-blocks vb0[, vb1]).
+// kFirst: the first key block, O starts at zero instead of being loaded.
+template <bool kTwo, bool kFirst>
+inline void pv_block(const uint16_t* p, int64_t ldp, int64_t nchunks, const uint16_t* vb0, const uint16_t* vb1,
+                     float* o, int64_t ldo) {
+  if constexpr (kFirst) {
+    _tile_zero(0);
+    _tile_zero(2);
+    if constexpr (kTwo) {
+      _tile_zero(1);
+      _tile_zero(3);
+    }
+  } else {
+    _tile_loadd(0, o, ldo * 4);
+    _tile_loadd(2, o + 16 * ldo, ldo * 4);
+    if constexpr (kTwo) {
+      _tile_loadd(1, o + 16, ldo * 4);
+      _tile_loadd(3, o + 16 * ldo + 16, ldo * 4);
+    }
+  }
+  for (int64_t c = 0; c < nchunks; ++c) {
+    _tile_loadd(4, p + c * 32, ldp * 2);
+    _tile_loadd(5, p + 16 * ldp + c * 32, ldp * 2);
+    _tile_loadd(6, vb0 + c * kChunk, 64);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(2, 5, 6);
+    if constexpr (kTwo) {
+      _tile_loadd(7, vb1 + c * kChunk, 64);
+      _tile_dpbf16ps(1, 4, 7);
+      _tile_dpbf16ps(3, 5, 7);
+    }
+  }
+  _tile_stored(0, o, ldo * 4);
+  _tile_stored(2, o + 16 * ldo, ldo * 4);
+  if constexpr (kTwo) {
+    _tile_stored(1, o + 16, ldo * 4);
+    _tile_stored(3, o + 16 * ldo + 16, ldo * 4);
+  }
+}
+
+// Keys [j0, j0 + 16) of the K panel in VNNI order: the (d, d+1) pair of key j is the 32-bit word
+// at [pair][j % 16]. `rows` holds the 16 keys as bf16 rows of DQ (zero-padded) elements; each
+// 16-pair group is one 16×16 transpose of 32-bit words, stored as whole lines.
+inline void pack_k_block(const uint16_t* rows, int64_t DQ, uint32_t* dst) {
+  for (int64_t g = 0; g < DQ / 2; g += 16) {
+    __m512 r[16];
+    for (int j = 0; j < 16; ++j) r[j] = _mm512_load_ps(reinterpret_cast<const float*>(rows + j * DQ + 2 * g));
+    raekern::cpu::transpose16(r);
+    for (int p = 0; p < 16; ++p) _mm512_store_ps(reinterpret_cast<float*>(dst + (g + p) * 16), r[p]);
+  }
+}
+
+// O[32][16·nd16] (+)= P[32][32·nchunks] (row stride ldp) · V, V packed over its rows as
+// [16-dim block (vstride elements apart)][row pair][16 dims] starting at row pair vkey/32·16.
+template <bool kFirst>
+inline void pv_all(const uint16_t* pb, int64_t ldp, int64_t nchunks, const uint16_t* vv, int64_t vstride,
+                   int64_t vkey, int64_t nd16, float* o, int64_t DV) {
+  int64_t db = 0;
+  for (; db + 2 <= nd16; db += 2) {
+    const uint16_t* vb0 = vv + db * vstride + vkey;
+    pv_block<true, kFirst>(pb, ldp, nchunks, vb0, vb0 + vstride, o + db * 16, DV);
+  }
+  if (db < nd16) pv_block<false, kFirst>(pb, ldp, nchunks, vv + db * vstride + vkey, nullptr, o + db * 16, DV);
+}
+
+// Rows [0, nrows) (nrows even, row stride ld, zero-padded) packed over rows for the B side of a
+// product that reduces over them: rows (2i, 2i+1) of dim d form the 32-bit word at
+// [d/16 (stride_words apart)][i][d % 16].
+inline void pack_row_pairs(const uint16_t* rows, int64_t ld, int64_t nrows, int64_t DV, uint32_t* dst,
+                           int64_t stride_words) {
+  for (int64_t j = 0; j < nrows; j += 2) {
+    const uint16_t *a = rows + j * ld, *c = a + ld;
+    for (int64_t i = 0; i < DV; i += 16) {
+      const __m512i lo = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + i)));
+      const __m512i hi = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + i)));
+      _mm512_store_si512(dst + (i / 16) * stride_words + (j / 2) * 16, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+    }
+  }
+}
+
+// One q or k row as bf16 (the pad [D, DQ) of dst is left as it is): the input bits themselves when
+// the row has no QK-norm and no RoPE, else norm and RoPE in fp32, rounded once.
+inline void prologue_bf16(const c10::BFloat16* src, int64_t D, const float* w, float eps, const RopeTable<float>& rope,
+                          int64_t token, float* row, uint16_t* dst) {
+  if (!w && !rope.rotates(token)) {
+    const uint16_t* u = reinterpret_cast<const uint16_t*>(src);
+    for (int64_t i = 0; i < D; i += 32) {
+      const __mmask32 mk = D - i >= 32 ? __mmask32(~0u) : __mmask32((1u << (D - i)) - 1u);
+      _mm512_mask_storeu_epi16(dst + i, mk, _mm512_maskz_loadu_epi16(mk, u + i));
+    }
+    return;
+  }
+  if (D <= kVecMaxD) {
+    __m512 x[kVecMaxD / 16];
+    const int64_t nv = prologue_vec(src, D, w, eps, rope, token, 1.f, x);
+    for (int64_t v = 0; v < nv; ++v)
+      _mm256_mask_storeu_epi16(dst + 16 * v, lanes_left(D - 16 * v), (__m256i)_mm512_cvtneps_pbh(x[v]));
+    return;
+  }
+  prologue_row<c10::BFloat16, float>(src, D, w, eps, rope, token, 1.f, row);
+  to_bf16_row(row, D, dst);
+}
+
+}  // namespace raekern::attention::cpu::amx
+#endif
