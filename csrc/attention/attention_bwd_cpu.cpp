@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "attention/attention_args.h"
+#include "attention/cpu_amx_bwd.h"
 #include "attention/cpu_exp2.h"
 #include "attention/cpu_gemm.h"
 #include "attention/cpu_problem.h"
@@ -156,6 +157,21 @@ void backward_kernel(const Problem<T, raekern::cpu::acc_t<T>>& P, const at::Tens
   });
 }
 
+// bf16 goes to the AMX tile backward when the CPU (and the OS) offer it (RAEKERN_ATTENTION_AMX=0
+// disables it); everything else to the portable AVX-512 / scalar kernel above.
+template <class Prob, class C>
+inline bool try_amx_backward(const Prob&, const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&,
+                             const at::Tensor&, at::Tensor&, at::Tensor&, at::Tensor&, std::vector<C>&, int64_t) {
+  return false;
+}
+#ifdef RAEKERN_ATTENTION_AMX
+inline bool try_amx_backward(const Problem<c10::BFloat16, float>& P, const at::Tensor& dout,
+                             const std::optional<at::Tensor>& dlse, const at::Tensor& out, const at::Tensor& lse,
+                             at::Tensor& dq, at::Tensor& dk, at::Tensor& dv, std::vector<float>& parts, int64_t layout) {
+  return amx::backward(P, dout, dlse, out, lse, dq, dk, dv, parts, layout);
+}
+#endif
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
     const at::Tensor& dout_, const std::optional<at::Tensor>& dlse, const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
     const at::Tensor& out_, const at::Tensor& lse, const std::optional<at::Tensor>& qw,
@@ -179,7 +195,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
     using C = raekern::cpu::acc_t<scalar_t>;
     const Problem<scalar_t, C> P(q, k, v, qw, kw, mask, scale, eps, rope_h, rope_w, theta, layout);
     std::vector<C> parts(d.B * d.H * 2 * d.D, C(0));
-    backward_kernel<scalar_t>(P, dout, dlsec, out, lsec, dq, dk, dv, parts, layout);
+    if (!try_amx_backward(P, dout, dlsec, out, lsec, dq, dk, dv, parts, layout))
+      backward_kernel<scalar_t>(P, dout, dlsec, out, lsec, dq, dk, dv, parts, layout);
     // Fixed-order reduction over (batch, head): deterministic norm-weight gradients.
     std::vector<double> sq(d.D, 0.0), sk(d.D, 0.0);
     for (int64_t t = 0; t < d.B * d.H; ++t)

@@ -117,7 +117,8 @@ template <class C> inline C inv_rms(const C* __restrict x, int64_t D, C eps) {
 
 #if defined(__AVX512F__)
 constexpr int64_t kVecMaxD = 256;  // rows the register prologue holds (16 zmm)
-inline __mmask16 lanes_left(int64_t n) { return n >= 16 ? __mmask16(0xffff) : __mmask16((1u << n) - 1u); }
+// Mask of the first n of 16 lanes (n may be <= 0 or >= 16).
+inline __mmask16 lanes_left(int64_t n) { return n >= 16 ? __mmask16(0xffff) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1u); }
 template <class T> inline constexpr bool kVecPrologue = std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16>;
 
 // mul · rope(norm(src)) of one fp32/bf16 row held in registers: x[v] = channels [16v, 16v + 16), lanes
