@@ -165,11 +165,11 @@ def test_non_contiguous_and_expanded_inputs():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("feat", [False, True], ids=["plain", "norm_rope_mask"])
-def test_cpu_forward_head_staging_and_thread_split(dtype, feat):
-    # bnhd inputs with H > 1 are staged per batch into a head-major copy (HeadStage); the copy is
-    # exact, so the output must not depend on the thread count (which moves the task ranges, and
-    # with them which heads a thread stages and where query chunks start) nor on the layout
-    # (bhnd is read in place), and must meet the accuracy rule.
+def test_cpu_forward_thread_split_and_layout(dtype, feat):
+    # Tasks (batch, head, query chunk) go to whichever thread is free and every task computes its rows
+    # the same way, so the output must not depend on the thread count (which also moves where query
+    # chunks start) nor on the layout (strided bnhd rows vs contiguous bhnd), and must meet the
+    # accuracy rule.
     b, n, h, d = 3, 130, 5, 72
     q, k, v = make((b, n, h, d), dtype)
     kw = features(d, n, b, dtype, norm=feat, rope=feat, mask=feat)
@@ -187,6 +187,31 @@ def test_cpu_forward_head_staging_and_thread_split(dtype, feat):
     assert torch.equal(attention(qt, kt, vt, layout="bhnd", **kw).transpose(1, 2), outs[0])
     ref64 = attention_reference(q.double(), k.double(), v.double(), **to64(kw))
     check_close(outs[0], attention_reference(q, k, v, **kw), ref64, FLOOR[dtype], "out")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_backward_independent_of_thread_count(dtype):
+    # (batch, head) tasks are claimed dynamically; each computes its gradients alone and the norm-weight
+    # gradients are reduced in a fixed order, so every gradient is bit-identical whatever the threads.
+    # N = 300 spans two query chunks of the bf16 tile backward.
+    b, n, h, d = 2, 300, 3, 72
+    q, k, v = make((b, n, h, d), dtype)
+    kw = features(d, n, b, dtype)
+    go = torch.randn(b, n, h, d, generator=torch.Generator().manual_seed(5)).to(dtype)
+    prev = torch.get_num_threads()
+    grads = []
+    try:
+        for threads in (1, 2, 5):
+            torch.set_num_threads(threads)
+            leaves = [x.clone().requires_grad_() for x in (q, k, v, kw["q_norm_weight"], kw["k_norm_weight"])]
+            kwt = dict(kw, q_norm_weight=leaves[3], k_norm_weight=leaves[4])
+            out = attention(leaves[0], leaves[1], leaves[2], **kwt)
+            grads.append(torch.autograd.grad(out, leaves, go))
+    finally:
+        torch.set_num_threads(prev)
+    for g in grads[1:]:
+        for a, c in zip(g, grads[0]):
+            assert torch.equal(a, c)
 
 
 def test_packed_entry_point_matches_separate_qkv():
@@ -248,6 +273,7 @@ def test_path_introspection_and_debug_log(caplog):
     assert "path=raekern_cpu" in caplog.text
     info = attn_mod.attention_info()
     assert info["fp32"] in ("avx512", "portable") and info["bf16_forward"] in ("amx", "avx512", "portable")
+    assert info["bf16_backward"] == info["bf16_forward"]
 
 
 def test_opcheck():

@@ -187,7 +187,7 @@ std::string raekern::attention::cpu_backends() {
 #else
   const std::string bf16 = fp32;
 #endif
-  return "bf16_forward=" + bf16 + ";fp32=" + fp32;
+  return "bf16_forward=" + bf16 + ";bf16_backward=" + bf16 + ";fp32=" + fp32;
 }
 
 TORCH_LIBRARY_IMPL(raekern, CPU, m) { m.impl("attention", &raekern::attention::cpu::attention_cpu); }
