@@ -131,8 +131,10 @@ inline void vec_residual_stats(const T* x, const T* gate, const T* y, T* x_out, 
     }
     return;
   }
-  __m512 vs = _mm512_setzero_ps(), vss = _mm512_setzero_ps();
-  for (int64_t i = 0; i < D; i += 16) {
+  // Two independent accumulator chains per sum (even / odd vectors): one chain is bound by the add
+  // latency, not by the loads, on rows that sit in L1/L2.
+  __m512 vs0 = _mm512_setzero_ps(), vss0 = _mm512_setzero_ps(), vs1 = vs0, vss1 = vs0;
+  const auto step = [&](int64_t i, __m512& sum, __m512& sumsq) {
     const __mmask16 m = cpu::tail_mask(D - i);
     __m512 r = cpu::load16(x + i, m);
     if (gate) {
@@ -142,9 +144,17 @@ inline void vec_residual_stats(const T* x, const T* gate, const T* y, T* x_out, 
       r = cpu::round16<T>(r);
     }
     _mm512_mask_storeu_ps(xb + i, m, r);
-    vs = _mm512_add_ps(vs, r);
-    vss = _mm512_fmadd_ps(r, r, vss);
+    sum = _mm512_add_ps(sum, r);
+    sumsq = _mm512_fmadd_ps(r, r, sumsq);
+  };
+  int64_t i0 = 0;
+  for (; i0 + 32 <= D; i0 += 32) {
+    step(i0, vs0, vss0);
+    step(i0 + 16, vs1, vss1);
   }
+  if (i0 < D) step(i0, vs0, vss0);
+  if (i0 + 16 < D) step(i0 + 16, vs1, vss1);
+  const __m512 vs = _mm512_add_ps(vs0, vs1), vss = _mm512_add_ps(vss0, vss1);
   if (kind == Kind::None) return;
   const float inv_d = 1.f / float(D);
   float ss;
@@ -152,13 +162,20 @@ inline void vec_residual_stats(const T* x, const T* gate, const T* y, T* x_out, 
     // Second pass from L1 for the variance: E[x^2] - mean^2 cancels badly for large means.
     mean = cpu::hsum16(vs) * inv_d;
     const __m512 vm = _mm512_set1_ps(mean);
-    __m512 acc = _mm512_setzero_ps();
-    for (int64_t i = 0; i < D; i += 16) {
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = acc0;
+    const auto dev = [&](int64_t i, __m512& acc) {
       const __mmask16 m = cpu::tail_mask(D - i);
-      __m512 d = _mm512_maskz_sub_ps(m, _mm512_maskz_loadu_ps(m, xb + i), vm);
+      const __m512 d = _mm512_maskz_sub_ps(m, _mm512_maskz_loadu_ps(m, xb + i), vm);
       acc = _mm512_fmadd_ps(d, d, acc);
+    };
+    int64_t i = 0;
+    for (; i + 32 <= D; i += 32) {
+      dev(i, acc0);
+      dev(i + 16, acc1);
     }
-    ss = cpu::hsum16(acc);
+    if (i < D) dev(i, acc0);
+    if (i + 16 < D) dev(i + 16, acc1);
+    ss = cpu::hsum16(_mm512_add_ps(acc0, acc1));
   } else {
     mean = 0.f;
     ss = cpu::hsum16(vss);
