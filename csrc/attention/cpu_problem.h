@@ -39,12 +39,15 @@ template <class C> inline void transpose_to_panels(const C* __restrict src, int6
     const C* __restrict s = src + j0 * ld;
 #if defined(__AVX512F__)
     if constexpr (std::is_same_v<C, float>) {
-      const __m512i idx = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                                             _mm512_set1_epi32(int(ld)));
-      for (int64_t i = 0; i < D; ++i)
-        for (int64_t jj = 0; jj < 64; jj += 16) {
-          const __mmask16 mk = cnt - jj >= 16 ? __mmask16(0xffff) : cnt > jj ? __mmask16((1u << (cnt - jj)) - 1u) : 0;
-          _mm512_storeu_ps(panel + i * 64 + jj, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), mk, idx, s + jj * ld + i, 4));
+      // 16 keys × 16 dims per register transpose (gathers cost a load per element).
+      for (int64_t jj = 0; jj < 64; jj += 16)
+        for (int64_t i = 0; i < D; i += 16) {
+          const __mmask16 mk = lanes_left(D - i);
+          __m512 r[16];
+          for (int64_t k = 0; k < 16; ++k)
+            r[k] = jj + k < cnt ? _mm512_maskz_loadu_ps(mk, s + (jj + k) * ld + i) : _mm512_setzero_ps();
+          raekern::cpu::transpose16(r);
+          for (int64_t c = 0; c < std::min<int64_t>(16, D - i); ++c) _mm512_storeu_ps(panel + (i + c) * 64 + jj, r[c]);
         }
       continue;
     }
