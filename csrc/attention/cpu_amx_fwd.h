@@ -49,7 +49,7 @@ inline void forward(const Problem<c10::BFloat16, float>& P, at::Tensor& out, at:
     configure_tiles();
     std::vector<int64_t> kidx;
     AlignedBuffer<uint16_t> kv(nk_alloc * DQ), vv(nk_alloc * DV), qb(kRows * DQ), pb(kRows * kKeys), kr(16 * DQ);
-    AlignedBuffer<float> s(kRows * kLdS), o(kRows * DV), row(DQ), lv(kRows * 16);
+    AlignedBuffer<float> s(2 * kRows * kLdS), o(kRows * DV), row(DQ), lv(kRows * 16);
     std::vector<float> m(kRows), alpha(kRows);
     int64_t packed_bh = -1, nk = 0;
     for (int64_t task = queue.claim(), next; task >= 0; task = next) {
@@ -100,14 +100,22 @@ inline void forward(const Problem<c10::BFloat16, float>& P, at::Tensor& out, at:
         const Lookahead<T, float> prefetch_ahead(P, optr, so, task, next, chunks, tiles_per_chunk, kRows, tile, t0, t1);
         std::fill(m.begin(), m.end(), -INFINITY);
         std::memset(lv.data(), 0, kRows * 16 * sizeof(float));
-        for (int64_t j0 = 0; j0 < nk; j0 += kKeys) {
-          const int64_t bk = std::min(kKeys, nk - j0), bk32 = (bk + 31) / 32 * 32;
+        // S of the next key block is issued before the softmax of this one (two S buffers), so the
+        // tile unit computes it while the vector units run the exponentials.
+        const auto scores = [&](int64_t j0, float* sb) {
+          const int64_t bk32 = (std::min(kKeys, nk - j0) + 31) / 32 * 32;
           for (int64_t c = 0; c < bk32; c += 32) {
             const uint16_t* kb0 = &kv[((j0 + c) / 16) * (DQ / 2) * 32];
-            s_block(qb.data(), DQ, DQ / 32, kb0, kb0 + (DQ / 2) * 32, &s[c], kLdS);
+            s_block(qb.data(), DQ, DQ / 32, kb0, kb0 + (DQ / 2) * 32, sb + c, kLdS);
           }
+        };
+        if (nk > 0) scores(0, s.data());
+        for (int64_t j0 = 0; j0 < nk; j0 += kKeys) {
+          const int64_t bk = std::min(kKeys, nk - j0), bk32 = (bk + 31) / 32 * 32;
+          float* sc = s.data() + ((j0 / kKeys) & 1) * kRows * kLdS;
+          if (j0 + kKeys < nk) scores(j0 + kKeys, s.data() + (((j0 / kKeys) + 1) & 1) * kRows * kLdS);
           for (int64_t r0 = 0; r0 < kRows; r0 += 16) {
-            if (!lazy_max_update16(&s[r0 * kLdS], kLdS, bk, qmul, &m[r0], &alpha[r0])) continue;
+            if (!lazy_max_update16(&sc[r0 * kLdS], kLdS, bk, qmul, &m[r0], &alpha[r0])) continue;
             for (int64_t r = r0; r < r0 + 16; ++r) {
               if (alpha[r] == 1.f) continue;
               const __m512 a = _mm512_set1_ps(alpha[r]);
@@ -119,7 +127,7 @@ inline void forward(const Problem<c10::BFloat16, float>& P, at::Tensor& out, at:
           }
           for (int64_t r = 0; r < kRows; ++r) {
             if (j0 == 0) prefetch_ahead(r);
-            exp2_shift_acc_bf16(&s[r * kLdS], bk, bk32, qmul, m[r], &pb[r * kKeys], &lv[r * 16]);
+            exp2_shift_acc_bf16(&sc[r * kLdS], bk, bk32, qmul, m[r], &pb[r * kKeys], &lv[r * 16]);
           }
           if (j0 == 0)
             pv_all<true>(pb.data(), kKeys, bk32 / 32, vv.data(), vstride, 0, nd16, o.data(), DV);
