@@ -93,7 +93,7 @@ inline bool backward(const Problem<c10::BFloat16, float>& P, const at::Tensor& d
     AlignedBuffer<uint16_t> kr(nk_alloc * DQ), vr(nk_alloc * DQ), kvd(nk_alloc * DQ), vvd(nk_alloc * DQ),
         kvk(nk_alloc * DV), qa(qc_alloc * DQ), da(qc_alloc * DQ), qvq(qc_alloc * DV), dvq(qc_alloc * DV),
         dsb(qc_alloc * nk_alloc), pt(32 * qc_alloc), dst(32 * qc_alloc);
-    AlignedBuffer<float> dka(nk_alloc * DV), dva(nk_alloc * DV), dqa(32 * DV), s(32 * 32), dpt(32 * 32),
+    AlignedBuffer<float> dka(nk_alloc * DV), dva(nk_alloc * DV), dqa(32 * DV), s(2 * 32 * 32), dpt(2 * 32 * 32),
         row(std::max(DQ, DV)), xbuf(std::max(DQ, DV)), l2(qc_alloc), delta(qc_alloc);
     for (int64_t bh = queue.claim(); bh >= 0; bh = queue.claim()) {
       const int64_t b = bh / d.H, h = bh % d.H;
@@ -163,11 +163,19 @@ inline bool backward(const Problem<c10::BFloat16, float>& P, const at::Tensor& d
         for (int64_t j0 = 0; j0 < nk32; j0 += 32) {
           const uint16_t* kb0 = &kvd[(j0 / 16) * (DQ / 2) * 32];
           const uint16_t* vb0 = &vvd[(j0 / 16) * (DQ / 2) * 32];
+          // The next query tile's S and dP are issued before this tile's softmax gradient (two
+          // buffers each), so the tile unit works while the vector units do.
+          const auto products = [&](int64_t q0) {
+            const int64_t slot = ((q0 / 32) & 1) * 32 * 32;
+            s_block(&qa[q0 * DQ], DQ, DQ / 32, kb0, kb0 + (DQ / 2) * 32, s.data() + slot, 32);
+            s_block(&da[q0 * DQ], DQ, DQ / 32, vb0, vb0 + (DQ / 2) * 32, dpt.data() + slot, 32);
+          };
+          products(0);
           for (int64_t q0 = 0; q0 < nq32; q0 += 32) {
-            s_block(&qa[q0 * DQ], DQ, DQ / 32, kb0, kb0 + (DQ / 2) * 32, s.data(), 32);
-            s_block(&da[q0 * DQ], DQ, DQ / 32, vb0, vb0 + (DQ / 2) * 32, dpt.data(), 32);
-            softmax_grad_block(s.data(), dpt.data(), &l2[q0], &delta[q0], qmul, nk - j0, &dsb[q0 * nk_alloc + j0],
-                               nk_alloc, pt.data(), dst.data(), qc_alloc, q0);
+            if (q0 + 32 < nq32) products(q0 + 32);
+            const int64_t slot = ((q0 / 32) & 1) * 32 * 32;
+            softmax_grad_block(s.data() + slot, dpt.data() + slot, &l2[q0], &delta[q0], qmul, nk - j0,
+                               &dsb[q0 * nk_alloc + j0], nk_alloc, pt.data(), dst.data(), qc_alloc, q0);
           }
           // dV += Pᵀ·dO and dK += dSᵀ·Q̂ over the chunk's queries.
           pv_all<false>(pt.data(), qc_alloc, nq32 / 32, dvq.data(), qstride, 0, nd16, &dva[j0 * DV], DV);
