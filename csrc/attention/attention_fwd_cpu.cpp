@@ -46,8 +46,8 @@ void forward_kernel(const Problem<T, raekern::cpu::acc_t<T>>& P, at::Tensor& out
   const int64_t tiles_per_chunk = (ntiles + chunks - 1) / chunks;
   const C qmul = C(P.scale / std::log(2.0));  // scores in log2 units: softmax uses exp2
 
-  TaskQueue queue(d.B * d.H * chunks);
-  at::parallel_for(0, queue.threads(), 1, [&](int64_t, int64_t) {
+  TaskSource<T, C> source(P, chunks, /*stage=*/true);
+  at::parallel_for(0, source.threads(), 1, [&](int64_t, int64_t) {
     std::vector<int64_t> kidx;
     raekern::cpu::AlignedBuffer<C> kt(D * round64(d.Nk)), kr(d.Nk * LD), vp(d.Nk * LD), qs(kTileQ * D),
         s(kTileQ * kLdS), o(kTileQ * LD);
@@ -56,19 +56,18 @@ void forward_kernel(const Problem<T, raekern::cpu::acc_t<T>>& P, at::Tensor& out
     std::vector<C> m(kTileQ + 16), alpha(kTileQ + 16);  // + 16: the 16-row max groups may pass bq
     int64_t packed_bh = -1;
     int64_t nk = 0;
-    for (int64_t task = queue.claim(), next; task >= 0; task = next) {
-      next = queue.claim();
+    source.run_thread(P, [&](const Problem<T, C>& R, int64_t task, int64_t next, bool inputs) {
       const int64_t bh = task / chunks, chunk = task % chunks, b = bh / d.H, h = bh % d.H;
       if (bh != packed_bh) {
         P.kept_keys(b, kidx);
         nk = int64_t(kidx.size());
-        for (int64_t j = 0; j < std::min(nk, kPrefetchRows); ++j) P.prefetch_kv(b, kidx[j], h);
+        for (int64_t j = 0; j < std::min(nk, kPrefetchRows); ++j) R.prefetch_kv(b, kidx[j], h);
         for (int64_t j = 0; j < nk; ++j) {
           const int64_t n = kidx[j];
-          if (j + kPrefetchRows < nk) P.prefetch_kv(b, kidx[j + kPrefetchRows], h);
-          prologue_row<T, C>(P.k_row(b, n, h), D, P.kwp(), P.eps, P.rope, n, C(1), &kr[j * LD]);
+          if (j + kPrefetchRows < nk) R.prefetch_kv(b, kidx[j + kPrefetchRows], h);
+          prologue_row<T, C>(R.k_row(b, n, h), D, P.kwp(), P.eps, P.rope, n, C(1), &kr[j * LD]);
           C* vr = &vp[j * LD];
-          const T* vs = P.v_row(b, n, h);
+          const T* vs = R.v_row(b, n, h);
           for (int64_t i = 0; i < D; ++i) vr[i] = C(raekern::cpu::widen(vs[i]));
           for (int64_t i = D; i < Dp; ++i) vr[i] = C(0);
         }
@@ -79,10 +78,10 @@ void forward_kernel(const Problem<T, raekern::cpu::acc_t<T>>& P, at::Tensor& out
       for (int64_t tile = t0; tile < t1; ++tile) {
         const int64_t i0 = tile * kTileQ, bq = std::min(kTileQ, d.Nq - i0);
         for (int64_t r = 0; r < bq; ++r) {
-          if (r + kPrefetchRows < bq) P.prefetch_q(b, i0 + r + kPrefetchRows, h);
-          prologue_row<T, C>(P.q_row(b, i0 + r, h), D, P.qwp(), P.eps, P.rope, i0 + r, qmul, &qs[r * D]);
+          if (r + kPrefetchRows < bq) R.prefetch_q(b, i0 + r + kPrefetchRows, h);
+          prologue_row<T, C>(R.q_row(b, i0 + r, h), D, P.qwp(), P.eps, P.rope, i0 + r, qmul, &qs[r * D]);
         }
-        const Lookahead<T, C> prefetch_ahead(P, optr, so, task, next, chunks, tiles_per_chunk, kTileQ, tile, t0, t1);
+        const Lookahead<T, C> prefetch_ahead(R, optr, so, task, next, chunks, tiles_per_chunk, kTileQ, tile, t0, t1, inputs);
         std::fill(m.begin(), m.end(), C(-INFINITY));
         std::fill(l.data(), l.data() + kTileQ * kL, C(0));
         for (int64_t j0 = 0; j0 < nk; j0 += kTileK) {
@@ -139,7 +138,7 @@ void forward_kernel(const Problem<T, raekern::cpu::acc_t<T>>& P, at::Tensor& out
             static_cast<float*>(lptr)[li] = float(lv);
         }
       }
-    }
+    });
   });
 }
 

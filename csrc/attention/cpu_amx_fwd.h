@@ -44,23 +44,22 @@ inline void forward(const Problem<c10::BFloat16, float>& P, at::Tensor& out, at:
   const int64_t vstride = (nk_alloc / 2) * 32;  // elements per 16-dim block of the V panel
   constexpr int64_t kLdS = kKeys + 16;
 
-  TaskQueue queue(d.B * d.H * chunks);
-  at::parallel_for(0, queue.threads(), 1, [&](int64_t, int64_t) {
+  TaskSource<T, float> source(P, chunks, /*stage=*/false);
+  at::parallel_for(0, source.threads(), 1, [&](int64_t, int64_t) {
     configure_tiles();
     std::vector<int64_t> kidx;
     AlignedBuffer<uint16_t> kv(nk_alloc * DQ), vv(nk_alloc * DV), qb(kRows * DQ), pb(kRows * kKeys), kr(16 * DQ);
     AlignedBuffer<float> s(2 * kRows * kLdS), o(kRows * DV), row(DQ), lv(kRows * 16);
     std::vector<float> m(kRows), alpha(kRows);
     int64_t packed_bh = -1, nk = 0;
-    for (int64_t task = queue.claim(), next; task >= 0; task = next) {
-      next = queue.claim();
+    source.run_thread(P, [&](const Problem<T, float>& R, int64_t task, int64_t next, bool inputs) {
       const int64_t bh = task / chunks, chunk = task % chunks, b = bh / d.H, h = bh % d.H;
       if (bh != packed_bh) {
         P.kept_keys(b, kidx);
         nk = int64_t(kidx.size());
         const int64_t nk32 = (nk + 31) / 32 * 32;  // the S blocks read keys in 32s: pad with zeros
         uint32_t* v32 = reinterpret_cast<uint32_t*>(vv.data());
-        for (int64_t j = 0; j < std::min(nk, kPrefetchRows); ++j) P.prefetch_kv(b, kidx[j], h);
+        for (int64_t j = 0; j < std::min(nk, kPrefetchRows); ++j) R.prefetch_kv(b, kidx[j], h);
         // 16 keys at a time: K rows -> VNNI panel, then the same keys' V rows while still in L1.
         for (int64_t j0 = 0; j0 < nk32; j0 += 16) {
           for (int64_t jj = 0; jj < 16; ++jj) {
@@ -70,15 +69,15 @@ inline void forward(const Problem<c10::BFloat16, float>& P, at::Tensor& out, at:
               std::memset(kd, 0, DQ * 2);
               continue;
             }
-            if (j + kPrefetchRows < nk) P.prefetch_kv(b, kidx[j + kPrefetchRows], h);
-            prologue_bf16(P.k_row(b, kidx[j], h), D, P.kwp(), P.eps, P.rope, kidx[j], row.data(), kd);
+            if (j + kPrefetchRows < nk) R.prefetch_kv(b, kidx[j + kPrefetchRows], h);
+            prologue_bf16(R.k_row(b, kidx[j], h), D, P.kwp(), P.eps, P.rope, kidx[j], row.data(), kd);
           }
           pack_k_block(kr.data(), DQ, reinterpret_cast<uint32_t*>(kv.data()) + (j0 / 16) * (DQ / 2) * 16);
           // V in VNNI: keys (2i, 2i+1) of dim d form one 32-bit word at [d/16][i][d%16]; padded keys
           // are zero (a zero probability times garbage could still be NaN).
           for (int64_t j = j0; j < j0 + 16; j += 2) {
-            const uint16_t* a = j < nk ? reinterpret_cast<const uint16_t*>(P.v_row(b, kidx[j], h)) : nullptr;
-            const uint16_t* c = j + 1 < nk ? reinterpret_cast<const uint16_t*>(P.v_row(b, kidx[j + 1], h)) : nullptr;
+            const uint16_t* a = j < nk ? reinterpret_cast<const uint16_t*>(R.v_row(b, kidx[j], h)) : nullptr;
+            const uint16_t* c = j + 1 < nk ? reinterpret_cast<const uint16_t*>(R.v_row(b, kidx[j + 1], h)) : nullptr;
             for (int64_t i = 0; i < DV; i += 16) {
               const __mmask16 mk = D - i >= 16 ? __mmask16(0xffff) : __mmask16((1u << (D - i)) - 1u);
               __m512i w = a ? _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mk, a + i)) : _mm512_setzero_si512();
@@ -93,11 +92,11 @@ inline void forward(const Problem<c10::BFloat16, float>& P, at::Tensor& out, at:
       for (int64_t tile = t0; tile < t1; ++tile) {
         const int64_t i0 = tile * kRows, bq = std::min(kRows, d.Nq - i0);
         for (int64_t r = 0; r < bq; ++r) {
-          if (r + kPrefetchRows < bq) P.prefetch_q(b, i0 + r + kPrefetchRows, h);
-          prologue_bf16(P.q_row(b, i0 + r, h), D, P.qwp(), P.eps, P.rope, i0 + r, row.data(), &qb[r * DQ]);
+          if (r + kPrefetchRows < bq) R.prefetch_q(b, i0 + r + kPrefetchRows, h);
+          prologue_bf16(R.q_row(b, i0 + r, h), D, P.qwp(), P.eps, P.rope, i0 + r, row.data(), &qb[r * DQ]);
         }
         if (bq < kRows) std::memset(&qb[bq * DQ], 0, (kRows - bq) * DQ * 2);
-        const Lookahead<T, float> prefetch_ahead(P, optr, so, task, next, chunks, tiles_per_chunk, kRows, tile, t0, t1);
+        const Lookahead<T, float> prefetch_ahead(R, optr, so, task, next, chunks, tiles_per_chunk, kRows, tile, t0, t1, inputs);
         std::fill(m.begin(), m.end(), -INFINITY);
         std::memset(lv.data(), 0, kRows * 16 * sizeof(float));
         // S of the next key block is issued before the softmax of this one (two S buffers), so the
@@ -146,7 +145,7 @@ inline void forward(const Problem<c10::BFloat16, float>& P, at::Tensor& out, at:
           lptr[(b * d.H + h) * d.Nq + n] = nk > 0 ? (m[r] + std::log2(l)) * float(M_LN2) : -INFINITY;
         }
       }
-    }
+    });
     _tile_release();
   });
 }
