@@ -38,7 +38,8 @@ def dit_flops(model, batch: int) -> int:
     return int(flops)
 
 
-def _dit_cases(name: str, label: str, device: str, batch: int, train: bool, **overrides) -> list[Case]:
+def _dit_cases(name: str, label: str, device: str, batch: int, train: bool, dtype: torch.dtype = torch.float32,
+               **overrides) -> list[Case]:
     import raekern.models as M
     from raekern.models.layers import raekern_backend_available
     torch.manual_seed(0)
@@ -47,10 +48,11 @@ def _dit_cases(name: str, label: str, device: str, batch: int, train: bool, **ov
         for n, p in model.named_parameters():
             if p.requires_grad and p.dim() >= 2:
                 p.normal_(0, 0.02)
-    other = M.build(name, device=device, backend="raekern", **overrides)
+    model = model.to(dtype)
+    other = M.build(name, device=device, backend="raekern", **overrides).to(dtype)
     other.load_state_dict(model.state_dict())
-    x = torch.randn(batch, model.in_channels, model.input_size, model.input_size, device=device)
-    t = torch.rand(batch, device=device)
+    x = torch.randn(batch, model.in_channels, model.input_size, model.input_size, device=device, dtype=dtype)
+    t = torch.rand(batch, device=device, dtype=dtype)
     y = torch.randint(0, 1000, (batch,), device=device)
     shape = f"{label} B={batch}"
     flops = dit_flops(model, batch)
@@ -66,7 +68,7 @@ def _dit_cases(name: str, label: str, device: str, batch: int, train: bool, **ov
     if raekern_backend_available():
         impls["raekern"] = fwd(other)
         impls["raekern+compile"] = fwd(compiled(other))
-    cases.append(Case("models", f"{name} forward", shape, torch.float32, impls, flops=flops,
+    cases.append(Case("models", f"{name} forward", shape, dtype, impls, flops=flops,
                       notes="raekern = backend='raekern'; eager/compile = backend='torch' with the same weights"))
     if train:
         from raekern.models.training import velocity_loss, xpred_loss
@@ -85,7 +87,7 @@ def _dit_cases(name: str, label: str, device: str, batch: int, train: bool, **ov
         timpls = {"eager": step(model)}
         if raekern_backend_available():
             timpls["raekern"] = step(other)
-        cases.append(Case("models", f"{name} train step", shape, torch.float32, timpls, flops=3 * flops,
+        cases.append(Case("models", f"{name} train step", shape, dtype, timpls, flops=3 * flops,
                           baseline_of_interest=("eager",), notes="forward + backward of the flow-matching loss"))
     return cases
 
@@ -95,7 +97,9 @@ def models_cases(device: str, quick: bool) -> list[Case]:
     if quick:
         return _dit_cases("ditdh-s", "DiT-DH-S-shaped, shrunk", device, 2, True,
                           hidden_size=(64, 128), depth=(2, 1), num_heads=(2, 2), in_channels=32, input_size=8)
+    # bf16 forward as well: what sampling on an AMX CPU runs (both backends' GEMMs go through oneDNN).
     return (_dit_cases("ditdh-s", "DiT-DH-S (384x12 body, 2048x2 head)", device, 8, True)
+            + _dit_cases("ditdh-s", "DiT-DH-S (384x12 body, 2048x2 head)", device, 8, False, torch.bfloat16)
             + _dit_cases("ditdh-tiny-v2", "RAEv2-shaped small", device, 8, False,
                          hidden_size=(384, 1024), depth=(8, 2), num_heads=(6, 8), in_channels=256,
                          input_size=16, base_model_depth=4))

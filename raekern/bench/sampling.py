@@ -68,27 +68,29 @@ def sampling_cases(device: str, quick: bool) -> list[Case]:
     from raekern.sampling.grids import rae_v1_grid
     from raekern.sampling.sampler import Sampler, make_noise
 
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    main, weak, main_t, weak_t, shape, backend = _models(device, quick, dtype)
+    # CPU: fp32 (the issue's target) and bf16 (what an AMX CPU samples in); GPU: bf16.
+    dtypes = (torch.bfloat16,) if device == "cuda" else (torch.float32,) if quick else (torch.float32, torch.bfloat16)
     B = 64 if device == "cuda" and not quick else 4
-    grid = rae_v1_grid(50, latent_shape=shape)
-    k = 10
-    t, t_next = grid.times()[k], grid.times()[k + 1]
-    x = make_noise((B, *shape), 0, device=device, dtype=dtype)
-    y = torch.arange(B, device=device) % 1000
     cases = []
-    for name, policy, models, scale in (("autoguidance", G.AutoGuidance(1.42), {"weak": weak}, 1.42),
-                                        ("cfg", G.CFG(1.5), {}, 1.5)):
-        s = Sampler(main, policy, grid, models=models, progress=False)
+    for dtype in dtypes:
+        main, weak, main_t, weak_t, shape, backend = _models(device, quick, dtype)
+        grid = rae_v1_grid(50, latent_shape=shape)
+        k = 10
+        t, t_next = grid.times()[k], grid.times()[k + 1]
+        x = make_noise((B, *shape), 0, device=device, dtype=dtype)
+        y = torch.arange(B, device=device) % 1000
+        for name, policy, models, scale in (("autoguidance", G.AutoGuidance(1.42), {"weak": weak}, 1.42),
+                                            ("cfg", G.CFG(1.5), {}, 1.5)):
+            s = Sampler(main, policy, grid, models=models, progress=False)
 
-        def fast(s=s):
-            return s.step(x, y, k)
+            def fast(s=s, x=x, y=y, k=k):
+                return s.step(x, y, k)
 
-        cases.append(Case(
-            FAMILY, f"guided step {name}", f"B={B} latent={'x'.join(map(str, shape))}", dtype,
-            {"raekern": fast, "eager": _eager_step(main_t, weak_t, name, scale, x, y, t, t_next)},
-            baseline_of_interest=("eager",),
-            notes=f"DiT-DH backend {backend!r}; eager = RAE v1's released step in plain PyTorch"))
+            cases.append(Case(
+                FAMILY, f"guided step {name}", f"B={B} latent={'x'.join(map(str, shape))}", dtype,
+                {"raekern": fast, "eager": _eager_step(main_t, weak_t, name, scale, x, y, t, t_next)},
+                baseline_of_interest=("eager",),
+                notes=f"DiT-DH backend {backend!r}; eager = RAE v1's released step in plain PyTorch"))
     if device == "cuda" and not quick:
         # The GPU target: the whole 49-step AutoGuidance sampling, ours (CUDA graphs) vs the released loop.
         from raekern.sampling.reference import rae_v1_reference_sample
