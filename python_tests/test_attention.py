@@ -165,12 +165,14 @@ def test_non_contiguous_and_expanded_inputs():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("feat", [False, True], ids=["plain", "norm_rope_mask"])
-def test_cpu_forward_thread_split_and_layout(dtype, feat):
+@pytest.mark.parametrize("shape", [(3, 130, 5, 72), (2, 256, 5, 72)], ids=["one_group", "groups_2_2_1"])
+def test_cpu_forward_thread_split_and_layout(dtype, feat, shape):
     # Tasks (batch, head, query chunk) go to whichever thread is free and every task computes its rows
     # the same way, so the output must not depend on the thread count (which also moves where query
     # chunks start) nor on the layout (strided bnhd rows vs contiguous bhnd), and must meet the
-    # accuracy rule.
-    b, n, h, d = 3, 130, 5, 72
+    # accuracy rule. The fp32 kernel stages bnhd heads in groups sized to L2: all 5 heads at N = 130,
+    # groups of 2, 2 and 1 at N = 256 (the staged copy is exact, so nothing may change).
+    b, n, h, d = shape
     q, k, v = make((b, n, h, d), dtype)
     kw = features(d, n, b, dtype, norm=feat, rope=feat, mask=feat)
     prev = torch.get_num_threads()
