@@ -174,7 +174,7 @@ template <class T, class C> struct HeadStage {
   static int64_t group(const Problem<T, C>& P) {
     const int64_t D = P.d.D;
     if (P.d.H < 2 || (P.sq.n == D && P.sk.n == D && P.sv.n == D)) return 1;
-    const int64_t per_head = (P.d.Nq + 2 * P.d.Nk) * D * int64_t(sizeof(T));
+    const int64_t per_head = std::max<int64_t>(1, (P.d.Nq + 2 * P.d.Nk) * D * int64_t(sizeof(T)));
     return std::max<int64_t>(1, std::min<int64_t>(P.d.H, kStageBytes / per_head));
   }
 
