@@ -174,7 +174,7 @@ inline void prologue_bf16(const c10::BFloat16* src, int64_t D, const float* w, f
     __m512 x[kVecMaxD / 16];
     const int64_t nv = prologue_vec(src, D, w, eps, rope, token, 1.f, x);
     for (int64_t v = 0; v < nv; ++v)
-      _mm256_mask_storeu_epi16(dst + 16 * v, lanes_left(D - 16 * v), (__m256i)_mm512_cvtneps_pbh(x[v]));
+      _mm256_mask_storeu_epi16(dst + 16 * v, tail_mask(D - 16 * v), (__m256i)_mm512_cvtneps_pbh(x[v]));
     return;
   }
   prologue_row<c10::BFloat16, float>(src, D, w, eps, rope, token, 1.f, row);

@@ -36,7 +36,7 @@ inline void softmax_grad_block(const float* s, const float* dp, const float* l2,
                                int64_t ldt, int64_t q0) {
   alignas(64) float pbuf[32 * 32], dbuf[32 * 32];
   const __m512 vq = _mm512_set1_ps(qmul);
-  const __mmask16 k0 = lanes_left(kvalid), k1 = lanes_left(kvalid - 16);
+  const __mmask16 k0 = tail_mask(kvalid), k1 = tail_mask(kvalid - 16);
   for (int64_t r = 0; r < 32; ++r) {
     const __m512 l = _mm512_set1_ps(l2[r]), dl = _mm512_set1_ps(delta[r]);
     for (int64_t h = 0; h < 2; ++h) {
@@ -136,15 +136,13 @@ inline bool backward(const Problem<c10::BFloat16, float>& P, const at::Tensor& d
             prefetch_row(op + b * so.b + a * so.n + h * so.h, D * sizeof(T));
           }
           prologue_bf16(P.q_row(b, n, h), D, P.qwp(), P.eps, P.rope, n, row.data(), &qa[r * DQ]);
-          const uint16_t* g = reinterpret_cast<const uint16_t*>(dop + b * sdo.b + n * sdo.n + h * sdo.h);
-          const uint16_t* o = reinterpret_cast<const uint16_t*>(op + b * so.b + n * so.n + h * so.h);
-          std::memcpy(&da[r * DQ], g, D * 2);
+          const T* gr = dop + b * sdo.b + n * sdo.n + h * sdo.h;
+          const T* orow = op + b * so.b + n * so.n + h * so.h;
+          std::memcpy(&da[r * DQ], gr, D * 2);
           __m512 acc = _mm512_setzero_ps();
           for (int64_t i = 0; i < D; i += 16) {
-            const __mmask16 mk = lanes_left(D - i);
-            const __m512 gv = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mk, g + i)), 16));
-            const __m512 ov = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mk, o + i)), 16));
-            acc = _mm512_fmadd_ps(gv, ov, acc);
+            const __mmask16 mk = tail_mask(D - i);
+            acc = _mm512_fmadd_ps(raekern::cpu::load16(gr + i, mk), raekern::cpu::load16(orow + i, mk), acc);
           }
           const int64_t li = (b * d.H + h) * Nq + n;
           float dl = raekern::cpu::hsum16(acc);

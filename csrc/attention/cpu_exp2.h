@@ -1,6 +1,7 @@
 // Vectorised 2^x for the softmax (the scores are kept in log2 units, so exp becomes exp2).
 #pragma once
 #include <cmath>
+#include <cstddef>
 #include <cstdint>
 
 #include "common/cpu_vec_math.h"
@@ -31,32 +32,30 @@ inline float hmax(__m512 v) {
 }
 
 // 2^x = 2^floor(x) · 2^f with f = x − floor(x) ∈ [0, 1): vreduceps gives f in one instruction and
-// vscalefps applies 2^floor(x) to the polynomial, so there is no separate rounding, subtraction or
-// exponent-bit arithmetic. Degree 5 (relative-error fit on [0, 1)): error < 8e-8. Inputs are
-// clamped at -160, so -inf and anything whose result would be below the denormals give exactly 0.
-inline __m512 exp2_ps(__m512 x) {
+// vscalefps applies 2^floor(x) to the polynomial (coefficients highest degree first, relative-error
+// fits on [0, 1)), so there is no separate rounding, subtraction or exponent-bit arithmetic. Inputs
+// are clamped at -160, so -inf and anything whose result would be below the denormals give exactly 0.
+template <size_t N> inline __m512 exp2_horner(__m512 x, const float (&c)[N]) {
   x = _mm512_max_ps(x, _mm512_set1_ps(-160.f));
   const __m512 f = _mm512_reduce_ps(x, 0x09);  // x − floor(x): round down, exceptions suppressed
-  __m512 p = _mm512_set1_ps(1.8762329452e-03f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(8.9925840313e-03f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5823604462e-02f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4015452989e-01f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9315296818e-01f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.9999992692e-01f));
+  __m512 p = _mm512_set1_ps(c[0]);
+  for (size_t i = 1; i < N; ++i) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(c[i]));
   return _mm512_scalef_ps(p, x);
 }
 
-// The same at bf16 precision, for probabilities that are rounded to bf16 before the P·V product:
-// degree 4, error < 2.7e-6 (bf16 keeps 2^-9). Same clamp.
+// Degree 5: error < 8e-8.
+inline __m512 exp2_ps(__m512 x) {
+  static constexpr float c[] = {1.8762329452e-03f, 8.9925840313e-03f, 5.5823604462e-02f,
+                                2.4015452989e-01f, 6.9315296818e-01f, 9.9999992692e-01f};
+  return exp2_horner(x, c);
+}
+
+// At bf16 precision, for probabilities that are rounded to bf16 before the P·V product: degree 4,
+// error < 2.7e-6 (bf16 keeps 2^-9).
 inline __m512 exp2_ps_bf16(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-160.f));
-  const __m512 f = _mm512_reduce_ps(x, 0x09);
-  __m512 p = _mm512_set1_ps(1.3520603197e-02f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.2037428774e-02f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4142749325e-01f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9300662066e-01f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0000025181e+00f));
-  return _mm512_scalef_ps(p, x);
+  static constexpr float c[] = {1.3520603197e-02f, 5.2037428774e-02f, 2.4142749325e-01f, 6.9300662066e-01f,
+                                1.0000025181e+00f};
+  return exp2_horner(x, c);
 }
 #endif
 
@@ -71,36 +70,9 @@ template <class F> inline F exp2_shift_sum(F* __restrict s, int64_t n, F sub) {
 }
 
 #if defined(__AVX512F__)
-template <> inline float exp2_shift_sum<float>(float* __restrict s, int64_t n, float sub) {
+// p = 2^(s − sub) in place for i < n; returns a + Σ p, still as 16 lanes.
+inline __m512 exp2_shift_lanes(float* __restrict s, int64_t n, float sub, __m512 a) {
   const __m512 vs = _mm512_set1_ps(sub);
-  __m512 acc = _mm512_setzero_ps();
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    const __m512 p = exp2_ps(_mm512_sub_ps(_mm512_loadu_ps(s + i), vs));
-    _mm512_storeu_ps(s + i, p);
-    acc = _mm512_add_ps(acc, p);
-  }
-  if (i < n) {
-    const __mmask16 mk = __mmask16((1u << (n - i)) - 1u);
-    const __m512 p = exp2_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, s + i), vs));
-    _mm512_mask_storeu_ps(s + i, mk, p);
-    acc = _mm512_add_ps(acc, _mm512_maskz_mov_ps(mk, p));
-  }
-  return hsum(acc);
-}
-#endif
-
-// The running row sum l of the online softmax, kept as kSumLanes partial sums that are reduced
-// once per row at the end instead of once per key block.
-template <class F> constexpr int kSumLanes = 1;
-template <class F> inline void exp2_shift_acc(F* __restrict s, int64_t n, F sub, F* __restrict acc) {
-  acc[0] += exp2_shift_sum(s, n, sub);
-}
-#if defined(__AVX512F__)
-template <> constexpr int kSumLanes<float> = 16;
-template <> inline void exp2_shift_acc<float>(float* __restrict s, int64_t n, float sub, float* __restrict acc) {
-  const __m512 vs = _mm512_set1_ps(sub);
-  __m512 a = _mm512_loadu_ps(acc);
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) {
     const __m512 p = exp2_ps(_mm512_sub_ps(_mm512_loadu_ps(s + i), vs));
@@ -113,7 +85,23 @@ template <> inline void exp2_shift_acc<float>(float* __restrict s, int64_t n, fl
     _mm512_mask_storeu_ps(s + i, mk, p);
     a = _mm512_add_ps(a, _mm512_maskz_mov_ps(mk, p));
   }
-  _mm512_storeu_ps(acc, a);
+  return a;
+}
+template <> inline float exp2_shift_sum<float>(float* __restrict s, int64_t n, float sub) {
+  return hsum(exp2_shift_lanes(s, n, sub, _mm512_setzero_ps()));
+}
+#endif
+
+// The running row sum l of the online softmax, kept as kSumLanes partial sums that are reduced
+// once per row at the end instead of once per key block.
+template <class F> constexpr int kSumLanes = 1;
+template <class F> inline void exp2_shift_acc(F* __restrict s, int64_t n, F sub, F* __restrict acc) {
+  acc[0] += exp2_shift_sum(s, n, sub);
+}
+#if defined(__AVX512F__)
+template <> constexpr int kSumLanes<float> = 16;
+template <> inline void exp2_shift_acc<float>(float* __restrict s, int64_t n, float sub, float* __restrict acc) {
+  _mm512_storeu_ps(acc, exp2_shift_lanes(s, n, sub, _mm512_loadu_ps(acc)));
 }
 #endif
 template <class F> inline F lanes_sum(const F* acc) {

@@ -37,12 +37,12 @@ template <class C> inline void transpose_to_panels(const C* __restrict src, int6
     const int64_t cnt = std::min<int64_t>(64, n - j0);
     C* __restrict panel = dst + (j0 / 64) * D * 64;
     const C* __restrict s = src + j0 * ld;
-#if defined(__AVX512F__)
+#if defined(RAEKERN_CPU_VEC16)
     if constexpr (std::is_same_v<C, float>) {
       // 16 keys × 16 dims per register transpose (gathers cost a load per element).
       for (int64_t jj = 0; jj < 64; jj += 16)
         for (int64_t i = 0; i < D; i += 16) {
-          const __mmask16 mk = lanes_left(D - i);
+          const __mmask16 mk = tail_mask(D - i);
           __m512 r[16];
           for (int64_t k = 0; k < 16; ++k)
             r[k] = jj + k < cnt ? _mm512_maskz_loadu_ps(mk, s + (jj + k) * ld + i) : _mm512_setzero_ps();

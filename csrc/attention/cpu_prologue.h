@@ -115,10 +115,9 @@ template <class C> inline C inv_rms(const C* __restrict x, int64_t D, C eps) {
   return C(1) / std::sqrt(ss / C(D) + eps);
 }
 
-#if defined(__AVX512F__)
+#if defined(RAEKERN_CPU_VEC16)
 constexpr int64_t kVecMaxD = 256;  // rows the register prologue holds (16 zmm)
-// Mask of the first n of 16 lanes (n may be <= 0 or >= 16).
-inline __mmask16 lanes_left(int64_t n) { return n >= 16 ? __mmask16(0xffff) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1u); }
+using raekern::cpu::tail_mask;
 template <class T> inline constexpr bool kVecPrologue = std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16>;
 
 // mul · rope(norm(src)) of one fp32/bf16 row held in registers: x[v] = channels [16v, 16v + 16), lanes
@@ -128,26 +127,18 @@ template <class T>
 inline int64_t prologue_vec(const T* __restrict src, int64_t D, const float* __restrict w, float eps,
                             const RopeTable<float>& rope, int64_t token, float mul, __m512* x) {
   const int64_t nv = (D + 15) / 16;
-  for (int64_t v = 0; v < nv; ++v) {
-    const __mmask16 mk = lanes_left(D - 16 * v);
-    if constexpr (std::is_same_v<T, float>) {
-      x[v] = _mm512_maskz_loadu_ps(mk, src + 16 * v);
-    } else {
-      const __m256i b = _mm256_maskz_loadu_epi16(mk, reinterpret_cast<const uint16_t*>(src) + 16 * v);
-      x[v] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16));
-    }
-  }
+  for (int64_t v = 0; v < nv; ++v) x[v] = raekern::cpu::load16(src + 16 * v, tail_mask(D - 16 * v));
   if (w) {
     __m512 ss = _mm512_setzero_ps();
     for (int64_t v = 0; v < nv; ++v) ss = _mm512_fmadd_ps(x[v], x[v], ss);
     const __m512 r = _mm512_set1_ps(1.f / std::sqrt(_mm512_reduce_add_ps(ss) / float(D) + eps));
     for (int64_t v = 0; v < nv; ++v)
-      x[v] = _mm512_mul_ps(x[v], _mm512_mul_ps(r, _mm512_maskz_loadu_ps(lanes_left(D - 16 * v), w + 16 * v)));
+      x[v] = _mm512_mul_ps(x[v], _mm512_mul_ps(r, _mm512_maskz_loadu_ps(tail_mask(D - 16 * v), w + 16 * v)));
   }
   if (rope.rotates(token)) {
     const float *c = rope.row_cos(token), *s = rope.row_sin(token);
     for (int64_t v = 0; v < nv; ++v) {
-      const __mmask16 mk = lanes_left(D - 16 * v);
+      const __mmask16 mk = tail_mask(D - 16 * v);
       const __m512 sw = _mm512_permute_ps(x[v], 0xB1);  // the pair partner of every lane
       x[v] = _mm512_fmadd_ps(x[v], _mm512_maskz_loadu_ps(mk, c + 16 * v),
                              _mm512_mul_ps(sw, _mm512_maskz_loadu_ps(mk, s + 16 * v)));
@@ -163,12 +154,12 @@ inline int64_t prologue_vec(const T* __restrict src, int64_t D, const float* __r
 template <class T, class C>
 inline void prologue_row(const T* __restrict src, int64_t D, const C* __restrict w, C eps,
                          const RopeTable<C>& rope, int64_t token, C mul, C* __restrict dst) {
-#if defined(__AVX512F__)
+#if defined(RAEKERN_CPU_VEC16)
   if constexpr (std::is_same_v<C, float> && kVecPrologue<T>) {
     if (D <= kVecMaxD) {
       __m512 x[kVecMaxD / 16];
       const int64_t nv = prologue_vec(src, D, w, eps, rope, token, mul, x);
-      for (int64_t v = 0; v < nv; ++v) _mm512_mask_storeu_ps(dst + 16 * v, lanes_left(D - 16 * v), x[v]);
+      for (int64_t v = 0; v < nv; ++v) _mm512_mask_storeu_ps(dst + 16 * v, tail_mask(D - 16 * v), x[v]);
       return;
     }
   }

@@ -148,7 +148,10 @@ inline void narrow_row<c10::Half>(const float* __restrict src, int64_t n, c10::H
 // Kernels write their hot row loops with these when RAEKERN_CPU_VEC16 is defined.
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 #define RAEKERN_CPU_VEC16 1
-inline __mmask16 tail_mask(int64_t left) { return left >= 16 ? __mmask16(0xffff) : __mmask16((1u << left) - 1); }
+// Mask of the first `left` of 16 lanes; 0 when nothing is left.
+inline __mmask16 tail_mask(int64_t left) {
+  return left >= 16 ? __mmask16(0xffff) : left <= 0 ? __mmask16(0) : __mmask16((1u << left) - 1);
+}
 
 template <class T> inline __m512 load16(const T* p, __mmask16 m);
 template <> inline __m512 load16<float>(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
