@@ -405,6 +405,104 @@ def test_cuda_forward_matches_reference(dtype, d, n):
     assert (lse.double() - ref_lse).abs().max() < 1e-2
 
 
+# ----------------------------------------------------------------------------- CUDA forward, emulated
+def _emu_fwd_or_skip():
+    emu = emulation_library()
+    if emu is None or not hasattr(emu, "attention"):
+        pytest.skip("raekern._emu (host emulation of the CUDA attention forward) is not built")
+    return emu
+
+
+def _emu_fwd_check(emu, q, k, v, kw, layout, scale=None):
+    """The sm80 tensor-core forward (mma.sync / ldmatrix / cp.async emulated) against the fp64
+    reference, by the flash rule; lse against the fp64 lse."""
+    d = q.shape[-1]
+    scale = d ** -0.5 if scale is None else scale
+    gh, gw = kw.get("rope_grid", (0, 0))
+    args = (kw.get("q_norm_weight"), kw.get("k_norm_weight"), kw.get("key_padding_mask"), scale, 1e-6, gh, gw,
+            1e4, ("bnhd", "bhnd").index(layout))
+    out, lse = emu.attention(q, k, v, *args)
+    ref, ref_lse = attention_reference(q.double(), k.double(), v.double(), layout=layout, scale=scale,
+                                       return_lse=True, **to64(kw))
+    same, same_lse = attention_reference(q, k, v, layout=layout, scale=scale, return_lse=True, **kw)
+    assert out.dtype == q.dtype and out.shape == ref.shape and lse.dtype == torch.float32
+    check_close(out, same, ref, FLOOR[q.dtype], "out")
+    fin = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), fin)
+    if fin.any():
+        check_close(lse[fin], same_lse[fin], ref_lse[fin], 1e-3, "lse")
+
+
+# (b, nq, nk, h, d, dtype, layout, features)
+EMU_FWD_CASES = [
+    (1, 70, 70, 2, 64, torch.bfloat16, "bnhd", False),
+    (2, 70, 70, 1, 72, torch.float16, "bhnd", False),
+    (1, 129, 129, 1, 128, torch.bfloat16, "bnhd", True),  # three key blocks, the last one partial
+    (1, 68, 68, 2, 72, torch.bfloat16, "bhnd", True),  # RoPE grid 17x4: later tokens unrotated
+    (2, 1, 1, 1, 64, torch.float16, "bnhd", True),  # one token
+    (1, 5, 130, 1, 72, torch.float16, "bnhd", True),  # cross attention, Nq < one tile
+    (1, 130, 3, 1, 128, torch.bfloat16, "bhnd", False),  # three query tiles, Nk < one tile
+]
+
+
+@pytest.mark.parametrize("case", EMU_FWD_CASES, ids=lambda c: f"{c[0]}x{c[1]}x{c[2]}x{c[3]}x{c[4]}-"
+                         f"{str(c[5])[6:]}-{c[6]}-{'feat' if c[7] else 'plain'}")
+def test_emulated_cuda_forward_matches_reference(case):
+    emu = _emu_fwd_or_skip()
+    b, nq, nk, h, d, dtype, layout, feat = case
+    q, _, _ = make((b, nq, h, d), dtype, layout, seed=3)
+    _, k, v = make((b, nk, h, d), dtype, layout, seed=4)
+    kw = features(d, nk, b, dtype, seed=5, norm=feat, rope=feat, mask=feat)
+    if feat and d % 4 == 0:
+        kw["rope_grid"] = (max(1, min(nq, nk) // 4), 4) if min(nq, nk) >= 4 else (1, 1)
+    _emu_fwd_check(emu, q, k, v, kw, layout, scale=0.8 / math.sqrt(d))
+
+
+@pytest.mark.parametrize("schedule", ["forward", "reverse", "random"])
+def test_emulated_cuda_forward_schedules_and_unaligned_rows(schedule):
+    """Every thread order between barriers gives the same result (no missing barrier or cp.async
+    wait); rows that are not 16-byte aligned take the kernel's element-copy path."""
+    emu = _emu_fwd_or_skip()
+    emu.set_schedule(schedule, 11)
+    try:
+        b, n, h, d = 1, 67, 2, 72
+        q, k, v = make((b, n, h, d), torch.bfloat16, seed=6)
+        kw = features(d, n, b, torch.bfloat16, seed=7)
+        kw["rope_grid"] = (8, 8)
+        _emu_fwd_check(emu, q, k, v, kw, "bnhd")
+        big = torch.randn(b, n, h, d + 1).to(torch.bfloat16)
+        q_odd = big[..., 1:]  # every row starts 2 bytes past a 16-byte boundary
+        assert q_odd.data_ptr() % 16 != 0
+        _emu_fwd_check(emu, q_odd, k, v, kw, "bnhd")
+    finally:
+        emu.set_schedule("random", 0)
+
+
+def test_emulated_cuda_forward_masked_batch_and_broadcast_mask():
+    emu = _emu_fwd_or_skip()
+    b, n, h, d = 2, 40, 1, 64
+    q, k, v = make((b, n, h, d), torch.bfloat16, seed=8)
+    mask = torch.ones(b, n, dtype=torch.bool)
+    mask[0] = False  # batch 0 has no key: out 0, lse -inf
+    mask[1, 7:30] = False
+    out, lse = emu.attention(q, k, v, None, None, mask, d ** -0.5, 1e-6, 0, 0, 1e4, 0)
+    assert torch.all(out[0] == 0) and torch.isinf(lse[0]).all()
+    _emu_fwd_check(emu, q, k, v, {"key_padding_mask": mask}, "bnhd")
+    one = torch.ones(1, n, dtype=torch.bool)
+    one[0, ::3] = False
+    _emu_fwd_check(emu, q, k, v, {"key_padding_mask": one.expand(b, n)}, "bnhd")  # stride-0 batch
+
+
+def test_emulated_cuda_forward_bad_arguments_name_the_argument():
+    emu = _emu_fwd_or_skip()
+    q, k, v = make((1, 8, 1, 64), torch.float32)
+    with pytest.raises(ValueError, match="'q' must be bfloat16 or float16"):
+        emu.attention(q, k, v, None, None, None, 0.125, 1e-6, 0, 0, 1e4, 0)
+    q, k, v = make((1, 8, 1, 32), torch.bfloat16)
+    with pytest.raises(ValueError, match="'q'.*head dim 32 has no CUDA tile config"):
+        emu.attention(q, k, v, None, None, None, 0.125, 1e-6, 0, 0, 1e4, 0)
+
+
 # ----------------------------------------------------------------------------- CUDA backward, emulated
 def _emu_bwd_or_skip():
     emu = emulation_library()

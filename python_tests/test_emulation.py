@@ -224,3 +224,54 @@ def test_launches_from_several_threads():
         outs = list(pool.map(lambda x: emu.selftest_row_stats(x, 128, 4), xs))
     for x, out in zip(xs, outs):
         torch.testing.assert_close(out[:, 0], x.sum(1), rtol=1e-5, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tensor-core instructions (common/tensor_core.cuh): mma.sync and ldmatrix as warp collectives,
+# cp.async as per-thread queues that land at the retiring wait_group.
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_mma_with_ldmatrix_trans_is_a_matmul(dtype, schedule):
+    emu.set_schedule(schedule, 3)
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(16, 16, generator=g).to(dtype)
+    b = torch.randn(16, 8, generator=g).to(dtype)
+    c = torch.randn(16, 8, generator=g)
+    d = emu.selftest_mma(a, b, c)
+    ref = a.double() @ b.double() + c.double()  # 16-bit products are exact; one fp32 rounding
+    torch.testing.assert_close(d.double(), ref, rtol=1e-6, atol=1e-6)
+    # Distinct entries in every position: a transposed or shuffled fragment cannot pass.
+    idx = torch.arange(16 * 16, dtype=torch.float32).reshape(16, 16)
+    e = emu.selftest_mma(torch.eye(16).to(dtype), (idx[:, :8] / 64).to(dtype), torch.zeros(16, 8))
+    torch.testing.assert_close(e, (idx[:, :8] / 64).to(dtype).float())
+
+
+def test_ldmatrix_misaligned_row_and_divergent_collective_are_caught():
+    a, b, c = torch.zeros(16, 16, dtype=torch.bfloat16), torch.zeros(16, 8, dtype=torch.bfloat16), torch.zeros(16, 8)
+    with pytest.raises(RuntimeError, match="ldmatrix.*row address is not 16-byte aligned"):
+        emu.selftest_mma(a, b, c, 1)
+    with pytest.raises(RuntimeError, match="divergent warp collective.*mma.sync.*ldmatrix|divergent warp collective.*ldmatrix.*mma.sync"):
+        emu.selftest_mma(a, b, c, 2)
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_cp_async_lands_at_wait_and_zero_fills(schedule):
+    emu.set_schedule(schedule, 5)
+    x = torch.randn(64, 4)
+    y = emu.selftest_cp_async(x, 50)
+    torch.testing.assert_close(y[:50], x[:50])
+    assert y[50:].eq(0).all()
+    # wait_group 1 retires only the older group: the chunks of the even threads.
+    y = emu.selftest_cp_async(x, 64, 3)
+    torch.testing.assert_close(y[0::2], x[0::2])
+    assert y[1::2].eq(-1).all()
+
+
+def test_cp_async_misuse_is_caught():
+    x = torch.randn(64, 4)
+    with pytest.raises(RuntimeError, match="exited with 1 cp.async copies that no cp.async.wait_group retired"):
+        emu.selftest_cp_async(x, 64, 1)
+    for schedule in ("forward", "reverse"):  # no barrier after the wait: another thread's chunk is missing
+        emu.set_schedule(schedule, 0)
+        assert emu.selftest_cp_async(x, 64, 2).isnan().any()

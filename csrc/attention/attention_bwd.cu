@@ -8,38 +8,10 @@
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
-#include <utility>
-
 #include "attention/attention_bwd_host.h"
 #include "common/cuda_launch.h"
 
 namespace raekern::attention::cuda {
-
-namespace {
-
-struct CudaMem {
-  template <class T> using dev_t = cuda_t<T>;
-  template <class T> const dev_t<T>* in(const at::Tensor& t, const char*) {
-    return reinterpret_cast<const dev_t<T>*>(t.data_ptr<T>());
-  }
-  template <class T> dev_t<T>* out(const at::Tensor& t, const char*) { return reinterpret_cast<dev_t<T>*>(t.data_ptr<T>()); }
-  template <class T> dev_t<T>* inout(const at::Tensor& t, const char*) {
-    return reinterpret_cast<dev_t<T>*>(t.data_ptr<T>());
-  }
-  void sync() {}  // later host-side work is stream-ordered device work
-};
-
-struct CudaLaunch {
-  template <class... P, class... A>
-  void operator()(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, A&&... args) {
-    if (smem > 48 * 1024)
-      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-    kernel<<<grid, block, smem, current_stream()>>>(std::forward<A>(args)...);
-    RAEKERN_CUDA_CHECK_LAUNCH();
-  }
-};
-
-}  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
     const at::Tensor& dout, const std::optional<at::Tensor>& dlse, const at::Tensor& q, const at::Tensor& k,

@@ -7,29 +7,11 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
-#include <utility>
-
 #include "attention/attention_bwd_host.h"
 #include "common/emulation_torch.h"
 
 namespace raekern::attention {
 namespace {
-
-struct EmuMem {
-  emu::DeviceMemory mem;
-  template <class T> using dev_t = emu::emu_t<T>;
-  template <class T> const dev_t<T>* in(const at::Tensor& t, const char* name) { return mem.in<T>(t, name); }
-  template <class T> dev_t<T>* out(const at::Tensor& t, const char* name) { return mem.out<T>(t, name); }
-  template <class T> dev_t<T>* inout(const at::Tensor& t, const char* name) { return mem.inout<T>(t, name); }
-  void sync() { mem.finish(); }
-};
-
-struct EmuLaunch {
-  template <class... P, class... A>
-  void operator()(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, A&&... args) {
-    emu::emulate_launch(kernel, grid, block, smem, std::forward<A>(args)...);
-  }
-};
 
 bwd::Grads attention_bwd_emu(const at::Tensor& dout, const std::optional<at::Tensor>& dlse, const at::Tensor& q,
                              const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
@@ -39,8 +21,8 @@ bwd::Grads attention_bwd_emu(const at::Tensor& dout, const std::optional<at::Ten
                              int64_t key_blocks_per_cta) {
   RAEKERN_CHECK(key_blocks_per_cta >= 0, "attention_bwd", "key_blocks_per_cta", "must be >= 0, got ",
                 key_blocks_per_cta);
-  EmuMem mem;
-  EmuLaunch launch;
+  emu::Mem mem;
+  emu::Launch launch;
   return bwd::run(mem, launch, dout, dlse, q, k, v, out, lse, qw, kw, mask, scale, eps, rope_h, rope_w, theta,
                   layout, deterministic, key_blocks_per_cta);
 }

@@ -1,6 +1,7 @@
-// The attention family's SIMT device code (QK-norm + RoPE prologue, softmax epilogue) run on the
-// host emulation, for python_tests/test_attention.py. The tensor-core mainloop (mma.sync, cp.async,
-// ldmatrix) cannot be emulated; only a GPU verifies it.
+// The attention family's CUDA forward run on the host emulation, for python_tests/test_attention.py:
+// the SIMT prologue (QK-norm + RoPE) and softmax epilogue on their own, and the whole sm80 forward
+// (attention_fwd_host.h's plan; mma.sync, ldmatrix and cp.async emulated by common/tensor_core.cuh)
+// as torch.ops.raekern_emu.attention with the schema of raekern::attention.
 // Compiles to nothing in a checkout without the host emulation (the tests then skip).
 #if defined(RAEKERN_HOST_EMULATION) && __has_include("common/emulation_torch.h")
 #include <torch/library.h>
@@ -8,6 +9,7 @@
 #include <cmath>
 
 #include "attention/attention_emu_kernel.cuh"
+#include "attention/attention_fwd_host.h"
 #include "common/checks.h"
 #include "common/emulation_torch.h"
 
@@ -53,15 +55,31 @@ std::tuple<at::Tensor, at::Tensor> finalize_emu(const at::Tensor& m, const at::T
   return {inv, lse};
 }
 
+std::tuple<at::Tensor, at::Tensor> attention_sm80_emu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                      const std::optional<at::Tensor>& qw,
+                                                      const std::optional<at::Tensor>& kw,
+                                                      const std::optional<at::Tensor>& mask, double scale,
+                                                      double eps, int64_t rope_h, int64_t rope_w, double theta,
+                                                      int64_t layout) {
+  emu::Mem mem;
+  emu::Launch launch;
+  return fwd::run(mem, launch, q, k, v, qw, kw, mask, scale, eps, rope_h, rope_w, theta, layout);
+}
+
 }  // namespace
 }  // namespace raekern::attention
 
 TORCH_LIBRARY_FRAGMENT(raekern_emu, m) {
   m.def("attention_prologue(Tensor x, Tensor? w, float eps, int grid_h, int grid_w, float theta) -> Tensor");
   m.def("attention_softmax_finalize(Tensor m, Tensor l) -> (Tensor, Tensor)");
+  m.def(
+      "attention(Tensor q, Tensor k, Tensor v, Tensor? q_norm_weight, Tensor? k_norm_weight, "
+      "Tensor? key_padding_mask, float scale, float norm_eps, int rope_h, int rope_w, float rope_theta, "
+      "int layout) -> (Tensor, Tensor)");
 }
 TORCH_LIBRARY_IMPL(raekern_emu, CPU, m) {
   m.impl("attention_prologue", &raekern::attention::prologue_emu);
   m.impl("attention_softmax_finalize", &raekern::attention::finalize_emu);
+  m.impl("attention", &raekern::attention::attention_sm80_emu);
 }
 #endif

@@ -4,56 +4,23 @@
 // (bf16/fp16 in, fp32 accumulate); the online softmax (log2 units) stays in registers and P is fed
 // to the second MMA straight from the S accumulators. QK-norm and RoPE are applied to the Q tile
 // and to each K tile in shared memory after it lands (attention_prologue_kernel.cuh).
-// NOT YET RUN ON A GPU: compiled for sm_80/sm_90a only; the GPU check verifies it.
+// NOT YET RUN ON A GPU: compiled for sm_80/sm_90a and run on the host emulation (tensor-core
+// instructions emulated from their PTX fragment layouts, common/tensor_core.cuh); the GPU check
+// verifies it on hardware.
 #pragma once
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
 #include <cstdint>
 
 #include "attention/attention_prologue_kernel.cuh"
 #include "attention/attention_sm80_config.h"
 #include "common/simt.cuh"
+#include "common/tensor_core.cuh"
 
 namespace raekern::attention::sm80 {
 
-template <class T> struct Mma;
-template <> struct Mma<__nv_bfloat16> {
-  __device__ __forceinline__ static void run(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-  __device__ __forceinline__ static uint32_t pack(float lo, float hi) {
-    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<uint32_t*>(&v);
-  }
-};
-template <> struct Mma<__half> {
-  __device__ __forceinline__ static void run(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-  __device__ __forceinline__ static uint32_t pack(float lo, float hi) {
-    __half2 v = __floats2half2_rn(lo, hi);
-    return *reinterpret_cast<uint32_t*>(&v);
-  }
-};
-
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
-  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  const int bytes = valid ? 16 : 0;  // 0: zero-fill (rows past the sequence end)
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(bytes));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N> __device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-}
+using tc::Mma;
+using tc::cp_async16;
+using tc::cp_async_commit;
+using tc::cp_async_wait;
 
 __device__ __forceinline__ uint32_t lds32(const void* p) { return *reinterpret_cast<const uint32_t*>(p); }
 
@@ -206,14 +173,11 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_fwd_sm80_kernel(const
                              Mma<T>::pack(acc_s[2 * kk][2], acc_s[2 * kk][3]),
                              Mma<T>::pack(acc_s[2 * kk + 1][0], acc_s[2 * kk + 1][1]),
                              Mma<T>::pack(acc_s[2 * kk + 1][2], acc_s[2 * kk + 1][3])};
-      const unsigned row_addr =
-          static_cast<unsigned>(__cvta_generic_to_shared(v_tile + (kk * 16 + (lane & 15)) * LV));
+      const T* v_rows = v_tile + (kk * 16 + (lane & 15)) * LV;  // lanes 0-15: the 16 key rows
 #pragma unroll
       for (int n = 0; n < Cfg::kNTilesO; ++n) {
         uint32_t b0, b1;
-        asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n"
-                     : "=r"(b0), "=r"(b1)
-                     : "r"(row_addr + n * 16));
+        tc::ldmatrix_x2_trans(b0, b1, v_rows + n * 8);
         Mma<T>::run(acc_o[n], a, b0, b1);
       }
     }

@@ -8,6 +8,8 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <utility>
+
 namespace raekern {
 
 template <class T> struct CudaType { using type = T; };
@@ -20,6 +22,30 @@ template <class T> inline cuda_t<T>* cuda_ptr(const at::Tensor& t) {
 }
 
 inline cudaStream_t current_stream() { return at::cuda::getCurrentCUDAStream().stream(); }
+
+// The device side of host plans written once for CUDA and the host emulation (attention's
+// *_host.h): tensors are used where they live, kernels go to the current stream.
+struct CudaMem {
+  template <class T> using dev_t = cuda_t<T>;
+  template <class T> const dev_t<T>* in(const at::Tensor& t, const char*) {
+    return reinterpret_cast<const dev_t<T>*>(t.data_ptr<T>());
+  }
+  template <class T> dev_t<T>* out(const at::Tensor& t, const char*) { return reinterpret_cast<dev_t<T>*>(t.data_ptr<T>()); }
+  template <class T> dev_t<T>* inout(const at::Tensor& t, const char*) {
+    return reinterpret_cast<dev_t<T>*>(t.data_ptr<T>());
+  }
+  void sync() {}  // later host-side work is stream-ordered device work
+};
+
+struct CudaLaunch {
+  template <class... P, class... A>
+  void operator()(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, A&&... args) {
+    if (smem > 48 * 1024)
+      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+    kernel<<<grid, block, smem, current_stream()>>>(std::forward<A>(args)...);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+};
 
 }  // namespace raekern
 

@@ -168,6 +168,14 @@ struct Fiber {
   int param = 0, width = 32;
   uint64_t result = 0;
   std::source_location loc;
+  // cp.async: copies issued since the last commit, and committed groups not yet retired (oldest first).
+  struct Copy {
+    void* dst;
+    const void* src;
+    int bytes, src_bytes;
+  };
+  std::vector<Copy> open_copies;
+  std::vector<std::vector<Copy>> copy_groups;
 };
 
 struct Run {
@@ -205,6 +213,7 @@ const char* op_name(int op) {
     case detail::kReduceMinU: case detail::kReduceMinI: return "__reduce_min_sync";
     case detail::kReduceMaxU: case detail::kReduceMaxI: return "__reduce_max_sync";
     case detail::kMatchAny: return "__match_any_sync";
+    case detail::kCollective: return "warp collective (mma.sync / ldmatrix)";
   }
   return "?";
 }
@@ -262,6 +271,43 @@ unsigned existing_lanes(const Run& r, int warp) {
   return n >= 32 ? 0xffffffffu : ((1u << n) - 1u);
 }
 
+const detail::Collective& collective_of(const Fiber& f) {
+  return *reinterpret_cast<const detail::Collective*>(f.value);
+}
+
+// Every lane of the mask has arrived at a warp_collective: all lanes must be at the same instruction;
+// then each lane's result is computed from everyone's operands before any lane runs on.
+void resolve_collective(Run& r, Fiber* const (&lanes)[32]) {
+  const Fiber* first = nullptr;
+  const void* ins[32] = {};
+  for (int l = 0; l < 32; ++l) {
+    if (!lanes[l]) continue;
+    const detail::Collective& c = collective_of(*lanes[l]);
+    if (!first) first = lanes[l];
+    if (c.fn != collective_of(*first).fn)
+      fail_fiber(r, "divergent warp collective: " + who(*first) + " is at " + collective_of(*first).name + " (" +
+                        where(first->loc) + ") while " + who(*lanes[l]) + " is at " + c.name + " (" +
+                        where(lanes[l]->loc) + ")");
+    ins[l] = c.in;
+  }
+  for (int l = 0; l < 32; ++l) {
+    if (!lanes[l]) continue;
+    const detail::Collective& c = collective_of(*lanes[l]);
+    std::string err;
+    c.fn(l, ins, c.out, &err);
+    if (!err.empty()) fail_fiber(r, who(*lanes[l]) + " at " + where(lanes[l]->loc) + ": " + c.name + ": " + err);
+  }
+  for (int l = 0; l < 32; ++l)
+    if (lanes[l]) lanes[l]->st = St::kRunnable;
+}
+
+void perform_copies(const std::vector<Fiber::Copy>& group) {
+  for (const Fiber::Copy& c : group) {
+    std::memcpy(c.dst, c.src, size_t(c.src_bytes));
+    std::memset(static_cast<unsigned char*>(c.dst) + c.src_bytes, 0, size_t(c.bytes - c.src_bytes));
+  }
+}
+
 // If every lane of `mask` waits at the same collective, computes the results and wakes them.
 void try_resolve(Run& r, int warp, unsigned mask, int op) {
   Fiber* lanes[32] = {};
@@ -275,6 +321,7 @@ void try_resolve(Run& r, int warp, unsigned mask, int op) {
     if (g.st != St::kWarp || g.mask != mask || g.op != op) return;  // not there yet (or deadlock later)
     lanes[l] = &g;
   }
+  if (op == detail::kCollective) return resolve_collective(r, lanes);
   for (int l = 0; l < 32; ++l) {
     if (!lanes[l]) continue;
     Fiber& g = *lanes[l];
@@ -334,6 +381,11 @@ void fiber_main() {
   Run& r = *tl_run;
   r.body(r.closure);
   Fiber& f = r.fibers[r.cur];
+  size_t pending = f.open_copies.size();
+  for (const auto& g : f.copy_groups) pending += g.size();
+  if (pending)
+    fail_fiber(r, who(f) + " exited with " + std::to_string(pending) +
+                      " cp.async copies that no cp.async.wait_group retired (their data is never used)");
   f.st = St::kDone;
   switch_ctx(f.ctx, r.sched);
   __builtin_unreachable();
@@ -377,6 +429,8 @@ void run_block(Run& r, const uint3& bidx, std::mt19937_64& rng) {
     Fiber& f = r.fibers[i];
     f.st = St::kRunnable;
     f.coords.block_idx = bidx;
+    f.open_copies.clear();
+    f.copy_groups.clear();
     const Stack& s = tl_stacks.stacks[i];
     init_ctx(f.ctx, s.lo, s.size, &fiber_main);
   }
@@ -584,6 +638,47 @@ unsigned active_mask() {
 unsigned char* dynamic_shared() {
   Run& r = current("dynamic shared memory");
   return reinterpret_cast<unsigned char*>(r.smem.data());
+}
+
+bool in_dynamic_shared(const void* p, size_t bytes) {
+  const Run& r = current("dynamic shared memory");
+  const auto* lo = reinterpret_cast<const unsigned char*>(r.smem.data());
+  const auto* a = static_cast<const unsigned char*>(p);
+  return a >= lo && a + bytes <= lo + r.smem_bytes;
+}
+
+void warp_collective(unsigned mask, const Collective& c, const std::source_location& loc) {
+  warp_op(kCollective, mask, reinterpret_cast<uint64_t>(&c), 0, 32, loc);
+}
+
+void cp_async(void* dst, const void* src, int bytes, int src_bytes, const std::source_location& loc) {
+  Run& r = current("cp.async");
+  Fiber& f = r.fibers[r.cur];
+  auto bad = [&](const std::string& m) { fail_fiber(r, who(f) + " at " + where(loc) + ": cp.async " + m); };
+  if (bytes != 4 && bytes != 8 && bytes != 16) bad("copies 4, 8 or 16 bytes, not " + std::to_string(bytes));
+  if (src_bytes < 0 || src_bytes > bytes) bad("source size " + std::to_string(src_bytes) + " outside [0, " +
+                                              std::to_string(bytes) + "]");
+  if (!in_dynamic_shared(dst, size_t(bytes))) bad("destination is not inside the block's dynamic shared memory");
+  if (reinterpret_cast<uintptr_t>(dst) % unsigned(bytes) || reinterpret_cast<uintptr_t>(src) % unsigned(bytes))
+    bad("addresses must be aligned to the copy size (" + std::to_string(bytes) + " bytes)");
+  f.open_copies.push_back({dst, src, bytes, src_bytes});
+}
+
+void cp_async_commit() {
+  Run& r = current("cp.async.commit_group");
+  Fiber& f = r.fibers[r.cur];
+  f.copy_groups.push_back(std::move(f.open_copies));
+  f.open_copies.clear();
+}
+
+void cp_async_wait(int pending, const std::source_location& loc) {
+  Run& r = current("cp.async.wait_group");
+  Fiber& f = r.fibers[r.cur];
+  if (pending < 0) fail_fiber(r, who(f) + " at " + where(loc) + ": cp.async.wait_group with a negative count");
+  while (f.copy_groups.size() > size_t(pending)) {
+    perform_copies(f.copy_groups.front());
+    f.copy_groups.erase(f.copy_groups.begin());
+  }
 }
 
 void kernel_fail(const std::string& what, const std::source_location& loc) {

@@ -124,6 +124,41 @@ std::tuple<at::Tensor, at::Tensor> convert(const at::Tensor& x, at::ScalarType d
   return {y, back};
 }
 
+// D = A·B + C through emulated ldmatrix + mma.sync (one warp); see mma_kernel for `variant`.
+at::Tensor mma(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c, int64_t variant) {
+  TORCH_CHECK_VALUE(a.sizes() == at::IntArrayRef({16, 16}) && b.sizes() == at::IntArrayRef({16, 8}) &&
+                        c.sizes() == at::IntArrayRef({16, 8}) && a.scalar_type() == b.scalar_type(),
+                    "selftest_mma: a [16, 16], b [16, 8] (same 16-bit dtype), c [16, 8] float");
+  const at::Tensor ac = a.contiguous(), bc = b.contiguous(), cc = c.to(at::kFloat).contiguous();
+  auto d = at::empty({16, 8}, c.options().dtype(at::kFloat));
+  AT_DISPATCH_SWITCH(a.scalar_type(), "selftest_mma", AT_DISPATCH_CASE(at::kBFloat16, [&] {
+    DeviceMemory mem;
+    emulate_launch(mma_kernel<emu_t<scalar_t>>, dim3(1), dim3(32), 16 * 16 * 2, mem.in<scalar_t>(ac, "a"),
+                   mem.in<scalar_t>(bc, "b"), mem.in<float>(cc, "c"), mem.out<float>(d, "d"), int(variant));
+    mem.finish();
+  }) AT_DISPATCH_CASE(at::kHalf, [&] {
+    DeviceMemory mem;
+    emulate_launch(mma_kernel<emu_t<scalar_t>>, dim3(1), dim3(32), 16 * 16 * 2, mem.in<scalar_t>(ac, "a"),
+                   mem.in<scalar_t>(bc, "b"), mem.in<float>(cc, "c"), mem.out<float>(d, "d"), int(variant));
+    mem.finish();
+  }));
+  return d;
+}
+
+// x [n, 4] float -> y [n, 4] through cp.async into shared memory; see cp_async_kernel.
+at::Tensor cp_async(const at::Tensor& x, int64_t valid, int64_t variant) {
+  TORCH_CHECK_VALUE(x.dim() == 2 && x.size(1) == 4 && x.scalar_type() == at::kFloat && x.is_contiguous(),
+                    "selftest_cp_async: 'x' must be a contiguous float [n, 4]");
+  auto y = at::empty_like(x);
+  DeviceMemory mem;
+  const auto* px = reinterpret_cast<const float4*>(mem.in<float>(x, "x"));
+  auto* py = reinterpret_cast<float4*>(mem.out<float>(y, "y"));
+  emulate_launch(cp_async_kernel, dim3(1), dim3(unsigned(x.size(0))), size_t(x.size(0)) * 16, px, py, int(valid),
+                 int(variant));
+  mem.finish();
+  return y;
+}
+
 // Runs one deliberately broken kernel; returns its output when the emulation did not object.
 at::Tensor broken(const std::string& name, int64_t n) {
   auto out = at::zeros({std::max<int64_t>(n, 64)}, at::TensorOptions().dtype(at::kFloat));
@@ -171,5 +206,7 @@ TORCH_LIBRARY_FRAGMENT(raekern_emu, m) {
   m.def("selftest_math(Tensor x) -> Tensor", &st::math);
   m.def("selftest_convert(Tensor x, ScalarType dtype) -> (Tensor, Tensor)", &st::convert);
   m.def("selftest_broken(str name, int n=64) -> Tensor", &st::broken);
+  m.def("selftest_mma(Tensor a, Tensor b, Tensor c, int variant=0) -> Tensor", &st::mma);
+  m.def("selftest_cp_async(Tensor x, int valid, int variant=0) -> Tensor", &st::cp_async);
 }
 #endif  // RAEKERN_HOST_EMULATION

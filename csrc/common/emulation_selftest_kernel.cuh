@@ -3,6 +3,7 @@
 // Like every <op>_kernel.cuh, this includes only common/simt.cuh, so nvcc compiles it too.
 #pragma once
 #include "common/simt.cuh"
+#include "common/tensor_core.cuh"
 
 namespace raekern::emu_selftest {
 
@@ -197,6 +198,67 @@ __global__ void oob_write_kernel(float* y, int64_t n, int64_t offset) {
 __global__ void oob_read_kernel(const float* x, float* y, int64_t n) {
   const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i < n) y[i] = x[i] + x[i + 1];
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tensor-core emulation (common/tensor_core.cuh). One warp computes D = A·B + C (A 16×16 row-major,
+// B 16×8 k-major, C/D 16×8) with one mma.m16n8k16: A and C are gathered from global memory by the
+// PTX ISA's fragment formulas, B goes through shared memory and ldmatrix.x2.trans exactly as the
+// attention kernel feeds V. `variant`: 0 correct; 1 B rows 8 bytes off alignment (ldmatrix must
+// object); 2 lanes 16-31 call ldmatrix while 0-15 call mma (a divergent collective).
+template <class T>
+__global__ void mma_kernel(const T* __restrict__ a, const T* __restrict__ b, const float* __restrict__ c,
+                           float* __restrict__ d, int variant) {
+  RAEKERN_DYNAMIC_SHARED(T, sb);  // [16 k][8 n] with a row stride of 16 elements (32 bytes)
+  const int lane = threadIdx.x, g = lane / 4, t = lane % 4;
+  for (int e = lane; e < 16 * 8; e += 32) sb[(e / 8) * 16 + e % 8] = b[e];
+  __syncwarp();
+  auto pair = [&](const T* p) {
+    uint32_t r;
+    memcpy(&r, p, 4);
+    return r;
+  };
+  const uint32_t af[4] = {pair(a + g * 16 + 2 * t), pair(a + (g + 8) * 16 + 2 * t), pair(a + g * 16 + 2 * t + 8),
+                          pair(a + (g + 8) * 16 + 2 * t + 8)};
+  float acc[4] = {c[g * 8 + 2 * t], c[g * 8 + 2 * t + 1], c[(g + 8) * 8 + 2 * t], c[(g + 8) * 8 + 2 * t + 1]};
+  uint32_t b0, b1;
+  const T* row = sb + (lane & 15) * 16 + (variant == 1 ? 4 : 0);
+  if (variant == 2 && lane < 16) {
+    tc::Mma<T>::run(acc, af, 0u, 0u);
+  } else {
+    tc::ldmatrix_x2_trans(b0, b1, row);
+    tc::Mma<T>::run(acc, af, b0, b1);
+  }
+  d[g * 8 + 2 * t] = acc[0];
+  d[g * 8 + 2 * t + 1] = acc[1];
+  d[(g + 8) * 8 + 2 * t] = acc[2];
+  d[(g + 8) * 8 + 2 * t + 1] = acc[3];
+}
+
+// cp.async: each thread copies 16-byte chunk i of x into shared memory in two groups (chunks of
+// even threads first), zero-filling chunks >= `valid`, then reads every chunk back through shared
+// memory. variant 0: wait_group 0 before the barrier (correct); 1: wait_group 1 only, so the second
+// group never lands before the read (and is never retired: the emulation reports it at exit); 2: no
+// barrier after the wait (another thread's chunk may not have landed); 3: wait_group 1 then read
+// only the first group's chunks, then wait_group 0.
+__global__ void cp_async_kernel(const float4* __restrict__ x, float4* __restrict__ y, int valid, int variant) {
+  RAEKERN_DYNAMIC_SHARED(float4, s);
+  const int i = threadIdx.x, n = blockDim.x;
+  const int even = i % 2 == 0;
+  if (even) tc::cp_async16(s + i, x + (i < valid ? i : 0), i < valid);
+  tc::cp_async_commit();
+  if (!even) tc::cp_async16(s + i, x + (i < valid ? i : 0), i < valid);
+  tc::cp_async_commit();
+  if (variant == 0 || variant == 2) tc::cp_async_wait<0>();
+  else tc::cp_async_wait<1>();
+  if (variant != 2) __syncthreads();
+  const int j = n - 1 - i;  // another thread's chunk
+  if (variant == 3) {
+    y[j] = j % 2 == 0 ? s[j] : make_float4(-1.f, -1.f, -1.f, -1.f);
+    tc::cp_async_wait<0>();
+  } else {
+    y[j] = s[j];
+  }
 }
 
 }  // namespace raekern::emu_selftest

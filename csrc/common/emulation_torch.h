@@ -5,6 +5,7 @@
 #include <ATen/Dispatch.h>
 
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "common/host_emulation.h"
@@ -88,6 +89,24 @@ class DeviceMemory {
 
   Arena arena_;
   std::vector<Back> back_;
+};
+
+// The emulation's side of host plans written once for CUDA and the emulation (attention's *_host.h;
+// common/cuda_launch.h has the CUDA side): guarded buffers, emulated launches.
+struct Mem {
+  DeviceMemory mem;
+  template <class T> using dev_t = emu_t<T>;
+  template <class T> const dev_t<T>* in(const at::Tensor& t, const char* name) { return mem.in<T>(t, name); }
+  template <class T> dev_t<T>* out(const at::Tensor& t, const char* name) { return mem.out<T>(t, name); }
+  template <class T> dev_t<T>* inout(const at::Tensor& t, const char* name) { return mem.inout<T>(t, name); }
+  void sync() { mem.finish(); }
+};
+
+struct Launch {
+  template <class... P, class... A>
+  void operator()(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, A&&... args) {
+    emulate_launch(kernel, grid, block, smem, std::forward<A>(args)...);
+  }
 };
 
 inline Schedule parse_schedule(const std::string& s) {

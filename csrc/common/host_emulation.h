@@ -20,8 +20,12 @@
 //   an out-of-range access becomes an EmulationError (RuntimeError in Python), not silent corruption.
 // - Atomics are trivially atomic: nothing preempts a fiber between two synchronisation points.
 //
-// Not emulated (verified on a GPU only): tensor-core instructions (mma/wgmma), cp.async/TMA,
-// clusters, inline PTX, texture/surface memory, cooperative-groups grid sync.
+// - sm80 tensor-core instructions (common/tensor_core.cuh): mma.sync m16n8k16 and ldmatrix are warp
+//   collectives computed from every lane's fragments (PTX ISA layouts); cp.async copies are queued per
+//   thread and land at the wait_group that retires them.
+//
+// Not emulated (verified on a GPU only): wgmma, TMA, clusters, other inline PTX, texture/surface
+// memory, cooperative-groups grid sync.
 #pragma once
 #include <math.h>
 
@@ -120,7 +124,7 @@ inline thread_local const Coords* tl_coords = nullptr;
 
 enum WarpOp : int {
   kShflIdx, kShflUp, kShflDown, kShflXor, kBallot, kAny, kAll, kSyncWarp,
-  kReduceAddU, kReduceMinU, kReduceMaxU, kReduceAddI, kReduceMinI, kReduceMaxI, kMatchAny,
+  kReduceAddU, kReduceMinU, kReduceMaxU, kReduceAddI, kReduceMinI, kReduceMaxI, kMatchAny, kCollective,
 };
 enum BarrierOp : int { kBarSync, kBarCount, kBarAnd, kBarOr };
 
@@ -128,6 +132,29 @@ uint64_t warp_op(int op, unsigned mask, uint64_t value, int param, int width, co
 int barrier(int op, int pred, const std::source_location& loc);
 unsigned active_mask();
 unsigned char* dynamic_shared();
+// Whether [p, p + bytes) lies inside this block's dynamic shared memory.
+bool in_dynamic_shared(const void* p, size_t bytes);
+
+// A warp-wide instruction whose result in each lane depends on the operands of other lanes
+// (tensor-core mma.sync, ldmatrix): every lane of `mask` posts its operands `in`; once all have
+// arrived, fn(lane, ins, out) runs for every lane (ins[k]: lane k's operands, nullptr outside the
+// mask) before any lane continues, so the operands are read while every poster is still waiting.
+// fn reports a misuse by setting *error. Lanes that meet at different instructions (different fn)
+// are a divergent collective.
+struct Collective {
+  const char* name;
+  void (*fn)(int lane, const void* const* ins, void* out, std::string* error);
+  const void* in;
+  void* out;
+};
+void warp_collective(unsigned mask, const Collective& c, const std::source_location& loc);
+
+// cp.async: each thread's copies are queued and performed at the cp.async.wait_group that retires
+// their group, the latest point the PTX memory model allows, so reading the destination before that
+// wait (or, from another thread, before the barrier after it) sees the old contents (NaN).
+void cp_async(void* smem_dst, const void* src, int bytes, int src_bytes, const std::source_location& loc);
+void cp_async_commit();
+void cp_async_wait(int pending, const std::source_location& loc);
 [[noreturn]] void kernel_fail(const std::string& what, const std::source_location& loc);
 
 using Body = void (*)(const void* closure);

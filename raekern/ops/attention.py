@@ -8,8 +8,8 @@ Paths (see :func:`attention_path`):
 * ``raekern_cuda`` -- sm80+ tensor-core (``mma.sync``) forward; training calls (inputs requiring grad)
   add the SIMT FlashAttention-2 backward (``attention_backward`` on CUDA: fp32 accumulation, dQ by fp32
   atomics, or by per-key-block slabs summed in a fixed order when
-  ``torch.are_deterministic_algorithms_enabled()``). **Compiled, and the backward emulated on the CPU,
-  but neither has run on a GPU yet.** Unsupported dtypes / head dims use the fallback.
+  ``torch.are_deterministic_algorithms_enabled()``). **Compiled, and both emulated on the CPU (the
+  forward's tensor-core instructions from their PTX definitions), but neither has run on a GPU yet.** Unsupported dtypes / head dims use the fallback.
 * ``sdpa`` -- explicit QK-norm and RoPE in PyTorch followed by ``F.scaled_dot_product_attention``.
 
 Each call logs the chosen path at DEBUG level on the ``raekern.attention`` logger.
