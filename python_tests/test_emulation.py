@@ -238,9 +238,10 @@ def test_mma_with_ldmatrix_trans_is_a_matmul(dtype, schedule):
     a = torch.randn(16, 16, generator=g).to(dtype)
     b = torch.randn(16, 8, generator=g).to(dtype)
     c = torch.randn(16, 8, generator=g)
-    d = emu.selftest_mma(a, b, c)
     ref = a.double() @ b.double() + c.double()  # 16-bit products are exact; one fp32 rounding
-    torch.testing.assert_close(d.double(), ref, rtol=1e-6, atol=1e-6)
+    for variant in (0, 3):  # B by ldmatrix.trans from [k][n]; A by ldmatrix.x4 and B from [n][k]
+        d = emu.selftest_mma(a, b, c, variant)
+        torch.testing.assert_close(d.double(), ref, rtol=1e-6, atol=1e-6)
     # Distinct entries in every position: a transposed or shuffled fragment cannot pass.
     idx = torch.arange(16 * 16, dtype=torch.float32).reshape(16, 16)
     e = emu.selftest_mma(torch.eye(16).to(dtype), (idx[:, :8] / 64).to(dtype), torch.zeros(16, 8))

@@ -11,6 +11,7 @@
 #include <tuple>
 
 #include "attention/attention_args.h"
+#include "attention/attention_prologue_kernel.cuh"
 #include "attention/attention_sm80_config.h"
 #include "attention/attention_sm80_fwd_kernel.cuh"
 
@@ -53,6 +54,8 @@ std::tuple<at::Tensor, at::Tensor> run(Mem& mem, Launch& launch, const at::Tenso
                 "must be bfloat16 or float16 on CUDA (tensor-core kernel), got ", st);
   const at::Tensor q = unit_last(q_), k = unit_last(k_), v = unit_last(v_);
   const Dims d = dims_of(q, k, layout);
+  RAEKERN_CHECK(d.D == 64 || d.D == 72 || d.D == 128, kOp, "q", "head dim ", d.D,
+                " has no CUDA tile config (64, 72, 128)");
   RAEKERN_CHECK(d.H <= 65535 && d.B <= 65535, kOp, "q", "batch and heads must be <= 65535 on CUDA, got ",
                 q.sizes());
   RAEKERN_CHECK(d.Nq < (int64_t(1) << 31) && d.Nk < (int64_t(1) << 31), kOp, "q", "sequence too long");
@@ -62,7 +65,7 @@ std::tuple<at::Tensor, at::Tensor> run(Mem& mem, Launch& launch, const at::Tenso
   // Norm weights in fp32 (a device-side cast, no host sync); held until the launch is queued.
   const at::Tensor qw32 = qw ? qw->to(at::kFloat).contiguous() : at::Tensor();
   const at::Tensor kw32 = kw ? kw->to(at::kFloat).contiguous() : at::Tensor();
-  const bool aligned = aligned16(q, layout) && aligned16(k, layout) && aligned16(v, layout);
+  at::Tensor khat;  // k̂ scratch, held until the launches are queued
 
   auto go = [&](auto elem) {
     using E = decltype(elem);
@@ -70,17 +73,32 @@ std::tuple<at::Tensor, at::Tensor> run(Mem& mem, Launch& launch, const at::Tenso
                                  c10::Half>;
     sm80::FwdParams p{};
     p.q = mem.template in<S>(q, "q");
-    p.k = mem.template in<S>(k, "k");
     p.v = mem.template in<S>(v, "v");
     p.out = mem.template out<S>(out, "out");
     p.lse = mem.template out<float>(lse, "lse");
     p.q_norm = qw ? mem.template in<float>(qw32, "q_norm_weight") : nullptr;
-    p.k_norm = kw ? mem.template in<float>(kw32, "k_norm_weight") : nullptr;
     p.mask = mask ? mem.template in<bool>(*mask, "key_padding_mask") : nullptr;
     const Strides4 sq = strides_bnhd(q, layout), sk = strides_bnhd(k, layout), sv = strides_bnhd(v, layout),
                    so = strides_bnhd(out, layout);
+    const float log2_theta = float(std::log2(theta));
+    bool kv_aligned = aligned16(k, layout) && aligned16(v, layout);
+    if (kw || rope_h > 0) {
+      // k̂ = rope(norm(k)) once into a contiguous [B, H, Nk, D] buffer that the mainloop streams.
+      khat = ::raekern::empty_output({d.B, d.H, d.Nk, d.D}, q.options());
+      const E* kp = mem.template in<S>(k, "k");
+      E* kh = mem.template out<S>(khat, "k_hat");
+      launch(simt_dev::k_prologue_kernel<E>, dim3(unsigned((d.H * d.Nk + 31) / 32), unsigned(d.B)), dim3(64), 0, kp,
+             sk.b, sk.n, sk.h, kh, int(d.H), int(d.Nk), int(d.D),
+             kw ? static_cast<const float*>(mem.template in<float>(kw32, "k_norm_weight")) : nullptr, float(eps),
+             int(rope_h), int(rope_w), log2_theta);
+      p.k = kh;
+      p.k_sb = d.H * d.Nk * d.D, p.k_sn = d.D, p.k_sh = d.Nk * d.D;
+      kv_aligned = aligned16(v, layout);  // k̂ rows are 16-byte aligned (D % 8 == 0)
+    } else {
+      p.k = mem.template in<S>(k, "k");
+      p.k_sb = sk.b, p.k_sn = sk.n, p.k_sh = sk.h;
+    }
     p.q_sb = sq.b, p.q_sn = sq.n, p.q_sh = sq.h;
-    p.k_sb = sk.b, p.k_sn = sk.n, p.k_sh = sk.h;
     p.v_sb = sv.b, p.v_sn = sv.n, p.v_sh = sv.h;
     p.o_sb = so.b, p.o_sn = so.n, p.o_sh = so.h;
     p.mask_sb = mask ? mask->stride(0) : 0;
@@ -89,7 +107,8 @@ std::tuple<at::Tensor, at::Tensor> run(Mem& mem, Launch& launch, const at::Tenso
     p.scale_log2 = float(scale * 1.4426950408889634);
     p.eps = float(eps);
     p.rope_h = int(rope_h), p.rope_w = int(rope_w);
-    p.log2_theta = float(std::log2(theta));
+    p.log2_theta = log2_theta;
+    const bool aligned = aligned16(q, layout) && kv_aligned;
     launch_dh<E>(launch, d.D, p, aligned);
   };
   if (st == at::kBFloat16) go(typename Mem::template dev_t<c10::BFloat16>{});

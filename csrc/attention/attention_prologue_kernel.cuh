@@ -21,14 +21,16 @@ __device__ __forceinline__ float rms_rstd(float sumsq, int D, float eps) { retur
 // Two adjacent lanes own one row of Dh elements: lane parity `half` selects the half of the head
 // dim this thread normalises and rotates (RAE's RoPE rotates the first half by the grid row and the
 // second by the grid column, so each thread needs only one position). Both lanes of every pair must
-// call this (the RMS statistic is combined with one shuffle). `w` == nullptr: no QK-norm;
-// rope == false: no rotation (token past the grid, or RoPE off).
+// call this (the RMS statistic is combined with one shuffle). Reads `src`, writes `dst` (the same
+// row for in place; nullptr: compute without storing, for a pair with no row of its own).
+// `w` == nullptr: no QK-norm; rope == false: no rotation (token past the grid, or RoPE off).
 template <class T>
-__device__ __forceinline__ void qk_prologue_half_row(T* __restrict__ row, int D, int half,
+__device__ __forceinline__ void qk_prologue_half_row(const T* __restrict__ src, T* dst, int D, int half,
                                                      const float* __restrict__ w, float eps, bool rope,
                                                      int pos, float log2_theta) {
   const int h2 = D / 2;
-  T* x = row + half * h2;
+  const T* x = src + half * h2;
+  T* y = dst ? dst + half * h2 : nullptr;
   float ss = 0.f;
   if (w) {
     for (int i = 0; i < h2; ++i) {
@@ -52,9 +54,38 @@ __device__ __forceinline__ void qk_prologue_half_row(T* __restrict__ row, int D,
       c = c * cs + a * sn;
       a = a2;
     }
-    x[2 * p] = simt::from_float<T>(a);
-    x[2 * p + 1] = simt::from_float<T>(c);
+    if (y) {
+      y[2 * p] = simt::from_float<T>(a);
+      y[2 * p + 1] = simt::from_float<T>(c);
+    }
   }
+}
+
+template <class T>
+__device__ __forceinline__ void qk_prologue_half_row(T* __restrict__ row, int D, int half, const float* __restrict__ w,
+                                                     float eps, bool rope, int pos, float log2_theta) {
+  qk_prologue_half_row<T>(row, row, D, half, w, eps, rope, pos, log2_theta);
+}
+
+// k̂ = rope(norm(k)) for every key row, once, into a contiguous [B, H, Nk, D] buffer: the forward's
+// mainloop then streams k̂ as it is (applying the prologue per K tile would repeat it in every one
+// of the Nq / 64 CTAs that read the tile). Block = 64 threads = 32 rows of one sample (grid.y =
+// batch), two lanes per row; k's strides in elements.
+template <class T>
+__global__ void __launch_bounds__(64) k_prologue_kernel(const T* __restrict__ k, int64_t sb, int64_t sn, int64_t sh,
+                                                        T* __restrict__ out, int H, int Nk, int D,
+                                                        const float* __restrict__ w, float eps, int rope_h,
+                                                        int rope_w, float log2_theta) {
+  const int64_t row = int64_t(blockIdx.x) * 32 + threadIdx.x / 2;
+  const int half = threadIdx.x & 1;
+  const bool mine = row < int64_t(H) * Nk;  // rows of sample blockIdx.y
+  const int64_t r = mine ? row : 0;        // a pair past the end recomputes row 0 without storing it
+  const int n = int(r % Nk), h = int(r / Nk), b = int(blockIdx.y);
+  const bool rope = rope_h > 0 && n < rope_h * rope_w;
+  const int pos = rope ? (half ? n % rope_w : n / rope_w) : 0;
+  const T* src = k + b * sb + int64_t(n) * sn + int64_t(h) * sh;
+  T* dst = mine ? out + ((int64_t(b) * H + h) * Nk + n) * D : nullptr;
+  qk_prologue_half_row<T>(src, dst, D, half, w, eps, rope, pos, log2_theta);
 }
 
 // Softmax epilogue for one query row: 1/l scaling factor and the natural-log log-sum-exp from the

@@ -34,8 +34,7 @@ struct FwdParams {
   const void* v;
   void* out;
   float* lse;            // [B, H, Nq]
-  const float* q_norm;   // [Dh] fp32 or nullptr
-  const float* k_norm;
+  const float* q_norm;   // [Dh] fp32 or nullptr (keys are normalised by the k̂ pre-pass)
   const bool* mask;      // [B, Nk] (True = keep) or nullptr
   int64_t q_sb, q_sn, q_sh, k_sb, k_sn, k_sh, v_sb, v_sn, v_sh, o_sb, o_sn, o_sh;
   int64_t mask_sb, mask_sn;

@@ -2,8 +2,10 @@
 // CTA = 64 query rows × one (batch, head), 4 warps × 16 rows; K/V tiles of 64 keys stream through
 // double-buffered shared memory with cp.async; S = Q·Kᵀ and O += P·V use mma.sync.m16n8k16
 // (bf16/fp16 in, fp32 accumulate); the online softmax (log2 units) stays in registers and P is fed
-// to the second MMA straight from the S accumulators. QK-norm and RoPE are applied to the Q tile
-// and to each K tile in shared memory after it lands (attention_prologue_kernel.cuh).
+// to the second MMA straight from the S accumulators. Every fragment comes from shared memory by
+// ldmatrix (K and V as x4 loads covering two MMA n-tiles). QK-norm and
+// RoPE: the Q tile in shared memory once, keys by a pre-pass (k_prologue_kernel,
+// attention_prologue_kernel.cuh) run once per call instead of once per CTA.
 // NOT YET RUN ON A GPU: compiled for sm_80/sm_90a and run on the host emulation (tensor-core
 // instructions emulated from their PTX fragment layouts, common/tensor_core.cuh); the GPU check
 // verifies it on hardware.
@@ -21,8 +23,6 @@ using tc::Mma;
 using tc::cp_async16;
 using tc::cp_async_commit;
 using tc::cp_async_wait;
-
-__device__ __forceinline__ uint32_t lds32(const void* p) { return *reinterpret_cast<const uint32_t*>(p); }
 
 // rows × D elements from global (token stride sn) into smem (row stride ld). Aligned: 16-byte
 // cp.async chunks (async, zero-fill past `rows_valid`); otherwise plain element copies.
@@ -45,13 +45,14 @@ __device__ __forceinline__ void load_tile(T* __restrict__ dst, int ld, const T* 
   }
 }
 
-// QK-norm + RoPE on a 64-row tile in smem: two threads per row (all 128 threads take part).
+// QK-norm + RoPE on the 64-row Q tile in smem: two threads per row (all 128 threads take part).
+// Keys arrive already rotated and normalised (k_prologue_kernel), so only Q is processed here.
 template <class Cfg, class T>
-__device__ __forceinline__ void prologue_tile(T* tile, int ld, int token0, const float* w, const FwdParams& p) {
+__device__ __forceinline__ void prologue_q_tile(T* tile, int ld, int token0, const FwdParams& p) {
   const int r = threadIdx.x >> 1, half = threadIdx.x & 1, token = token0 + r;
   const bool rope = p.rope_h > 0 && token < p.rope_h * p.rope_w;
   const int pos = rope ? (half ? token % p.rope_w : token / p.rope_w) : 0;
-  simt_dev::qk_prologue_half_row<T>(tile + r * ld, Cfg::kHeadDim, half, w, p.eps, rope, pos, p.log2_theta);
+  simt_dev::qk_prologue_half_row<T>(tile + r * ld, Cfg::kHeadDim, half, p.q_norm, p.eps, rope, pos, p.log2_theta);
 }
 
 template <class Cfg, class T, bool kAligned>
@@ -65,7 +66,6 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_fwd_sm80_kernel(const
 
   const int m0 = blockIdx.x * kM, h = blockIdx.y, b = blockIdx.z;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-  const bool prologue = p.q_norm || p.k_norm || p.rope_h > 0;
   const T* qg = static_cast<const T*>(p.q) + b * p.q_sb + h * p.q_sh + int64_t(m0) * p.q_sn;
   const T* kg = static_cast<const T*>(p.k) + b * p.k_sb + h * p.k_sh;
   const T* vg = static_cast<const T*>(p.v) + b * p.v_sb + h * p.v_sh;
@@ -103,39 +103,48 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_fwd_sm80_kernel(const
       cp_async_wait<0>();
     }
     __syncthreads();
-    T* k_tile = sK + buf * kN * LQ;
+    const T* k_tile = sK + buf * kN * LQ;
     const T* v_tile = sV + buf * kN * LV;
-    if (prologue) {
-      if (j == 0) prologue_tile<Cfg, T>(sQ, LQ, m0, p.q_norm, p);
-      prologue_tile<Cfg, T>(k_tile, LQ, n0, p.k_norm, p);
+    if (j == 0 && (p.q_norm || p.rope_h > 0)) {
+      prologue_q_tile<Cfg, T>(sQ, LQ, m0, p);
       __syncthreads();
     }
 
-    // S = Q·Kᵀ for this warp's 16 rows × 64 keys.
+    // S = Q·Kᵀ for this warp's 16 rows × 64 keys. Per 16-wide k-step, one ldmatrix.x4 gives the A
+    // fragment (matrices: rows 0-7 | 8-15 × k 0-7 | 8-15; re-read every block, as FlashAttention-2
+    // does, to leave the registers to the accumulators) and one per pair of key n-tiles gives both
+    // B fragments (matrices: keys 0-7 | 8-15 of the pair × k 0-7 | 8-15).
     float acc_s[Cfg::kNTilesS][4];
 #pragma unroll
     for (int n = 0; n < Cfg::kNTilesS; ++n) acc_s[n][0] = acc_s[n][1] = acc_s[n][2] = acc_s[n][3] = 0.f;
-    const T* qw = sQ + (warp * 16 + g) * LQ + 2 * t;
+    const T* qrow = sQ + (warp * 16 + (lane & 15)) * LQ + (lane >> 4) * 8;
+    const T* krow = k_tile + ((lane & 7) + (lane >> 4) * 8) * LQ + ((lane >> 3) & 1) * 8;
 #pragma unroll
     for (int ks = 0; ks < Cfg::kKStepsQK; ++ks) {
-      const uint32_t a[4] = {lds32(qw + ks * 16), lds32(qw + 8 * LQ + ks * 16), lds32(qw + ks * 16 + 8),
-                             lds32(qw + 8 * LQ + ks * 16 + 8)};
+      uint32_t qf[4];
+      tc::ldmatrix<4, false>(qf, qrow + ks * 16);
 #pragma unroll
-      for (int n = 0; n < Cfg::kNTilesS; ++n) {
-        const T* kr = k_tile + (n * 8 + g) * LQ + ks * 16 + 2 * t;
-        Mma<T>::run(acc_s[n], a, lds32(kr), lds32(kr + 8));
+      for (int n = 0; n < Cfg::kNTilesS; n += 2) {
+        uint32_t kf[4];
+        tc::ldmatrix<4, false>(kf, krow + n * 8 * LQ + ks * 16);
+        Mma<T>::run(acc_s[n], qf, kf[0], kf[1]);
+        Mma<T>::run(acc_s[n + 1], qf, kf[2], kf[3]);
       }
     }
 
-    // Online softmax in log2 units; rows g and g+8 of the warp, 4 lanes share a row.
+    // Online softmax in log2 units; rows g and g+8 of the warp, 4 lanes share a row. Keys past Nk
+    // (only in the last block) and masked keys become -inf.
+    const bool edge = n0 + kN > p.Nk;
     float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
     for (int n = 0; n < Cfg::kNTilesS; ++n)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const int col = n0 + n * 8 + 2 * t + (e & 1);
-        const bool keep = col < p.Nk && (!mask || mask[int64_t(col) * p.mask_sn]);
-        const float s = keep ? acc_s[n][e] * p.scale_log2 : -INFINITY;
+        float s = acc_s[n][e] * p.scale_log2;
+        if (edge || mask) {
+          const int col = n0 + n * 8 + 2 * t + (e & 1);
+          if (col >= p.Nk || (mask && !mask[int64_t(col) * p.mask_sn])) s = -INFINITY;
+        }
         acc_s[n][e] = s;
         mx[e >> 1] = fmaxf(mx[e >> 1], s);
       }
@@ -166,19 +175,28 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_fwd_sm80_kernel(const
       acc_o[n][3] *= alpha[1];
     }
 
-    // O += P·V: the S accumulators of two adjacent n-tiles form one A fragment (k = 16 keys).
+    // O += P·V: the S accumulators of two adjacent n-tiles form one A fragment (k = 16 keys). One
+    // ldmatrix.x4.trans gives the B fragments of two output n-tiles: matrices (keys 0-7 | 8-15) ×
+    // (columns of tile n | n+1); an odd last tile (Dh = 72) takes an .x2.
+    const T* vrow = v_tile + (lane & 15) * LV + (lane >> 4) * 8;
 #pragma unroll
     for (int kk = 0; kk < kN / 16; ++kk) {
       const uint32_t a[4] = {Mma<T>::pack(acc_s[2 * kk][0], acc_s[2 * kk][1]),
                              Mma<T>::pack(acc_s[2 * kk][2], acc_s[2 * kk][3]),
                              Mma<T>::pack(acc_s[2 * kk + 1][0], acc_s[2 * kk + 1][1]),
                              Mma<T>::pack(acc_s[2 * kk + 1][2], acc_s[2 * kk + 1][3])};
-      const T* v_rows = v_tile + (kk * 16 + (lane & 15)) * LV;  // lanes 0-15: the 16 key rows
 #pragma unroll
-      for (int n = 0; n < Cfg::kNTilesO; ++n) {
-        uint32_t b0, b1;
-        tc::ldmatrix_x2_trans(b0, b1, v_rows + n * 8);
-        Mma<T>::run(acc_o[n], a, b0, b1);
+      for (int n = 0; n + 1 < Cfg::kNTilesO; n += 2) {
+        uint32_t vf[4];
+        tc::ldmatrix<4, true>(vf, vrow + kk * 16 * LV + n * 8);
+        Mma<T>::run(acc_o[n], a, vf[0], vf[1]);
+        Mma<T>::run(acc_o[n + 1], a, vf[2], vf[3]);
+      }
+      if constexpr (Cfg::kNTilesO % 2) {
+        constexpr int n = Cfg::kNTilesO - 1;
+        uint32_t vf[2];
+        tc::ldmatrix<2, true>(vf, v_tile + (kk * 16 + (lane & 15)) * LV + n * 8);
+        Mma<T>::run(acc_o[n], a, vf[0], vf[1]);
       }
     }
     __syncthreads();  // this buffer is refilled by the prefetch of step j+2
@@ -199,7 +217,6 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_fwd_sm80_kernel(const
           Mma<T>::pack(acc_o[n][2 * r] * fin.inv_l, acc_o[n][2 * r + 1] * fin.inv_l);
     if (t == 0) p.lse[(int64_t(b) * p.H + h) * p.Nq + m] = fin.lse;
   }
-  (void)D;
 }
 
 }  // namespace raekern::attention::sm80

@@ -133,12 +133,12 @@ at::Tensor mma(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c, in
   auto d = at::empty({16, 8}, c.options().dtype(at::kFloat));
   AT_DISPATCH_SWITCH(a.scalar_type(), "selftest_mma", AT_DISPATCH_CASE(at::kBFloat16, [&] {
     DeviceMemory mem;
-    emulate_launch(mma_kernel<emu_t<scalar_t>>, dim3(1), dim3(32), 16 * 16 * 2, mem.in<scalar_t>(ac, "a"),
+    emulate_launch(mma_kernel<emu_t<scalar_t>>, dim3(1), dim3(32), (16 * 16 + 16 * 24 + 8 * 24) * 2, mem.in<scalar_t>(ac, "a"),
                    mem.in<scalar_t>(bc, "b"), mem.in<float>(cc, "c"), mem.out<float>(d, "d"), int(variant));
     mem.finish();
   }) AT_DISPATCH_CASE(at::kHalf, [&] {
     DeviceMemory mem;
-    emulate_launch(mma_kernel<emu_t<scalar_t>>, dim3(1), dim3(32), 16 * 16 * 2, mem.in<scalar_t>(ac, "a"),
+    emulate_launch(mma_kernel<emu_t<scalar_t>>, dim3(1), dim3(32), (16 * 16 + 16 * 24 + 8 * 24) * 2, mem.in<scalar_t>(ac, "a"),
                    mem.in<scalar_t>(bc, "b"), mem.in<float>(cc, "c"), mem.out<float>(d, "d"), int(variant));
     mem.finish();
   }));

@@ -202,32 +202,42 @@ __global__ void oob_read_kernel(const float* x, float* y, int64_t n) {
 
 // ---------------------------------------------------------------------------------------------
 // Tensor-core emulation (common/tensor_core.cuh). One warp computes D = A·B + C (A 16×16 row-major,
-// B 16×8 k-major, C/D 16×8) with one mma.m16n8k16: A and C are gathered from global memory by the
-// PTX ISA's fragment formulas, B goes through shared memory and ldmatrix.x2.trans exactly as the
-// attention kernel feeds V. `variant`: 0 correct; 1 B rows 8 bytes off alignment (ldmatrix must
-// object); 2 lanes 16-31 call ldmatrix while 0-15 call mma (a divergent collective).
+// B 16×8 k-major, C/D 16×8) with one mma.m16n8k16. variant 0: A and C gathered from global memory by
+// the PTX ISA's fragment formulas, B through shared memory with ldmatrix.x2.trans exactly as the
+// attention kernel feeds V; 3: A with ldmatrix.x4 from a row-major tile and B with ldmatrix.x2 from
+// Bᵀ (as the attention kernel feeds Q and K). Broken: 1, B rows 8 bytes off alignment (ldmatrix must
+// object); 2, lanes 16-31 call ldmatrix while 0-15 call mma (a divergent collective).
 template <class T>
 __global__ void mma_kernel(const T* __restrict__ a, const T* __restrict__ b, const float* __restrict__ c,
                            float* __restrict__ d, int variant) {
-  RAEKERN_DYNAMIC_SHARED(T, sb);  // [16 k][8 n] with a row stride of 16 elements (32 bytes)
+  RAEKERN_DYNAMIC_SHARED(T, sb);  // [16 k][8 n], row stride 16 elements (32 bytes)
+  T* sa = sb + 16 * 16;           // [16 m][16 k], row stride 24
+  T* sbt = sa + 16 * 24;          // [8 n][16 k], row stride 24
   const int lane = threadIdx.x, g = lane / 4, t = lane % 4;
-  for (int e = lane; e < 16 * 8; e += 32) sb[(e / 8) * 16 + e % 8] = b[e];
+  for (int e = lane; e < 16 * 8; e += 32) {
+    sb[(e / 8) * 16 + e % 8] = b[e];
+    sbt[(e % 8) * 24 + e / 8] = b[e];
+  }
+  for (int e = lane; e < 16 * 16; e += 32) sa[(e / 16) * 24 + e % 16] = a[e];
   __syncwarp();
   auto pair = [&](const T* p) {
     uint32_t r;
     memcpy(&r, p, 4);
     return r;
   };
-  const uint32_t af[4] = {pair(a + g * 16 + 2 * t), pair(a + (g + 8) * 16 + 2 * t), pair(a + g * 16 + 2 * t + 8),
-                          pair(a + (g + 8) * 16 + 2 * t + 8)};
+  uint32_t af[4] = {pair(a + g * 16 + 2 * t), pair(a + (g + 8) * 16 + 2 * t), pair(a + g * 16 + 2 * t + 8),
+                    pair(a + (g + 8) * 16 + 2 * t + 8)};
   float acc[4] = {c[g * 8 + 2 * t], c[g * 8 + 2 * t + 1], c[(g + 8) * 8 + 2 * t], c[(g + 8) * 8 + 2 * t + 1]};
-  uint32_t b0, b1;
-  const T* row = sb + (lane & 15) * 16 + (variant == 1 ? 4 : 0);
+  uint32_t bf[2];
   if (variant == 2 && lane < 16) {
     tc::Mma<T>::run(acc, af, 0u, 0u);
+  } else if (variant == 3) {
+    tc::ldmatrix<4, false>(af, sa + (lane & 15) * 24 + (lane >> 4) * 8);
+    tc::ldmatrix<2, false>(bf, sbt + (lane & 7) * 24 + ((lane >> 3) & 1) * 8);
+    tc::Mma<T>::run(acc, af, bf[0], bf[1]);
   } else {
-    tc::ldmatrix_x2_trans(b0, b1, row);
-    tc::Mma<T>::run(acc, af, b0, b1);
+    tc::ldmatrix<2, true>(bf, sb + (lane & 15) * 16 + (variant == 1 ? 4 : 0));
+    tc::Mma<T>::run(acc, af, bf[0], bf[1]);
   }
   d[g * 8 + 2 * t] = acc[0];
   d[g * 8 + 2 * t + 1] = acc[1];

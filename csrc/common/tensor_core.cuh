@@ -140,21 +140,34 @@ template <class T> struct Mma {
   }
 };
 
-// Two transposed 8×8 b16 matrices from shared memory: lanes 0-7 give the row addresses of the first,
-// lanes 8-15 of the second (16-byte aligned); b0/b1 are a B fragment of Mma::run when the rows are k.
+// Num (1, 2, 4) 8×8 b16 matrices from shared memory: lanes 8j..8j+7 give the 16-byte aligned row
+// addresses of matrix j, and register j of each lane receives its fragment of matrix j (Trans:
+// of the transposed matrix). Non-transposed rows of A or of a [n][k] B operand, transposed rows of a
+// [k][n] B operand, give exactly the register fragments Mma::run takes.
 #ifdef RAEKERN_HOST_EMULATION
-inline void ldmatrix_x2_trans(uint32_t& b0, uint32_t& b1, const void* row,
-                              std::source_location loc = std::source_location::current()) {
-  uint32_t r[2];
-  const ::raekern::emu::detail::Collective c{"ldmatrix.m8n8.x2.trans.b16", &emu_impl::ldmatrix_lane<2, true>, &row, r};
+template <int Num, bool Trans>
+inline void ldmatrix(uint32_t (&r)[Num], const void* row, std::source_location loc = std::source_location::current()) {
+  static_assert(Num == 1 || Num == 2 || Num == 4, "ldmatrix loads 1, 2 or 4 matrices");
+  const ::raekern::emu::detail::Collective c{Trans ? "ldmatrix.m8n8.trans.b16" : "ldmatrix.m8n8.b16",
+                                             &emu_impl::ldmatrix_lane<Num, Trans>, &row, r};
   ::raekern::emu::detail::warp_collective(simt::kFullMask, c, loc);
-  b0 = r[0];
-  b1 = r[1];
 }
 #else
-__device__ __forceinline__ void ldmatrix_x2_trans(uint32_t& b0, uint32_t& b1, const void* row) {
+template <int Num, bool Trans> __device__ __forceinline__ void ldmatrix(uint32_t (&r)[Num], const void* row) {
+  static_assert(Num == 1 || Num == 2 || Num == 4, "ldmatrix loads 1, 2 or 4 matrices");
   const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(row));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n" : "=r"(b0), "=r"(b1) : "r"(a));
+  if constexpr (Num == 1 && Trans) asm volatile("ldmatrix.sync.aligned.m8n8.x1.trans.shared.b16 {%0}, [%1];\n" : "=r"(r[0]) : "r"(a));
+  if constexpr (Num == 1 && !Trans) asm volatile("ldmatrix.sync.aligned.m8n8.x1.shared.b16 {%0}, [%1];\n" : "=r"(r[0]) : "r"(a));
+  if constexpr (Num == 2 && Trans)
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n" : "=r"(r[0]), "=r"(r[1]) : "r"(a));
+  if constexpr (Num == 2 && !Trans)
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n" : "=r"(r[0]), "=r"(r[1]) : "r"(a));
+  if constexpr (Num == 4 && Trans)
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
+  if constexpr (Num == 4 && !Trans)
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
 }
 #endif
 
