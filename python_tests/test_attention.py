@@ -557,14 +557,28 @@ EMU_BWD_CASES = [
 ]
 
 
+# The tensor-core mainloop (bf16/fp16, Dh 64/72/128): odd lengths, several key and query blocks.
+EMU_BWD_TC_CASES = [
+    (1, 37, 37, 1, 72, torch.bfloat16, "bhnd", True, True, True, True),
+    (1, 37, 37, 1, 64, torch.bfloat16, "bnhd", True, False, True, False),
+    (2, 70, 130, 2, 64, torch.float16, "bnhd", False, False, False, True),  # 2 query x 3 key blocks
+    (1, 65, 65, 1, 128, torch.bfloat16, "bnhd", True, True, True, True),
+    (1, 3, 66, 2, 72, torch.float16, "bhnd", True, True, True, False),  # cross attention
+]
+
+
+def _bwd_id(c):
+    return f"{c[0]}x{c[1]}x{c[2]}x{c[3]}x{c[4]}-{str(c[5])[6:]}-{c[6]}-n{int(c[7])}r{int(c[8])}m{int(c[9])}l{int(c[10])}"
+
+
 @pytest.mark.parametrize("deterministic", [False, True])
-@pytest.mark.parametrize("case", EMU_BWD_CASES, ids=lambda c: f"{c[0]}x{c[1]}x{c[2]}x{c[3]}x{c[4]}-{str(c[5])[6:]}"
-                         f"-{c[6]}-n{int(c[7])}r{int(c[8])}m{int(c[9])}l{int(c[10])}")
-def test_emulated_cuda_backward_matches_reference(case, deterministic):
+@pytest.mark.parametrize("case,mainloop", [(c, 1) for c in EMU_BWD_CASES] + [(c, 2) for c in EMU_BWD_TC_CASES],
+                         ids=lambda x: _bwd_id(x) if isinstance(x, tuple) else ("simt", "tc")[x - 1])
+def test_emulated_cuda_backward_matches_reference(case, mainloop, deterministic):
     emu = _emu_bwd_or_skip()
     b, nq, nk, h, d, dtype, layout, norm, rope, mask, dlse = case
     args, ref = _bwd_problem(b, nq, nk, h, d, dtype, layout, norm, rope, mask, dlse)
-    got = emu.attention_bwd(*args, deterministic)
+    got = emu.attention_bwd(*args, deterministic, 0, mainloop)
     cpu = torch.ops.raekern.attention_backward(*args, deterministic)
     for name, a, c, r in zip(GRAD_NAMES, got, cpu, ref):
         if r is None:
@@ -596,6 +610,38 @@ def test_emulated_cuda_backward_masked_batch_and_strided_inputs():
             torch.testing.assert_close(a, c, atol=2e-5, rtol=2e-5, msg=name)
         assert torch.all(got[0][0] == 0) and torch.all(got[1][0] == 0) and torch.all(got[2][0] == 0)
         assert torch.all(got[1][1, 4:] == 0) and torch.all(got[2][1, 4:] == 0)  # masked keys
+
+
+def test_emulated_cuda_tensor_core_backward_choice_and_determinism():
+    """mainloop=0 takes the tensor cores exactly where they apply (bf16/fp16, Dh 64/72/128, 16-byte
+    aligned v and grad_out rows); their deterministic mode is bit-identical across schedules and
+    key blocks per CTA."""
+    emu = _emu_bwd_or_skip()
+    args, _ = _bwd_problem(1, 40, 150, 2, 72, torch.bfloat16, "bnhd", True, True, True, True, seed=9)
+    auto, tc, simt = (emu.attention_bwd(*args, True, 0, m) for m in (0, 2, 1))
+    for name, a, t, s_ in zip(GRAD_NAMES, auto, tc, simt):
+        assert torch.equal(a, t), name
+        assert not torch.equal(a, s_) or a.numel() == 0, name  # a different mainloop really ran
+    try:
+        emu.set_schedule("reverse", 0)
+        again = emu.attention_bwd(*args, True, 0, 2)
+        emu.set_schedule("random", 3)
+        grouped = emu.attention_bwd(*args, True, 2, 2)  # two key blocks per CTA: same order
+    finally:
+        emu.set_schedule("random", 0)
+    for name, a, b_, c in zip(GRAD_NAMES, tc, again, grouped):
+        assert torch.equal(a, b_) and torch.equal(a, c), name
+    # v rows 2 bytes off a 16-byte boundary: auto falls back to SIMT, mainloop=2 is refused
+    g, gl, q, k, v = args[:5]
+    v_odd = torch.cat([torch.zeros_like(v[..., :1]), v], -1)[..., 1:]
+    odd = (g, gl, q, k, v_odd) + args[5:]
+    fallback = emu.attention_bwd(*odd, True, 0, 0)
+    for name, a, s_ in zip(GRAD_NAMES, fallback, emu.attention_bwd(*odd, True, 0, 1)):
+        assert torch.equal(a, s_), name
+    with pytest.raises(ValueError, match="tensor-core backward needs"):
+        emu.attention_bwd(*odd, True, 0, 2)
+    with pytest.raises(ValueError, match="'mainloop'"):
+        emu.attention_bwd(*args, True, 0, 3)
 
 
 def test_emulated_cuda_backward_deterministic_is_bit_identical():

@@ -22,6 +22,13 @@ inline Strides4 strides_bnhd(const at::Tensor& t, int64_t layout) {
   return {t.stride(0), t.stride(2), t.stride(1), t.stride(3)};
 }
 
+// Whether every (b, n, h) row of a 16-bit tensor starts 16-byte aligned: the tensor-core kernels
+// move rows by 16-byte cp.async chunks.
+inline bool aligned16(const at::Tensor& t, int64_t layout) {
+  const Strides4 s = strides_bnhd(t, layout);
+  return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0 && s.b % 8 == 0 && s.n % 8 == 0 && s.h % 8 == 0;
+}
+
 struct Dims {
   int64_t B, H, Nq, Nk, D;
 };

@@ -1,6 +1,6 @@
-// Parameters and tile configuration of the CUDA attention backward, kept apart from the kernels so
-// that a tensor-core mainloop can later replace the SIMT one (attention_bwd_kernel.cuh) with its own
-// config while the preprocess / prologue-backward kernels and the host plan stay as they are.
+// Parameters and tile configurations of the CUDA attention backward, kept apart from the kernels:
+// the tensor-core mainloop (attention_bwd_sm80_kernel.cuh) and the SIMT one (attention_bwd_kernel.cuh)
+// share the preprocess / prologue-backward kernels and the host plan.
 // Plain C++ (no torch, no CUDA headers): included by the device code, the launcher and the emulation.
 #pragma once
 #include <cstdint>
@@ -32,6 +32,8 @@ struct BwdParams {
   // fp32 scratch.
   float* qh;       // [B,H,Nq,Dh] rope(norm(q)), unscaled
   float* kh;       // [B,H,Nk,Dh] rope(norm(k))
+  void* qh16;      // the same in the input dtype (bf16/fp16) for the tensor-core mainloop, or nullptr
+  void* kh16;
   float* rstd_q;   // [B,H,Nq] QK-norm 1/rms (only with q_norm)
   float* rstd_k;   // [B,H,Nk] (only with k_norm)
   float* delta;    // [B,H,Nq] rowsum(dO∘O) - dlse
@@ -85,6 +87,29 @@ template <int MaxD> struct BwdSimtConfig {
     return 2 * kBlockN * ld + 2 * kBlockM * ld + 2 * kBlockM * kLdS + kBlockN + 2 * kBlockM;
   }
   static constexpr int ld_of(int D) { return D % 2 ? D : D + 1; }
+};
+
+// Tensor-core (mma.sync m16n8k16) mainloop, bf16/fp16, Dh 64/72/128 (attention_bwd_sm80_kernel.cuh).
+// One CTA = kBlockN = 64 keys of one (batch, head), 4 warps; per step kBlockM = 64 query rows: each
+// warp forms S and dP for 16 query rows × 64 keys (and their dQ̂), then dV and dK̂ for 16 keys from
+// P and dS staged in shared memory. Reductions over the head dim run to kHeadDimP = Dh rounded up
+// to 16 (zero columns), the output tiles to Dh (nine 8-wide tiles at Dh = 72).
+template <int HeadDim> struct BwdTcConfig {
+  static_assert(HeadDim % 8 == 0 && HeadDim <= 128, "tensor-core backward: head dim a multiple of 8, <= 128");
+  static constexpr int kHeadDim = HeadDim;
+  static constexpr int kHeadDimP = (HeadDim + 15) / 16 * 16;
+  static constexpr int kBlockN = 64;
+  static constexpr int kBlockM = 64;
+  static constexpr int kWarps = 4;
+  static constexpr int kThreads = kWarps * 32;
+  static constexpr int kLd = kHeadDimP + 8;   // K̂, V, Q̂, dO rows: +16 bytes keeps ldmatrix conflict-free
+  static constexpr int kLdP = kBlockN + 8;    // P, dS rows [query][key]
+  static constexpr int kNTilesKey = kBlockN / 8;
+  static constexpr int kNTilesD = HeadDim / 8;
+  static constexpr int kKStepsD = kHeadDimP / 16;
+  // K̂, V, Q̂, dO tiles and P, dS (elements of the input dtype), then lse·log2(e) and Δ per query row.
+  static constexpr int kSmemElems = 4 * 64 * kLd + 2 * kBlockM * kLdP;
+  static constexpr int kSmemBytes = kSmemElems * 2 + 2 * kBlockM * 4;
 };
 
 // Row kernels (preprocess and prologue backward): one warp per row, lane l owns columns l + 32·j.

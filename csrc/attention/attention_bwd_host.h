@@ -21,10 +21,12 @@
 #include <cmath>
 #include <optional>
 #include <tuple>
+#include <type_traits>
 
 #include "attention/attention_args.h"
 #include "attention/attention_bwd_config.h"
 #include "attention/attention_bwd_kernel.cuh"
+#include "attention/attention_bwd_sm80_kernel.cuh"
 #include "attention/attention_bwd_prologue_kernel.cuh"
 #include "common/output_alloc.h"
 
@@ -44,11 +46,31 @@ struct Inputs {
   int64_t rope_h, rope_w, layout;
   bool deterministic;
   int64_t key_blocks_per_cta;  // 0: chosen here
+  int64_t mainloop;            // 0: chosen here; 1: SIMT; 2: tensor cores (bf16/fp16, Dh 64/72/128, aligned v/dO)
 };
 
 template <class Mem, class T>
 const void* map_in(Mem& mem, const at::Tensor& t, const char* name) {
   return t.defined() ? static_cast<const void*>(mem.template in<T>(t, name)) : nullptr;
+}
+
+// The tensor-core configs a head-dim bucket can launch (64 → 64, 96 → 72, 128 → 128).
+template <int MaxD> inline bool tc_head_dim(int64_t D) {
+  return (MaxD == 64 && D == 64) || (MaxD == 96 && D == 72) || (MaxD == 128 && D == 128);
+}
+
+template <class E, int MaxD, class Launch>
+void launch_tc(Launch& launch, int64_t D, dim3 grid, const BwdParams& p) {
+  auto go = [&](auto cfg) {
+    using C = decltype(cfg);
+    launch(attention_bwd_sm80_kernel<C, E>, grid, dim3(C::kThreads), size_t(C::kSmemBytes), p);
+  };
+  if constexpr (!std::is_same_v<E, float>) {
+    if constexpr (MaxD == 64) go(BwdTcConfig<64>{});
+    if constexpr (MaxD == 96) go(BwdTcConfig<72>{});
+    if constexpr (MaxD == 128) go(BwdTcConfig<128>{});
+  }
+  (void)D;
 }
 
 template <class T, int MaxD, class Mem, class Launch>
@@ -96,6 +118,17 @@ Grads run_typed(Mem& mem, Launch& launch, const Inputs& in) {
   at::Tensor dw_part = ::raekern::empty_output({2, dw_blocks, d.D}, f32);
   at::Tensor dw = ::raekern::empty_output({2, d.D}, f32);
 
+  // Tensor-core mainloop for bf16/fp16 at Dh 64/72/128 when V and dO rows are 16-byte aligned; it
+  // reads q̂ and k̂ in the input dtype (a second output of the preprocess).
+  const bool tc_ok = !std::is_same_v<T, float> && tc_head_dim<MaxD>(d.D) && aligned16(v, layout) &&
+                     aligned16(in.dout, layout);
+  RAEKERN_CHECK(in.mainloop != 2 || tc_ok, kOp, "q",
+                "the tensor-core backward needs bfloat16/float16, head dim 64, 72 or 128, and 16-byte aligned "
+                "v / grad_out rows");
+  const bool tc = in.mainloop == 2 || (in.mainloop == 0 && tc_ok);
+  at::Tensor qh16 = tc ? ::raekern::empty_output({d.B, d.H, d.Nq, d.D}, q.options()) : at::Tensor();
+  at::Tensor kh16 = tc ? ::raekern::empty_output({d.B, d.H, d.Nk, d.D}, q.options()) : at::Tensor();
+
   BwdParams p{};
   p.q = map_in<Mem, T>(mem, q, "q");
   p.k = map_in<Mem, T>(mem, k, "k");
@@ -125,6 +158,8 @@ Grads run_typed(Mem& mem, Launch& launch, const Inputs& in) {
   p.dv_sb = sdv.b, p.dv_sn = sdv.n, p.dv_sh = sdv.h;
   p.qh = mem.template out<float>(qh, "q_hat");
   p.kh = mem.template out<float>(kh, "k_hat");
+  p.qh16 = tc ? mem.template out<T>(qh16, "q_hat16") : nullptr;
+  p.kh16 = tc ? mem.template out<T>(kh16, "k_hat16") : nullptr;
   p.rstd_q = rstd_q.defined() ? mem.template out<float>(rstd_q, "rstd_q") : nullptr;
   p.rstd_k = rstd_k.defined() ? mem.template out<float>(rstd_k, "rstd_k") : nullptr;
   p.delta = mem.template out<float>(delta, "delta");
@@ -159,8 +194,9 @@ Grads run_typed(Mem& mem, Launch& launch, const Inputs& in) {
 
   const int64_t row_blocks = std::min<int64_t>((std::max(rows_q, rows_k) + kRowWarps - 1) / kRowWarps, 1 << 20);
   launch(attention_bwd_preprocess_kernel<E, kCols>, dim3(unsigned(row_blocks), 2), dim3(kRowThreads), 0, p);
-  launch(attention_bwd_simt_kernel<Cfg, E>, dim3(unsigned(ctas_x), unsigned(d.H), unsigned(d.B)),
-         dim3(Cfg::kThreads), size_t(Cfg::smem_floats(p.D)) * sizeof(float), p);
+  const dim3 grid(unsigned(ctas_x), unsigned(d.H), unsigned(d.B));
+  if (tc) launch_tc<E, MaxD>(launch, d.D, grid, p);
+  else launch(attention_bwd_simt_kernel<Cfg, E>, grid, dim3(Cfg::kThreads), size_t(Cfg::smem_floats(p.D)) * sizeof(float), p);
   launch(attention_bwd_prologue_backward_kernel<E, kCols>, dim3(unsigned(dw_blocks), 2), dim3(kRowThreads),
          size_t(kRowWarps) * size_t(d.D) * sizeof(float), p);
   if (in.qw.defined() || in.kw.defined())
@@ -179,7 +215,7 @@ Grads run(Mem& mem, Launch& launch, const at::Tensor& dout_, const std::optional
           const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_, const at::Tensor& out_,
           const at::Tensor& lse, const std::optional<at::Tensor>& qw, const std::optional<at::Tensor>& kw,
           const std::optional<at::Tensor>& mask, double scale, double eps, int64_t rope_h, int64_t rope_w,
-          double theta, int64_t layout, bool deterministic, int64_t key_blocks_per_cta = 0) {
+          double theta, int64_t layout, bool deterministic, int64_t key_blocks_per_cta = 0, int64_t mainloop = 0) {
   check_args(q_, k_, v_, qw, kw, mask, rope_h, rope_w, layout);
   const at::ScalarType st = q_.scalar_type();
   RAEKERN_CHECK(st == at::kFloat || st == at::kBFloat16 || st == at::kHalf, kOp, "q",
@@ -201,6 +237,9 @@ Grads run(Mem& mem, Launch& launch, const at::Tensor& dout_, const std::optional
   in.rope_h = rope_h, in.rope_w = rope_w, in.layout = layout;
   in.deterministic = deterministic;
   in.key_blocks_per_cta = key_blocks_per_cta;
+  RAEKERN_CHECK(mainloop >= 0 && mainloop <= 2, kOp, "mainloop", "must be 0 (auto), 1 (SIMT) or 2 (tensor cores), got ",
+                mainloop);
+  in.mainloop = mainloop;
   auto by_dim = [&](auto tag) -> Grads {
     using T = decltype(tag);
     switch (head_dim_bucket(d.D)) {

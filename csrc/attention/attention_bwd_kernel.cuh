@@ -4,11 +4,12 @@
 // dS = scale·P∘(dP − Δ), dK̂ += dSᵀ·q̂, and the block's dQ̂ = dS·k̂ goes to global memory: fp32
 // atomicAdd into one accumulator, or (deterministic) into the CTA's own slab, summed later in slab
 // order. All products accumulate in fp32 from the fp32 q̂/k̂ scratch; bf16/fp16/fp32 inputs.
-// No tensor-core code, so the host emulation runs it; a tensor-core mainloop can replace this
-// kernel with its own config (attention_bwd_config.h) and keep the other backward kernels.
+// The general fallback (fp32, any Dh, unaligned rows); bf16/fp16 at Dh 64/72/128 take the
+// tensor-core mainloop (attention_bwd_sm80_kernel.cuh), which shares the other backward kernels.
 // NOT YET RUN ON A GPU.
 #pragma once
 #include "attention/attention_bwd_config.h"
+#include "attention/attention_bwd_prologue_kernel.cuh"
 #include "common/simt.cuh"
 
 namespace raekern::attention::bwd {
@@ -202,13 +203,8 @@ template <class Cfg, class T>
 __global__ void __launch_bounds__(Cfg::kThreads, 1) attention_bwd_simt_kernel(const BwdParams p) {
   RAEKERN_DYNAMIC_SHARED(float, smem);
   const int h = blockIdx.y, b = blockIdx.z;
-  const int n_kblocks = (p.Nk + Cfg::kBlockN - 1) / Cfg::kBlockN;
-  float* slab = p.dqh + (p.deterministic ? int64_t(blockIdx.x) * p.slab_stride : 0);
-  for (int g = 0; g < p.key_blocks_per_cta; ++g) {
-    const int kb = blockIdx.x * p.key_blocks_per_cta + g;
-    if (kb >= n_kblocks) break;  // uniform over the block
-    bwd_key_block<Cfg, T>(p, smem, kb, b, h, slab, g > 0);
-  }
+  for_each_key_block<Cfg::kBlockN>(
+      p, [&](int kb, float* slab, bool accumulate) { bwd_key_block<Cfg, T>(p, smem, kb, b, h, slab, accumulate); });
 }
 
 }  // namespace raekern::attention::bwd

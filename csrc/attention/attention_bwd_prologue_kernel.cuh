@@ -11,6 +11,19 @@
 
 namespace raekern::attention::bwd {
 
+// The key blocks of this mainloop CTA (grid.x = ceil(key blocks / key_blocks_per_cta)) with its dQ̂
+// slab: f(kb, slab, accumulate) in order, accumulate = false for the CTA's first block (plain stores).
+template <int BlockN, class F>
+__device__ __forceinline__ void for_each_key_block(const BwdParams& p, F&& f) {
+  const int n_kblocks = (p.Nk + BlockN - 1) / BlockN;
+  float* slab = p.dqh + (p.deterministic ? int64_t(blockIdx.x) * p.slab_stride : 0);
+  for (int i = 0; i < p.key_blocks_per_cta; ++i) {
+    const int kb = blockIdx.x * p.key_blocks_per_cta + i;
+    if (kb >= n_kblocks) break;  // uniform over the block
+    f(kb, slab, i > 0);
+  }
+}
+
 // Rows of kind `is_k` (blockIdx.y): (b, h, n) in that order, n fastest.
 struct RowKind {
   const void* src;
@@ -90,6 +103,12 @@ __global__ void __launch_bounds__(kRowThreads) attention_bwd_preprocess_kernel(c
 #pragma unroll
     for (int j = 0; j < kCols; ++j)
       if (lane + 32 * j < D) dst[lane + 32 * j] = x[j];
+    if (void* d16 = is_k ? p.kh16 : p.qh16) {  // the tensor-core mainloop's copy, rounded as the forward's
+      T* dst16 = static_cast<T*>(d16) + row * D;
+#pragma unroll
+      for (int j = 0; j < kCols; ++j)
+        if (lane + 32 * j < D) dst16[lane + 32 * j] = simt::from_float<T>(x[j]);
+    }
     if (!is_k) {
       const T* g = static_cast<const T*>(p.dout) + b * p.do_sb + n * p.do_sn + h * p.do_sh;
       const T* o = static_cast<const T*>(p.out) + b * p.o_sb + n * p.o_sn + h * p.o_sh;

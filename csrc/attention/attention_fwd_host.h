@@ -17,12 +17,6 @@
 
 namespace raekern::attention::fwd {
 
-// cp.async moves 16-byte chunks: every row of q, k and v must start 16-byte aligned.
-inline bool aligned16(const at::Tensor& t, int64_t layout) {
-  const Strides4 s = strides_bnhd(t, layout);
-  return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0 && s.b % 8 == 0 && s.n % 8 == 0 && s.h % 8 == 0;
-}
-
 template <int HeadDim, class E, class Launch>
 void launch_cfg(Launch& launch, const sm80::FwdParams& p, bool aligned) {
   using Cfg = sm80::FwdConfig<HeadDim>;

@@ -6,7 +6,8 @@ Paths (see :func:`attention_path`):
 * ``raekern_cpu``  -- tiled online-softmax (flash) kernel, fp64/fp32/bf16/fp16, O(N·Dh) extra memory,
   QK-norm and RoPE applied while K/V/Q tiles are packed. Forward and backward.
 * ``raekern_cuda`` -- sm80+ tensor-core (``mma.sync``) forward; training calls (inputs requiring grad)
-  add the SIMT FlashAttention-2 backward (``attention_backward`` on CUDA: fp32 accumulation, dQ by fp32
+  add the FlashAttention-2 backward (``attention_backward`` on CUDA: a tensor-core mainloop for bf16/fp16 at
+  Dh 64/72/128, a SIMT one otherwise; fp32 accumulation, dQ by fp32
   atomics, or by per-key-block slabs summed in a fixed order when
   ``torch.are_deterministic_algorithms_enabled()``). **Compiled, and both emulated on the CPU (the
   forward's tensor-core instructions from their PTX definitions), but neither has run on a GPU yet.** Unsupported dtypes / head dims use the fallback.
