@@ -1,5 +1,5 @@
 // sm80 attention forward mainloop: FlashAttention-2 structure with hand-written tensor-core code.
-// CTA = 64 query rows × one (batch, head), 4 warps × 16 rows; K/V tiles of 64 keys stream through
+// CTA = 128 query rows × one (batch, head), 8 warps × 16 rows; K/V tiles of 64 keys stream through
 // double-buffered shared memory with cp.async; S = Q·Kᵀ and O += P·V use mma.sync.m16n8k16
 // (bf16/fp16 in, fp32 accumulate); the online softmax (log2 units) stays in registers and P is fed
 // to the second MMA straight from the S accumulators. Every fragment comes from shared memory by
@@ -45,7 +45,7 @@ __device__ __forceinline__ void load_tile(T* __restrict__ dst, int ld, const T* 
   }
 }
 
-// QK-norm + RoPE on the 64-row Q tile in smem: two threads per row (all 128 threads take part).
+// QK-norm + RoPE on the Q tile in smem: two threads per row (kBlockM = kThreads / 2, all take part).
 // Keys arrive already rotated and normalised (k_prologue_kernel), so only Q is processed here.
 template <class Cfg, class T>
 __device__ __forceinline__ void prologue_q_tile(T* tile, int ld, int token0, const FwdParams& p) {
@@ -56,7 +56,7 @@ __device__ __forceinline__ void prologue_q_tile(T* tile, int ld, int token0, con
 }
 
 template <class Cfg, class T, bool kAligned>
-__global__ void __launch_bounds__(Cfg::kThreads) attention_fwd_sm80_kernel(const FwdParams p) {
+__global__ void __launch_bounds__(Cfg::kThreads, 1) attention_fwd_sm80_kernel(const FwdParams p) {
   constexpr int kM = Cfg::kBlockM, kN = Cfg::kBlockN, D = Cfg::kHeadDim, DQK = Cfg::kHeadDimQK;
   constexpr int LQ = Cfg::kLdQK, LV = Cfg::kLdV;
   RAEKERN_DYNAMIC_SHARED(T, smem);
@@ -72,9 +72,9 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_fwd_sm80_kernel(const
 
   // The QKᵀ padding columns (D..DQK) must read as zero in Q and in both K buffers.
   if constexpr (DQK > D) {
-    for (int e = threadIdx.x; e < 3 * kM * (DQK - D); e += Cfg::kThreads) {
+    for (int e = threadIdx.x; e < (kM + 2 * kN) * (DQK - D); e += Cfg::kThreads) {
       const int r = e / (DQK - D), c = D + e % (DQK - D);
-      sQ[r * LQ + c] = simt::from_float<T>(0.f);  // rows 0..3·64 span sQ and both sK buffers
+      sQ[r * LQ + c] = simt::from_float<T>(0.f);  // rows 0..kM+2·kN span sQ and both sK buffers
     }
   }
   const int n_blocks = (p.Nk + kN - 1) / kN;
