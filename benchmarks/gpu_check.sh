@@ -49,7 +49,29 @@ if ls .whl/*.whl >/dev/null 2>&1; then
     && export PYTHONPATH=/tmp/raekern-site${PYTHONPATH:+:$PYTHONPATH}
 fi
 
-if [ "${GPU_CHECK_SKIP_BUILD:-0}" != 1 ]; then
+# A CUDA build carried in .whl/prebuilt (tools/prepare_gpu_check.sh) is used when it was made from
+# this commit for this torch and imports with its CUDA kernels; otherwise the device builds.
+PREBUILT=0
+if [ "$DEVICE" = cuda ] && [ "${GPU_CHECK_SKIP_BUILD:-0}" != 1 ] && ls .whl/prebuilt/_C*.so >/dev/null 2>&1; then
+  want=$(cat .whl/prebuilt/torch_version.txt 2>/dev/null)
+  have=$($PY -c "import torch; print(torch.__version__)" 2>/dev/null)
+  if [ "$want" = "$have" ] && [ "$(cat .whl/prebuilt/commit.txt 2>/dev/null)" = "$(git rev-parse HEAD 2>/dev/null)" ]; then
+    cp .whl/prebuilt/_C*.so .whl/prebuilt/_emu*.so raekern/
+    if $PY -c "from raekern._utils.library import build_info as b; a = b()['cuda_archs']; assert a, 'no CUDA'; print(a)" \
+        >> "$OUTDIR/prebuilt.log" 2>&1; then
+      PREBUILT=1
+      cp .whl/prebuilt/ptxas.txt "$OUTDIR/ptxas.txt"
+      echo "build: prebuilt library (torch $have, commit $(cat .whl/prebuilt/commit.txt))" | tee -a "$SUMMARY"
+    else
+      rm -f raekern/_C*.so raekern/_emu*.so
+      echo "build: prebuilt library did not load (see prebuilt.log); building" | tee -a "$SUMMARY"
+    fi
+  else
+    echo "build: prebuilt library is for torch '$want' at another commit or torch; building (torch '$have')" | tee -a "$SUMMARY"
+  fi
+fi
+
+if [ "${GPU_CHECK_SKIP_BUILD:-0}" != 1 ] && [ $PREBUILT = 0 ]; then
   if [ "$DEVICE" = cuda ]; then
     export RAEKERN_CUDA=1
     if [ -z "${CUDA_HOME:-}" ]; then CUDA_HOME=$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")"); export CUDA_HOME; fi
