@@ -12,6 +12,9 @@
 # it there); it is installed with --no-index into a private folder.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+# Hash of everything the compiled library is built from (the working tree may travel without .git).
+source_hash() { find csrc setup.py CMakeLists.txt -type f | LC_ALL=C sort | xargs sha256sum | sha256sum | cut -d' ' -f1; }
+if [ "${1:-}" = --source-hash ]; then source_hash; exit 0; fi
 OUTDIR=${1:-${OUT:-out/gpu-check}}
 mkdir -p "$OUTDIR"
 DEVICE=${GPU_CHECK_DEVICE:-cuda}
@@ -50,24 +53,24 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 
 # A CUDA build carried in .whl/prebuilt (tools/prepare_gpu_check.sh) is used when it was made from
-# this commit for this torch and imports with its CUDA kernels; otherwise the device builds.
+# these sources for this torch and imports with its CUDA kernels; otherwise the device builds.
 PREBUILT=0
 if [ "$DEVICE" = cuda ] && [ "${GPU_CHECK_SKIP_BUILD:-0}" != 1 ] && ls .whl/prebuilt/_C*.so >/dev/null 2>&1; then
   want=$(cat .whl/prebuilt/torch_version.txt 2>/dev/null)
   have=$($PY -c "import torch; print(torch.__version__)" 2>/dev/null)
-  if [ "$want" = "$have" ] && [ "$(cat .whl/prebuilt/commit.txt 2>/dev/null)" = "$(git rev-parse HEAD 2>/dev/null)" ]; then
+  if [ "$want" = "$have" ] && [ "$(cat .whl/prebuilt/source_hash.txt 2>/dev/null)" = "$(source_hash)" ]; then
     cp .whl/prebuilt/_C*.so .whl/prebuilt/_emu*.so raekern/
     if $PY -c "from raekern._utils.library import build_info as b; a = b()['cuda_archs']; assert a, 'no CUDA'; print(a)" \
         >> "$OUTDIR/prebuilt.log" 2>&1; then
       PREBUILT=1
       cp .whl/prebuilt/ptxas.txt "$OUTDIR/ptxas.txt"
-      echo "build: prebuilt library (torch $have, commit $(cat .whl/prebuilt/commit.txt))" | tee -a "$SUMMARY"
+      echo "build: prebuilt library (torch $have, sources $(source_hash | cut -c1-12))" | tee -a "$SUMMARY"
     else
       rm -f raekern/_C*.so raekern/_emu*.so
       echo "build: prebuilt library did not load (see prebuilt.log); building" | tee -a "$SUMMARY"
     fi
   else
-    echo "build: prebuilt library is for torch '$want' at another commit or torch; building (torch '$have')" | tee -a "$SUMMARY"
+    echo "build: prebuilt library is for torch '$want' or other sources; building (torch '$have')" | tee -a "$SUMMARY"
   fi
 fi
 

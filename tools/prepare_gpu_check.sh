@@ -17,6 +17,6 @@ if [ "${SKIP_PREBUILT:-0}" != 1 ]; then
   cp build/cu-prebuilt/lib/raekern/_C*.so build/cu-prebuilt/lib/raekern/_emu*.so .whl/prebuilt/
   cp build/cu-prebuilt/ptxas.txt build/cu-prebuilt/cubins.txt .whl/prebuilt/
   "$VENV/bin/python" -c "import torch; print(torch.__version__)" > .whl/prebuilt/torch_version.txt
-  git rev-parse HEAD > .whl/prebuilt/commit.txt
+  bash benchmarks/gpu_check.sh --source-hash > .whl/prebuilt/source_hash.txt
 fi
 ls -la .whl .whl/prebuilt 2>/dev/null
