@@ -107,9 +107,13 @@ template <int HeadDim> struct BwdTcConfig {
   static constexpr int kNTilesKey = kBlockN / 8;
   static constexpr int kNTilesD = HeadDim / 8;
   static constexpr int kKStepsD = kHeadDimP / 16;
-  // K̂, V, Q̂, dO tiles and P, dS (elements of the input dtype), then lse·log2(e) and Δ per query row.
-  static constexpr int kSmemElems = 4 * 64 * kLd + 2 * kBlockM * kLdP;
-  static constexpr int kSmemBytes = kSmemElems * 2 + 2 * kBlockM * 4;
+  // Query-block buffers: two (the next block's q̂ / dO load under this block's products) where the
+  // shared memory still allows two CTAs per SM; one at Dh = 128 (124 KiB would allow only one).
+  static constexpr int kQBufs = HeadDim <= 72 ? 2 : 1;
+  // K̂, V, kQBufs × (Q̂, dO) tiles and P, dS (elements of the input dtype), then kQBufs × (lse·log2e, Δ)
+  // per query row.
+  static constexpr int kSmemElems = (2 + 2 * kQBufs) * 64 * kLd + 2 * kBlockM * kLdP;
+  static constexpr int kSmemBytes = kSmemElems * 2 + 2 * kQBufs * kBlockM * 4;
 };
 
 // Row kernels (preprocess and prologue backward): one warp per row, lane l owns columns l + 32·j.

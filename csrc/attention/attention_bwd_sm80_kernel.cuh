@@ -85,12 +85,12 @@ __device__ __forceinline__ void tc_key_block(const BwdParams& p, unsigned char* 
   constexpr float kLog2e = 1.4426950408889634f;
   T* sK = reinterpret_cast<T*>(smem_raw);
   T* sV = sK + 64 * LD;
-  T* sQ = sV + 64 * LD;
-  T* sdO = sQ + 64 * LD;
-  T* sP = sdO + 64 * LD;
+  T* sQ0 = sV + 64 * LD;                 // [kQBufs][64][LD]
+  T* sdO0 = sQ0 + Cfg::kQBufs * 64 * LD;  // [kQBufs][64][LD]
+  T* sP = sdO0 + Cfg::kQBufs * 64 * LD;
   T* sdS = sP + BM * LP;
-  float* sL = reinterpret_cast<float*>(sdS + BM * LP);
-  float* sDelta = sL + BM;
+  float* sL0 = reinterpret_cast<float*>(sdS + BM * LP);  // [kQBufs][BM]
+  float* sDelta0 = sL0 + Cfg::kQBufs * BM;               // [kQBufs][BM]
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
   const int64_t bh = int64_t(b) * p.H + h;
   const int n0 = kb * BN;
@@ -117,20 +117,37 @@ __device__ __forceinline__ void tc_key_block(const BwdParams& p, unsigned char* 
 #pragma unroll
     for (int e = 0; e < 4; ++e) dv[n][e] = dk[n][e] = 0.f;
 
-  for (int m0 = 0; m0 < p.Nq; m0 += BM) {
+  // Query block m0 (its q̂ and dO rows, lse·log2e and Δ) into buffer `buf`, one cp.async group.
+  auto stage = [&](int m0, int buf) {
     const int rows = min(BM, p.Nq - m0);
-    tc_load_tile<Cfg, T>(sQ, static_cast<const T*>(p.qh16) + (bh * p.Nq + m0) * D, D, rows);
-    tc_load_tile<Cfg, T>(sdO, static_cast<const T*>(p.dout) + b * p.do_sb + h * p.do_sh + int64_t(m0) * p.do_sn,
-                         p.do_sn, rows);
+    tc_load_tile<Cfg, T>(sQ0 + buf * 64 * LD, static_cast<const T*>(p.qh16) + (bh * p.Nq + m0) * D, D, rows);
+    tc_load_tile<Cfg, T>(sdO0 + buf * 64 * LD,
+                         static_cast<const T*>(p.dout) + b * p.do_sb + h * p.do_sh + int64_t(m0) * p.do_sn, p.do_sn,
+                         rows);
     tc::cp_async_commit();
     if (tid < BM) {
       // P = exp2(S·scale·log2e − lse·log2e); a row past Nq or with no key (lse = -inf) gets P = 0.
       const float lse = tid < rows ? p.lse[bh * p.Nq + m0 + tid] : -INFINITY;
-      sL[tid] = lse == -INFINITY ? INFINITY : lse * kLog2e;
-      sDelta[tid] = tid < rows ? p.delta[bh * p.Nq + m0 + tid] : 0.f;
+      sL0[buf * BM + tid] = lse == -INFINITY ? INFINITY : lse * kLog2e;
+      sDelta0[buf * BM + tid] = tid < rows ? p.delta[bh * p.Nq + m0 + tid] : 0.f;
     }
-    tc::cp_async_wait<0>();
+  };
+  stage(0, 0);
+  for (int m0 = 0, it = 0; m0 < p.Nq; m0 += BM, ++it) {
+    const int buf = Cfg::kQBufs > 1 ? it & 1 : 0;
+    // With two buffers the next block's loads fly while this one computes (its buffer was last read
+    // in the previous step, before that step's closing barrier); with one, they wait for the end.
+    if (Cfg::kQBufs > 1 && m0 + BM < p.Nq) {
+      stage(m0 + BM, buf ^ 1);
+      tc::cp_async_wait<1>();
+    } else {
+      tc::cp_async_wait<0>();
+    }
     __syncthreads();
+    const T* sQ = sQ0 + buf * 64 * LD;
+    const T* sdO = sdO0 + buf * 64 * LD;
+    const float* sL = sL0 + buf * BM;
+    const float* sDelta = sDelta0 + buf * BM;
 
     // S and dP for this warp's 16 query rows × 64 keys, in chunks of NKC key n-tiles (16 keys at
     // Dh = 128, where dK̂ and dV already hold 128 registers); P and dS to shared memory.
@@ -213,7 +230,8 @@ __device__ __forceinline__ void tc_key_block(const BwdParams& p, unsigned char* 
       mma_frag_kn<ND, T>(dv, pf, sdO + ks * 16 * LD, LD, lane);
       mma_frag_kn<ND, T>(dk, sf, sQ + ks * 16 * LD, LD, lane);
     }
-    __syncthreads();  // the next query block overwrites sQ, sdO, sP, sdS
+    __syncthreads();  // sP, sdS and this buffer are refilled next
+    if (Cfg::kQBufs == 1 && m0 + BM < p.Nq) stage(m0 + BM, 0);
   }
 
   // dV in the output dtype and layout; dK̂ in fp32 for the prologue backward. Masked keys get 0.
@@ -241,7 +259,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) attention_bwd_sm80_kernel(const
   if constexpr (Cfg::kHeadDimP > Cfg::kHeadDim) {
     constexpr int pad = Cfg::kHeadDimP - Cfg::kHeadDim;
     T* tiles = reinterpret_cast<T*>(smem);
-    for (int e = threadIdx.x; e < 4 * 64 * pad; e += Cfg::kThreads)
+    for (int e = threadIdx.x; e < (2 + 2 * Cfg::kQBufs) * 64 * pad; e += Cfg::kThreads)
       tiles[(e / pad) * Cfg::kLd + Cfg::kHeadDim + e % pad] = simt::from_float<T>(0.f);
   }
   const int h = blockIdx.y, b = blockIdx.z;
