@@ -441,7 +441,14 @@ EMU_FWD_CASES = [
     (1, 68, 68, 2, 72, torch.bfloat16, "bhnd", True),  # RoPE grid 17x4: later tokens unrotated
     (2, 1, 1, 1, 64, torch.float16, "bnhd", True),  # one token
     (1, 5, 130, 1, 72, torch.float16, "bnhd", True),  # cross attention, Nq < one tile
-    (1, 130, 3, 1, 128, torch.bfloat16, "bhnd", False),  # three query tiles, Nk < one tile
+    (1, 130, 3, 1, 128, torch.bfloat16, "bhnd", False),  # two query tiles, Nk < one tile
+    # head dims without an exact config run in a bucket (64, 96, 128, 256)
+    (1, 40, 70, 2, 32, torch.bfloat16, "bnhd", True),
+    (1, 70, 40, 1, 80, torch.float16, "bhnd", True),
+    (1, 33, 65, 1, 96, torch.bfloat16, "bnhd", False),
+    (1, 20, 70, 1, 112, torch.bfloat16, "bhnd", True),
+    (1, 30, 66, 1, 136, torch.float16, "bnhd", True),
+    (1, 17, 65, 1, 256, torch.bfloat16, "bnhd", True),
 ]
 
 
@@ -498,8 +505,8 @@ def test_emulated_cuda_forward_bad_arguments_name_the_argument():
     q, k, v = make((1, 8, 1, 64), torch.float32)
     with pytest.raises(ValueError, match="'q' must be bfloat16 or float16"):
         emu.attention(q, k, v, None, None, None, 0.125, 1e-6, 0, 0, 1e4, 0)
-    q, k, v = make((1, 8, 1, 32), torch.bfloat16)
-    with pytest.raises(ValueError, match="'q'.*head dim 32 has no CUDA tile config"):
+    q, k, v = make((1, 8, 1, 36), torch.bfloat16)
+    with pytest.raises(ValueError, match="'q'.*head dim 36 is not a multiple of 8 up to 256"):
         emu.attention(q, k, v, None, None, None, 0.125, 1e-6, 0, 0, 1e4, 0)
 
 

@@ -1,7 +1,7 @@
 // CUDA launcher of raekern::attention (forward): the host plan of attention_fwd_host.h with device
 // pointers from data_ptr and <<<>>> launches of the sm80 mma.sync kernel on the current stream (no
-// host synchronisation). raekern.ops.attention routes only bf16/fp16, Dh ∈ {64, 72, 128} here;
-// everything else goes to the CPU kernel or the SDPA fallback.
+// host synchronisation). raekern.ops.attention routes bf16/fp16 with Dh a multiple of 8 up to 256
+// here (exact tile configs at 64, 72, 128, buckets otherwise); everything else goes to SDPA.
 // NOT YET RUN ON A GPU — compiled for sm_80 and sm_90a; the same plan and kernel run on the host
 // emulation in python_tests/test_attention.py, and the GPU check (benchmarks/gpu_check.sh)
 // verifies them on hardware.

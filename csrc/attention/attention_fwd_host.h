@@ -17,9 +17,9 @@
 
 namespace raekern::attention::fwd {
 
-template <int HeadDim, class E, class Launch>
+template <int HeadDim, bool Exact, class E, class Launch>
 void launch_cfg(Launch& launch, const sm80::FwdParams& p, bool aligned) {
-  using Cfg = sm80::FwdConfig<HeadDim>;
+  using Cfg = sm80::FwdConfig<HeadDim, Exact>;
   const dim3 grid(unsigned((p.Nq + Cfg::kBlockM - 1) / Cfg::kBlockM), unsigned(p.H), unsigned(p.B));
   if (aligned) launch(sm80::attention_fwd_sm80_kernel<Cfg, E, true>, grid, dim3(Cfg::kThreads), Cfg::kSmemBytes, p);
   else launch(sm80::attention_fwd_sm80_kernel<Cfg, E, false>, grid, dim3(Cfg::kThreads), Cfg::kSmemBytes, p);
@@ -27,11 +27,15 @@ void launch_cfg(Launch& launch, const sm80::FwdParams& p, bool aligned) {
 
 template <class E, class Launch>
 void launch_dh(Launch& launch, int64_t D, const sm80::FwdParams& p, bool aligned) {
-  switch (D) {
-    case 64: return launch_cfg<64, E>(launch, p, aligned);
-    case 72: return launch_cfg<72, E>(launch, p, aligned);
-    case 128: return launch_cfg<128, E>(launch, p, aligned);
-    default: RAEKERN_CHECK(false, kOp, "q", "head dim ", D, " has no CUDA tile config (64, 72, 128)");
+  switch (D) {  // first-class head dims: exact configs; the rest: the next bucket
+    case 64: return launch_cfg<64, true, E>(launch, p, aligned);
+    case 72: return launch_cfg<72, true, E>(launch, p, aligned);
+    case 128: return launch_cfg<128, true, E>(launch, p, aligned);
+    default:
+      if (D < 64) return launch_cfg<64, false, E>(launch, p, aligned);
+      if (D <= 96) return launch_cfg<96, false, E>(launch, p, aligned);
+      if (D < 128) return launch_cfg<128, false, E>(launch, p, aligned);
+      return launch_cfg<256, false, E>(launch, p, aligned);
   }
 }
 
@@ -47,8 +51,8 @@ std::tuple<at::Tensor, at::Tensor> run(Mem& mem, Launch& launch, const at::Tenso
                 "must be bfloat16 or float16 on CUDA (tensor-core kernel), got ", st);
   const at::Tensor q = unit_last(q_), k = unit_last(k_), v = unit_last(v_);
   const Dims d = dims_of(q, k, layout);
-  RAEKERN_CHECK(d.D == 64 || d.D == 72 || d.D == 128, kOp, "q", "head dim ", d.D,
-                " has no CUDA tile config (64, 72, 128)");
+  RAEKERN_CHECK(d.D % 8 == 0 && d.D <= 256, kOp, "q", "head dim ", d.D,
+                " is not a multiple of 8 up to 256 (the CUDA kernel's 16-byte rows)");
   RAEKERN_CHECK(d.H <= 65535 && d.B <= 65535, kOp, "q", "batch and heads must be <= 65535 on CUDA, got ",
                 q.sizes());
   RAEKERN_CHECK(d.Nq < (int64_t(1) << 31) && d.Nk < (int64_t(1) << 31), kOp, "q", "sequence too long");
@@ -96,7 +100,7 @@ std::tuple<at::Tensor, at::Tensor> run(Mem& mem, Launch& launch, const at::Tenso
     p.o_sb = so.b, p.o_sn = so.n, p.o_sh = so.h;
     p.mask_sb = mask ? mask->stride(0) : 0;
     p.mask_sn = mask ? mask->stride(1) : 0;
-    p.B = int(d.B), p.H = int(d.H), p.Nq = int(d.Nq), p.Nk = int(d.Nk);
+    p.B = int(d.B), p.H = int(d.H), p.Nq = int(d.Nq), p.Nk = int(d.Nk), p.D = int(d.D);
     p.scale_log2 = float(scale * 1.4426950408889634);
     p.eps = float(eps);
     p.rope_h = int(rope_h), p.rope_w = int(rope_w);

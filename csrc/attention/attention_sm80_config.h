@@ -1,15 +1,19 @@
 // Tile configuration of the sm80 (mma.sync) attention forward, kept apart from the mainloop so a
 // Hopper wgmma/TMA mainloop can be added as its own translation unit with its own configs.
 // Dh = 72 runs natively: only the QKᵀ reduction is padded (to 80, a multiple of the MMA k = 16);
-// V, the output and the P·V product use 72 columns (nine 8-wide MMA n-tiles).
+// V, the output and the P·V product use 72 columns (nine 8-wide MMA n-tiles). The first-class head
+// dims 64, 72, 128 have exact configs (Exact: the head dim is a compile-time constant); every other
+// multiple of 8 up to 256 runs in the next bucket (64, 96, 128, 256) with the head dim read at run
+// time, the QKᵀ columns past it zero and the output tiles past it computed but not stored.
 #pragma once
 #include <cstdint>
 
 namespace raekern::attention::sm80 {
 
-template <int HeadDim> struct FwdConfig {
+template <int HeadDim, bool Exact = true> struct FwdConfig {
   static_assert(HeadDim % 8 == 0 && HeadDim <= 256, "head dim must be a multiple of 8, <= 256");
-  static constexpr int kHeadDim = HeadDim;
+  static constexpr int kHeadDim = HeadDim;  // the bucket's largest head dim (the head dim when exact)
+  static constexpr bool kExact = Exact;
   static constexpr int kHeadDimQK = (HeadDim + 15) / 16 * 16;  // k-extent of QKᵀ (72 -> 80)
   // 128 query rows per CTA (8 warps × 16): each K/V tile brought into shared memory serves 128 rows,
   // halving the L2 → SM traffic of 64-row CTAs (which at H100 rates would approach L2 bandwidth).
@@ -42,6 +46,7 @@ struct FwdParams {
   int64_t q_sb, q_sn, q_sh, k_sb, k_sn, k_sh, v_sb, v_sn, v_sh, o_sb, o_sn, o_sh;
   int64_t mask_sb, mask_sn;
   int B, H, Nq, Nk;
+  int D;                 // head dim (≤ the config's kHeadDim)
   float scale_log2;      // softmax scale · log2(e)
   float eps;
   int rope_h, rope_w;    // 0, 0: no RoPE

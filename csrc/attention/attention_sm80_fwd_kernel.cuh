@@ -24,16 +24,21 @@ using tc::cp_async16;
 using tc::cp_async_commit;
 using tc::cp_async_wait;
 
+// The head dim: a compile-time constant for exact configs, p.D in a bucket.
+template <class Cfg> __device__ __forceinline__ int head_dim(const FwdParams& p) {
+  if constexpr (Cfg::kExact) return Cfg::kHeadDim;
+  else return p.D;
+}
+
 // rows × D elements from global (token stride sn) into smem (row stride ld). Aligned: 16-byte
 // cp.async chunks (async, zero-fill past `rows_valid`); otherwise plain element copies.
 template <class Cfg, class T, bool kAligned>
 __device__ __forceinline__ void load_tile(T* __restrict__ dst, int ld, const T* __restrict__ src, int64_t sn,
-                                          int rows, int rows_valid) {
-  constexpr int D = Cfg::kHeadDim;
+                                          int rows, int rows_valid, int D) {
   if constexpr (kAligned) {
-    constexpr int kChunks = D / 8;
-    for (int c = threadIdx.x; c < rows * kChunks; c += Cfg::kThreads) {
-      const int r = c / kChunks, col = (c % kChunks) * 8;
+    const int chunks = D / 8;
+    for (int c = threadIdx.x; c < rows * chunks; c += Cfg::kThreads) {
+      const int r = c / chunks, col = (c % chunks) * 8;
       const bool ok = r < rows_valid;
       cp_async16(dst + r * ld + col, src + (ok ? int64_t(r) * sn + col : 0), ok);
     }
@@ -52,12 +57,13 @@ __device__ __forceinline__ void prologue_q_tile(T* tile, int ld, int token0, con
   const int r = threadIdx.x >> 1, half = threadIdx.x & 1, token = token0 + r;
   const bool rope = p.rope_h > 0 && token < p.rope_h * p.rope_w;
   const int pos = rope ? (half ? token % p.rope_w : token / p.rope_w) : 0;
-  simt_dev::qk_prologue_half_row<T>(tile + r * ld, Cfg::kHeadDim, half, p.q_norm, p.eps, rope, pos, p.log2_theta);
+  simt_dev::qk_prologue_half_row<T>(tile + r * ld, head_dim<Cfg>(p), half, p.q_norm, p.eps, rope, pos, p.log2_theta);
 }
 
 template <class Cfg, class T, bool kAligned>
 __global__ void __launch_bounds__(Cfg::kThreads, 1) attention_fwd_sm80_kernel(const FwdParams p) {
-  constexpr int kM = Cfg::kBlockM, kN = Cfg::kBlockN, D = Cfg::kHeadDim, DQK = Cfg::kHeadDimQK;
+  constexpr int kM = Cfg::kBlockM, kN = Cfg::kBlockN, DQK = Cfg::kHeadDimQK;
+  const int D = head_dim<Cfg>(p);
   constexpr int LQ = Cfg::kLdQK, LV = Cfg::kLdV;
   RAEKERN_DYNAMIC_SHARED(T, smem);
   T* sQ = smem;
@@ -70,17 +76,18 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) attention_fwd_sm80_kernel(co
   const T* kg = static_cast<const T*>(p.k) + b * p.k_sb + h * p.k_sh;
   const T* vg = static_cast<const T*>(p.v) + b * p.v_sb + h * p.v_sh;
 
-  // The QKᵀ padding columns (D..DQK) must read as zero in Q and in both K buffers.
-  if constexpr (DQK > D) {
+  // The QKᵀ padding columns (D..DQK) must read as zero in Q and in both K buffers (V's columns past D
+  // only feed output columns that are never stored).
+  if (DQK > D) {
     for (int e = threadIdx.x; e < (kM + 2 * kN) * (DQK - D); e += Cfg::kThreads) {
       const int r = e / (DQK - D), c = D + e % (DQK - D);
       sQ[r * LQ + c] = simt::from_float<T>(0.f);  // rows 0..kM+2·kN span sQ and both sK buffers
     }
   }
   const int n_blocks = (p.Nk + kN - 1) / kN;
-  load_tile<Cfg, T, kAligned>(sQ, LQ, qg, p.q_sn, kM, min(kM, p.Nq - m0));
-  load_tile<Cfg, T, kAligned>(sK, LQ, kg, p.k_sn, kN, min(kN, p.Nk));
-  load_tile<Cfg, T, kAligned>(sV, LV, vg, p.v_sn, kN, min(kN, p.Nk));
+  load_tile<Cfg, T, kAligned>(sQ, LQ, qg, p.q_sn, kM, min(kM, p.Nq - m0), D);
+  load_tile<Cfg, T, kAligned>(sK, LQ, kg, p.k_sn, kN, min(kN, p.Nk), D);
+  load_tile<Cfg, T, kAligned>(sV, LV, vg, p.v_sn, kN, min(kN, p.Nk), D);
   if constexpr (kAligned) cp_async_commit();
 
   float acc_o[Cfg::kNTilesO][4];
@@ -93,8 +100,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) attention_fwd_sm80_kernel(co
     const int buf = j & 1, n0 = j * kN;
     if (j + 1 < n_blocks) {
       const int nb = (j + 1) & 1, n1 = n0 + kN;
-      load_tile<Cfg, T, kAligned>(sK + nb * kN * LQ, LQ, kg + int64_t(n1) * p.k_sn, p.k_sn, kN, min(kN, p.Nk - n1));
-      load_tile<Cfg, T, kAligned>(sV + nb * kN * LV, LV, vg + int64_t(n1) * p.v_sn, p.v_sn, kN, min(kN, p.Nk - n1));
+      load_tile<Cfg, T, kAligned>(sK + nb * kN * LQ, LQ, kg + int64_t(n1) * p.k_sn, p.k_sn, kN, min(kN, p.Nk - n1), D);
+      load_tile<Cfg, T, kAligned>(sV + nb * kN * LV, LV, vg + int64_t(n1) * p.v_sn, p.v_sn, kN, min(kN, p.Nk - n1), D);
       if constexpr (kAligned) {
         cp_async_commit();
         cp_async_wait<1>();
@@ -213,8 +220,9 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) attention_fwd_sm80_kernel(co
     T* og = static_cast<T*>(p.out) + b * p.o_sb + h * p.o_sh + int64_t(m) * p.o_sn;
 #pragma unroll
     for (int n = 0; n < Cfg::kNTilesO; ++n)
-      *reinterpret_cast<uint32_t*>(og + n * 8 + 2 * t) =
-          Mma<T>::pack(acc_o[n][2 * r] * fin.inv_l, acc_o[n][2 * r + 1] * fin.inv_l);
+      if (Cfg::kExact || n * 8 < D)
+        *reinterpret_cast<uint32_t*>(og + n * 8 + 2 * t) =
+            Mma<T>::pack(acc_o[n][2 * r] * fin.inv_l, acc_o[n][2 * r + 1] * fin.inv_l);
     if (t == 0) p.lse[(int64_t(b) * p.H + h) * p.Nq + m] = fin.lse;
   }
 }

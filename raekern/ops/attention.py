@@ -10,7 +10,8 @@ Paths (see :func:`attention_path`):
   Dh 64/72/128, a SIMT one otherwise; fp32 accumulation, dQ by fp32
   atomics, or by per-key-block slabs summed in a fixed order when
   ``torch.are_deterministic_algorithms_enabled()``). **Compiled, and both emulated on the CPU (the
-  forward's tensor-core instructions from their PTX definitions), but neither has run on a GPU yet.** Unsupported dtypes / head dims use the fallback.
+  forward's tensor-core instructions from their PTX definitions), but neither has run on a GPU yet.** Head dims: 64, 72, 128 exact, any other multiple of 8 up to 256
+  in a bucket. Unsupported dtypes / head dims use the fallback.
 * ``sdpa`` -- explicit QK-norm and RoPE in PyTorch followed by ``F.scaled_dot_product_attention``.
 
 Each call logs the chosen path at DEBUG level on the ``raekern.attention`` logger.
@@ -192,7 +193,6 @@ def _has_kernel(key: str, op: str = "raekern::attention") -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key(op, key)
 
 
-_CUDA_HEAD_DIMS = (64, 72, 128)  # instantiated tile configs of the sm80 forward
 _FORCE_CUDA_BACKWARD = "RAEKERN_CUDA_ATTENTION_BACKWARD"
 
 
@@ -221,15 +221,16 @@ def _path_reasons(q, k, v, qw, kw, mask, grid) -> dict[str, Optional[str]]:
         reasons["raekern_cuda"] = "needs compute capability >= 8.0 (mma.sync bf16/fp16)"
     elif q.dtype not in (torch.float16, torch.bfloat16):
         reasons["raekern_cuda"] = f"dtype {q.dtype} (the tensor-core kernel takes fp16/bf16)"
-    elif dh not in _CUDA_HEAD_DIMS:
-        reasons["raekern_cuda"] = f"head dim {dh} has no tile config (have {_CUDA_HEAD_DIMS})"
+    elif dh % 8 or dh > 256:
+        reasons["raekern_cuda"] = f"head dim {dh} is not a multiple of 8 up to 256 (16-byte rows)"
     elif needs_grad and not _has_kernel("CUDA", "raekern::attention_backward"):
         reasons["raekern_cuda"] = "inputs require grad and this build has no CUDA attention_backward kernel"
     elif needs_grad and not (torch.are_deterministic_algorithms_enabled() or _cuda_backward_forced()):
-        # The CUDA backward runs on CUDA cores (no tensor-core mainloop yet), so SDPA's flash backward
-        # is the faster default; ours is taken where it adds something SDPA lacks: a deterministic dq.
-        reasons["raekern_cuda"] = ("inputs require grad: the raekern CUDA backward (SIMT, slower than SDPA's) "
-                                   "is used only under torch.use_deterministic_algorithms(True) or "
+        # Until the GPU check has timed the raekern CUDA backward (tensor cores at Dh 64/72/128, CUDA
+        # cores otherwise) against SDPA's, SDPA is the default; ours is taken where it adds something
+        # SDPA lacks: a deterministic dq.
+        reasons["raekern_cuda"] = ("inputs require grad: the raekern CUDA backward (not yet timed against "
+                                   "SDPA's) is used only under torch.use_deterministic_algorithms(True) or "
                                    f"{_FORCE_CUDA_BACKWARD}=1")
     else:
         reasons["raekern_cuda"] = None
