@@ -760,3 +760,35 @@ def test_cuda_training_deterministic_mode_is_bit_identical():
         torch.use_deterministic_algorithms(prev)
     for name, a, b_ in zip(GRAD_NAMES, *runs):
         assert torch.equal(a, b_), name
+
+
+# ----------------------------------------------------------------------------- the emulation against the GPU
+@cuda
+@pytest.mark.parametrize("d", [64, 72, 96, 128])
+def test_cuda_kernels_agree_with_their_emulation(d):
+    """The same inputs through the real CUDA kernels and through the host emulation of the same
+    source (tensor-core instructions emulated from their PTX definitions): they differ only by the
+    tensor cores' internal rounding, so this validates the emulation the CPU-only CI relies on."""
+    emu = emulation_library()
+    if emu is None or not hasattr(emu, "attention") or not attn_mod._has_kernel("CUDA"):
+        pytest.skip("needs both the CUDA build and raekern._emu")
+    b, n, h = 2, 131, 2
+    q, k, v = make((b, n, h, d), torch.bfloat16, seed=21)
+    kw = features(d, n, b, torch.bfloat16, seed=22)
+    kw["rope_grid"] = (8, 8)
+    gh, gw = kw["rope_grid"]
+    args = (kw["q_norm_weight"], kw["k_norm_weight"], kw["key_padding_mask"], d ** -0.5, 1e-6, gh, gw, 1e4, 0)
+    out_e, lse_e = emu.attention(q, k, v, *args)
+    dev = lambda t: t.cuda() if isinstance(t, torch.Tensor) else t  # noqa: E731
+    out_g, lse_g = torch.ops.raekern.attention(dev(q), dev(k), dev(v), *map(dev, args))
+    # a bf16 rounding step or two of the output, 1e-3 in lse
+    torch.testing.assert_close(out_g.cpu().float(), out_e.float(), atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(lse_g.cpu(), lse_e, atol=1e-3, rtol=1e-4)
+    if d in (64, 72, 128):  # the tensor-core backward
+        g = torch.randn(out_e.shape, generator=torch.Generator().manual_seed(23)).to(torch.bfloat16)
+        bargs = (g, None, q, k, v, out_e, lse_e, *args, True)
+        got_e = emu.attention_bwd(*bargs, 0, 2)
+        got_g = torch.ops.raekern.attention_backward(*map(dev, bargs))
+        for name, a, c in zip(GRAD_NAMES, got_g, got_e):
+            scale = max(1.0, c.abs().max().item())
+            torch.testing.assert_close(a.cpu().float(), c.float(), atol=3e-2 * scale, rtol=3e-2, msg=name)
