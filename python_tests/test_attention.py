@@ -571,6 +571,11 @@ EMU_BWD_TC_CASES = [
     (2, 70, 130, 2, 64, torch.float16, "bnhd", False, False, False, True),  # 2 query x 3 key blocks
     (1, 65, 65, 1, 128, torch.bfloat16, "bnhd", True, True, True, True),
     (1, 3, 66, 2, 72, torch.float16, "bhnd", True, True, True, False),  # cross attention
+    # head dims without an exact config run in a bucket (64, 96, 128)
+    (1, 37, 70, 1, 32, torch.bfloat16, "bnhd", True, True, True, True),
+    (1, 70, 37, 1, 80, torch.float16, "bhnd", True, True, False, True),
+    (1, 33, 33, 2, 96, torch.bfloat16, "bnhd", False, False, True, False),
+    (1, 40, 65, 1, 112, torch.bfloat16, "bhnd", True, True, True, True),
 ]
 
 

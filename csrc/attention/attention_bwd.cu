@@ -1,7 +1,7 @@
 // CUDA launcher of raekern::attention_backward: the host plan of attention_bwd_host.h with device
 // pointers from data_ptr and <<<>>> launches on the current stream (no host synchronisation).
 // Four kernels: preprocess (q̂, k̂, Δ), the FlashAttention-2 mainloop (tensor cores for bf16/fp16 at
-// Dh 64/72/128 with aligned v/dO rows, SIMT otherwise; dV, dK̂, dQ̂ by atomics or
+// Dh ≤ 128, multiples of 8, with aligned v/dO rows; SIMT otherwise; dV, dK̂, dQ̂ by atomics or
 // per-CTA slabs when `deterministic`), prologue backward (dq, dk, norm-weight partials), ordered
 // reduction of the partials. fp32 / bf16 / fp16, any Dh in [1, 256] (RoPE: Dh % 4 == 0).
 // NOT YET RUN ON A GPU — compiled for sm_80 and sm_90a; its kernels run on the host emulation in

@@ -89,14 +89,17 @@ template <int MaxD> struct BwdSimtConfig {
   static constexpr int ld_of(int D) { return D % 2 ? D : D + 1; }
 };
 
-// Tensor-core (mma.sync m16n8k16) mainloop, bf16/fp16, Dh 64/72/128 (attention_bwd_sm80_kernel.cuh).
+// Tensor-core (mma.sync m16n8k16) mainloop, bf16/fp16, Dh 64/72/128 exact and any other multiple of 8
+// up to 128 in a bucket (64, 96, 128: head dim at run time, padding columns zero, columns past it not
+// stored) (attention_bwd_sm80_kernel.cuh).
 // One CTA = kBlockN = 64 keys of one (batch, head), 4 warps; per step kBlockM = 64 query rows: each
 // warp forms S and dP for 16 query rows × 64 keys (and their dQ̂), then dV and dK̂ for 16 keys from
 // P and dS staged in shared memory. Reductions over the head dim run to kHeadDimP = Dh rounded up
 // to 16 (zero columns), the output tiles to Dh (nine 8-wide tiles at Dh = 72).
-template <int HeadDim> struct BwdTcConfig {
+template <int HeadDim, bool Exact = true> struct BwdTcConfig {
   static_assert(HeadDim % 8 == 0 && HeadDim <= 128, "tensor-core backward: head dim a multiple of 8, <= 128");
-  static constexpr int kHeadDim = HeadDim;
+  static constexpr int kHeadDim = HeadDim;  // the bucket's largest head dim (the head dim when exact)
+  static constexpr bool kExact = Exact;
   static constexpr int kHeadDimP = (HeadDim + 15) / 16 * 16;
   static constexpr int kBlockN = 64;
   static constexpr int kBlockM = 64;

@@ -46,7 +46,7 @@ struct Inputs {
   int64_t rope_h, rope_w, layout;
   bool deterministic;
   int64_t key_blocks_per_cta;  // 0: chosen here
-  int64_t mainloop;            // 0: chosen here; 1: SIMT; 2: tensor cores (bf16/fp16, Dh 64/72/128, aligned v/dO)
+  int64_t mainloop;            // 0: chosen here; 1: SIMT; 2: tensor cores (bf16/fp16, Dh % 8 == 0 ≤ 128, aligned v/dO)
 };
 
 template <class Mem, class T>
@@ -54,23 +54,21 @@ const void* map_in(Mem& mem, const at::Tensor& t, const char* name) {
   return t.defined() ? static_cast<const void*>(mem.template in<T>(t, name)) : nullptr;
 }
 
-// The tensor-core configs a head-dim bucket can launch (64 → 64, 96 → 72, 128 → 128).
-template <int MaxD> inline bool tc_head_dim(int64_t D) {
-  return (MaxD == 64 && D == 64) || (MaxD == 96 && D == 72) || (MaxD == 128 && D == 128);
-}
+// Head dims the tensor-core mainloop takes: multiples of 8 up to 128 (the SIMT buckets 64/96/128).
+template <int MaxD> inline bool tc_head_dim(int64_t D) { return MaxD <= 128 && D % 8 == 0; }
 
+// Exact configs for 64, 72 and 128; every other head dim runs in its bucket's config.
 template <class E, int MaxD, class Launch>
 void launch_tc(Launch& launch, int64_t D, dim3 grid, const BwdParams& p) {
   auto go = [&](auto cfg) {
     using C = decltype(cfg);
     launch(attention_bwd_sm80_kernel<C, E>, grid, dim3(C::kThreads), size_t(C::kSmemBytes), p);
   };
-  if constexpr (!std::is_same_v<E, float>) {
-    if constexpr (MaxD == 64) go(BwdTcConfig<64>{});
-    if constexpr (MaxD == 96) go(BwdTcConfig<72>{});
-    if constexpr (MaxD == 128) go(BwdTcConfig<128>{});
+  if constexpr (!std::is_same_v<E, float> && MaxD <= 128) {
+    if constexpr (MaxD == 64) D == 64 ? go(BwdTcConfig<64>{}) : go(BwdTcConfig<64, false>{});
+    if constexpr (MaxD == 96) D == 72 ? go(BwdTcConfig<72>{}) : go(BwdTcConfig<96, false>{});
+    if constexpr (MaxD == 128) D == 128 ? go(BwdTcConfig<128>{}) : go(BwdTcConfig<128, false>{});
   }
-  (void)D;
 }
 
 template <class T, int MaxD, class Mem, class Launch>
@@ -118,13 +116,13 @@ Grads run_typed(Mem& mem, Launch& launch, const Inputs& in) {
   at::Tensor dw_part = ::raekern::empty_output({2, dw_blocks, d.D}, f32);
   at::Tensor dw = ::raekern::empty_output({2, d.D}, f32);
 
-  // Tensor-core mainloop for bf16/fp16 at Dh 64/72/128 when V and dO rows are 16-byte aligned; it
+  // Tensor-core mainloop for bf16/fp16 at Dh ≤ 128 (multiples of 8) when V and dO rows are 16-byte aligned; it
   // reads q̂ and k̂ in the input dtype (a second output of the preprocess).
   const bool tc_ok = !std::is_same_v<T, float> && tc_head_dim<MaxD>(d.D) && aligned16(v, layout) &&
                      aligned16(in.dout, layout);
   RAEKERN_CHECK(in.mainloop != 2 || tc_ok, kOp, "q",
-                "the tensor-core backward needs bfloat16/float16, head dim 64, 72 or 128, and 16-byte aligned "
-                "v / grad_out rows");
+                "the tensor-core backward needs bfloat16/float16, a head dim that is a multiple of 8 up to 128, "
+                "and 16-byte aligned v / grad_out rows");
   const bool tc = in.mainloop == 2 || (in.mainloop == 0 && tc_ok);
   at::Tensor qh16 = tc ? ::raekern::empty_output({d.B, d.H, d.Nq, d.D}, q.options()) : at::Tensor();
   at::Tensor kh16 = tc ? ::raekern::empty_output({d.B, d.H, d.Nk, d.D}, q.options()) : at::Tensor();

@@ -4,7 +4,7 @@
 // dS = scale·P∘(dP − Δ), dK̂ += dSᵀ·q̂, and the block's dQ̂ = dS·k̂ goes to global memory: fp32
 // atomicAdd into one accumulator, or (deterministic) into the CTA's own slab, summed later in slab
 // order. All products accumulate in fp32 from the fp32 q̂/k̂ scratch; bf16/fp16/fp32 inputs.
-// The general fallback (fp32, any Dh, unaligned rows); bf16/fp16 at Dh 64/72/128 take the
+// The general fallback (fp32, Dh > 128 or not a multiple of 8, unaligned rows); other bf16/fp16 calls take the
 // tensor-core mainloop (attention_bwd_sm80_kernel.cuh), which shares the other backward kernels.
 // NOT YET RUN ON A GPU.
 #pragma once

@@ -1,6 +1,7 @@
 // Tensor-core mainloop of the CUDA attention backward (FlashAttention-2 order, mma.sync m16n8k16,
 // bf16/fp16 in, fp32 accumulate), replacing the SIMT mainloop (attention_bwd_kernel.cuh) for
-// bf16/fp16 at Dh 64/72/128; the preprocess and prologue-backward kernels are shared.
+// bf16/fp16 at Dh ≤ 128 (multiples of 8: exact configs at 64/72/128, buckets 64/96/128 otherwise);
+// the preprocess and prologue-backward kernels are shared.
 // One CTA per (key block of 64, head, batch) keeps K̂ and V in shared memory and dK̂ / dV in
 // registers (each warp 16 keys), and loops over blocks of 64 query rows:
 //   each warp, for its 16 query rows:  S = q̂·k̂ᵀ, dP = dO·Vᵀ (64 keys),  P = exp2(S·scale·log2e − lse·log2e),
@@ -24,12 +25,17 @@ namespace raekern::attention::bwd {
 
 // rows × D elements (row stride sn) into shared memory (row stride ld) by 16-byte cp.async chunks,
 // zero-filling rows >= rows_valid. Every row must start 16-byte aligned.
+template <class Cfg> __device__ __forceinline__ int tc_head_dim(const BwdParams& p) {
+  if constexpr (Cfg::kExact) return Cfg::kHeadDim;
+  else return p.D;
+}
+
 template <class Cfg, class T>
 __device__ __forceinline__ void tc_load_tile(T* __restrict__ dst, const T* __restrict__ src, int64_t sn,
-                                             int rows_valid) {
-  constexpr int kChunks = Cfg::kHeadDim / 8;
-  for (int c = threadIdx.x; c < 64 * kChunks; c += Cfg::kThreads) {
-    const int r = c / kChunks, col = (c % kChunks) * 8;
+                                             int rows_valid, int D) {
+  const int chunks = D / 8;
+  for (int c = threadIdx.x; c < 64 * chunks; c += Cfg::kThreads) {
+    const int r = c / chunks, col = (c % chunks) * 8;
     const bool ok = r < rows_valid;
     tc::cp_async16(dst + r * Cfg::kLd + col, src + (ok ? int64_t(r) * sn + col : 0), ok);
   }
@@ -80,7 +86,8 @@ __device__ __forceinline__ void mma_frag_kn(float (&acc)[NTiles][4], const uint3
 template <class Cfg, class T>
 __device__ __forceinline__ void tc_key_block(const BwdParams& p, unsigned char* smem_raw, int kb, int b, int h,
                                              float* slab, bool accumulate) {
-  constexpr int D = Cfg::kHeadDim, DP = Cfg::kHeadDimP, LD = Cfg::kLd, LP = Cfg::kLdP;
+  constexpr int DP = Cfg::kHeadDimP, LD = Cfg::kLd, LP = Cfg::kLdP;
+  const int D = tc_head_dim<Cfg>(p);
   constexpr int BN = Cfg::kBlockN, BM = Cfg::kBlockM, NK = Cfg::kNTilesKey, ND = Cfg::kNTilesD;
   constexpr float kLog2e = 1.4426950408889634f;
   T* sK = reinterpret_cast<T*>(smem_raw);
@@ -97,9 +104,9 @@ __device__ __forceinline__ void tc_key_block(const BwdParams& p, unsigned char* 
   const bool* mask = p.mask ? p.mask + b * p.mask_sb : nullptr;
 
   __syncthreads();  // the previous key block's readers of sK / sV are done
-  tc_load_tile<Cfg, T>(sK, static_cast<const T*>(p.kh16) + (bh * p.Nk + n0) * D, D, min(BN, p.Nk - n0));
+  tc_load_tile<Cfg, T>(sK, static_cast<const T*>(p.kh16) + (bh * p.Nk + n0) * D, D, min(BN, p.Nk - n0), D);
   tc_load_tile<Cfg, T>(sV, static_cast<const T*>(p.v) + b * p.v_sb + h * p.v_sh + int64_t(n0) * p.v_sn, p.v_sn,
-                       min(BN, p.Nk - n0));
+                       min(BN, p.Nk - n0), D);
   tc::cp_async_commit();
   // Keys of this thread's S columns (n*8 + 2t + e): kept (in range and not masked) or not.
   uint32_t keep = 0;
@@ -120,10 +127,10 @@ __device__ __forceinline__ void tc_key_block(const BwdParams& p, unsigned char* 
   // Query block m0 (its q̂ and dO rows, lse·log2e and Δ) into buffer `buf`, one cp.async group.
   auto stage = [&](int m0, int buf) {
     const int rows = min(BM, p.Nq - m0);
-    tc_load_tile<Cfg, T>(sQ0 + buf * 64 * LD, static_cast<const T*>(p.qh16) + (bh * p.Nq + m0) * D, D, rows);
+    tc_load_tile<Cfg, T>(sQ0 + buf * 64 * LD, static_cast<const T*>(p.qh16) + (bh * p.Nq + m0) * D, D, rows, D);
     tc_load_tile<Cfg, T>(sdO0 + buf * 64 * LD,
                          static_cast<const T*>(p.dout) + b * p.do_sb + h * p.do_sh + int64_t(m0) * p.do_sn, p.do_sn,
-                         rows);
+                         rows, D);
     tc::cp_async_commit();
     if (tid < BM) {
       // P = exp2(S·scale·log2e − lse·log2e); a row past Nq or with no key (lse = -inf) gets P = 0.
@@ -205,7 +212,8 @@ __device__ __forceinline__ void tc_key_block(const BwdParams& p, unsigned char* 
           if (m >= p.Nq) continue;
           float* dst = dq_bh + int64_t(m) * D + c0 * 8 + 2 * t;
 #pragma unroll
-          for (int n = 0; n < NC; ++n)
+          for (int n = 0; n < NC; ++n) {
+            if (!Cfg::kExact && (c0 + n) * 8 >= D) continue;  // a bucket's columns past the head dim
 #pragma unroll
             for (int e = 0; e < 2; ++e) {
               const float v = dq[n][2 * r + e];
@@ -215,6 +223,7 @@ __device__ __forceinline__ void tc_key_block(const BwdParams& p, unsigned char* 
               else if (accumulate) dst[n * 8 + e] += v;
               else dst[n * 8 + e] = v;
             }
+          }
         }
       }
     }
@@ -243,6 +252,7 @@ __device__ __forceinline__ void tc_key_block(const BwdParams& p, unsigned char* 
     if (n >= p.Nk) continue;
 #pragma unroll
     for (int j = 0; j < ND; ++j) {
+      if (!Cfg::kExact && j * 8 >= D) continue;
       const int c = j * 8 + 2 * t;
       *reinterpret_cast<uint32_t*>(dvg + int64_t(n) * p.dv_sn + c) = tc::Mma<T>::pack(dv[j][2 * r], dv[j][2 * r + 1]);
       dkh[int64_t(n) * D + c] = dk[j][2 * r];
@@ -256,11 +266,12 @@ __device__ __forceinline__ void tc_key_block(const BwdParams& p, unsigned char* 
 template <class Cfg, class T>
 __global__ void __launch_bounds__(Cfg::kThreads) attention_bwd_sm80_kernel(const BwdParams p) {
   RAEKERN_DYNAMIC_SHARED(unsigned char, smem);
-  if constexpr (Cfg::kHeadDimP > Cfg::kHeadDim) {
-    constexpr int pad = Cfg::kHeadDimP - Cfg::kHeadDim;
+  const int D = tc_head_dim<Cfg>(p);
+  if (Cfg::kHeadDimP > D) {
+    const int pad = Cfg::kHeadDimP - D;
     T* tiles = reinterpret_cast<T*>(smem);
     for (int e = threadIdx.x; e < (2 + 2 * Cfg::kQBufs) * 64 * pad; e += Cfg::kThreads)
-      tiles[(e / pad) * Cfg::kLd + Cfg::kHeadDim + e % pad] = simt::from_float<T>(0.f);
+      tiles[(e / pad) * Cfg::kLd + D + e % pad] = simt::from_float<T>(0.f);
   }
   const int h = blockIdx.y, b = blockIdx.z;
   for_each_key_block<Cfg::kBlockN>(

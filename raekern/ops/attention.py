@@ -7,7 +7,7 @@ Paths (see :func:`attention_path`):
   QK-norm and RoPE applied while K/V/Q tiles are packed. Forward and backward.
 * ``raekern_cuda`` -- sm80+ tensor-core (``mma.sync``) forward; training calls (inputs requiring grad)
   add the FlashAttention-2 backward (``attention_backward`` on CUDA: a tensor-core mainloop for bf16/fp16 at
-  Dh 64/72/128, a SIMT one otherwise; fp32 accumulation, dQ by fp32
+  Dh ≤ 128 (multiples of 8), a SIMT one otherwise; fp32 accumulation, dQ by fp32
   atomics, or by per-key-block slabs summed in a fixed order when
   ``torch.are_deterministic_algorithms_enabled()``). **Compiled, and both emulated on the CPU (the
   forward's tensor-core instructions from their PTX definitions), but neither has run on a GPU yet.** Head dims: 64, 72, 128 exact, any other multiple of 8 up to 256
