@@ -10,8 +10,9 @@ Paths (see :func:`attention_path`):
   Dh ≤ 128 (multiples of 8), a SIMT one otherwise; fp32 accumulation, dQ by fp32
   atomics, or by per-key-block slabs summed in a fixed order when
   ``torch.are_deterministic_algorithms_enabled()``). **Compiled, and both emulated on the CPU (the
-  forward's tensor-core instructions from their PTX definitions), but neither has run on a GPU yet.** Head dims: 64, 72, 128 exact, any other multiple of 8 up to 256
-  in a bucket. Unsupported dtypes / head dims use the fallback.
+  forward's tensor-core instructions from their PTX definitions), but neither has run on a GPU yet.**
+  Forward head dims: 64, 72, 128 exact, any other multiple of 8 up to 256 in a bucket. Unsupported
+  dtypes / head dims use the fallback.
 * ``sdpa`` -- explicit QK-norm and RoPE in PyTorch followed by ``F.scaled_dot_product_attention``.
 
 Each call logs the chosen path at DEBUG level on the ``raekern.attention`` logger.
@@ -226,7 +227,7 @@ def _path_reasons(q, k, v, qw, kw, mask, grid) -> dict[str, Optional[str]]:
     elif needs_grad and not _has_kernel("CUDA", "raekern::attention_backward"):
         reasons["raekern_cuda"] = "inputs require grad and this build has no CUDA attention_backward kernel"
     elif needs_grad and not (torch.are_deterministic_algorithms_enabled() or _cuda_backward_forced()):
-        # Until the GPU check has timed the raekern CUDA backward (tensor cores at Dh 64/72/128, CUDA
+        # Until the GPU check has timed the raekern CUDA backward (tensor cores up to Dh 128, CUDA
         # cores otherwise) against SDPA's, SDPA is the default; ours is taken where it adds something
         # SDPA lacks: a deterministic dq.
         reasons["raekern_cuda"] = ("inputs require grad: the raekern CUDA backward (not yet timed against "
@@ -349,7 +350,8 @@ def attention(
         (gradient through lse included).
 
     Devices: the CPU kernel (all four dtypes, Dh <= 256) runs forward and backward; on CUDA the
-    tensor-core forward (bf16/fp16, Dh 64/72/128) and, for training, the SIMT backward run (neither
+    tensor-core forward (bf16/fp16, Dh a multiple of 8 up to 256) and, for training, the CUDA backward
+    (tensor cores up to Dh 128) run (neither
     has run on a GPU yet; the backward is deterministic when
     ``torch.are_deterministic_algorithms_enabled()``); other cases use torch SDPA with explicit norm
     and RoPE. :func:`attention_path` says which runs.
