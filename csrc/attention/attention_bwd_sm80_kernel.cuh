@@ -23,71 +23,20 @@
 
 namespace raekern::attention::bwd {
 
-// rows × D elements (row stride sn) into shared memory (row stride ld) by 16-byte cp.async chunks,
-// zero-filling rows >= rows_valid. Every row must start 16-byte aligned.
-template <class Cfg> __device__ __forceinline__ int tc_head_dim(const BwdParams& p) {
-  if constexpr (Cfg::kExact) return Cfg::kHeadDim;
-  else return p.D;
-}
-
+// rows_valid of 64 rows × D elements (row stride sn) into a tile of the config (row stride kLd).
 template <class Cfg, class T>
-__device__ __forceinline__ void tc_load_tile(T* __restrict__ dst, const T* __restrict__ src, int64_t sn,
-                                             int rows_valid, int D) {
-  const int chunks = D / 8;
-  for (int c = threadIdx.x; c < 64 * chunks; c += Cfg::kThreads) {
-    const int r = c / chunks, col = (c % chunks) * 8;
-    const bool ok = r < rows_valid;
-    tc::cp_async16(dst + r * Cfg::kLd + col, src + (ok ? int64_t(r) * sn + col : 0), ok);
-  }
+__device__ __forceinline__ void tc_load_tile(T* dst, const T* src, int64_t sn, int rows_valid, int D) {
+  tc::cp_async_rows<Cfg::kThreads>(dst, Cfg::kLd, src, sn, 64, rows_valid, D);
 }
 
-// acc[n] (+)= A·B over 16-wide k-steps for this warp: A rows from `a_rows` (ldmatrix.x4, row-major
-// [row][k]), B from `b_rows` stored [n][k] (ldmatrix.x4 non-transposed, two n-tiles per load).
-template <int KSteps, int NTiles, class T>
-__device__ __forceinline__ void mma_rows_nk(float (&acc)[NTiles][4], const T* a_rows, int lda, const T* b_rows,
-                                            int ldb, int lane) {
-  const T* ar = a_rows + (lane & 15) * lda + (lane >> 4) * 8;
-  const T* br = b_rows + ((lane & 7) + (lane >> 4) * 8) * ldb + ((lane >> 3) & 1) * 8;
-#pragma unroll
-  for (int ks = 0; ks < KSteps; ++ks) {
-    uint32_t af[4];
-    tc::ldmatrix<4, false>(af, ar + ks * 16);
-#pragma unroll
-    for (int n = 0; n < NTiles; n += 2) {
-      uint32_t bf[4];
-      tc::ldmatrix<4, false>(bf, br + n * 8 * ldb + ks * 16);
-      tc::Mma<T>::run(acc[n], af, bf[0], bf[1]);
-      tc::Mma<T>::run(acc[n + 1], af, bf[2], bf[3]);
-    }
-  }
-}
-
-// acc[n] += A·B for one 16-wide k-step with A given as fragments, B stored [k][n] (rows = k):
-// ldmatrix.x4.trans for two n-tiles, .x2.trans for an odd last one.
-template <int NTiles, class T>
-__device__ __forceinline__ void mma_frag_kn(float (&acc)[NTiles][4], const uint32_t (&af)[4], const T* b_k0, int ldb,
-                                            int lane) {
-  const T* br = b_k0 + (lane & 15) * ldb + (lane >> 4) * 8;
-#pragma unroll
-  for (int n = 0; n + 1 < NTiles; n += 2) {
-    uint32_t bf[4];
-    tc::ldmatrix<4, true>(bf, br + n * 8);
-    tc::Mma<T>::run(acc[n], af, bf[0], bf[1]);
-    tc::Mma<T>::run(acc[n + 1], af, bf[2], bf[3]);
-  }
-  if constexpr (NTiles % 2) {
-    constexpr int n = NTiles - 1;
-    uint32_t bf[2];
-    tc::ldmatrix<2, true>(bf, b_k0 + (lane & 15) * ldb + n * 8);
-    tc::Mma<T>::run(acc[n], af, bf[0], bf[1]);
-  }
-}
+using tc::mma_frag_kn;
+using tc::mma_rows_nk;
 
 template <class Cfg, class T>
 __device__ __forceinline__ void tc_key_block(const BwdParams& p, unsigned char* smem_raw, int kb, int b, int h,
                                              float* slab, bool accumulate) {
   constexpr int DP = Cfg::kHeadDimP, LD = Cfg::kLd, LP = Cfg::kLdP;
-  const int D = tc_head_dim<Cfg>(p);
+  const int D = simt_dev::config_head_dim<Cfg>(p.D);
   constexpr int BN = Cfg::kBlockN, BM = Cfg::kBlockM, NK = Cfg::kNTilesKey, ND = Cfg::kNTilesD;
   constexpr float kLog2e = 1.4426950408889634f;
   T* sK = reinterpret_cast<T*>(smem_raw);
@@ -266,7 +215,7 @@ __device__ __forceinline__ void tc_key_block(const BwdParams& p, unsigned char* 
 template <class Cfg, class T>
 __global__ void __launch_bounds__(Cfg::kThreads) attention_bwd_sm80_kernel(const BwdParams p) {
   RAEKERN_DYNAMIC_SHARED(unsigned char, smem);
-  const int D = tc_head_dim<Cfg>(p);
+  const int D = simt_dev::config_head_dim<Cfg>(p.D);
   if (Cfg::kHeadDimP > D) {
     const int pad = Cfg::kHeadDimP - D;
     T* tiles = reinterpret_cast<T*>(smem);

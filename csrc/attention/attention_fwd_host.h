@@ -58,7 +58,6 @@ std::tuple<at::Tensor, at::Tensor> run(Mem& mem, Launch& launch, const at::Tenso
   RAEKERN_CHECK(d.Nq < (int64_t(1) << 31) && d.Nk < (int64_t(1) << 31), kOp, "q", "sequence too long");
   at::Tensor out = empty_in_layout(d, d.Nq, layout, q.options());
   at::Tensor lse = at::empty({d.B, d.H, d.Nq}, q.options().dtype(at::kFloat));
-  if (out.numel() == 0) return {out, lse};
   // Norm weights in fp32 (a device-side cast, no host sync); held until the launch is queued.
   const at::Tensor qw32 = qw ? qw->to(at::kFloat).contiguous() : at::Tensor();
   const at::Tensor kw32 = kw ? kw->to(at::kFloat).contiguous() : at::Tensor();

@@ -15,6 +15,13 @@ __device__ __forceinline__ void rope_sincos(int pos, int p, int h2, float log2_t
   sincosf(ang, sn, cs);
 }
 
+// A tensor-core tile config's head dim: its compile-time kHeadDim for an exact config, the run-time
+// one (`runtime_d`) for a bucket config.
+template <class Cfg> __device__ __forceinline__ int config_head_dim(int runtime_d) {
+  if constexpr (Cfg::kExact) return Cfg::kHeadDim;
+  else return runtime_d;
+}
+
 // QK-norm's 1/rms from the row's sum of squares (the forward prologue and the backward's preprocess).
 __device__ __forceinline__ float rms_rstd(float sumsq, int D, float eps) { return rsqrtf(sumsq / float(D) + eps); }
 

@@ -20,15 +20,8 @@
 namespace raekern::attention::sm80 {
 
 using tc::Mma;
-using tc::cp_async16;
 using tc::cp_async_commit;
 using tc::cp_async_wait;
-
-// The head dim: a compile-time constant for exact configs, p.D in a bucket.
-template <class Cfg> __device__ __forceinline__ int head_dim(const FwdParams& p) {
-  if constexpr (Cfg::kExact) return Cfg::kHeadDim;
-  else return p.D;
-}
 
 // rows × D elements from global (token stride sn) into smem (row stride ld). Aligned: 16-byte
 // cp.async chunks (async, zero-fill past `rows_valid`); otherwise plain element copies.
@@ -36,12 +29,7 @@ template <class Cfg, class T, bool kAligned>
 __device__ __forceinline__ void load_tile(T* __restrict__ dst, int ld, const T* __restrict__ src, int64_t sn,
                                           int rows, int rows_valid, int D) {
   if constexpr (kAligned) {
-    const int chunks = D / 8;
-    for (int c = threadIdx.x; c < rows * chunks; c += Cfg::kThreads) {
-      const int r = c / chunks, col = (c % chunks) * 8;
-      const bool ok = r < rows_valid;
-      cp_async16(dst + r * ld + col, src + (ok ? int64_t(r) * sn + col : 0), ok);
-    }
+    tc::cp_async_rows<Cfg::kThreads>(dst, ld, src, sn, rows, rows_valid, D);
   } else {
     for (int e = threadIdx.x; e < rows * D; e += Cfg::kThreads) {
       const int r = e / D, col = e % D;
@@ -57,13 +45,14 @@ __device__ __forceinline__ void prologue_q_tile(T* tile, int ld, int token0, con
   const int r = threadIdx.x >> 1, half = threadIdx.x & 1, token = token0 + r;
   const bool rope = p.rope_h > 0 && token < p.rope_h * p.rope_w;
   const int pos = rope ? (half ? token % p.rope_w : token / p.rope_w) : 0;
-  simt_dev::qk_prologue_half_row<T>(tile + r * ld, head_dim<Cfg>(p), half, p.q_norm, p.eps, rope, pos, p.log2_theta);
+  simt_dev::qk_prologue_half_row<T>(tile + r * ld, simt_dev::config_head_dim<Cfg>(p.D), half, p.q_norm, p.eps, rope,
+                                    pos, p.log2_theta);
 }
 
 template <class Cfg, class T, bool kAligned>
 __global__ void __launch_bounds__(Cfg::kThreads, 1) attention_fwd_sm80_kernel(const FwdParams p) {
   constexpr int kM = Cfg::kBlockM, kN = Cfg::kBlockN, DQK = Cfg::kHeadDimQK;
-  const int D = head_dim<Cfg>(p);
+  const int D = simt_dev::config_head_dim<Cfg>(p.D);
   constexpr int LQ = Cfg::kLdQK, LV = Cfg::kLdV;
   RAEKERN_DYNAMIC_SHARED(T, smem);
   T* sQ = smem;
@@ -117,27 +106,12 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) attention_fwd_sm80_kernel(co
       __syncthreads();
     }
 
-    // S = Q·Kᵀ for this warp's 16 rows × 64 keys. Per 16-wide k-step, one ldmatrix.x4 gives the A
-    // fragment (matrices: rows 0-7 | 8-15 × k 0-7 | 8-15; re-read every block, as FlashAttention-2
-    // does, to leave the registers to the accumulators) and one per pair of key n-tiles gives both
-    // B fragments (matrices: keys 0-7 | 8-15 of the pair × k 0-7 | 8-15).
+    // S = Q·Kᵀ for this warp's 16 rows × 64 keys (Q fragments re-read every block, as
+    // FlashAttention-2 does, to leave the registers to the accumulators).
     float acc_s[Cfg::kNTilesS][4];
 #pragma unroll
     for (int n = 0; n < Cfg::kNTilesS; ++n) acc_s[n][0] = acc_s[n][1] = acc_s[n][2] = acc_s[n][3] = 0.f;
-    const T* qrow = sQ + (warp * 16 + (lane & 15)) * LQ + (lane >> 4) * 8;
-    const T* krow = k_tile + ((lane & 7) + (lane >> 4) * 8) * LQ + ((lane >> 3) & 1) * 8;
-#pragma unroll
-    for (int ks = 0; ks < Cfg::kKStepsQK; ++ks) {
-      uint32_t qf[4];
-      tc::ldmatrix<4, false>(qf, qrow + ks * 16);
-#pragma unroll
-      for (int n = 0; n < Cfg::kNTilesS; n += 2) {
-        uint32_t kf[4];
-        tc::ldmatrix<4, false>(kf, krow + n * 8 * LQ + ks * 16);
-        Mma<T>::run(acc_s[n], qf, kf[0], kf[1]);
-        Mma<T>::run(acc_s[n + 1], qf, kf[2], kf[3]);
-      }
-    }
+    tc::mma_rows_nk<Cfg::kKStepsQK, Cfg::kNTilesS, T>(acc_s, sQ + warp * 16 * LQ, LQ, k_tile, LQ, lane);
 
     // Online softmax in log2 units; rows g and g+8 of the warp, 4 lanes share a row. Keys past Nk
     // (only in the last block) and masked keys become -inf.
@@ -182,29 +156,14 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) attention_fwd_sm80_kernel(co
       acc_o[n][3] *= alpha[1];
     }
 
-    // O += P·V: the S accumulators of two adjacent n-tiles form one A fragment (k = 16 keys). One
-    // ldmatrix.x4.trans gives the B fragments of two output n-tiles: matrices (keys 0-7 | 8-15) ×
-    // (columns of tile n | n+1); an odd last tile (Dh = 72) takes an .x2.
-    const T* vrow = v_tile + (lane & 15) * LV + (lane >> 4) * 8;
+    // O += P·V: the S accumulators of two adjacent n-tiles form one A fragment (k = 16 keys).
 #pragma unroll
     for (int kk = 0; kk < kN / 16; ++kk) {
       const uint32_t a[4] = {Mma<T>::pack(acc_s[2 * kk][0], acc_s[2 * kk][1]),
                              Mma<T>::pack(acc_s[2 * kk][2], acc_s[2 * kk][3]),
                              Mma<T>::pack(acc_s[2 * kk + 1][0], acc_s[2 * kk + 1][1]),
                              Mma<T>::pack(acc_s[2 * kk + 1][2], acc_s[2 * kk + 1][3])};
-#pragma unroll
-      for (int n = 0; n + 1 < Cfg::kNTilesO; n += 2) {
-        uint32_t vf[4];
-        tc::ldmatrix<4, true>(vf, vrow + kk * 16 * LV + n * 8);
-        Mma<T>::run(acc_o[n], a, vf[0], vf[1]);
-        Mma<T>::run(acc_o[n + 1], a, vf[2], vf[3]);
-      }
-      if constexpr (Cfg::kNTilesO % 2) {
-        constexpr int n = Cfg::kNTilesO - 1;
-        uint32_t vf[2];
-        tc::ldmatrix<2, true>(vf, v_tile + (kk * 16 + (lane & 15)) * LV + n * 8);
-        Mma<T>::run(acc_o[n], a, vf[0], vf[1]);
-      }
+      tc::mma_frag_kn<Cfg::kNTilesO, T>(acc_o, a, v_tile + kk * 16 * LV, LV, lane);
     }
     __syncthreads();  // this buffer is refilled by the prefetch of step j+2
   }

@@ -192,4 +192,66 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 #endif
 
+// ---------------------------------------------------------------------------------------------
+// Tile helpers built from the primitives above (the attention forward and backward share them).
+
+// rows × D elements (D % 8 == 0, row stride sn, every row 16-byte aligned) into shared memory (row
+// stride ld) by 16-byte cp.async chunks spread over the block's Threads threads; rows >= rows_valid
+// are zero-filled. One commit/wait by the caller covers them.
+template <int Threads, class T>
+__device__ __forceinline__ void cp_async_rows(T* __restrict__ dst, int ld, const T* __restrict__ src, int64_t sn,
+                                              int rows, int rows_valid, int D) {
+  const int chunks = D / 8;
+  for (int c = threadIdx.x; c < rows * chunks; c += Threads) {
+    const int r = c / chunks, col = (c % chunks) * 8;
+    const bool ok = r < rows_valid;
+    cp_async16(dst + r * ld + col, src + (ok ? int64_t(r) * sn + col : 0), ok);
+  }
+}
+
+// acc[n] (+)= A·B over KSteps 16-wide k-steps for one warp's 16 rows: A from `a_rows` stored
+// [row][k] (ldmatrix.x4: matrices rows 0-7 | 8-15 × k 0-7 | 8-15), B from `b_rows` stored [n][k]
+// (one ldmatrix.x4 per pair of n-tiles: matrices n 0-7 | 8-15 of the pair × k 0-7 | 8-15).
+template <int KSteps, int NTiles, class T>
+__device__ __forceinline__ void mma_rows_nk(float (&acc)[NTiles][4], const T* a_rows, int lda, const T* b_rows,
+                                            int ldb, int lane) {
+  static_assert(NTiles % 2 == 0, "B fragments come in pairs of n-tiles");
+  const T* ar = a_rows + (lane & 15) * lda + (lane >> 4) * 8;
+  const T* br = b_rows + ((lane & 7) + (lane >> 4) * 8) * ldb + ((lane >> 3) & 1) * 8;
+#pragma unroll
+  for (int ks = 0; ks < KSteps; ++ks) {
+    uint32_t af[4];
+    ldmatrix<4, false>(af, ar + ks * 16);
+#pragma unroll
+    for (int n = 0; n < NTiles; n += 2) {
+      uint32_t bf[4];
+      ldmatrix<4, false>(bf, br + n * 8 * ldb + ks * 16);
+      Mma<T>::run(acc[n], af, bf[0], bf[1]);
+      Mma<T>::run(acc[n + 1], af, bf[2], bf[3]);
+    }
+  }
+}
+
+// acc[n] += A·B for one 16-wide k-step, A given as fragments, B stored [k][n] from row b_k0:
+// ldmatrix.x4.trans per pair of n-tiles (matrices k 0-7 | 8-15 × tile n | n+1), .x2.trans for an
+// odd last tile.
+template <int NTiles, class T>
+__device__ __forceinline__ void mma_frag_kn(float (&acc)[NTiles][4], const uint32_t (&af)[4], const T* b_k0, int ldb,
+                                            int lane) {
+  const T* br = b_k0 + (lane & 15) * ldb + (lane >> 4) * 8;
+#pragma unroll
+  for (int n = 0; n + 1 < NTiles; n += 2) {
+    uint32_t bf[4];
+    ldmatrix<4, true>(bf, br + n * 8);
+    Mma<T>::run(acc[n], af, bf[0], bf[1]);
+    Mma<T>::run(acc[n + 1], af, bf[2], bf[3]);
+  }
+  if constexpr (NTiles % 2) {
+    constexpr int n = NTiles - 1;
+    uint32_t bf[2];
+    ldmatrix<2, true>(bf, b_k0 + (lane & 15) * ldb + n * 8);
+    Mma<T>::run(acc[n], af, bf[0], bf[1]);
+  }
+}
+
 }  // namespace raekern::tc
