@@ -250,6 +250,37 @@ def test_mixed_t_within_batch():
         _close(got.out[b:b + 1], one.out, torch.float32)
 
 
+@pytest.mark.parametrize("space,t", [("velocity", 0.0), ("x0", 0.0), ("eps", 1.0), ("velocity", 1.0)])
+@pytest.mark.parametrize("stats_space", ["x0", "eps", "velocity"])
+def test_affine_rules_where_a_space_is_singular(space, t, stats_space):
+    """CFG is affine, so it is the same in every space: at t = 0 (where x0 = x_t and B_x0 = 0) and
+    t = 1 (B_eps = 0) it must not pass through a stats space whose conversion divides by zero."""
+    x, (C, U), _, _ = _inputs(3, (4, 5), torch.float64)
+    kw = dict(param=space, out_param=space, stats_space=stats_space, terms=[(0, 1)], weights=[1.5], base=1,
+              return_x0=space != "eps" or t != 1.0)
+    want = U + 1.5 * (C - U)
+    for fn in (guidance_step, guidance_step_reference):
+        got = fn(x, [C, U], torch.full((3,), t, dtype=torch.float64), **kw)
+        torch.testing.assert_close(got.out, want, rtol=1e-12, atol=1e-12)
+    # per-sample t with one finished sample (t = 0) beside running ones
+    tt = torch.tensor([0.0, 0.5, 0.9], dtype=torch.float64)
+    got = guidance_step(x, [C, U], tt, terms=[(0, 1)], weights=[1.5], base=1)
+    assert torch.isfinite(got.out).all()
+    torch.testing.assert_close(got.out, want, rtol=1e-12, atol=1e-12)
+
+
+def test_apg_in_its_own_space_at_t0():
+    """x0 branches with APG statistics in x0 space at t = 0: the displacement stays in one space
+    (no 0/0 from B_x0 / B_x0)."""
+    x, P, _, _ = _inputs(2, (6, 5), torch.float64)
+    kw = dict(param="x0", out_param="x0", stats_space="x0", terms=[(0, 1)], weights=[2.0], base=0,
+              apg_eta=0.0, apg_norm_threshold=1.0)
+    got = guidance_step(x, P, 0.0, **kw)
+    want = guidance_step_reference(x, P, 0.0, **kw)
+    assert torch.isfinite(got.out).all()
+    torch.testing.assert_close(got.out, want.out, rtol=1e-10, atol=1e-10)
+
+
 @pytest.mark.parametrize("name", ["apg", "zero_star", "rescale"])
 def test_nearly_equal_branches_precision(name):
     """C = U + 1e-4·δ: the statistics of C − U must keep fp32 precision (differences are formed
@@ -571,6 +602,15 @@ def test_emulated_cuda_matches_cpu_op():
     cpu = _run(guidance_step, x, P, extra, mom, cfg)
     torch.testing.assert_close(got.out, cpu.out, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got.momentum, cpu.momentum, rtol=1e-5, atol=1e-5)
+
+
+@needs_emu
+def test_emulated_cuda_affine_rules_at_singular_times():
+    """The CUDA solve kernel shares guidance_solve.h: CFG at t = 0 (x0/velocity) and t = 1 (eps)."""
+    x, (C, U), _, _ = _inputs(2, (4, 32), torch.float32)
+    for space, t in (("velocity", 0.0), ("x0", 0.0), ("eps", 1.0)):
+        got = _emu_step(x, [C, U], t, param=space, out_param=space, terms=[(0, 1)], weights=[1.5], base=1)
+        _emu_close(got.out, U + 1.5 * (C - U), torch.float32)
 
 
 @needs_emu

@@ -218,6 +218,45 @@ def test_deterministic_for_a_seed(nets):
     assert torch.equal(n1, n2)
 
 
+def test_reused_sampler_with_gfcg_is_deterministic(nets):
+    """Outside the interval the policy gets zero weights for this batch: no weight of an earlier
+    step, call or batch size reaches a Heun stage that re-enters the interval."""
+    clf = TinyLatentClassifier(C, 10)
+    policy = G.GFCG(clf, w_max=4.0, kappa=1.0, mode="autoguidance", ag_scale=1.5, interval=(0.0, 0.6),
+                    num_classes=10)
+    s = Sampler(nets["main"], policy, uniform_grid(6), models={"weak": nets["weak"]}, solver="heun",
+                progress=False, null_label=10)
+    a, b = s(_noise(), LABELS), s(_noise(), LABELS)
+    fresh = Sampler(nets["main"], G.GFCG(clf, w_max=4.0, kappa=1.0, mode="autoguidance", ag_scale=1.5,
+                                         interval=(0.0, 0.6), num_classes=10),
+                    uniform_grid(6), models={"weak": nets["weak"]}, solver="heun", progress=False,
+                    null_label=10)(_noise(), LABELS)
+    assert torch.equal(a, b) and torch.equal(a, fresh)
+    one = s(_noise(B=1), LABELS[:1])  # another batch size on the same sampler
+    assert one.shape == (1, *SHAPE)
+
+
+def test_grid_by_name_takes_the_latent_shift():
+    net = lambda x, t, y=None: -x  # noqa: E731
+    s = Sampler(net, None, "rae", progress=False)
+    s(torch.randn(1, 768, 32, 32))
+    assert s.grid.alpha == pytest.approx(shift_alpha((768, 32, 32)))
+    assert s.grid.times() == make_grid("rae", latent_shape=(768, 32, 32)).times()
+    s(torch.randn(2, *SHAPE))
+    assert s.grid.alpha == pytest.approx(shift_alpha(SHAPE))
+    fixed = rae_v1_grid(6, latent_shape=SHAPE)
+    s = Sampler(net, None, fixed, progress=False)
+    s(torch.randn(1, 768, 32, 32))
+    assert s.grid is fixed  # a TimeGrid is used as given
+
+
+def test_pipeline_grid_override(nets):
+    p = rae_v1_pipeline(nets["main"], None, num_points=6, latent_shape=SHAPE, grid="uniform", progress=False)
+    assert p.grid.name == "uniform[6]" and p.grid.alpha == pytest.approx(shift_alpha(SHAPE))
+    p = raev2_pipeline(nets["v2"], None, num_steps=5, latent_shape=SHAPE, grid="rae", progress=False)
+    assert p.grid.name == "rae_v1[5]"
+
+
 def test_unconditional_model_and_callback():
     net = lambda x, t: -x  # noqa: E731  an unconditional model takes (x, t) only
     seen = []

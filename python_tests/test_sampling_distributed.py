@@ -13,7 +13,7 @@ import torch
 
 from raekern.sampling import cli
 from raekern.sampling.distributed import ShardPlan, class_labels, merge_shards, run_shards, shard_path
-from raekern.sampling.policy_spec import GUIDANCE_HELP, describe
+from raekern.sampling.policy_spec import GUIDANCE_HELP, build_policy, describe
 
 ROOT = Path(__file__).resolve().parents[1]
 ARGS = ["--preset", "tiny-test", "--num", "12", "--batch-size", "2", "--steps", "6", "--guidance", "cfg:1.5",
@@ -162,6 +162,34 @@ def test_cli_config_file_and_labels(tmp_path):
     m = _merged(out)
     assert m["arr_0"].shape[0] == 2 and m["labels"].tolist() == [3, 7]  # --num on the command line wins
     assert json.loads((out / "manifest.json").read_text())["guidance"] == ["cfg:2"]
+
+
+def test_cli_flags_win_over_the_config_even_at_their_defaults(tmp_path):
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps({"preset": "tiny-test", "seed": 5, "num": 3, "solver": "heun", "steps": 2}))
+    out = tmp_path / "o"
+    assert cli.main(["--config", str(cfg), "--seed", "0", "--num", "2", "--solver", "euler", "--no-progress",
+                     "--device", "cpu", "--out", str(out)]) == 0
+    m = json.loads((out / "manifest.json").read_text())
+    assert (m["seed"], m["solver"], m["num_samples"]) == (0, "euler", 2)
+
+
+@pytest.mark.parametrize("preset", ["tiny-test", "digits"])
+@pytest.mark.parametrize("flag", ["--dtype", "--model-dtype"])
+def test_cli_bf16(tmp_path, preset, flag):
+    from raekern.sampling.presets import PRESETS
+    if preset not in PRESETS:
+        pytest.skip(f"preset {preset!r} is not part of this build")
+    assert cli.main(["--preset", preset, "--num", "2", "--steps", "3", flag, "bf16", "--no-progress",
+                     "--device", "cpu", "--out", str(tmp_path)]) == 0
+    assert _merged(tmp_path)["arr_0"].shape[0] == 2
+
+
+@pytest.mark.parametrize("spec", ["apg:3,beta=-0.5", "cfg:1.5,interval=0.2", "gfcg:w_max=2,kapa=3",
+                                  "cfgzero:3,steps=2.7", "none:2", "interval:0.1,0.5,lo=1"])
+def test_guidance_spec_typos_are_errors(spec):
+    with pytest.raises(ValueError, match="'guidance'"):
+        build_policy([spec], classifier=lambda x: x)
 
 
 def test_cli_errors_name_the_argument(tmp_path):

@@ -101,6 +101,12 @@ RAEKERN_HD inline SpaceAB space_ab(int s, double t) {
   return {0.0, 1.0};
 }
 
+// B_to / B_from: how a displacement (the A·x parts cancel) changes space. Exactly 1 within one space,
+// so a space whose B vanishes at this t (x0 at t = 0, eps at t = 1) never forms 0/0 against itself.
+RAEKERN_HD inline double b_ratio(int to, int from, double t) {
+  return to == from ? 1.0 : space_ab(to, t).B / space_ab(from, t).B;
+}
+
 // Raw-layout stream indices.
 RAEKERN_HD inline int raw_x() { return 0; }
 RAEKERN_HD inline int raw_p(int k) { return 1 + k; }
@@ -199,6 +205,17 @@ RAEKERN_HD inline void solve(const Config& cfg, const Sample& s, const double* g
   Lin Mnew[kMaxTerms];
 
   for (int j = 0; j < cfg.J; ++j) {
+    // An affine term (no statistic, no momentum) is the same in every space: it is formed in the work
+    // space directly, so no conversion through a stats space that is singular at this t (x0 at t = 0,
+    // eps at t = 1) can turn it into 0·inf.
+    const bool affine = cfg.zero_star[j] < 0 && !(cfg.r[j] > 0.0) && !cfg.project[j] && !cfg.has_momentum;
+    if (affine) {
+      if (s.w[j] != 0.0) {
+        G.axpy(s.w[j], Y[cfg.pos[j]]);
+        G.axpy(-s.w[j], Y[cfg.neg[j]]);
+      }
+      continue;
+    }
     const int Z = cfg.stats_space[j];
     Lin yp = convert(Y[cfg.pos[j]], cfg.work, Z, t);
     Lin yn = convert(Y[cfg.neg[j]], cfg.work, Z, t);
@@ -210,7 +227,7 @@ RAEKERN_HD inline void solve(const Config& cfg, const Sample& s, const double* g
       const int Q = cfg.zero_star[j];
       Lin dq = convert(Y[cfg.pos[j]], cfg.work, Q, t);
       dq.axpy(-sstar, convert(Y[cfg.neg[j]], cfg.work, Q, t));
-      d = dq.scale(space_ab(Z, t).B / space_ab(Q, t).B);
+      d = dq.scale(b_ratio(Z, Q, t));
     } else {
       d.axpy(-1.0, yn);
     }
@@ -228,9 +245,7 @@ RAEKERN_HD inline void solve(const Config& cfg, const Sample& s, const double* g
       double pi = dot(cfg, gram, d, yp) / (aa * aa);
       d.axpy(-(1.0 - cfg.eta[j]) * pi, yp);
     }
-    // Displacements change space with B alone (the A·x parts cancel).
-    const double bw = space_ab(cfg.work, t).B / space_ab(Z, t).B;
-    if (s.w[j] != 0.0) G.axpy(s.w[j] * bw, d);
+    if (s.w[j] != 0.0) G.axpy(s.w[j] * b_ratio(cfg.work, Z, t), d);
   }
 
   if (cfg.phi != 0.0) {

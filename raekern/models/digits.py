@@ -19,6 +19,7 @@ leaves noise in the ~950 directions the data never uses, which the decoder turns
 """
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -143,15 +144,22 @@ class DigitsModel:
 
         for m in (self.dit, self.weak, self.decoder, self.probe):
             m.to(device)
+        # The diffusion networks run in the requested dtype (copies: the cached model stays float32);
+        # the decoder keeps float32 (its principal-coordinate codec computes in float32 anyway).
+        dit, weak = self.dit, self.weak
+        md = kw.get("model_dtype") or kw.get("dtype") or torch.float32
+        if md != torch.float32:
+            dit, weak = (copy.deepcopy(m).to(md) for m in (dit, weak))
+        decoder = self.decoder
         shape = self.latent_shape
         # principal-coordinate latents are de-standardised inside the ProjectedDecoder
         stats = (None, None) if self.codec is not None else (self.latent_mean, self.latent_var)
         return P.Pipeline(
-            self.dit, policy or NoGuidance(),
+            dit, policy or NoGuidance(),
             P.make_grid(grid or self.config.get("grid", "raev2"), steps or self.config.get("steps", 32),
                         alpha=self.config.get("alpha"), latent_shape=shape),
-            latent_shape=shape, decoder=self.decoder, latent_mean=stats[0], latent_var=stats[1],
-            decoder_output="unit", param="x0", x0_t_eps=0.05, models={"weak": self.weak},
+            latent_shape=shape, decoder=decoder, latent_mean=stats[0], latent_var=stats[1],
+            decoder_output="unit", param="x0", x0_t_eps=0.05, models={"weak": weak},
             null_label=NUM_CLASSES, num_classes=NUM_CLASSES, device=device, **kw)
 
 

@@ -514,6 +514,10 @@ def _convert(y, frm: int, to: int, x, t):
     return at * x + bt * u
 
 
+def _b_ratio(to: int, frm: int, t):
+    return torch.ones_like(t) if to == frm else _ab(to, t)[1] / _ab(frm, t)[1]
+
+
 def _sdot(a, b):
     return (a * b).flatten(1).sum(1)
 
@@ -536,6 +540,11 @@ def guidance_step_reference(x, branches, t, **kw) -> GuidanceOutput:
     G = Y[a.base]
     Mnew = []
     for j in range(len(a.term_pos)):
+        wj = _bcast(a.weights[:, j].to(cdt), xc)
+        if (a.zero_star[j] < 0 and a.apg_r[j] <= 0 and math.isnan(a.apg_eta[j]) and a.momentum is None):
+            # affine term: the same in every space, formed in the work space (no singular conversion)
+            G = G + wj * (Y[a.term_pos[j]] - Y[a.term_neg[j]])
+            continue
         Z = a.stats_space[j]
         yp = _convert(Y[a.term_pos[j]], W, Z, xc, tt)
         yn = _convert(Y[a.term_neg[j]], W, Z, xc, tt)
@@ -543,7 +552,7 @@ def guidance_step_reference(x, branches, t, **kw) -> GuidanceOutput:
             s = _sdot(yp, yn) / (_sdot(yn, yn) + 1e-8)
             Q = a.zero_star[j]
             dq = _convert(Y[a.term_pos[j]], W, Q, xc, tt) - _bcast(s, xc) * _convert(Y[a.term_neg[j]], W, Q, xc, tt)
-            d = dq * _bcast(_ab(Z, tt)[1] / _ab(Q, tt)[1], xc)
+            d = dq * _bcast(_b_ratio(Z, Q, tt), xc)
         else:
             d = yp - yn
         if a.momentum is not None:
@@ -556,8 +565,7 @@ def guidance_step_reference(x, branches, t, **kw) -> GuidanceOutput:
             v1 = yp.flatten(1)
             pi = _sdot(d, yp) / v1.norm(dim=1).clamp_min(1e-12) ** 2
             d = d - (1 - a.apg_eta[j]) * _bcast(pi, xc) * yp
-        bw = _ab(W, tt)[1] / _ab(Z, tt)[1]
-        G = G + _bcast(a.weights[:, j].to(cdt) * bw, xc) * d
+        G = G + wj * _bcast(_b_ratio(W, Z, tt), xc) * d
     if a.rescale_phi != 0.0:
         R = a.rescale_space
         gr = _convert(G, W, R, xc, tt)

@@ -38,11 +38,37 @@ flags on the command line win.
 
 def _defaults() -> dict:
     p = argparse.ArgumentParser(add_help=False)
-    _add_arguments(p)
+    _add_option_arguments(p)
     return {a.dest: a.default for a in p._actions if a.dest != "help"}
 
 
+_EXPLICIT = "_explicit_options"  # namespace attribute: the dests the command line set
+
+
+def _tracked(action_cls):
+    class Tracked(action_cls):
+        def __call__(self, parser, namespace, values, option_string=None):
+            super().__call__(parser, namespace, values, option_string)
+            explicit = getattr(namespace, _EXPLICIT, None)
+            if explicit is None:
+                explicit = set()
+                setattr(namespace, _EXPLICIT, explicit)
+            explicit.add(self.dest)
+
+    Tracked.__name__ = f"Tracked{action_cls.__name__}"
+    return Tracked
+
+
 def _add_arguments(p: argparse.ArgumentParser) -> None:
+    _add_option_arguments(p)
+    # Every option records that the command line gave it, so --config can tell "not given" from
+    # "given with the default value" (command-line flags win even when they equal the default).
+    for a in p._actions:
+        if a.dest != "help":
+            a.__class__ = _tracked(type(a))
+
+
+def _add_option_arguments(p: argparse.ArgumentParser) -> None:
     presets = ", ".join(f"{n}" for n in sorted(PRESETS))
     p.add_argument("--config", help="JSON or YAML file whose keys are option names (dest form: weak_ckpt)")
     p.add_argument("--preset", default=DEFAULT_PRESET, help=f"model configuration ({presets}); default "
@@ -114,11 +140,15 @@ def _apply_config(args: argparse.Namespace) -> argparse.Namespace:
     else:
         cfg = json.loads(text)
     defaults = _defaults()
+    explicit = getattr(args, _EXPLICIT, None)
     for key, value in cfg.items():
         dest = key.replace("-", "_")
         if dest not in defaults:
             raise ValueError(f"raekern sample: argument '--config' has an unknown option {key!r}")
-        if getattr(args, dest) == defaults[dest]:  # the command line did not set it
+        # A namespace from our parser knows which flags were given; one built by hand (a caller of
+        # run_sample) counts values equal to the default as not given.
+        given = dest in explicit if explicit is not None else getattr(args, dest) != defaults[dest]
+        if not given:
             if dest == "guidance" and isinstance(value, str):
                 value = [value]
             setattr(args, dest, value)

@@ -16,6 +16,7 @@ Constructors from local checkpoint files (``rae_v1_from_checkpoints`` …) build
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
@@ -113,8 +114,9 @@ class Pipeline:
             std = torch.sqrt(self.latent_var.to(z.device, torch.float32) + STAT_EPS).to(z.dtype)
             z = z * std + mean
         tokens = z.flatten(2).transpose(1, 2)  # [B, H·W, C], row-major tokens
-        if self.model_dtype is not None:
-            tokens = tokens.to(self.model_dtype)
+        dec_dtype = _module_dtype(self.decoder) or self.model_dtype  # the decoder's own dtype first
+        if dec_dtype is not None:
+            tokens = tokens.to(dec_dtype)
         px = self.decoder(tokens)
         px = px[0] if isinstance(px, (tuple, list)) else px
         px = px.float()
@@ -188,10 +190,25 @@ def _latent_shape(dit, given, default):
     return default
 
 
+def _module_dtype(m) -> torch.dtype | None:
+    """The dtype of a module's first floating-point parameter or buffer (None for plain callables)."""
+    if isinstance(m, torch.nn.Module):
+        for t in itertools.chain(m.parameters(), m.buffers()):
+            if t.is_floating_point():
+                return t.dtype
+    return None
+
+
+def _named_grid(grid: TimeGrid | str, steps: int, latent_shape) -> TimeGrid:
+    return make_grid(grid, steps, latent_shape=latent_shape) if isinstance(grid, str) else grid
+
+
 def rae_v1_pipeline(dit: Callable, decoder: Callable | None, *, weak: Callable | None = None,
                     stats: tuple[torch.Tensor, torch.Tensor] | None = None, policy=None,
-                    num_points: int = 50, latent_shape: Sequence[int] | None = None, **kw) -> Pipeline:
-    """RAE v1: DiT-DH (velocity), optional AutoGuidance with a weak DiT-DH, RAE's 49-step Euler grid.
+                    num_points: int = 50, latent_shape: Sequence[int] | None = None,
+                    grid: TimeGrid | str = "rae", **kw) -> Pipeline:
+    """RAE v1: DiT-DH (velocity), optional AutoGuidance with a weak DiT-DH, RAE's 49-step Euler grid
+    (``grid``: another grid, or a grid name built with ``num_points`` and the latent's shift).
 
     ``policy`` defaults to AutoGuidance(1.42) when ``weak`` is given (the released 256-px setting),
     otherwise no guidance.
@@ -203,22 +220,24 @@ def rae_v1_pipeline(dit: Callable, decoder: Callable | None, *, weak: Callable |
     latent_shape = _latent_shape(dit, latent_shape, (768, 16, 16))
     mean, var = stats if stats is not None else (None, None)
     models = {"weak": weak} if weak is not None else {}
-    return Pipeline(dit, policy, make_grid("rae", num_points, latent_shape=latent_shape),
+    return Pipeline(dit, policy, _named_grid(grid, num_points, latent_shape),
                     latent_shape=latent_shape, decoder=decoder, latent_mean=mean, latent_var=var,
                     decoder_output="imagenet", param="velocity", models=models, **kw)
 
 
 def raev2_pipeline(dit: Callable, decoder: Callable | None, *, stats=None, policy=None,
-                   num_steps: int = 100, latent_shape: Sequence[int] | None = None, **kw) -> Pipeline:
+                   num_steps: int = 100, latent_shape: Sequence[int] | None = None,
+                   grid: TimeGrid | str = "raev2", **kw) -> Pipeline:
     """RAEv2: x-predicting DiT-DH returning (x_full, x_base); internal guidance 1.78 on t ∈ [0.1, 1]
-    by default; Euler on shift(linspace(1, 0, 101)); velocity (x − x̂)/max(t, 0.05)."""
+    by default; Euler on shift(linspace(1, 0, 101)) (``grid``: another grid or grid name);
+    velocity (x − x̂)/max(t, 0.05)."""
     from raekern.sampling import guidance as G
 
     if policy is None:
         policy = G.InternalGuidance(1.78, interval=(0.1, 1.0))
     latent_shape = _latent_shape(dit, latent_shape, (1024, 16, 16))
     mean, var = stats if stats is not None else (None, None)
-    return Pipeline(dit, policy, make_grid("raev2", num_steps, latent_shape=latent_shape),
+    return Pipeline(dit, policy, _named_grid(grid, num_steps, latent_shape),
                     latent_shape=latent_shape, decoder=decoder, latent_mean=mean, latent_var=var,
                     decoder_output="unit", param="x0", x0_t_eps=0.05, **kw)
 

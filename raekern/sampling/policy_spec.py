@@ -70,11 +70,23 @@ def _num(v: str, what: str) -> float:
         _fail("guidance", f"expects a number for {what}, got {v!r}")
 
 
+# The key=value options each method takes (anything else is a typo that must not pass silently).
+KEYS = {"none": (), "cfg": ("form",), "ag": (), "internal": ("cfg", "uncond"),
+        "gfcg": ("w_max", "kappa", "mode", "cfg", "ag", "ref"), "apg": ("eta", "norm", "momentum"),
+        "cfgzero": ("steps",), "interval": (), "rescale": ()}
+
+
 def describe(specs: Sequence[str]) -> dict:
     """Parse specs into one description: {'method', 'args', 'kw', 'interval', 'rescale'}."""
     main, interval, rescale = None, None, None
     for spec in specs:
         m, pos, kw = parse_spec(spec)
+        unknown = sorted(set(kw) - set(KEYS.get(m, kw)))
+        if unknown:
+            allowed = ", ".join(f"{k}=" for k in KEYS[m]) or "no key=value options"
+            _fail("guidance", f"has an unknown option {unknown[0]!r} for {m} in {spec!r} ({m} takes {allowed})")
+        if m == "none" and pos:
+            _fail("guidance", f"none takes no values, got {spec!r}")
         if m == "interval":
             if len(pos) != 2:
                 _fail("guidance", f"interval needs two values LO,HI, got {spec!r}")
@@ -147,7 +159,10 @@ def build_policy(specs: Sequence[str], *, classifier: Callable | None = None, ha
                        norm_threshold=_num(kw.get("norm", "0"), "norm"),
                        momentum=_num(kw.get("momentum", "0"), "momentum"), num_classes=num_classes, **ikw)
     elif m == "cfgzero":
-        policy = G.CFGZeroStar(scale(), zero_init_steps=int(_num(kw.get("steps", "1"), "steps")),
+        steps = _num(kw.get("steps", "1"), "steps")
+        if steps != int(steps) or steps < 0:
+            _fail("guidance", f"cfgzero steps= must be a whole number >= 0, got {kw['steps']!r}")
+        policy = G.CFGZeroStar(scale(), zero_init_steps=int(steps),
                                num_classes=num_classes, **ikw)
     else:  # pragma: no cover - describe() rejects the rest
         _fail("guidance", f"unknown method {m!r}")

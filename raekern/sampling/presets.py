@@ -84,6 +84,7 @@ def _rae_v1(dit: str, weak: str, decoder: str):
         return P.rae_v1_from_checkpoints(
             _need(o, "ckpt", "--ckpt", "rae-v1"), o.get("decoder_ckpt"), o.get("stats"),
             weak=o.get("weak_ckpt"), policy=NoGuidance(), num_points=o.get("steps") or 50,
+            grid=o.get("grid") or "rae",
             dtype=o.get("dtype", torch.float32), **_names(o, dit, decoder, weak), **_common(o))
     return build
 
@@ -93,7 +94,7 @@ def _raev2(o: dict) -> "P.Pipeline":
 
     return P.raev2_from_checkpoints(
         _need(o, "ckpt", "--ckpt", "raev2-256"), o.get("decoder_ckpt"), o.get("stats"),
-        policy=NoGuidance(), num_steps=o.get("steps") or 100,
+        policy=NoGuidance(), num_steps=o.get("steps") or 100, grid=o.get("grid") or "raev2",
         dtype=o.get("dtype", torch.float32), **_names(o, "ditdh-xl-v2", "decoder-vit-xl-v2"), **_common(o))
 
 
@@ -104,10 +105,12 @@ def _tiny(o: dict) -> "P.Pipeline":
     C, S = 8, 4
     steps = o.get("steps") or 8
     grid = o.get("grid") or "uniform"
+    md = o.get("model_dtype") or o.get("dtype", torch.float32)  # the networks' dtype
     return P.Pipeline(
-        T.TinyFlowNet(C, 10, seed=0), NoGuidance(),
+        T.TinyFlowNet(C, 10, seed=0).to(md), NoGuidance(),
         P.make_grid(grid, steps, latent_shape=(C, S, S)), latent_shape=(C, S, S),
-        decoder=T.TinyDecoder(C, patch=4), decoder_output="unit", models={"weak": T.TinyFlowNet(C, 10, seed=7)},
+        decoder=T.TinyDecoder(C, patch=4).to(md), decoder_output="unit",
+        models={"weak": T.TinyFlowNet(C, 10, seed=7).to(md)},
         num_classes=10, dtype=o.get("dtype", torch.float32), **_common(o))
 
 

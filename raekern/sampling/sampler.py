@@ -88,7 +88,9 @@ class Sampler:
     Args:
         model_fn: the main model (velocity, x0 or eps output, see ``param``).
         policy: a ``raekern.sampling.guidance`` policy (default: no guidance).
-        grid: a :class:`TimeGrid` or a name understood by :func:`make_grid` ("rae", "raev2").
+        grid: a :class:`TimeGrid` or a name understood by :func:`make_grid` ("rae", "raev2",
+            "uniform"; default "rae"). A name is resolved for each call's latent shape [C, H, W], so
+            its shift uses α = sqrt(C·H·W / 4096); ``self.grid`` is the grid of the last call.
         param: output parameterization, a string or a dict by model name.
         models: further named models a policy refers to, e.g. ``{"weak": small_dit}`` (AutoGuidance).
         solver: "euler" or "heun".
@@ -117,10 +119,10 @@ class Sampler:
                 _fail("models", f"entry {name!r} must be callable, got {type(fn).__name__}", TypeError)
             self.models[name] = fn
         self.policy = _policy_or_default(policy)
-        if grid is None:
-            grid = make_grid("rae")
-        elif isinstance(grid, str):
-            grid = make_grid(grid)
+        # A grid given by name takes α from the latent it integrates (resolved again at each call).
+        self._grid_name = "rae" if grid is None else grid if isinstance(grid, str) else None
+        if self._grid_name is not None:
+            grid = make_grid(self._grid_name)
         if not isinstance(grid, TimeGrid):
             _fail("grid", f"must be a TimeGrid or a grid name, got {type(grid).__name__}", TypeError)
         self.grid = grid
@@ -268,10 +270,10 @@ class Sampler:
                 x0_prev = to_x0(x, outs[cb.output], t, self.param[cb.model])
             # Step 0 of the previous-step variant has no x0 yet: select_reference(None, …) gives
             # r = y with weight 0, i.e. the plain host rule for that step.
-            if not self._inactive(t):
-                lab["ref"], _ = self.policy.select_reference(x0_prev, labels)
-            else:
-                lab["ref"] = labels
+            # Outside the interval no classifier runs: select_reference(None, …) gives r = y and zero
+            # weights for this batch, so no weight of an earlier step (or an earlier call, or another
+            # batch size) can reach a Heun stage that re-enters the interval.
+            lab["ref"], _ = self.policy.select_reference(None if self._inactive(t) else x0_prev, labels)
         outputs = self._evaluate(x, t, lab, cache)
 
         heun = self.solver == "heun" and tn > 0 and not self._x0_clamped(tn)
@@ -318,6 +320,7 @@ class Sampler:
             _fail("labels", "are required by a policy with null or reference branches")
         if noise.shape[0] == 0:  # nothing to integrate (stacked branches cannot be split at B = 0)
             return noise.clone()
+        self._resolve_grid(noise)
         if self.cuda_graph and (noise.is_cuda or self._graph_api is not None):
             return self._run_graphed(noise, labels, callback)
         return self._run_eager(noise, labels, callback)
@@ -327,7 +330,12 @@ class Sampler:
              x0_prev: torch.Tensor | None = None) -> torch.Tensor:
         """Solver step ``k`` alone (grid points k → k+1) from state ``x``; for benchmarks and for
         callers that drive the loop themselves. ``state`` carries APG momentum between steps."""
+        self._resolve_grid(x)
         return self._step(k, x, labels, x0_prev, {} if state is None else state)[0]
+
+    def _resolve_grid(self, x: torch.Tensor) -> None:
+        if self._grid_name is not None:
+            self.grid = make_grid(self._grid_name, latent_shape=tuple(x.shape[1:]) or (1,))
 
     @torch.no_grad()
     def _run_eager(self, x, labels, callback):
