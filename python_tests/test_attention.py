@@ -265,6 +265,42 @@ def test_sdpa_fallback_matches_reference():
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_negative_scale(dtype):
+    """A negative scale turns the largest scaled score into the smallest raw one; the bf16 AMX path
+    takes its running max from the raw scores, so it must take their minimum then."""
+    q, k, v = make((1, 130, 2, 64), dtype)
+    out, lse = attention(q, k, v, scale=-3.0, return_lse=True)
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+    o64, l64 = attention_reference(q.double(), k.double(), v.double(), scale=-3.0, return_lse=True)
+    osd, _ = attention_reference(q, k, v, scale=-3.0, return_lse=True)
+    check_close(out, osd, o64, FLOOR[dtype], "out")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_nan_in_a_key_propagates(dtype):
+    """As in SDPA: a NaN key reaches every query's output (it is not a zero-weight key)."""
+    q, k, v = make((1, 70, 1, 64), dtype)
+    k[0, 5, 0, 3] = float("nan")
+    assert attention(q, k, v).isnan().all()
+
+
+def test_sdpa_fallback_with_mask_compiles_fullgraph():
+    q, k, v = make((1, 8, 1, 264), torch.float32)  # Dh > 256: the SDPA path
+    m = torch.ones(1, 8, dtype=torch.bool)
+    m[0, 3] = False
+    assert attention_path(q, k, v, key_padding_mask=m)[0] == "sdpa"
+    f = torch.compile(lambda q, k, v, m: attention(q, k, v, key_padding_mask=m), fullgraph=True, backend="eager")
+    torch.testing.assert_close(f(q, k, v, m), attention(q, k, v, key_padding_mask=m))
+
+
+def test_double_backward_is_refused():
+    q, k, v = (t.requires_grad_() for t in make((1, 10, 1, 16), torch.float64))
+    (g,) = torch.autograd.grad(attention(q, k, v).square().sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(g.square().sum(), [q, k, v])
+
+
 def test_path_introspection_and_debug_log(caplog):
     q, k, v = make((1, 8, 2, 16), torch.float32)
     path, reasons = attention_path(q, k, v)
@@ -273,6 +309,8 @@ def test_path_introspection_and_debug_log(caplog):
     with caplog.at_level(logging.DEBUG, logger="raekern.attention"):
         attention(q, k, v)
     assert "path=raekern_cpu" in caplog.text
+    import raekern.ops
+    assert raekern.ops.attention_info is attn_mod.attention_info  # documented under raekern.ops
     info = attn_mod.attention_info()
     assert info["fp32"] in ("avx512", "portable") and info["bf16_forward"] in ("amx", "avx512", "portable")
     assert info["bf16_backward"] == info["bf16_forward"]

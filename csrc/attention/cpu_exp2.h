@@ -35,8 +35,10 @@ inline float hmax(__m512 v) {
 // vscalefps applies 2^floor(x) to the polynomial (coefficients highest degree first, relative-error
 // fits on [0, 1)), so there is no separate rounding, subtraction or exponent-bit arithmetic. Inputs
 // are clamped at -160, so -inf and anything whose result would be below the denormals give exactly 0.
+// The clamp is max(-160, x): vmaxps returns its second operand when either is NaN, so a NaN score (a
+// NaN in q or k) stays NaN and reaches the output, as in SDPA, instead of becoming a zero weight.
 template <size_t N> inline __m512 exp2_horner(__m512 x, const float (&c)[N]) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-160.f));
+  x = _mm512_max_ps(_mm512_set1_ps(-160.f), x);
   const __m512 f = _mm512_reduce_ps(x, 0x09);  // x − floor(x): round down, exceptions suppressed
   __m512 p = _mm512_set1_ps(c[0]);
   for (size_t i = 1; i < N; ++i) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(c[i]));
@@ -145,19 +147,29 @@ template <class F> inline F lazy_max_update(F& m, F block_max) {
 // row maxima come out of one register transpose instead of 16 horizontal reductions, whose latency
 // the softmax would otherwise wait on row after row. m[0, 16) is updated; alpha[0, 16) receives the
 // factors (exactly 1 for rows whose max did not move). Returns false when no row moved.
-inline bool lazy_max_update16(const float* s, int64_t lds, int64_t n, float mul, float* m, float* alpha) {
+// A negative `mul` (a negative softmax scale) turns the largest scaled score into the smallest raw one.
+template <bool kNegMul> inline __m512 extreme_ps(__m512 a, __m512 b) {
+  return kNegMul ? _mm512_min_ps(a, b) : _mm512_max_ps(a, b);
+}
+template <bool kNegMul>
+inline __m512 row_extremes16(const float* s, int64_t lds, int64_t n) {
   __m512 r[16];
   const __mmask16 tail = (n % 16) ? __mmask16((1u << (n % 16)) - 1u) : __mmask16(0xffff);
   const int64_t last = (n - 1) / 16 * 16;
+  const __m512 fill = _mm512_set1_ps(kNegMul ? INFINITY : -INFINITY);
   for (int i = 0; i < 16; ++i) {
     const float* row = s + i * lds;
-    __m512 v = _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), tail, row + last);
-    for (int64_t j = 0; j < last; j += 16) v = _mm512_max_ps(v, _mm512_loadu_ps(row + j));
+    __m512 v = _mm512_mask_loadu_ps(fill, tail, row + last);
+    for (int64_t j = 0; j < last; j += 16) v = extreme_ps<kNegMul>(v, _mm512_loadu_ps(row + j));
     r[i] = v;
   }
   raekern::cpu::transpose16(r);
-  for (int i = 1; i < 16; ++i) r[0] = _mm512_max_ps(r[0], r[i]);
-  const __m512 bm = _mm512_mul_ps(r[0], _mm512_set1_ps(mul)), mo = _mm512_loadu_ps(m);
+  for (int i = 1; i < 16; ++i) r[0] = extreme_ps<kNegMul>(r[0], r[i]);
+  return r[0];
+}
+inline bool lazy_max_update16(const float* s, int64_t lds, int64_t n, float mul, float* m, float* alpha) {
+  const __m512 ext = mul < 0.f ? row_extremes16<true>(s, lds, n) : row_extremes16<false>(s, lds, n);
+  const __m512 bm = _mm512_mul_ps(ext, _mm512_set1_ps(mul)), mo = _mm512_loadu_ps(m);
   const __mmask16 moved = _mm512_cmp_ps_mask(bm, _mm512_add_ps(mo, _mm512_set1_ps(kLazyMax)), _CMP_NLE_UQ);
   if (!moved) return false;
   const __m512 mn = _mm512_mask_mov_ps(mo, moved, bm);

@@ -56,3 +56,18 @@ def emulation_library():
     except ImportError:
         return None
     return torch.ops.raekern_emu
+
+
+def forbid_double_backward(backward_op: str, public: str) -> None:
+    """Give a ``raekern::*_backward`` op an autograd kernel that refuses to be differentiated.
+
+    Without one, autograd only warns and treats the backward's outputs as constants, so a gradient
+    of a gradient (a gradient penalty, a Hessian-vector product) would silently come back as zeros.
+    """
+    def _refuse(ctx, *grads):
+        raise RuntimeError(
+            f"raekern.{public}: double backward (a gradient of a gradient, e.g. a gradient penalty) is not "
+            f"supported by the raekern kernels; compute that term with raekern.ops.{public}_reference")
+
+    torch.library.register_autograd(f"raekern::{backward_op}", _refuse,
+                                    setup_context=lambda ctx, inputs, output: None)

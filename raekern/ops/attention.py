@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from raekern._utils.checks import check_choice, check_tensor, fail
+from raekern._utils.library import forbid_double_backward
 
 __all__ = [
     "attention",
@@ -137,7 +138,7 @@ def _sdpa_fallback(q, k, v, layout, scale, qw, kw, eps, grid, theta, mask):
         dead = ~mask.any(-1)  # SDPA returns NaN for rows with no key: attend to all, then zero
         attn_mask = (mask | dead[:, None])[:, None, None, :]
     out = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=attn_mask, scale=scale)
-    if dead is not None and bool(dead.any()):
+    if dead is not None:  # unconditional: a data-dependent branch would break torch.compile(fullgraph)
         out = out * (~dead).to(out.dtype)[:, None, None, None]
     return out.transpose(1, 2) if layout == "bnhd" else out
 
@@ -187,6 +188,9 @@ def _backward(ctx, dout, dlse):
 
 
 torch.library.register_autograd("raekern::attention", _backward, setup_context=_setup_context)
+
+
+forbid_double_backward("attention_backward", "attention")
 
 
 # ----------------------------------------------------------------------------- dispatch
@@ -297,8 +301,9 @@ def attention_info() -> dict[str, str]:
     compiled."""
     info = dict(item.split("=", 1) for item in torch.ops.raekern.attention_cpu_backends().split(";"))
     info["cuda_forward"] = "sm80 mma.sync (not yet run on a GPU)" if _has_kernel("CUDA") else "not built"
-    info["cuda_backward"] = ("SIMT flash backward, fp32 atomics or deterministic slabs (emulated on CPU, not yet run "
-                             "on a GPU)" if _has_kernel("CUDA", "raekern::attention_backward") else "not built")
+    info["cuda_backward"] = ("sm80 mma.sync for bf16/fp16 up to Dh 128, SIMT otherwise; fp32 atomics or "
+                             "deterministic slabs (emulated on CPU, not yet run on a GPU)"
+                             if _has_kernel("CUDA", "raekern::attention_backward") else "not built")
     return info
 
 
@@ -374,7 +379,9 @@ def attention(
             t is not None and t.requires_grad for t in (q, k, v, q_norm_weight, k_norm_weight))
         bwd = ""
         if grad and path != "sdpa":
-            bwd = (f", backward={path} deterministic={torch.are_deterministic_algorithms_enabled()}")
+            # the CPU backward is deterministic whatever the flag says
+            det = path == "raekern_cpu" or torch.are_deterministic_algorithms_enabled()
+            bwd = f", backward={path} deterministic={det}"
         log.debug("attention %s %s q%s: path=%s%s (%s)", layout, q.dtype, tuple(q.shape), path, bwd,
                   "; ".join(f"{n}: {r}" for n, r in reasons.items() if r))
     if path == "sdpa":
