@@ -174,6 +174,41 @@ def test_layer_stack_fuse_inductor_compile():
                                                                           channels_first=True, grid=(3, 3)))
 
 
+def test_layer_stack_fuse_compile_dynamic_without_grid():
+    """The square grid is derived from the token count; a symbolic count is specialised, not an error."""
+    f = torch.compile(lambda ls: ops.layer_stack_fuse(ls, skip_tokens=1, channels_first=True),
+                      fullgraph=True, dynamic=True, backend="eager")
+    for T in (17, 10):
+        hs = [torch.randn(2, T, 8)]
+        torch.testing.assert_close(f(hs), fu.layer_stack_fuse_reference(hs, skip_tokens=1, channels_first=True))
+
+
+def test_layer_stack_fuse_weight_grad_is_bit_identical_run_to_run():
+    """Tasks are claimed dynamically: the [L] weight gradient is summed per task, in task order."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        g = torch.Generator().manual_seed(0)
+        hs = [torch.randn(4, 260, 64, generator=g, dtype=torch.float64) for _ in range(3)]
+        w0, up = torch.randn(3, generator=g, dtype=torch.float64), torch.randn(4, 256, 64, generator=g,
+                                                                                dtype=torch.float64)
+        seen = set()
+        for _ in range(12):
+            w = w0.clone().requires_grad_()
+            (dw,) = torch.autograd.grad(ops.layer_stack_fuse(hs, w, skip_tokens=4), [w], up)
+            seen.add(tuple(dw.tolist()))
+        assert len(seen) == 1
+    finally:
+        torch.set_num_threads(n)
+
+
+def test_double_backward_is_refused():
+    hs = layers(2, 2, 7, 8, torch.float64, grad=True)
+    (g,) = torch.autograd.grad(ops.layer_stack_fuse(hs, skip_tokens=1).pow(3).sum(), hs[0], create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(g.pow(2).sum(), hs[0])
+
+
 def test_layer_stack_fuse_errors():
     hs = layers(2, 2, 7, 8, torch.float32)
     with pytest.raises(ValueError, match="'layers'"):
@@ -182,6 +217,8 @@ def test_layer_stack_fuse_errors():
         ops.layer_stack_fuse([hs[0], hs[1].double()])
     with pytest.raises(ValueError, match="'layers'"):
         ops.layer_stack_fuse([])
+    with pytest.raises(ValueError, match="'layers'"):
+        ops.layer_stack_fuse(torch.randn(0, 2, 5, 8))  # L = 0 as one tensor
     with pytest.raises(TypeError, match="'layers'"):
         ops.layer_stack_fuse("x")
     with pytest.raises(ValueError, match="'skip_tokens'"):
@@ -342,6 +379,8 @@ def test_depth_route_errors():
         ops.depth_route(ex, logits, base, bound="norm_cap")
     with pytest.raises(ValueError, match="'router_logits'"):
         torch.ops.raekern.depth_route(ex, torch.randn(B, N, 2), base, "l2", "tanh", None, 0.0)
+    with pytest.raises(ValueError, match="'experts'"):
+        ops.depth_route(torch.randn(0, B, N, D), torch.randn(B, N, 0), base)
 
 
 def test_depth_route_zero_gate_is_identity():
@@ -468,6 +507,16 @@ def test_depth_routed_fusion_starts_at_rae_latent_and_trains():
     m(hs).square().mean().backward()
     assert all(p.grad is not None for p in m.parameters())
     assert DepthRoutedFusion().w1.shape == (12, 768, 1536)
+
+
+@pytest.mark.parametrize("kw, arg", [(dict(gate="chanel"), "gate"), (dict(energy="l1"), "energy"),
+                                     (dict(bound="clip"), "bound"), (dict(bound="norm_cap"), "cap"),
+                                     (dict(bound="norm_cap", cap=-1.0), "cap"), (dict(cap=0.5), "cap")])
+def test_fusion_modules_check_their_configuration(kw, arg):
+    with pytest.raises(ValueError, match=f"'{arg}'"):
+        DepthRoutedFusion(8, 2, 4, **kw)
+    with pytest.raises(ValueError, match="'k'"):
+        LayerMeanFusion.raev2_dinov3l(4)
 
 
 def test_set_training_phase():

@@ -86,6 +86,18 @@ def test_extreme_values(dtype):
     torch.testing.assert_close(da.double(), want.double(), rtol=TOL[dtype][0], atol=1e-30)
 
 
+def test_double_backward_is_refused():
+    a = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, 6, dtype=torch.float64)
+    (g,) = torch.autograd.grad(R.swiglu(a, b).pow(2).sum(), a, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(g.sum(), a)
+    ab = torch.randn(4, 12, dtype=torch.float64, requires_grad=True)
+    (g,) = torch.autograd.grad(R.swiglu_packed(ab).pow(2).sum(), ab, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(g.sum(), ab)
+
+
 def test_nan_and_inf_propagate_like_torch():
     a = torch.tensor([float("nan"), float("inf"), 1.0, -1.0])
     b = torch.tensor([1.0, 1.0, float("nan"), float("inf")])

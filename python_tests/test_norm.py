@@ -91,6 +91,34 @@ def test_fp32_weight_with_bf16_activations():
     assert w.grad.dtype == torch.float32
 
 
+def test_autocast_promotes_mixed_operands():
+    """Under torch.autocast a Linear's bf16 output (adaLN chunk, branch y) meets the fp32 residual
+    stream: the ops promote as eager PyTorch does; outside autocast the mismatch is an error."""
+    x = torch.randn(2, 9, 48)
+    gate, y, shift, scale = (torch.randn(2, 9, 48).to(torch.bfloat16) for _ in range(4))
+    with pytest.raises(TypeError, match="'shift'"):
+        R.norm_modulate(x, shift, scale)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = R.norm_modulate(x, shift, scale)
+        x_out, h = R.gated_residual_norm_modulate(x, gate, y, shift, scale, kind="rms")
+        r = R.gated_residual(x, gate, y)
+    f = lambda t: t.float()  # noqa: E731
+    assert out.dtype == x_out.dtype == h.dtype == r.dtype == torch.float32
+    _close(out, R.norm_modulate_reference(x, f(shift), f(scale)), torch.float32)
+    _close(r, R.gated_residual_reference(x, f(gate), f(y)), torch.float32)
+    want = R.gated_residual_norm_modulate_reference(x, f(gate), f(y), f(shift), f(scale), kind="rms")
+    _close(x_out, want[0], torch.float32)
+    _close(h, want[1], torch.float32)
+
+
+def test_double_backward_is_refused():
+    x = torch.randn(2, 3, 8, dtype=torch.float64, requires_grad=True)
+    for fn in (R.rms_norm, R.layer_norm):
+        (g,) = torch.autograd.grad(fn(x).pow(3).sum(), x, create_graph=True)
+        with pytest.raises(RuntimeError, match="double backward"):
+            torch.autograd.grad(g.pow(2).sum(), x)
+
+
 def test_noncontiguous_and_stride0_inputs():
     B, N, D = 3, 11, 40
     big = torch.randn(B, 2 * N, D + 8)

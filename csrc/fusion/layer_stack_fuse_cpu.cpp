@@ -419,8 +419,11 @@ void fuse_backward(const at::Tensor& grad, at::TensorList layers, const StackSha
         gmsum[b] = row_sum(gmean.data() + b * D, D);
       }
     }
-    const int nthreads = at::get_num_threads();
-    std::vector<double> dw_part(want_dw && s.reduce == Reduce::kLayerWeights ? nthreads * s.L : 0, 0.0);
+    // One partial [L] weight gradient per task (not per thread): tasks are claimed dynamically, so a
+    // per-thread sum would depend on which thread took which tiles and the result would vary by a
+    // rounding from run to run; per-task partials are reduced in task order below.
+    const int64_t ntasks = s.B * tiles;
+    std::vector<double> dw_part(want_dw && s.reduce == Reduce::kLayerWeights ? ntasks * s.L : 0, 0.0);
     A* dwp = want_dw ? dw.data_ptr<A>() : nullptr;
     std::vector<T*> dptr;
     for (auto& t : dl) dptr.push_back(t.data_ptr<T>());
@@ -428,8 +431,8 @@ void fuse_backward(const at::Tensor& grad, at::TensorList layers, const StackSha
     parallel_tasks(s.B * tiles, 1, [&](int64_t lo, int64_t hi) {
       std::vector<A> Gv(kTile * D), rowv(D), dxv(D), gsum(kTile);
       A *G = Gv.data(), *row = rowv.data(), *dxb = dxv.data();
-      double* my_dw = dw_part.empty() ? nullptr : dw_part.data() + at::get_thread_num() * s.L;
       for (int64_t task = lo; task < hi; ++task) {
+        double* my_dw = dw_part.empty() ? nullptr : dw_part.data() + task * s.L;
         const int64_t b = task / tiles, n0 = (task % tiles) * kTile, tn = std::min(s.N, n0 + kTile) - n0;
         // The prefix tokens get zero gradient; zeroed here, not by L separate tensor ops (each of
         // which would be one more parallel region to wake the pool for).
@@ -491,7 +494,7 @@ void fuse_backward(const at::Tensor& grad, at::TensorList layers, const StackSha
     if (want_dw && s.reduce == Reduce::kLayerWeights) {
       for (int64_t l = 0; l < s.L; ++l) {
         double acc = 0;
-        for (int th = 0; th < nthreads; ++th) acc += dw_part[th * s.L + l];
+        for (int64_t task = 0; task < ntasks; ++task) acc += dw_part[task * s.L + l];
         dwp[l] = A(acc);
       }
     }

@@ -61,10 +61,13 @@ inline std::pair<A, A> row_stats(const A* __restrict xb, int64_t D, Kind kind, d
   const A inv_d = A(1) / A(D);
   A mean = 0, ss = 0;
   if (kind == Kind::Layer) {
+    // Summed relative to the first value: a constant row gets mean == x exactly (s * (1/D) is not
+    // exact, and rstd = 1/sqrt(eps) would turn that rounding into an output of ~1 instead of 0).
+    const A c = xb[0];
     A s = 0;
 #pragma omp simd reduction(+ : s)
-    for (int64_t i = 0; i < D; ++i) s += xb[i];
-    mean = s * inv_d;
+    for (int64_t i = 0; i < D; ++i) s += xb[i] - c;
+    mean = c + s * inv_d;
 #pragma omp simd reduction(+ : ss)
     for (int64_t i = 0; i < D; ++i) ss += (xb[i] - mean) * (xb[i] - mean);
   } else {
@@ -134,8 +137,7 @@ inline void vec_residual_stats(const T* x, const T* gate, const T* y, T* x_out, 
   // Two independent accumulator chains per sum (even / odd vectors): one chain is bound by the add
   // latency, not by the loads, on rows that sit in L1/L2.
   __m512 vs0 = _mm512_setzero_ps(), vss0 = _mm512_setzero_ps(), vs1 = vs0, vss1 = vs0;
-  const auto step = [&](int64_t i, __m512& sum, __m512& sumsq) {
-    const __mmask16 m = cpu::tail_mask(D - i);
+  const auto row16 = [&](int64_t i, __mmask16 m) {  // xb[i, i+16) (and x_out) from the inputs
     __m512 r = cpu::load16(x + i, m);
     if (gate) {
       if (pf_gate) prefetch16(pf_gate + i);
@@ -144,10 +146,23 @@ inline void vec_residual_stats(const T* x, const T* gate, const T* y, T* x_out, 
       r = cpu::round16<T>(r);
     }
     _mm512_mask_storeu_ps(xb + i, m, r);
-    sum = _mm512_add_ps(sum, r);
+    return r;
+  };
+  // The sum is taken relative to the row's first value c: a constant row then has mean == c
+  // exactly (sum * (1/D) is not exact, and rstd = 1/sqrt(eps) would amplify that rounding).
+  const __mmask16 m0 = cpu::tail_mask(D);
+  const __m512 r0 = row16(0, m0);
+  const __m512 vc = _mm512_set1_ps(_mm512_cvtss_f32(r0));
+  const auto add = [&](__m512 r, __mmask16 m, __m512& sum, __m512& sumsq) {
+    sum = _mm512_add_ps(sum, _mm512_maskz_sub_ps(m, r, vc));
     sumsq = _mm512_fmadd_ps(r, r, sumsq);
   };
-  int64_t i0 = 0;
+  const auto step = [&](int64_t i, __m512& sum, __m512& sumsq) {
+    const __mmask16 m = cpu::tail_mask(D - i);
+    add(row16(i, m), m, sum, sumsq);
+  };
+  add(r0, m0, vs1, vss1);
+  int64_t i0 = 16;
   for (; i0 + 32 <= D; i0 += 32) {
     step(i0, vs0, vss0);
     step(i0 + 16, vs1, vss1);
@@ -160,7 +175,7 @@ inline void vec_residual_stats(const T* x, const T* gate, const T* y, T* x_out, 
   float ss;
   if (kind == Kind::Layer) {
     // Second pass from L1 for the variance: E[x^2] - mean^2 cancels badly for large means.
-    mean = cpu::hsum16(vs) * inv_d;
+    mean = _mm512_cvtss_f32(vc) + cpu::hsum16(vs) * inv_d;
     const __m512 vm = _mm512_set1_ps(mean);
     __m512 acc0 = _mm512_setzero_ps(), acc1 = acc0;
     const auto dev = [&](int64_t i, __m512& acc) {

@@ -86,7 +86,12 @@ class LayerMeanFusion(nn.Module):
     @classmethod
     def raev2_dinov3l(cls, k: int = 7, **kw) -> "LayerMeanFusion":
         """RAEv2's released DINOv3-L heads: K = 7 (blocks 11, 13, …, 23), 23 (blocks 1…23) or 1."""
-        indices = {7: DINOV3L_K7, 23: DINOV3L_K23, 1: (23,)}[k]
+        released = {7: DINOV3L_K7, 23: DINOV3L_K23, 1: (23,)}
+        if k not in released:
+            raise ValueError(f"raekern.models.LayerMeanFusion.raev2_dinov3l: argument 'k' must be one of the "
+                             f"released heads {sorted(released)}, got {k!r} (pass layer_indices to the "
+                             "constructor for another selection)")
+        indices = released[k]
         kw.setdefault("add_last_token_mean", k != 1)
         return cls(indices, skip_tokens=5, eps=1e-5, **kw)
 
@@ -106,6 +111,22 @@ class LayerMeanFusion(nn.Module):
     def extra_repr(self) -> str:
         return (f"layers={self.layer_indices}, skip_tokens={self.skip_tokens}, eps={self.eps}, "
                 f"add_last_token_mean={self.add_last_token_mean}, use_raekern={self.use_raekern}")
+
+
+def _check_route_config(energy, bound, gate, cap) -> None:
+    """The constructor's options, checked when the module is built rather than at its first forward."""
+    where = "raekern.models.DepthRoutedFusion"
+    for arg, value, choices in (("energy", energy, ("l2", "softmax", "none")),
+                                ("bound", bound, ("tanh", "norm_cap", "none")),
+                                ("gate", gate, ("channel", "scalar"))):
+        if value not in choices:
+            raise ValueError(f"{where}: argument '{arg}' must be one of {list(choices)}, got {value!r}")
+    if bound == "norm_cap":
+        if not isinstance(cap, (int, float)) or isinstance(cap, bool) or not cap > 0:
+            raise ValueError(f"{where}: argument 'cap' must be a positive ratio c (‖Δ‖ ≤ c·‖base‖) for "
+                             f"bound='norm_cap', got {cap!r}")
+    elif cap is not None:
+        raise ValueError(f"{where}: argument 'cap' is only used with bound='norm_cap', got {cap!r}")
 
 
 class DepthRoutedFusion(nn.Module):
@@ -139,6 +160,7 @@ class DepthRoutedFusion(nn.Module):
         dtype=None,
     ):
         super().__init__()
+        _check_route_config(energy, bound, gate, cap)
         fk = dict(device=device, dtype=dtype)
         self.dim, self.num_layers, self.hidden = dim, num_layers, hidden
         self.skip_tokens, self.eps = skip_tokens, eps

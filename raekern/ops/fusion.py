@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from raekern._utils.checks import check_choice, check_tensor, fail
+from raekern._utils.library import forbid_double_backward
 
 __all__ = [
     "layer_stack_fuse",
@@ -41,6 +42,9 @@ def _as_list(layers, op: str, arg: str) -> list[torch.Tensor]:
     """A list of L tensors [B, T, D], or one [L, B, T, D] tensor split into views (no copy)."""
     if isinstance(layers, torch.Tensor):
         check_tensor(layers, op, arg, ndim=4)
+        if layers.shape[0] == 0:
+            fail(op, arg, f"as one [L, B, T, D] tensor must hold at least one layer, got L = 0 "
+                          f"(shape {tuple(layers.shape)})")
         return list(layers.unbind(0))
     if not isinstance(layers, (list, tuple)):
         fail(op, arg, f"must be a list of tensors or one [L, B, T, D] tensor, got {type(layers).__name__}",
@@ -68,7 +72,9 @@ def _as_list(layers, op: str, arg: str) -> list[torch.Tensor]:
 
 
 def _square_grid(n: int, op: str) -> tuple[int, int]:
-    h = math.isqrt(n)
+    # math.isqrt cannot take a symbolic token count (torch.compile with dynamic shapes); the float
+    # square root is exact for any count a latent grid can have (< 2^52) and traces as a SymInt.
+    h = int(math.sqrt(n))
     if h * h != n:
         fail(op, "grid", f"must be given: N = {n} patch tokens is not a square")
     return h, h
@@ -482,3 +488,5 @@ def _ldn_backward(ctx, grad):
 
 torch.library.register_autograd("raekern::latent_normalize", _ln_backward, setup_context=_ln_setup)
 torch.library.register_autograd("raekern::latent_denormalize", _ldn_backward, setup_context=_ln_setup)
+for _name in ("layer_stack_fuse", "depth_route", "latent_normalize", "latent_denormalize"):
+    forbid_double_backward(f"{_name}_backward", _name)

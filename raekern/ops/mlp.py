@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from raekern._utils.checks import check_tensor, fail
+from raekern._utils.library import forbid_double_backward
 
 __all__ = ["swiglu", "swiglu_packed", "swiglu_reference", "swiglu_packed_reference"]
 
@@ -146,3 +147,5 @@ def _swp_backward(ctx, grad):
 
 torch.library.register_autograd("raekern::swiglu", _sw_backward, setup_context=_sw_setup)
 torch.library.register_autograd("raekern::swiglu_packed", _swp_backward, setup_context=_swp_setup)
+forbid_double_backward("swiglu_backward", "swiglu")
+forbid_double_backward("swiglu_packed_backward", "swiglu_packed")
