@@ -252,6 +252,33 @@ def test_dit_backends_match_gradients(name):
 
 
 @needs_ops
+@pytest.mark.parametrize("name", ["ditdh-tiny", "ditdh-tiny-v2", "decoder-tiny", "dinov2-tiny-reg", "dinov3-tiny"])
+def test_backends_agree_under_autocast(name):
+    """bf16 autocast (RAEv2 trains with it): Linear outputs come out bf16 beside the fp32 residual
+    stream; the raekern backend promotes those mixed operands as the torch backend's math does."""
+    m = tiny(name, "torch")
+    if name.startswith("ditdh"):
+        x, t, y = dit_inputs(m)
+        fn = lambda mm: mm(x, t, y)  # noqa: E731
+    elif name == "decoder-tiny":
+        inp = torch.randn(2, 16, 16)
+        fn = lambda mm: mm(inp)  # noqa: E731
+    else:
+        inp = torch.rand(2, 3, 50, 60)
+        fn = lambda mm: mm(inp, [0, -1])  # noqa: E731
+    with torch.no_grad():
+        exact = _as_tuple(fn(M.set_backend(m, "torch")))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            ref = _as_tuple(fn(M.set_backend(m, "torch")))
+            out = _as_tuple(fn(M.set_backend(m, "raekern")))
+    for a, b, e in zip(out, ref, exact):
+        assert a.shape == b.shape
+        err_r = (a.double() - e.double()).norm() / e.double().norm()
+        err_t = (b.double() - e.double()).norm() / e.double().norm()
+        assert err_r <= 2 * err_t + 1e-3, (err_r.item(), err_t.item())
+
+
+@needs_ops
 def test_dit_compile_fullgraph():
     m = tiny("ditdh-tiny-v2", "raekern")
     x, t, y = dit_inputs(m, B=2)
@@ -283,6 +310,23 @@ def test_dinov2_matches_transformers(tmp_path):
             for a, b in zip(hs, ref.hidden_states[1:]):
                 torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(enc.last_hidden_state(px), ref.last_hidden_state, atol=1e-5, rtol=1e-5)
+
+
+def test_plain_dinov2_without_registers_loads(tmp_path):
+    tr = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = tr.Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=56, patch_size=14)
+    hf = tr.Dinov2Model(cfg).eval()
+    randomize_(hf)
+    hf.save_pretrained(tmp_path)
+    px = torch.randn(1, 3, 56, 56)
+    with torch.no_grad():
+        ref = hf(pixel_values=px, output_hidden_states=True)
+        for be in ["torch"] + (["raekern"] if raekern_backend_available() else []):
+            enc = M.Dinov2Encoder.from_pretrained(str(tmp_path), input_size=56, backend=be)
+            assert enc.num_prefix_tokens == 1 and not hasattr(enc.embeddings, "register_tokens")
+            for a, b in zip(enc.forward_features(px, [0, 1]), ref.hidden_states[1:]):
+                torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
 def _dinov3_reference(enc, px):

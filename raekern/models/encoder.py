@@ -90,7 +90,7 @@ def _load_hf_config(path: str) -> dict:
 
 class Dinov2Encoder(_FrozenEncoder):
     """DINOv2(-with-registers) ViT in the Hugging Face key layout (``embeddings.*``, ``encoder.layer.{i}.*``,
-    ``layernorm.*``). Patch 14; the position table (``image_size/14`` squared + CLS) is bicubically resized
+    ``layernorm.*``); a plain DINOv2 folder (``model_type`` "dinov2") loads with no register tokens. Patch 14; the position table (``image_size/14`` squared + CLS) is bicubically resized
     (antialiased, in fp32) to the input grid as transformers does; tokens are ``[CLS, registers, patches]``.
     RAE v1: ``input_size=224`` → 16×16 patches."""
 
@@ -118,7 +118,10 @@ class Dinov2Encoder(_FrozenEncoder):
             raise ValueError("raekern.models: only DINOv2 checkpoints with a GELU MLP (S/B/L) are supported")
         return dict(hidden_size=cfg["hidden_size"], depth=cfg["num_hidden_layers"],
                     num_heads=cfg["num_attention_heads"], patch_size=cfg.get("patch_size", 14),
-                    image_size=cfg.get("image_size", 518), num_register_tokens=cfg.get("num_register_tokens", 4),
+                    image_size=cfg.get("image_size", 518),
+                    # plain DINOv2 ("model_type": "dinov2") has no registers and no such config key
+                    num_register_tokens=cfg.get("num_register_tokens",
+                                                0 if cfg.get("model_type") == "dinov2" else 4),
                     mlp_ratio=cfg.get("mlp_ratio", 4), layer_norm_eps=cfg.get("layer_norm_eps", 1e-6),
                     layerscale=cfg.get("layerscale_value", 1.0))
 
@@ -153,7 +156,8 @@ class Dinov2Encoder(_FrozenEncoder):
         B, D, h, w = x.shape
         x = torch.cat([e.cls_token.expand(B, -1, -1), x.flatten(2).transpose(1, 2)], dim=1)
         x = x + self._pos_embed(h, w, x.dtype)
-        x = torch.cat([x[:, :1], e.register_tokens.expand(B, -1, -1), x[:, 1:]], dim=1)
+        if self.num_register_tokens > 0:
+            x = torch.cat([x[:, :1], e.register_tokens.expand(B, -1, -1), x[:, 1:]], dim=1)
         _, _, outs = run_vit(self.encoder.layer[:max(idx) + 1], x, backend=self.backend, collect=idx)
         return [outs[i] for i in idx]
 
@@ -169,7 +173,8 @@ class _Dinov2Embeddings(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.mask_token = nn.Parameter(torch.zeros(1, dim))
         self.position_embeddings = nn.Parameter(torch.zeros(1, pos_grid * pos_grid + 1, dim))
-        self.register_tokens = nn.Parameter(torch.zeros(1, registers, dim))
+        if registers > 0:  # plain DINOv2 checkpoints have no register_tokens key
+            self.register_tokens = nn.Parameter(torch.zeros(1, registers, dim))
         self.patch_embeddings = nn.Module()
         self.patch_embeddings.projection = nn.Conv2d(3, dim, kernel_size=patch, stride=patch)
 
