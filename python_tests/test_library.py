@@ -16,3 +16,24 @@ def test_every_op_has_a_cpu_kernel():
         assert "CPU" in keys or "CompositeImplicitAutograd" in keys, (name, keys)
         if torch.version.cuda is not None and build_info()["cuda_archs"]:
             assert "CUDA" in keys or "CompositeImplicitAutograd" in keys, (name, keys)
+
+
+def test_every_op_has_its_reference_in_raekern_ops():
+    """The op contract: each public op has a plain-PyTorch ``<name>_reference`` beside it."""
+    import raekern.ops as R
+    public = [n for n, keys in registered_ops().items()
+              if not n.endswith("_backward") and n not in ("build_info", "attention_cpu_backends", "guidance_combine")]
+    missing = [n for n in public if not callable(getattr(R, f"{n}_reference", None))]
+    assert not missing, missing
+
+
+def test_bench_arguments_are_checked_before_measuring(capsys):
+    import pytest
+
+    from raekern import cli
+    for args, what in ((["--dtype", "fp8"], "--dtype"), (["--family", "nope"], "--family"),
+                       (["--min-time", "0"], "--min-time")):
+        with pytest.raises(SystemExit):
+            cli.main(["bench", "--device", "cpu", *args])
+        err = capsys.readouterr()
+        assert what in err.err and "copy bandwidth" not in err.out

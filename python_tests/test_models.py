@@ -410,6 +410,20 @@ def test_load_plain_ema_and_safetensors(tmp_path):
         torch.testing.assert_close(m(x, t, y), ref, atol=0, rtol=0)
 
 
+def test_load_gives_the_model_dtype_whatever_the_checkpoint_holds(tmp_path):
+    """A bf16 (or mixed) checkpoint loads into an fp32 model by default, as load_state_dict would
+    cast; dtype= converts once, straight to the requested dtype."""
+    src = tiny("ditdh-tiny", "torch")
+    sd = {k: (v.bfloat16() if k.startswith("blocks") else v) for k, v in src.state_dict().items()}
+    torch.save(sd, tmp_path / "mixed.pt")
+    m = M.load("ditdh-tiny", str(tmp_path / "mixed.pt"), backend="torch")
+    assert {p.dtype for p in m.parameters()} == {torch.float32}
+    x, t, y = dit_inputs(src)
+    assert m(x, t, y).dtype == torch.float32
+    m = M.load("ditdh-tiny", str(tmp_path / "mixed.pt"), dtype=torch.bfloat16)
+    assert {p.dtype for p in m.parameters()} == {torch.bfloat16}
+
+
 def test_load_mismatch_names_keys(tmp_path):
     sd = M.build("ditdh-tiny").state_dict()
     sd.pop("blocks.1.attn.qkv.bias")

@@ -104,8 +104,33 @@ def test_resume_after_a_killed_rank(single, tmp_path):
 
 def test_resume_refuses_other_settings(tmp_path):
     assert cli.main([*ARGS, "--num", "2", "--out", str(tmp_path)]) == 0
+    for other in (["--seed", "1"], ["--png"], ["--classifier-space", "pixel"]):
+        with pytest.raises(SystemExit):
+            cli.main([*ARGS, "--num", "2", *other, "--out", str(tmp_path)])
+    no_latents = [a for a in ARGS if a != "--keep-latents"]
     with pytest.raises(SystemExit):
-        cli.main([*ARGS, "--num", "2", "--seed", "1", "--out", str(tmp_path)])
+        cli.main([*no_latents, "--num", "2", "--out", str(tmp_path)])
+
+
+def test_a_shard_with_a_damaged_member_is_regenerated(tmp_path):
+    """shard_complete reads every member back (zip CRCs), not only indices and the images' shape."""
+    import zipfile
+    plan = ShardPlan(4, 2)
+
+    def gen(idx):
+        return {"images": np.full((len(idx), 2, 2, 3), idx[0], np.uint8), "labels": np.array(idx) + 100}
+
+    run_shards(gen, plan, tmp_path, png=False, progress=False)
+    path = shard_path(tmp_path, 1)
+    with zipfile.ZipFile(path) as z:
+        info = z.getinfo("labels.npy")
+    data = bytearray(path.read_bytes())
+    h = info.header_offset  # local header: 30 bytes, then the name and extra field of the lengths at 26, 28
+    start = h + 30 + int.from_bytes(data[h + 26:h + 28], "little") + int.from_bytes(data[h + 28:h + 30], "little")
+    data[start + info.compress_size - 1] ^= 0xFF  # the member's last data byte
+    path.write_bytes(bytes(data))
+    assert run_shards(gen, plan, tmp_path, png=False, progress=False) == [1]
+    assert np.load(merge_shards(plan, tmp_path))["labels"].tolist() == [100, 101, 102, 103]
 
 
 def test_shards_and_merge_directly(tmp_path):

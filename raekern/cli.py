@@ -34,9 +34,24 @@ def _info(args) -> int:
 def _bench(args) -> int:
     from raekern.bench.runner import run
 
+    from raekern.bench import registry
+    from raekern.bench.runner import DTYPES
+
+    # Every argument is checked before the copy-bandwidth measurement starts.
     device = args.device or ("cuda" if _cuda() else "cpu")
+    if device == "cuda" and not _cuda():
+        args.parser.error("argument --device: 'cuda' needs a CUDA build of torch and a visible GPU")
+    dtypes = [d.strip() for d in args.dtype.split(",") if d.strip()]
+    bad = [d for d in dtypes if d not in DTYPES]
+    if bad or not dtypes:
+        args.parser.error(f"argument --dtype: {bad or args.dtype!r} not in {sorted(DTYPES)}")
     fams = args.family or None
-    run(fams, device, args.dtype.split(","), quick=not args.full, min_time=args.min_time,
+    unknown = [f for f in fams or () if f not in registry.families()]
+    if unknown:
+        args.parser.error(f"argument --family: unknown {unknown}; known: {registry.families()}")
+    if args.min_time <= 0:
+        args.parser.error(f"argument --min-time: must be > 0, got {args.min_time}")
+    run(fams, device, dtypes, quick=not args.full, min_time=args.min_time,
         json_path=args.json, plot_path=args.plot, quiet=args.quiet)
     return 0
 
@@ -63,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", help="write results as JSON here")
     p.add_argument("--plot", help="write a bar chart (PNG) here")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
-    p.set_defaults(fn=_bench)
+    p.set_defaults(fn=_bench, parser=p)
 
     try:
         from raekern.sampling.cli import add_sample_parser

@@ -56,6 +56,23 @@ def read_checkpoint(path: str) -> dict[str, torch.Tensor]:
     return unwrap_state_dict(obj, source=path)
 
 
+def read_stats(path) -> dict[str, torch.Tensor]:
+    """Read latent statistics (RAE's ``stat.pt``, RAEv2's ``stats.pt``, :meth:`LatentStats.save`):
+    ``{'mean': [C, H, W], 'var': [C, H, W]}`` (``'std'`` instead of ``'var'`` is accepted). Like
+    :func:`read_checkpoint`: weights_only, and a missing, damaged or foreign file raises naming the path."""
+    path = _check_exists(str(path))
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickles that need code execution are refused on purpose
+        raise ValueError(f"raekern.models: could not read {path} with torch.load(weights_only=True): {e}") from e
+    if (not isinstance(obj, Mapping) or not isinstance(obj.get("mean"), torch.Tensor)
+            or not isinstance(obj.get("var", obj.get("std")), torch.Tensor)):
+        raise ValueError(f"raekern.models: {path} holds no latent statistics (expected a dict with 'mean' and "
+                         "'var' tensors)")
+    var = obj["var"] if "var" in obj else obj["std"] ** 2
+    return {"mean": obj["mean"], "var": var}
+
+
 def unwrap_state_dict(obj, source: str = "checkpoint") -> dict[str, torch.Tensor]:
     if isinstance(obj, Mapping):
         for k in WRAPPER_KEYS:
@@ -118,7 +135,12 @@ def load_state_dict_into(model: nn.Module, sd: Mapping[str, torch.Tensor], *, wh
         if shapes:
             parts.append(f"shape mismatches ({len(shapes)}): {'; '.join(shapes)}")
         raise CheckpointMismatchError("\n  ".join(parts))
-    model.load_state_dict({k: v for k, v in sd.items()}, strict=False, assign=_is_meta(model))
+    assign = _is_meta(model)
+    if assign:  # assign=True keeps the checkpoint's tensors as they are: give them the model's dtypes,
+        # as load_state_dict's copy would (a bf16 or mixed-dtype file must not make a mixed model)
+        sd = {k: (v.to(own[k].dtype) if v.is_floating_point() and own[k].is_floating_point() else v)
+              for k, v in sd.items()}
+    model.load_state_dict(dict(sd), strict=False, assign=assign)
 
 
 def _is_meta(model: nn.Module) -> bool:

@@ -316,9 +316,9 @@ class LatentStats:
 
     @staticmethod
     def load(path, map_location="cpu") -> dict[str, torch.Tensor]:
-        """Read a ``stat.pt``: ``{'mean': [D, H, W], 'var': [D, H, W]}``."""
-        d = torch.load(path, map_location=map_location, weights_only=True)
-        return {"mean": d["mean"], "var": d["var"]}
+        """Read a ``stat.pt``: ``{'mean': [D, H, W], 'var': [D, H, W]}`` (errors name the path)."""
+        from raekern.models.checkpoints import read_stats
+        return {k: v.to(map_location) for k, v in read_stats(path).items()}
 
 
 def _set_trainable(module: nn.Module | None, flag: bool) -> list[nn.Parameter]:

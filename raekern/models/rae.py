@@ -111,8 +111,8 @@ class RAE(nn.Module):
 
     def load_stats(self, path: str) -> None:
         """Load RAE's ``stat.pt`` / RAEv2's ``stats.pt`` (``{'mean', 'var'}``; torch.load weights_only)."""
-        from raekern.models.checkpoints import _check_exists
-        self.set_stats(torch.load(_check_exists(path), map_location="cpu", weights_only=True))
+        from raekern.models.checkpoints import read_stats
+        self.set_stats(read_stats(path))
 
     def load_decoder(self, path: str) -> None:
         """Load a released decoder checkpoint (``model.pt`` / ``decoder.pt``) into :attr:`decoder` (strict)."""

@@ -191,6 +191,8 @@ def load(name: str, path: str, *, device=None, dtype: Optional[torch.dtype] = No
     if name.startswith("dinov3") and not any(k.endswith("bias_mask") for k in sd):
         # keep the buffer's default (key bias masked) when the file omits it
         model = build(name, **overrides)
+    if dtype is not None:  # the checkpoint's tensors are converted once, straight to this dtype
+        model = model.to(dtype)
     load_state_dict_into(model, sd, what=f"checkpoint {path}", optional=optional)
     if any(t.is_meta for t in model.state_dict().values()):
         raise RuntimeError(f"raekern.models: {path} left some tensors of {name} unset")

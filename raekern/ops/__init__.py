@@ -1,6 +1,7 @@
 """raekern's ops, one module per family (DESIGN §3). Each op has a typed function, a fake kernel,
 autograd, and a plain-PyTorch ``<name>_reference`` beside it."""
-from raekern.ops.guidance import GuidanceOutput, gfcg_select, guidance_step  # noqa: E402,F401
+from raekern.ops.guidance import (GuidanceOutput, gfcg_select, gfcg_select_reference,  # noqa: E402,F401
+                                  guidance_step, guidance_step_reference)
 from raekern.ops.norm import *  # noqa: E402,F401,F403
 from raekern.ops.fusion import *  # noqa: E402,F401,F403
 from raekern.ops.attention import (attention, attention_info, attention_packed, attention_path,  # noqa: F401,E402

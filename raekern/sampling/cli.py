@@ -25,7 +25,7 @@ Sample images from a class-conditional RAE diffusion model with raekern's fused 
 
   raekern sample --preset rae-v1-256 --ckpt DiTDH-XL/stage2_model.pt --weak-ckpt DiTDH-S/stage2_model.pt \\
       --decoder-ckpt ViTXL_n08/model.pt --stats stat.pt --guidance ag:1.42 --num 64 --out out/
-  torchrun --nproc-per-node 8 -m raekern.sampling.cli --preset raev2-256 ... --num 50000 --out fid50k/
+  torchrun --nproc-per-node 8 -m raekern.sampling.cli --preset raev2-256 ... --num-samples 50000 --out fid50k/
 
 Outputs in --out: grid.png (the first --grid-images samples), samples.npz (arr_0 = uint8 images
 [N,H,W,3] in sample order, labels; latents with --keep-latents), images/NNNNNN.png (with --png),
@@ -92,7 +92,9 @@ def _add_option_arguments(p: argparse.ArgumentParser) -> None:
                    "otherwise; default: the preset's")
     p.add_argument("--grid", choices=("rae", "raev2", "uniform"), help="time grid (default: the preset's)")
     p.add_argument("--solver", choices=("euler", "heun"), default="euler")
-    p.add_argument("--num", type=int, default=16, help="number of samples")
+    p.add_argument("--num", "--num-samples", dest="num", type=int, default=16,
+                   help="number of samples (under torchrun, write `-- --num N` or --num-samples: torchrun "
+                   "reads --num as an abbreviation of its own --numa-binding)")
     p.add_argument("--batch-size", type=int, default=16, help="samples per network batch (and per shard)")
     p.add_argument("--labels", default="equal", help="'equal' (i mod classes), 'random', or a comma list "
                    "of class ids used in turn")
@@ -212,7 +214,9 @@ def run_sample(args: argparse.Namespace) -> int:
                 "decoder_ckpt": args.decoder_ckpt, "stats": args.stats, "guidance": specs,
                 "dit_model": args.dit_model, "weak_model": args.weak_model, "decoder_model": args.decoder_model,
                 "steps": pipe.grid.num_steps, "grid": pipe.grid.name, "solver": args.solver,
-                "seed": args.seed, "labels": args.labels, "dtype": args.dtype, "model_dtype": args.model_dtype}
+                "seed": args.seed, "labels": args.labels, "dtype": args.dtype, "model_dtype": args.model_dtype,
+                "classifier_ckpt": args.classifier_ckpt, "classifier_model": args.classifier_model,
+                "classifier_space": args.classifier_space}
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731  one line per shard
     merged = distributed_sample(generate, args.num, args.out, shard_size=args.batch_size, manifest=manifest,
                                 png=args.png, keep_latents=args.keep_latents, device=args.device,

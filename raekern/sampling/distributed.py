@@ -108,12 +108,15 @@ def shard_path(out_dir: str | os.PathLike, shard: int) -> Path:
 
 
 def shard_complete(path: Path, expected: Sequence[int]) -> bool:
-    """True when the shard file exists, loads, and holds exactly the expected indices."""
+    """True when the shard file exists, every array in it reads back intact (zip CRCs checked), and it
+    holds exactly the expected indices."""
     if not path.exists():
         return False
     try:
         with np.load(path) as z:
-            return list(z["indices"].tolist()) == list(expected) and z["images"].shape[0] == len(expected)
+            arrays = {k: z[k] for k in z.files}  # reading each member checks its CRC
+        return (list(arrays["indices"].tolist()) == list(expected) and arrays["images"].shape[0] == len(expected)
+                and arrays["labels"].shape[0] == len(expected))
     except Exception:  # a foreign or damaged file: regenerate it
         return False
 
@@ -264,7 +267,10 @@ def distributed_sample(generate: GenerateFn, num_samples: int, out_dir: str | os
     rank, world = init_distributed(device)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    man = {"num_samples": plan.num_samples, "shard_size": plan.shard_size, **(manifest or {})}
+    # png / keep_latents are part of the settings: a resumed run must not leave earlier shards
+    # without the PNGs or latents the restart asks for.
+    man = {"num_samples": plan.num_samples, "shard_size": plan.shard_size, "png": bool(png),
+           "keep_latents": bool(keep_latents), **(manifest or {})}
     if rank == 0:
         _check_manifest(out_dir, man)
     barrier()

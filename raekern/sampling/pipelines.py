@@ -39,11 +39,9 @@ def _fail(arg: str, msg: str, exc: type[Exception] = ValueError):
 
 def load_latent_stats(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
     """Read RAE's ``stat.pt`` / RAEv2's ``stats.pt``: a dict with 'mean' and 'var' ([C,H,W])."""
-    obj = torch.load(Path(path), map_location="cpu", weights_only=True)
-    if not isinstance(obj, Mapping) or "mean" not in obj or ("var" not in obj and "std" not in obj):
-        _fail("stats", f"{path} must hold a dict with 'mean' and 'var' tensors")
-    var = obj["var"] if "var" in obj else obj["std"] ** 2
-    return obj["mean"].float(), var.float()
+    from raekern.models.checkpoints import read_stats
+    obj = read_stats(path)
+    return obj["mean"].float(), obj["var"].float()
 
 
 @dataclass
