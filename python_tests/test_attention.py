@@ -294,6 +294,21 @@ def test_sdpa_fallback_with_mask_compiles_fullgraph():
     torch.testing.assert_close(f(q, k, v, m), attention(q, k, v, key_padding_mask=m))
 
 
+def test_cuda_eligibility_follows_the_build_archs_and_shared_memory(monkeypatch):
+    """Pure host logic (no GPU): which GPUs the compiled images serve, and the forward's shared memory."""
+    for archs, runs, refused in (("8.0,9.0a", [(8, 0), (8, 6), (8, 9), (9, 0)], [(10, 0), (12, 0), (7, 5)]),
+                                 ("8.0+PTX,9.0a", [(8, 9), (9, 0), (10, 0), (12, 0)], [(7, 5)]),
+                                 ("9.0a", [(9, 0)], [(8, 0), (10, 0)])):
+        monkeypatch.setattr(attn_mod, "build_info", lambda a=archs: {"cuda_archs": a})
+        attn_mod._FACTS.clear()
+        assert all(attn_mod._arch_reason(*cc) is None for cc in runs), archs
+        assert all("no kernel image" in attn_mod._arch_reason(*cc) for cc in refused), archs
+    attn_mod._FACTS.clear()
+    smem = {d: torch.ops.raekern.attention_cuda_fwd_smem(d) for d in (64, 72, 128, 136, 256)}
+    assert smem[64] < smem[72] < smem[128] <= 99 * 1024 + 3072 < smem[136] == smem[256] <= 227 * 1024
+    assert torch.ops.raekern.attention_cuda_fwd_smem(16) == smem[64] and torch.ops.raekern.attention_cuda_fwd_smem(12) == -1
+
+
 def test_double_backward_is_refused():
     q, k, v = (t.requires_grad_() for t in make((1, 10, 1, 16), torch.float64))
     (g,) = torch.autograd.grad(attention(q, k, v).square().sum(), q, create_graph=True)
@@ -521,6 +536,15 @@ def test_emulated_cuda_forward_schedules_and_unaligned_rows(schedule):
         _emu_fwd_check(emu, q_odd, k, v, kw, "bnhd")
     finally:
         emu.set_schedule("random", 0)
+
+
+def test_emulated_cuda_forward_nan_key_propagates_to_out_and_lse():
+    """A NaN score makes the row sum NaN: out and lse are NaN (not 0 and -inf, a fully masked row)."""
+    emu = _emu_fwd_or_skip()
+    q, k, v = make((1, 70, 1, 64), torch.bfloat16, seed=3)
+    k[0, 5, 0, 3] = float("nan")
+    out, lse = emu.attention(q, k, v, None, None, None, 0.125, 1e-6, 0, 0, 1e4, 0)
+    assert out.isnan().all() and lse.isnan().all()
 
 
 def test_emulated_cuda_forward_masked_batch_and_broadcast_mask():

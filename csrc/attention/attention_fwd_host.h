@@ -27,16 +27,10 @@ void launch_cfg(Launch& launch, const sm80::FwdParams& p, bool aligned) {
 
 template <class E, class Launch>
 void launch_dh(Launch& launch, int64_t D, const sm80::FwdParams& p, bool aligned) {
-  switch (D) {  // first-class head dims: exact configs; the rest: the next bucket
-    case 64: return launch_cfg<64, true, E>(launch, p, aligned);
-    case 72: return launch_cfg<72, true, E>(launch, p, aligned);
-    case 128: return launch_cfg<128, true, E>(launch, p, aligned);
-    default:
-      if (D < 64) return launch_cfg<64, false, E>(launch, p, aligned);
-      if (D <= 96) return launch_cfg<96, false, E>(launch, p, aligned);
-      if (D < 128) return launch_cfg<128, false, E>(launch, p, aligned);
-      return launch_cfg<256, false, E>(launch, p, aligned);
-  }
+  sm80::with_fwd_config(D, [&](auto cfg) {
+    using Cfg = decltype(cfg);
+    launch_cfg<Cfg::kHeadDim, Cfg::kExact, E>(launch, p, aligned);
+  });
 }
 
 template <class Mem, class Launch>

@@ -96,12 +96,13 @@ __global__ void __launch_bounds__(64) k_prologue_kernel(const T* __restrict__ k,
 }
 
 // Softmax epilogue for one query row: 1/l scaling factor and the natural-log log-sum-exp from the
-// running max m (log2 units) and sum l. A row that saw no key (l == 0) yields 0 and -inf.
+// running max m (log2 units) and sum l. A row that saw no key (l == 0) yields 0 and -inf; a NaN sum
+// (a NaN score) stays NaN in both, as on the CPU.
 struct RowFinal {
   float inv_l, lse;
 };
 __device__ __forceinline__ RowFinal softmax_finalize(float m, float l) {
-  if (!(l > 0.f)) return {0.f, -INFINITY};
+  if (l == 0.f) return {0.f, -INFINITY};
   return {1.f / l, (m + __log2f(l)) * 0.6931471805599453f};
 }
 

@@ -6,6 +6,8 @@
 
 #include <string>
 
+#include "attention/attention_sm80_config.h"
+
 namespace raekern::attention {
 
 // "bf16_forward=amx|avx512|portable;fp32=avx512|portable" for `raekern info` (attention_fwd_cpu.cpp).
@@ -13,6 +15,9 @@ std::string cpu_backends();
 
 inline void define_schemas(torch::Library& m) {
   m.def("attention_cpu_backends() -> str", &cpu_backends);
+  // Shared memory the CUDA forward needs per block at a head dim (plain C++: also in CPU builds).
+  m.def("attention_cuda_fwd_smem(int head_dim) -> int",
+        [](int64_t D) -> int64_t { return D % 8 == 0 && D > 0 && D <= 256 ? sm80::fwd_smem_bytes(D) : -1; });
   m.def(
       "attention(Tensor q, Tensor k, Tensor v, Tensor? q_norm_weight, Tensor? k_norm_weight, "
       "Tensor? key_padding_mask, float scale, float norm_eps, int rope_h, int rope_w, "

@@ -33,6 +33,27 @@ template <int HeadDim, bool Exact = true> struct FwdConfig {
   static constexpr int kSmemBytes = kSmemElems * 2;  // bf16 / fp16
 };
 
+// The forward's config for a head dim (a multiple of 8 up to 256): the exact config at the
+// first-class 64/72/128, otherwise the next bucket. f receives a FwdConfig value.
+template <class F> decltype(auto) with_fwd_config(int64_t D, F&& f) {
+  switch (D) {
+    case 64: return f(FwdConfig<64, true>{});
+    case 72: return f(FwdConfig<72, true>{});
+    case 128: return f(FwdConfig<128, true>{});
+    default:
+      if (D < 64) return f(FwdConfig<64, false>{});
+      if (D <= 96) return f(FwdConfig<96, false>{});
+      if (D < 128) return f(FwdConfig<128, false>{});
+      return f(FwdConfig<256, false>{});
+  }
+}
+
+// Dynamic shared memory of the forward at head dim D: the dispatcher compares it with the device's
+// per-block limit (A100: 163 KiB, sm_86/89: 99 KiB, H100/H200: 227 KiB) and falls back where it does not fit.
+inline int64_t fwd_smem_bytes(int64_t D) {
+  return with_fwd_config(D, [](auto cfg) { return int64_t(decltype(cfg)::kSmemBytes); });
+}
+
 // Everything the kernel reads, by value in the kernel's parameter space. Strides are in elements,
 // 64-bit, in (batch, token, head) order whatever the tensors' layout.
 struct FwdParams {

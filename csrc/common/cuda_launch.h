@@ -23,6 +23,21 @@ template <class T> inline cuda_t<T>* cuda_ptr(const at::Tensor& t) {
 
 inline cudaStream_t current_stream() { return at::cuda::getCurrentCUDAStream().stream(); }
 
+// Opt a kernel into `dynamic` bytes of dynamic shared memory. The 48 KiB default limit covers static
+// plus dynamic shared memory, so a kernel with static __shared__ arrays needs the opt-in a little
+// before its dynamic part alone reaches 48 KiB (the host emulation does not model that limit).
+// Returns false when the device cannot give the kernel that much at all.
+template <class K>
+inline bool allow_dynamic_smem(K kernel, size_t dynamic) {
+  cudaFuncAttributes attr{};
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, reinterpret_cast<const void*>(kernel)));
+  const auto* prop = at::cuda::getCurrentDeviceProperties();
+  if (dynamic + attr.sharedSizeBytes > prop->sharedMemPerBlockOptin) return false;
+  if (dynamic + attr.sharedSizeBytes > 48 * 1024)
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(dynamic)));
+  return true;
+}
+
 // The device side of host plans written once for CUDA and the host emulation (attention's
 // *_host.h): tensors are used where they live, kernels go to the current stream.
 struct CudaMem {
@@ -40,8 +55,8 @@ struct CudaMem {
 struct CudaLaunch {
   template <class... P, class... A>
   void operator()(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, A&&... args) {
-    if (smem > 48 * 1024)
-      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+    TORCH_CHECK(allow_dynamic_smem(kernel, smem), "raekern: a kernel needs ", smem,
+                " bytes of dynamic shared memory, more than this GPU gives one block");
     kernel<<<grid, block, smem, current_stream()>>>(std::forward<A>(args)...);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }

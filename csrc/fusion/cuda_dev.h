@@ -1,6 +1,7 @@
 // The CUDA Dev of the fusion launch plans (fusion/launch_shape.h): tensors are used where they live
 // and kernels go to the current stream.
 #pragma once
+#include <ATen/Context.h>
 #include <ATen/cuda/CUDAContext.h>
 
 #include <utility>
@@ -21,10 +22,14 @@ struct CudaDev {
   }
   template <class... P, class... A>
   void launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, A&&... args) {
+    TORCH_CHECK(allow_dynamic_smem(kernel, smem), "raekern: a fusion kernel needs ", smem,
+                " bytes of dynamic shared memory, more than this GPU gives one block");
     kernel<<<grid, block, smem, current_stream()>>>(std::forward<A>(args)...);
     RAEKERN_CUDA_CHECK_LAUNCH();
   }
   void finish() {}
+  // A result summed with float atomics across blocks: torch.use_deterministic_algorithms(True) errors.
+  void nondeterministic(const char* what) { at::globalContext().alertNotDeterministic(what); }
   c10::cuda::CUDAGuard guard;
 };
 

@@ -108,6 +108,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor> depth_ro
     // Every token's logit gradients are written; zeros above only define an empty-token result.
     g.dlogits = static_cast<float*>(dev.out(glog, "grad_router_logits"));
     g.dgamma = gamma.has_value() ? static_cast<float*>(dev.inout(ggamma, "grad_gamma")) : nullptr;
+    if (gamma.has_value()) dev.nondeterministic("raekern::depth_route_backward (CUDA, gamma gradient)");
     std::vector<at::Tensor> all(experts.begin(), experts.end());
     all.push_back(base);
     all.push_back(grad);

@@ -40,10 +40,38 @@ __device__ __forceinline__ float load_layer(const StackArgs& a, int l, int64_t b
   return normalize_row<V, ITEMS>(x, simt::to_float(row[0]), a.D, a.inv_d, a.eps, red);
 }
 
+// part[b, p, :] (already divided by N) → out[b, :] = Σ_p part[b, p, :], summed in p order: the token
+// means are reduced without atomics, so they are bit-identical run to run.
+__global__ void __launch_bounds__(kThreads) sum_parts_kernel(const float* __restrict__ part, int nparts,
+                                                             int64_t B, int64_t D, float* __restrict__ out) {
+  const int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (e >= B * D) return;
+  const int64_t b = e / D, d = e % D;
+  const float* p = part + b * nparts * D + d;
+  float s = 0.f;
+  for (int i = 0; i < nparts; ++i) s += p[int64_t(i) * D];
+  out[e] = s;
+}
+
+// Writes one block's partial (times inv_n) of a [D] row sum into part[b, blockIdx.x, :].
+template <int V, int ITEMS>
+__device__ __forceinline__ void store_part(const float (&acc)[ITEMS][V], float inv_n, int64_t b, int64_t D,
+                                           float* __restrict__ part) {
+  float* dst = part + (b * gridDim.x + blockIdx.x) * D;
+#pragma unroll
+  for (int i = 0; i < ITEMS; ++i) {
+    const int d0 = item_base<V>(i);
+    if (d0 < D)
+#pragma unroll
+      for (int j = 0; j < V; ++j) dst[d0 + j] = acc[i][j] * inv_n;
+  }
+}
+
 // Token-mean of the last normalised layer: blockIdx.y picks the sample, blocks stride over tokens
-// and add their partial sums (already divided by N) into tmean [B, D] (zeroed by the launcher).
+// and store their partial sums (already divided by N) in part [B, gridDim.x, D] (sum_parts_kernel
+// then reduces them in order).
 template <class T, int V, int ITEMS>
-__global__ void __launch_bounds__(kThreads) last_token_mean_kernel(StackArgs a, float* __restrict__ tmean) {
+__global__ void __launch_bounds__(kThreads) last_token_mean_kernel(StackArgs a, float* __restrict__ part) {
   __shared__ float red[2 * simt::kWarp];
   const int64_t b = blockIdx.y;
   float acc[ITEMS][V] = {};
@@ -55,14 +83,7 @@ __global__ void __launch_bounds__(kThreads) last_token_mean_kernel(StackArgs a, 
 #pragma unroll
       for (int j = 0; j < V; ++j) acc[i][j] += x[i][j];
   }
-  const float inv_n = 1.f / float(a.N);
-#pragma unroll
-  for (int i = 0; i < ITEMS; ++i) {
-    const int d0 = item_base<V>(i);
-    if (d0 < a.D)
-#pragma unroll
-      for (int j = 0; j < V; ++j) atomicAdd(tmean + b * a.D + d0 + j, acc[i][j] * inv_n);
-  }
+  store_part<V, ITEMS>(acc, 1.f / float(a.N), b, a.D, part);
 }
 
 // acc = Σ_l c_l·LN(h_l[b, P + n]) (+ the last layer's token-mean) for one token, in registers.
@@ -174,9 +195,10 @@ __device__ __forceinline__ void load_grad(const StackArgs& a, const StackGradArg
   }
 }
 
+// (1/N)·Σ_n g[b, n] as per-block partials in part [B, gridDim.x, D], reduced by sum_parts_kernel.
 template <class T, int V, int ITEMS>
 __global__ void __launch_bounds__(kThreads) grad_token_mean_kernel(StackArgs a, StackGradArgs g,
-                                                                   float* __restrict__ gmean) {
+                                                                   float* __restrict__ part) {
   const int64_t b = blockIdx.y;
   float acc[ITEMS][V] = {};
   for (int64_t n = blockIdx.x; n < a.N; n += gridDim.x) {
@@ -187,14 +209,7 @@ __global__ void __launch_bounds__(kThreads) grad_token_mean_kernel(StackArgs a, 
 #pragma unroll
       for (int j = 0; j < V; ++j) acc[i][j] += x[i][j];
   }
-  const float inv_n = 1.f / float(a.N);
-#pragma unroll
-  for (int i = 0; i < ITEMS; ++i) {
-    const int d0 = item_base<V>(i);
-    if (d0 < a.D)
-#pragma unroll
-      for (int j = 0; j < V; ++j) atomicAdd(gmean + b * a.D + d0 + j, acc[i][j] * inv_n);
-  }
+  store_part<V, ITEMS>(acc, 1.f / float(a.N), b, a.D, part);
 }
 
 // Backward of one token whose output gradient row gr is in registers: reads each layer once more,

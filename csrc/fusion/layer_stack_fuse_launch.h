@@ -17,11 +17,38 @@
 
 namespace raekern::fusion::cuda {
 
-// Tokens per block of the channels-first kernel: as many rows as fit 48 KiB of shared memory (no
-// opt-in needed on any architecture), at most 32 (a warp's write of one channel) and at most N.
+// Tokens per block of the channels-first kernel: as many rows as fit 48 KiB of shared memory next to
+// the kernels' static reduction buffer (no opt-in needed on any architecture: the 48 KiB default
+// covers static plus dynamic), at most 32 (a warp's write of one channel) and at most N.
 inline int cf_tile_tokens(int64_t D, int64_t N) {
-  const int64_t fit = (48 * 1024 / int64_t(sizeof(float))) / cf_pitch(int(D));
+  constexpr int64_t kStaticBytes = 2 * simt::kWarp * int64_t(sizeof(float));  // red[] of the cf kernels
+  const int64_t fit = ((48 * 1024 - kStaticBytes) / int64_t(sizeof(float))) / cf_pitch(int(D));
   return int(std::max<int64_t>(1, std::min<int64_t>({fit, 32, N})));
+}
+
+// A token mean without atomics: the mean kernel stores [B, parts, D] partials, sum_parts_kernel adds
+// them in order (bit-identical run to run, unlike float atomics).
+struct MeanParts {
+  at::Tensor part, mean;
+  float* part_p = nullptr;
+  float* mean_p = nullptr;
+  int parts = 0;
+};
+template <class Dev>
+MeanParts mean_parts(Dev& dev, const StackShape& s, const at::TensorOptions& o, const char* name) {
+  MeanParts m;
+  m.parts = int(std::min<int64_t>(s.N, kMeanBlocks));
+  m.part = at::empty({s.B, m.parts, s.D}, o.dtype(at::kFloat));
+  m.mean = at::empty({s.B, s.D}, o.dtype(at::kFloat));
+  m.part_p = static_cast<float*>(dev.out(m.part, name));
+  m.mean_p = static_cast<float*>(dev.out(m.mean, name));
+  return m;
+}
+template <class Dev>
+void reduce_parts(Dev& dev, const MeanParts& m, const StackShape& s) {
+  const int64_t n = s.B * s.D;
+  dev.launch(sum_parts_kernel, dim3(unsigned((n + kThreads - 1) / kThreads)), dim3(kThreads), 0, m.part_p, m.parts,
+             int64_t(s.B), int64_t(s.D), m.mean_p);
 }
 
 template <class Dev>
@@ -71,12 +98,8 @@ at::Tensor layer_stack_fuse_op(at::TensorList layers, const std::optional<at::Te
   RAEKERN_CHECK(s.B <= 65535, op, "layers", "batch must be at most 65535 on CUDA, got ", s.B);
   const at::Tensor w = f32(weights), m = f32(latent_mean), v = f32(latent_var);
   StackArgs a = stack_args(dev, layers, s, w, normalize, eps, m, v, latent_eps, op);
-  at::Tensor tm;
-  float* tmp = nullptr;
-  if (add_last_token_mean) {
-    tm = at::zeros({s.B, s.D}, layers[0].options().dtype(at::kFloat));
-    tmp = static_cast<float*>(dev.inout(tm, "token_mean"));
-  }
+  MeanParts tm;
+  if (add_last_token_mean) tm = mean_parts(dev, s, layers[0].options(), "token_mean");
   void* outp = dev.out(out, "out");
   RAEKERN_FUSION_DISPATCH_CUDA(layers[0].scalar_type(), "layer_stack_fuse_cuda", [&] {
     using T = typename Dev::template elem<scalar_t>;
@@ -84,9 +107,10 @@ at::Tensor layer_stack_fuse_op(at::TensorList layers, const std::optional<at::Te
       constexpr int V = kV<T, decltype(vec)::value>;
       constexpr int ITEMS = kItems<decltype(vec)::value>;
       if (add_last_token_mean) {
-        const dim3 grid(unsigned(std::min<int64_t>(s.N, kMeanBlocks)), unsigned(s.B));
-        dev.launch(last_token_mean_kernel<T, V, ITEMS>, grid, dim3(kThreads), 0, a, tmp);
-        a.tmean = tmp;
+        dev.launch(last_token_mean_kernel<T, V, ITEMS>, dim3(unsigned(tm.parts), unsigned(s.B)), dim3(kThreads), 0,
+                   a, tm.part_p);
+        reduce_parts(dev, tm, s);
+        a.tmean = tm.mean_p;
       }
       if (channels_first) {
         const int tile = cf_tile_tokens(s.D, s.N);
@@ -138,12 +162,9 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> layer_stack_fuse_backward_op(
     for (int64_t l = 0; l < s.L; ++l) g.dlayer[l] = s.P > 0 ? dev.inout(dl[l], "grad_layers") : dev.out(dl[l], "grad_layers");
     g.grad = dev.in(grad, "grad");
     g.dw = want_dw ? static_cast<float*>(dev.inout(dw, "grad_weights")) : nullptr;
-    at::Tensor gm;
-    float* gmp = nullptr;
-    if (add_last_token_mean) {
-      gm = at::zeros({s.B, s.D}, layers[0].options().dtype(at::kFloat));
-      gmp = static_cast<float*>(dev.inout(gm, "grad_token_mean"));
-    }
+    if (want_dw && weights->dim() == 1) dev.nondeterministic("raekern::layer_stack_fuse_backward (CUDA, [L] weights)");
+    MeanParts gm;
+    if (add_last_token_mean) gm = mean_parts(dev, s, layers[0].options(), "grad_token_mean");
     std::vector<at::Tensor> all(layers.begin(), layers.end());
     all.push_back(dl[0]);
     if (!channels_first) all.push_back(grad);
@@ -153,9 +174,10 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> layer_stack_fuse_backward_op(
         constexpr int V = kV<T, decltype(vec)::value>;
         constexpr int ITEMS = kItems<decltype(vec)::value>;
         if (add_last_token_mean) {
-          const dim3 grid(unsigned(std::min<int64_t>(s.N, kMeanBlocks)), unsigned(s.B));
-          dev.launch(grad_token_mean_kernel<T, V, ITEMS>, grid, dim3(kThreads), 0, a, g, gmp);
-          g.gmean = gmp;
+          dev.launch(grad_token_mean_kernel<T, V, ITEMS>, dim3(unsigned(gm.parts), unsigned(s.B)), dim3(kThreads), 0,
+                     a, g, gm.part_p);
+          reduce_parts(dev, gm, s);
+          g.gmean = gm.mean_p;
         }
         if (channels_first) {
           const int tile = cf_tile_tokens(s.D, s.N);

@@ -49,9 +49,9 @@ void launch_step(Prepared& pr) {
   }
   at::Tensor stats;
   if (L.gram) {
-    stats = at::zeros({B, L.stats_entries}, pr.out.options().dtype(at::kDouble));
+    stats = at::empty({B * p.chunks, L.stats_entries}, pr.out.options().dtype(at::kDouble));
     p.stats = static_cast<double*>(
-        mem.inout_bytes(stats.data_ptr<double>(), size_t(stats.numel()) * sizeof(double), "stats"));
+        mem.out_bytes(stats.data_ptr<double>(), size_t(stats.numel()) * sizeof(double), "stats"));
     cuda::with_gram_kernel<DT>(L.ng, [&](auto kernel) {
       emu::emulate_launch(kernel, dim3(unsigned(L.blocks)), dim3(cuda::kThreads), L.gram_smem, p);
     });

@@ -28,8 +28,8 @@ inline int64_t pick_chunk(int64_t B, int64_t N, int V) {
   return std::max<int64_t>(chunk, V);
 }
 
-// The launches of one guidance_step call. The statistics buffer (zeroed, float64 [B, stats_entries])
-// and the device addresses in Params are the launcher's.
+// The launches of one guidance_step call. The statistics buffer (float64 [B·chunks, stats_entries],
+// every row written by its Gram block) and the device addresses in Params are the launcher's.
 struct StepLaunch {
   int64_t blocks = 0;  // B * chunks: grid of the Gram and output kernels (kThreads each)
   bool gram = false;   // statistics pass needed
@@ -87,7 +87,7 @@ StepLaunch plan_step(const Prepared& pr, Params& p) {
   if (L.gram) {
     RAEKERN_CHECK(L.ng <= kMaxGram, kOp, "terms", "on CUDA, 1 + K + (momentum terms) must be <= ", kMaxGram,
                   " when a statistic is needed, got ", L.ng);
-    L.stats_entries = gram_entries(L.ng) + L.ng;
+    L.stats_entries = gram_entries(L.ng) + L.ng;  // per (sample, chunk) row of the stats buffer
     L.gram_smem = size_t(kThreads / simt::kWarp) * size_t(L.stats_entries) * sizeof(float);
   }
   L.solve_blocks = (pr.B + L.solve_threads - 1) / L.solve_threads;

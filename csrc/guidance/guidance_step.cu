@@ -26,7 +26,7 @@ void launch(Prepared& pr) {
   cudaStream_t stream = current_stream();
   at::Tensor stats;
   if (L.gram) {
-    stats = at::zeros({pr.B, L.stats_entries}, pr.out.options().dtype(at::kDouble));
+    stats = at::empty({pr.B * p.chunks, L.stats_entries}, pr.out.options().dtype(at::kDouble));
     p.stats = stats.data_ptr<double>();
     cuda::with_gram_kernel<DT>(L.ng, [&](auto kernel) {
       kernel<<<L.blocks, cuda::kThreads, L.gram_smem, stream>>>(p);

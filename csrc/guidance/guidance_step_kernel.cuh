@@ -109,10 +109,12 @@ __global__ void __launch_bounds__(kThreads) gram_kernel(Params p) {
     if (lane == 0) smem[warp * NACC + a] = s;
   }
   __syncthreads();
+  // One row of partial statistics per (sample, chunk), no atomics: solve_kernel adds the chunks in
+  // order, so the coefficients (and the outputs) are bit-identical run to run.
   for (int a = threadIdx.x; a < NACC; a += blockDim.x) {
     double s = 0.0;
     for (int w = 0; w < nwarps; ++w) s += double(smem[w * NACC + a]);
-    atomicAdd(p.stats + b * NACC + a, s);
+    p.stats[(b * p.chunks + c) * NACC + a] = s;
   }
 }
 
@@ -128,7 +130,14 @@ __global__ void solve_kernel(Params p) {
   s.zero_init = p.zero_init[b] != 0;
   const int ng = p.cfg.gram_size();
   const int nacc = gram_entries(ng) + ng;
-  const double* g = p.stats ? p.stats + b * nacc : nullptr;
+  double sum[kMaxGram * (kMaxGram + 1) / 2 + kMaxGram];
+  const double* g = nullptr;
+  if (p.stats) {  // the chunks' partial statistics of sample b, added in chunk order
+    for (int a = 0; a < nacc; ++a) sum[a] = 0.0;
+    for (int64_t ch = 0; ch < p.chunks; ++ch)
+      for (int a = 0; a < nacc; ++a) sum[a] += p.stats[(b * p.chunks + ch) * nacc + a];
+    g = sum;
+  }
   Coeffs c;
   solve(p.cfg, s, g, g ? g + gram_entries(ng) : nullptr, c);
   double* dst = p.coeffs + b * p.nout * p.ns;

@@ -18,15 +18,13 @@
 namespace raekern::norm {
 namespace {
 
-// Dynamic shared memory above the default 48 KiB must be opted into per kernel.
+// The row buffer lives in dynamic shared memory (opted into past 48 KiB, static part included).
 template <class K>
 void allow_smem(K kernel, size_t bytes, const char* op) {
-  const auto* prop = at::cuda::getCurrentDeviceProperties();
-  RAEKERN_CHECK(bytes <= prop->sharedMemPerBlockOptin, op, "x",
+  RAEKERN_CHECK(allow_dynamic_smem(kernel, bytes), op, "x",
                 "has a last dimension too large for the CUDA kernel's shared-memory row buffer (", bytes,
-                " bytes needed, ", prop->sharedMemPerBlockOptin, " available)");
-  if (bytes > 48 * 1024)
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
+                " bytes needed, ", at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin,
+                " available per block)");
 }
 
 // The launch itself is norm_launch.h's decision, shared with the host emulation.

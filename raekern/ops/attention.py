@@ -19,6 +19,7 @@ Each call logs the chosen path at DEBUG level on the ``raekern.attention`` logge
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -28,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from raekern._utils.checks import check_choice, check_tensor, fail
-from raekern._utils.library import forbid_double_backward
+from raekern._utils.library import build_info, forbid_double_backward
 
 __all__ = [
     "attention",
@@ -205,7 +206,53 @@ def _cuda_backward_forced() -> bool:
     return os.environ.get(_FORCE_CUDA_BACKWARD, "0") not in ("", "0")
 
 
-def _path_reasons(q, k, v, qw, kw, mask, grid) -> dict[str, Optional[str]]:
+# Facts about the build and the GPU: computed once per key, and by torch.compile at trace time as
+# constants (a cache dict, not functools.lru_cache, which dynamo would trace through).
+_FACTS: dict = {}
+
+
+def _cached(fn):
+    def wrapper(*key):
+        if (fn, key) not in _FACTS:
+            _FACTS[(fn, key)] = fn(*key)
+        return _FACTS[(fn, key)]
+    return torch.compiler.assume_constant_result(functools.wraps(fn)(wrapper))
+
+
+@_cached
+def _arch_reason(major: int, minor: int) -> Optional[str]:
+    archs = build_info()["cuda_archs"]  # e.g. "8.0,9.0a" (TORCH_CUDA_ARCH_LIST at build time)
+    for a in filter(None, archs.split(",")):
+        ptx, a = a.endswith("+PTX"), a.replace("+PTX", "")
+        specific, a = a.endswith("a"), a.rstrip("a")
+        am, an = (int(x) for x in a.split("."))
+        if (am, an) == (major, minor) or (not specific and am == major and an <= minor):
+            return None  # machine code this GPU runs (sm_80 code runs on sm_86/89)
+        if ptx and not specific and (am, an) <= (major, minor):
+            return None  # PTX the driver compiles for it
+    return (f"this build has no kernel image for sm_{major}{minor} (built for {archs}); rebuild with "
+            f"TORCH_CUDA_ARCH_LIST including {major}.{minor}")
+
+
+def _no_kernel_image(device) -> Optional[str]:
+    return _arch_reason(*torch.cuda.get_device_capability(device))
+
+
+@_cached
+def _smem_reason(device_index: int, dh: int) -> Optional[str]:
+    need = torch.ops.raekern.attention_cuda_fwd_smem(dh)
+    have = getattr(torch.cuda.get_device_properties(device_index), "shared_memory_per_block_optin", None)
+    if have is None or need <= have:
+        return None
+    return (f"head dim {dh} needs {need} bytes of shared memory per block, this GPU gives {have} "
+            "(A100: Dh <= 128; sm_86/89: Dh < 128)")
+
+
+def _smem_short(device, dh: int) -> Optional[str]:
+    return _smem_reason(torch.device(device).index or 0, dh)
+
+
+def _path_reasons(q, k, v, qw, kw, mask, grid, layout: str = "bnhd") -> dict[str, Optional[str]]:
     dh = q.shape[-1]
     reasons: dict[str, Optional[str]] = {}
     # raekern_cpu
@@ -224,10 +271,16 @@ def _path_reasons(q, k, v, qw, kw, mask, grid) -> dict[str, Optional[str]]:
         reasons["raekern_cuda"] = "raekern was built without CUDA kernels"
     elif torch.cuda.get_device_capability(q.device) < (8, 0):
         reasons["raekern_cuda"] = "needs compute capability >= 8.0 (mma.sync bf16/fp16)"
+    elif (why := _no_kernel_image(q.device)) is not None:
+        reasons["raekern_cuda"] = why
     elif q.dtype not in (torch.float16, torch.bfloat16):
         reasons["raekern_cuda"] = f"dtype {q.dtype} (the tensor-core kernel takes fp16/bf16)"
     elif dh % 8 or dh > 256:
         reasons["raekern_cuda"] = f"head dim {dh} is not a multiple of 8 up to 256 (16-byte rows)"
+    elif (why := _smem_short(q.device, dh)) is not None:
+        reasons["raekern_cuda"] = why
+    elif max(_layout_sizes(q, _LAYOUTS.index(layout))[0], _layout_sizes(q, _LAYOUTS.index(layout))[2]) > 65535:
+        reasons["raekern_cuda"] = "batch or heads > 65535 (the kernel's grid y/z)"
     elif needs_grad and not _has_kernel("CUDA", "raekern::attention_backward"):
         reasons["raekern_cuda"] = "inputs require grad and this build has no CUDA attention_backward kernel"
     elif needs_grad and not (torch.are_deterministic_algorithms_enabled() or _cuda_backward_forced()):
@@ -313,7 +366,7 @@ def attention_path(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout:
                    key_padding_mask: Optional[torch.Tensor] = None, **_unused) -> tuple[str, dict]:
     """Which implementation :func:`attention` would run for these arguments, and why each of the
     others would not: ``(path, {path_name: None if eligible else reason})``."""
-    reasons = _path_reasons(q, k, v, q_norm_weight, k_norm_weight, key_padding_mask, rope_grid)
+    reasons = _path_reasons(q, k, v, q_norm_weight, k_norm_weight, key_padding_mask, rope_grid, layout)
     return _choose(reasons), reasons
 
 
@@ -372,7 +425,7 @@ def attention(
         out = q.new_zeros(q.shape)
         lse = q.new_full((b, h, nq), float("-inf"), dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
         return (out, lse) if return_lse else out
-    reasons = _path_reasons(q, k, v, q_norm_weight, k_norm_weight, mask, rope_grid)
+    reasons = _path_reasons(q, k, v, q_norm_weight, k_norm_weight, mask, rope_grid, layout)
     path = _choose(reasons)
     if not torch.compiler.is_compiling() and log.isEnabledFor(logging.DEBUG):
         grad = torch.is_grad_enabled() and any(
