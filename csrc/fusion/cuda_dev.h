@@ -1,7 +1,6 @@
 // The CUDA Dev of the fusion launch plans (fusion/launch_shape.h): tensors are used where they live
 // and kernels go to the current stream.
 #pragma once
-#include <ATen/Context.h>
 #include <ATen/cuda/CUDAContext.h>
 
 #include <utility>
@@ -28,8 +27,6 @@ struct CudaDev {
     RAEKERN_CUDA_CHECK_LAUNCH();
   }
   void finish() {}
-  // A result summed with float atomics across blocks: torch.use_deterministic_algorithms(True) errors.
-  void nondeterministic(const char* what) { at::globalContext().alertNotDeterministic(what); }
   c10::cuda::CUDAGuard guard;
 };
 

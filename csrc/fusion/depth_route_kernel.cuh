@@ -120,7 +120,7 @@ struct RouteGradArgs {
   void* dexpert[kMaxLayers];
   void* dbase;
   float* dlogits;  // [B, N, L] fp32
-  float* dgamma;   // fp32 [1] or [D] (atomics), or null
+  float* dgamma;   // fp32 [gridDim.x, 1 or D]: per-block partials of the γ gradient, or null
 };
 
 // Blocks stride over tokens so the γ gradient is accumulated in registers and written with one
@@ -216,6 +216,8 @@ __global__ void __launch_bounds__(kThreads) depth_route_backward_kernel(RouteArg
     }
     __syncthreads();  // w, gw and norm are rewritten by the next token
   }
+  // This block's γ-gradient partial, row blockIdx.x of [gridDim.x, gamma_numel] (no atomics: the
+  // launcher adds the rows in order).
   if (g.dgamma) {
     if (a.gamma_numel == 1) {
       float s = 0.f;
@@ -224,14 +226,15 @@ __global__ void __launch_bounds__(kThreads) depth_route_backward_kernel(RouteArg
 #pragma unroll
         for (int j = 0; j < V; ++j) s += ggam[i][j];
       s = simt::block_sum(s, red);
-      if (threadIdx.x == 0) atomicAdd(g.dgamma, s);
+      if (threadIdx.x == 0) g.dgamma[blockIdx.x] = s;
     } else {
+      float* row = g.dgamma + int64_t(blockIdx.x) * a.D;
 #pragma unroll
       for (int i = 0; i < ITEMS; ++i) {
         const int d0 = item_base<V>(i);
         if (d0 < a.D)
 #pragma unroll
-          for (int j = 0; j < V; ++j) atomicAdd(g.dgamma + d0 + j, ggam[i][j]);
+          for (int j = 0; j < V; ++j) row[d0 + j] = ggam[i][j];
       }
     }
   }

@@ -12,6 +12,7 @@
 #include "fusion/depth_route_kernel.cuh"
 #include "fusion/fusion_args.h"
 #include "fusion/launch_shape.h"
+#include "fusion/ordered_sum.h"
 #include "common/output_alloc.h"
 
 namespace raekern::fusion::cuda {
@@ -107,14 +108,15 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor> depth_ro
     g.dbase = dev.out(gbase, "grad_base");
     // Every token's logit gradients are written; zeros above only define an empty-token result.
     g.dlogits = static_cast<float*>(dev.out(glog, "grad_router_logits"));
-    g.dgamma = gamma.has_value() ? static_cast<float*>(dev.inout(ggamma, "grad_gamma")) : nullptr;
-    if (gamma.has_value()) dev.nondeterministic("raekern::depth_route_backward (CUDA, gamma gradient)");
+    const unsigned blocks = unsigned(std::min<int64_t>(s.B * s.N, dev.workers(base) * kRouteBwdBlocksPerSm));
+    Parts gp;  // γ gradient: one partial row per block, added in block order
+    if (gamma.has_value()) gp = make_parts(dev, 1, blocks, s.gamma_numel, base.options(), "grad_gamma");
+    g.dgamma = gamma.has_value() ? gp.part_p : nullptr;
     std::vector<at::Tensor> all(experts.begin(), experts.end());
     all.push_back(base);
     all.push_back(grad);
     all.push_back(gbase);
     all.push_back(ge[0]);
-    const unsigned blocks = unsigned(std::min<int64_t>(s.B * s.N, dev.workers(base) * kRouteBwdBlocksPerSm));
     RAEKERN_FUSION_DISPATCH_CUDA(base.scalar_type(), "depth_route_backward_cuda", [&] {
       using T = typename Dev::template elem<scalar_t>;
       with_layout(all, s.D, sizeof(T), op, "experts", [&](auto vec) {
@@ -123,6 +125,10 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor> depth_ro
         dev.launch(depth_route_backward_kernel<T, V, ITEMS>, dim3(blocks), dim3(kThreads), 0, a, g);
       });
     });
+    if (gamma.has_value()) {
+      sum_parts(dev, gp);
+      ggamma = gp.sum.reshape(gamma->sizes());
+    }
   }
   dev.finish();
   glog = glog.to(router_logits.scalar_type());

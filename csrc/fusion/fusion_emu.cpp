@@ -61,7 +61,6 @@ struct EmuDev {
     emu::emulate_launch(kernel, grid, block, smem, std::forward<A>(args)...);
   }
   void finish() { mem.finish(); }
-  void nondeterministic(const char*) {}  // the emulation runs blocks in a fixed order
   emu::DeviceMemory mem;
   // finish() copies results back into these: a plan may drop its handle to a scratch tensor (the
   // backward's token-mean buffer) before finishing, as a CUDA launcher may.

@@ -87,4 +87,18 @@ __device__ __forceinline__ float normalize_row(float (&x)[ITEMS][V], float shift
   return rstd;
 }
 
+// out[b, :] = Σ_p part[b, p, :] (part [B, P, D]), summed in p order: cross-block sums (token means,
+// parameter gradients) are reduced from per-block partials instead of float atomics, so they are
+// bit-identical run to run. One thread per output element.
+__global__ void __launch_bounds__(kThreads) sum_parts_kernel(const float* __restrict__ part, int64_t nparts,
+                                                             int64_t B, int64_t D, float* __restrict__ out) {
+  const int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (e >= B * D) return;
+  const int64_t b = e / D, d = e % D;
+  const float* p = part + b * nparts * D + d;
+  float s = 0.f;
+  for (int64_t i = 0; i < nparts; ++i) s += p[i * D];
+  out[e] = s;
+}
+
 }  // namespace raekern::fusion::cuda

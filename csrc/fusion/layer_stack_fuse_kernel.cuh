@@ -40,19 +40,6 @@ __device__ __forceinline__ float load_layer(const StackArgs& a, int l, int64_t b
   return normalize_row<V, ITEMS>(x, simt::to_float(row[0]), a.D, a.inv_d, a.eps, red);
 }
 
-// part[b, p, :] (already divided by N) → out[b, :] = Σ_p part[b, p, :], summed in p order: the token
-// means are reduced without atomics, so they are bit-identical run to run.
-__global__ void __launch_bounds__(kThreads) sum_parts_kernel(const float* __restrict__ part, int nparts,
-                                                             int64_t B, int64_t D, float* __restrict__ out) {
-  const int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (e >= B * D) return;
-  const int64_t b = e / D, d = e % D;
-  const float* p = part + b * nparts * D + d;
-  float s = 0.f;
-  for (int i = 0; i < nparts; ++i) s += p[int64_t(i) * D];
-  out[e] = s;
-}
-
 // Writes one block's partial (times inv_n) of a [D] row sum into part[b, blockIdx.x, :].
 template <int V, int ITEMS>
 __device__ __forceinline__ void store_part(const float (&acc)[ITEMS][V], float inv_n, int64_t b, int64_t D,
@@ -242,10 +229,8 @@ __device__ __forceinline__ void backward_token(const StackArgs& a, const StackGr
     if (a.normalize) simt::block_sum2(s1, s2, red);
     if (g.dw) {
       dot = simt::block_sum(dot, red);
-      if (threadIdx.x == 0) {
-        if (a.reduce == 3) g.dw[tok * a.L + l] = dot;
-        else atomicAdd(g.dw + l, dot);
-      }
+      // Per token (reduce 3 is this; for [L] weights the launcher adds the tokens' rows in order).
+      if (threadIdx.x == 0) g.dw[tok * a.L + l] = dot;
     }
     if (a.normalize) {
       const float m1 = s1 * a.inv_d, m2 = s2 * a.inv_d;

@@ -13,6 +13,7 @@
 #include "fusion/fusion_args.h"
 #include "fusion/launch_shape.h"
 #include "fusion/layer_stack_fuse_kernel.cuh"
+#include "fusion/ordered_sum.h"
 #include "common/output_alloc.h"
 
 namespace raekern::fusion::cuda {
@@ -24,31 +25,6 @@ inline int cf_tile_tokens(int64_t D, int64_t N) {
   constexpr int64_t kStaticBytes = 2 * simt::kWarp * int64_t(sizeof(float));  // red[] of the cf kernels
   const int64_t fit = ((48 * 1024 - kStaticBytes) / int64_t(sizeof(float))) / cf_pitch(int(D));
   return int(std::max<int64_t>(1, std::min<int64_t>({fit, 32, N})));
-}
-
-// A token mean without atomics: the mean kernel stores [B, parts, D] partials, sum_parts_kernel adds
-// them in order (bit-identical run to run, unlike float atomics).
-struct MeanParts {
-  at::Tensor part, mean;
-  float* part_p = nullptr;
-  float* mean_p = nullptr;
-  int parts = 0;
-};
-template <class Dev>
-MeanParts mean_parts(Dev& dev, const StackShape& s, const at::TensorOptions& o, const char* name) {
-  MeanParts m;
-  m.parts = int(std::min<int64_t>(s.N, kMeanBlocks));
-  m.part = at::empty({s.B, m.parts, s.D}, o.dtype(at::kFloat));
-  m.mean = at::empty({s.B, s.D}, o.dtype(at::kFloat));
-  m.part_p = static_cast<float*>(dev.out(m.part, name));
-  m.mean_p = static_cast<float*>(dev.out(m.mean, name));
-  return m;
-}
-template <class Dev>
-void reduce_parts(Dev& dev, const MeanParts& m, const StackShape& s) {
-  const int64_t n = s.B * s.D;
-  dev.launch(sum_parts_kernel, dim3(unsigned((n + kThreads - 1) / kThreads)), dim3(kThreads), 0, m.part_p, m.parts,
-             int64_t(s.B), int64_t(s.D), m.mean_p);
 }
 
 template <class Dev>
@@ -98,8 +74,9 @@ at::Tensor layer_stack_fuse_op(at::TensorList layers, const std::optional<at::Te
   RAEKERN_CHECK(s.B <= 65535, op, "layers", "batch must be at most 65535 on CUDA, got ", s.B);
   const at::Tensor w = f32(weights), m = f32(latent_mean), v = f32(latent_var);
   StackArgs a = stack_args(dev, layers, s, w, normalize, eps, m, v, latent_eps, op);
-  MeanParts tm;
-  if (add_last_token_mean) tm = mean_parts(dev, s, layers[0].options(), "token_mean");
+  Parts tm;  // the token mean: one partial per mean block, added in order
+  if (add_last_token_mean)
+    tm = make_parts(dev, s.B, std::min<int64_t>(s.N, kMeanBlocks), s.D, layers[0].options(), "token_mean");
   void* outp = dev.out(out, "out");
   RAEKERN_FUSION_DISPATCH_CUDA(layers[0].scalar_type(), "layer_stack_fuse_cuda", [&] {
     using T = typename Dev::template elem<scalar_t>;
@@ -107,10 +84,10 @@ at::Tensor layer_stack_fuse_op(at::TensorList layers, const std::optional<at::Te
       constexpr int V = kV<T, decltype(vec)::value>;
       constexpr int ITEMS = kItems<decltype(vec)::value>;
       if (add_last_token_mean) {
-        dev.launch(last_token_mean_kernel<T, V, ITEMS>, dim3(unsigned(tm.parts), unsigned(s.B)), dim3(kThreads), 0,
-                   a, tm.part_p);
-        reduce_parts(dev, tm, s);
-        a.tmean = tm.mean_p;
+        dev.launch(last_token_mean_kernel<T, V, ITEMS>, dim3(unsigned(tm.P), unsigned(s.B)), dim3(kThreads), 0, a,
+                   tm.part_p);
+        sum_parts(dev, tm);
+        a.tmean = tm.sum_p;
       }
       if (channels_first) {
         const int tile = cf_tile_tokens(s.D, s.N);
@@ -161,10 +138,14 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> layer_stack_fuse_backward_op(
     // The prefix rows were zeroed above; the kernel writes the others.
     for (int64_t l = 0; l < s.L; ++l) g.dlayer[l] = s.P > 0 ? dev.inout(dl[l], "grad_layers") : dev.out(dl[l], "grad_layers");
     g.grad = dev.in(grad, "grad");
-    g.dw = want_dw ? static_cast<float*>(dev.inout(dw, "grad_weights")) : nullptr;
-    if (want_dw && weights->dim() == 1) dev.nondeterministic("raekern::layer_stack_fuse_backward (CUDA, [L] weights)");
-    MeanParts gm;
-    if (add_last_token_mean) gm = mean_parts(dev, s, layers[0].options(), "grad_token_mean");
+    // [L] weights: every token writes its row of a [B·N, L] buffer, summed in token order below.
+    const bool layer_w = want_dw && weights->dim() == 1;
+    Parts dwp;
+    if (layer_w) dwp = make_parts(dev, 1, s.B * s.N, s.L, layers[0].options(), "grad_weights");
+    g.dw = !want_dw ? nullptr : layer_w ? dwp.part_p : static_cast<float*>(dev.out(dw, "grad_weights"));
+    Parts gm;
+    if (add_last_token_mean)
+      gm = make_parts(dev, s.B, std::min<int64_t>(s.N, kMeanBlocks), s.D, layers[0].options(), "grad_token_mean");
     std::vector<at::Tensor> all(layers.begin(), layers.end());
     all.push_back(dl[0]);
     if (!channels_first) all.push_back(grad);
@@ -174,10 +155,10 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> layer_stack_fuse_backward_op(
         constexpr int V = kV<T, decltype(vec)::value>;
         constexpr int ITEMS = kItems<decltype(vec)::value>;
         if (add_last_token_mean) {
-          dev.launch(grad_token_mean_kernel<T, V, ITEMS>, dim3(unsigned(gm.parts), unsigned(s.B)), dim3(kThreads), 0,
-                     a, g, gm.part_p);
-          reduce_parts(dev, gm, s);
-          g.gmean = gm.mean_p;
+          dev.launch(grad_token_mean_kernel<T, V, ITEMS>, dim3(unsigned(gm.P), unsigned(s.B)), dim3(kThreads), 0, a,
+                     g, gm.part_p);
+          sum_parts(dev, gm);
+          g.gmean = gm.sum_p;
         }
         if (channels_first) {
           const int tile = cf_tile_tokens(s.D, s.N);
@@ -190,9 +171,13 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> layer_stack_fuse_backward_op(
         }
       });
     });
+    if (layer_w) {
+      sum_parts(dev, dwp);
+      dw = dwp.sum;  // [1, L]
+    }
   }
   dev.finish();
-  if (want_dw) dw = dw.to(weights->scalar_type());
+  if (want_dw) dw = dw.reshape(weights->sizes()).to(weights->scalar_type());
   return {dl, dw};
 }
 
