@@ -344,5 +344,23 @@ def _guidance_specs():
     ]
 
 
-SPECS: list[OpSpec] = _norm_specs() + _fusion_specs() + _attention_specs() + _guidance_specs()
+def _mlp_specs():
+    def pair(B, N, D, dt):
+        return {"a": _rn(B, N, D, dtype=dt), "b": _rn(B, N, D, dtype=dt)}
+
+    def packed(B, N, D, dt):
+        return {"ab": _rn(B, N, 2 * D, dtype=dt)}
+
+    return [
+        OpSpec("swiglu", pair, lambda a, b: R.swiglu(a, b), lambda a, b: R.swiglu_reference(a, b), ("a", "b"),
+               ("b",), bad_rank={"a": _to_scalar, "b": _unsq}, bad_size={"b": _grow_last},
+               differentiable=("a", "b")),
+        OpSpec("swiglu_packed", packed, lambda ab: R.swiglu_packed(ab), lambda ab: R.swiglu_packed_reference(ab),
+               ("ab",), (), bad_rank={"ab": _to_scalar}, bad_size={"ab": lambda t: t[..., :-1]},
+               differentiable=("ab",)),
+    ]
+
+
+SPECS: list[OpSpec] = (_norm_specs() + _fusion_specs() + _attention_specs() + _guidance_specs()
+                       + _mlp_specs())
 SPEC = {s.name: s for s in SPECS}

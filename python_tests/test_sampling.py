@@ -371,6 +371,53 @@ def test_graph_path_chaining_matches_eager(nets, case):
         got = graphed(_noise(seed=seed), LABELS)
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
     assert len(graphed._graphs) == 1
+    if case == "gfcg":  # the graph path hands the callback the guided x0, as the eager path does
+        seen = {}
+        for name, s in (("eager", make()), ("graph", graphed)):
+            s(_noise(), LABELS, callback=lambda k, t, x, x0, n=name: seen.setdefault(n, []).append(x0.clone()))
+        for a, b in zip(seen["eager"], seen["graph"]):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("solver", ["euler", "heun"])
+def test_gfcg_skip_inactive_is_only_an_optimisation(nets, solver):
+    """A Heun step that starts outside the interval and ends inside it needs the classifier's
+    reference for its second stage, whether or not the first stage's branches are skipped."""
+    clf = TinyLatentClassifier(C, 10)
+    out = [Sampler(nets["main"], G.GFCG(clf, w_max=2.0, kappa=1.0, num_classes=10, interval=(0.0, 0.7)),
+                   uniform_grid(6), solver=solver, skip_inactive=skip, progress=False)(_noise(), LABELS)
+           for skip in (True, False)]
+    torch.testing.assert_close(out[0], out[1], rtol=1e-6, atol=1e-6)
+
+
+def test_step_by_step_loop_equals_the_call(nets):
+    """Callers driving the loop with step(): GFCG's reference needs the previous step's x0."""
+    grid = uniform_grid(6, t_end=0.05)
+    s = Sampler(nets["main"], G.GFCG(TinyLatentClassifier(C, 10), w_max=2.0, kappa=3.0, num_classes=10), grid,
+                progress=False)
+    want = s(_noise(), LABELS)
+    x, x0, state = _noise(), None, {}
+    for k in range(grid.num_steps):
+        x, x0 = s.step(x, LABELS, k, state, x0, return_x0=True)
+    torch.testing.assert_close(x, want, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="'labels'"):
+        Sampler(nets["main"], G.CFG(3.0, num_classes=10), grid, progress=False).step(_noise(), None, 0)
+
+
+def test_decode_with_one_statistic(nets):
+    mean, var = torch.randn(SHAPE), torch.rand(SHAPE) + 0.5
+    z = torch.randn(2, *SHAPE)
+    dec = TinyDecoder(C, patch=4)
+    got = []
+    for m, v in ((mean, None), (None, var), (mean, var)):
+        p = Pipeline(nets["main"], None, uniform_grid(2), latent_shape=SHAPE, decoder=dec, latent_mean=m,
+                     latent_var=v, decoder_output="unit", progress=False)
+        got.append(p.decode(z))
+    ones, zeros = torch.ones(SHAPE), torch.zeros(SHAPE)
+    for (m, v), g in zip(((mean, ones - 1e-5), (zeros, var), (mean, var)), got):
+        p = Pipeline(nets["main"], None, uniform_grid(2), latent_shape=SHAPE, decoder=dec, latent_mean=m,
+                     latent_var=v, decoder_output="unit", progress=False)
+        torch.testing.assert_close(g, p.decode(z), rtol=1e-5, atol=1e-5)
 
 
 def test_inactive_interval_skips_the_unneeded_branches(nets):

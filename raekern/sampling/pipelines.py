@@ -54,7 +54,8 @@ class Pipeline:
         grid: a TimeGrid or a grid name.
         latent_shape: ``(C, H, W)`` of one latent.
         decoder: ``tokens [B,H·W,C] -> pixels [B,3,h,w]`` (None: the pipeline returns latents only).
-        latent_mean, latent_var: ``[C,H,W]`` statistics (None: latents are not standardised).
+        latent_mean, latent_var: ``[C,H,W]`` statistics (None: latents are not standardised; one
+            of them alone counts the other as mean 0 / variance 1).
         decoder_output: "imagenet" (undo ImageNet mean/std, RAE v1) or "unit" (RAEv2).
         param, models, solver, x0_t_eps, null_label, cuda_graph, progress, model_dtype: see Sampler.
         num_classes: for label sampling.
@@ -107,10 +108,12 @@ class Pipeline:
         """Standardised latents ``[B,C,H,W]`` → images ``[B,3,h,w]`` in [0, 1] (float32)."""
         if self.decoder is None:
             _fail("decoder", "is None: this pipeline only produces latents")
-        if self.latent_mean is not None:
-            mean = self.latent_mean.to(z.device, z.dtype)
-            std = torch.sqrt(self.latent_var.to(z.device, torch.float32) + STAT_EPS).to(z.dtype)
-            z = z * std + mean
+        if self.latent_mean is not None or self.latent_var is not None:
+            # a missing statistic counts as mean 0 / variance 1, as the released RAE.decode does
+            if self.latent_var is not None:
+                z = z * torch.sqrt(self.latent_var.to(z.device, torch.float32) + STAT_EPS).to(z.dtype)
+            if self.latent_mean is not None:
+                z = z + self.latent_mean.to(z.device, z.dtype)
         tokens = z.flatten(2).transpose(1, 2)  # [B, H·W, C], row-major tokens
         dec_dtype = _module_dtype(self.decoder) or self.model_dtype  # the decoder's own dtype first
         if dec_dtype is not None:

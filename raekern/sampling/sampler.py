@@ -262,6 +262,7 @@ class Sampler:
         if labels is not None:
             lab["null"] = torch.full_like(labels, self.null_label)
         cache: dict = {}
+        heun = self.solver == "heun" and tn > 0 and not self._x0_clamped(tn)
         if self.needs_reference:
             if not self.policy.reference_from_previous_step:
                 cb = self.cond_branch
@@ -270,13 +271,14 @@ class Sampler:
                 x0_prev = to_x0(x, outs[cb.output], t, self.param[cb.model])
             # Step 0 of the previous-step variant has no x0 yet: select_reference(None, …) gives
             # r = y with weight 0, i.e. the plain host rule for that step.
-            # Outside the interval no classifier runs: select_reference(None, …) gives r = y and zero
-            # weights for this batch, so no weight of an earlier step (or an earlier call, or another
-            # batch size) can reach a Heun stage that re-enters the interval.
-            lab["ref"], _ = self.policy.select_reference(None if self._inactive(t) else x0_prev, labels)
+            # The reference chosen here serves both Heun stages, so it is chosen whenever either
+            # stage is inside the interval. A step wholly outside runs no classifier:
+            # select_reference(None, …) gives r = y and zero weights for this batch, so no weight of
+            # an earlier step, call or batch size can leak into it.
+            outside = self._inactive(t) and (not heun or self._inactive(tn))
+            lab["ref"], _ = self.policy.select_reference(None if outside else x0_prev, labels)
         outputs = self._evaluate(x, t, lab, cache)
 
-        heun = self.solver == "heun" and tn > 0 and not self._x0_clamped(tn)
         if not heun:
             # RAEv2's x0 clamp u = (x − x̂)/max(t, eps) equals an Euler step with a shortened dt.
             tn_eff = tn if not self._x0_clamped(t) else t + (tn - t) * t / self.x0_t_eps
@@ -305,19 +307,7 @@ class Sampler:
     def __call__(self, noise: torch.Tensor, labels: torch.Tensor | None = None, *,
                  callback: Callable | None = None) -> torch.Tensor:
         """Integrate from ``noise`` (the state at t = 1) along the grid; returns the final state."""
-        if not isinstance(noise, torch.Tensor) or not noise.is_floating_point():
-            _fail("noise", f"must be a floating-point tensor, got {getattr(noise, 'dtype', type(noise))}",
-                  TypeError)
-        if labels is not None:
-            if not isinstance(labels, torch.Tensor) or labels.dtype not in (torch.int64, torch.int32):
-                _fail("labels", "must be an int64 tensor [B]", TypeError)
-            if labels.shape != (noise.shape[0],):
-                _fail("labels", f"must have shape [{noise.shape[0]}] (one per sample), got {tuple(labels.shape)}")
-            if labels.device != noise.device:
-                labels = labels.to(noise.device)
-            labels = labels.long()
-        if labels is None and any(b.label != "cond" for b in self.branches):
-            _fail("labels", "are required by a policy with null or reference branches")
+        labels = self._check_inputs(noise, labels, "noise")
         if noise.shape[0] == 0:  # nothing to integrate (stacked branches cannot be split at B = 0)
             return noise.clone()
         self._resolve_grid(noise)
@@ -325,13 +315,36 @@ class Sampler:
             return self._run_graphed(noise, labels, callback)
         return self._run_eager(noise, labels, callback)
 
+    def _check_inputs(self, x, labels, name: str):
+        """The state and labels of a call (``__call__`` and ``step`` alike); returns int64 labels on
+        the state's device."""
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            _fail(name, f"must be a floating-point tensor, got {getattr(x, 'dtype', type(x))}", TypeError)
+        if labels is not None:
+            if not isinstance(labels, torch.Tensor) or labels.dtype not in (torch.int64, torch.int32):
+                _fail("labels", "must be an int64 tensor [B]", TypeError)
+            if labels.shape != (x.shape[0],):
+                _fail("labels", f"must have shape [{x.shape[0]}] (one per sample), got {tuple(labels.shape)}")
+            if labels.device != x.device:
+                labels = labels.to(x.device)
+            labels = labels.long()
+        if labels is None and any(b.label != "cond" for b in self.branches):
+            _fail("labels", "are required by a policy with null or reference branches")
+        return labels
+
     @torch.no_grad()
     def step(self, x: torch.Tensor, labels: torch.Tensor | None, k: int, state: dict | None = None,
-             x0_prev: torch.Tensor | None = None) -> torch.Tensor:
+             x0_prev: torch.Tensor | None = None, *, return_x0: bool = False):
         """Solver step ``k`` alone (grid points k → k+1) from state ``x``; for benchmarks and for
-        callers that drive the loop themselves. ``state`` carries APG momentum between steps."""
+        callers that drive the loop themselves. ``state`` carries APG momentum between steps.
+
+        GFCG takes its reference class from the previous step's guided x0: call with
+        ``return_x0=True`` to get ``(x_next, x0)`` and pass that x0 as ``x0_prev`` to step k+1
+        (step 0 has none), exactly as :meth:`__call__` does."""
+        labels = self._check_inputs(x, labels, "x")
         self._resolve_grid(x)
-        return self._step(k, x, labels, x0_prev, {} if state is None else state)[0]
+        x_next, x0 = self._step(k, x, labels, x0_prev, {} if state is None else state)
+        return (x_next, x0) if return_x0 else x_next
 
     def _resolve_grid(self, x: torch.Tensor) -> None:
         if self._grid_name is not None:
@@ -370,7 +383,8 @@ class Sampler:
         for k, replay in enumerate(g["replays"]):
             replay()
             if callback is not None:
-                callback(k, self.grid.times()[k + 1], g["bufs"][k + 1], None)
+                callback(k, self.grid.times()[k + 1], g["bufs"][k + 1],
+                         g["x0bufs"][k] if g["x0bufs"] is not None else None)
             if bar is not None:
                 bar.update(1)
         if bar is not None:
@@ -401,7 +415,7 @@ class Sampler:
             return fn
 
         replays = [api.capture(make(k)) for k in range(K)]
-        return {"x": static_x, "labels": static_labels, "replays": replays, "bufs": bufs}
+        return {"x": static_x, "labels": static_labels, "replays": replays, "bufs": bufs, "x0bufs": x0bufs}
 
 
 class _CudaGraphs:
