@@ -89,14 +89,16 @@ __device__ __forceinline__ float normalize_row(float (&x)[ITEMS][V], float shift
 
 // out[b, :] = Σ_p part[b, p, :] (part [B, P, D]), summed in p order: cross-block sums (token means,
 // parameter gradients) are reduced from per-block partials instead of float atomics, so they are
-// bit-identical run to run. One thread per output element.
-__global__ void __launch_bounds__(kThreads) sum_parts_kernel(const float* __restrict__ part, int64_t nparts,
-                                                             int64_t B, int64_t D, float* __restrict__ out) {
+// bit-identical run to run. One thread per output element. (A template so that every .cu including this
+// header may instantiate it: a plain __global__ function would be defined once per translation unit.)
+template <class F = float>
+__global__ void __launch_bounds__(kThreads) sum_parts_kernel(const F* __restrict__ part, int64_t nparts, int64_t B,
+                                                             int64_t D, F* __restrict__ out) {
   const int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (e >= B * D) return;
   const int64_t b = e / D, d = e % D;
-  const float* p = part + b * nparts * D + d;
-  float s = 0.f;
+  const F* p = part + b * nparts * D + d;
+  F s = 0;
   for (int64_t i = 0; i < nparts; ++i) s += p[i * D];
   out[e] = s;
 }

@@ -30,7 +30,7 @@ Parts make_parts(Dev& dev, int64_t B, int64_t P, int64_t D, const at::TensorOpti
 template <class Dev>
 void sum_parts(Dev& dev, const Parts& m) {
   const int64_t n = m.B * m.D;
-  dev.launch(sum_parts_kernel, dim3(unsigned((n + kThreads - 1) / kThreads)), dim3(kThreads), 0, m.part_p, m.P,
+  dev.launch(sum_parts_kernel<float>, dim3(unsigned((n + kThreads - 1) / kThreads)), dim3(kThreads), 0, m.part_p, m.P,
              m.B, m.D, m.sum_p);
 }
 
