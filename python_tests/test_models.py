@@ -466,6 +466,19 @@ def _last_layer_fusion(prefix, eps):
     return lambda hs: F.layer_norm(hs[-1][:, prefix:], (hs[-1].shape[-1],), eps=eps)
 
 
+def test_rae_state_dict_with_stats_loads_into_a_fresh_model():
+    """Stats set after construction are state_dict entries; a freshly built RAE (no stats yet) takes them."""
+    torch.manual_seed(0)
+    for name in ("rae-tiny", "drorae-tiny"):
+        rae = M.build_rae(name).eval()
+        rae.set_stats((torch.randn(16, 4, 4), torch.rand(16, 4, 4) + 0.5))
+        fresh = M.build_rae(name).eval()
+        fresh.load_state_dict(rae.state_dict())
+        img = torch.rand(1, 3, 64, 64)
+        with torch.no_grad():
+            torch.testing.assert_close(fresh.encode(img), rae.encode(img), rtol=0, atol=0)
+
+
 def test_rae_encode_decode_inverse(tmp_path):
     enc = tiny("dinov2-tiny-reg", "torch")
     dec = tiny("decoder-tiny", "torch")

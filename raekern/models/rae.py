@@ -109,6 +109,20 @@ class RAE(nn.Module):
                              f"{tuple(mean.shape)} and {tuple(var.shape)}")
         self.latent_mean, self.latent_var = mean.float(), var.float()
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # A checkpoint saved after set_stats carries the statistics; a model built without them has
+        # empty (None) slots, which load_state_dict would report as unexpected keys: take them here.
+        keys = (prefix + "latent_mean", prefix + "latent_var")
+        if self.latent_mean is None and all(k in state_dict for k in keys):
+            ref = next(self.parameters(), None)
+            self.set_stats(tuple(state_dict[k] for k in keys))
+            if ref is not None:
+                self.latent_mean = self.latent_mean.to(ref.device)
+                self.latent_var = self.latent_var.to(ref.device)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
     def load_stats(self, path: str) -> None:
         """Load RAE's ``stat.pt`` / RAEv2's ``stats.pt`` (``{'mean', 'var'}``; torch.load weights_only)."""
         from raekern.models.checkpoints import read_stats
