@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
 # One prepared GPU check (issue #9): on a bare H100/H200 with a CUDA build of torch and no network,
 # build raekern for sm_90a (+ sm_80 code paths), run every python_test on CUDA, run `raekern bench`
-# on GPU shapes, and write everything under one folder. Each step has its own timeout; the whole
-# script stays within ~8 minutes. Exits non-zero if any step fails.
+# on GPU shapes, and write everything under one folder. Each step has its own timeout, sized from
+# what is left of GPU_CHECK_BUDGET_S (default 560 s: the device tool stops a command at 600 s), so the
+# summary is always written. Exits non-zero if any step fails.
+#
+# The device's image (KINDS.md, 2026-11) has Python 3.12 and torch 2.11.0+cu130: a prebuilt made here
+# for another Python/torch is not used there and the device builds (16 cores, about 1.5–2 minutes).
 #
 #   benchmarks/gpu_check.sh [OUTDIR]        # default: $OUT if set (device tool), else out/gpu-check
 #   GPU_CHECK_DEVICE=cpu GPU_CHECK_SKIP_BUILD=1 benchmarks/gpu_check.sh out/x
@@ -25,6 +29,9 @@ FAILED=()
 SUMMARY="$OUTDIR/summary.txt"
 : > "$SUMMARY"
 t0=$(date +%s)
+BUDGET=${GPU_CHECK_BUDGET_S:-560}
+left() { echo $(( BUDGET - ($(date +%s) - t0) )); }
+cap() { local want=$1 keep=$2 l; l=$(( $(left) - keep )); [ $l -lt 30 ] && l=30; [ $want -lt $l ] && l=$want; echo $l; }
 
 step() {  # step NAME TIMEOUT_S CMD...  (output to $OUTDIR/NAME.log)
   local name=$1 limit=$2; shift 2
@@ -79,18 +86,37 @@ if [ "${GPU_CHECK_SKIP_BUILD:-0}" != 1 ] && [ $PREBUILT = 0 ]; then
     export RAEKERN_CUDA=1
     if [ -z "${CUDA_HOME:-}" ]; then CUDA_HOME=$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")"); export CUDA_HOME; fi
   fi
-  MAX_JOBS=${MAX_JOBS:-16} step build 300 $PY setup.py build_ext --inplace
-  [ "$DEVICE" = cuda ] && step ptxas 30 $PY tools/check_ptxas.py "$OUTDIR/build.log" --report "$OUTDIR/ptxas.txt"
+  MAX_JOBS=${MAX_JOBS:-16} step build "$(cap 260 240)" $PY setup.py build_ext --inplace
+  [ "$DEVICE" = cuda ] && step ptxas 20 $PY tools/check_ptxas.py "$OUTDIR/build.log" --report "$OUTDIR/ptxas.txt"
 fi
 
+# The test files with CUDA cases (the rest is CPU-only and runs in CI); a skipped test_cuda_* counts as
+# a failure on the device, so a build without CUDA kernels cannot pass silently.
 TEST_ARGS=(-q -p no:cacheprovider -o addopts="" --junitxml="$OUTDIR/tests.xml")
 [ "$DEVICE" = cpu ] && TEST_ARGS+=(python_tests/test_library.py)
-[ "$DEVICE" = cuda ] && TEST_ARGS+=(python_tests -m "not slow")
-step tests 240 $PY -m pytest "${TEST_ARGS[@]}"
+[ "$DEVICE" = cuda ] && TEST_ARGS+=(python_tests/test_attention.py python_tests/test_fusion.py python_tests/test_mlp.py
+                                    python_tests/test_library.py python_tests/test_digits.py -m "not slow")
+step tests "$(cap 170 150)" $PY -m pytest "${TEST_ARGS[@]}"
+if [ "$DEVICE" = cuda ] && [ -f "$OUTDIR/tests.xml" ]; then
+  step cuda_tests_ran 10 $PY - "$OUTDIR/tests.xml" <<'PYEOF'
+import sys, xml.etree.ElementTree as ET
+skipped = [c.get("name") for c in ET.parse(sys.argv[1]).iter("testcase")
+           if c.get("name", "").startswith("test_cuda") and c.find("skipped") is not None]
+print(f"skipped CUDA tests: {len(skipped)}", *skipped[:20], sep="\n")
+sys.exit(1 if skipped else 0)
+PYEOF
+fi
 
+# Families in priority order (the issues' GPU targets first); bench.json is rewritten after every
+# family, so a run cut short by its limit keeps what it measured.
 BENCH_ARGS=(--device "$DEVICE" --json "$OUTDIR/bench.json" --plot "$OUTDIR/bench.png" --min-time 0.2)
-if [ "$DEVICE" = cuda ]; then BENCH_ARGS+=(--full --dtype bf16,fp16); else BENCH_ARGS+=(--dtype fp32 --min-time 0.01 --family sampling); fi
-step bench 300 $PY -m raekern.cli bench "${BENCH_ARGS[@]}"
+if [ "$DEVICE" = cuda ]; then
+  BENCH_ARGS+=(--full --dtype bf16,fp16)
+  for f in attention sampling norm fusion guidance mlp models; do BENCH_ARGS+=(--family "$f"); done
+else
+  BENCH_ARGS+=(--dtype fp32 --min-time 0.01 --family sampling)
+fi
+step bench "$(cap 400 10)" $PY -m raekern.cli bench "${BENCH_ARGS[@]}"
 
 echo "total: $(( $(date +%s) - t0 ))s; failed: ${FAILED[*]:-none}" | tee -a "$SUMMARY"
 [ ${#FAILED[@]} -eq 0 ]

@@ -31,6 +31,8 @@ def layers(L, B, T, D, dtype, device="cpu", scale=1.0, offset=0.0, grad=False):
 @pytest.mark.parametrize("B,T,D,P", [(1, 1, 8, 0), (2, 262, 37, 5), (1, 273, 64, 5), (3, 9, 1, 1)])
 @pytest.mark.parametrize("mode", ["mean", "sum+raw", "layer_w", "token_w+last_mean", "last_mean"])
 def test_layer_stack_fuse_matches_reference(device, dtype, B, T, D, P, mode):
+    if device == "cuda" and dtype == torch.float64:
+        pytest.skip("float64 is CPU-only (the CUDA launcher refuses it by design)")
     L = 3
     hs = layers(L, B, T, D, dtype, device, scale=3.0, offset=5.0)
     N = T - P

@@ -5,6 +5,8 @@
 #   torch 2.14.1 + CUDA 13.0, with the torch version it was built for. gpu_check.sh uses it when the
 #   device's torch is that version and the library imports there, and saves the ~4-minute build of
 #   device time; otherwise it builds on the device as before. SKIP_PREBUILT=1 leaves it out.
+#   The lent H200's image had Python 3.12 and torch 2.11.0+cu130 when last read (device KINDS.md,
+#   2026-11): a cp311 / torch 2.14.1 prebuilt is then skipped and the device builds (16 cores).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p .whl

@@ -100,6 +100,13 @@ def plot(rows: list[dict], path: str, title: str) -> None:
     plt.close(fig)
 
 
+def _write_json(path: str, result: dict) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(path).with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=1, default=str))
+    tmp.replace(path)
+
+
 def run(families: list[str] | None, device: str, dtypes: list[str], quick: bool, min_time: float,
         json_path: str | None, plot_path: str | None, quiet: bool = False) -> dict:
     fams = families or registry.families()
@@ -122,14 +129,15 @@ def run(families: list[str] | None, device: str, dtypes: list[str], quick: bool,
             rows.append(row)
         result["families"][fam] = rows
         all_rows += rows
+        if json_path:  # after every family: a run cut short (a time limit) keeps what it measured
+            _write_json(json_path, result)
         print(f"\n== {fam} ({device}) ==")
         print(format_table(rows) if rows else "(no cases)")
         for r in rows:
             for impl, err in r["errors"].items():
                 print(f"   note: {r['name']} {r['shape']} {r['dtype']}: {impl} failed: {err}")
     if json_path:
-        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_path).write_text(json.dumps(result, indent=1, default=str))
+        _write_json(json_path, result)
         print(f"\nwrote {json_path}")
     if plot_path and all_rows:
         Path(plot_path).parent.mkdir(parents=True, exist_ok=True)
