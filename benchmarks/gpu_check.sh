@@ -5,8 +5,9 @@
 # what is left of GPU_CHECK_BUDGET_S (default 560 s: the device tool stops a command at 600 s), so the
 # summary is always written. Exits non-zero if any step fails.
 #
-# The device's image (KINDS.md, 2026-11) has Python 3.12 and torch 2.11.0+cu130: a prebuilt made here
-# for another Python/torch is not used there and the device builds (16 cores, about 1.5–2 minutes).
+# The device's image (KINDS.md, 2026-11) has Python 3.12 and torch 2.11.0+cu130: a prebuilt is used
+# only when it was made for that torch (tools/prepare_gpu_check.sh with VENV_CU = a Python 3.12 venv
+# holding torch 2.11.0); otherwise the device builds (16 cores, about 1.5–2 minutes).
 #
 #   benchmarks/gpu_check.sh [OUTDIR]        # default: $OUT if set (device tool), else out/gpu-check
 #   GPU_CHECK_DEVICE=cpu GPU_CHECK_SKIP_BUILD=1 benchmarks/gpu_check.sh out/x

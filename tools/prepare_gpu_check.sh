@@ -6,7 +6,9 @@
 #   device's torch is that version and the library imports there, and saves the ~4-minute build of
 #   device time; otherwise it builds on the device as before. SKIP_PREBUILT=1 leaves it out.
 #   The lent H200's image had Python 3.12 and torch 2.11.0+cu130 when last read (device KINDS.md,
-#   2026-11): a cp311 / torch 2.14.1 prebuilt is then skipped and the device builds (16 cores).
+#   2026-11). A prebuilt for it: VENV_CU=<a Python 3.12 venv with torch==2.11.0, numpy, ninja, cmake and
+#   nvidia-cutlass --no-deps> bash tools/prepare_gpu_check.sh (raekern builds and passes the CPU suite
+#   against torch 2.11.0+cu130 as well as 2.14.1).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p .whl
