@@ -279,7 +279,7 @@ def _path_reasons(q, k, v, qw, kw, mask, grid, layout: str = "bnhd") -> dict[str
         reasons["raekern_cuda"] = f"head dim {dh} is not a multiple of 8 up to 256 (16-byte rows)"
     elif (why := _smem_short(q.device, dh)) is not None:
         reasons["raekern_cuda"] = why
-    elif max(_layout_sizes(q, _LAYOUTS.index(layout))[0], _layout_sizes(q, _LAYOUTS.index(layout))[2]) > 65535:
+    elif max(_layout_sizes(q, _LAYOUTS.index(layout))[0::2]) > 65535:  # (B, H) of (B, N, H, D)
         reasons["raekern_cuda"] = "batch or heads > 65535 (the kernel's grid y/z)"
     elif needs_grad and not _has_kernel("CUDA", "raekern::attention_backward"):
         reasons["raekern_cuda"] = "inputs require grad and this build has no CUDA attention_backward kernel"
