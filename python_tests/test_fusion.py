@@ -410,9 +410,11 @@ def test_latent_normalize_roundtrip(dtype, B, H, W, D):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("B,H,W,D", [(2, 12, 15, 40), (4, 16, 16, 1024)])
+@pytest.mark.parametrize("B,H,W,D", [(2, 12, 15, 40), (4, 16, 16, 1024), (4, 12, 28, 784), (8, 12, 32, 800)])
 def test_latent_normalize_blocked(dtype, B, H, W, D):
     # The CPU kernels' 16x16 register tiles: partial token and channel blocks, and a full-size tile grid.
+    # The last two are over 4 MiB, where full tiles are written with streaming stores and partial
+    # token / channel blocks (336 = 10.5 tiles, 784 = 3 blocks + 16 channels) with masked ones.
     z = torch.randn(B, H * W, D).to(dtype)
     mean, var = torch.randn(D, H, W), torch.rand(D, H, W) + 0.1
     x = ops.latent_normalize(z, mean, var)

@@ -36,6 +36,7 @@ using raekern::cpu::tail_mask;
 // 32 channels, so no line is touched in halves by two different tasks.
 constexpr int64_t kChannels = 256;
 constexpr int64_t kTokens = 32;
+constexpr int64_t kStreamBytes = int64_t(4) << 20;
 
 struct CfTask {
   int64_t n0, tn, d0, dn;
@@ -92,8 +93,13 @@ void for_each_cf_task(int64_t D, int64_t N, const float* var, const float* shift
 template <class T>
 void tokens_to_cf_vec(const T* z, int64_t zsb, int64_t zsn, int64_t B, int64_t N, int64_t D, const float* var,
                       const float* shift, float eps, bool inverse, T* out) {
+  // Outputs far larger than L2 go around the caches: every channel run of a full task is whole
+  // 64-byte lines when rows start on a line, so no read-for-ownership is needed.
+  const bool stream = B * N * D * int64_t(sizeof(T)) >= kStreamBytes && (N * int64_t(sizeof(T))) % 64 == 0 &&
+                      reinterpret_cast<uintptr_t>(out) % 64 == 0;
   for_each_cf_task(D, N, var, shift, eps, inverse, [&](const CfTask& t, const float* sc, const float* sh) {
     const __mmask16 mt[2] = {half_mask(t.tn, 0), half_mask(t.tn, 1)};
+    const bool st = stream && t.tn == kTokens;
     for (int64_t b = 0; b < B; ++b) {
       for (int64_t j0 = 0; j0 < t.dn; j0 += 16) {
         const int64_t dc = std::min<int64_t>(16, t.dn - j0);
@@ -107,7 +113,7 @@ void tokens_to_cf_vec(const T* z, int64_t zsb, int64_t zsn, int64_t B, int64_t N
           if (pb < B)
             for (int64_t k = 0; k < t.tn; ++k) _mm_prefetch(reinterpret_cast<const char*>(z + pb * zsb + (t.n0 + k) * zsn + t.d0 + pj), _MM_HINT_T0);
         }
-        if (j0 + 16 < t.dn)
+        if (!st && j0 + 16 < t.dn)
           for (int64_t i = 0; i < std::min<int64_t>(16, t.dn - j0 - 16); ++i)
             raekern::cpu::prefetchw_lines(out + (b * D + t.d0 + j0 + 16 + i) * N + t.n0, t.tn * int64_t(sizeof(T)));
         __m512 r[2][16];  // [token half][row]: token rows in, channel rows after the transpose
@@ -125,11 +131,13 @@ void tokens_to_cf_vec(const T* z, int64_t zsb, int64_t zsn, int64_t B, int64_t N
             __m512 v = r[h][i];
             if (shift) v = _mm512_sub_ps(v, _mm512_loadu_ps(sh + kTokens * j + 16 * h));
             v = _mm512_mul_ps(v, _mm512_loadu_ps(sc + kTokens * j + 16 * h));
-            if (mt[h]) store16(dst + 16 * h, v, mt[h]);
+            if (st) raekern::cpu::stream16(dst + 16 * h, v);
+            else if (mt[h]) store16(dst + 16 * h, v, mt[h]);
           }
         }
       }
     }
+    if (st) _mm_sfence();
   });
 }
 
@@ -137,6 +145,9 @@ void tokens_to_cf_vec(const T* z, int64_t zsb, int64_t zsn, int64_t B, int64_t N
 template <class T>
 void cf_to_tokens_vec(const T* x, int64_t xsb, int64_t xsd, int64_t B, int64_t N, int64_t D, const float* var,
                       const float* shift, float eps, bool inverse, T* out) {
+  // As in tokens_to_cf_vec: each 32-channel run of a token row is whole lines when rows start on one.
+  const bool stream = B * N * D * int64_t(sizeof(T)) >= kStreamBytes && (D * int64_t(sizeof(T))) % 64 == 0 &&
+                      reinterpret_cast<uintptr_t>(out) % 64 == 0;
   for_each_cf_task(D, N, var, shift, eps, inverse, [&](const CfTask& t, const float* sc, const float* sh) {
     for (int64_t b = 0; b < B; ++b) {
       for (int h = 0; h < 2 && 16 * h < t.tn; ++h) {
@@ -144,12 +155,14 @@ void cf_to_tokens_vec(const T* x, int64_t xsb, int64_t xsd, int64_t B, int64_t N
         const int64_t tn = std::min<int64_t>(16, t.tn - 16 * h);
         for (int64_t j0 = 0; j0 < t.dn; j0 += 32) {
           // As above: the next block's 32 channel rows and output lines, one block ahead.
+          const bool st = stream && j0 + 32 <= t.dn;
           if (j0 + 32 < t.dn) {
             for (int64_t i = j0 + 32; i < std::min(t.dn, j0 + 64); ++i)
               _mm_prefetch(reinterpret_cast<const char*>(x + b * xsb + (t.d0 + i) * xsd + t.n0 + 16 * h), _MM_HINT_T0);
-            for (int64_t i = 0; i < tn; ++i)
-              raekern::cpu::prefetchw_lines(out + (b * N + t.n0 + 16 * h + i) * D + t.d0 + j0 + 32,
-                                            std::min<int64_t>(32, t.dn - j0 - 32) * int64_t(sizeof(T)));
+            if (!stream)
+              for (int64_t i = 0; i < tn; ++i)
+                raekern::cpu::prefetchw_lines(out + (b * N + t.n0 + 16 * h + i) * D + t.d0 + j0 + 32,
+                                              std::min<int64_t>(32, t.dn - j0 - 32) * int64_t(sizeof(T)));
           }
           __m512 r[2][16];  // [channel half][row]: channel rows in, token rows after the transpose
           __mmask16 mc[2];
@@ -172,11 +185,13 @@ void cf_to_tokens_vec(const T* x, int64_t xsb, int64_t xsd, int64_t B, int64_t N
           for (int64_t i = 0; i < tn; ++i) {
             T* dst = out + (b * N + t.n0 + 16 * h + i) * D + t.d0 + j0;
             for (int c = 0; c < 2; ++c)
-              if (mc[c]) store16(dst + 16 * c, r[c][i], mc[c]);
+              if (st) raekern::cpu::stream16(dst + 16 * c, r[c][i]);
+              else if (mc[c]) store16(dst + 16 * c, r[c][i], mc[c]);
           }
         }
       }
     }
+    if (stream) _mm_sfence();
   });
 }
 #endif
