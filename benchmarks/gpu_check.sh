@@ -96,13 +96,18 @@ fi
 TEST_ARGS=(-q -p no:cacheprovider -o addopts="" --junitxml="$OUTDIR/tests.xml")
 [ "$DEVICE" = cpu ] && TEST_ARGS+=(python_tests/test_library.py)
 [ "$DEVICE" = cuda ] && TEST_ARGS+=(python_tests/test_attention.py python_tests/test_fusion.py python_tests/test_mlp.py
-                                    python_tests/test_library.py python_tests/test_digits.py -m "not slow")
+                                    python_tests/test_norm_emulated.py python_tests/test_fusion_emulation.py
+                                    python_tests/test_guidance.py python_tests/test_library.py
+                                    python_tests/test_digits.py -m "not slow")
 step tests "$(cap 170 150)" $PY -m pytest "${TEST_ARGS[@]}"
 if [ "$DEVICE" = cuda ] && [ -f "$OUTDIR/tests.xml" ]; then
   step cuda_tests_ran 10 $PY - "$OUTDIR/tests.xml" <<'PYEOF'
 import sys, xml.etree.ElementTree as ET
+import re
+# test_cuda_*, and the raw-kernel tests' GPU cases (python_tests/_kernels.py: parameter id "gpu")
+on_gpu = re.compile(r"^test_cuda|[\[-]gpu[\]-]")
 skipped = [c.get("name") for c in ET.parse(sys.argv[1]).iter("testcase")
-           if c.get("name", "").startswith("test_cuda") and c.find("skipped") is not None]
+           if on_gpu.search(c.get("name", "")) and c.find("skipped") is not None]
 print(f"skipped CUDA tests: {len(skipped)}", *skipped[:20], sep="\n")
 sys.exit(1 if skipped else 0)
 PYEOF

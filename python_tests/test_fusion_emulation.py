@@ -10,6 +10,7 @@ import os
 import pytest
 import torch
 
+from _kernels import kernel_fixture
 from raekern._utils.library import emulation_library
 from raekern.ops import fusion as fu
 
@@ -21,6 +22,8 @@ if emu is None:
                       "to raekern._C; rebuild with RAEKERN_EMULATION=1, or set RAEKERN_EMULATION=0 to skip")
 if not hasattr(emu, "fusion_launch_config"):
     pytest.skip("this checkout has no fusion CUDA kernels (csrc/fusion/fusion_emu.cpp)", allow_module_level=True)
+
+kern = kernel_fixture(emu)  # each kernel test runs on the emulation and, where there is one, on the GPU
 
 DTYPES = [torch.float32, torch.bfloat16]
 # (rtol, atol relative to the largest reference magnitude): the kernels compute in fp32 and round once.
@@ -101,12 +104,12 @@ def _stack_reference(hs, kw, P):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", range(len(STACK_CASES)))
-def test_layer_stack_fuse_forward(dtype, case):
+def test_layer_stack_fuse_forward(kern, dtype, case):
     B, T, D, P, L, mode, layout, grid = STACK_CASES[case]
     torch.manual_seed(case)
     hs = _layers(L, B, T, D, dtype, layout)
     kw = _stack_kwargs(mode, B, T - P, L, D, grid)
-    out = emu.layer_stack_fuse(*_stack_op_args(hs, kw, P))
+    out = kern.layer_stack_fuse(*_stack_op_args(hs, kw, P))
     ref = _stack_reference(hs, kw, P)
     assert out.shape == ref.shape and out.dtype == dtype
     _close(out, ref, FWD_TOL[dtype], f"layer_stack_fuse {mode}")
@@ -114,7 +117,7 @@ def test_layer_stack_fuse_forward(dtype, case):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", range(len(STACK_CASES)))
-def test_layer_stack_fuse_backward(dtype, case):
+def test_layer_stack_fuse_backward(kern, dtype, case):
     B, T, D, P, L, mode, layout, grid = STACK_CASES[case]
     torch.manual_seed(100 + case)
     hs = _layers(L, B, T, D, dtype, layout)
@@ -122,7 +125,7 @@ def test_layer_stack_fuse_backward(dtype, case):
     ref_out = _stack_reference(hs, kw, P)
     grad = torch.randn(ref_out.shape, dtype=torch.float64).to(dtype)
     weights_grad = kw["weights"] is not None
-    dl, dw = emu.layer_stack_fuse_backward(grad, hs, kw["weights"], P, kw["normalize"], kw["eps"], kw["reduce"],
+    dl, dw = kern.layer_stack_fuse_backward(grad, hs, kw["weights"], P, kw["normalize"], kw["eps"], kw["reduce"],
                                            kw["add_last_token_mean"], kw["channels_first"], kw["latent_var"],
                                            1e-5, weights_grad)
     # fp64 gradients of the reference at the same (rounded) inputs.
@@ -190,12 +193,12 @@ def _route_inputs(B, N, D, L, layout, dtype, gamma_kind):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", range(len(ROUTE_SHAPES)))
 @pytest.mark.parametrize("route", range(len(ROUTES)))
-def test_depth_route_forward(dtype, shape, route):
+def test_depth_route_forward(kern, dtype, shape, route):
     B, N, D, L, layout = ROUTE_SHAPES[shape]
     energy, bound, gk, cap = ROUTES[route]
     torch.manual_seed(10 * shape + route)
     experts, logits, base, gamma = _route_inputs(B, N, D, L, layout, dtype, gk)
-    out = emu.depth_route(experts, logits, base, energy, bound, gamma, cap or 0.0)
+    out = kern.depth_route(experts, logits, base, energy, bound, gamma, cap or 0.0)
     ref = fu.depth_route_reference(experts, logits, base, energy=energy, bound=bound, gamma=gamma, cap=cap)
     assert out.shape == base.shape and out.dtype == dtype
     _close(out, ref, FWD_TOL[dtype], f"depth_route {energy}/{bound}/{gk}")
@@ -204,7 +207,7 @@ def test_depth_route_forward(dtype, shape, route):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", range(len(ROUTE_SHAPES)))
 @pytest.mark.parametrize("route", range(len(ROUTES)))
-def test_depth_route_backward(dtype, shape, route):
+def test_depth_route_backward(kern, dtype, shape, route):
     B, N, D, L, layout = ROUTE_SHAPES[shape]
     energy, bound, gk, cap = ROUTES[route]
     torch.manual_seed(200 + 10 * shape + route)
@@ -212,7 +215,7 @@ def test_depth_route_backward(dtype, shape, route):
     grad = torch.randn(B, N, D, dtype=torch.float64).to(dtype)
     # One "SM": 8 blocks, each striding over several tokens (and reducing γ's gradient across them).
     emu.fusion_launch_config(1 if shape == 1 else 132)
-    ge, glog, gbase, ggamma = emu.depth_route_backward(grad, experts, logits, base, energy, bound, gamma,
+    ge, glog, gbase, ggamma = kern.depth_route_backward(grad, experts, logits, base, energy, bound, gamma,
                                                        cap or 0.0)
     leaves = [e.detach().double().requires_grad_() for e in experts]
     lg = logits.double().requires_grad_()
@@ -243,7 +246,7 @@ LATENT_SHAPES = [(1, 1, 1, 8), (2, 5, 7, 37), (1, 6, 7, 72)]
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", LATENT_SHAPES)
 @pytest.mark.parametrize("strided", [False, True])
-def test_latent_normalize_roundtrip_and_backward(dtype, shape, strided):
+def test_latent_normalize_roundtrip_and_backward(kern, dtype, shape, strided):
     B, H, W, D = shape
     N = H * W
     torch.manual_seed(B * 1000 + N + D)
@@ -252,10 +255,10 @@ def test_latent_normalize_roundtrip_and_backward(dtype, shape, strided):
     if strided:
         z = torch.randn(B, D, N, dtype=torch.float64).to(dtype).transpose(1, 2)
     eps = 1e-5
-    x = emu.latent_normalize(z, mean, var, eps)
+    x = kern.latent_normalize(z, mean, var, eps)
     _close(x, fu.latent_normalize_reference(z, mean, var, eps), FWD_TOL[dtype], "latent_normalize")
     xs = x.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2) if strided else x  # channels-last view
-    back = emu.latent_denormalize(xs, mean, var, eps)
+    back = kern.latent_denormalize(xs, mean, var, eps)
     _close(back, fu.latent_denormalize_reference(xs, mean, var, eps), FWD_TOL[dtype], "latent_denormalize")
 
     g_cf = torch.randn(B, D, H, W, dtype=torch.float64).to(dtype)
@@ -263,8 +266,8 @@ def test_latent_normalize_roundtrip_and_backward(dtype, shape, strided):
     z64 = z.double().requires_grad_()
     want_z = torch.autograd.grad(fu.latent_normalize_reference(z64, mean.double(), var.double(), eps), z64,
                                  g_cf.double())[0]
-    _close(emu.latent_normalize_backward(g_cf, var, eps), want_z, BWD_TOL[dtype], "latent_normalize_backward")
+    _close(kern.latent_normalize_backward(g_cf, var, eps), want_z, BWD_TOL[dtype], "latent_normalize_backward")
     x64 = xs.double().requires_grad_()
     want_x = torch.autograd.grad(fu.latent_denormalize_reference(x64, mean.double(), var.double(), eps), x64,
                                  g_tok.double())[0]
-    _close(emu.latent_denormalize_backward(g_tok, var, eps), want_x, BWD_TOL[dtype], "latent_denormalize_backward")
+    _close(kern.latent_denormalize_backward(g_tok, var, eps), want_x, BWD_TOL[dtype], "latent_denormalize_backward")

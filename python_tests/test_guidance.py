@@ -466,12 +466,11 @@ def test_gfcg_select_bad(kw, arg):
 # (torch.ops.raekern_emu, docs/emu.md) with the launch plan of guidance_launch.h. One host fiber per
 # CUDA thread: small shapes. 140 elements per sample takes the scalar path, 128 the vector path.
 
+from _kernels import kernel_fixture  # noqa: E402
 from raekern._utils.library import emulation_library  # noqa: E402
 from raekern.ops.guidance import GuidanceOutput, _normalize  # noqa: E402
 
 _emu = emulation_library()
-needs_emu = pytest.mark.skipif(_emu is None or not hasattr(_emu, "guidance_step"),
-                               reason="raekern._emu (host emulation of the CUDA kernels) not built")
 EMU_TOL = {torch.float32: (2e-5, 2e-5), torch.bfloat16: (2e-2, 2e-2), torch.float16: (4e-3, 4e-3)}
 
 
@@ -479,11 +478,16 @@ _STEP_DEFAULTS = {k: v.default for k, v in inspect.signature(guidance_step).para
                   if v.kind == v.KEYWORD_ONLY and v.default is not inspect.Parameter.empty}
 
 
-def _emu_step(x, branches, t, **kw):
-    """guidance_step's argument handling, then the emulated CUDA op."""
-    a = _normalize(x, branches, t, **{**_STEP_DEFAULTS, **kw})
-    out, x0, mom, _ = _emu.guidance_step(*a)
-    return GuidanceOutput(out, x0 if a.return_x0 else None, mom if a.momentum is not None else None)
+kern = kernel_fixture(_emu, "guidance_step")  # each kernel test runs on the emulation and, where there is one, on the GPU
+
+
+def _kernel_step(kern):
+    """guidance_step's argument handling, then the CUDA op (emulated, or on the GPU)."""
+    def step(x, branches, t, **kw):
+        a = _normalize(x, branches, t, **{**_STEP_DEFAULTS, **kw})
+        out, x0, mom, _ = kern.guidance_step(*a)
+        return GuidanceOutput(out, x0 if a.return_x0 else None, mom if a.momentum is not None else None)
+    return step
 
 
 def _emu_close(a, b, dtype):
@@ -492,8 +496,8 @@ def _emu_close(a, b, dtype):
     torch.testing.assert_close(a.double(), b.double(), rtol=rtol, atol=atol * scale)
 
 
-def _emu_check(x, P, extra, mom, cfg, dtype, stacked=False):
-    got = _run(_emu_step, x, P, extra, mom, cfg, stacked=stacked)
+def _emu_check(kern, x, P, extra, mom, cfg, dtype, stacked=False):
+    got = _run(_kernel_step(kern), x, P, extra, mom, cfg, stacked=stacked)
     # the reference in fp64 on the same (rounded) inputs; momentum as given
     x64, P64 = x.double(), [p.double() for p in P]
     extra64 = {k: v.double() for k, v in extra.items()}
@@ -511,36 +515,35 @@ def _emu_check(x, P, extra, mom, cfg, dtype, stacked=False):
 @pytest.fixture
 def emu_schedule():
     yield
-    _emu.set_schedule("random", 0)
+    if _emu is not None:
+        _emu.set_schedule("random", 0)
 
 
-@needs_emu
 @pytest.mark.parametrize("S", [(4, 5, 7), (2, 64)], ids=["scalar140", "vec128"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("name", CASES)
-def test_emulated_cuda_matches_reference(name, dtype, S):
+def test_emulated_cuda_matches_reference(kern, name, dtype, S):
     B = 3
     cfg = _configs(B)[name]
     x, P, extra, mom = _inputs(B, S, dtype, K=cfg.get("K", 2), momentum_J=cfg.get("J_m", 0))
-    _emu_check(x, P, extra, mom, cfg, dtype)
+    _emu_check(kern, x, P, extra, mom, cfg, dtype)
 
 
-@needs_emu
 @pytest.mark.parametrize("schedule", ["forward", "reverse", "random"])
 @pytest.mark.parametrize("name", ["apg", "rescale", "zero_star"])
-def test_emulated_cuda_several_blocks_per_sample(name, schedule, emu_schedule):
-    # > 8192 elements per sample: several blocks reduce one sample (fp64 atomics across blocks), and
-    # each block's chunk boundary falls inside a vector row of the next
-    _emu.set_schedule(schedule, 7)
+def test_emulated_cuda_several_blocks_per_sample(kern, name, schedule, emu_schedule):
+    # > 8192 elements per sample: several blocks reduce one sample (one row of partial sums per block,
+    # added in order), and each block's chunk boundary falls inside a vector row of the next
+    if kern is _emu:  # (on the GPU the three schedules are three runs of the same launch)
+        _emu.set_schedule(schedule, 7)
     B, S = 2, (2 * 8192 + 64,)
     cfg = _configs(B)[name]
     x, P, extra, mom = _inputs(B, S, torch.float32, momentum_J=cfg.get("J_m", 0))
-    _emu_check(x, P, extra, mom, cfg, torch.float32)
+    _emu_check(kern, x, P, extra, mom, cfg, torch.float32)
 
 
-@needs_emu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_emulated_cuda_many_branches_and_terms(dtype):
+def test_emulated_cuda_many_branches_and_terms(kern, dtype):
     # K = 4 branches (mixed parameterizations), J = 3 terms with per-sample weights and masks, mixed t,
     # APG projection on one term: Gram size 5
     B, S = 4, (3, 11)
@@ -554,29 +557,27 @@ def test_emulated_cuda_many_branches_and_terms(dtype):
     g = torch.Generator().manual_seed(5)
     x = torch.randn(B, *S, generator=g, dtype=torch.float64).to(dtype)
     P = [torch.randn(B, *S, generator=g, dtype=torch.float64).to(dtype) for _ in range(4)]
-    got = _emu_step(x, P, t, **cfg)
+    got = _kernel_step(kern)(x, P, t, **cfg)
     want = guidance_step_reference(x.double(), [p.double() for p in P], t, **cfg)
     _emu_close(got.out, want.out, dtype)
     _emu_close(got.x0, want.x0, dtype)
 
 
-@needs_emu
 @pytest.mark.parametrize("name", ["cfg_euler_x0", "zero_star", "apg"])
-def test_emulated_cuda_stacked_and_stride0(name):
+def test_emulated_cuda_stacked_and_stride0(kern, name):
     B, S = 4, (6, 8)
     cfg = _configs(B)[name]
     x, P, extra, mom = _inputs(B, S, torch.float32, momentum_J=cfg.get("J_m", 0))
-    _emu_check(x, P, extra, mom, cfg, torch.float32, stacked=True)
+    _emu_check(kern, x, P, extra, mom, cfg, torch.float32, stacked=True)
     # expanded (batch stride 0) inputs
     x1, P1, _, _ = _inputs(1, S, torch.float32, seed=1)
     xe, Pe = x1.expand(B, *S), [p.expand(B, *S) for p in P1]
-    got = _run(_emu_step, xe, Pe, extra, mom, cfg)
+    got = _run(_kernel_step(kern), xe, Pe, extra, mom, cfg)
     want = _run(guidance_step_reference, xe.contiguous(), [p.contiguous() for p in Pe], extra, mom, cfg)
     _emu_close(got.out, want.out, torch.float32)
 
 
-@needs_emu
-def test_emulated_cuda_nearly_equal_branches():
+def test_emulated_cuda_nearly_equal_branches(kern):
     # the difference C − U is formed before it is weighted: fp32 keeps the guidance part's precision
     B, S = 3, (4, 33)
     g = torch.Generator().manual_seed(0)
@@ -584,76 +585,70 @@ def test_emulated_cuda_nearly_equal_branches():
     U = (torch.randn(B, *S, generator=g, dtype=torch.float64) * 4).float()
     C = (U.double() + 4e-3 * torch.randn(B, *S, generator=g, dtype=torch.float64)).float()
     kw = dict(terms=[(1, 0)], weights=[6.0], base=1, return_x0=True)
-    got = _emu_step(x, [U, C], 0.6, **kw)
+    got = _kernel_step(kern)(x, [U, C], 0.6, **kw)
     want = guidance_step_reference(x.double(), [U.double(), C.double()], 0.6, **kw)
     for a, b in ((got.out, want.out), (got.x0, want.x0)):
         err = (a.double() - b).abs()
         assert (err <= 2 * 2.0 ** -24 * b.abs() + 1e-6).all(), err.max().item()
-    same = _emu_step(x, [U, U.clone()], 0.6, **kw).out
-    assert torch.equal(same, _emu_step(x, [U], 0.6, terms=[], weights=[], base=0).out)
+    same = _kernel_step(kern)(x, [U, U.clone()], 0.6, **kw).out
+    assert torch.equal(same, _kernel_step(kern)(x, [U], 0.6, terms=[], weights=[], base=0).out)
 
 
-@needs_emu
-def test_emulated_cuda_matches_cpu_op():
+def test_emulated_cuda_matches_cpu_op(kern):
     B, S = 3, (2, 64)
     cfg = _configs(B)["apg"]
     x, P, extra, mom = _inputs(B, S, torch.float32, momentum_J=1)
-    got = _run(_emu_step, x, P, extra, mom, cfg)
+    got = _run(_kernel_step(kern), x, P, extra, mom, cfg)
     cpu = _run(guidance_step, x, P, extra, mom, cfg)
     torch.testing.assert_close(got.out, cpu.out, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got.momentum, cpu.momentum, rtol=1e-5, atol=1e-5)
 
 
-@needs_emu
-def test_emulated_cuda_affine_rules_at_singular_times():
+def test_emulated_cuda_affine_rules_at_singular_times(kern):
     """The CUDA solve kernel shares guidance_solve.h: CFG at t = 0 (x0/velocity) and t = 1 (eps)."""
     x, (C, U), _, _ = _inputs(2, (4, 32), torch.float32)
     for space, t in (("velocity", 0.0), ("x0", 0.0), ("eps", 1.0)):
-        got = _emu_step(x, [C, U], t, param=space, out_param=space, terms=[(0, 1)], weights=[1.5], base=1)
+        got = _kernel_step(kern)(x, [C, U], t, param=space, out_param=space, terms=[(0, 1)], weights=[1.5], base=1)
         _emu_close(got.out, U + 1.5 * (C - U), torch.float32)
 
 
-@needs_emu
-def test_emulated_cuda_statistics_limit():
+def test_emulated_cuda_statistics_limit(kern):
     # the CUDA Gram kernel keeps 1 + K + momentum terms <= 8 in registers
     B, S = 2, (8,)
     x, P, _, _ = _inputs(B, S, torch.float32, K=8)
     with pytest.raises(ValueError, match="'terms'"):
-        _emu_step(x, P, 0.5, terms=[(0, 1)], weights=[1.0], base=0, rescale_phi=0.5)
+        _kernel_step(kern)(x, P, 0.5, terms=[(0, 1)], weights=[1.0], base=0, rescale_phi=0.5)
     with pytest.raises((ValueError, TypeError, RuntimeError), match="'x'"):
-        _emu_step(x.double(), [p.double() for p in P], 0.5, terms=[(0, 1)], weights=[1.0], base=0)
+        _kernel_step(kern)(x.double(), [p.double() for p in P], 0.5, terms=[(0, 1)], weights=[1.0], base=0)
 
 
-@needs_emu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_emulated_cuda_combine(dtype):
+def test_emulated_cuda_combine(kern, dtype):
     B, S = 3, (5, 9)
     ins = [torch.randn(B, *S).to(dtype) for _ in range(3)]
     c = torch.randn(B, 3, dtype=torch.float64)
     c[1, 2] = 0.0
-    got = _emu.guidance_combine(ins, c)
+    got = kern.guidance_combine(ins, c)
     want = sum(c[:, e].view(B, 1, 1) * ins[e].double() for e in range(3))
     _emu_close(got, want, dtype)
 
 
-@needs_emu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("B, C", [(1, 2), (7, 10), (3, 1000)])
-def test_emulated_cuda_gfcg_select(dtype, B, C):
+def test_emulated_cuda_gfcg_select(kern, dtype, B, C):
     g = torch.Generator().manual_seed(B * C)
     logits = (torch.randn(B, C, generator=g) * 3).to(dtype)
     target = torch.randint(0, C, (B,), generator=g)
-    got = _emu.gfcg_select(logits, target, 3.0, 4.0, 0.1)
+    got = kern.gfcg_select(logits, target, 3.0, 4.0, 0.1)
     want = gfcg_select_reference(logits, target, w_max=3.0, kappa=4.0, w_min=0.1)
     assert torch.equal(got[0], want[0])
     for a, b in zip(got[1:], want[1:]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-@needs_emu
-def test_emulated_cuda_gfcg_select_ties_and_invalid_target():
+def test_emulated_cuda_gfcg_select_ties_and_invalid_target(kern):
     logits = torch.tensor([[5.0, 1.0, 1.0, 0.0], [0.0, 3.0, 3.0, 3.0], [1.0, 2.0, 3.0, 4.0]])
-    ref, w, pt, pr = _emu.gfcg_select(logits, torch.tensor([0, 2, 7]), 2.0, 1.0, 0.0)
+    ref, w, pt, pr = kern.gfcg_select(logits, torch.tensor([0, 2, 7]), 2.0, 1.0, 0.0)
     assert ref[:2].tolist() == [1, 1]  # lowest index on ties
     assert abs(float(w[1]) - 2.0) < 1e-6
     # the CUDA kernel does not synchronise to validate targets: an invalid one reads ref = -1, NaN

@@ -7,6 +7,7 @@ import os
 import pytest
 import torch
 
+from _kernels import kernel_fixture
 from raekern._utils.library import emulation_library
 from raekern.ops import norm as N
 
@@ -19,6 +20,8 @@ if emu is None:
 
 if not hasattr(emu, "norm_launch_config"):
     pytest.skip("this checkout has no norm CUDA kernels (csrc/norm/fused_norm_kernel.cuh)", allow_module_level=True)
+
+kern = kernel_fixture(emu)  # each kernel test runs on the emulation and, where there is one, on the GPU
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # (rtol, atol) against references evaluated in fp64 on the same (rounded) inputs; the kernels
@@ -76,16 +79,16 @@ SHAPES = [(1, 1, 8), (2, 5, 77), (1, 257, 40), (1, 268, 24), (3, 7, 268)]
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kind", ["rms", "layer"])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_norm_forward_backward(dtype, kind, shape):
+def test_norm_forward_backward(kern, dtype, kind, shape):
     B, Nt, D = shape
     x = (torch.randn(B, Nt, D) * 2 + 0.5).to(dtype)
     w, b = _affine(D, affine=D % 2 == 0)
     if kind == "rms":
-        out, rstd = emu.rms_norm(x, w, EPS)
+        out, rstd = kern.rms_norm(x, w, EPS)
         ref = lambda x_, w_: N.rms_norm_reference(x_, w_, EPS)  # noqa: E731
         ins = [x, w]
     else:
-        out, mean, rstd = emu.layer_norm(x, w, b, EPS)
+        out, mean, rstd = kern.layer_norm(x, w, b, EPS)
         ref = lambda x_, w_, b_: N.layer_norm_reference(x_, w_, b_, EPS)  # noqa: E731
         ins = [x, w, b]
     _close(out, ref(*[t.double() if t is not None else None for t in ins]), FWD_TOL[dtype], "out")
@@ -95,9 +98,9 @@ def test_norm_forward_backward(dtype, kind, shape):
 
     go = torch.randn_like(x)
     if kind == "rms":
-        got = emu.rms_norm_backward(go, x, w, rstd)
+        got = kern.rms_norm_backward(go, x, w, rstd)
     else:
-        got = emu.layer_norm_backward(go, x, w, b, mean, rstd)
+        got = kern.layer_norm_backward(go, x, w, b, mean, rstd)
     want = _ref_grads(ref, ins, [go])
     for name, g, r in zip(["grad_x", "grad_weight", "grad_bias"], got, want):
         if r is not None:
@@ -124,7 +127,7 @@ def test_block_sizes_and_schedules(block, schedule):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("layout", ["strided", "misaligned", "broadcast"])
-def test_scalar_path_layouts(dtype, layout):
+def test_scalar_path_layouts(kern, dtype, layout):
     base = torch.randn(2, 9, 130).to(dtype)
     if layout == "strided":
         x = base[:, :, ::2]  # feature stride 2
@@ -133,10 +136,10 @@ def test_scalar_path_layouts(dtype, layout):
     else:
         x = base[:, :1, :64].expand(2, 9, 64)  # stride-0 tokens
     w, _ = _affine(x.shape[-1], True)
-    out, rstd = emu.rms_norm(x, w, EPS)
+    out, rstd = kern.rms_norm(x, w, EPS)
     _close(out, N.rms_norm_reference(x.double(), w.double(), EPS), FWD_TOL[dtype], "out")
     go = torch.randn(x.shape).to(dtype)
-    got = emu.rms_norm_backward(go, x, w, rstd)
+    got = kern.rms_norm_backward(go, x, w, rstd)
     want = _ref_grads(lambda x_, w_: N.rms_norm_reference(x_, w_, EPS), [x, w], [go])
     _close(got[0], want[0], BWD_TOL[dtype], "grad_x")
     _close(got[1], want[1], BWD_TOL[dtype], "grad_weight")
@@ -160,11 +163,11 @@ def _operands(B, Nt, D, dtype, per, n):
 @pytest.mark.parametrize("per", ["sample", "token", "shared"])
 @pytest.mark.parametrize("kind", ["layer", "rms"])
 @pytest.mark.parametrize("B,Nt,D", [(2, 19, 64), (1, 257, 24), (2, 3, 77)])
-def test_norm_modulate(dtype, per, kind, B, Nt, D):
+def test_norm_modulate(kern, dtype, per, kind, B, Nt, D):
     x = torch.randn(B, Nt, D).to(dtype)
     shift, scale = _operands(B, Nt, D, dtype, per, 2)
     w, b = _affine(D, affine=kind == "layer")
-    out, mean, rstd = emu.norm_modulate(x, shift, scale, kind, w, b, EPS)
+    out, mean, rstd = kern.norm_modulate(x, shift, scale, kind, w, b, EPS)
 
     def ref(x_, sh_, sc_, w_, b_):
         return N.norm_modulate_reference(x_, sh_, sc_, kind=kind, weight=w_, bias=b_, eps=EPS)
@@ -172,7 +175,7 @@ def test_norm_modulate(dtype, per, kind, B, Nt, D):
     ins = [x, shift, scale, w, b]
     _close(out, ref(*[t.double() if t is not None else None for t in ins]), FWD_TOL[dtype], "out")
     go = torch.randn_like(x)
-    got = emu.norm_modulate_backward(go, x, shift, scale, kind, w, b, mean, rstd)
+    got = kern.norm_modulate_backward(go, x, shift, scale, kind, w, b, mean, rstd)
     want = _ref_grads(ref, ins, [go])
     for name, g, r in zip(["grad_x", "grad_shift", "grad_scale", "grad_weight", "grad_bias"], got, want):
         if r is not None:
@@ -182,15 +185,15 @@ def test_norm_modulate(dtype, per, kind, B, Nt, D):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("per", ["sample", "token"])
-def test_gated_residual(dtype, per):
+def test_gated_residual(kern, dtype, per):
     B, Nt, D = 2, 21, 72
     x, y = torch.randn(B, Nt, D).to(dtype), torch.randn(B, Nt, D).to(dtype)
     (gate,) = _operands(B, Nt, D, dtype, per, 1)
-    out = emu.gated_residual(x, gate, y)
+    out = kern.gated_residual(x, gate, y)
     ref = N.gated_residual_reference
     _close(out, ref(x.double(), gate.double(), y.double()), FWD_TOL[dtype], "x_out")
     grad = torch.randn_like(x)
-    dgate, dy = emu.gated_residual_backward(grad, gate, y)
+    dgate, dy = kern.gated_residual_backward(grad, gate, y)
     want = _ref_grads(ref, [x, gate, y], [grad])
     _close(dgate, want[1], BWD_TOL[dtype], "grad_gate")
     _close(dy, want[2], BWD_TOL[dtype], "grad_y")
@@ -200,12 +203,12 @@ def test_gated_residual(dtype, per):
 @pytest.mark.parametrize("per", ["sample", "token"])
 @pytest.mark.parametrize("kind", ["layer", "rms"])
 @pytest.mark.parametrize("grads", ["both", "out_only", "x_out_only"])
-def test_gated_residual_norm_modulate(dtype, per, kind, grads):
+def test_gated_residual_norm_modulate(kern, dtype, per, kind, grads):
     B, Nt, D = 2, 17, 88
     x, y = torch.randn(B, Nt, D).to(dtype), torch.randn(B, Nt, D).to(dtype)
     gate, shift, scale = _operands(B, Nt, D, dtype, per, 3)
     w, b = _affine(D, affine=kind == "layer")
-    x_out, out, mean, rstd = emu.gated_residual_norm_modulate(x, gate, y, shift, scale, kind, w, b, EPS)
+    x_out, out, mean, rstd = kern.gated_residual_norm_modulate(x, gate, y, shift, scale, kind, w, b, EPS)
 
     def ref(x_, g_, y_, sh_, sc_, w_, b_):
         return N.gated_residual_norm_modulate_reference(x_, g_, y_, sh_, sc_, kind=kind, weight=w_, bias=b_,
@@ -222,7 +225,7 @@ def test_gated_residual_norm_modulate(dtype, per, kind, grads):
 
     g_xo = torch.randn_like(x) if grads != "out_only" else None
     g_out = torch.randn_like(x) if grads != "x_out_only" else None
-    got = emu.gated_residual_norm_modulate_backward(g_xo, g_out, x_out, gate, y, shift, scale, kind, w, b,
+    got = kern.gated_residual_norm_modulate_backward(g_xo, g_out, x_out, gate, y, shift, scale, kind, w, b,
                                                     mean, rstd)
     ins = [x, gate, y, shift, scale, w, b]
     want = _ref_grads(ref, ins, [g_xo, g_out])
