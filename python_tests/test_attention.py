@@ -294,6 +294,29 @@ def test_sdpa_fallback_with_mask_compiles_fullgraph():
     torch.testing.assert_close(f(q, k, v, m), attention(q, k, v, key_padding_mask=m))
 
 
+def test_build_facts_are_compile_constants_without_importing_dynamo():
+    """raekern marks its cached build/GPU facts the way torch.compiler.assume_constant_result does, so
+    `import raekern` need not import torch._dynamo; this fails if a torch release changes the mark."""
+    import subprocess
+    import sys
+
+    import torch._dynamo
+
+    A = importlib.import_module("raekern.ops.attention")
+
+    def probe():
+        return 0
+
+    marked = torch._dynamo.assume_constant_result(probe)
+    assert marked is probe and vars(probe) == {"_dynamo_marked_constant": True}
+    for fn in (A._arch_reason, A._smem_reason):
+        assert getattr(fn, "_dynamo_marked_constant", False)
+    code = ("import sys, raekern.ops, raekern.models, raekern.sampling, raekern.cli; "
+            "print('torch._dynamo' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False", "importing raekern imports torch._dynamo again (1.5 s per start)"
+
+
 def test_cuda_eligibility_follows_the_build_archs_and_shared_memory(monkeypatch):
     """Pure host logic (no GPU): which GPUs the compiled images serve, and the forward's shared memory."""
     for archs, runs, refused in (("8.0,9.0a", [(8, 0), (8, 6), (8, 9), (9, 0)], [(10, 0), (12, 0), (7, 5)]),

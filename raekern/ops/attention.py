@@ -23,6 +23,7 @@ import functools
 import logging
 import math
 import os
+import sys
 from typing import Optional
 
 import torch
@@ -211,12 +212,22 @@ def _cuda_backward_forced() -> bool:
 _FACTS: dict = {}
 
 
+def _assume_constant_result(fn):
+    # torch.compiler.assume_constant_result imports torch._dynamo, 1.5 s of every `import raekern`;
+    # all it does is set this mark, which dynamo reads when it traces a call (torch 2.11 to 2.14;
+    # test_attention.py checks that the two still agree).
+    if "torch._dynamo" in sys.modules:
+        return torch.compiler.assume_constant_result(fn)
+    fn._dynamo_marked_constant = True
+    return fn
+
+
 def _cached(fn):
     def wrapper(*key):
         if (fn, key) not in _FACTS:
             _FACTS[(fn, key)] = fn(*key)
         return _FACTS[(fn, key)]
-    return torch.compiler.assume_constant_result(functools.wraps(fn)(wrapper))
+    return _assume_constant_result(functools.wraps(fn)(wrapper))
 
 
 @_cached
