@@ -153,9 +153,11 @@ inline void vec_residual_stats(const T* x, const T* gate, const T* y, T* x_out, 
   const __mmask16 m0 = cpu::tail_mask(D);
   const __m512 r0 = row16(0, m0);
   const __m512 vc = _mm512_set1_ps(_mm512_cvtss_f32(r0));
+  // LayerNorm needs the sum here (its variance comes from a second pass), RMSNorm the sum of squares.
+  const bool layer = kind == Kind::Layer;
   const auto add = [&](__m512 r, __mmask16 m, __m512& sum, __m512& sumsq) {
-    sum = _mm512_add_ps(sum, _mm512_maskz_sub_ps(m, r, vc));
-    sumsq = _mm512_fmadd_ps(r, r, sumsq);
+    if (layer) sum = _mm512_add_ps(sum, _mm512_maskz_sub_ps(m, r, vc));
+    else sumsq = _mm512_fmadd_ps(r, r, sumsq);
   };
   const auto step = [&](int64_t i, __m512& sum, __m512& sumsq) {
     const __mmask16 m = cpu::tail_mask(D - i);
@@ -199,18 +201,40 @@ inline void vec_residual_stats(const T* x, const T* gate, const T* y, T* x_out, 
   }
 }
 
-// out = (xb - mean) * rstd * ca + cb, stored as T. Subtracting before scaling keeps a constant row
-// exactly 0 (rstd = 1/sqrt(eps) would amplify the rounding of a folded mean*rstd).
+// out = (xb - mean) * rstd * ca + cb, stored as T; ca == nullptr: no affine and no modulation (the
+// plain norms, RAE's non-affine LayerNorm), out = (xb - mean) * rstd. Subtracting before scaling
+// keeps a constant row exactly 0 (rstd = 1/sqrt(eps) would amplify the rounding of a folded mean*rstd).
+// While a row is written from L1, the next row's input (pf_x) and output lines (pf_out, unless the
+// output streams) are fetched: the shapes of a DiT sit in L3, and a row's first pass otherwise
+// waits on every line of it (the streamer restarts at each row's page boundary).
 template <class T>
 inline void vec_output(const acc_t<T>* xb, const acc_t<T>* ca, const acc_t<T>* cb, acc_t<T> rstd,
-                       acc_t<T> mean, int64_t D, T* out, bool stream) {
+                       acc_t<T> mean, int64_t D, T* out, bool stream, const T* pf_x, T* pf_out) {
   if constexpr (has_vec16<T>) {
   const auto put = [stream](T* p, __m512 v, __mmask16 m) { put16(p, v, m, stream); };
   const __m512 vr = _mm512_set1_ps(rstd), vm = _mm512_set1_ps(mean);
-  for (int64_t i = 0; i < D; i += 16) {
-    const __mmask16 m = cpu::tail_mask(D - i);
-    __m512 h = _mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, xb + i), vm), vr);
-    put(out + i, _mm512_fmadd_ps(h, _mm512_maskz_loadu_ps(m, ca + i), _mm512_maskz_loadu_ps(m, cb + i)), m);
+  const int64_t full = D & ~int64_t(15);
+  const auto fetch = [&](int64_t i) {
+    if (pf_x) _mm_prefetch(reinterpret_cast<const char*>(pf_x + i), _MM_HINT_T0);
+    if (pf_out) _m_prefetchw(pf_out + i);
+  };
+  if (!ca) {
+    for (int64_t i = 0; i < full; i += 16) {
+      fetch(i);
+      put(out + i, _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(xb + i), vm), vr), __mmask16(0xffff));
+    }
+  } else {
+    for (int64_t i = 0; i < full; i += 16) {
+      fetch(i);
+      const __m512 h = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(xb + i), vm), vr);
+      put(out + i, _mm512_fmadd_ps(h, _mm512_loadu_ps(ca + i), _mm512_loadu_ps(cb + i)), __mmask16(0xffff));
+    }
+  }
+  if (full < D) {
+    const __mmask16 m = cpu::tail_mask(D - full);
+    __m512 h = _mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, xb + full), vm), vr);
+    if (ca) h = _mm512_fmadd_ps(h, _mm512_maskz_loadu_ps(m, ca + full), _mm512_maskz_loadu_ps(m, cb + full));
+    put(out + full, h, m);
   }
   }
 }
@@ -315,7 +339,8 @@ template <class T>
 inline void vec_residual_stats(const T*, const T*, const T*, T*, int64_t, acc_t<T>*, Kind, double, acc_t<T>&,
                                acc_t<T>&, bool, const T*) {}
 template <class T>
-inline void vec_output(const acc_t<T>*, const acc_t<T>*, const acc_t<T>*, acc_t<T>, acc_t<T>, int64_t, T*, bool) {}
+inline void vec_output(const acc_t<T>*, const acc_t<T>*, const acc_t<T>*, acc_t<T>, acc_t<T>, int64_t, T*, bool,
+                       const T*, T*) {}
 template <class T>
 inline void vec_backward_row(const BwdRowPtrs&, const float*, const float*, float, float, int64_t, bool, float*,
                              bool) {}
@@ -344,6 +369,7 @@ void forward_kernel(const FwdParams& p) {
                          (!p.scale.ptr || p.scale.sd == 1);
   const A* w = static_cast<const A*>(p.weight);
   const A* bias = static_cast<const A*>(p.bias);
+  const bool plain = !w && !bias && !p.shift.ptr && !p.scale.ptr;  // out = xhat
   A* mean_out = static_cast<A*>(p.mean);
   A* rstd_out = static_cast<A*>(p.rstd);
 
@@ -410,7 +436,9 @@ void forward_kernel(const FwdParams& p) {
           }
         }
         if (vec_rows) {
-          vec_output<T>(xb, ca, cb, rstd, mean, D, out, stream);
+          const bool more = n + 1 < n1;
+          vec_output<T>(xb, plain ? nullptr : ca, cb, rstd, mean, D, out, stream,
+                        more ? row_of<T>(p.x, b, n + 1) : nullptr, more && !stream ? out + D : nullptr);
         } else {
           // Through a scratch row: GCC's loop writing `out` directly ran several times slower.
 #pragma omp simd
