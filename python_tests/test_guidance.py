@@ -374,6 +374,34 @@ def test_torch_compile_fullgraph():
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("stat", [dict(rescale_phi=0.7), dict(zero_star=True), dict(apg_norm_threshold=1.0),
+                                  dict(apg_eta=0.0)], ids=["rescale", "zero_star", "apg_r", "apg_eta"])
+@pytest.mark.parametrize("shape", [(2, 0, 8), (3, 0), (0, 4)])
+def test_empty_samples_with_statistics(stat, shape):
+    # Statistics over nothing are 0 (the solve used to read them through a null pointer and crash).
+    x = torch.randn(shape)
+    kw = dict(terms=[(0, 1)], weights=[1.5], base=0, **stat)
+    for fn in (guidance_step, guidance_step_reference):
+        assert fn(x, [x, 2 * x], 0.5, **kw).out.shape == x.shape
+
+
+def test_torch_compile_dynamic_shapes_and_floats():
+    # dynamic=True makes the float arguments symbolic: the argument checks must still trace.
+    def f(x, C, U):
+        return guidance_step(x, [C, U], 0.3, terms=[(0, 1)], weights=[1.5], base=0, rescale_phi=0.5).out
+
+    def g(logits, target):
+        return gfcg_select(logits, target, w_max=3.0, kappa=2.0)[1]
+
+    cf = torch.compile(f, fullgraph=True, dynamic=True, backend="aot_eager")
+    cg = torch.compile(g, fullgraph=True, dynamic=True, backend="aot_eager")
+    for B in (3, 5):
+        x, (C, U), _, _ = _inputs(B, (2, 7), torch.float32)
+        torch.testing.assert_close(cf(x, C, U), f(x, C, U))
+        logits, target = torch.randn(B, 10), torch.arange(B) % 10
+        torch.testing.assert_close(cg(logits, target), g(logits, target))
+
+
 def _base_kwargs():
     return dict(terms=[(0, 1)], weights=[2.0], base=0)
 
@@ -540,6 +568,12 @@ def test_emulated_cuda_several_blocks_per_sample(kern, name, schedule, emu_sched
     cfg = _configs(B)[name]
     x, P, extra, mom = _inputs(B, S, torch.float32, momentum_J=cfg.get("J_m", 0))
     _emu_check(kern, x, P, extra, mom, cfg, torch.float32)
+
+
+@pytest.mark.parametrize("stat", [dict(rescale_phi=0.7), dict(zero_star=True), dict(apg_eta=0.0)])
+def test_emulated_cuda_empty_samples_with_statistics(kern, stat):
+    x = torch.randn(2, 0, 8)
+    assert _kernel_step(kern)(x, [x, x], 0.5, terms=[(0, 1)], weights=[1.5], base=0, **stat).out.shape == x.shape
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

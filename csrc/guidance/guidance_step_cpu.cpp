@@ -274,7 +274,9 @@ struct Runner {
     // the calling thread instead of paying for a parallel region.
     const int64_t task_bytes = int64_t(ns + nout) * int64_t(sizeof(T)) * std::min(kOutChunk, N);
     if (!cfg.needs_gram() || N == 0) {
-      for (int64_t b = 0; b < B; ++b) solve_sample(b, nullptr);
+      // Empty samples: every statistic is a sum over nothing.
+      const std::vector<double> none(cfg.needs_gram() ? nacc : 0, 0.0);
+      for (int64_t b = 0; b < B; ++b) solve_sample(b, none.empty() ? nullptr : none.data());
       if (N == 0) return;
       // One pass. Tasks of kOutChunk elements, so both halves of a small batch and the tail of a
       // large one still spread across threads.

@@ -132,10 +132,11 @@ __global__ void solve_kernel(Params p) {
   const int nacc = gram_entries(ng) + ng;
   double sum[kMaxGram * (kMaxGram + 1) / 2 + kMaxGram];
   const double* g = nullptr;
-  if (p.stats) {  // the chunks' partial statistics of sample b, added in chunk order
+  if (p.cfg.needs_gram()) {  // the chunks' partial statistics of sample b, added in chunk order
     for (int a = 0; a < nacc; ++a) sum[a] = 0.0;
-    for (int64_t ch = 0; ch < p.chunks; ++ch)
-      for (int a = 0; a < nacc; ++a) sum[a] += p.stats[(b * p.chunks + ch) * nacc + a];
+    if (p.stats)  // (none for empty samples: every statistic is a sum over nothing)
+      for (int64_t ch = 0; ch < p.chunks; ++ch)
+        for (int a = 0; a < nacc; ++a) sum[a] += p.stats[(b * p.chunks + ch) * nacc + a];
     g = sum;
   }
   Coeffs c;

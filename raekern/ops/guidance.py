@@ -78,6 +78,12 @@ class GuidanceOutput(NamedTuple):
 # argument normalisation
 
 
+def _finite(v) -> bool:
+    # Not math.isfinite: under torch.compile(dynamic=True) a float argument is symbolic, and only
+    # comparisons trace. NaN and ±inf both compare False.
+    return abs(v) < math.inf
+
+
 def _space(value, arg: str) -> int:
     if isinstance(value, str) and value in SPACES:
         return SPACES[value]
@@ -231,7 +237,7 @@ def _normalize(x, branches, t, *, param, terms, weights, base, zero_star, apg_et
     for e in _per_term(apg_eta, J, "apg_eta"):
         if e is None:
             etas.append(math.nan)
-        elif isinstance(e, (int, float)) and math.isfinite(e):
+        elif isinstance(e, (int, float)) and _finite(e):
             etas.append(float(e))
         else:
             fail(_OP, "apg_eta", f"must be None or a finite float per term, got {e!r}")
@@ -247,7 +253,7 @@ def _normalize(x, branches, t, *, param, terms, weights, base, zero_star, apg_et
     for bt in _per_term(apg_beta, J, "apg_beta"):
         if bt is None:
             betas.append(0.0)
-        elif isinstance(bt, (int, float)) and math.isfinite(bt):
+        elif isinstance(bt, (int, float)) and _finite(bt):
             betas.append(float(bt))
         else:
             fail(_OP, "apg_beta", f"must be None or a finite float per term, got {bt!r}")
@@ -265,7 +271,7 @@ def _normalize(x, branches, t, *, param, terms, weights, base, zero_star, apg_et
     else:
         momentum = None
 
-    if not isinstance(rescale_phi, (int, float)) or not math.isfinite(rescale_phi):
+    if not isinstance(rescale_phi, (int, float)) or not _finite(rescale_phi):
         fail(_OP, "rescale_phi", f"must be a finite float, got {rescale_phi!r}")
     rspace = _space(rescale_space, "rescale_space")
     if rescale_ref is None:
@@ -570,7 +576,7 @@ def guidance_step_reference(x, branches, t, **kw) -> GuidanceOutput:
         R = a.rescale_space
         gr = _convert(G, W, R, xc, tt)
         ref = _convert(Y[a.rescale_ref], W, R, xc, tt)
-        n = gr[0].numel()
+        n = gr.flatten(1).shape[1]  # (B may be 0)
         cor = 1 if n > 1 else 0
         sg = gr.flatten(1).std(dim=1, correction=cor)
         sr = ref.flatten(1).std(dim=1, correction=cor)
@@ -629,7 +635,7 @@ def gfcg_select(logits: torch.Tensor, target: torch.Tensor, *, w_max: float, kap
     if target.device != logits.device:
         fail(op, "target", f"must be on {logits.device} like the logits, got {target.device}")
     for name, v in (("w_max", w_max), ("kappa", kappa), ("w_min", w_min)):
-        if not isinstance(v, (int, float)) or not math.isfinite(v):
+        if not isinstance(v, (int, float)) or not _finite(v):
             fail(op, name, f"must be a finite float, got {v!r}")
     if w_min > w_max:
         fail(op, "w_min", f"must be <= w_max ({w_max}), got {w_min}")
