@@ -279,6 +279,25 @@ def test_backends_agree_under_autocast(name):
 
 
 @needs_ops
+@pytest.mark.parametrize("name", ["rae-tiny", "drorae-tiny"])
+def test_rae_backends_agree_under_autocast(name):
+    """DRoRAE's experts come out of a batched GEMM in bf16 under autocast while its base (a LayerNorm)
+    stays fp32: depth_route promotes them as the torch backend's math does."""
+    torch.manual_seed(0)
+    ref = randomize_(M.build_rae(name, backend="torch")).eval()
+    fast = M.build_rae(name, backend="raekern").eval()
+    fast.load_state_dict(ref.state_dict())
+    img = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        exact = ref.encode(img)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            want, got = ref.encode(img), fast.encode(img)
+    err_r = (got.double() - exact.double()).norm() / exact.double().norm()
+    err_t = (want.double() - exact.double()).norm() / exact.double().norm()
+    assert got.shape == want.shape and err_r <= 2 * err_t + 1e-3, (err_r.item(), err_t.item())
+
+
+@needs_ops
 def test_dit_compile_fullgraph():
     m = tiny("ditdh-tiny-v2", "raekern")
     x, t, y = dit_inputs(m, B=2)

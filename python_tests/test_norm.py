@@ -111,6 +111,15 @@ def test_autocast_promotes_mixed_operands():
     _close(h, want[1], torch.float32)
 
 
+def test_meta_tensors():
+    # Shapes only (a model built on the meta device): no autocast query on a device that has none.
+    x, y = torch.randn(2, 9, 16, device="meta"), torch.randn(2, 9, 16, device="meta")
+    s = torch.randn(2, 1, 16, device="meta")
+    assert R.norm_modulate(x, s, s).shape == x.shape
+    assert R.gated_residual(x, s, y).shape == x.shape
+    assert [t.shape for t in R.gated_residual_norm_modulate(x, s, y, s, s)] == [x.shape, x.shape]
+
+
 def test_double_backward_is_refused():
     x = torch.randn(2, 3, 8, dtype=torch.float64, requires_grad=True)
     for fn in (R.rms_norm, R.layer_norm):

@@ -61,3 +61,21 @@ def check_broadcast(t: torch.Tensor, shape: Sequence[int], op: str, arg: str) ->
 def check_choice(value, choices: Sequence, op: str, arg: str) -> None:
     if value not in choices:
         fail(op, arg, f"must be one of {list(choices)}, got {value!r}")
+
+
+def autocast_promote(x, *ts):
+    """Under torch.autocast a Linear's output (bf16/fp16: adaLN chunks, an attention or MLP branch,
+    DRoRAE's experts) meets an fp32 tensor (the residual stream, a LayerNorm output); eager PyTorch
+    promotes that mixed expression, and so do the ops that call this. Outside autocast a dtype
+    mismatch stays an error naming the argument. Devices without autocast (meta) pass through."""
+    if not isinstance(x, torch.Tensor):
+        return (x, *ts)
+    dev = x.device.type
+    if not torch.amp.is_autocast_available(dev) or not torch.is_autocast_enabled(dev):
+        return (x, *ts)
+    dt = x.dtype
+    for t in ts:
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and x.is_floating_point():
+            dt = torch.promote_types(dt, t.dtype)
+    return tuple(t.to(dt) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != dt else t
+                 for t in (x, *ts))

@@ -17,7 +17,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from raekern._utils.checks import check_choice, check_tensor, fail
+from raekern._utils.checks import autocast_promote, check_choice, check_tensor, fail
 from raekern._utils.library import forbid_double_backward
 
 __all__ = [
@@ -299,6 +299,7 @@ def depth_route(
     """
     op = "depth_route"
     experts = _as_list(experts, op, "experts")
+    base, *experts = autocast_promote(base, *experts)  # bf16 experts (autocast) and an fp32 LayerNorm base
     L = len(experts)
     B, N, D = experts[0].shape
     check_choice(energy, ("l2", "softmax", "none"), op, "energy")

@@ -27,7 +27,8 @@ from typing import Literal, Optional
 import torch
 from torch import Tensor
 
-from raekern._utils.checks import check_broadcast, check_choice, check_last_dim, check_tensor, fail
+from raekern._utils.checks import (autocast_promote, check_broadcast, check_choice, check_last_dim, check_tensor,
+                                  fail)
 from raekern._utils.library import forbid_double_backward
 
 __all__ = [
@@ -71,20 +72,6 @@ def _as_operand(t, x: Tensor, op: str, arg: str) -> Tensor:
         return t.unsqueeze(1)
     check_broadcast(t, x.shape, op, arg)
     return t
-
-
-def _autocast_promote(x, *ts):
-    """Under torch.autocast a Linear's output (bf16/fp16: adaLN chunks, an attention or MLP branch)
-    meets the fp32 residual stream; eager PyTorch promotes that mixed expression, and so do these
-    ops. Outside autocast a dtype mismatch stays an error naming the argument."""
-    if not isinstance(x, Tensor) or not torch.is_autocast_enabled(x.device.type):
-        return (x, *ts)
-    dt = x.dtype
-    for t in ts:
-        if isinstance(t, Tensor) and t.is_floating_point() and x.is_floating_point():
-            dt = torch.promote_types(dt, t.dtype)
-    return tuple(t.to(dt) if isinstance(t, Tensor) and t.is_floating_point() and t.dtype != dt else t
-                 for t in (x, *ts))
 
 
 def _check_kind(kind, op: str) -> None:
@@ -135,7 +122,7 @@ def norm_modulate(x: Tensor, shift: Tensor, scale: Tensor, *, kind: Kind = "laye
     Differentiable in x, shift, scale, weight, bias.
     """
     op = "norm_modulate"
-    x, shift, scale = _autocast_promote(x, shift, scale)
+    x, shift, scale = autocast_promote(x, shift, scale)
     _check_x(x, op)
     _check_kind(kind, op)
     shift = _as_operand(shift, x, op, "shift")
@@ -153,7 +140,7 @@ def gated_residual(x: Tensor, gate: Tensor, y: Tensor) -> Tensor:
     Differentiable in x, gate, y.
     """
     op = "gated_residual"
-    x, gate, y = _autocast_promote(x, gate, y)
+    x, gate, y = autocast_promote(x, gate, y)
     _check_x(x, op)
     gate = _as_operand(gate, x, op, "gate")
     _check_y(y, x, op)
@@ -174,7 +161,7 @@ def gated_residual_norm_modulate(x: Tensor, gate: Tensor, y: Tensor, shift: Tens
     pair would). Differentiable in x, gate, y, shift, scale, weight, bias.
     """
     op = "gated_residual_norm_modulate"
-    x, gate, y, shift, scale = _autocast_promote(x, gate, y, shift, scale)
+    x, gate, y, shift, scale = autocast_promote(x, gate, y, shift, scale)
     _check_x(x, op)
     _check_kind(kind, op)
     gate = _as_operand(gate, x, op, "gate")
