@@ -498,6 +498,27 @@ def test_rae_state_dict_with_stats_loads_into_a_fresh_model():
             torch.testing.assert_close(fresh.encode(img), rae.encode(img), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("name", ["decoder-tiny", "dinov2-tiny-reg", "rae-tiny", "drorae-tiny"])
+def test_meta_build_to_empty_then_load_state_dict(name):
+    """The usual large-model recipe: build on meta, to_empty, load the weights. The ImageNet mean/std
+    buffers are in no checkpoint; loading writes them again instead of leaving uninitialised memory."""
+    torch.manual_seed(0)
+    rae = name.endswith("rae-tiny")
+    make = (lambda **kw: M.build_rae(name, **kw)) if rae else (lambda **kw: M.build(name, **kw))  # noqa: E731
+    ref = randomize_(make()).eval()
+    m = make(device="meta").to_empty(device="cpu").eval()
+    m.load_state_dict(ref.state_dict())
+    img = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        if rae:
+            torch.testing.assert_close(m.decode(m.encode(img)), ref.decode(ref.encode(img)), rtol=0, atol=0)
+        elif name == "decoder-tiny":
+            z = torch.randn(1, 16, 16)
+            torch.testing.assert_close(m.to_unit(m(z)), ref.to_unit(ref(z)), rtol=0, atol=0)
+        else:
+            torch.testing.assert_close(m.preprocess(img), ref.preprocess(img), rtol=0, atol=0)
+
+
 def test_rae_encode_decode_inverse(tmp_path):
     enc = tiny("dinov2-tiny-reg", "torch")
     dec = tiny("decoder-tiny", "torch")

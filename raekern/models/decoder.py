@@ -20,6 +20,22 @@ from raekern.models.vit import MAELayer, run_vit
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
+
+def register_pixel_stats(module: nn.Module) -> None:
+    """ImageNet mean/std as non-persistent buffers `_mean`, `_std` [1, 3, 1, 1] (not in checkpoints)."""
+    module.register_buffer("_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+    module.register_buffer("_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+
+def refill_pixel_stats(module: nn.Module) -> None:
+    """Writes the constants again: a model built on the meta device and moved with to_empty() holds
+    uninitialised memory there, and no checkpoint carries them. Called on every load_state_dict."""
+    with torch.no_grad():
+        for name, val in (("_mean", IMAGENET_MEAN), ("_std", IMAGENET_STD)):
+            b = module._buffers.get(name)
+            if b is not None and not b.is_meta:
+                b.copy_(torch.tensor(val, dtype=b.dtype).view(1, 3, 1, 1))
+
 DECODER_CONFIGS = {
     "ViT-B": dict(hidden_size=768, depth=12, num_heads=12, intermediate_size=3072),
     "ViT-L": dict(hidden_size=1024, depth=24, num_heads=16, intermediate_size=4096),
@@ -58,8 +74,11 @@ class ViTMAEDecoder(nn.Module):
         self.decoder_norm = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
         self.decoder_pred = nn.Linear(hidden_size, patch_size ** 2 * num_channels)
         self.trainable_cls_token = nn.Parameter(torch.zeros(1, 1, hidden_size))
-        self.register_buffer("_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        register_pixel_stats(self)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        refill_pixel_stats(self)
 
     def set_backend(self, backend: str):
         from raekern.models.layers import set_backend

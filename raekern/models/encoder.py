@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from raekern.models.decoder import IMAGENET_MEAN, IMAGENET_STD
+from raekern.models.decoder import refill_pixel_stats, register_pixel_stats
 from raekern.models.layers import check_backend
 from raekern.models.vit import Dinov2Layer, Dinov3Layer, run_vit
 
@@ -34,12 +34,15 @@ class _FrozenEncoder(nn.Module):
     def _freeze(self):
         self.requires_grad_(False)
         self.eval()
-        self.register_buffer("_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        register_pixel_stats(self)
 
     def train(self, mode: bool = True):
         # frozen: dropout-free already, but keep eval semantics whatever the parent does
         return super().train(False)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        refill_pixel_stats(self)
 
     def set_backend(self, backend: str):
         from raekern.models.layers import set_backend
