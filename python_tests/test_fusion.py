@@ -177,12 +177,20 @@ def test_layer_stack_fuse_inductor_compile():
 
 
 def test_layer_stack_fuse_compile_dynamic_without_grid():
-    """The square grid is derived from the token count; a symbolic count is specialised, not an error."""
+    """The square grid is derived from the token count and stays symbolic (SymInt grid in the schema):
+    one graph serves every square token count."""
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
     f = torch.compile(lambda ls: ops.layer_stack_fuse(ls, skip_tokens=1, channels_first=True),
-                      fullgraph=True, dynamic=True, backend="eager")
-    for T in (17, 10):
+                      fullgraph=True, dynamic=True, backend=backend)
+    for T in (17, 10, 37):
         hs = [torch.randn(2, T, 8)]
         torch.testing.assert_close(f(hs), fu.layer_stack_fuse_reference(hs, skip_tokens=1, channels_first=True))
+    assert len(graphs) == 1
 
 
 def test_layer_stack_fuse_weight_grad_is_bit_identical_run_to_run():

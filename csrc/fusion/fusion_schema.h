@@ -9,7 +9,7 @@ namespace raekern::fusion {
 inline void define_schemas(torch::Library& m) {
   m.def(
       "layer_stack_fuse(Tensor[] layers, Tensor? weights, int skip_tokens, bool normalize, float eps, "
-      "str reduce, bool add_last_token_mean, bool channels_first, int grid_h, int grid_w, "
+      "str reduce, bool add_last_token_mean, bool channels_first, SymInt grid_h, SymInt grid_w, "
       "Tensor? latent_mean, Tensor? latent_var, float latent_eps) -> Tensor");
   m.def(
       "layer_stack_fuse_backward(Tensor grad, Tensor[] layers, Tensor? weights, int skip_tokens, "
