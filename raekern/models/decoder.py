@@ -21,20 +21,33 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def register_pixel_stats(module: nn.Module) -> None:
-    """ImageNet mean/std as non-persistent buffers `_mean`, `_std` [1, 3, 1, 1] (not in checkpoints)."""
-    module.register_buffer("_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-    module.register_buffer("_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+class PixelStats(nn.Module):
+    """ImageNet mean/std as non-persistent buffers `_mean`, `_std` [1, 3, 1, 1]: in no checkpoint, so
+    every load_state_dict writes them again (a model built on the meta device and moved with
+    to_empty() would otherwise compute with uninitialised memory)."""
+
+    def _register_pixel_stats(self) -> None:
+        self.register_buffer("_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        refill_pixel_stats(self)
 
 
-def refill_pixel_stats(module: nn.Module) -> None:
-    """Writes the constants again: a model built on the meta device and moved with to_empty() holds
-    uninitialised memory there, and no checkpoint carries them. Called on every load_state_dict."""
+def refill_pixel_stats(module: nn.Module, materialize: bool = False) -> None:
+    """Writes the constants into `module`'s `_mean` / `_std` buffers; meta ones are replaced by real
+    (CPU) tensors only when `materialize` (registry.load, after filling a meta-built model)."""
     with torch.no_grad():
         for name, val in (("_mean", IMAGENET_MEAN), ("_std", IMAGENET_STD)):
             b = module._buffers.get(name)
-            if b is not None and not b.is_meta:
+            if b is None:
+                continue
+            if not b.is_meta:
                 b.copy_(torch.tensor(val, dtype=b.dtype).view(1, 3, 1, 1))
+            elif materialize:
+                module._buffers[name] = torch.tensor(val).view(1, 3, 1, 1)
+
 
 DECODER_CONFIGS = {
     "ViT-B": dict(hidden_size=768, depth=12, num_heads=12, intermediate_size=3072),
@@ -43,7 +56,7 @@ DECODER_CONFIGS = {
 }
 
 
-class ViTMAEDecoder(nn.Module):
+class ViTMAEDecoder(PixelStats):
     """Latent tokens ``[B, N, latent_dim]`` → pixels ``[B, 3, √N·p, √N·p]``.
 
     ``output_space``: ``"imagenet"`` (RAE v1's decoders predict ImageNet-normalised pixels) or ``"pixel"``
@@ -74,11 +87,7 @@ class ViTMAEDecoder(nn.Module):
         self.decoder_norm = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
         self.decoder_pred = nn.Linear(hidden_size, patch_size ** 2 * num_channels)
         self.trainable_cls_token = nn.Parameter(torch.zeros(1, 1, hidden_size))
-        register_pixel_stats(self)
-
-    def _load_from_state_dict(self, *args, **kwargs):
-        super()._load_from_state_dict(*args, **kwargs)
-        refill_pixel_stats(self)
+        self._register_pixel_stats()
 
     def set_backend(self, backend: str):
         from raekern.models.layers import set_backend

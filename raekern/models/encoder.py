@@ -22,27 +22,23 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from raekern.models.decoder import refill_pixel_stats, register_pixel_stats
+from raekern.models.decoder import PixelStats
 from raekern.models.layers import check_backend
 from raekern.models.vit import Dinov2Layer, Dinov3Layer, run_vit
 
 
-class _FrozenEncoder(nn.Module):
+class _FrozenEncoder(PixelStats):
     input_size: int
     depth: int
 
     def _freeze(self):
         self.requires_grad_(False)
         self.eval()
-        register_pixel_stats(self)
+        self._register_pixel_stats()
 
     def train(self, mode: bool = True):
         # frozen: dropout-free already, but keep eval semantics whatever the parent does
         return super().train(False)
-
-    def _load_from_state_dict(self, *args, **kwargs):
-        super()._load_from_state_dict(*args, **kwargs)
-        refill_pixel_stats(self)
 
     def set_backend(self, backend: str):
         from raekern.models.layers import set_backend

@@ -202,9 +202,6 @@ def load(name: str, path: str, *, device=None, dtype: Optional[torch.dtype] = No
 
 def _rebuild_nonpersistent(model: nn.Module) -> None:
     """Non-persistent buffers (ImageNet mean/std) are not in checkpoints; recreate them off the meta device."""
-    from raekern.models.decoder import IMAGENET_MEAN, IMAGENET_STD
+    from raekern.models.decoder import refill_pixel_stats
     for m in model.modules():
-        for bname, val in (("_mean", IMAGENET_MEAN), ("_std", IMAGENET_STD)):
-            b = m._buffers.get(bname)
-            if b is not None and b.is_meta:
-                m._buffers[bname] = torch.tensor(val).view(1, 3, 1, 1)
+        refill_pixel_stats(m, materialize=True)
