@@ -255,6 +255,27 @@ def test_rope_reference_matches_rae_definition():
     torch.testing.assert_close(y[0, 0, -1], x[0, 0, -1])  # past the grid: unrotated
 
 
+def test_autocast_casts_inputs_like_sdpa():
+    """Under torch.autocast, q/k/v go to the autocast dtype as SDPA's inputs do: an fp32 q beside
+    bf16 k/v (a torch norm's fp32 output beside Linear outputs) runs, in bf16, with fp32 norm weights."""
+    q, k, v = make((2, 20, 2, 16), torch.float32)
+    w = torch.rand(16) + 0.5
+    with pytest.raises(TypeError, match="'k'"):
+        attention(q, k.bfloat16(), v.bfloat16())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = attention(q, k.bfloat16(), v, q_norm_weight=w, k_norm_weight=w, rope_grid=(4, 5))
+        want_sdpa = torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    assert got.dtype == want_sdpa.dtype == torch.bfloat16
+    b16 = [t.bfloat16() for t in (q, k, v)]
+    ref = attention(*b16, q_norm_weight=w, k_norm_weight=w, rope_grid=(4, 5))
+    torch.testing.assert_close(got, ref, atol=0, rtol=0)
+    # fp64 stays fp64 (autocast leaves it alone)
+    q64, k64, v64 = make((1, 5, 1, 8), torch.float64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert attention(q64, k64, v64).dtype == torch.float64
+
+
 def test_sdpa_fallback_matches_reference():
     q, k, v = make((2, 30, 2, 16), torch.float32)
     kw = features(16, 30, 2, torch.float32)

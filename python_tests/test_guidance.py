@@ -447,6 +447,23 @@ def test_bad_branches():
         guidance_step(x, [x, x], torch.ones(4), **_base_kwargs())
 
 
+def test_autocast_promotes_mixed_branches():
+    """A bf16 network output (stacked or a list) beside the fp32 sampler state under autocast: the
+    step runs in fp32 as eager math would; outside autocast the mismatch stays an error."""
+    x = torch.randn(3, 4, 5)
+    P = [torch.randn(3, 4, 5).bfloat16() for _ in range(2)]
+    kw = _base_kwargs()
+    with pytest.raises(TypeError, match="'branches'"):
+        guidance_step(x, P, 0.5, **kw)
+    want = guidance_step_reference(x, [p.float() for p in P], 0.5, **kw)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got_list = guidance_step(x, P, 0.5, **kw)
+        got_stacked = guidance_step(x, torch.cat(P), 0.5, **kw)
+    for got in (got_list, got_stacked):
+        assert got.out.dtype == torch.float32
+        _close(got.out, want.out, torch.float32)
+
+
 # ---------------------------------------------------------------------------------------------
 # gfcg_select
 

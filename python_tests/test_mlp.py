@@ -86,6 +86,18 @@ def test_extreme_values(dtype):
     torch.testing.assert_close(da.double(), want.double(), rtol=TOL[dtype][0], atol=1e-30)
 
 
+def test_autocast_promotes_mixed_operands():
+    """A bf16 Linear output times an fp32 tensor under autocast: promoted as eager silu(a) * b is."""
+    a, b = torch.randn(3, 40), torch.randn(3, 40)
+    with pytest.raises(TypeError, match="'b'"):
+        R.swiglu(a.bfloat16(), b)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = R.swiglu(a.bfloat16(), b)
+        eager = F.silu(a.bfloat16()) * b
+    assert got.dtype == eager.dtype == torch.float32
+    _close(got, R.swiglu_reference(a.bfloat16().float(), b), torch.float32)
+
+
 def test_double_backward_is_refused():
     a = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
     b = torch.randn(4, 6, dtype=torch.float64)

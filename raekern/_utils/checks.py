@@ -63,15 +63,31 @@ def check_choice(value, choices: Sequence, op: str, arg: str) -> None:
         fail(op, arg, f"must be one of {list(choices)}, got {value!r}")
 
 
+def _autocast_on(x) -> bool:
+    if not isinstance(x, torch.Tensor):
+        return False
+    dev = x.device.type
+    return torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev)
+
+
+def autocast_lower(*ts):
+    """Under torch.autocast, floating tensors (fp64 excepted) in the autocast dtype, as autocast
+    casts the inputs of ``scaled_dot_product_attention`` and the other ops of its lower-precision
+    list. Outside autocast, and on devices without it (meta), the tensors pass through."""
+    ref = next((t for t in ts if isinstance(t, torch.Tensor)), None)
+    if not _autocast_on(ref):
+        return ts
+    dt = torch.get_autocast_dtype(ref.device.type)
+    return tuple(t.to(dt) if isinstance(t, torch.Tensor) and t.is_floating_point()
+                 and t.dtype not in (dt, torch.float64) else t for t in ts)
+
+
 def autocast_promote(x, *ts):
     """Under torch.autocast a Linear's output (bf16/fp16: adaLN chunks, an attention or MLP branch,
     DRoRAE's experts) meets an fp32 tensor (the residual stream, a LayerNorm output); eager PyTorch
     promotes that mixed expression, and so do the ops that call this. Outside autocast a dtype
     mismatch stays an error naming the argument. Devices without autocast (meta) pass through."""
-    if not isinstance(x, torch.Tensor):
-        return (x, *ts)
-    dev = x.device.type
-    if not torch.amp.is_autocast_available(dev) or not torch.is_autocast_enabled(dev):
+    if not _autocast_on(x):
         return (x, *ts)
     dt = x.dtype
     for t in ts:

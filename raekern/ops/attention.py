@@ -29,7 +29,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from raekern._utils.checks import check_choice, check_tensor, fail
+from raekern._utils.checks import autocast_lower, check_choice, check_tensor, fail
 from raekern._utils.library import build_info, forbid_double_backward
 
 __all__ = [
@@ -424,7 +424,11 @@ def attention(
     has run on a GPU yet; the backward is deterministic when
     ``torch.are_deterministic_algorithms_enabled()``); other cases use torch SDPA with explicit norm
     and RoPE. :func:`attention_path` says which runs.
+
+    Under torch.autocast, q, k and v are cast to the autocast dtype first, as autocast casts the
+    inputs of ``scaled_dot_product_attention`` (the norm weights keep theirs).
     """
+    q, k, v = autocast_lower(q, k, v)
     mask = _validate(q, k, v, layout, scale, q_norm_weight, k_norm_weight, norm_eps, rope_grid,
                      rope_theta, key_padding_mask)
     dh = q.shape[-1]

@@ -48,7 +48,7 @@ from typing import NamedTuple, Sequence, Union
 
 import torch
 
-from raekern._utils.checks import check_tensor, fail
+from raekern._utils.checks import autocast_promote, check_tensor, fail
 
 __all__ = [
     "GuidanceOutput",
@@ -370,7 +370,10 @@ def guidance_step(
 
     Returns:
         GuidanceOutput(out, x0 or None, momentum or None); ``out``/``x0`` contiguous, dtype of x.
+        Under torch.autocast, x, the branches and the Heun inputs are promoted to their common dtype
+        (a bf16 network output beside an fp32 state gives an fp32 step, as eager math would).
     """
+    x, branches, x_prev, u_prev = _autocast_promote_step(x, branches, x_prev, u_prev)
     a = _normalize(x, branches, t, param=param, terms=terms, weights=weights, base=base, zero_star=zero_star,
                    apg_eta=apg_eta, apg_norm_threshold=apg_norm_threshold, apg_beta=apg_beta,
                    momentum=momentum, stats_space=stats_space, rescale_phi=rescale_phi,
@@ -379,6 +382,16 @@ def guidance_step(
                    return_x0=return_x0)
     out, x0, mom, _ = torch.ops.raekern.guidance_step(*a)
     return GuidanceOutput(out, x0 if a.return_x0 else None, mom if a.momentum is not None else None)
+
+
+def _autocast_promote_step(x, branches, x_prev, u_prev):
+    if isinstance(branches, torch.Tensor):
+        x, branches, x_prev, u_prev = autocast_promote(x, branches, x_prev, u_prev)
+        return x, branches, x_prev, u_prev
+    if not isinstance(branches, (list, tuple)):
+        return x, branches, x_prev, u_prev  # _normalize names the error
+    x, x_prev, u_prev, *bl = autocast_promote(x, x_prev, u_prev, *branches)
+    return x, bl, x_prev, u_prev
 
 
 def _needs_stats(zero_star, apg_r, apg_eta, rescale_phi) -> bool:

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from raekern._utils.checks import check_tensor, fail
+from raekern._utils.checks import autocast_promote, check_tensor, fail
 from raekern._utils.library import forbid_double_backward
 
 __all__ = ["swiglu", "swiglu_packed", "swiglu_reference", "swiglu_packed_reference"]
@@ -62,7 +62,9 @@ def swiglu(a: Tensor, b: Tensor) -> Tensor:
 
     a, b: ``[..., H]`` of one shape, dtype and device; any strides (stride 0 included).
     Returns a contiguous ``[..., H]`` tensor in a's dtype. Differentiable in a and b.
+    Under torch.autocast, mixed dtypes are promoted as eager ``silu(a) * b`` promotes them.
     """
+    a, b = autocast_promote(a, b)
     _check_pair(a, b, "swiglu")
     return _ops.swiglu(a, b)
 
