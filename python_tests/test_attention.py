@@ -255,6 +255,17 @@ def test_rope_reference_matches_rae_definition():
     torch.testing.assert_close(y[0, 0, -1], x[0, 0, -1])  # past the grid: unrotated
 
 
+def test_lse_is_a_constant_when_only_v_requires_grad():
+    q, k, v = make((1, 6, 2, 8), torch.float32)
+    v.requires_grad_()
+    out, lse = attention(q, k, v, return_lse=True)
+    assert out.requires_grad and not lse.requires_grad
+    out.sum().backward()
+    assert v.grad is not None
+    q.requires_grad_()
+    assert attention(q, k, v, return_lse=True)[1].requires_grad
+
+
 def test_autocast_casts_inputs_like_sdpa():
     """Under torch.autocast, q/k/v go to the autocast dtype as SDPA's inputs do: an fp32 q beside
     bf16 k/v (a torch norm's fp32 output beside Linear outputs) runs, in bf16, with fp32 norm weights."""

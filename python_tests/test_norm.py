@@ -111,6 +111,20 @@ def test_autocast_promotes_mixed_operands():
     _close(h, want[1], torch.float32)
 
 
+def test_outputs_that_do_not_depend_on_grad_inputs_say_so():
+    """x_out = x + gate·y does not depend on shift/scale: with only those requiring grad it is a
+    constant (requires_grad False), and the normalised output still trains them."""
+    x, gate, y, shift, scale = (torch.randn(2, 5, 16) for _ in range(5))
+    shift.requires_grad_()
+    x_out, h = R.gated_residual_norm_modulate(x, gate, y, shift, scale)
+    assert not x_out.requires_grad and h.requires_grad
+    h.sum().backward()
+    assert shift.grad is not None
+    y.requires_grad_()
+    x_out, h = R.gated_residual_norm_modulate(x, gate, y, shift, scale)
+    assert x_out.requires_grad and h.requires_grad
+
+
 def test_meta_tensors():
     # Shapes only (a model built on the meta device): no autocast query on a device that has none.
     x, y = torch.randn(2, 9, 16, device="meta"), torch.randn(2, 9, 16, device="meta")

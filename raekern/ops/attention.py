@@ -175,6 +175,8 @@ def _attention_backward_fake(dout, dlse, q, k, v, out, lse, qw, kw, mask, scale,
 def _setup_context(ctx, inputs, output):
     q, k, v, qw, kw, mask, scale, eps, rope_h, rope_w, theta, layout = inputs
     out, lse = output
+    if not any(t is not None and t.requires_grad for t in (q, k, qw, kw)):
+        ctx.mark_non_differentiable(lse)  # the lse does not depend on v
     ctx.save_for_backward(q, k, v, out, lse, qw, kw, mask)
     ctx.params = (scale, eps, rope_h, rope_w, theta, layout)
 

@@ -361,8 +361,12 @@ def _gr_backward(ctx, grad):
 
 
 def _grnm_setup(ctx, inputs, output):
-    _, gate, y, shift, scale, kind, weight, bias, _ = inputs
+    x, gate, y, shift, scale, kind, weight, bias, _ = inputs
     x_out, _, mean, rstd = output
+    # x_out = x + gate·y: with only the norm's operands requiring grad it is a constant, and says so.
+    # (One call: each mark_non_differentiable replaces the previous set.)
+    constant = () if any(t.requires_grad for t in (x, gate, y)) else (x_out,)
+    ctx.mark_non_differentiable(*constant, mean, rstd)
     ctx.kind = kind
     ctx.save_for_backward(x_out, gate, y, shift, scale, weight, bias, mean, rstd)
 
