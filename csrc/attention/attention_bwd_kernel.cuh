@@ -116,7 +116,7 @@ __device__ __forceinline__ void bwd_key_block(const BwdParams& p, float* smem, i
       for (int j = 0; j < CS; ++j) {
         const int n = tc + TC * j;
         // A select, not a product: a batch with every key masked has lse = -inf.
-        const float pe = row_ok && sKeep[n] != 0.f ? exp2f(s[i][j] * p.scale_log2 - sL[m]) : 0.f;
+        const float pe = row_ok && sKeep[n] != 0.f ? exp2f(__fmul_rn(s[i][j], p.scale_log2) - sL[m]) : 0.f;
         sP[m * LS + n] = pe;
         sdS[m * LS + n] = pe * (dp[i][j] - sDelta[m]) * p.scale;
       }

@@ -125,7 +125,7 @@ __device__ __forceinline__ void tc_key_block(const BwdParams& p, unsigned char* 
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const bool kept = keep >> (2 * (k0 + n) + (e & 1)) & 1u;
-          pe[e] = kept ? exp2f(s[n][e] * p.scale_log2 - (e < 2 ? l0 : l1)) : 0.f;
+          pe[e] = kept ? exp2f(__fmul_rn(s[n][e], p.scale_log2) - (e < 2 ? l0 : l1)) : 0.f;
           ds[e] = p.scale * pe[e] * (dp[n][e] - (e < 2 ? d0 : d1));
         }
         const int c = (k0 + n) * 8 + 2 * t;

@@ -121,7 +121,9 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) attention_fwd_sm80_kernel(co
     for (int n = 0; n < Cfg::kNTilesS; ++n)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        float s = acc_s[n][e] * p.scale_log2;
+        // Rounded product (never contracted into the exp2 argument below): the row max and the
+        // exponents must see the same value, or at scores near 1e10 the max key gets 2^(±512).
+        float s = __fmul_rn(acc_s[n][e], p.scale_log2);
         if (edge || mask) {
           const int col = n0 + n * 8 + 2 * t + (e & 1);
           if (col >= p.Nk || (mask && !mask[int64_t(col) * p.mask_sn])) s = -INFINITY;

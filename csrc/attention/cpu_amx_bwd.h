@@ -40,7 +40,10 @@ inline void softmax_grad_block(const float* s, const float* dp, const float* l2,
   for (int64_t r = 0; r < 32; ++r) {
     const __m512 l = _mm512_set1_ps(l2[r]), dl = _mm512_set1_ps(delta[r]);
     for (int64_t h = 0; h < 2; ++h) {
-      const __m512 p = _mm512_maskz_mov_ps(h ? k1 : k0, exp2_ps_bf16(_mm512_fmsub_ps(_mm512_load_ps(s + r * 32 + 16 * h), vq, l)));
+      // P <= 1 exactly: lse >= every score, but fp32 rounding of lse at huge scores can put a
+      // score's exponent above 0, and an exponent of hundreds would overflow.
+      const __m512 x = _mm512_sub_ps(mul_rounded(_mm512_load_ps(s + r * 32 + 16 * h), vq), l);
+      const __m512 p = _mm512_maskz_mov_ps(h ? k1 : k0, exp2_ps_bf16(_mm512_min_ps(_mm512_setzero_ps(), x)));
       const __m512 d = _mm512_mul_ps(p, _mm512_sub_ps(_mm512_load_ps(dp + r * 32 + 16 * h), dl));
       _mm512_store_ps(pbuf + r * 32 + 16 * h, p);
       _mm512_store_ps(dbuf + r * 32 + 16 * h, d);

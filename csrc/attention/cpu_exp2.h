@@ -52,6 +52,19 @@ inline __m512 exp2_ps(__m512 x) {
   return exp2_horner(x, c);
 }
 
+// s·mul rounded to fp32 before anything is subtracted from it, in the running max (lazy_max_update16)
+// and in the exponents alike: a fused s·mul − m (which GCC forms from a plain mul and sub under its
+// default -ffp-contract=fast) keeps the exact product, which differs from the rounded max by up to half
+// an ulp, 512 at scores near 1e10: the largest probability becomes 2^-512 = 0 (or 2^512), and a row
+// whose probabilities are all 0 gives 0/0. The empty asm makes the product opaque to the optimiser,
+// so it is never fused (GCC lowers even _mm512_mul_round_ps with round-to-nearest to a plain, fusable
+// multiply).
+inline __m512 mul_rounded(__m512 a, __m512 b) {
+  __m512 p = _mm512_mul_ps(a, b);
+  asm("" : "+v"(p));
+  return p;
+}
+
 // At bf16 precision, for probabilities that are rounded to bf16 before the P·V product: degree 4,
 // error < 2.7e-6 (bf16 keeps 2^-9).
 inline __m512 exp2_ps_bf16(__m512 x) {
@@ -121,7 +134,7 @@ inline void exp2_shift_acc_bf16(const float* __restrict s, int64_t n, int64_t n3
   const __m512 vm = _mm512_set1_ps(mul), vs = _mm512_set1_ps(sub);
   __m512 acc = _mm512_loadu_ps(acc16);
   for (int64_t i = 0; i < n32; i += 16) {
-    __m512 e = exp2_ps_bf16(_mm512_fmsub_ps(_mm512_loadu_ps(s + i), vm, vs));
+    __m512 e = exp2_ps_bf16(_mm512_sub_ps(mul_rounded(_mm512_loadu_ps(s + i), vm), vs));
     if (i + 16 > n) e = _mm512_maskz_mov_ps(n > i ? __mmask16((1u << (n - i)) - 1u) : __mmask16(0), e);
     acc = _mm512_add_ps(acc, e);
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + i), (__m256i)_mm512_cvtneps_pbh(e));
@@ -169,7 +182,7 @@ inline __m512 row_extremes16(const float* s, int64_t lds, int64_t n) {
 }
 inline bool lazy_max_update16(const float* s, int64_t lds, int64_t n, float mul, float* m, float* alpha) {
   const __m512 ext = mul < 0.f ? row_extremes16<true>(s, lds, n) : row_extremes16<false>(s, lds, n);
-  const __m512 bm = _mm512_mul_ps(ext, _mm512_set1_ps(mul)), mo = _mm512_loadu_ps(m);
+  const __m512 bm = mul_rounded(ext, _mm512_set1_ps(mul)), mo = _mm512_loadu_ps(m);
   const __mmask16 moved = _mm512_cmp_ps_mask(bm, _mm512_add_ps(mo, _mm512_set1_ps(kLazyMax)), _CMP_NLE_UQ);
   if (!moved) return false;
   const __m512 mn = _mm512_mask_mov_ps(mo, moved, bm);
