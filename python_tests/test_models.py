@@ -232,6 +232,16 @@ def test_vit_backends_match(name, dtype):
 
 
 @needs_ops
+@pytest.mark.parametrize("name, depth", [("ditdh-tiny", (0, 2)), ("ditdh-tiny", (2, 0)), ("ditdh-tiny-v2", (0, 2))])
+def test_dit_zero_depth_stack_backends_match(name, depth):
+    """An empty body or head (ablations) runs on both backends: the raekern runner only applies `final`."""
+    kw = dict(depth=depth, base_model_depth=None) if name.endswith("v2") else dict(depth=depth)
+    m = tiny(name, "torch", **kw)
+    x, t, y = dit_inputs(m)
+    _backends_agree(m, lambda mm, dt: mm(x.to(dt), t.to(dt), y), torch.float32)
+
+
+@needs_ops
 @pytest.mark.parametrize("name", ["ditdh-tiny", "ditdh-tiny-v2"])
 def test_dit_backends_match_gradients(name):
     m = tiny(name, "torch").double()
@@ -348,6 +358,44 @@ def test_plain_dinov2_without_registers_loads(tmp_path):
                 torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
+def _plain_dinov2_folder(path, hidden=16):
+    """A fake plain DINOv2 ("model_type": "dinov2", CLS only) Hugging Face folder, rae-tiny sized."""
+    tr = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = tr.Dinov2Config(hidden_size=hidden, num_hidden_layers=3, num_attention_heads=2, image_size=70,
+                          patch_size=14)
+    randomize_(tr.Dinov2Model(cfg).eval()).save_pretrained(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("raekern", marks=needs_ops)])
+def test_build_rae_with_plain_dinov2_keeps_every_patch_token(tmp_path, backend):
+    """A plain DINOv2 has 1 prefix token, not DINOv2-reg's 5: the fusion must drop exactly that one."""
+    rae = M.build_rae("rae-tiny", encoder_path=_plain_dinov2_folder(tmp_path), backend=backend).eval()
+    assert rae.encoder.num_prefix_tokens == 1 and rae.fusion.skip_tokens == 1
+    img = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        tok = rae.tokens(img)
+        assert tok.shape == (2, 16, 16)  # 4x4 patches, none dropped
+        ref = _last_layer_fusion(1, 1e-6)(rae.encoder(img, [2]))
+        torch.testing.assert_close(tok, ref, atol=1e-5, rtol=1e-5)
+        assert rae.decode(rae.encode(img)).shape == (2, 3, 16, 16)
+    dro = M.build_rae("drorae-tiny", encoder_path=str(tmp_path), backend=backend)
+    assert dro.fusion.skip_tokens == 1
+
+
+def test_rae_refuses_a_fusion_that_drops_the_wrong_number_of_tokens(tmp_path):
+    enc = M.Dinov2Encoder.from_pretrained(_plain_dinov2_folder(tmp_path), input_size=56, backend="torch")
+    dec = M.build("decoder-tiny", backend="torch")
+    with pytest.raises(ValueError, match="'fusion'.*skip_tokens=5.*num_prefix_tokens=1"):
+        M.RAE(enc, M.LayerMeanFusion(None, skip_tokens=5, eps=1e-6, add_last_token_mean=False), dec)
+    for fusion in (M.LayerMeanFusion(None, skip_tokens=1, eps=1e-6, add_last_token_mean=False),
+                   M.DepthRoutedFusion(16, 1, 32, skip_tokens=1)):
+        M.RAE(enc, fusion, dec)  # matching counts are accepted
+    with pytest.raises(ValueError, match="'fusion'"):
+        M.RAE(M.build("dinov2-tiny-reg"), M.DepthRoutedFusion(16, 1, 32, skip_tokens=1), dec)
+
+
 def _dinov3_reference(enc, px):
     """DINOv3's forward written from its published description (axial RoPE, base 100, separate-normalised
     coordinates, half-split rotation, prefix unrotated), block by block in plain torch."""
@@ -424,7 +472,7 @@ def test_load_plain_ema_and_safetensors(tmp_path):
     from safetensors.torch import save_file
     save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(tmp_path / "m.safetensors"))
     for f in ("ema.pt", "plain.pt", "m.safetensors"):
-        m = M.load("ditdh-tiny", str(tmp_path / f), backend="torch")
+        m = M.load("ditdh-tiny", str(tmp_path / f), backend="torch").eval()  # train mode drops labels at random
         assert not m.pos_embed.requires_grad and not m.t_embedder.W.requires_grad
         torch.testing.assert_close(m(x, t, y), ref, atol=0, rtol=0)
 
@@ -441,6 +489,18 @@ def test_load_gives_the_model_dtype_whatever_the_checkpoint_holds(tmp_path):
     assert m(x, t, y).dtype == torch.float32
     m = M.load("ditdh-tiny", str(tmp_path / "mixed.pt"), dtype=torch.bfloat16)
     assert {p.dtype for p in m.parameters()} == {torch.bfloat16}
+
+
+def test_load_hf_folder_refuses_overrides_it_cannot_apply(tmp_path):
+    """The folder's config.json fixes the architecture; an override of it is an error, not dropped unseen."""
+    folder = _plain_dinov2_folder(tmp_path)
+    for bad in (dict(depth=2), dict(hidden_size=32, num_register_tokens=4)):
+        with pytest.raises(ValueError, match="|".join(bad)) as e:
+            M.load("dinov2-tiny-reg", folder, **bad)
+        assert folder in str(e.value)
+    enc = M.load("dinov2-tiny-reg", folder, input_size=28, backend="torch", dtype=torch.float64)
+    assert enc.input_size == 28 and enc.backend == "torch" and enc.depth == 3
+    assert enc.embeddings.cls_token.dtype == torch.float64
 
 
 def test_load_mismatch_names_keys(tmp_path):
@@ -539,6 +599,31 @@ def test_rae_encode_decode_inverse(tmp_path):
     torch.testing.assert_close(out, dec.to_unit(dec(tok)), atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="'z'"):
         rae.decode(tok)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("raekern", marks=needs_ops)])
+def test_rae_stats_must_have_the_latent_shape(tmp_path, backend):
+    """Mis-shaped statistics would broadcast (torch backend) to a silently wrong latent: refused up front."""
+    rae = M.build_rae("rae-tiny", backend=backend).eval()
+    assert rae.latent_shape() == (16, 4, 4)
+    for shape in ((16, 4, 1), (1, 4, 4), (8, 3, 4), (16, 16)):
+        with pytest.raises(ValueError, match=r"'stats'.*\[16, 4, 4\]"):
+            rae.set_stats((torch.zeros(shape), torch.ones(shape)))
+        with pytest.raises(ValueError, match="'stats'"):
+            rae.set_stats({"mean": torch.zeros(shape), "var": torch.ones(shape)})
+    assert rae.latent_mean is None  # a refused pair leaves the model as it was
+    path = tmp_path / "stat_8x3x4.pt"
+    torch.save({"mean": torch.zeros(8, 3, 4), "var": torch.ones(8, 3, 4)}, path)
+    with pytest.raises(ValueError, match="stat_8x3x4.pt"):
+        rae.load_stats(str(path))
+    with pytest.raises(ValueError, match="stat_8x3x4.pt"):
+        M.build_rae("rae-tiny", backend=backend, stats_path=str(path))
+    fresh = M.build_rae("rae-tiny", backend=backend)  # nor through a state dict carrying them
+    sd = {**rae.state_dict(), "latent_mean": torch.zeros(16, 4, 1), "latent_var": torch.ones(16, 4, 1)}
+    with pytest.raises(ValueError, match="latent_mean"):
+        fresh.load_state_dict(sd)
+    rae.set_stats((torch.zeros(16, 4, 4), torch.ones(16, 4, 4)))
+    assert rae.encode(torch.rand(1, 3, 64, 64)).shape == (1, 16, 4, 4)
 
 
 def test_rae_noise_augmentation_flag():
@@ -709,3 +794,31 @@ def test_drorae_starts_at_rae_latent():
         torch.testing.assert_close(dro.tokens(img), rae.tokens(img), atol=1e-5, rtol=1e-5)
     assert sum(p.numel() for p in dro.parameters() if p.requires_grad) > 0
     assert not any(p.requires_grad for p in dro.encoder.parameters())
+
+
+@pytest.mark.parametrize("use_raekern", [False, pytest.param(True, marks=needs_ops)])
+def test_drorae_zero_start_holds_only_for_the_tanh_bound(use_raekern):
+    """As documented: γ (bound="tanh") starts at zero; "norm_cap" and "none" have no γ and start off the
+    RAE latent ("norm_cap" by at most cap·‖base‖ per token)."""
+    torch.manual_seed(0)
+    hs = [torch.randn(2, 5 + 16, 24) for _ in range(3)]
+    base = F.layer_norm(hs[-1][:, 5:], (24,), eps=1e-6)
+    with torch.no_grad():
+        for bound, cap in (("tanh", None), ("norm_cap", 0.5), ("none", None)):
+            f = M.DepthRoutedFusion(24, 3, 32, bound=bound, cap=cap, use_raekern=use_raekern)
+            delta = f(hs) - base
+            if bound == "tanh":
+                assert f.gamma is not None
+                torch.testing.assert_close(delta, torch.zeros_like(delta), atol=1e-6, rtol=0)
+                continue
+            assert f.gamma is None and delta.abs().max() > 1e-3
+            if bound == "norm_cap":
+                assert (delta.norm(dim=-1) <= cap * base.norm(dim=-1) * (1 + 1e-5)).all()
+
+
+def test_ditdh_v1_label_table_init_as_released():
+    """RAE v1's DiTwDDTHead.initialize_weights draws the label table from N(0, 0.02), as v2 does."""
+    torch.manual_seed(0)
+    for name, table in (("ditdh-tiny", "y_embedder"), ("ditdh-tiny-v2", "ctx_embedder")):
+        w = getattr(M.build(name), table).embedding_table.weight
+        assert abs(w.std().item() - 0.02) < 0.002, (name, w.std().item())

@@ -93,6 +93,9 @@ def run_blocks(blocks: Sequence[DiTBlock], x: torch.Tensor, c: Optional[torch.Te
                 tapped[i + 1] = x
         h = None if final is None else apply_norm(x, final, "torch")
         return (x, h, tapped) if taps else (x, h)
+    if not blocks:  # a zero-depth stack (e.g. DiTDH depth=(0, k)): nothing to fuse, only `final`
+        h = None if final is None else apply_norm(x, final, backend)
+        return (x, h, tapped) if taps else (x, h)
     if c is not None and c_silu is None:
         c_silu = F.silu(c)
     mods = [b.modulation(c, c_silu) for b in blocks]

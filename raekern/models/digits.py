@@ -156,7 +156,8 @@ class DigitsModel:
         stats = (None, None) if self.codec is not None else (self.latent_mean, self.latent_var)
         return P.Pipeline(
             dit, policy or NoGuidance(),
-            P.make_grid(grid or self.config.get("grid", "raev2"), steps or self.config.get("steps", 32),
+            P.make_grid(grid or self.config.get("grid", "raev2"),
+                        self.config.get("steps", 32) if steps is None else steps,
                         alpha=self.config.get("alpha"), latent_shape=shape),
             latent_shape=shape, decoder=decoder, latent_mean=stats[0], latent_var=stats[1],
             decoder_output="unit", param="x0", x0_t_eps=0.05, models={"weak": weak},

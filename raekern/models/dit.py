@@ -175,6 +175,8 @@ class DiTDH(_DiTBase):
             [DiTBlock(Ds, hs, mlp_ratio, version=1, qk_norm=use_qknorm, backend=backend) for _ in range(ds)]
             + [DiTBlock(Dx, hx, mlp_ratio, version=1, qk_norm=use_qknorm, backend=backend) for _ in range(dx)])
         self._zero_init(self.blocks, [self.final_layer])
+        # as released (DiTwDDTHead.initialize_weights), not nn.Embedding's N(0, 1)
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         _check_inputs(self, x, t, y)

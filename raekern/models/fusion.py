@@ -5,7 +5,9 @@
   standardisation to channels-first. K = 1 without the mean term is RAE v1.
 - :class:`DepthRoutedFusion` — DRoRAE: per-layer expert MLPs (one batched GEMM over all layers), a
   router on the last layer, energy-constrained per-token depth weights and a bounded incremental
-  correction of the last-layer latent (γ zero-initialised: training starts exactly at the RAE latent).
+  correction of the last-layer latent. With ``bound="tanh"`` (the default) the correction is
+  ``γ·tanh(f)`` with γ zero-initialised, so training starts exactly at the RAE latent; ``"norm_cap"``
+  and ``"none"`` have no γ and start away from it (see :class:`DepthRoutedFusion`).
 - :class:`LatentStats` — streaming per-element mean / population variance (Chan merge, fp64),
   mergeable across processes; saved as RAE's ``stat.pt`` ``{'mean', 'var'}``.
 - :func:`set_training_phase` — the three-phase schedule (decoder → fusion → both).
@@ -139,8 +141,14 @@ class DepthRoutedFusion(nn.Module):
     (``energy``), and ``base + bound(Σ_l w_l e_l)`` is returned, ``[B, N, D]``.
 
     ``hidden`` is the "fusion capacity" knob: DINOv2-B (D = 768, L = 12, hidden = 1536) gives ≈28.3M
-    parameters. γ (``gate="channel"`` → [D], ``"scalar"`` → []) starts at zero, so the module outputs
-    the plain RAE latent until training moves it.
+    parameters. ``bound`` chooses the correction Δ added to ``base``: ``"tanh"`` → ``γ·tanh(f)``,
+    ``"norm_cap"`` → ``f`` rescaled to ``‖Δ‖ ≤ cap·‖base‖`` per token, ``"none"`` → ``f``.
+
+    Only ``bound="tanh"`` starts at the RAE latent: its γ (``gate="channel"`` → [D], ``"scalar"`` → [])
+    is zero-initialised (also by :meth:`reset_parameters`), so Δ = 0 and the module outputs the plain
+    last-layer latent until training moves γ. ``"norm_cap"`` and ``"none"`` have no γ: with the
+    default-initialised experts Δ = f is already nonzero at initialisation (for ``"norm_cap"`` at most
+    ``cap·‖base‖`` per token).
     """
 
     def __init__(

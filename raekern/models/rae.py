@@ -62,6 +62,16 @@ def latent_denormalize_torch(z: torch.Tensor, mean: torch.Tensor, var: torch.Ten
     return z.reshape(B, C, H * W).transpose(1, 2)
 
 
+def _check_prefix_tokens(encoder, fusion) -> None:
+    """The fusion drops ``skip_tokens`` leading tokens; they must be exactly the encoder's prefix tokens,
+    or patch tokens go missing (a plain DINOv2 has 1, DINOv2-reg and DINOv3 have 5)."""
+    skip, prefix = getattr(fusion, "skip_tokens", None), getattr(encoder, "num_prefix_tokens", None)
+    if skip is not None and prefix is not None and skip != prefix:
+        raise ValueError(f"raekern.models: argument 'fusion' drops skip_tokens={skip} leading tokens but the "
+                         f"encoder has num_prefix_tokens={prefix} (CLS + registers); build the fusion with "
+                         f"skip_tokens={prefix}")
+
+
 class RAE(nn.Module):
     """Encoder + fusion + decoder + latent statistics; see the module docstring.
 
@@ -85,6 +95,7 @@ class RAE(nn.Module):
         if noise_dist not in NOISE_DISTS:
             raise ValueError(f"raekern.models: argument 'noise_dist' must be one of {list(NOISE_DISTS)}, "
                              f"got {noise_dist!r}")
+        _check_prefix_tokens(encoder, fusion)
         self.encoder, self.fusion, self.decoder = encoder, fusion, decoder
         self.layers = list(layers) if layers is not None else [encoder.depth - 1]
         self.noise_tau, self.noise_dist, self.eps = float(noise_tau), noise_dist, eps
@@ -94,18 +105,37 @@ class RAE(nn.Module):
         if stats is not None:
             self.set_stats(stats)
 
+    def latent_shape(self) -> Optional[tuple[int, int, int]]:
+        """``(C, H, W)`` of the standardised latent: what the decoder takes (``latent_dim``, its token
+        grid), else what the encoder gives (width, ``input_size // patch_size``); None if neither says."""
+        dec, enc = self.decoder, self.encoder
+        if all(hasattr(dec, a) for a in ("latent_dim", "grid")):
+            return (dec.latent_dim, dec.grid, dec.grid)
+        if all(hasattr(enc, a) for a in ("hidden_size", "input_size", "patch_size")):
+            g = enc.input_size // enc.patch_size
+            return (enc.hidden_size, g, g)
+        return None
+
     def set_stats(self, stats) -> None:
+        """Set the latent statistics: ``(mean, var)`` or ``{'mean', 'var'}``, each ``[C, H, W]`` =
+        :meth:`latent_shape` (a mis-shaped pair would broadcast silently to a wrong latent)."""
+        self._set_stats(stats, "argument 'stats'")
+
+    def _set_stats(self, stats, what: str) -> None:
+        # `what` names the source in errors: the argument, or the stats file it was read from
         if isinstance(stats, dict):
             missing = [k for k in ("mean", "var") if k not in stats]
             if missing:
-                raise ValueError(f"raekern.models: argument 'stats' lacks {missing} (expected stat.pt's "
-                                 "{'mean', 'var'})")
+                raise ValueError(f"raekern.models: {what} lacks {missing} (expected stat.pt's {{'mean', 'var'}})")
             mean, var = stats["mean"], stats["var"]
         else:
             mean, var = stats
         mean, var = torch.as_tensor(mean), torch.as_tensor(var)
-        if mean.dim() != 3 or mean.shape != var.shape:
-            raise ValueError(f"raekern.models: argument 'stats' must hold mean and var of shape [C, H, W], got "
+        want = self.latent_shape()
+        shape = "[C, H, W]" if want is None else f"[C, H, W] = {list(want)} (this RAE's latent)"
+        if (mean.dim() != 3 or mean.shape != var.shape
+                or (want is not None and tuple(mean.shape) != tuple(want))):
+            raise ValueError(f"raekern.models: {what} must hold mean and var of shape {shape}, got "
                              f"{tuple(mean.shape)} and {tuple(var.shape)}")
         self.latent_mean, self.latent_var = mean.float(), var.float()
 
@@ -116,7 +146,7 @@ class RAE(nn.Module):
         keys = (prefix + "latent_mean", prefix + "latent_var")
         if self.latent_mean is None and all(k in state_dict for k in keys):
             ref = next(self.parameters(), None)
-            self.set_stats(tuple(state_dict[k] for k in keys))
+            self._set_stats(tuple(state_dict[k] for k in keys), f"state_dict entries {list(keys)}")
             if ref is not None:
                 self.latent_mean = self.latent_mean.to(ref.device)
                 self.latent_var = self.latent_var.to(ref.device)
@@ -126,7 +156,7 @@ class RAE(nn.Module):
     def load_stats(self, path: str) -> None:
         """Load RAE's ``stat.pt`` / RAEv2's ``stats.pt`` (``{'mean', 'var'}``; torch.load weights_only)."""
         from raekern.models.checkpoints import read_stats
-        self.set_stats(read_stats(path))
+        self._set_stats(read_stats(path), f"stats file {path}")
 
     def load_decoder(self, path: str) -> None:
         """Load a released decoder checkpoint (``model.pt`` / ``decoder.pt``) into :attr:`decoder` (strict)."""

@@ -99,24 +99,26 @@ MODELS: dict[str, ModelSpec] = {
 }
 
 
-# Autoencoders: encoder config, the encoder blocks fused, fusion arguments, decoder config.
+# Autoencoders: encoder config, the encoder blocks fused, fusion arguments, decoder config. The fusion's
+# skip_tokens is not listed: build_rae takes it from the encoder built (a plain DINOv2 folder has 1 prefix
+# token, DINOv2-reg and DINOv3 have 5).
 AUTOENCODERS = {
     "rae-dinov2-b": dict(encoder="dinov2-b-reg", layers=(11,), decoder="decoder-vit-xl",
-                         fusion=dict(skip_tokens=5, eps=1e-6, add_last_token_mean=False),
+                         fusion=dict(eps=1e-6, add_last_token_mean=False),
                          doc="RAE v1: DINOv2-B-reg last block (non-affine LN), ViT-XL decoder (ImageNet-normalised)"),
     "raev2-dinov3l-k7": dict(encoder="dinov3-l16", layers=(11, 13, 15, 17, 19, 21, 23), decoder="decoder-vit-xl-v2",
-                             fusion=dict(skip_tokens=5, eps=1e-5, add_last_token_mean=True),
+                             fusion=dict(eps=1e-5, add_last_token_mean=True),
                              doc="RAEv2 K=7: DINOv3-L blocks 11..23 step 2, LN mean + last-layer token mean"),
     "drorae-dinov2-b": dict(encoder="dinov2-b-reg", layers=tuple(range(12)), decoder="decoder-vit-xl",
                             fusion_cls="DepthRoutedFusion",
-                            fusion=dict(dim=768, num_layers=12, hidden=1536, skip_tokens=5, eps=1e-6),
+                            fusion=dict(dim=768, num_layers=12, hidden=1536, eps=1e-6),
                             doc="DRoRAE (inferred formulation): all 12 DINOv2-B blocks, expert MLPs, signed "
                                 "L2-energy depth routing, tanh-bounded correction of the last-layer latent"),
     "rae-tiny": dict(encoder="dinov2-tiny-reg", layers=(2,), decoder="decoder-tiny",
-                     fusion=dict(skip_tokens=5, eps=1e-6, add_last_token_mean=False), doc="tiny, for tests"),
+                     fusion=dict(eps=1e-6, add_last_token_mean=False), doc="tiny, for tests"),
     "drorae-tiny": dict(encoder="dinov2-tiny-reg", layers=(0, 1, 2), decoder="decoder-tiny",
                         fusion_cls="DepthRoutedFusion",
-                        fusion=dict(dim=16, num_layers=3, hidden=32, skip_tokens=5, eps=1e-6), doc="tiny, for tests"),
+                        fusion=dict(dim=16, num_layers=3, hidden=32, eps=1e-6), doc="tiny, for tests"),
 }
 
 
@@ -140,7 +142,9 @@ def build_rae(name: str, *, encoder_path: Optional[str] = None, decoder_path: Op
                else build(spec["decoder"], backend=backend))
     cls = getattr(fusion_mod, spec.get("fusion_cls", "LayerMeanFusion"))
     args = () if spec.get("fusion_cls") else (None,)  # LayerMeanFusion fuses every block RAE hands it
-    fusion = cls(*args, **spec["fusion"], use_raekern=backend == "raekern")
+    # the encoder actually loaded decides how many prefix tokens to drop, not the registry entry
+    fusion = cls(*args, **spec["fusion"], skip_tokens=encoder.num_prefix_tokens,
+                 use_raekern=backend == "raekern")
     rae = RAE(encoder, fusion, decoder, layers=spec["layers"], noise_tau=noise_tau, noise_dist=noise_dist,
               backend=backend)
     if stats_path is not None:
@@ -174,6 +178,10 @@ def build(name: str, *, device=None, dtype: Optional[torch.dtype] = None, **over
     return model
 
 
+# What load() can still choose for a DINOv2 Hugging Face folder (the rest is the folder's config.json).
+_HF_FOLDER_OVERRIDES = ("input_size", "backend")
+
+
 def load(name: str, path: str, *, device=None, dtype: Optional[torch.dtype] = None, **overrides) -> nn.Module:
     """Build ``name`` and load the checkpoint at ``path`` strictly (a plain state dict, ``{'ema': ...}``,
     a safetensors file, or — for encoders — a Hugging Face folder). Mismatches raise
@@ -182,9 +190,14 @@ def load(name: str, path: str, *, device=None, dtype: Optional[torch.dtype] = No
     _spec(name)
     if MODELS[name].factory is _dino2 and os.path.isdir(path):
         from raekern.models.encoder import Dinov2Encoder
-        kw = {k: v for k, v in overrides.items() if k in ("input_size", "backend")}
+        # the architecture comes from the folder's config.json; an override of it would be dropped unseen
+        ignored = sorted(k for k in overrides if k not in _HF_FOLDER_OVERRIDES)
+        if ignored:
+            raise ValueError(f"raekern.models: argument(s) {ignored} cannot be applied when loading {name!r} from "
+                             f"the Hugging Face folder {path} (its config.json sets the architecture); only "
+                             f"{list(_HF_FOLDER_OVERRIDES)}, device and dtype can be given")
         return Dinov2Encoder.from_pretrained(path, device=device, dtype=dtype,
-                                             **{"input_size": MODELS[name].kwargs["input_size"], **kw})
+                                             **{"input_size": MODELS[name].kwargs["input_size"], **overrides})
     sd = read_checkpoint(path)
     model = build(name, device="meta", **overrides)
     optional = ("bias_mask",) if name.startswith("dinov3") else ()
