@@ -218,6 +218,54 @@ def test_deterministic_for_a_seed(nets):
     assert torch.equal(n1, n2)
 
 
+def test_the_seed_reaches_the_noise():
+    """torch's CPU generator keeps only the low 32 bits of its seed: packing (seed << 32 | i) dropped
+    the seed, so every --seed sampled the same noise."""
+    from raekern.sampling import seeding
+
+    idx = [0, 1, 2, 3]
+    by_seed = {s: indexed_noise(idx, SHAPE, s) for s in (0, 1, 12345, 2**32, 2**40 + 1, -1)}
+    assert torch.equal(by_seed[1], indexed_noise(idx, SHAPE, 1))  # same seed, same noise
+    for a in by_seed:
+        for b in by_seed:
+            if a != b:  # different seeds: no sample shares its noise with the same index of the other
+                assert all(not torch.equal(by_seed[a][i], by_seed[b][i]) for i in range(4)), (a, b)
+    # For one seed the generator seed is a bijection of the index: no two samples of a run collide.
+    for s in (0, 7, 2**33 + 5):
+        seeds = [seeding.noise_seed(s, i) for i in range(20000)]
+        assert len(set(seeds)) == len(seeds) and all(0 <= v < 2**32 for v in seeds)
+    # make_noise: seeds below 2**32 seed the generator as given; larger ones keep their high bits.
+    g = torch.Generator().manual_seed(5)
+    assert torch.equal(make_noise((2, 3), 5), torch.randn(2, 3, generator=g))
+    assert not torch.equal(make_noise((2, 3), 5 + 2**32), make_noise((2, 3), 5))
+    assert not torch.equal(make_noise((2, 3), 2**32), make_noise((2, 3), 0))
+    for bad in (2**64, -(2**63) - 1):
+        with pytest.raises(ValueError, match="'seed'"):
+            indexed_noise([0], SHAPE, bad)
+        with pytest.raises(ValueError, match="'seed'"):
+            make_noise((1,), bad)
+    with pytest.raises(TypeError, match="'seed'"):
+        indexed_noise([0], SHAPE, 1.5)
+    with pytest.raises(ValueError, match="'indices'"):
+        indexed_noise([-1], SHAPE, 0)
+    with pytest.raises(ValueError, match="'indices'"):
+        indexed_noise([2**32], SHAPE, 0)
+
+
+def test_pipeline_seed_changes_the_samples(nets):
+    pipe = rae_v1_pipeline(nets["main"], TinyDecoder(C, patch=4), num_points=4, latent_shape=SHAPE,
+                           num_classes=10, progress=False)
+    a, b = pipe([1, 2, 3], seed=0), pipe([1, 2, 3], seed=1)
+    assert torch.equal(a, pipe([1, 2, 3], seed=0)) and not torch.equal(a, b)
+    # generate: sample i depends only on (seed, i), whatever the split
+    one = pipe.generate([4, 5, 6], seed=9, label_mode="random")
+    two = [pipe.generate([i], seed=9, label_mode="random") for i in (4, 5, 6)]
+    np.testing.assert_array_equal(one["latents"], np.concatenate([t["latents"] for t in two]))
+    assert one["labels"].tolist() == [int(t["labels"][0]) for t in two]
+    other = pipe.generate([4, 5, 6], seed=10, label_mode="random")
+    assert not np.array_equal(one["latents"], other["latents"])
+
+
 def test_reused_sampler_with_gfcg_is_deterministic(nets):
     """Outside the interval the policy gets zero weights for this batch: no weight of an earlier
     step, call or batch size reaches a Heun stage that re-enters the interval."""
@@ -418,6 +466,31 @@ def test_decode_with_one_statistic(nets):
         p = Pipeline(nets["main"], None, uniform_grid(2), latent_shape=SHAPE, decoder=dec, latent_mean=m,
                      latent_var=v, decoder_output="unit", progress=False)
         torch.testing.assert_close(g, p.decode(z), rtol=1e-5, atol=1e-5)
+
+
+def test_interval_boundary_is_decided_in_float32_like_the_release(nets):
+    """The released samplers compare a float32 t with Python-float bounds, i.e. in float32: the RAEv2
+    grid point float32(0.8) > 0.8 is inside (0, 0.8) there, and float32(0.7) < 0.7 inside (0.7, 1)."""
+    grid = raev2_grid(10, 1.0, latent_shape=SHAPE)
+    assert grid.times()[2] == float(np.float32(0.8)) > 0.8 and grid.times()[3] == float(np.float32(0.7)) < 0.7
+    main0 = lambda x, t, y: nets["v2"](x, t, y)[0]  # noqa: E731
+    for iv in ((0.0, 0.8), (0.7, 1.0)):
+        want = raev2_reference_sample(nets["v2"], _noise(), LABELS, num_steps=10, alpha=1.0, cfg_scale=3.0,
+                                      cfg_interval=iv)
+        for skip in (True, False):  # the sampler's skipping decides as the policy's mask does
+            got = sample(main0, _noise(), LABELS, G.CFG(3.0, interval=iv), grid, param="x0", x0_t_eps=0.05,
+                         progress=False, skip_inactive=skip)
+            torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
+    # one rule for floats, float32 and float64 tensors
+    t32 = torch.tensor([0.8, 0.7], dtype=torch.float32)
+    for t in (t32, t32.double()):
+        assert G.in_interval(t, (0.0, 0.8)).tolist() == [True, True]
+        assert G.in_interval(t, (0.7, 1.0)).tolist() == [True, True]
+    assert G.in_interval(float(t32[0]), (0.0, 0.8)) and G.in_interval(float(t32[1]), (0.7, 1.0))
+    assert not G.in_interval(0.8000001, (0.0, 0.8)) and G.in_interval(0.5, (0.5, 0.5))
+    x = torch.zeros(2, *SHAPE)
+    assert G.CFG(2.0, interval=(0.7, 0.8)).mask(x, t32.double()).tolist() == [1.0, 1.0]
+    assert G.CFG(2.0, interval=(0.7, 0.8)).mask(x, float(t32[0])).tolist() == [1.0, 1.0]
 
 
 def test_inactive_interval_skips_the_unneeded_branches(nets):

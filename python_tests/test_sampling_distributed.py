@@ -155,6 +155,55 @@ def test_shards_and_merge_directly(tmp_path):
     assert torch.equal(r, class_labels(range(4), 10, seed=1, mode="random"))
 
 
+def test_random_labels_follow_the_seed_not_a_noise_generator(monkeypatch):
+    from raekern.sampling import seeding
+
+    idx = list(range(64))
+    a = class_labels(idx, 1000, seed=0, mode="random")
+    assert torch.equal(a, class_labels(idx, 1000, seed=0, mode="random"))
+    assert not torch.equal(a, class_labels(idx, 1000, seed=99, mode="random"))
+    assert not torch.equal(a, class_labels(idx, 1000, seed=2**32, mode="random"))
+    assert torch.equal(class_labels([5, 63], 1000, seed=0, mode="random"), a[[5, 63]])  # split-invariant
+    assert 0 <= int(a.min()) and int(a.max()) < 1000 and len(set(a.tolist())) > 50
+    # Labels came from the generator seeded like sample i ^ 0x5A5A's noise; now no torch generator
+    # takes part, so a label can never be a draw of some sample's noise generator.
+    monkeypatch.setattr(torch, "Generator", None)
+    assert torch.equal(class_labels(idx, 1000, seed=0, mode="random"), a)
+    monkeypatch.undo()
+    old = [int(torch.randint(1000, (1,), generator=seeding.noise_generator(0, i ^ 0x5A5A))) for i in idx]
+    assert a.tolist() != old
+
+
+def test_seed_changes_the_cli_samples(tmp_path):
+    base = ["--preset", "tiny-test", "--num", "4", "--batch-size", "4", "--steps", "3", "--labels", "random",
+            "--keep-latents", "--no-progress", "--device", "cpu"]
+    runs = {}
+    for name, seed in (("a", "0"), ("b", "1"), ("c", "0")):
+        assert cli.main([*base, "--seed", seed, "--out", str(tmp_path / name)]) == 0
+        runs[name] = _merged(tmp_path / name)
+    np.testing.assert_array_equal(runs["a"]["latents"], runs["c"]["latents"])
+    assert not np.array_equal(runs["a"]["latents"], runs["b"]["latents"])
+    assert not np.array_equal(runs["a"]["arr_0"], runs["b"]["arr_0"])
+    assert runs["a"]["labels"].tolist() != runs["b"]["labels"].tolist()
+
+
+def test_a_run_that_wrote_no_shard_does_not_lock_its_folder(tmp_path):
+    # internal: needs a two-output model; the tiny preset's fails at the first batch, after the
+    # manifest is written and before any shard.
+    args = [a for a in ARGS if a not in ("--guidance", "cfg:1.5")]
+    with pytest.raises(SystemExit):
+        cli.main([*args, "--num", "2", "--guidance", "internal:1.5", "--out", str(tmp_path)])
+    assert (tmp_path / "manifest.json").exists() and not list(tmp_path.glob("shards/*.npz"))
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "000001.png").write_bytes(b"left by a run killed between a PNG and its shard")
+    assert cli.main([*args, "--num", "2", "--guidance", "cfg:1.5", "--out", str(tmp_path)]) == 0
+    assert json.loads((tmp_path / "manifest.json").read_text())["guidance"] == ["cfg:1.5"]
+    assert not (tmp_path / "images" / "000001.png").exists()  # no stale image beside the new run's
+    # once a shard exists, other settings are refused
+    with pytest.raises(SystemExit):
+        cli.main([*args, "--num", "2", "--guidance", "cfg:2", "--out", str(tmp_path)])
+
+
 # -- command line ------------------------------------------------------------------------------------------
 def test_help_documents_every_method():
     parser = cli.argparse.ArgumentParser()
@@ -211,10 +260,68 @@ def test_cli_bf16(tmp_path, preset, flag):
 
 
 @pytest.mark.parametrize("spec", ["apg:3,beta=-0.5", "cfg:1.5,interval=0.2", "gfcg:w_max=2,kapa=3",
-                                  "cfgzero:3,steps=2.7", "none:2", "interval:0.1,0.5,lo=1"])
+                                  "cfgzero:3,steps=2.7", "none:2", "interval:0.1,0.5,lo=1",
+                                  "cfgzero:2,steps=inf", "cfgzero:2,steps=nan", "cfgzero:2,steps=-1",
+                                  "gfcg:5,0.5", "gfcg:3,w_max=2"])
 def test_guidance_spec_typos_are_errors(spec):
     with pytest.raises(ValueError, match="'guidance'"):
         build_policy([spec], classifier=lambda x: x)
+
+
+@pytest.mark.parametrize("specs", [["cfg:1.5", "interval:0.1,0.2", "interval:0.5,0.9"],
+                                   ["cfg:1.5", "rescale:0.3", "rescale:0.9"]])
+def test_a_repeated_spec_is_an_error(specs):
+    method = specs[1].split(":")[0]
+    with pytest.raises(ValueError, match=f"'guidance'.*{method}: twice"):
+        build_policy(specs)
+
+
+@pytest.mark.parametrize("steps", [0, -3])
+def test_steps_zero_is_an_error_not_the_default(tmp_path, steps):
+    with pytest.raises(SystemExit):
+        cli.main([*ARGS, "--num", "2", "--steps", str(steps), "--out", str(tmp_path)])
+    from raekern.sampling.presets import get_preset
+    with pytest.raises(ValueError, match="'--steps'"):
+        get_preset("tiny-test").build({"steps": steps})
+    with pytest.raises(ValueError, match="'--steps'.*>= 2 for grid 'rae'"):
+        get_preset("tiny-test").build({"steps": 1, "grid": "rae"})
+
+
+def _config_error(tmp_path, cfg: dict, capsys) -> str:
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(cfg))
+    args = cli.argparse.ArgumentParser()
+    sub = args.add_subparsers()
+    cli.add_sample_parser(sub)
+    ns = args.parse_args(["sample", "--config", str(path), "--out", str(tmp_path / "o"), "--no-progress",
+                          "--device", "cpu"])
+    capsys.readouterr()  # drop what earlier runs wrote
+    assert ns.fn(ns) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err  # one line, no traceback
+    return err
+
+
+@pytest.mark.parametrize("cfg, key", [({"num": "four"}, "num"), ({"dtype": "bfloat"}, "dtype"),
+                                      ({"labels": [1, 2]}, "labels"), ({"png": "false"}, "png"),
+                                      ({"steps": 4.5}, "steps"), ({"solver": "rk4"}, "solver"),
+                                      ({"guidance": ["cfg:2", 3]}, "guidance"), ({"keep_latents": 1}, "keep_latents")])
+def test_config_values_are_checked_like_the_flags(tmp_path, capsys, cfg, key):
+    err = _config_error(tmp_path, {"preset": "tiny-test", **cfg}, capsys)
+    assert "'--config'" in err and repr(key) in err
+
+
+def test_config_takes_the_flag_spellings_and_converts_like_the_command_line(tmp_path, capsys):
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps({"preset": "tiny-test", "num-samples": "3", "batch_size": 2,
+                               "keep-latents": True, "png": False, "steps": None}))
+    out = tmp_path / "o"
+    assert cli.main(["--config", str(cfg), "--no-progress", "--device", "cpu", "--out", str(out)]) == 0
+    m = _merged(out)
+    assert m["arr_0"].shape[0] == 3 and "latents" in m and not (out / "images").exists()
+    assert json.loads((out / "manifest.json").read_text())["steps"] == 8  # null: the preset's default
+    assert "sets num twice" in _config_error(tmp_path, {"num": 3, "num-samples": 2}, capsys)
+    assert "unknown option 'config'" in _config_error(tmp_path, {"config": "x.json"}, capsys)
 
 
 def test_cli_errors_name_the_argument(tmp_path):

@@ -31,8 +31,8 @@ Outputs in --out: grid.png (the first --grid-images samples), samples.npz (arr_0
 [N,H,W,3] in sample order, labels; latents with --keep-latents), images/NNNNNN.png (with --png),
 shards/ (per-shard .npz; a restarted run skips finished shards), manifest.json. Sample i's noise and
 label depend only on (--seed, i), so the output does not depend on the number of processes.
---config FILE.json|.yaml sets any option by its long name (e.g. {"preset": "raev2-256", "num": 64});
-flags on the command line win.
+--config FILE.json|.yaml sets any option by its long name (e.g. {"preset": "raev2-256", "num-samples": 64,
+"png": true}), checked like the flag; flags on the command line win.
 """
 
 
@@ -70,7 +70,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _add_option_arguments(p: argparse.ArgumentParser) -> None:
     presets = ", ".join(f"{n}" for n in sorted(PRESETS))
-    p.add_argument("--config", help="JSON or YAML file whose keys are option names (dest form: weak_ckpt)")
+    p.add_argument("--config", help="JSON or YAML file whose keys are option names (weak_ckpt or "
+                   "weak-ckpt, num or num-samples); values are checked like the flags' (png: true/false)")
     p.add_argument("--preset", default=DEFAULT_PRESET, help=f"model configuration ({presets}); default "
                    f"{DEFAULT_PRESET!r}")
     p.add_argument("--ckpt", help="main diffusion model checkpoint (local path)")
@@ -130,29 +131,102 @@ def _run_reporting_errors(args: argparse.Namespace) -> int:
         return 2
 
 
-def _apply_config(args: argparse.Namespace) -> argparse.Namespace:
-    if not args.config:
-        return args
-    path = Path(args.config)
-    text = path.read_text()
+def _config_fail(msg: str):
+    raise ValueError(f"raekern sample: argument '--config' {msg}")
+
+
+def _read_config(path: Path) -> dict:
+    try:
+        text = path.read_text()
+    except OSError as e:
+        _config_fail(f"cannot be read: {e}")
     if path.suffix in (".yaml", ".yml"):
         import yaml
 
-        cfg = yaml.safe_load(text) or {}
+        try:
+            cfg = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            _config_fail(f"is not valid YAML: {' '.join(str(e).split())}")
     else:
-        cfg = json.loads(text)
+        try:
+            cfg = json.loads(text)
+        except ValueError as e:
+            _config_fail(f"is not valid JSON: {e}")
+    if not isinstance(cfg, dict):
+        _config_fail(f"must hold a mapping of option names to values, got {type(cfg).__name__}")
+    return cfg
+
+
+def _config_actions() -> dict[str, argparse.Action]:
+    """Every name --config accepts for an option → its action: the dest (weak_ckpt) and each flag
+    spelling without dashes (weak-ckpt, num-samples), in either - or _ form."""
+    p = argparse.ArgumentParser(add_help=False)
+    _add_option_arguments(p)
+    names = {}
+    for a in p._actions:
+        if a.dest in ("help", "config"):
+            continue
+        # --no-png would need its value inverted: the config says "png": false instead.
+        flags = [o.lstrip("-") for o in a.option_strings
+                 if not (isinstance(a, argparse.BooleanOptionalAction) and o.startswith("--no-"))]
+        for n in (a.dest, *flags):
+            names[n] = names[n.replace("-", "_")] = a
+    return names
+
+
+def _config_value(key: str, a: argparse.Action, value):
+    """A config value checked and converted as the flag's own parser would (type, choices)."""
+    if a.nargs == 0:  # store_true / --png/--no-png: a JSON or YAML boolean, not a string
+        if not isinstance(value, bool):
+            _config_fail(f"key {key!r} must be true or false, got {value!r}")
+        return value
+    if value is None and a.default is None:
+        return None
+    if isinstance(a, argparse._AppendAction):  # --guidance: one spec or a list of specs
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            _config_fail(f"key {key!r} must be a string or a list of strings, got {value!r}")
+        return value
+    if isinstance(value, str) and a.type is not None:  # as the command line would give it
+        try:
+            value = a.type(value)
+        except ValueError:
+            _config_fail(f"key {key!r} must be {_type_name(a.type)}, got {value!r}")
+    want = a.type or str
+    if isinstance(value, bool) or not isinstance(value, want):
+        _config_fail(f"key {key!r} must be {_type_name(want)}, got {value!r}")
+    if a.choices is not None and value not in a.choices:
+        _config_fail(f"key {key!r} must be one of {list(a.choices)}, got {value!r}")
+    return value
+
+
+def _type_name(t) -> str:
+    return {int: "an int", float: "a number", str: "a string"}.get(t, getattr(t, "__name__", str(t)))
+
+
+def _apply_config(args: argparse.Namespace) -> argparse.Namespace:
+    if not args.config:
+        return args
+    cfg = _read_config(Path(args.config))
+    actions = _config_actions()
     defaults = _defaults()
     explicit = getattr(args, _EXPLICIT, None)
+    seen: dict[str, str] = {}
     for key, value in cfg.items():
-        dest = key.replace("-", "_")
-        if dest not in defaults:
-            raise ValueError(f"raekern sample: argument '--config' has an unknown option {key!r}")
+        a = actions.get(str(key))
+        if a is None:
+            why = " (a config cannot name another config)" if str(key) == "config" else ""
+            _config_fail(f"has an unknown option {key!r}{why}")
+        dest = a.dest
+        if dest in seen:
+            _config_fail(f"sets {dest} twice ({seen[dest]!r} and {key!r})")
+        seen[dest] = key
+        value = _config_value(key, a, value)
         # A namespace from our parser knows which flags were given; one built by hand (a caller of
         # run_sample) counts values equal to the default as not given.
         given = dest in explicit if explicit is not None else getattr(args, dest) != defaults[dest]
         if not given:
-            if dest == "guidance" and isinstance(value, str):
-                value = [value]
             setattr(args, dest, value)
     return args
 
@@ -201,6 +275,8 @@ def run_sample(args: argparse.Namespace) -> int:
         raise ValueError(f"raekern sample: argument '--num' must be >= 1, got {args.num}")
     if args.batch_size < 1:
         raise ValueError(f"raekern sample: argument '--batch-size' must be >= 1, got {args.batch_size}")
+    if args.steps is not None and args.steps < 1:  # None: the preset's default; 0 is not "default"
+        raise ValueError(f"raekern sample: argument '--steps' must be >= 1, got {args.steps}")
     rank, world = init_distributed(args.device)
     if args.device.startswith("cuda") and world > 1:
         args.device = f"cuda:{torch.cuda.current_device()}"

@@ -24,6 +24,8 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from raekern.sampling.seeding import label_hash
+
 SHARD_DIR = "shards"
 IMAGE_DIR = "images"
 MERGED = "samples.npz"
@@ -163,15 +165,32 @@ GenerateFn = Callable[[list[int]], dict]
 
 
 def _check_manifest(out_dir: Path, manifest: dict) -> None:
+    """Write the manifest, or check it against the one a run left. A folder that holds no shard
+    yet (its run failed before finishing one) is reset for the new settings instead of refused."""
     path = out_dir / MANIFEST
     if path.exists():
         old = json.loads(path.read_text())
-        if old != manifest:
+        if old == manifest:
+            return
+        if _has_shards(out_dir):
             diff = sorted(k for k in set(old) | set(manifest) if old.get(k) != manifest.get(k))
             _fail("out_dir", f"{out_dir} holds a run with different settings ({', '.join(diff)}); "
                   "use a new output folder or the same settings to resume")
-    else:
-        save_json_atomic(path, manifest)
+        _remove_orphan_pngs(out_dir)
+    save_json_atomic(path, manifest)
+
+
+def _has_shards(out_dir: Path) -> bool:
+    # Shards appear by rename only, so any shard file is the completed work of the manifest's run.
+    return any((out_dir / SHARD_DIR).glob("shard_*.npz"))
+
+
+def _remove_orphan_pngs(out_dir: Path) -> None:
+    """PNGs of a shard whose .npz was never written (the run died in between): made with the old
+    settings, they must not sit beside the new run's images."""
+    for png in (out_dir / IMAGE_DIR).glob("[0-9]*.png"):
+        if png.stem.isdigit():
+            png.unlink(missing_ok=True)
 
 
 def run_shards(generate: GenerateFn, plan: ShardPlan, out_dir: str | os.PathLike, *, rank: int = 0,
@@ -290,13 +309,10 @@ def distributed_sample(generate: GenerateFn, num_samples: int, out_dir: str | os
 
 def class_labels(indices: Sequence[int], num_classes: int, seed: int = 0, mode: str = "equal") -> torch.Tensor:
     """Labels for global sample indices: 'equal' cycles through the classes (i mod C, RAE's
-    ``--label-sampling equal``: N/C per class), 'random' draws each from (seed, i)."""
+    ``--label-sampling equal``: N/C per class), 'random' hashes (seed, i) in a domain of its own
+    (``seeding.label_hash``; no torch generator, so never a draw of some sample's noise generator)."""
     if mode == "equal":
         return torch.tensor([int(i) % num_classes for i in indices], dtype=torch.int64)
     if mode == "random":
-        out = []
-        for i in indices:
-            g = torch.Generator().manual_seed(((int(seed) & 0xFFFFFFFF) << 32) | (int(i) & 0xFFFFFFFF) ^ 0x5A5A)
-            out.append(int(torch.randint(num_classes, (1,), generator=g)))
-        return torch.tensor(out, dtype=torch.int64)
+        return torch.tensor([label_hash(seed, i) % num_classes for i in indices], dtype=torch.int64)
     _fail("mode", f"must be 'equal' or 'random', got {mode!r}")

@@ -3,8 +3,9 @@ turn their outputs into one fused :func:`raekern.ops.guidance_step` call per sol
 
 Conventions: rectified flow, ``x_t = (1 − t)·x0 + t·ε``, t = 1 noise; C = conditional branch,
 U = unconditional (null label) branch, W = weak model, R = branch at the GFCG reference class.
-Intervals are ``(t_lo, t_hi)`` in RF time; guidance is active iff ``t_lo <= t <= t_hi`` (per sample,
-so a batch may mix times); outside the interval a policy returns the conditional prediction C.
+Intervals are ``(t_lo, t_hi)`` in RF time; guidance is active iff ``t_lo <= t <= t_hi`` in float32
+(per sample, so a batch may mix times; see :func:`in_interval`); outside the interval a policy returns
+the conditional prediction C.
 
 Contract with the sampler (raekern.sampling.sampler):
 - ``policy.branches``: the branches to evaluate, in the order their outputs are passed to ``step``
@@ -41,6 +42,8 @@ interval (a per-sample mask) leaves exactly C.
 """
 from __future__ import annotations
 
+import math
+import struct
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -60,6 +63,7 @@ __all__ = [
     "CFGZeroStar",
     "GuidanceRescale",
     "GuidanceOutput",
+    "in_interval",
 ]
 
 NULL_LABEL = 1000
@@ -85,6 +89,29 @@ def _check_interval(cls: str, interval):
             and all(isinstance(v, (int, float)) for v in interval) and interval[0] <= interval[1]):
         _fail(cls, "interval", f"must be (t_lo, t_hi) with t_lo <= t_hi, got {interval!r}")
     return (float(interval[0]), float(interval[1]))
+
+
+def _f32(v: float) -> float:
+    """v rounded to float32 (round to nearest even), as a Python float."""
+    try:
+        return struct.unpack("f", struct.pack("f", v))[0]
+    except OverflowError:  # rounds past the largest float32
+        return math.copysign(math.inf, v)
+
+
+def in_interval(t, interval):
+    """Whether ``t_lo <= t <= t_hi``, decided in float32 for a float or a tensor t (a bool tensor).
+
+    The released samplers compare a float32 t tensor with Python-float bounds, which torch does in
+    float32: float32(0.8) > 0.8, so the RAEv2 grid point float32(0.8) is inside (0, 0.8) there and
+    outside in float64. Every interval decision (the policies' masks, the sampler's skipping of
+    inactive branches) goes through here so that they agree with the released code and each other.
+    """
+    lo, hi = _f32(float(interval[0])), _f32(float(interval[1]))
+    if isinstance(t, torch.Tensor):
+        tt = t.to(torch.float32)
+        return (tt >= lo) & (tt <= hi)
+    return lo <= _f32(float(t)) <= hi
 
 
 def _check_scale(cls: str, arg: str, v):
@@ -113,12 +140,10 @@ class GuidancePolicy:
         """[B] float mask of the samples whose t lies in the interval (None: always active)."""
         if self.interval is None:
             return None
-        lo, hi = self.interval
         B = x.shape[0]
         if isinstance(t, torch.Tensor):
-            tt = t.reshape(-1).to(torch.float64).expand(B)
-            return ((tt >= lo) & (tt <= hi)).to(torch.float64)
-        on = 1.0 if lo <= float(t) <= hi else 0.0
+            return in_interval(t.reshape(-1), self.interval).expand(B).to(torch.float64)
+        on = 1.0 if in_interval(t, self.interval) else 0.0
         return torch.full((B,), on, dtype=torch.float64, device=x.device)
 
     def step(self, x, outputs, t, *, param="velocity", solver="euler", t_next=None, x_prev=None,

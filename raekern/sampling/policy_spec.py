@@ -5,6 +5,7 @@ commas; several specs combine (``cfg:1.5 interval:0.2,0.8 rescale:0.7``).
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Sequence
 
 GUIDANCE_HELP = """\
@@ -41,8 +42,8 @@ space unless marked "space-dependent"):
                          G = s*·U + W·(C − s*·U); zero velocity for the first `steps` steps
   rescale:PHI            guidance rescale around the chosen method (space-dependent, x0 space):
                          G ← G·(PHI·std(C)/std(G) + 1 − PHI)
-  interval:LO,HI         apply the guidance only for LO <= t <= HI (otherwise G = C); for internal:
-                         gates the internal guidance
+  interval:LO,HI         apply the guidance only for LO <= t <= HI, compared in float32 as the released
+                         samplers do (otherwise G = C); for internal: gates the internal guidance
 """
 
 
@@ -87,6 +88,12 @@ def describe(specs: Sequence[str]) -> dict:
             _fail("guidance", f"has an unknown option {unknown[0]!r} for {m} in {spec!r} ({m} takes {allowed})")
         if m == "none" and pos:
             _fail("guidance", f"none takes no values, got {spec!r}")
+        if m == "gfcg" and pos:  # gfcg has no scale: its numbers are named (w_max=, kappa=, cfg=, ag=)
+            _fail("guidance", f"gfcg takes only key=value options ({', '.join(f'{k}=' for k in KEYS['gfcg'])}), "
+                  f"got {spec!r}; e.g. gfcg:w_max=2,kappa=10")
+        if m in ("interval", "rescale") and (interval if m == "interval" else rescale) is not None:
+            # Keeping only the last of two would silently drop a setting the user wrote.
+            _fail("guidance", f"gives {m}: twice ({spec!r} is the second); give it once")
         if m == "interval":
             if len(pos) != 2:
                 _fail("guidance", f"interval needs two values LO,HI, got {spec!r}")
@@ -160,7 +167,7 @@ def build_policy(specs: Sequence[str], *, classifier: Callable | None = None, ha
                        momentum=_num(kw.get("momentum", "0"), "momentum"), num_classes=num_classes, **ikw)
     elif m == "cfgzero":
         steps = _num(kw.get("steps", "1"), "steps")
-        if steps != int(steps) or steps < 0:
+        if not math.isfinite(steps) or steps != int(steps) or steps < 0:  # int() of inf/nan raises
             _fail("guidance", f"cfgzero steps= must be a whole number >= 0, got {kw['steps']!r}")
         policy = G.CFGZeroStar(scale(), zero_init_steps=int(steps),
                                num_classes=num_classes, **ikw)

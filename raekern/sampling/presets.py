@@ -59,6 +59,19 @@ def _need(o: dict, key: str, flag: str, preset: str):
     return o[key]
 
 
+def _steps(o: dict, default: int, grid: str) -> int:
+    """--steps for ``grid``: None means the preset's default; 0 or a negative count is an error (it
+    used to fall back to the default silently)."""
+    steps = o.get("steps")
+    if steps is None:
+        return default
+    least = 2 if grid in ("rae", "rae_v1") else 1  # grid 'rae' counts points: 2 points = 1 step
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < least:
+        raise ValueError(f"raekern sample: argument '--steps' must be an int >= {least} for grid {grid!r}, "
+                         f"got {steps!r}")
+    return steps
+
+
 def _load_classifier(o: dict, pipe: "P.Pipeline"):
     path = o.get("classifier_ckpt")
     if not path:
@@ -83,7 +96,7 @@ def _rae_v1(dit: str, weak: str, decoder: str):
 
         return P.rae_v1_from_checkpoints(
             _need(o, "ckpt", "--ckpt", "rae-v1"), o.get("decoder_ckpt"), o.get("stats"),
-            weak=o.get("weak_ckpt"), policy=NoGuidance(), num_points=o.get("steps") or 50,
+            weak=o.get("weak_ckpt"), policy=NoGuidance(), num_points=_steps(o, 50, o.get("grid") or "rae"),
             grid=o.get("grid") or "rae",
             dtype=o.get("dtype", torch.float32), **_names(o, dit, decoder, weak), **_common(o))
     return build
@@ -94,7 +107,7 @@ def _raev2(o: dict) -> "P.Pipeline":
 
     return P.raev2_from_checkpoints(
         _need(o, "ckpt", "--ckpt", "raev2-256"), o.get("decoder_ckpt"), o.get("stats"),
-        policy=NoGuidance(), num_steps=o.get("steps") or 100, grid=o.get("grid") or "raev2",
+        policy=NoGuidance(), num_steps=_steps(o, 100, o.get("grid") or "raev2"), grid=o.get("grid") or "raev2",
         dtype=o.get("dtype", torch.float32), **_names(o, "ditdh-xl-v2", "decoder-vit-xl-v2"), **_common(o))
 
 
@@ -103,8 +116,8 @@ def _tiny(o: dict) -> "P.Pipeline":
     from raekern.sampling.guidance import NoGuidance
 
     C, S = 8, 4
-    steps = o.get("steps") or 8
     grid = o.get("grid") or "uniform"
+    steps = _steps(o, 8, grid)
     md = o.get("model_dtype") or o.get("dtype", torch.float32)  # the networks' dtype
     return P.Pipeline(
         T.TinyFlowNet(C, 10, seed=0).to(md), NoGuidance(),

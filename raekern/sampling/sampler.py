@@ -24,8 +24,9 @@ tuple of tensors, each ``[n,*S]``. ``param`` declares what they return: "velocit
 models, RAEv2 converts with ``u = (x − x̂)/max(t, 0.05)``; pass ``x0_t_eps=0.05`` for that (the
 clamp only matters when a grid evaluates t < 0.05, which the released grids never do).
 
-Determinism: the noise comes from a CPU ``torch.Generator`` seeded with ``seed`` (the same noise on
-every device); the loop itself draws no random numbers.
+Determinism: the noise comes from a CPU ``torch.Generator`` seeded from ``seed`` (the same noise on
+every device; ``raekern.sampling.seeding`` folds the seed into the 32 bits that generator keeps); the
+loop itself draws no random numbers.
 
 CUDA graphs (``cuda_graph=True``, CUDA tensors, fixed shapes): the first call for a given shape runs
 one eager pass as warm-up, then captures every step into its own graph (one shared memory pool,
@@ -43,6 +44,8 @@ from typing import Callable, Mapping, Sequence
 import torch
 
 from raekern.sampling.grids import TimeGrid, make_grid
+from raekern.sampling.guidance import in_interval
+from raekern.sampling.seeding import fold_seed, noise_generator
 
 PARAMS = ("velocity", "x0", "eps")
 SOLVERS = ("euler", "heun")
@@ -209,8 +212,9 @@ class Sampler:
         return outs
 
     def _inactive(self, t: float) -> bool:
+        # Decided exactly as the policy's mask decides it (float32), or skipping would change results.
         iv = self.skippable_interval
-        return iv is not None and not (iv[0] <= t <= iv[1])
+        return iv is not None and not in_interval(t, iv)
 
     def _evaluate(self, x, t, labels: dict[str, torch.Tensor | None], cache: dict):
         """Fill ``cache[(model, label)] = (outputs tuple, row slot)``; one call per model."""
@@ -451,19 +455,23 @@ class _RerunGraphs:
 
 
 def make_noise(shape: Sequence[int], seed: int = 0, *, device=None, dtype=torch.float32) -> torch.Tensor:
-    """Standard normal noise from a CPU generator (identical on every device), then moved."""
-    g = torch.Generator().manual_seed(int(seed))
+    """Standard normal noise from a CPU generator (identical on every device), then moved.
+
+    Seeds in [0, 2^32) seed the generator as given; a larger one is folded into the 32 bits torch's
+    generator keeps (``seeding.fold_seed``), so it does not repeat the noise of ``seed mod 2^32``."""
+    g = torch.Generator().manual_seed(fold_seed(seed))
     return torch.randn(tuple(shape), generator=g, dtype=torch.float32).to(device=device, dtype=dtype)
 
 
 def indexed_noise(indices: Sequence[int], sample_shape: Sequence[int], seed: int = 0, *, device=None,
                   dtype=torch.float32) -> torch.Tensor:
-    """Noise for global sample indices: sample i's noise depends only on (seed, i), so any split of
-    the indices over batches or ranks gives the same samples."""
-    rows = []
-    for i in indices:
-        g = torch.Generator().manual_seed(((int(seed) & 0xFFFFFFFF) << 32) | (int(i) & 0xFFFFFFFF))
-        rows.append(torch.randn(tuple(sample_shape), generator=g, dtype=torch.float32))
+    """Noise for global sample indices (each in [0, 2^32)): sample i's noise depends only on
+    (seed, i), so any split of the indices over batches or ranks gives the same samples, and no two
+    indices of one seed share their noise (``seeding.noise_seed``)."""
+    rows = [torch.randn(tuple(sample_shape), generator=noise_generator(seed, i), dtype=torch.float32)
+            for i in indices]
+    if not rows:
+        return torch.empty((0, *sample_shape), device=device, dtype=dtype)
     return torch.stack(rows).to(device=device, dtype=dtype)
 
 
