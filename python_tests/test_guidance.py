@@ -445,6 +445,32 @@ def test_bad_branches():
         guidance_step(x, torch.randn(9, 4, 5), 0.5, param=["x0", "x0"], **_base_kwargs())
     with pytest.raises(ValueError, match="'t'"):
         guidance_step(x, [x, x], torch.ones(4), **_base_kwargs())
+    with pytest.raises(ValueError, match="'t'"):
+        guidance_step(x, [x, x], float("nan"), **_base_kwargs())
+
+
+@pytest.mark.parametrize("param", [["eps", "velocity"], ["x0", "velocity"], ["velocity", "x0"]])
+@pytest.mark.parametrize("stat", [dict(rescale_phi=0.7, rescale_space="velocity", rescale_ref=1),
+                                  dict(zero_star=True, stats_space="velocity"),
+                                  dict(apg_eta=0.3, stats_space="velocity"),
+                                  dict(apg_norm_threshold=0.5, stats_space="velocity")])
+def test_mixed_parameterisations_with_velocity_statistics(param, stat):
+    """Mixed parameterisations work in velocity space, but an x0/ε branch converted to velocity
+    carries x: the statistics must read x even when every statistic is taken in velocity space."""
+    g = torch.Generator().manual_seed(5)
+    x, a, b = (torch.randn(3, 37, generator=g, dtype=torch.float64) for _ in range(3))
+    t = torch.tensor([0.4, 0.7, 0.2], dtype=torch.float64)
+    kw = dict(param=param, terms=[(0, 1)], weights=[0.5], base=0, **stat)
+    got = guidance_step(x, [a, b], t, **kw).out
+    _close(got, guidance_step_reference(x, [a, b], t, **kw).out, torch.float64)
+
+
+def test_float_zero_init_is_a_truth_mask():
+    x, c, u = (torch.randn(2, 8) for _ in range(3))
+    kw = dict(terms=[(0, 1)], weights=[1.5], base=0, zero_init=torch.tensor([0.5, 0.0]))
+    got = guidance_step(x, [c, u], 0.5, **kw).out
+    assert torch.equal(got[0], torch.zeros(8))
+    _close(got, guidance_step_reference(x, [c, u], 0.5, **kw).out, torch.float32)
 
 
 def test_autocast_promotes_mixed_branches():

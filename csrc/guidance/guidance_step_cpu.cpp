@@ -92,9 +92,13 @@ inline A sum_chunk(const A* __restrict u, int64_t n) {
 
 // True when a statistic may involve x. With velocity branches and every statistic taken in velocity
 // space (stats spaces, CFG-Zero*'s scaling space, rescale space), every vector the solve measures is
-// a combination of branches and momentum only, and x's Gram entries get zero weight.
+// a combination of branches and momentum only, and x's Gram entries get zero weight. Every branch
+// must be velocity, not just the work space: mixed parameterisations also work in velocity, and an x0
+// or ε branch converted to velocity carries x.
 inline bool stats_read_x(const Config& c) {
   if (c.work != kVelocity) return true;
+  for (int k = 0; k < c.K; ++k)
+    if (c.param[k] != kVelocity) return true;
   for (int j = 0; j < c.J; ++j)
     if (c.stats_space[j] != kVelocity || (c.zero_star[j] >= 0 && c.zero_star[j] != kVelocity)) return true;
   return c.phi != 0.0 && c.rescale_space != kVelocity;

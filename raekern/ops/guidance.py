@@ -107,6 +107,8 @@ def _per_sample(value, B: int, device, arg: str) -> torch.Tensor:
             fail(_OP, arg, f"must be on {device} like the input, got {value.device}")
         return value.reshape(-1).to(torch.float64).expand(B)
     if isinstance(value, (int, float)):
+        if not _finite(value):  # (a tensor's values are not checked: that would sync with the device)
+            fail(_OP, arg, f"must be finite, got {value!r}")
         return torch.full((B,), float(value), dtype=torch.float64, device=device)
     fail(_OP, arg, f"must be a float or a tensor, got {type(value).__name__}", TypeError)
 
@@ -286,6 +288,8 @@ def _normalize(x, branches, t, *, param, terms, weights, base, zero_star, apg_et
             fail(_OP, "zero_init", f"must be a bool or a [{B}] tensor")
         elif zero_init.device != dev:
             fail(_OP, "zero_init", f"must be on {dev} like the input, got {zero_init.device}")
+        elif zero_init.dtype != torch.bool:
+            zero_init = zero_init.ne(0)  # truthiness, as a bool mask (the kernels' byte cast would truncate 0.5)
     out_code = _space(out_param, "out_param")
     if solver not in SOLVERS:
         fail(_OP, "solver", f"must be one of {list(SOLVERS)}, got {solver!r}")
