@@ -219,6 +219,41 @@ def test_double_backward_is_refused():
         torch.autograd.grad(g.pow(2).sum(), hs[0])
 
 
+@pytest.mark.parametrize("kw, arg", [
+    (dict(grid=(4,), channels_first=True), "grid"),
+    (dict(grid=(2, 2)), "grid"),  # a grid without channels_first would be ignored
+    (dict(grid=(2.0, 2), channels_first=True), "grid"),
+    (dict(eps=-10.0), "eps"),
+    (dict(eps=float("nan")), "eps"),
+    (dict(latent_eps=-1.0), "latent_eps"),
+    (dict(skip_tokens=True), "skip_tokens"),
+])
+def test_layer_stack_fuse_argument_errors(kw, arg):
+    layers = [torch.randn(2, 5, 8) for _ in range(2)]
+    with pytest.raises((ValueError, TypeError), match=f"'{arg}'"):
+        fu.layer_stack_fuse(layers, **{"skip_tokens": 1, **kw})
+
+
+def test_latent_ops_refuse_a_negative_eps():
+    z, m, v = torch.randn(1, 4, 3), torch.zeros(3, 2, 2), torch.ones(3, 2, 2)
+    for fn, x in ((fu.latent_normalize, z), (fu.latent_denormalize, torch.randn(1, 3, 2, 2))):
+        with pytest.raises(ValueError, match="'eps'"):
+            fn(x, m, v, eps=-5.0)
+
+
+def test_depth_route_norm_cap_nan_reaches_the_gradients():
+    torch.manual_seed(7)
+    experts = [torch.randn(1, 3, 40, requires_grad=True) for _ in range(3)]
+    with torch.no_grad():
+        experts[1][0, 0, 5] = float("nan")
+    logits = torch.randn(1, 3, 3, requires_grad=True)
+    base = torch.randn(1, 3, 40, requires_grad=True)
+    out = fu.depth_route(experts, logits, base, bound="norm_cap", cap=0.5)
+    out.backward(torch.randn_like(out))
+    for g in (*(e.grad for e in experts), base.grad, logits.grad):
+        assert torch.isnan(g[0, 0]).any() and torch.isfinite(g[0, 1:]).all()
+
+
 def test_layer_stack_fuse_errors():
     hs = layers(2, 2, 7, 8, torch.float32)
     with pytest.raises(ValueError, match="'layers'"):

@@ -236,6 +236,18 @@ def test_depth_route_backward(kern, dtype, shape, route):
         assert ggamma.numel() == 0
 
 
+def test_depth_route_norm_cap_nan_reaches_the_gradients(kern):
+    """A NaN expert element leaves its token uncapped and NaN forward; its gradients must be NaN too
+    (as the reference's), not finite values a gradient scaler would accept; other tokens stay finite."""
+    torch.manual_seed(7)
+    experts = [torch.randn(1, 3, 40) for _ in range(3)]
+    experts[1][0, 0, 5] = float("nan")
+    logits, base, grad = torch.randn(1, 3, 3), torch.randn(1, 3, 40), torch.randn(1, 3, 40)
+    ge, glog, gbase, _ = kern.depth_route_backward(grad, experts, logits, base, "l2", "norm_cap", None, 0.5)
+    for g in (*ge, gbase, glog):
+        assert torch.isnan(g[0, 0]).any() and torch.isfinite(g[0, 1:]).all()
+
+
 # ------------------------------------------------------------------------------------------------
 # latent_normalize / latent_denormalize
 

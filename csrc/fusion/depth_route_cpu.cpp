@@ -343,7 +343,9 @@ void route_backward(const Route<T>& k, const at::Tensor& grad, std::vector<at::T
         case Bound::kNormCap: {
           k.load_base(b, n, row);
           const A nf = row_norm(f, s.D), nb = row_norm(row, s.D), limit = k.cap * nb;
-          if (nf > limit) {
+          // !(nf <= limit), not nf > limit: a NaN norm (the forward left it uncapped, so its output is
+          // NaN) takes this branch and gives NaN gradients, as the reference's autograd does.
+          if (!(nf <= limit)) {
             // Δ = c·‖base‖·f/‖f‖: project g off f̂, and send c·(f̂·g) along base/‖base‖.
             const A fg = row_dot(f, g, s.D) / nf;
             const A sc = limit / nf, fgn = fg / nf;

@@ -172,7 +172,7 @@ __global__ void __launch_bounds__(kThreads) depth_route_backward_kernel(RouteArg
       simt::block_sum2(ff, bb, red);
       fg = simt::block_sum(fg, red);
       const float nf = sqrtf(ff), nb = sqrtf(bb), limit = a.cap * nb;
-      if (nf > limit) {
+      if (!(nf <= limit)) {  // NaN norms too: NaN gradients, as the CPU kernel and the reference
         const float fgn = __fdividef(fg, nf), sc = __fdividef(limit, nf), cb = nb > 0.f ? __fdividef(a.cap * fgn, nb) : 0.f;
         const float fgnn = __fdividef(fgn, nf);
 #pragma unroll

@@ -58,6 +58,12 @@ def check_broadcast(t: torch.Tensor, shape: Sequence[int], op: str, arg: str) ->
         fail(op, arg, f"of shape {ts} does not broadcast to {ss}")
 
 
+def check_eps(eps, op: str, arg: str = "eps") -> None:
+    """A stabilising epsilon: a real number >= 0 (a negative one turns small variances into NaN)."""
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
+        fail(op, arg, f"must be a float >= 0, got {eps!r}")
+
+
 def check_choice(value, choices: Sequence, op: str, arg: str) -> None:
     if value not in choices:
         fail(op, arg, f"must be one of {list(choices)}, got {value!r}")

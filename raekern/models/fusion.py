@@ -107,7 +107,8 @@ class LayerMeanFusion(nn.Module):
         fn = _f.layer_stack_fuse if self.use_raekern else _f.layer_stack_fuse_reference
         return fn(layers, skip_tokens=self.skip_tokens, eps=self.eps,
                   add_last_token_mean=self.add_last_token_mean, channels_first=self.channels_first,
-                  grid=self.grid, latent_mean=self.latent_mean if self.channels_first else None,
+                  grid=self.grid if self.channels_first else None,
+                  latent_mean=self.latent_mean if self.channels_first else None,
                   latent_var=self.latent_var if self.channels_first else None, latent_eps=self.latent_eps)
 
     def extra_repr(self) -> str:

@@ -17,7 +17,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from raekern._utils.checks import autocast_promote, check_choice, check_tensor, fail
+from raekern._utils.checks import autocast_promote, check_choice, check_eps, check_tensor, fail
 from raekern._utils.library import forbid_double_backward
 
 __all__ = [
@@ -130,7 +130,9 @@ def layer_stack_fuse(
     layers = _as_list(layers, op, "layers")
     L = len(layers)
     B, T, D = layers[0].shape
-    if not isinstance(skip_tokens, int) or not 0 <= skip_tokens < T:
+    check_eps(eps, op)
+    check_eps(latent_eps, op, "latent_eps")
+    if isinstance(skip_tokens, bool) or not isinstance(skip_tokens, int) or not 0 <= skip_tokens < T:
         fail(op, "skip_tokens", f"must be an int in [0, T) with T = {T} tokens per layer, got {skip_tokens!r}")
     N = T - skip_tokens
     if reduce is None:
@@ -150,6 +152,12 @@ def layer_stack_fuse(
              "must be given together with the other latent statistic")
     if latent_mean is not None and not channels_first:
         fail(op, "latent_mean", "requires channels_first=True (the statistics are [D, H, W])")
+    if grid is not None:
+        if not channels_first:
+            fail(op, "grid", "requires channels_first=True (the token order of a channels-first output)")
+        if (not isinstance(grid, (tuple, list)) or len(grid) != 2
+                or not all(isinstance(g, int) and not isinstance(g, bool) and g > 0 for g in grid)):
+            fail(op, "grid", f"must be a tuple (H, W) of positive ints, got {grid!r}")
     gh = gw = 0
     if channels_first:
         if grid is not None:
@@ -421,6 +429,7 @@ def latent_normalize(z: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, eps
     op = "latent_normalize"
     check_tensor(z, op, "z", ndim=3)
     _check_stats(mean, var, z.shape[2], z.shape[1], op, z)
+    check_eps(eps, "latent_normalize")
     return _ops.latent_normalize(z, mean, var, float(eps))
 
 
@@ -432,6 +441,7 @@ def latent_denormalize(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, e
     _check_stats(mean, var, x.shape[1], x.shape[2] * x.shape[3], op, x)
     if tuple(mean.shape[1:]) != tuple(x.shape[2:]):
         fail(op, "mean", f"must have shape [D, H, W] = {list(x.shape[1:])}, got {list(mean.shape)}")
+    check_eps(eps, "latent_denormalize")
     return _ops.latent_denormalize(x, mean, var, float(eps))
 
 

@@ -27,8 +27,8 @@ from typing import Literal, Optional
 import torch
 from torch import Tensor
 
-from raekern._utils.checks import (autocast_promote, check_broadcast, check_choice, check_last_dim, check_tensor,
-                                  fail)
+from raekern._utils.checks import (autocast_promote, check_broadcast, check_choice, check_eps, check_last_dim,
+                                  check_tensor, fail)
 from raekern._utils.library import forbid_double_backward
 
 __all__ = [
@@ -79,8 +79,7 @@ def _check_kind(kind, op: str) -> None:
 
 
 def _check_eps(eps, op: str) -> None:
-    if not isinstance(eps, (int, float)) or eps < 0:
-        fail(op, "eps", f"must be a float >= 0, got {eps!r}")
+    check_eps(eps, op)
 
 
 # --------------------------------------------------------------------------------------------------
