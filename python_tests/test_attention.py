@@ -468,6 +468,7 @@ def test_torch_compile_fullgraph_forward_backward():
         (dict(k_norm_weight=torch.ones(8, dtype=torch.int32)), "k_norm_weight", TypeError),
         (dict(rope_grid=(0, 4)), "rope_grid", ValueError),
         (dict(rope_grid=4), "rope_grid", ValueError),
+        (dict(rope_grid=(3, 4)), "rope_grid", ValueError),  # 12 grid tokens, 10 tokens
         (dict(key_padding_mask=torch.ones(2, 10)), "key_padding_mask", TypeError),
         (dict(key_padding_mask=torch.ones(2, 9, dtype=torch.bool)), "key_padding_mask", ValueError),
         (dict(scale="big"), "scale", TypeError),

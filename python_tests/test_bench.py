@@ -27,6 +27,14 @@ def test_raekern_bench_writes_table_json_and_chart(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_raekern_bench_refuses_bad_flags_before_measuring():
+    for flags, arg in ((["--min-time", "nan"], "--min-time"), (["--min-time", "inf"], "--min-time"),
+                       (["--dtype", "fp64"], "--dtype")):  # fp64: no family has cases, it ran nothing
+        r = _run([sys.executable, "-m", "raekern.cli", "bench", "--device", "cpu", *flags], timeout=120)
+        assert r.returncode == 2 and f"argument {arg}" in r.stderr, r.stdout + r.stderr
+        assert "copy bandwidth" not in r.stdout
+
+
 def test_gpu_check_cpu_rehearsal_writes_every_output(tmp_path):
     env = dict(os.environ, GPU_CHECK_DEVICE="cpu", GPU_CHECK_SKIP_BUILD="1", PYTHON=sys.executable)
     r = _run(["bash", "benchmarks/gpu_check.sh", str(tmp_path)], env=env)

@@ -605,10 +605,28 @@ def test_latent_stats_streaming_merge_and_save(tmp_path):
 def _stats_worker(rank, path, data):
     import torch.distributed as dist
     dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=2)
-    s = LatentStats().update(data[rank::2])
-    s.all_reduce()
-    torch.save((s.count, s.mean, s.var), f"{path}.{rank}")
-    dist.destroy_process_group()
+    try:
+        # per-epoch use: reduce, add more data, reduce again (each rank's data counted once)
+        s = LatentStats().update(data[rank:6:2])
+        s.all_reduce()
+        first = (s.count, s.mean)
+        s.update(data[6 + rank::2])
+        s.all_reduce()
+        # a rank with no data takes the others' shape; nobody is left waiting
+        late = LatentStats()
+        if rank == 1:
+            late.update(data[:3])
+        late.all_reduce()
+        # different shapes: the same error on every rank
+        odd = LatentStats().update(torch.randn(2, 3 + rank, 2, 2))
+        try:
+            odd.all_reduce()
+            err = None
+        except ValueError as e:
+            err = str(e)
+        torch.save((first, s.count, s.mean, s.var, late.count, late.mean, err), f"{path}.{rank}")
+    finally:
+        dist.destroy_process_group()
 
 
 def test_latent_stats_all_reduce(tmp_path):
@@ -617,7 +635,24 @@ def test_latent_stats_all_reduce(tmp_path):
     path = str(tmp_path / "store")
     mp.spawn(_stats_worker, args=(path, data), nprocs=2, join=True)
     for r in range(2):
-        count, mean, var = torch.load(f"{path}.{r}")
+        first, count, mean, var, late_count, late_mean, err = torch.load(f"{path}.{r}")
+        assert first[0] == 6
+        torch.testing.assert_close(first[1], data[:6].double().mean(0).float())
         assert count == 9
         torch.testing.assert_close(mean, data.double().mean(0).float())
         torch.testing.assert_close(var, data.double().var(0, unbiased=False).float())
+        assert late_count == 3
+        torch.testing.assert_close(late_mean, data[:3].double().mean(0).float())
+        assert err is not None and "different shapes" in err
+
+
+def test_latent_stats_errors_before_any_data(tmp_path):
+    s = LatentStats()
+    for what in ("mean", "var"):
+        with pytest.raises(ValueError, match="no statistics yet"):
+            getattr(s, what)
+    with pytest.raises(ValueError, match="no statistics yet"):
+        s.save(tmp_path / "s.pt")
+    torch.save({"mean": torch.zeros(2, 2, 2), "var": torch.ones(3, 2, 2)}, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match="bad.pt"):
+        LatentStats.load(tmp_path / "bad.pt")

@@ -70,6 +70,9 @@ def read_stats(path) -> dict[str, torch.Tensor]:
         raise ValueError(f"raekern.models: {path} holds no latent statistics (expected a dict with 'mean' and "
                          "'var' tensors)")
     var = obj["var"] if "var" in obj else obj["std"] ** 2
+    if var.shape != obj["mean"].shape:
+        raise ValueError(f"raekern.models: {path} holds 'mean' {tuple(obj['mean'].shape)} and "
+                         f"{'var' if 'var' in obj else 'std'} {tuple(var.shape)} of different shapes")
     return {"mean": obj["mean"], "var": var}
 
 

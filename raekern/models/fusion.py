@@ -219,45 +219,68 @@ class DepthRoutedFusion(nn.Module):
         return fn(e, logits, base, energy=self.energy, bound=self.bound, gamma=self.gamma, cap=self.cap)
 
 
+class _Welford:
+    """count, mean and M2 (Σ squared deviations) of a stream, fp64; merged by Chan et al.'s formula."""
+
+    def __init__(self, shape, device):
+        self.count = 0
+        self.mean = torch.zeros(shape, dtype=torch.float64, device=device)
+        self.m2 = torch.zeros(shape, dtype=torch.float64, device=device)
+
+    def combine(self, n_b: int, mean_b: torch.Tensor, m2_b: torch.Tensor) -> None:
+        if n_b == 0:
+            return
+        n_a, n = self.count, self.count + n_b
+        delta = mean_b - self.mean
+        self.mean += delta * (n_b / n)
+        self.m2 += m2_b + delta.square() * (n_a * n_b / n)
+        self.count = n
+
+
+_OP = "raekern.LatentStats"
+_MAX_NDIM = 8  # of the shape exchanged in all_reduce's handshake
+
+
 class LatentStats:
     """Streaming per-element mean and population variance of latents ``[D, H, W]``.
 
     ``update(z)`` takes a batch ``[B, D, H, W]`` (or tokens ``[B, N, D]`` once the shape is known);
     accumulators are fp64 and batches merge with Chan et al.'s parallel formula, so the result does
     not depend on how the dataset was split. ``merge(other)`` combines two streams;
-    ``all_reduce()`` combines the streams of every rank of the default ``torch.distributed`` group.
-    ``mean``/``var`` are fp32; ``save(path)`` writes RAE's ``stat.pt`` (``{'mean', 'var'}``).
+    ``all_reduce()`` combines the streams of every rank of a ``torch.distributed`` group, and may be
+    called again after more updates (each rank's data is counted once: the statistics already reduced
+    are kept apart from what a rank added since). ``mean``/``var`` are fp32; ``save(path)`` writes
+    RAE's ``stat.pt`` (``{'mean', 'var'}``).
     """
 
     def __init__(self, shape: Sequence[int] | None = None, device: torch.device | str = "cpu"):
         self.shape = tuple(shape) if shape is not None else None
         self.device = torch.device(device)
-        self.count = 0
-        self._mean = self._m2 = None
+        self._total = self._base = self._new = None
         if self.shape is not None:
             self._reset()
 
     def _reset(self):
-        self._mean = torch.zeros(self.shape, dtype=torch.float64, device=self.device)
-        self._m2 = torch.zeros(self.shape, dtype=torch.float64, device=self.device)
+        # total = base (the last all_reduce's result, identical on every rank) ⊕ new (this rank's since)
+        self._total = _Welford(self.shape, self.device)
+        self._base = _Welford(self.shape, self.device)
+        self._new = _Welford(self.shape, self.device)
 
-    def _combine(self, n_b: int, mean_b: torch.Tensor, m2_b: torch.Tensor) -> None:
-        if n_b == 0:
-            return
-        n_a = self.count
-        n = n_a + n_b
-        delta = mean_b - self._mean
-        self._mean += delta * (n_b / n)
-        self._m2 += m2_b + delta.square() * (n_a * n_b / n)
-        self.count = n
+    def _add(self, n_b: int, mean_b: torch.Tensor, m2_b: torch.Tensor) -> None:
+        self._total.combine(n_b, mean_b, m2_b)
+        self._new.combine(n_b, mean_b, m2_b)
+
+    @property
+    def count(self) -> int:
+        return self._total.count if self._total is not None else 0
 
     @torch.no_grad()
     def update(self, z: torch.Tensor) -> "LatentStats":
         if not isinstance(z, torch.Tensor) or not z.is_floating_point():
-            raise TypeError("raekern.LatentStats.update: argument 'z' must be a floating tensor")
+            raise TypeError(f"{_OP}.update: argument 'z' must be a floating tensor")
         if self.shape is None:
             if z.dim() != 4:
-                raise ValueError(f"raekern.LatentStats.update: argument 'z' must be [B, D, H, W] to fix the "
+                raise ValueError(f"{_OP}.update: argument 'z' must be [B, D, H, W] to fix the "
                                  f"statistics' shape, got {tuple(z.shape)}")
             self.shape = tuple(z.shape[1:])
             self.device = z.device
@@ -265,62 +288,101 @@ class LatentStats:
         if z.dim() == 3 and len(self.shape) == 3:
             B, N, D = z.shape
             if D != self.shape[0] or N != self.shape[1] * self.shape[2]:
-                raise ValueError(f"raekern.LatentStats.update: argument 'z' of shape {tuple(z.shape)} does not "
+                raise ValueError(f"{_OP}.update: argument 'z' of shape {tuple(z.shape)} does not "
                                  f"match statistics of shape {self.shape}")
             z = z.transpose(1, 2).reshape(B, *self.shape)
         if tuple(z.shape[1:]) != self.shape:
-            raise ValueError(f"raekern.LatentStats.update: argument 'z' must be [B, *{list(self.shape)}], got "
+            raise ValueError(f"{_OP}.update: argument 'z' must be [B, *{list(self.shape)}], got "
                              f"{tuple(z.shape)}")
         z = z.to(self.device, torch.float64)
         mean_b = z.mean(0)
-        m2_b = (z - mean_b).square().sum(0)
-        self._combine(z.shape[0], mean_b, m2_b)
+        self._add(z.shape[0], mean_b, (z - mean_b).square().sum(0))
         return self
 
     def merge(self, other: "LatentStats") -> "LatentStats":
+        """Add another stream's data to this rank's (it counts as this rank's in a later all_reduce)."""
         if other.count == 0:
             return self
         if self.shape is None:
             self.shape, self.device = other.shape, other.device
             self._reset()
         if other.shape != self.shape:
-            raise ValueError(f"raekern.LatentStats.merge: argument 'other' has shape {other.shape}, expected "
-                             f"{self.shape}")
-        self._combine(other.count, other._mean.to(self.device), other._m2.to(self.device))
+            raise ValueError(f"{_OP}.merge: argument 'other' has shape {other.shape}, expected {self.shape}")
+        t = other._total
+        self._add(t.count, t.mean.to(self.device), t.m2.to(self.device))
         return self
 
     @torch.no_grad()
     def all_reduce(self, group=None) -> "LatentStats":
         """Merge the statistics of every rank (each rank ends with the global result). The ranks'
-        partial results are gathered and merged in rank order, so every rank gets identical bits."""
+        partial results are gathered and merged in rank order, so every rank gets identical bits.
+        Ranks first exchange their shapes: a rank with no data yet takes the others' shape, and
+        different shapes raise the same error on every rank (none is left waiting)."""
         import torch.distributed as dist
 
         if not (dist.is_available() and dist.is_initialized()):
             return self
         world = dist.get_world_size(group)
+        dev = self.device if self.shape is not None else torch.device("cpu")
+        if dist.get_backend(group) == "nccl" and dev.type != "cuda":
+            dev = torch.device("cuda", torch.cuda.current_device())
+        shapes = self._exchange_shapes(dist, world, group, dev)
+        known = {s for s in shapes if s is not None}
+        if len(known) > 1:
+            raise ValueError(f"{_OP}.all_reduce: the ranks hold statistics of different shapes "
+                             f"{[s for s in shapes]}")
+        if not known:
+            return self  # no rank has any data
         if self.shape is None:
-            raise ValueError("raekern.LatentStats.all_reduce: update() must have been called on every rank")
-        packed = torch.cat([torch.tensor([float(self.count)], dtype=torch.float64, device=self.device),
-                            self._mean.flatten(), self._m2.flatten()])
+            self.shape = known.pop()
+            self._reset()
+        new = self._new
+        packed = torch.cat([torch.tensor([float(new.count)], dtype=torch.float64), new.mean.flatten().cpu(),
+                            new.m2.flatten().cpu()]).to(dev)
         parts = [torch.empty_like(packed) for _ in range(world)]
         dist.all_gather(parts, packed, group=group)
-        numel = self._mean.numel()
-        self.count = 0
-        self._reset()
+        numel = new.mean.numel()
+        base = self._base
         for p in parts:
-            self._combine(int(p[0].item()), p[1:1 + numel].view(self.shape), p[1 + numel:].view(self.shape))
+            p = p.to(self.device)
+            base.combine(int(p[0].item()), p[1:1 + numel].view(self.shape), p[1 + numel:].view(self.shape))
+        self._total = _Welford(self.shape, self.device)
+        self._total.combine(base.count, base.mean, base.m2)
+        self._new = _Welford(self.shape, self.device)
         return self
+
+    def _exchange_shapes(self, dist, world, group, dev) -> list:
+        head = torch.full((1 + _MAX_NDIM,), -1, dtype=torch.int64)
+        if self.shape is not None:
+            if len(self.shape) > _MAX_NDIM:
+                raise ValueError(f"{_OP}.all_reduce: statistics of more than {_MAX_NDIM} dims")
+            head[0] = len(self.shape)
+            head[1:1 + len(self.shape)] = torch.tensor(self.shape)
+        heads = [torch.empty_like(head, device=dev) for _ in range(world)]
+        dist.all_gather(heads, head.to(dev), group=group)
+        out = []
+        for h in heads:
+            h = h.cpu()
+            out.append(None if h[0] < 0 else tuple(int(v) for v in h[1:1 + int(h[0])]))
+        return out
+
+    def _require_data(self, what: str) -> _Welford:
+        if self._total is None:
+            raise ValueError(f"{_OP}.{what}: no statistics yet (call update() first, or give the shape)")
+        return self._total
 
     @property
     def mean(self) -> torch.Tensor:
-        return self._mean.float()
+        return self._require_data("mean").mean.float()
 
     @property
     def var(self) -> torch.Tensor:
         """Population variance (divides by the number of samples)."""
-        return (self._m2 / max(self.count, 1)).float()
+        t = self._require_data("var")
+        return (t.m2 / max(t.count, 1)).float()
 
     def save(self, path) -> None:
+        self._require_data("save")
         torch.save({"mean": self.mean.cpu(), "var": self.var.cpu()}, path)
 
     @staticmethod

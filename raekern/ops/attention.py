@@ -347,6 +347,9 @@ def _validate(q, k, v, layout, scale, qw, kw, eps, grid, theta, mask):
             fail(_OP, "rope_grid", f"must be a tuple (H, W) of positive ints or None, got {grid!r}")
         if dh % 4:
             fail(_OP, "rope_grid", f"needs a head dim divisible by 4, got {dh}")
+        if grid[0] * grid[1] > min(nq, nk):
+            fail(_OP, "rope_grid", f"{grid[0]}x{grid[1]} = {grid[0] * grid[1]} grid tokens, more than the "
+                 f"{min(nq, nk)} tokens of q/k (the grid is the first H*W tokens)")
         if not isinstance(theta, (int, float)) or theta <= 0:
             fail(_OP, "rope_theta", f"must be a positive float, got {theta!r}")
     if mask is not None:
