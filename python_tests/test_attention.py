@@ -473,6 +473,11 @@ def test_torch_compile_fullgraph_forward_backward():
         (dict(key_padding_mask=torch.ones(2, 9, dtype=torch.bool)), "key_padding_mask", ValueError),
         (dict(scale="big"), "scale", TypeError),
         (dict(norm_eps=-1.0), "norm_eps", ValueError),
+        (dict(norm_eps=float("nan")), "norm_eps", ValueError),
+        (dict(scale=float("nan")), "scale", ValueError),
+        (dict(scale=True), "scale", TypeError),
+        (dict(rope_grid=(2, 2), rope_theta=float("nan")), "rope_theta", ValueError),
+        (dict(rope_grid=(True, 2)), "rope_grid", ValueError),
     ],
 )
 def test_bad_arguments_name_the_argument(kwargs, arg, exc):

@@ -44,7 +44,9 @@ void backward_kernel(const Problem<T, raekern::cpu::acc_t<T>>& P, const at::Tens
   const bool dlse64 = dlse && dlse->scalar_type() == at::kDouble;
   const void* dlp = dlse ? dlse->data_ptr() : nullptr;
   const C log2e = C(1.0 / std::log(2.0));
-  const C qmul = C(P.scale) * log2e;
+  // Rounded once from the double product, exactly as the forward's: a one-ulp different multiplier
+  // moves every recomputed exponent by |s|·2^-24 against the forward's lse.
+  const C qmul = C(P.scale / std::log(2.0));
 
   TaskQueue queue(d.B * d.H);
   at::parallel_for(0, queue.threads(), 1, [&](int64_t, int64_t) {

@@ -29,7 +29,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from raekern._utils.checks import autocast_lower, check_choice, check_tensor, fail
+from raekern._utils.checks import autocast_lower, check_choice, check_eps, check_tensor, fail
 from raekern._utils.library import build_info, forbid_double_backward
 
 __all__ = [
@@ -330,8 +330,10 @@ def _validate(q, k, v, layout, scale, qw, kw, eps, grid, theta, mask):
         fail(_OP, "v", f"must have the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
     if dh < 1:
         fail(_OP, "q", f"must have a head dim >= 1, got {tuple(q.shape)}")
-    if scale is not None and not isinstance(scale, (int, float)):
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
         fail(_OP, "scale", f"must be a float or None, got {type(scale).__name__}", TypeError)
+    if scale is not None and not abs(scale) < math.inf:
+        fail(_OP, "scale", f"must be finite, got {scale!r}")
     for name, w in (("q_norm_weight", qw), ("k_norm_weight", kw)):
         if w is not None:
             check_tensor(w, _OP, name, ndim=1)
@@ -339,18 +341,17 @@ def _validate(q, k, v, layout, scale, qw, kw, eps, grid, theta, mask):
                 fail(_OP, name, f"must have shape [{dh}] (the head dim), got {tuple(w.shape)}")
             if w.device != q.device:
                 fail(_OP, name, f"must be on {q.device} like q, got {w.device}")
-    if not isinstance(eps, (int, float)) or eps < 0:
-        fail(_OP, "norm_eps", f"must be a non-negative float, got {eps!r}")
+    check_eps(eps, _OP, "norm_eps")
     if grid is not None:
         if (not isinstance(grid, (tuple, list)) or len(grid) != 2
-                or not all(isinstance(g, int) and g > 0 for g in grid)):
+                or not all(isinstance(g, int) and not isinstance(g, bool) and g > 0 for g in grid)):
             fail(_OP, "rope_grid", f"must be a tuple (H, W) of positive ints or None, got {grid!r}")
         if dh % 4:
             fail(_OP, "rope_grid", f"needs a head dim divisible by 4, got {dh}")
         if grid[0] * grid[1] > min(nq, nk):
             fail(_OP, "rope_grid", f"{grid[0]}x{grid[1]} = {grid[0] * grid[1]} grid tokens, more than the "
                  f"{min(nq, nk)} tokens of q/k (the grid is the first H*W tokens)")
-        if not isinstance(theta, (int, float)) or theta <= 0:
+        if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not 0 < theta < math.inf:
             fail(_OP, "rope_theta", f"must be a positive float, got {theta!r}")
     if mask is not None:
         check_tensor(mask, _OP, "key_padding_mask", floating=False)
