@@ -40,12 +40,6 @@ inline uint16_t bf16_bits_rne(float f) {
   u += 0x7fffu + ((u >> 16) & 1u);
   return uint16_t(u >> 16);
 }
-#if defined(__AVX512DQ__)
-// Lanes that vcvtneps2bf16 converts unlike c10 (and the plain-PyTorch references): fp32 denormals,
-// which it flushes to zero, and NaNs, whose payload it keeps (c10 gives 0x7fc0). Such blocks (never
-// in practice) take the scalar rounding.
-inline __mmask16 bf16_special_lanes(__m512 f) { return _mm512_fpclass_ps_mask(f, 0xA1); }  // QNaN|denormal|SNaN
-#endif
 }  // namespace detail
 
 template <>
@@ -88,24 +82,16 @@ inline void narrow_row<c10::BFloat16>(const float* __restrict src, int64_t n,
                                       c10::BFloat16* __restrict dst) {
   uint16_t* d = reinterpret_cast<uint16_t*>(dst);
   int64_t i = 0;
-#if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512DQ__)
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
   for (; i + 16 <= n; i += 16) {
-    const __m512 f = _mm512_loadu_ps(src + i);
-    if (__builtin_expect(detail::bf16_special_lanes(f) != 0, 0)) {
-      for (int k = 0; k < 16; ++k) d[i + k] = detail::bf16_bits_rne(src[i + k]);
-      continue;
-    }
-    __m256bh v = _mm512_cvtneps_pbh(f);
+    __m256bh v = _mm512_cvtneps_pbh(_mm512_loadu_ps(src + i));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(d + i), reinterpret_cast<__m256i&>(v));
   }
   if (i < n) {
     __mmask16 m = __mmask16((1u << (n - i)) - 1);
-    const __m512 f = _mm512_maskz_loadu_ps(m, src + i);
-    if (detail::bf16_special_lanes(f) == 0) {
-      __m256bh v = _mm512_cvtneps_pbh(f);
-      _mm256_mask_storeu_epi16(d + i, m, reinterpret_cast<__m256i&>(v));
-      return;
-    }
+    __m256bh v = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, src + i));
+    _mm256_mask_storeu_epi16(d + i, m, reinterpret_cast<__m256i&>(v));
+    return;
   }
 #elif defined(__AVX512F__) && defined(__AVX512BW__)
   const __m512i bias = _mm512_set1_epi32(0x7fff), one = _mm512_set1_epi32(1);
@@ -181,18 +167,17 @@ inline float hsum16(__m512 v) { return _mm512_reduce_add_ps(v); }
 
 // fp32 lanes -> 16-bit storage bits (round to nearest even).
 inline __m256i bf16_bits(__m512 f) {
-#if defined(__AVX512BF16__) && defined(__AVX512DQ__)
-  if (__builtin_expect(detail::bf16_special_lanes(f) == 0, 1)) {
-    __m256bh v = _mm512_cvtneps_pbh(f);
-    return reinterpret_cast<__m256i&>(v);
-  }
-#endif
+#if defined(__AVX512BF16__)
+  __m256bh v = _mm512_cvtneps_pbh(f);
+  return reinterpret_cast<__m256i&>(v);
+#else
   __m512i u = _mm512_castps_si512(f);
   __m512i r = _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)),
                                _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1)));
   r = _mm512_mask_mov_epi32(_mm512_srli_epi32(r, 16), _mm512_cmp_ps_mask(f, f, _CMP_UNORD_Q),
                             _mm512_set1_epi32(0x7fc0));
   return _mm512_cvtepi32_epi16(r);
+#endif
 }
 
 template <class T> inline void store16(T* p, __m512 v, __mmask16 m);
