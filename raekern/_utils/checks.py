@@ -64,6 +64,13 @@ def check_eps(eps, op: str, arg: str = "eps") -> None:
         fail(op, arg, f"must be a float >= 0, got {eps!r}")
 
 
+def check_grid(grid, op: str, arg: str) -> None:
+    """A token grid ``(H, W)``: two positive ints (bools are not ints here)."""
+    if (not isinstance(grid, (tuple, list)) or len(grid) != 2
+            or not all(isinstance(g, int) and not isinstance(g, bool) and g > 0 for g in grid)):
+        fail(op, arg, f"must be a tuple (H, W) of positive ints, got {grid!r}")
+
+
 def check_choice(value, choices: Sequence, op: str, arg: str) -> None:
     if value not in choices:
         fail(op, arg, f"must be one of {list(choices)}, got {value!r}")

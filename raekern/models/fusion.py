@@ -256,23 +256,19 @@ class LatentStats:
     def __init__(self, shape: Sequence[int] | None = None, device: torch.device | str = "cpu"):
         self.shape = tuple(shape) if shape is not None else None
         self.device = torch.device(device)
-        self._total = self._base = self._new = None
+        self._base = self._new = None
         if self.shape is not None:
             self._reset()
 
     def _reset(self):
-        # total = base (the last all_reduce's result, identical on every rank) ⊕ new (this rank's since)
-        self._total = _Welford(self.shape, self.device)
+        # The statistics are base ⊕ new: base, the last all_reduce's result (identical on every rank),
+        # and new, what this rank added since (all that the next all_reduce gathers from it).
         self._base = _Welford(self.shape, self.device)
         self._new = _Welford(self.shape, self.device)
 
-    def _add(self, n_b: int, mean_b: torch.Tensor, m2_b: torch.Tensor) -> None:
-        self._total.combine(n_b, mean_b, m2_b)
-        self._new.combine(n_b, mean_b, m2_b)
-
     @property
     def count(self) -> int:
-        return self._total.count if self._total is not None else 0
+        return self._base.count + self._new.count if self._base is not None else 0
 
     @torch.no_grad()
     def update(self, z: torch.Tensor) -> "LatentStats":
@@ -296,7 +292,7 @@ class LatentStats:
                              f"{tuple(z.shape)}")
         z = z.to(self.device, torch.float64)
         mean_b = z.mean(0)
-        self._add(z.shape[0], mean_b, (z - mean_b).square().sum(0))
+        self._new.combine(z.shape[0], mean_b, (z - mean_b).square().sum(0))
         return self
 
     def merge(self, other: "LatentStats") -> "LatentStats":
@@ -308,8 +304,8 @@ class LatentStats:
             self._reset()
         if other.shape != self.shape:
             raise ValueError(f"{_OP}.merge: argument 'other' has shape {other.shape}, expected {self.shape}")
-        t = other._total
-        self._add(t.count, t.mean.to(self.device), t.m2.to(self.device))
+        t = other._totals("merge")
+        self._new.combine(t.count, t.mean.to(self.device), t.m2.to(self.device))
         return self
 
     @torch.no_grad()
@@ -330,7 +326,7 @@ class LatentStats:
         known = {s for s in shapes if s is not None}
         if len(known) > 1:
             raise ValueError(f"{_OP}.all_reduce: the ranks hold statistics of different shapes "
-                             f"{[s for s in shapes]}")
+                             f"{shapes}")
         if not known:
             return self  # no rank has any data
         if self.shape is None:
@@ -342,12 +338,9 @@ class LatentStats:
         parts = [torch.empty_like(packed) for _ in range(world)]
         dist.all_gather(parts, packed, group=group)
         numel = new.mean.numel()
-        base = self._base
         for p in parts:
             p = p.to(self.device)
-            base.combine(int(p[0].item()), p[1:1 + numel].view(self.shape), p[1 + numel:].view(self.shape))
-        self._total = _Welford(self.shape, self.device)
-        self._total.combine(base.count, base.mean, base.m2)
+            self._base.combine(int(p[0].item()), p[1:1 + numel].view(self.shape), p[1 + numel:].view(self.shape))
         self._new = _Welford(self.shape, self.device)
         return self
 
@@ -366,23 +359,29 @@ class LatentStats:
             out.append(None if h[0] < 0 else tuple(int(v) for v in h[1:1 + int(h[0])]))
         return out
 
-    def _require_data(self, what: str) -> _Welford:
-        if self._total is None:
+    def _totals(self, what: str) -> _Welford:
+        """base ⊕ new (before any all_reduce, base is empty and this is new itself)."""
+        if self._base is None:
             raise ValueError(f"{_OP}.{what}: no statistics yet (call update() first, or give the shape)")
-        return self._total
+        if self._base.count == 0:
+            return self._new
+        t = _Welford(self.shape, self.device)
+        t.combine(self._base.count, self._base.mean, self._base.m2)
+        t.combine(self._new.count, self._new.mean, self._new.m2)
+        return t
 
     @property
     def mean(self) -> torch.Tensor:
-        return self._require_data("mean").mean.float()
+        return self._totals("mean").mean.float()
 
     @property
     def var(self) -> torch.Tensor:
         """Population variance (divides by the number of samples)."""
-        t = self._require_data("var")
+        t = self._totals("var")
         return (t.m2 / max(t.count, 1)).float()
 
     def save(self, path) -> None:
-        self._require_data("save")
+        self._totals("save")
         torch.save({"mean": self.mean.cpu(), "var": self.var.cpu()}, path)
 
     @staticmethod

@@ -29,7 +29,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from raekern._utils.checks import autocast_lower, check_choice, check_eps, check_tensor, fail
+from raekern._utils.checks import autocast_lower, check_choice, check_eps, check_grid, check_tensor, fail
 from raekern._utils.library import build_info, forbid_double_backward
 
 __all__ = [
@@ -343,9 +343,7 @@ def _validate(q, k, v, layout, scale, qw, kw, eps, grid, theta, mask):
                 fail(_OP, name, f"must be on {q.device} like q, got {w.device}")
     check_eps(eps, _OP, "norm_eps")
     if grid is not None:
-        if (not isinstance(grid, (tuple, list)) or len(grid) != 2
-                or not all(isinstance(g, int) and not isinstance(g, bool) and g > 0 for g in grid)):
-            fail(_OP, "rope_grid", f"must be a tuple (H, W) of positive ints or None, got {grid!r}")
+        check_grid(grid, _OP, "rope_grid")
         if dh % 4:
             fail(_OP, "rope_grid", f"needs a head dim divisible by 4, got {dh}")
         if grid[0] * grid[1] > min(nq, nk):

@@ -17,7 +17,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from raekern._utils.checks import autocast_promote, check_choice, check_eps, check_tensor, fail
+from raekern._utils.checks import autocast_promote, check_choice, check_eps, check_grid, check_tensor, fail
 from raekern._utils.library import forbid_double_backward
 
 __all__ = [
@@ -155,9 +155,7 @@ def layer_stack_fuse(
     if grid is not None:
         if not channels_first:
             fail(op, "grid", "requires channels_first=True (the token order of a channels-first output)")
-        if (not isinstance(grid, (tuple, list)) or len(grid) != 2
-                or not all(isinstance(g, int) and not isinstance(g, bool) and g > 0 for g in grid)):
-            fail(op, "grid", f"must be a tuple (H, W) of positive ints, got {grid!r}")
+        check_grid(grid, op, "grid")
     gh = gw = 0
     if channels_first:
         if grid is not None:

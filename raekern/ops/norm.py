@@ -78,10 +78,6 @@ def _check_kind(kind, op: str) -> None:
     check_choice(kind, ("layer", "rms"), op, "kind")
 
 
-def _check_eps(eps, op: str) -> None:
-    check_eps(eps, op)
-
-
 # --------------------------------------------------------------------------------------------------
 # public ops
 
@@ -93,7 +89,7 @@ def rms_norm(x: Tensor, weight: Optional[Tensor] = None, eps: float = 1e-6) -> T
     """
     _check_x(x, "rms_norm", None)
     _check_affine(weight, x, "rms_norm", "weight")
-    _check_eps(eps, "rms_norm")
+    check_eps(eps, "rms_norm")
     return _ops.rms_norm(x, weight, float(eps))[0]
 
 
@@ -106,7 +102,7 @@ def layer_norm(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor
     _check_x(x, "layer_norm", None)
     _check_affine(weight, x, "layer_norm", "weight")
     _check_affine(bias, x, "layer_norm", "bias")
-    _check_eps(eps, "layer_norm")
+    check_eps(eps, "layer_norm")
     return _ops.layer_norm(x, weight, bias, float(eps))[0]
 
 
@@ -128,7 +124,7 @@ def norm_modulate(x: Tensor, shift: Tensor, scale: Tensor, *, kind: Kind = "laye
     scale = _as_operand(scale, x, op, "scale")
     _check_affine(weight, x, op, "weight")
     _check_affine(bias, x, op, "bias")
-    _check_eps(eps, op)
+    check_eps(eps, op)
     return _ops.norm_modulate(x, shift, scale, kind, weight, bias, float(eps))[0]
 
 
@@ -169,7 +165,7 @@ def gated_residual_norm_modulate(x: Tensor, gate: Tensor, y: Tensor, shift: Tens
     scale = _as_operand(scale, x, op, "scale")
     _check_affine(weight, x, op, "weight")
     _check_affine(bias, x, op, "bias")
-    _check_eps(eps, op)
+    check_eps(eps, op)
     x_out, out, _, _ = _ops.gated_residual_norm_modulate(x, gate, y, shift, scale, kind, weight, bias,
                                                          float(eps))
     return x_out, out
