@@ -842,6 +842,38 @@ def test_emulated_cuda_backward_deterministic_is_bit_identical():
         torch.testing.assert_close(a, e, atol=1e-5, rtol=1e-5, msg=name)
 
 
+@pytest.mark.parametrize("dtype, mainloop", [(torch.bfloat16, 1), (torch.bfloat16, 2), (torch.float32, 1)])
+def test_emulated_cuda_masked_keys_holding_nan_stay_out(dtype, mainloop):
+    """Masked keys are left out of the sums, not weighted by 0: padding that holds NaN/inf (torch.empty)
+    must not reach out, lse or any gradient (the CPU kernels skip those keys)."""
+    b, nq, nk, h, d = 1, 6, 70, 1, 64
+    q, k, v = make((b, nq, h, d), dtype, seed=12, nk=nk)
+    mask = torch.ones(b, nk, dtype=torch.bool)
+    mask[0, [3, 66]] = False
+    k, v = k.clone(), v.clone()
+    v[0, 3], k[0, 66] = float("nan"), float("inf")
+    out, lse = torch.ops.raekern.attention(q, k, v, None, None, mask, d ** -0.5, 1e-6, 0, 0, 1e4, 0)
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+    keep = mask[0]
+    same = attention_reference(q, k[:, keep], v[:, keep], layout="bnhd")
+    ref = attention_reference(q.double(), k[:, keep].double(), v[:, keep].double(), layout="bnhd")
+    check_close(out, same, ref, FLOOR[dtype], "out")
+    if dtype != torch.float32:
+        emu = _emu_fwd_or_skip()
+        eo, el = emu.attention(q, k, v, None, None, mask, d ** -0.5, 1e-6, 0, 0, 1e4, 0)
+        assert torch.isfinite(eo).all() and torch.isfinite(el).all()
+        torch.testing.assert_close(eo.float(), out.float(), atol=FLOOR[dtype], rtol=0)
+    emu = _emu_bwd_or_skip()
+    g = torch.randn(out.shape).to(dtype)
+    args = (g, None, q, k, v, out, lse, None, None, mask, d ** -0.5, 1e-6, 0, 0, 1e4, 0)
+    cpu = torch.ops.raekern.attention_backward(*args, False)
+    got = emu.attention_bwd(*args, False, 0, mainloop)
+    for name, a, c in zip(GRAD_NAMES[:3], got, cpu):
+        assert torch.isfinite(c).all() and torch.isfinite(a).all(), name
+        torch.testing.assert_close(a.float(), c.float(), atol=GRAD_FLOOR[dtype], rtol=0, msg=name)
+    assert torch.all(got[1][0, [3, 66]] == 0) and torch.all(got[2][0, [3, 66]] == 0)
+
+
 def test_emulated_cuda_backward_bad_arguments_name_the_argument():
     emu = _emu_bwd_or_skip()
     args, _ = _bwd_problem(1, 5, 5, 1, 8, torch.float32, "bnhd", False, False, False, False)
@@ -963,3 +995,11 @@ def test_cuda_kernels_agree_with_their_emulation(d):
         for name, a, c in zip(GRAD_NAMES, got_g, got_e):
             scale = max(1.0, c.abs().max().item())
             torch.testing.assert_close(a.cpu().float(), c.float(), atol=3e-2 * scale, rtol=3e-2, msg=name)
+
+
+def test_numpy_scalar_arguments_are_accepted():
+    np = pytest.importorskip("numpy")
+    q, k, v = make((1, 16, 2, 8), torch.float32, seed=2)
+    want = attention(q, k, v, scale=0.3, rope_grid=(4, 4), rope_theta=100.0)
+    got = attention(q, k, v, scale=np.float32(0.3), rope_grid=(np.int64(4), np.int32(4)), rope_theta=np.float32(100.0))
+    torch.testing.assert_close(got, want)

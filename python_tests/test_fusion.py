@@ -656,3 +656,33 @@ def test_latent_stats_errors_before_any_data(tmp_path):
     torch.save({"mean": torch.zeros(2, 2, 2), "var": torch.ones(3, 2, 2)}, tmp_path / "bad.pt")
     with pytest.raises(ValueError, match="bad.pt"):
         LatentStats.load(tmp_path / "bad.pt")
+
+
+def test_depth_route_infinite_logit_keeps_finite_logit_gradients():
+    # energy 'none' takes the logits as weights: an inf weight makes f = w·0 NaN in the vector tail past
+    # D (17 = 16 + 1), which must not reach the lane sums of the logit gradient
+    ex, base = [torch.randn(1, 1, 17) for _ in range(2)], torch.randn(1, 1, 17)
+    grads = []
+    for fn in (ops.depth_route, fu.depth_route_reference):
+        lg = torch.tensor([[[float("inf"), 1.0]]], requires_grad=True)
+        out = fn(ex, lg, base, energy="none", bound="tanh")
+        out.backward(torch.ones_like(out))
+        grads.append(lg.grad)
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_numpy_scalars_are_accepted_and_bools_refused():
+    np = pytest.importorskip("numpy")
+    layers = [torch.randn(2, 5, 8) for _ in range(3)]
+    torch.testing.assert_close(ops.layer_stack_fuse(layers, skip_tokens=np.int64(1)),
+                               ops.layer_stack_fuse(layers, skip_tokens=1))
+    cf = [torch.randn(2, 6, 8) for _ in range(2)]
+    torch.testing.assert_close(ops.layer_stack_fuse(cf, channels_first=True, grid=(np.int32(2), np.int64(3))),
+                               ops.layer_stack_fuse(cf, channels_first=True, grid=(2, 3)))
+    ex, lg, base = [torch.randn(1, 3, 8) for _ in range(2)], torch.randn(1, 3, 2), torch.randn(1, 3, 8)
+    torch.testing.assert_close(ops.depth_route(ex, lg, base, bound="norm_cap", cap=np.float32(0.5)),
+                               ops.depth_route(ex, lg, base, bound="norm_cap", cap=0.5))
+    for cap in (True, "1", float("inf"), float("nan"), 0.0):
+        with pytest.raises(ValueError, match="argument 'cap'"):
+            ops.depth_route(ex, lg, base, bound="norm_cap", cap=cap)
+

@@ -283,3 +283,14 @@ def test_latent_normalize_roundtrip_and_backward(kern, dtype, shape, strided):
     want_x = torch.autograd.grad(fu.latent_denormalize_reference(x64, mean.double(), var.double(), eps), x64,
                                  g_tok.double())[0]
     _close(kern.latent_denormalize_backward(g_tok, var, eps), want_x, BWD_TOL[dtype], "latent_denormalize_backward")
+
+
+def test_latent_normalize_backward_checks_the_grid_of_var(kern):
+    # var [D, W, H] has the right H·W but the wrong grid: the CUDA kernel takes the width from var
+    D, H, W = 8, 3, 5
+    g = torch.randn(2, D, H, W)
+    var = torch.rand(D, W, H) + 0.5
+    for op in (kern.latent_normalize_backward, torch.ops.raekern.latent_normalize_backward):
+        with pytest.raises(ValueError, match="'var' must have shape \\[D, H, W\\]"):
+            op(g, var, 1e-5)
+

@@ -516,6 +516,24 @@ def test_gfcg_select_target_is_top_and_ties():
     assert abs(float(w[1]) - 2.0) < 1e-6  # p_target == p_ref -> w_max
 
 
+def _nonfinite_logits():
+    nan, inf = float("nan"), float("inf")
+    rows = [[1, nan, nan, 0], [nan, 1, 5, 0], [5, 1, nan, 9], [1, inf, 3, 0], [-inf] * 4, [0, 0, -inf, 2],
+            [1, 2, 3, 4]]
+    return torch.tensor(rows), torch.tensor([0, 0, 0, 0, 1, 3, 2])
+
+
+def test_gfcg_select_nonfinite_rows_follow_the_reference():
+    """A row whose probabilities are undefined (NaN logit, largest logit ±inf) keeps the first non-target
+    class, as the reference's argmax over NaN probabilities; finite rows are unaffected."""
+    logits, target = _nonfinite_logits()
+    got = gfcg_select(logits, target, w_max=2.0, kappa=1.0)
+    want = gfcg_select_reference(logits, target, w_max=2.0, kappa=1.0)
+    assert got[0].tolist() == want[0].tolist() == [1, 1, 1, 1, 0, 0, 3]
+    for a, b in zip(got[2:], want[2:]):
+        torch.testing.assert_close(a, b, equal_nan=True)
+
+
 @pytest.mark.parametrize("kw, arg", [
     (dict(logits=torch.randn(4)), "logits"),
     (dict(logits=torch.randn(4, 1)), "logits"),
@@ -721,6 +739,22 @@ def test_emulated_cuda_gfcg_select(kern, dtype, B, C):
     assert torch.equal(got[0], want[0])
     for a, b in zip(got[1:], want[1:]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_emulated_cuda_gfcg_select_nonfinite_rows(kern):
+    # the kernel's argmax starts from the out-of-range index C: a row of NaNs must not return it
+    logits, target = _nonfinite_logits()
+    for dtype in (torch.float32, torch.bfloat16):
+        got = kern.gfcg_select(logits.to(dtype), target, 2.0, 1.0, 0.0)
+        want = gfcg_select_reference(logits.to(dtype), target, w_max=2.0, kappa=1.0)
+        assert got[0].cpu().tolist() == want[0].tolist()
+
+
+def test_emulated_cuda_empty_samples_over_the_gram_limit_raise(kern):
+    # the statistics of empty samples are summed into a fixed-size array too: the limit holds at N = 0
+    x = torch.randn(2, 0)
+    with pytest.raises(ValueError, match="'terms'.*must be <= 8"):
+        _kernel_step(kern)(x, [x] * 8, 0.5, terms=[(1, 0)], weights=[1.5], base=0, rescale_phi=0.5)
 
 
 def test_emulated_cuda_gfcg_select_ties_and_invalid_target(kern):

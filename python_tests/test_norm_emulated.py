@@ -107,6 +107,25 @@ def test_norm_forward_backward(kern, dtype, kind, shape):
             _close(g, r, BWD_TOL[dtype], name)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_layer_norm_constant_rows_are_exactly_zero(kern, dtype):
+    # The mean is summed relative to the row's first value: a constant row (padding, a constant token)
+    # normalises to exactly 0 as on the CPU, not to the rounding of s/D amplified by 1/sqrt(eps).
+    D = 1152
+    x = torch.full((2, 3, D), 12345.678).to(dtype)
+    x[1] = 1000.1
+    out, mean, _ = kern.layer_norm(x, None, None, EPS)
+    assert torch.all(out == 0), out.abs().max()
+    assert torch.equal(mean, x[..., 0].float())
+    cpu_out = torch.ops.raekern.layer_norm(x, None, None, EPS)[0]
+    assert torch.all(cpu_out == 0)
+    # after a residual: the first value is the rounded x + gate·y, as the row in shared memory holds it
+    gate, y = torch.ones(2, 1, D).to(dtype), torch.full((2, 3, D), 0.25).to(dtype)
+    zero = torch.zeros(2, 1, D).to(dtype)
+    x_out, h, _, _ = kern.gated_residual_norm_modulate(x, gate, y, zero, zero, "layer", None, None, EPS)
+    assert torch.all(h == 0), h.abs().max()
+
+
 @pytest.mark.parametrize(
     "block,schedule",
     [(b, s) for b in (32, 64, 96, 256) for s in ("forward", "reverse", "random")] + [(1024, "random")],

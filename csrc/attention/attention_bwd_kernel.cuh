@@ -40,7 +40,9 @@ __device__ __forceinline__ void bwd_key_block(const BwdParams& p, float* smem, i
     const T* vg = static_cast<const T*>(p.v) + b * p.v_sb + h * p.v_sh + int64_t(n0) * p.v_sn;
     for (int e = tid; e < BN * D; e += Cfg::kThreads) {
       const int n = e / D, c = e % D;
-      const bool ok = n0 + n < p.Nk;  // rows past the sequence read as zero (never NaN · 0)
+      // Rows past the sequence and masked keys read as zero (never NaN · 0: padding may hold garbage).
+      const int key = n0 + n;
+      const bool ok = key < p.Nk && (!p.mask || p.mask[b * p.mask_sb + int64_t(key) * p.mask_sn]);
       sK[n * ld + c] = ok ? kh[int64_t(n) * D + c] : 0.f;
       sV[n * ld + c] = ok ? simt::to_float(vg[int64_t(n) * p.v_sn + c]) : 0.f;
     }

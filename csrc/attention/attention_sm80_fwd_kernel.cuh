@@ -99,6 +99,16 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) attention_fwd_sm80_kernel(co
       cp_async_wait<0>();
     }
     __syncthreads();
+    if (mask) {
+      // Masked keys leave the sum rather than enter it with weight 0: 0·V is NaN for padding that
+      // holds garbage (torch.empty), and the CPU kernel skips these keys. A block-uniform branch.
+      T* vt = sV + buf * kN * LV;
+      for (int e = threadIdx.x; e < kN * D; e += Cfg::kThreads) {
+        const int r = e / D, col = n0 + r;
+        if (col < p.Nk && !mask[int64_t(col) * p.mask_sn]) vt[r * LV + e % D] = simt::from_float<T>(0.f);
+      }
+      __syncthreads();
+    }
     const T* k_tile = sK + buf * kN * LQ;
     const T* v_tile = sV + buf * kN * LV;
     if (j == 0 && (p.q_norm || p.rope_h > 0)) {

@@ -254,8 +254,10 @@ void route_token_backward_vec(const Route<T>& k, int64_t b, int64_t n, const flo
     __m512 gf = g;
     if (s.bound == Bound::kTanh) {
       const __m512 th = raekern::cpu::tanh16(f);
-      gf = _mm512_mul_ps(_mm512_mul_ps(g, _mm512_maskz_loadu_ps(m, gate + d)),
-                         _mm512_fnmadd_ps(th, th, _mm512_set1_ps(1.f)));
+      // Lanes past D are zeroed: there f = w·0 is NaN for an infinite weight (an inf logit with
+      // energy 'none'), and gw_acc sums all 16 lanes.
+      gf = _mm512_maskz_mov_ps(m, _mm512_mul_ps(_mm512_mul_ps(g, _mm512_maskz_loadu_ps(m, gate + d)),
+                                                _mm512_fnmadd_ps(th, th, _mm512_set1_ps(1.f))));
       if (gamma_acc)
         _mm512_mask_storeu_ps(gamma_acc + d, m,
                               _mm512_add_ps(_mm512_maskz_loadu_ps(m, gamma_acc + d), _mm512_mul_ps(g, th)));

@@ -90,6 +90,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor> depth_ro
   RAEKERN_CHECK(grad_in.sizes() == base.sizes() && grad_in.scalar_type() == base.scalar_type(), op, "grad",
                 "must match base (shape ", base.sizes(), ", dtype ", base.scalar_type(), "), got ", grad_in.sizes(),
                 " ", grad_in.scalar_type());
+  raekern::check_same_device(grad_in, base, op, "grad");
   Dev dev(base);
   const at::Tensor grad = grad_in.contiguous();
   std::vector<at::Tensor> ge;

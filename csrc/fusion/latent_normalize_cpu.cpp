@@ -296,6 +296,8 @@ at::Tensor latent_normalize_cpu(const at::Tensor& z, const at::Tensor& mean, con
 at::Tensor latent_normalize_backward_cpu(const at::Tensor& grad, const at::Tensor& var, double eps) {
   const char* op = "latent_normalize_backward";
   check_cf(grad, op, "grad");
+  RAEKERN_CHECK(var.dim() == 3 && var.sizes() == grad.sizes().slice(1), op, "var", "must have shape [D, H, W] = ",
+                grad.sizes().slice(1), ", got ", var.sizes());
   check_latent_stats(at::Tensor(), var, grad, grad.size(1), grad.size(2) * grad.size(3), op);
   return cf_to_tokens(grad, at::Tensor(), var, eps, true);
 }

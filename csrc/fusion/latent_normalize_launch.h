@@ -74,6 +74,9 @@ template <class Dev>
 at::Tensor latent_normalize_backward_op(const at::Tensor& grad, const at::Tensor& var, double eps) {
   const char* op = "latent_normalize_backward";
   raekern::check_dim(grad, 4, op, "grad");
+  // The full [D, H, W] shape, not just H·W: the kernel takes the grid's width from var.
+  RAEKERN_CHECK(var.dim() == 3 && var.sizes() == grad.sizes().slice(1), op, "var", "must have shape [D, H, W] = ",
+                grad.sizes().slice(1), ", got ", var.sizes());
   check_latent_stats(at::Tensor(), var, grad, grad.size(1), grad.size(2) * grad.size(3), op);
   return latent_transpose<Dev>(grad, at::Tensor(), var, eps, true, false, op);
 }

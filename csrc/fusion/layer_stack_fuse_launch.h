@@ -118,6 +118,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> layer_stack_fuse_backward_op(
   RAEKERN_CHECK(grad_in.scalar_type() == layers[0].scalar_type() && grad_in.numel() == s.B * s.N * s.D, op, "grad",
                 "must match the forward output (", s.B * s.N * s.D, " elements of ", layers[0].scalar_type(),
                 "), got ", grad_in.sizes(), " ", grad_in.scalar_type());
+  raekern::check_same_device(grad_in, layers[0], op, "grad");
   Dev dev(layers[0]);
   const at::Tensor grad = grad_in.contiguous();
   std::vector<at::Tensor> dl;

@@ -28,13 +28,20 @@ void select_rows(const at::Tensor& lg, const at::Tensor& tg, at::Tensor& ref, at
     for (int64_t b = begin; b < end; ++b) {
       cpu::load_row(lp + b * C, 1, C, row.data());
       float mx = -std::numeric_limits<float>::infinity();
-      for (int64_t c = 0; c < C; ++c) mx = std::max(mx, float(row[c]));
+      bool nan = false;
+      for (int64_t c = 0; c < C; ++c) {
+        mx = std::max(mx, float(row[c]));
+        nan = nan || std::isnan(row[c]);
+      }
       float sum = 0.f;
       for (int64_t c = 0; c < C; ++c) sum += std::exp(float(row[c]) - mx);
       const int64_t tb = tgp[b];
       int64_t best = tb == 0 ? 1 : 0;
-      for (int64_t c = 0; c < C; ++c)
-        if (c != tb && row[c] > row[best]) best = c;
+      // A row whose probabilities are undefined (a NaN logit, or a largest logit of ±inf) keeps the
+      // first non-target class, as the argmax of the reference's all-NaN probabilities does.
+      if (!nan && std::isfinite(mx))
+        for (int64_t c = 0; c < C; ++c)
+          if (c != tb && row[c] > row[best]) best = c;
       const float p_t = std::exp(float(row[tb]) - mx) / sum;
       const float p_r = std::exp(float(row[best]) - mx) / sum;
       rp[b] = best;

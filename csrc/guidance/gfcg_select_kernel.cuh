@@ -25,14 +25,20 @@ __global__ void __launch_bounds__(kSelectThreads) gfcg_select_kernel(const T* __
   const bool valid = tg >= 0 && tg < C;
   float mx = -INFINITY, best = -INFINITY;
   long long best_i = C;
+  bool nan = false;
   for (int64_t c = threadIdx.x; c < C; c += blockDim.x) {
     const float v = simt::to_float(row[c]);
     mx = fmaxf(mx, v);
+    nan = nan || isnan(v);
     if (c != tg && (v > best || (v == best && c < best_i))) {
       best = v;
       best_i = c;
     }
   }
+  // Every thread reaches this barrier; a row whose probabilities are undefined (a NaN logit, or a
+  // largest logit of ±inf, checked below) keeps the first non-target class, as the CPU kernel and the
+  // reference's argmax over all-NaN probabilities do (and never the out-of-range best_i = C).
+  nan = __syncthreads_or(nan);
   // block max, and block argmax (ties -> lowest index)
   const int lane = threadIdx.x % simt::kWarp, warp = threadIdx.x / simt::kWarp;
   const int nwarps = blockDim.x / simt::kWarp;
@@ -74,6 +80,10 @@ __global__ void __launch_bounds__(kSelectThreads) gfcg_select_kernel(const T* __
       ref[b] = -1;
       weight[b] = p_target[b] = p_ref[b] = NAN;
       return;
+    }
+    if (nan || !isfinite(mx)) {
+      best_i = tg == 0 ? 1 : 0;
+      best = simt::to_float(row[best_i]);
     }
     const float pt = __expf(simt::to_float(row[tg]) - mx) / s;
     const float pr = __expf(best - mx) / s;

@@ -84,9 +84,11 @@ StepLaunch plan_step(const Prepared& pr, Params& p) {
   L.blocks = pr.B * p.chunks;
   L.ng = cfg.gram_size();
   L.gram = cfg.needs_gram() && pr.N > 0;
-  if (L.gram) {
+  // Checked for empty samples too: the solve kernel sums the statistics into a kMaxGram-sized array.
+  if (cfg.needs_gram())
     RAEKERN_CHECK(L.ng <= kMaxGram, kOp, "terms", "on CUDA, 1 + K + (momentum terms) must be <= ", kMaxGram,
                   " when a statistic is needed, got ", L.ng);
+  if (L.gram) {
     L.stats_entries = gram_entries(L.ng) + L.ng;  // per (sample, chunk) row of the stats buffer
     L.gram_smem = size_t(kThreads / simt::kWarp) * size_t(L.stats_entries) * sizeof(float);
   }

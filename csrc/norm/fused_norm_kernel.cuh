@@ -68,6 +68,14 @@ __global__ void fused_norm_forward(FwdParams p) {
     const T* gate = residual ? row_ptr<T>(p.gate, b, n) : nullptr;
     const T* y = residual ? row_ptr<T>(p.y, b, n) : nullptr;
     T* x_out = residual ? static_cast<T*>(p.x_out) + row * D : nullptr;
+    // LayerNorm sums relative to the row's first value c (as stored in xb: after the residual and its
+    // rounding), as the CPU kernel does: a constant row then gets mean == c exactly; s·(1/D) is not
+    // exact, and rstd = 1/sqrt(eps) would turn that rounding into outputs far from 0.
+    float c = 0.f;
+    if (p.kind == Kind::Layer && D > 0) {
+      c = to_float(x[0]);
+      if (residual) c = to_float(from_float<T>(fmaf(to_float(gate[0]), to_float(y[0]), c)));
+    }
     float s = 0.f, ss = 0.f;
     for (int64_t i = int64_t(threadIdx.x) * V; i < D; i += step) {
       float r[V];
@@ -86,7 +94,7 @@ __global__ void fused_norm_forward(FwdParams p) {
 #pragma unroll
       for (int j = 0; j < V; ++j) {
         xb[i + j] = r[j];
-        s += r[j];
+        s += r[j] - c;
         ss = fmaf(r[j], r[j], ss);
       }
     }
@@ -96,7 +104,7 @@ __global__ void fused_norm_forward(FwdParams p) {
     float mean = 0.f;
     if (p.kind == Kind::Layer) {
       // Variance from the row in shared memory, not E[x^2] - mean^2 (cancellation).
-      mean = s * inv_d;
+      mean = c + s * inv_d;
       float v = 0.f;
       for (int64_t i = int64_t(threadIdx.x) * V; i < D; i += step) {
 #pragma unroll

@@ -1,6 +1,8 @@
 """Argument validation shared by every public op. Errors name the op and the argument."""
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Sequence
 
 import torch
@@ -58,17 +60,33 @@ def check_broadcast(t: torch.Tensor, shape: Sequence[int], op: str, arg: str) ->
         fail(op, arg, f"of shape {ts} does not broadcast to {ss}")
 
 
+def is_int(v) -> bool:
+    """A Python or numpy integer; bools are not integers here."""
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def is_real(v) -> bool:
+    """A Python or numpy real number; bools are not numbers here."""
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
 def check_eps(eps, op: str, arg: str = "eps") -> None:
     """A stabilising epsilon: a real number >= 0 (a negative one turns small variances into NaN)."""
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
+    if not is_real(eps) or not eps >= 0:
         fail(op, arg, f"must be a float >= 0, got {eps!r}")
 
 
-def check_grid(grid, op: str, arg: str) -> None:
-    """A token grid ``(H, W)``: two positive ints (bools are not ints here)."""
+def check_positive(value, op: str, arg: str, what: str = "a finite float > 0") -> None:
+    if not is_real(value) or not 0 < value < math.inf:
+        fail(op, arg, f"must be {what}, got {value!r}")
+
+
+def check_grid(grid, op: str, arg: str) -> tuple[int, int]:
+    """A token grid ``(H, W)``: two positive integers; returned as Python ints."""
     if (not isinstance(grid, (tuple, list)) or len(grid) != 2
-            or not all(isinstance(g, int) and not isinstance(g, bool) and g > 0 for g in grid)):
+            or not all(is_int(g) and g > 0 for g in grid)):
         fail(op, arg, f"must be a tuple (H, W) of positive ints, got {grid!r}")
+    return int(grid[0]), int(grid[1])
 
 
 def check_choice(value, choices: Sequence, op: str, arg: str) -> None:
@@ -76,11 +94,16 @@ def check_choice(value, choices: Sequence, op: str, arg: str) -> None:
         fail(op, arg, f"must be one of {list(choices)}, got {value!r}")
 
 
+# Decided once at import: torch.compile (dynamo) of torch 2.11 cannot trace is_autocast_available.
+_AUTOCAST_DEVICES = frozenset(d for d in ("cpu", "cuda", "xpu", "mps", "hpu", "mtia", "maia", "xla")
+                              if torch.amp.is_autocast_available(d))
+
+
 def _autocast_on(x) -> bool:
     if not isinstance(x, torch.Tensor):
         return False
     dev = x.device.type
-    return torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev)
+    return dev in _AUTOCAST_DEVICES and torch.is_autocast_enabled(dev)
 
 
 def autocast_lower(*ts):

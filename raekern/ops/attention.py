@@ -29,7 +29,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from raekern._utils.checks import autocast_lower, check_choice, check_eps, check_grid, check_tensor, fail
+from raekern._utils.checks import (autocast_lower, check_choice, check_eps, check_grid, check_positive, check_tensor,
+                                   fail, is_real)
 from raekern._utils.library import build_info, forbid_double_backward
 
 __all__ = [
@@ -330,7 +331,7 @@ def _validate(q, k, v, layout, scale, qw, kw, eps, grid, theta, mask):
         fail(_OP, "v", f"must have the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
     if dh < 1:
         fail(_OP, "q", f"must have a head dim >= 1, got {tuple(q.shape)}")
-    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
+    if scale is not None and not is_real(scale):
         fail(_OP, "scale", f"must be a float or None, got {type(scale).__name__}", TypeError)
     if scale is not None and not abs(scale) < math.inf:
         fail(_OP, "scale", f"must be finite, got {scale!r}")
@@ -349,8 +350,7 @@ def _validate(q, k, v, layout, scale, qw, kw, eps, grid, theta, mask):
         if grid[0] * grid[1] > min(nq, nk):
             fail(_OP, "rope_grid", f"{grid[0]}x{grid[1]} = {grid[0] * grid[1]} grid tokens, more than the "
                  f"{min(nq, nk)} tokens of q/k (the grid is the first H*W tokens)")
-        if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not 0 < theta < math.inf:
-            fail(_OP, "rope_theta", f"must be a positive float, got {theta!r}")
+        check_positive(theta, _OP, "rope_theta", "a positive float")
     if mask is not None:
         check_tensor(mask, _OP, "key_padding_mask", floating=False)
         if mask.dtype != torch.bool:
@@ -463,7 +463,7 @@ def attention(
                                        rope_theta=rope_theta, key_padding_mask=mask, return_lse=True)
         return _sdpa_fallback(q, k, v, layout, scale, q_norm_weight, k_norm_weight, norm_eps, rope_grid,
                               rope_theta, mask)
-    gh, gw = rope_grid if rope_grid is not None else (0, 0)
+    gh, gw = (int(rope_grid[0]), int(rope_grid[1])) if rope_grid is not None else (0, 0)
     out, lse = torch.ops.raekern.attention(q, k, v, q_norm_weight, k_norm_weight, mask, scale,
                                            float(norm_eps), int(gh), int(gw), float(rope_theta),
                                            _LAYOUTS.index(layout))

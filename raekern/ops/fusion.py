@@ -17,7 +17,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from raekern._utils.checks import autocast_promote, check_choice, check_eps, check_grid, check_tensor, fail
+from raekern._utils.checks import (autocast_promote, check_choice, check_eps, check_grid, check_positive, check_tensor,
+                                   fail, is_int)
 from raekern._utils.library import forbid_double_backward
 
 __all__ = [
@@ -132,8 +133,9 @@ def layer_stack_fuse(
     B, T, D = layers[0].shape
     check_eps(eps, op)
     check_eps(latent_eps, op, "latent_eps")
-    if isinstance(skip_tokens, bool) or not isinstance(skip_tokens, int) or not 0 <= skip_tokens < T:
+    if not is_int(skip_tokens) or not 0 <= skip_tokens < T:
         fail(op, "skip_tokens", f"must be an int in [0, T) with T = {T} tokens per layer, got {skip_tokens!r}")
+    skip_tokens = int(skip_tokens)
     N = T - skip_tokens
     if reduce is None:
         reduce = "mean" if weights is None else "weighted"
@@ -155,7 +157,7 @@ def layer_stack_fuse(
     if grid is not None:
         if not channels_first:
             fail(op, "grid", "requires channels_first=True (the token order of a channels-first output)")
-        check_grid(grid, op, "grid")
+        grid = check_grid(grid, op, "grid")
     gh = gw = 0
     if channels_first:
         if grid is not None:
@@ -325,8 +327,7 @@ def depth_route(
         if not ((gamma.numel() == 1 and gamma.dim() <= 1) or tuple(gamma.shape) == (D,)):
             fail(op, "gamma", f"must be a scalar, [1] or [D] = [{D}], got shape {tuple(gamma.shape)}")
     if bound == "norm_cap":
-        if cap is None or not cap > 0:
-            fail(op, "cap", f"must be a positive ratio c (‖Δ‖ ≤ c·‖base‖) for bound='norm_cap', got {cap!r}")
+        check_positive(cap, op, "cap", "a positive ratio c (‖Δ‖ ≤ c·‖base‖) for bound='norm_cap'")
     elif cap is not None:
         fail(op, "cap", "is only used with bound='norm_cap'")
     return _ops.depth_route(experts, router_logits, base, energy, bound, gamma,

@@ -362,14 +362,20 @@ def _grnm_setup(ctx, inputs, output):
     # (One call: each mark_non_differentiable replaces the previous set.)
     constant = () if any(t.requires_grad for t in (x, gate, y)) else (x_out,)
     ctx.mark_non_differentiable(*constant, mean, rstd)
+    # An unused output's gradient arrives as None rather than a materialised zero tensor: with only
+    # x_out used, the norm's operands then get None, as in the unfused pair (optimisers skip None, not 0).
+    ctx.set_materialize_grads(False)
     ctx.kind = kind
     ctx.save_for_backward(x_out, gate, y, shift, scale, weight, bias, mean, rstd)
 
 
 def _grnm_backward(ctx, grad_x_out, grad_out, _gm, _gr):
     x_out, gate, y, shift, scale, weight, bias, mean, rstd = ctx.saved_tensors
-    if grad_x_out is None and grad_out is None:  # pragma: no cover - autograd never asks for this
-        grad_out = torch.zeros((), dtype=x_out.dtype, device=x_out.device).expand(x_out.shape)
+    if grad_out is None:
+        if grad_x_out is None:  # pragma: no cover - autograd never asks for this
+            return (None,) * 9
+        dgate, dy = _ops.gated_residual_backward(grad_x_out, gate, y)
+        return grad_x_out, dgate, dy, None, None, None, None, None, None
     dx, dgate, dy, dshift, dscale, dw, db = _ops.gated_residual_norm_modulate_backward(
         grad_x_out, grad_out, x_out, gate, y, shift, scale, ctx.kind, weight, bias, mean, rstd)
     return dx, dgate, dy, dshift, dscale, None, _opt(dw, weight), _opt(db, bias), None
