@@ -50,3 +50,23 @@ def test_gpu_check_exits_nonzero_and_names_the_failed_steps(tmp_path):
     r = _run(["bash", "benchmarks/gpu_check.sh", str(tmp_path)], env=env, timeout=120)
     assert r.returncode != 0
     assert "failed: tests bench" in (tmp_path / "summary.txt").read_text()
+
+
+def test_bench_time_budget_and_a_broken_family_keep_the_rest(tmp_path, monkeypatch):
+    """The device run has a hard limit: with --time-budget no case starts late, a family whose cases
+    cannot be built is reported, and the JSON written so far holds every measured case."""
+    from raekern.bench import registry, runner
+
+    def broken(device, quick):
+        raise RuntimeError("no such model on this device")
+
+    monkeypatch.setitem(registry._REGISTRY, "zz_broken", broken)
+    js = tmp_path / "b.json"
+    res = runner.run(["zz_broken", "sampling"], "cpu", ["fp32"], quick=True, min_time=0.01, json_path=str(js),
+                     plot_path=None, quiet=True, time_budget=1e-9)
+    data = json.loads(js.read_text())
+    assert "no such model" in data["not_run"]["zz_broken"]
+    assert "time budget" in data["not_run"]["sampling"] and data["families"]["sampling"] == []
+    assert res["not_run"] == data["not_run"]
+    r = _run([sys.executable, "-m", "raekern.cli", "bench", "--device", "cpu", "--time-budget", "0"], timeout=120)
+    assert r.returncode == 2 and "argument --time-budget" in r.stderr

@@ -53,8 +53,11 @@ def _bench(args) -> int:
         args.parser.error(f"argument --family: unknown {unknown}; known: {registry.families()}")
     if not 0 < args.min_time < math.inf:  # NaN and inf too
         args.parser.error(f"argument --min-time: must be a finite number > 0, got {args.min_time}")
+    if args.time_budget is not None and not 0 < args.time_budget < math.inf:
+        args.parser.error(f"argument --time-budget: must be a finite number of seconds > 0, got {args.time_budget}")
     run(fams, device, dtypes, quick=not args.full, min_time=args.min_time,
-        json_path=args.json, plot_path=args.plot, quiet=args.quiet)
+        json_path=args.json, plot_path=args.plot, quiet=args.quiet, time_budget=args.time_budget,
+        skip=tuple(k.strip() for k in (args.skip or "").split(",") if k.strip()))
     return 0
 
 
@@ -80,6 +83,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", help="write results as JSON here")
     p.add_argument("--plot", help="write a bar chart (PNG) here")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.add_argument("--skip", help="comma list: implementations whose name contains one of these are not "
+                   "timed (e.g. compile: no torch.compile baselines, for a quick bandwidth run)")
+    p.add_argument("--time-budget", type=float, help="seconds after which no further case starts "
+                   "(tables, JSON and plot cover what was measured)")
     p.set_defaults(fn=_bench, parser=p)
 
     try:

@@ -16,11 +16,25 @@ grep -qxF '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/e
 python3 -m pip download -q --no-deps --only-binary=:all: -d .whl nvidia-cutlass==4.2.0.0
 if [ "${SKIP_PREBUILT:-0}" != 1 ]; then
   VENV=${VENV_CU:-/opt/venv-cu}
-  VENV_CU=$VENV bash tools/cuda_build.sh build/cu-prebuilt
+  # The device's host CPU is not this one: the CPU kernels are compiled for x86-64-v4 (AVX-512 F/BW/
+  # DQ/VL/CD: Sapphire/Emerald Rapids, Ice Lake, Zen 4/5), not -march=native (AVX512-FP16 and AMX
+  # would be an illegal instruction on an AMD host). gpu_check.sh builds on the device when its CPU
+  # lacks one of the flags in cpu_flags.txt.
+  ARCH=${PREBUILT_CPU_ARCH:-x86-64-v4}
+  FLAGS="avx avx2 fma bmi1 bmi2 f16c movbe avx512f avx512bw avx512cd avx512dq avx512vl"
+  h0=$(bash benchmarks/gpu_check.sh --source-hash)
+  # A clean build: ptxas.txt then covers every kernel, not only the files an incremental build redid.
+  [ "${PREBUILT_INCREMENTAL:-0}" = 1 ] || rm -rf build/cu-prebuilt
+  RAEKERN_CPU_ARCH=$ARCH VENV_CU=$VENV bash tools/cuda_build.sh build/cu-prebuilt
+  [ "$(bash benchmarks/gpu_check.sh --source-hash)" = "$h0" ] || { echo "csrc changed during the build"; exit 1; }
   rm -rf .whl/prebuilt && mkdir -p .whl/prebuilt
-  cp build/cu-prebuilt/lib/raekern/_C*.so build/cu-prebuilt/lib/raekern/_emu*.so .whl/prebuilt/
+  # Only the extension suffix of the device's Python (one build dir may hold several).
+  SUF=$("$VENV/bin/python" -c "import sysconfig; print(sysconfig.get_config_var('EXT_SUFFIX'))")
+  cp "build/cu-prebuilt/lib/raekern/_C$SUF" "build/cu-prebuilt/lib/raekern/_emu$SUF" .whl/prebuilt/
   cp build/cu-prebuilt/ptxas.txt build/cu-prebuilt/cubins.txt .whl/prebuilt/
   "$VENV/bin/python" -c "import torch; print(torch.__version__)" > .whl/prebuilt/torch_version.txt
-  bash benchmarks/gpu_check.sh --source-hash > .whl/prebuilt/source_hash.txt
+  echo "$FLAGS" > .whl/prebuilt/cpu_flags.txt
+  echo "$h0" > .whl/prebuilt/source_hash.txt
+  du -sh .whl
 fi
 ls -la .whl .whl/prebuilt 2>/dev/null

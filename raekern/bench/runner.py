@@ -6,6 +6,7 @@ import datetime as _dt
 import json
 import math
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -22,7 +23,8 @@ def _progress(msg: str, quiet: bool) -> None:
         print(msg, file=sys.stderr, flush=True)
 
 
-def run_case(case: registry.Case, device: str, min_time: float) -> dict:
+def run_case(case: registry.Case, device: str, min_time: float, skip: tuple[str, ...] = ()) -> dict:
+    """Times every implementation of `case` except those whose name contains one of `skip`."""
     row = {"id": case.id, "family": case.family, "name": case.name, "shape": case.shape,
            "dtype": str(case.dtype).replace("torch.", ""), "bytes": case.bytes, "flops": case.flops,
            "notes": case.notes, "times": {}, "errors": {}}
@@ -32,7 +34,7 @@ def run_case(case: registry.Case, device: str, min_time: float) -> dict:
     best: dict[str, float] = {}
     for r in range(ROUNDS):
         for impl, fn in case.impls.items():
-            if impl in row["errors"]:
+            if impl in row["errors"] or any(k in impl for k in skip):
                 continue
             try:
                 t = time_fn(fn, device, min_time=min_time / ROUNDS, repeats=3, warmup=2 if r == 0 else 0)
@@ -108,34 +110,51 @@ def _write_json(path: str, result: dict) -> None:
 
 
 def run(families: list[str] | None, device: str, dtypes: list[str], quick: bool, min_time: float,
-        json_path: str | None, plot_path: str | None, quiet: bool = False) -> dict:
+        json_path: str | None, plot_path: str | None, quiet: bool = False,
+        time_budget: float | None = None, skip: tuple[str, ...] = ()) -> dict:
+    """Every case of `families`; with `time_budget` (seconds), no case starts after that much time and
+    the tables, JSON and plot still cover what was measured. The JSON is rewritten after every case, so
+    a run stopped from outside keeps it too; a family whose cases cannot be built is reported and
+    skipped, not fatal to the others."""
+    t_start = time.perf_counter()
     fams = families or registry.families()
     facts = machine_facts(device)
     _progress(f"raekern bench on {facts['cpu'] if device == 'cpu' else facts.get('gpu')}: "
               f"measuring copy bandwidth ...", quiet)
     bw = measure_copy_bandwidth(device)
     peak = measure_gemm_tflops(device) if device.startswith("cuda") else None
-    result = {"date": _dt.datetime.now().isoformat(timespec="seconds"), "machine": facts,
+    result = {"date": _dt.datetime.now().isoformat(timespec="seconds"), "machine": facts, "skipped_impls": list(skip),
               "copy_bandwidth_gbps": bw, "gemm_bf16_tflops": peak, "families": {}}
     print(f"copy bandwidth: {bw:.1f} GB/s" + (f", bf16 GEMM: {peak:.0f} TFLOP/s" if peak else ""))
     all_rows = []
+    result["not_run"] = {}
     for fam in fams:
-        cs = [c for c in registry.cases(fam, device, quick) if c.dtype in [DTYPES[d] for d in dtypes]]
+        try:
+            cs = [c for c in registry.cases(fam, device, quick) if c.dtype in [DTYPES[d] for d in dtypes]]
+        except Exception as e:  # noqa: BLE001 - one family's set-up must not cost the others
+            result["not_run"][fam] = f"cases could not be built: {type(e).__name__}: {e}"
+            print(f"\n== {fam} ({device}) ==\n(cases could not be built: {type(e).__name__}: {e})")
+            continue
         rows = []
+        result["families"][fam] = rows
         for i, c in enumerate(cs):
+            if time_budget is not None and time.perf_counter() - t_start > time_budget:
+                result["not_run"][fam] = f"{len(cs) - i} of {len(cs)} cases: time budget {time_budget:g} s spent"
+                break
             _progress(f"  [{fam} {i + 1}/{len(cs)}] {c.name} {c.shape} {c.dtype}", quiet)
-            row = run_case(c, device, min_time)
+            row = run_case(c, device, min_time, skip)
             derive(row, bw, peak)
             rows.append(row)
-        result["families"][fam] = rows
+            if json_path:  # after every case: a run stopped from outside keeps what it measured
+                _write_json(json_path, result)
         all_rows += rows
-        if json_path:  # after every family: a run cut short (a time limit) keeps what it measured
-            _write_json(json_path, result)
         print(f"\n== {fam} ({device}) ==")
         print(format_table(rows) if rows else "(no cases)")
         for r in rows:
             for impl, err in r["errors"].items():
                 print(f"   note: {r['name']} {r['shape']} {r['dtype']}: {impl} failed: {err}")
+    for fam, why in result["not_run"].items():
+        print(f"not run: {fam}: {why}")
     if json_path:
         _write_json(json_path, result)
         print(f"\nwrote {json_path}")
