@@ -97,7 +97,8 @@ if [ "${GPU_CHECK_SKIP_BUILD:-0}" != 1 ] && [ $PREBUILT = 0 ]; then
     if [ -z "${CUDA_HOME:-}" ]; then CUDA_HOME=$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")"); export CUDA_HOME; fi
   fi
   # sm_90a only on the device: the H200 never loads sm_80 cubins, and nvcc's time halves (CI builds both).
-  export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a}
+  # Set, not inherited: an image's own value (space-separated, or "sm_90a") would break the arch list.
+  export TORCH_CUDA_ARCH_LIST=${GPU_CHECK_ARCHS:-9.0a}
   MAX_JOBS=${MAX_JOBS:-16} step build "$(cap 260 240)" $PY setup.py build_ext --inplace
   [ "$DEVICE" = cuda ] && LOG=build step ptxas 20 $PY tools/check_ptxas.py "$OUTDIR/build.log" --report "$OUTDIR/ptxas.txt"
 fi

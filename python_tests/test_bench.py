@@ -70,3 +70,26 @@ def test_bench_time_budget_and_a_broken_family_keep_the_rest(tmp_path, monkeypat
     assert res["not_run"] == data["not_run"]
     r = _run([sys.executable, "-m", "raekern.cli", "bench", "--device", "cpu", "--time-budget", "0"], timeout=120)
     assert r.returncode == 2 and "argument --time-budget" in r.stderr
+
+
+def test_bench_interrupt_keeps_measured_cases_and_skip_drops_baselines(tmp_path, monkeypatch):
+    """SIGINT (the device step's time limit) inside a case ends the run with its tables and JSON; --skip
+    leaves the named implementations untimed."""
+    import torch
+    from raekern.bench import registry, runner
+
+    def stop():
+        raise KeyboardInterrupt
+
+    def fam(device, quick):
+        mk = lambda impls: registry.Case("zz", f"c{len(impls)}", "s", torch.float32, impls)  # noqa: E731
+        return [mk({"raekern": lambda: None, "eager": lambda: None, "compile": stop}), mk({"raekern": stop})]
+
+    monkeypatch.setitem(registry._REGISTRY, "zz_fam", fam)
+    js = tmp_path / "b.json"
+    res = runner.run(["zz_fam"], "cpu", ["fp32"], quick=True, min_time=0.001, json_path=str(js), plot_path=None,
+                     quiet=True, skip=("compile",))
+    data = json.loads(js.read_text())
+    first = data["families"]["zz_fam"][0]
+    assert set(first["times"]) == {"raekern", "eager"} and data["skipped_impls"] == ["compile"]
+    assert "interrupted" in res and "c1" in res["interrupted"] and len(data["families"]["zz_fam"]) == 1

@@ -55,9 +55,12 @@ def _bench(args) -> int:
         args.parser.error(f"argument --min-time: must be a finite number > 0, got {args.min_time}")
     if args.time_budget is not None and not 0 < args.time_budget < math.inf:
         args.parser.error(f"argument --time-budget: must be a finite number of seconds > 0, got {args.time_budget}")
-    run(fams, device, dtypes, quick=not args.full, min_time=args.min_time,
-        json_path=args.json, plot_path=args.plot, quiet=args.quiet, time_budget=args.time_budget,
-        skip=tuple(k.strip() for k in (args.skip or "").split(",") if k.strip()))
+    res = run(fams, device, dtypes, quick=not args.full, min_time=args.min_time,
+              json_path=args.json, plot_path=args.plot, quiet=args.quiet, time_budget=args.time_budget,
+              skip=tuple(k.strip() for k in (args.skip or "").split(",") if k.strip()))
+    if "interrupted" in res:
+        print(f"interrupted {res['interrupted']}; the JSON and plot hold what was measured", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -36,6 +36,9 @@ class Case:
     baseline_of_interest: tuple[str, ...] = ("eager", "compile")
     notes: str = ""
     extra: dict = field(default_factory=dict)
+    # (rounds, warm-up calls, repeats) for cases of seconds per call (whole sampling runs); None: the
+    # runner's defaults.
+    timing: tuple[int, int, int] | None = None
 
     @property
     def id(self) -> str:

@@ -32,12 +32,13 @@ def run_case(case: registry.Case, device: str, min_time: float, skip: tuple[str,
     # outside load (a shared VM, a compile worker finishing) then lands on every implementation instead
     # of skewing one ratio, which timing each implementation in one block did (first-case outliers).
     best: dict[str, float] = {}
-    for r in range(ROUNDS):
+    rounds, warmup, repeats = case.timing or (ROUNDS, 2, 3)
+    for r in range(rounds):
         for impl, fn in case.impls.items():
             if impl in row["errors"] or any(k in impl for k in skip):
                 continue
             try:
-                t = time_fn(fn, device, min_time=min_time / ROUNDS, repeats=3, warmup=2 if r == 0 else 0)
+                t = time_fn(fn, device, min_time=min_time / rounds, repeats=repeats, warmup=warmup if r == 0 else 0)
                 best[impl] = min(best.get(impl, math.inf), t)
             except Exception as e:  # a baseline that cannot run this shape is reported, not fatal
                 row["errors"][impl] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
@@ -142,7 +143,12 @@ def run(families: list[str] | None, device: str, dtypes: list[str], quick: bool,
                 result["not_run"][fam] = f"{len(cs) - i} of {len(cs)} cases: time budget {time_budget:g} s spent"
                 break
             _progress(f"  [{fam} {i + 1}/{len(cs)}] {c.name} {c.shape} {c.dtype}", quiet)
-            row = run_case(c, device, min_time, skip)
+            try:
+                row = run_case(c, device, min_time, skip)
+            except KeyboardInterrupt:  # SIGINT (a time limit): keep and report what was measured
+                result["interrupted"] = f"during {fam}: {c.name} {c.shape}"
+                result["not_run"][fam] = f"{len(cs) - i} of {len(cs)} cases: interrupted"
+                break
             derive(row, bw, peak)
             rows.append(row)
             if json_path:  # after every case: a run stopped from outside keeps what it measured
@@ -153,6 +159,8 @@ def run(families: list[str] | None, device: str, dtypes: list[str], quick: bool,
         for r in rows:
             for impl, err in r["errors"].items():
                 print(f"   note: {r['name']} {r['shape']} {r['dtype']}: {impl} failed: {err}")
+        if "interrupted" in result:
+            break
     for fam, why in result["not_run"].items():
         print(f"not run: {fam}: {why}")
     if json_path:

@@ -101,5 +101,6 @@ def sampling_cases(device: str, quick: bool) -> list[Case]:
             {"raekern": lambda: s(x, y),
              "eager": lambda: rae_v1_reference_sample(main_t, x, y, num_steps=50, cfg_scale=1.42,
                                                       method="autoguidance", weak_model=weak_t)},
-            baseline_of_interest=("eager",), notes="target: raekern >= 2x eager (not yet measured on a GPU)"))
+            baseline_of_interest=("eager",), notes="target: raekern >= 2x eager (not yet measured on a GPU)",
+            timing=(1, 1, 1)))  # seconds per call: warm-up (graph capture), one probe, one timed run
     return cases

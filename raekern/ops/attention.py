@@ -60,16 +60,19 @@ def qk_rms_norm_reference(x: torch.Tensor, weight: Optional[torch.Tensor], eps: 
 
 def _rope_tables(n: int, grid: tuple[int, int], dh: int, theta: float, device, dtype):
     """cos/sin [n, dh] for RAE's 2-D RoPE; rows past the grid are (1, 0), i.e. unrotated."""
+    # Built on the target device: a host-to-device copy per call would be a sync per layer, and is
+    # illegal inside CUDA-graph capture. fp64 angles where the device has fp64 (not MPS).
     gh, gw = grid
     npair = dh // 4
-    freqs = theta ** (-torch.arange(npair, dtype=torch.float64) * 2.0 / (dh // 2))
-    tok = torch.arange(n, dtype=torch.int64)
-    row = (tok // gw).to(torch.float64)
-    col = (tok % gw).to(torch.float64)
+    ft = torch.float32 if torch.device(device).type == "mps" else torch.float64
+    freqs = theta ** (-torch.arange(npair, dtype=ft, device=device) * 2.0 / (dh // 2))
+    tok = torch.arange(n, dtype=torch.int64, device=device)
+    row = (tok // gw).to(ft)
+    col = (tok % gw).to(ft)
     ang = torch.cat([row[:, None] * freqs, col[:, None] * freqs], dim=-1)  # [n, dh/2]
     ang = ang.repeat_interleave(2, dim=-1)  # one angle per interleaved pair
     ang = torch.where((tok < gh * gw)[:, None], ang, torch.zeros_like(ang))
-    return ang.cos().to(device=device, dtype=dtype), ang.sin().to(device=device, dtype=dtype)
+    return ang.cos().to(dtype), ang.sin().to(dtype)
 
 
 def rope_2d_reference(x: torch.Tensor, grid: Optional[tuple[int, int]], theta: float = 10000.0) -> torch.Tensor:
@@ -199,10 +202,6 @@ forbid_double_backward("attention_backward", "attention")
 
 
 # ----------------------------------------------------------------------------- dispatch
-def _has_kernel(key: str, op: str = "raekern::attention") -> bool:
-    return torch._C._dispatch_has_kernel_for_dispatch_key(op, key)
-
-
 _FORCE_CUDA_BACKWARD = "RAEKERN_CUDA_ATTENTION_BACKWARD"
 
 
@@ -231,6 +230,11 @@ def _cached(fn):
             _FACTS[(fn, key)] = fn(*key)
         return _FACTS[(fn, key)]
     return _assume_constant_result(functools.wraps(fn)(wrapper))
+
+
+@_cached  # a build fact; a constant to dynamo (torch 2.11 cannot trace the dispatcher query)
+def _has_kernel(key: str, op: str = "raekern::attention") -> bool:
+    return torch._C._dispatch_has_kernel_for_dispatch_key(op, key)
 
 
 @_cached

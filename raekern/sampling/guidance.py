@@ -302,6 +302,16 @@ class GFCG(GuidancePolicy):
             return labels, self._weights
         logits = self.classifier(x0)
         ref, w, _, _ = gfcg_select(logits, labels, w_max=self.w_max, kappa=self.kappa, w_min=self.w_min)
+        if ref.device.type != "cpu":
+            # The GPU kernel does not synchronise to validate targets: a label outside the classifier's
+            # classes reads ref = -1 and NaN weights. Checked (one sync) outside CUDA-graph capture,
+            # which the sampler's warm-up step is; under capture such a row is neutralised, so that
+            # -1 never reaches an embedding table as a label (a device-side assert).
+            if not (ref.is_cuda and torch.cuda.is_current_stream_capturing()) and bool((ref < 0).any()):
+                raise ValueError(f"raekern.sampling.GFCG: argument 'labels' must be classes of the classifier "
+                                 f"[0, {logits.shape[-1]}), got {labels.tolist()}")
+            ref = torch.where(ref < 0, labels, ref)
+            w = torch.nan_to_num(w, nan=0.0)
         self._weights = w
         return ref, w
 

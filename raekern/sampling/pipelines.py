@@ -92,6 +92,16 @@ class Pipeline:
                                solver=self.solver, null_label=self.null_label, x0_t_eps=self.x0_t_eps,
                                model_dtype=self.model_dtype, cuda_graph=self.cuda_graph,
                                progress=self.progress)
+        self._on_device = {}  # constants of decode() per (name, device, dtype)
+
+    def _const(self, name: str, make: Callable[[], torch.Tensor], device, dtype) -> torch.Tensor:
+        """A decode() constant on `device`, copied there once: a host-to-device copy per call is a sync
+        per step when a pixel-space classifier decodes inside the sampling loop, and is illegal while
+        a CUDA graph is being captured."""
+        key = (name, str(device), dtype)
+        if key not in self._on_device:
+            self._on_device[key] = make().to(device=device, dtype=dtype)
+        return self._on_device[key]
 
     def with_policy(self, policy) -> "Pipeline":
         """The same networks and settings with another guidance policy."""
@@ -111,9 +121,9 @@ class Pipeline:
         if self.latent_mean is not None or self.latent_var is not None:
             # a missing statistic counts as mean 0 / variance 1, as the released RAE.decode does
             if self.latent_var is not None:
-                z = z * torch.sqrt(self.latent_var.to(z.device, torch.float32) + STAT_EPS).to(z.dtype)
+                z = z * self._const("std", lambda: torch.sqrt(self.latent_var.float() + STAT_EPS), z.device, z.dtype)
             if self.latent_mean is not None:
-                z = z + self.latent_mean.to(z.device, z.dtype)
+                z = z + self._const("mean", lambda: self.latent_mean, z.device, z.dtype)
         tokens = z.flatten(2).transpose(1, 2)  # [B, H·W, C], row-major tokens
         dec_dtype = _module_dtype(self.decoder) or self.model_dtype  # the decoder's own dtype first
         if dec_dtype is not None:
@@ -122,8 +132,8 @@ class Pipeline:
         px = px[0] if isinstance(px, (tuple, list)) else px
         px = px.float()
         if self.decoder_output == "imagenet":
-            m = torch.tensor(IMAGENET_MEAN, device=px.device).view(1, 3, 1, 1)
-            s = torch.tensor(IMAGENET_STD, device=px.device).view(1, 3, 1, 1)
+            m = self._const("imagenet_mean", lambda: torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), px.device, px.dtype)
+            s = self._const("imagenet_std", lambda: torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), px.device, px.dtype)
             px = px * s + m
         return px.clamp(0.0, 1.0)
 
@@ -145,7 +155,7 @@ class Pipeline:
             labels = class_labels(indices, self.num_classes, seed, label_mode)
         noise = indexed_noise(indices, self.latent_shape, seed)
         z = self.latents(labels, noise)
-        out = {"labels": labels.numpy(), "latents": z.float().cpu().numpy()}
+        out = {"labels": labels.cpu().numpy(), "latents": z.float().cpu().numpy()}
         if self.decoder is not None:
             out["images"] = to_uint8(self.decode(z))
         else:
