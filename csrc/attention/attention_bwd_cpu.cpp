@@ -121,8 +121,14 @@ void backward_kernel(const Problem<T, raekern::cpu::acc_t<T>>& P, const at::Tens
             C* dr = &dp[r * kBwdLdS];
             exp2_shift_sum(sr, bk, l2[i0 + r]);
             const C dl = delta[i0 + r];
+            // P ≤ 1 exactly (lse ≥ every score); the recomputed exponent can exceed it by the
+            // rounding of an lse stored in fp32 (|s| in the millions: ulps of 0.1 log2 units).
 #pragma omp simd
-            for (int64_t c = 0; c < bk; ++c) dr[c] = sr[c] * (dr[c] - dl);
+            for (int64_t c = 0; c < bk; ++c) {
+              const C p = std::min(sr[c], C(1));
+              sr[c] = p;
+              dr[c] = p * (dr[c] - dl);
+            }
           }
           const bool first = i0 == 0;
           gemm<C>(bk, Dp, bq, s.data(), 1, kBwdLdS, &dop_[i0 * LD], LD, 64, dvb, LD, !first);
