@@ -314,7 +314,7 @@ def test_config_values_are_checked_like_the_flags(tmp_path, capsys, cfg, key):
 def test_config_takes_the_flag_spellings_and_converts_like_the_command_line(tmp_path, capsys):
     cfg = tmp_path / "cfg.json"
     cfg.write_text(json.dumps({"preset": "tiny-test", "num-samples": "3", "batch_size": 2,
-                               "keep-latents": True, "png": False, "steps": None}))
+                               "keep-latents": True, "png": False, "steps": None, "seed": None, "dtype": None}))
     out = tmp_path / "o"
     assert cli.main(["--config", str(cfg), "--no-progress", "--device", "cpu", "--out", str(out)]) == 0
     m = _merged(out)
@@ -322,6 +322,17 @@ def test_config_takes_the_flag_spellings_and_converts_like_the_command_line(tmp_
     assert json.loads((out / "manifest.json").read_text())["steps"] == 8  # null: the preset's default
     assert "sets num twice" in _config_error(tmp_path, {"num": 3, "num-samples": 2}, capsys)
     assert "unknown option 'config'" in _config_error(tmp_path, {"config": "x.json"}, capsys)
+
+
+def test_cli_missing_checkpoint_is_one_error_line(tmp_path, capsys):
+    args = cli.argparse.ArgumentParser()
+    cli.add_sample_parser(args.add_subparsers())
+    ns = args.parse_args(["sample", "--preset", "rae-v1-256", "--ckpt", str(tmp_path / "nope.pt"), "--out",
+                          str(tmp_path / "o"), "--no-progress", "--device", "cpu"])
+    capsys.readouterr()
+    assert ns.fn(ns) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "nope.pt" in err, err
 
 
 def test_cli_errors_name_the_argument(tmp_path):

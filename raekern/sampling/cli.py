@@ -126,7 +126,7 @@ def _run_reporting_errors(args: argparse.Namespace) -> int:
     """run_sample for `raekern sample`: a bad argument is one error line, not a traceback."""
     try:
         return run_sample(args)
-    except ValueError as e:
+    except (ValueError, OSError) as e:  # OSError: a checkpoint, config or output path that is not there
         print(f"raekern sample: error: {e}", file=sys.stderr)
         return 2
 
@@ -175,13 +175,14 @@ def _config_actions() -> dict[str, argparse.Action]:
 
 
 def _config_value(key: str, a: argparse.Action, value):
-    """A config value checked and converted as the flag's own parser would (type, choices)."""
+    """A config value checked and converted as the flag's own parser would (type, choices); null means
+    the flag's default, for every key."""
+    if value is None:
+        return a.default
     if a.nargs == 0:  # store_true / --png/--no-png: a JSON or YAML boolean, not a string
         if not isinstance(value, bool):
             _config_fail(f"key {key!r} must be true or false, got {value!r}")
         return value
-    if value is None and a.default is None:
-        return None
     if isinstance(a, argparse._AppendAction):  # --guidance: one spec or a list of specs
         if isinstance(value, str):
             value = [value]
