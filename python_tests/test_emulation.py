@@ -186,6 +186,7 @@ def test_block_sum_missing_barrier_is_exposed():
         ("partial_warp", r"names lanes that do not exist"),
         ("divergent_barrier", r"divergent barrier"),
         ("block_too_large", r"invalid launch configuration"),
+        ("misaligned_vec", r"misaligned 16-byte vector access"),
         ("oob_write_end", r"out-of-range write to buffer 'y' \(400 bytes\) at byte offset 400, past its end"),
         ("oob_write_before", r"out-of-range write to buffer 'y' \(400 bytes\) at byte offset -4, before its start"),
         ("oob_write_far", r"(invalid memory access|out-of-range access).*buffer 'y'"),

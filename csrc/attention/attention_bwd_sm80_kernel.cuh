@@ -141,10 +141,10 @@ __device__ __forceinline__ void tc_key_block(const BwdParams& p, unsigned char* 
           ds[e] = p.scale * pe[e] * (dp[n][e] - (e < 2 ? d0 : d1));
         }
         const int c = (k0 + n) * 8 + 2 * t;
-        *reinterpret_cast<uint32_t*>(sP + r0 * LP + c) = tc::Mma<T>::pack(pe[0], pe[1]);
-        *reinterpret_cast<uint32_t*>(sP + (r0 + 8) * LP + c) = tc::Mma<T>::pack(pe[2], pe[3]);
-        *reinterpret_cast<uint32_t*>(sdS + r0 * LP + c) = tc::Mma<T>::pack(ds[0], ds[1]);
-        *reinterpret_cast<uint32_t*>(sdS + (r0 + 8) * LP + c) = tc::Mma<T>::pack(ds[2], ds[3]);
+        simt::store_u32(sP + r0 * LP + c, tc::Mma<T>::pack(pe[0], pe[1]));
+        simt::store_u32(sP + (r0 + 8) * LP + c, tc::Mma<T>::pack(pe[2], pe[3]));
+        simt::store_u32(sdS + r0 * LP + c, tc::Mma<T>::pack(ds[0], ds[1]));
+        simt::store_u32(sdS + (r0 + 8) * LP + c, tc::Mma<T>::pack(ds[2], ds[3]));
       }
     }
     __syncthreads();  // P and dS complete
@@ -215,7 +215,7 @@ __device__ __forceinline__ void tc_key_block(const BwdParams& p, unsigned char* 
     for (int j = 0; j < ND; ++j) {
       if (!Cfg::kExact && j * 8 >= D) continue;
       const int c = j * 8 + 2 * t;
-      *reinterpret_cast<uint32_t*>(dvg + int64_t(n) * p.dv_sn + c) = tc::Mma<T>::pack(dv[j][2 * r], dv[j][2 * r + 1]);
+      simt::store_u32(dvg + int64_t(n) * p.dv_sn + c, tc::Mma<T>::pack(dv[j][2 * r], dv[j][2 * r + 1]));
       dkh[int64_t(n) * D + c] = dk[j][2 * r];
       dkh[int64_t(n) * D + c + 1] = dk[j][2 * r + 1];
     }

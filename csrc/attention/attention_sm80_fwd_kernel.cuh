@@ -192,8 +192,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) attention_fwd_sm80_kernel(co
 #pragma unroll
     for (int n = 0; n < Cfg::kNTilesO; ++n)
       if (Cfg::kExact || n * 8 < D)
-        *reinterpret_cast<uint32_t*>(og + n * 8 + 2 * t) =
-            Mma<T>::pack(acc_o[n][2 * r] * fin.inv_l, acc_o[n][2 * r + 1] * fin.inv_l);
+        simt::store_u32(og + n * 8 + 2 * t, Mma<T>::pack(acc_o[n][2 * r] * fin.inv_l, acc_o[n][2 * r + 1] * fin.inv_l));
     if (t == 0) p.lse[(int64_t(b) * p.H + h) * p.Nq + m] = fin.lse;
   }
 }

@@ -626,15 +626,6 @@ int barrier(int op, int pred, const std::source_location& loc) {
   return int(f.result);
 }
 
-unsigned active_mask() {
-  Run& r = current("__activemask");
-  const Fiber& f = r.fibers[r.cur];
-  unsigned m = 0;
-  for (int l = 0; l < 32 && f.warp * 32 + l < r.nthreads; ++l)
-    if (r.fibers[f.warp * 32 + l].st != St::kDone) m |= 1u << l;
-  return m;
-}
-
 unsigned char* dynamic_shared() {
   Run& r = current("dynamic shared memory");
   return reinterpret_cast<unsigned char*>(r.smem.data());

@@ -185,6 +185,7 @@ at::Tensor broken(const std::string& name, int64_t n) {
   else if (name == "shfl_mask_excludes_self") emulate_launch(shfl_mask_excludes_self_kernel, dim3(1), dim3(32), 0, po);
   else if (name == "partial_warp") emulate_launch(partial_warp_kernel, dim3(1), dim3(48), 0, po);
   else if (name == "divergent_barrier") emulate_launch(divergent_barrier_kernel, dim3(1), dim3(64), 0, po);
+  else if (name == "misaligned_vec") emulate_launch(misaligned_vec_kernel, dim3(1), dim3(8), 0, po);
   else if (name == "block_too_large") emulate_launch(partial_warp_kernel, dim3(1), dim3(2048), 0, po);
   else TORCH_CHECK_VALUE(false, "selftest_broken: unknown 'name' ", name);
   mem.finish();

@@ -153,6 +153,13 @@ __global__ void convert_kernel(const float* __restrict__ x, T* __restrict__ y, f
 
 // ----- Broken kernels: each must end in an EmulationError (or a visibly wrong result). -----
 
+// A 16-byte vector load one float past an aligned address: "misaligned address" on the GPU.
+__global__ void misaligned_vec_kernel(float* out) {
+  float v[4];
+  simt::load_vec<float, 4>(out + 4 * threadIdx.x + 1, v);
+  out[threadIdx.x] = v[0];
+}
+
 // Lanes 8..15 read lanes 16..23, which are not in the mask.
 __global__ void shfl_inactive_lane_kernel(float* out) {
   const int lane = threadIdx.x % kWarp;

@@ -130,7 +130,6 @@ enum BarrierOp : int { kBarSync, kBarCount, kBarAnd, kBarOr };
 
 uint64_t warp_op(int op, unsigned mask, uint64_t value, int param, int width, const std::source_location& loc);
 int barrier(int op, int pred, const std::source_location& loc);
-unsigned active_mask();
 unsigned char* dynamic_shared();
 // Whether [p, p + bytes) lies inside this block's dynamic shared memory.
 bool in_dynamic_shared(const void* p, size_t bytes);
@@ -255,7 +254,11 @@ inline void __syncwarp(unsigned mask = 0xffffffffu, std::source_location loc = s
 inline void __threadfence() { std::atomic_signal_fence(std::memory_order_seq_cst); }
 inline void __threadfence_block() { std::atomic_signal_fence(std::memory_order_seq_cst); }
 inline void __threadfence_system() { std::atomic_signal_fence(std::memory_order_seq_cst); }
-inline unsigned __activemask() { return ::raekern::emu::detail::active_mask(); }
+// Not emulated: on hardware it is the lanes converged at this instruction, which fibers that only
+// meet at synchronisation points cannot tell (it would depend on the schedule). No kernel uses it.
+[[noreturn]] inline unsigned __activemask(std::source_location loc = std::source_location::current()) {
+  ::raekern::emu::detail::kernel_fail("__activemask() is not emulated (use an explicit mask)", loc);
+}
 [[noreturn]] inline void __trap(std::source_location loc = std::source_location::current()) {
   ::raekern::emu::detail::kernel_fail("__trap() called", loc);
 }

@@ -44,8 +44,27 @@ template <class T, int N> struct alignas(sizeof(T) * N) Vec {
 };
 template <class T> constexpr int kVec16 = 16 / sizeof(T);
 
+// A vector access must be aligned to its size: the GPU raises "misaligned address" (a sticky error
+// that ends the CUDA context), while x86 performs it silently. The host emulation checks it, so the
+// host-side alignment tests that choose a vector path are exercised on the CPU too.
+#ifdef RAEKERN_HOST_EMULATION
+inline void check_aligned(const void* p, size_t bytes, std::source_location loc = std::source_location::current()) {
+  if (reinterpret_cast<uintptr_t>(p) % bytes != 0)
+    ::raekern::emu::detail::kernel_fail("misaligned " + std::to_string(bytes) + "-byte vector access", loc);
+}
+#else
+__device__ __forceinline__ void check_aligned(const void*, size_t) {}
+#endif
+
+// 32 bits (two 16-bit values, a packed mma fragment) stored as one access.
+__device__ __forceinline__ void store_u32(void* p, uint32_t v) {
+  check_aligned(p, 4);
+  *reinterpret_cast<uint32_t*>(p) = v;
+}
+
 template <class T, int N>
 __device__ __forceinline__ void load_vec(const T* __restrict__ p, float (&out)[N]) {
+  check_aligned(p, sizeof(Vec<T, N>));
   Vec<T, N> r = *reinterpret_cast<const Vec<T, N>*>(p);
 #pragma unroll
   for (int i = 0; i < N; ++i) out[i] = to_float(r.v[i]);
@@ -56,6 +75,7 @@ __device__ __forceinline__ void store_vec(T* __restrict__ p, const float (&in)[N
   Vec<T, N> r;
 #pragma unroll
   for (int i = 0; i < N; ++i) r.v[i] = from_float<T>(in[i]);
+  check_aligned(p, sizeof(Vec<T, N>));
   *reinterpret_cast<Vec<T, N>*>(p) = r;
 }
 
