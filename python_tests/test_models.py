@@ -689,6 +689,34 @@ def test_training_reduces_loss(backend):
     assert l2[-1] < 0.7 * l2[0]
 
 
+def test_xpred_loss_drops_labels_like_raev2_transport():
+    """RAEv2 drops labels in the loss (cfg_dropout_prob 0.1, null = num_classes), not in the model; a
+    model that drops them itself in training mode is not dropped twice."""
+    seen = []
+
+    class Spy(torch.nn.Module):
+        num_classes = 10
+
+        def __init__(self, own=0.0):
+            super().__init__()
+            self.ctx_embedder = torch.nn.Module()
+            self.ctx_embedder.dropout_prob = own
+
+        def forward(self, xt, tt, y):
+            seen.append(y)
+            return xt
+
+    x, y = torch.randn(4000, 1, 1, 1), torch.zeros(4000, dtype=torch.long)
+    g = torch.Generator().manual_seed(0)
+    T.xpred_loss(Spy().train(), x, y, generator=g)
+    frac = (seen[-1] == 10).float().mean().item()
+    assert 0.08 < frac < 0.12 and set(seen[-1].tolist()) <= {0, 10}
+    T.xpred_loss(Spy(own=0.1).train(), x, y, generator=g)
+    assert not (seen[-1] == 10).any()  # the model drops them itself
+    T.xpred_loss(Spy().train(), x, y, cfg_dropout_prob=0.0, generator=g)
+    assert not (seen[-1] == 10).any()
+
+
 def test_xpred_loss_formula():
     x = torch.randn(2, 3, 2, 2)
     t = torch.tensor([0.01, 0.5])

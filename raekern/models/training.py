@@ -73,13 +73,27 @@ def velocity_loss(model, x: torch.Tensor, y: torch.Tensor, *, alpha: Optional[fl
     return {"loss": loss, "t": t, "x_t": x_t, "target": target, "pred": pred}
 
 
+def _drops_labels_itself(model) -> bool:
+    emb = getattr(model, "ctx_embedder", None) or getattr(model, "y_embedder", None)
+    return bool(getattr(emb, "dropout_prob", 0.0)) and bool(getattr(model, "training", False))
+
+
 def xpred_loss(model, x: torch.Tensor, y: torch.Tensor, *, alpha: Optional[float] = None,
                t: Optional[torch.Tensor] = None, noise: Optional[torch.Tensor] = None, t_eps: float = 0.05,
-               base_coeff: float = 1.0, generator: Optional[torch.Generator] = None) -> dict:
+               base_coeff: float = 1.0, cfg_dropout_prob: Optional[float] = None,
+               generator: Optional[torch.Generator] = None) -> dict:
     """RAEv2 training loss: per sample ``mean((x̂ − x)²)/max(t, t_eps)²`` for the full output and, with
     weight ``base_coeff``, the base head (``model`` returns ``(x_full, x_base)`` or ``x_full``).
-    Returns ``{'loss', 'loss_full', 'loss_base', 't', 'x_t', 'pred'}``."""
+
+    Labels are dropped to the null label (``model.num_classes``) with probability ``cfg_dropout_prob``
+    here, as RAEv2's transport does (the v2 model itself keeps every label): default 0.1, or 0 when the
+    model already drops labels in training mode (a ``class_dropout_prob`` given to DiTDHv2), so they are
+    never dropped twice. Returns ``{'loss', 'loss_full', 'loss_base', 't', 'x_t', 'pred'}``."""
     B, C, H, W = x.shape
+    if cfg_dropout_prob is None:
+        cfg_dropout_prob = 0.0 if _drops_labels_itself(model) else 0.1
+    if y is not None and cfg_dropout_prob > 0:
+        y = drop_labels(y, cfg_dropout_prob, null_label=getattr(model, "num_classes", 1000), generator=generator)
     if alpha is None:
         alpha = shift_alpha(H * W, C)
     if t is None:
