@@ -93,3 +93,36 @@ def test_bench_interrupt_keeps_measured_cases_and_skip_drops_baselines(tmp_path,
     first = data["families"]["zz_fam"][0]
     assert set(first["times"]) == {"raekern", "eager"} and data["skipped_impls"] == ["compile"]
     assert "interrupted" in res and "c1" in res["interrupted"] and len(data["families"]["zz_fam"]) == 1
+
+
+def test_gpu_cases_use_one_timing_for_every_implementation(monkeypatch):
+    """On a GPU a case is timed from CUDA-graph replays; if one implementation cannot be captured, the
+    whole case falls back to the host loop (ratios never mix device and host times), while one that
+    cannot run at all is an error of its own. (The graph timer itself needs a GPU: gpu_check runs it.)"""
+    import torch
+    from raekern.bench import registry, runner
+
+    def graph_timer(fn, device, **kw):
+        if getattr(fn, "host_sync", False):
+            raise RuntimeError("operation not permitted when stream is capturing")
+        fn()
+        return 1e-5
+
+    monkeypatch.setattr(runner, "time_cuda_graph", graph_timer)
+    monkeypatch.setattr(runner, "time_fn", lambda fn, device, **kw: (fn(), 2e-5)[1])
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+
+    def broken():
+        raise ValueError("shape unsupported")
+
+    syncing = lambda: None  # noqa: E731
+    syncing.host_sync = True
+    case = lambda **impls: registry.Case("x", "n", "s", torch.float32, impls)  # noqa: E731
+    row = runner.run_case(case(raekern=lambda: 1, eager=lambda: 2, sdpa=broken), "cuda", 0.01)
+    assert row["times"] == {"raekern": 1e-5, "eager": 1e-5} and "sdpa" in row["errors"]
+    assert row["timing"].startswith("device time")
+    row = runner.run_case(case(raekern=lambda: 1, eager=syncing), "cuda", 0.01)
+    assert row["times"] == {"raekern": 2e-5, "eager": 2e-5} and row["timing"] == "host loop"
+    assert row["host_timed"].startswith("eager: RuntimeError")
+    slow = registry.Case("x", "n", "s", torch.float32, {"raekern": lambda: 1}, cuda_graph=False)
+    assert runner.run_case(slow, "cuda", 0.01)["timing"] == "host loop"

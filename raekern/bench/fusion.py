@@ -72,7 +72,8 @@ def _cases_for(device: str, dtype: torch.dtype, quick: bool) -> list[Case]:
     cases.append(Case(
         "fusion", "layer_stack_fuse bwd", shape, dtype,
         impls={k: _lazy_grads(f, req, g) for k, f in fwd.items()},
-        bytes=(2 * K + 1) * B * N * D * es, notes="gradients of all K layers"))
+        # K layers read (patch tokens) and grad; the K layer gradients are full [B, T, D] (prefix rows 0)
+        bytes=(K * N + N + K * T) * B * D * es, notes="gradients of all K layers"))
 
     L = 12
     Dr = 768 if not quick else 64
@@ -108,5 +109,5 @@ def _cases_for(device: str, dtype: torch.dtype, quick: bool) -> list[Case]:
         impls={"raekern": lambda: fu.latent_normalize(z, mean, var),
                "eager": lambda: _normalize_math(z, mean, var).to(dtype),
                "compile": lambda: ncomp(z, mean, var).to(dtype)},
-        bytes=2 * B * H * H * D * es))
+        bytes=2 * B * H * H * D * es + 2 * D * H * H * mean.element_size()))  # + fp32 mean/var, read once
     return cases

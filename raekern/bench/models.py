@@ -68,7 +68,7 @@ def _dit_cases(name: str, label: str, device: str, batch: int, train: bool, dtyp
     if raekern_backend_available():
         impls["raekern"] = fwd(other)
         impls["raekern+compile"] = fwd(compiled(other))
-    cases.append(Case("models", f"{name} forward", shape, dtype, impls, flops=flops,
+    cases.append(Case("models", f"{name} forward", shape, dtype, impls, flops=flops, cuda_graph=False,
                       notes="raekern = backend='raekern'; eager/compile = backend='torch' with the same weights"))
     if train:
         from raekern.models.training import velocity_loss, xpred_loss
@@ -87,7 +87,7 @@ def _dit_cases(name: str, label: str, device: str, batch: int, train: bool, dtyp
         timpls = {"eager": step(model)}
         if raekern_backend_available():
             timpls["raekern"] = step(other)
-        cases.append(Case("models", f"{name} train step", shape, dtype, timpls, flops=3 * flops,
+        cases.append(Case("models", f"{name} train step", shape, dtype, timpls, flops=3 * flops, cuda_graph=False,
                           baseline_of_interest=("eager",), notes="forward + backward of the flow-matching loss"))
     return cases
 

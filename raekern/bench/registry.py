@@ -39,6 +39,10 @@ class Case:
     # (rounds, warm-up calls, repeats) for cases of seconds per call (whole sampling runs); None: the
     # runner's defaults.
     timing: tuple[int, int, int] | None = None
+    # On a GPU, time device work (CUDA-graph replay, L2 flushed; machine.time_cuda_graph) rather than
+    # the host loop. Off for whole models and samplers: their host overhead is part of what is
+    # compared, and a sampler that captures its own graphs cannot be captured.
+    cuda_graph: bool = True
 
     @property
     def id(self) -> str:

@@ -90,7 +90,8 @@ def sampling_cases(device: str, quick: bool) -> list[Case]:
                 FAMILY, f"guided step {name}", f"B={B} latent={'x'.join(map(str, shape))}", dtype,
                 {"raekern": fast, "eager": _eager_step(main_t, weak_t, name, scale, x, y, t, t_next)},
                 baseline_of_interest=("eager",),
-                notes=f"DiT-DH backend {backend!r}; eager = RAE v1's released step in plain PyTorch"))
+                notes=f"DiT-DH backend {backend!r}; eager = RAE v1's released step in plain PyTorch",
+                cuda_graph=False))
     if device == "cuda" and not quick:
         # The GPU target: the whole 49-step AutoGuidance sampling, ours (CUDA graphs) vs the released loop.
         from raekern.sampling.reference import rae_v1_reference_sample
@@ -102,5 +103,5 @@ def sampling_cases(device: str, quick: bool) -> list[Case]:
              "eager": lambda: rae_v1_reference_sample(main_t, x, y, num_steps=50, cfg_scale=1.42,
                                                       method="autoguidance", weak_model=weak_t)},
             baseline_of_interest=("eager",), notes="target: raekern >= 2x eager (not yet measured on a GPU)",
-            timing=(1, 1, 1)))  # seconds per call: warm-up (graph capture), one probe, one timed run
+            timing=(1, 1, 1), cuda_graph=False))  # seconds per call: warm-up (graph capture), one probe, one timed run
     return cases
