@@ -101,15 +101,10 @@ __device__ __forceinline__ void tc_key_block(const BwdParams& p, unsigned char* 
     }
     __syncthreads();
     if (mask && it == 0) {
-      // Masked keys' K̂ and V rows read as zero: dS is 0 in their columns, but 0·NaN in dQ = dS·K̂ (or
-      // in dP = dO·Vᵀ) is NaN for padding that holds garbage. Block-uniform; once per key block.
-      for (int e = tid; e < BN * D; e += Cfg::kThreads) {
-        const int r = e / D, col = n0 + r;
-        if (col < p.Nk && !mask[int64_t(col) * p.mask_sn]) {
-          sK[r * LD + e % D] = simt::from_float<T>(0.f);
-          sV[r * LD + e % D] = simt::from_float<T>(0.f);
-        }
-      }
+      // Masked keys' K̂ and V rows to zero: dS is 0 in their columns, but 0·NaN in dQ = dS·K̂ (or in
+      // dP = dO·Vᵀ) is NaN. Block-uniform; once per key block.
+      tc::zero_masked_rows<Cfg::kThreads>(sK, LD, BN, D, n0, p.Nk, mask, p.mask_sn);
+      tc::zero_masked_rows<Cfg::kThreads>(sV, LD, BN, D, n0, p.Nk, mask, p.mask_sn);
       __syncthreads();
     }
     const T* sQ = sQ0 + buf * 64 * LD;

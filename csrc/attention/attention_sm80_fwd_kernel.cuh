@@ -99,14 +99,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) attention_fwd_sm80_kernel(co
       cp_async_wait<0>();
     }
     __syncthreads();
-    if (mask) {
-      // Masked keys leave the sum rather than enter it with weight 0: 0·V is NaN for padding that
-      // holds garbage (torch.empty), and the CPU kernel skips these keys. A block-uniform branch.
-      T* vt = sV + buf * kN * LV;
-      for (int e = threadIdx.x; e < kN * D; e += Cfg::kThreads) {
-        const int r = e / D, col = n0 + r;
-        if (col < p.Nk && !mask[int64_t(col) * p.mask_sn]) vt[r * LV + e % D] = simt::from_float<T>(0.f);
-      }
+    if (mask) {  // masked keys' V rows to zero, as the CPU kernel skips them (a block-uniform branch)
+      tc::zero_masked_rows<Cfg::kThreads>(sV + buf * kN * LV, LV, kN, D, n0, p.Nk, mask, p.mask_sn);
       __syncthreads();
     }
     const T* k_tile = sK + buf * kN * LQ;

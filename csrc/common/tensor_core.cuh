@@ -209,6 +209,19 @@ __device__ __forceinline__ void cp_async_rows(T* __restrict__ dst, int ld, const
   }
 }
 
+// Rows of a key tile (keys n0.., row stride ld, D columns) whose key is masked out (mask[key·mask_sn]
+// false) are set to zero: masked keys then leave the attention sums rather than enter them with
+// weight 0, which is NaN for padding that holds garbage (torch.empty). Keys past Nk are left as they
+// are (cp_async_rows zero-fills them). The caller synchronises before the tile is read.
+template <int Threads, class T>
+__device__ __forceinline__ void zero_masked_rows(T* tile, int ld, int rows, int D, int n0, int Nk, const bool* mask,
+                                                 int64_t mask_sn) {
+  for (int e = threadIdx.x; e < rows * D; e += Threads) {
+    const int r = e / D, key = n0 + r;
+    if (key < Nk && !mask[int64_t(key) * mask_sn]) tile[r * ld + e % D] = simt::from_float<T>(0.f);
+  }
+}
+
 // acc[n] (+)= A·B over KSteps 16-wide k-steps for one warp's 16 rows: A from `a_rows` stored
 // [row][k] (ldmatrix.x4: matrices rows 0-7 | 8-15 × k 0-7 | 8-15), B from `b_rows` stored [n][k]
 // (one ldmatrix.x4 per pair of n-tiles: matrices n 0-7 | 8-15 of the pair × k 0-7 | 8-15).

@@ -190,4 +190,15 @@ inline void check_latent_stats(const at::Tensor& mean, const at::Tensor& var, co
   }
 }
 
+// Statistics beside a channels-first [B, D, H, W] tensor (mean may be undefined): the whole grid
+// [D, H, W], not just H·W — the kernels take the grid's width from the statistics, so a transposed
+// grid would be read with the wrong stride.
+inline void check_latent_stats_cf(const at::Tensor& mean, const at::Tensor& var, const at::Tensor& cf,
+                                  const char* op) {
+  for (const auto& [t, name] : {std::pair{&mean, "mean"}, std::pair{&var, "var"}})
+    RAEKERN_CHECK(!t->defined() || (t->dim() == 3 && t->sizes() == cf.sizes().slice(1)), op, name,
+                  "must have shape [D, H, W] = ", cf.sizes().slice(1), ", got ", t->sizes());
+  check_latent_stats(mean, var, cf, cf.size(1), cf.size(2) * cf.size(3), op);
+}
+
 }  // namespace raekern::fusion

@@ -296,20 +296,14 @@ at::Tensor latent_normalize_cpu(const at::Tensor& z, const at::Tensor& mean, con
 at::Tensor latent_normalize_backward_cpu(const at::Tensor& grad, const at::Tensor& var, double eps) {
   const char* op = "latent_normalize_backward";
   check_cf(grad, op, "grad");
-  RAEKERN_CHECK(var.dim() == 3 && var.sizes() == grad.sizes().slice(1), op, "var", "must have shape [D, H, W] = ",
-                grad.sizes().slice(1), ", got ", var.sizes());
-  check_latent_stats(at::Tensor(), var, grad, grad.size(1), grad.size(2) * grad.size(3), op);
+  check_latent_stats_cf(at::Tensor(), var, grad, op);
   return cf_to_tokens(grad, at::Tensor(), var, eps, true);
 }
 
 at::Tensor latent_denormalize_cpu(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& var, double eps) {
   const char* op = "latent_denormalize";
   check_cf(x, op, "x");
-  RAEKERN_CHECK(mean.sizes() == var.sizes() && mean.dim() == 3 && mean.size(0) == x.size(1) &&
-                    mean.size(1) == x.size(2) && mean.size(2) == x.size(3),
-                op, "mean", "and 'var' must have shape [D, H, W] = ", x.sizes().slice(1), ", got ", mean.sizes(),
-                " and ", var.sizes());
-  check_latent_stats(mean, var, x, x.size(1), x.size(2) * x.size(3), op);
+  check_latent_stats_cf(mean, var, x, op);
   return cf_to_tokens(x, mean, var, eps, false);
 }
 

@@ -74,10 +74,7 @@ template <class Dev>
 at::Tensor latent_normalize_backward_op(const at::Tensor& grad, const at::Tensor& var, double eps) {
   const char* op = "latent_normalize_backward";
   raekern::check_dim(grad, 4, op, "grad");
-  // The full [D, H, W] shape, not just H·W: the kernel takes the grid's width from var.
-  RAEKERN_CHECK(var.dim() == 3 && var.sizes() == grad.sizes().slice(1), op, "var", "must have shape [D, H, W] = ",
-                grad.sizes().slice(1), ", got ", var.sizes());
-  check_latent_stats(at::Tensor(), var, grad, grad.size(1), grad.size(2) * grad.size(3), op);
+  check_latent_stats_cf(at::Tensor(), var, grad, op);
   return latent_transpose<Dev>(grad, at::Tensor(), var, eps, true, false, op);
 }
 
@@ -86,11 +83,7 @@ at::Tensor latent_denormalize_op(const at::Tensor& x, const at::Tensor& mean, co
   const char* op = "latent_denormalize";
   raekern::check_floating(x, op, "x");
   raekern::check_dim(x, 4, op, "x");
-  RAEKERN_CHECK(mean.dim() == 3 && mean.sizes() == var.sizes() && mean.size(0) == x.size(1) &&
-                    mean.size(1) == x.size(2) && mean.size(2) == x.size(3),
-                op, "mean", "and 'var' must have shape [D, H, W] = ", x.sizes().slice(1), ", got ", mean.sizes(),
-                " and ", var.sizes());
-  check_latent_stats(mean, var, x, x.size(1), x.size(2) * x.size(3), op);
+  check_latent_stats_cf(mean, var, x, op);
   return latent_transpose<Dev>(x, mean, var, eps, false, false, op);
 }
 

@@ -27,7 +27,6 @@ def _normalize_math(z, mean, var):
     return (x - mean) * torch.rsqrt(var + 1e-5)
 
 
-
 def _lazy_grads(make_out, inputs, grad):
     """Gradients of make_out() w.r.t. inputs, timed without the forward: the forward (and for the
     compile baseline, the compilation) happens on the first call, inside the warm-up, and only for
@@ -39,6 +38,7 @@ def _lazy_grads(make_out, inputs, grad):
             out.append(make_out())
         return torch.autograd.grad(out[0], inputs, grad, retain_graph=True)
     return run
+
 
 @register("fusion")
 def fusion_cases(device: str, quick: bool) -> list[Case]:

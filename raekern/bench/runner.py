@@ -24,6 +24,19 @@ def _progress(msg: str, quiet: bool) -> None:
         print(msg, file=sys.stderr, flush=True)
 
 
+class _Uncapturable(Exception):
+    """An implementation that runs but cannot be captured into a CUDA graph."""
+
+
+def _graph_time(impl: str, fn, device: str, min_time: float, repeats: int, warmup: int) -> float:
+    try:
+        return time_cuda_graph(fn, device, min_time=min_time, repeats=repeats, warmup=warmup)
+    except Exception as e:  # noqa: BLE001
+        torch.cuda.synchronize()
+        fn()  # one that cannot run at all is an error of its own (raised here), not a capture problem
+        raise _Uncapturable(f"{impl}: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]}") from e
+
+
 def run_case(case: registry.Case, device: str, min_time: float, skip: tuple[str, ...] = ()) -> dict:
     """Times every implementation of `case` except those whose name contains one of `skip`."""
     row = {"id": case.id, "family": case.family, "name": case.name, "shape": case.shape,
@@ -32,40 +45,36 @@ def run_case(case: registry.Case, device: str, min_time: float, skip: tuple[str,
     # Implementations take turns over ROUNDS rounds and each keeps its best round's median: a burst of
     # outside load (a shared VM, a compile worker finishing) then lands on every implementation instead
     # of skewing one ratio, which timing each implementation in one block did (first-case outliers).
-    best: dict[str, float] = {}
     rounds, warmup, repeats = case.timing or (ROUNDS, 2, 3)
-    # On a GPU every implementation of a case is timed the same way: device time from CUDA-graph replays
-    # or, when one of them cannot be captured (a host sync inside), the host loop for all of them.
-    use_graph = device.startswith("cuda") and case.cuda_graph
-    while True:
-        best.clear()
+
+    def measure(graph: bool) -> dict[str, float]:
+        best: dict[str, float] = {}
         row["errors"].clear()
-        restart = False
         for r in range(rounds):
             for impl, fn in case.impls.items():
                 if impl in row["errors"] or any(k in impl for k in skip):
                     continue
                 try:
-                    if use_graph:
-                        try:
-                            t = time_cuda_graph(fn, device, min_time=min_time / rounds, repeats=repeats,
-                                                warmup=max(warmup, 1))
-                        except Exception as e:  # noqa: BLE001
-                            torch.cuda.synchronize()
-                            fn()  # an implementation that cannot run at all is an error below, not a reason
-                            row["host_timed"] = f"{impl}: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]}"
-                            use_graph, restart = False, True
-                            break
+                    if graph:
+                        t = _graph_time(impl, fn, device, min_time / rounds, repeats, max(warmup, 1))
                     else:
                         t = time_fn(fn, device, min_time=min_time / rounds, repeats=repeats,
                                     warmup=warmup if r == 0 else 0)
                     best[impl] = min(best.get(impl, math.inf), t)
+                except _Uncapturable:
+                    raise
                 except Exception as e:  # a baseline that cannot run this shape is reported, not fatal
                     row["errors"][impl] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-            if restart:
-                break
-        if not restart:
-            break
+        return best
+
+    # On a GPU every implementation of a case is timed the same way: device time from CUDA-graph replays
+    # or, when one of them cannot be captured (a host sync inside), the host loop for all of them.
+    use_graph = device.startswith("cuda") and case.cuda_graph
+    try:
+        best = measure(use_graph)
+    except _Uncapturable as u:
+        row["host_timed"], use_graph = str(u), False
+        best = measure(False)
     row["times"] = {k: v for k, v in best.items() if k not in row["errors"]}
     if device.startswith("cuda"):
         row["timing"] = "device time: CUDA-graph replay, L2 flushed" if use_graph else "host loop"

@@ -467,7 +467,7 @@ def attention(
                                        rope_theta=rope_theta, key_padding_mask=mask, return_lse=True)
         return _sdpa_fallback(q, k, v, layout, scale, q_norm_weight, k_norm_weight, norm_eps, rope_grid,
                               rope_theta, mask)
-    gh, gw = (int(rope_grid[0]), int(rope_grid[1])) if rope_grid is not None else (0, 0)
+    gh, gw = rope_grid if rope_grid is not None else (0, 0)
     out, lse = torch.ops.raekern.attention(q, k, v, q_norm_weight, k_norm_weight, mask, scale,
                                            float(norm_eps), int(gh), int(gw), float(rope_theta),
                                            _LAYOUTS.index(layout))
