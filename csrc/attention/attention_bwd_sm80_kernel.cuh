@@ -103,8 +103,7 @@ __device__ __forceinline__ void tc_key_block(const BwdParams& p, unsigned char* 
     if (mask && it == 0) {
       // Masked keys' K̂ and V rows to zero: dS is 0 in their columns, but 0·NaN in dQ = dS·K̂ (or in
       // dP = dO·Vᵀ) is NaN. Block-uniform; once per key block.
-      tc::zero_masked_rows<Cfg::kThreads>(sK, LD, BN, D, n0, p.Nk, mask, p.mask_sn);
-      tc::zero_masked_rows<Cfg::kThreads>(sV, LD, BN, D, n0, p.Nk, mask, p.mask_sn);
+      tc::zero_masked_rows<Cfg::kThreads>(sK, sV, LD, BN, D, n0, p.Nk, mask, p.mask_sn);
       __syncthreads();
     }
     const T* sQ = sQ0 + buf * 64 * LD;

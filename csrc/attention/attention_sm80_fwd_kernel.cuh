@@ -100,7 +100,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) attention_fwd_sm80_kernel(co
     }
     __syncthreads();
     if (mask) {  // masked keys' V rows to zero, as the CPU kernel skips them (a block-uniform branch)
-      tc::zero_masked_rows<Cfg::kThreads>(sV + buf * kN * LV, LV, kN, D, n0, p.Nk, mask, p.mask_sn);
+      tc::zero_masked_rows<Cfg::kThreads, T>(sV + buf * kN * LV, nullptr, LV, kN, D, n0, p.Nk, mask, p.mask_sn);
       __syncthreads();
     }
     const T* k_tile = sK + buf * kN * LQ;

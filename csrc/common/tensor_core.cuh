@@ -209,16 +209,21 @@ __device__ __forceinline__ void cp_async_rows(T* __restrict__ dst, int ld, const
   }
 }
 
-// Rows of a key tile (keys n0.., row stride ld, D columns) whose key is masked out (mask[key·mask_sn]
-// false) are set to zero: masked keys then leave the attention sums rather than enter them with
-// weight 0, which is NaN for padding that holds garbage (torch.empty). Keys past Nk are left as they
-// are (cp_async_rows zero-fills them). The caller synchronises before the tile is read.
+// Rows of one or two key tiles (keys n0.., row stride ld, D columns; `b` may be null) whose key is
+// masked out (mask[key·mask_sn] false) are set to zero: masked keys then leave the attention sums
+// rather than enter them with weight 0, which is NaN for padding that holds garbage (torch.empty).
+// Keys past Nk are left as they are (cp_async_rows zero-fills them). One pass for both tiles: the
+// Dh-128 backward runs this beside 128 live accumulator registers (two passes made it spill). The
+// caller synchronises before the tiles are read.
 template <int Threads, class T>
-__device__ __forceinline__ void zero_masked_rows(T* tile, int ld, int rows, int D, int n0, int Nk, const bool* mask,
-                                                 int64_t mask_sn) {
+__device__ __forceinline__ void zero_masked_rows(T* a, T* b, int ld, int rows, int D, int n0, int Nk,
+                                                 const bool* mask, int64_t mask_sn) {
   for (int e = threadIdx.x; e < rows * D; e += Threads) {
     const int r = e / D, key = n0 + r;
-    if (key < Nk && !mask[int64_t(key) * mask_sn]) tile[r * ld + e % D] = simt::from_float<T>(0.f);
+    if (key < Nk && !mask[int64_t(key) * mask_sn]) {
+      a[r * ld + e % D] = simt::from_float<T>(0.f);
+      if (b) b[r * ld + e % D] = simt::from_float<T>(0.f);
+    }
   }
 }
 
