@@ -265,27 +265,34 @@ def test_dit_backends_match_gradients(name):
 @pytest.mark.parametrize("name", ["ditdh-tiny", "ditdh-tiny-v2", "decoder-tiny", "dinov2-tiny-reg", "dinov3-tiny"])
 def test_backends_agree_under_autocast(name):
     """bf16 autocast (RAEv2 trains with it): Linear outputs come out bf16 beside the fp32 residual
-    stream; the raekern backend promotes those mixed operands as the torch backend's math does."""
-    m = tiny(name, "torch")
-    if name.startswith("ditdh"):
-        x, t, y = dit_inputs(m)
-        fn = lambda mm: mm(x, t, y)  # noqa: E731
-    elif name == "decoder-tiny":
-        inp = torch.randn(2, 16, 16)
-        fn = lambda mm: mm(inp)  # noqa: E731
-    else:
-        inp = torch.rand(2, 3, 50, 60)
-        fn = lambda mm: mm(inp, [0, -1])  # noqa: E731
-    with torch.no_grad():
-        exact = _as_tuple(fn(M.set_backend(m, "torch")))
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            ref = _as_tuple(fn(M.set_backend(m, "torch")))
-            out = _as_tuple(fn(M.set_backend(m, "raekern")))
-    for a, b, e in zip(out, ref, exact):
-        assert a.shape == b.shape
-        err_r = (a.double() - e.double()).norm() / e.double().norm()
-        err_t = (b.double() - e.double()).norm() / e.double().norm()
-        assert err_r <= 2 * err_t + 1e-3, (err_r.item(), err_t.item())
+    stream; the raekern backend promotes those mixed operands as the torch backend's math does.
+
+    The randomised tiny DiT amplifies bf16 rounding to 5-20 % of its output, so one draw's error
+    ratio swings by 2.5x either way (seen on an AVX512-BF16 CPU without AMX); the errors are summed
+    over four random models and inputs, which both backends see alike."""
+    errs_r, errs_t = [], []
+    for seed in range(4):
+        torch.manual_seed(seed)
+        m = tiny(name, "torch")
+        if name.startswith("ditdh"):
+            x, t, y = dit_inputs(m, seed=seed + 1)
+            fn = lambda mm: mm(x, t, y)  # noqa: E731
+        elif name == "decoder-tiny":
+            inp = torch.randn(2, 16, 16)
+            fn = lambda mm: mm(inp)  # noqa: E731
+        else:
+            inp = torch.rand(2, 3, 50, 60)
+            fn = lambda mm: mm(inp, [0, -1])  # noqa: E731
+        with torch.no_grad():
+            exact = _as_tuple(fn(M.set_backend(m, "torch")))
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                ref = _as_tuple(fn(M.set_backend(m, "torch")))
+                out = _as_tuple(fn(M.set_backend(m, "raekern")))
+        for a, b, e in zip(out, ref, exact):
+            assert a.shape == b.shape
+            errs_r.append(((a.double() - e.double()).norm() / e.double().norm()).item())
+            errs_t.append(((b.double() - e.double()).norm() / e.double().norm()).item())
+    assert sum(errs_r) <= 1.5 * sum(errs_t) + 1e-3 * len(errs_t), (errs_r, errs_t)
 
 
 @needs_ops

@@ -488,13 +488,19 @@ using half2 = __half2;
 using nv_bfloat16 = __nv_bfloat16;
 using nv_bfloat162 = __nv_bfloat162;
 
+// aarch64 GCC < 13 has no _Float16 in C++; its __fp16 is the same IEEE binary16 storage format.
+#if defined(__aarch64__)
+using emu_binary16 = __fp16;
+#else
+using emu_binary16 = _Float16;
+#endif
 inline float __half2float(__half h) {
-  _Float16 f;
+  emu_binary16 f;
   std::memcpy(&f, &h.__x, 2);
   return float(f);
 }
 inline __half __float2half_rn(float v) {
-  const _Float16 f = static_cast<_Float16>(v);  // IEEE round to nearest even
+  const emu_binary16 f = static_cast<emu_binary16>(v);  // IEEE round to nearest even
   __half h;
   std::memcpy(&h.__x, &f, 2);
   return h;
