@@ -4,7 +4,7 @@
 # under qemu-user with PyPI's aarch64 torch wheel. Debian/Ubuntu, as root (apt). Run from a built
 # checkout (`make build`: its .venv supplies pip, cmake and ninja).
 #
-#   bash tools/arm64_check.sh [pytest args]     default: the suite without torch.compile cases
+#   bash tools/arm64_check.sh [pytest args]     default: the suite less what qemu cannot run (below)
 #
 # What it cannot cover: torch.compile (inductor compiles C++ with a native compiler, absent here)
 # and speed. Tests that start aarch64 subprocesses need binfmt_misc (registered below when allowed).
