@@ -111,6 +111,10 @@ TEST_ARGS=(-v -p no:cacheprovider -o addopts="" --junitxml="$OUTDIR/tests.xml")
                                     python_tests/test_norm_emulated.py python_tests/test_fusion_emulation.py
                                     python_tests/test_guidance.py python_tests/test_library.py
                                     python_tests/test_digits.py -m "not slow")
+# A kernel that never finishes blocks in a CUDA synchronise, where no signal reaches Python: a
+# watchdog thread (pytest-timeout, in the device image) dumps every stack and ends pytest, so one hang
+# names its test in tests.log instead of silently eating the tests' whole share (the XML is then lost).
+[ "$DEVICE" = cuda ] && $PY -c "import pytest_timeout" 2>/dev/null && TEST_ARGS+=(--timeout 150 --timeout-method thread)
 # Correctness on the GPU first: the tests get the larger share (they took ~170 s for ~800 of their
 # cases on a 2-core rehearsal; the device has 16 cores), the bench what is left (it stops on time).
 step tests "$(cap 260 200)" $PY -m pytest "${TEST_ARGS[@]}"
