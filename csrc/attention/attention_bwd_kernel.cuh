@@ -6,7 +6,7 @@
 // order. All products accumulate in fp32 from the fp32 q̂/k̂ scratch; bf16/fp16/fp32 inputs.
 // The general fallback (fp32, Dh > 128 or not a multiple of 8, unaligned rows); other bf16/fp16 calls take the
 // tensor-core mainloop (attention_bwd_sm80_kernel.cuh), which shares the other backward kernels.
-// NOT YET RUN ON A GPU.
+// Ran on an H200 (2026-11-30): GPU tests pass; timings in benchmarks/results/2026-11-30-h200.txt.
 #pragma once
 #include "attention/attention_bwd_config.h"
 #include "attention/attention_bwd_prologue_kernel.cuh"

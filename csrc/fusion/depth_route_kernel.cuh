@@ -1,6 +1,7 @@
 // SIMT kernels of depth_route (DRoRAE aggregation): one block per token computes the depth weights
 // (warp 0, L ≤ 48), reduces the L expert rows through their own pointers, bounds the correction and
-// adds it to the base row. Not yet run on a GPU: verified only by compiling for sm_80/sm_90a.
+// adds it to the base row.
+// Ran on an H200 (2026-11-30): GPU tests pass; timings in benchmarks/results/2026-11-30-h200.txt.
 #pragma once
 #include "fusion/fusion_kernel_common.cuh"
 

@@ -1,7 +1,7 @@
 // Device helpers shared by the fusion family's SIMT kernels: a token row spread over one block as
 // ITEMS vectors of V elements per thread (V = 16 bytes / sizeof(T) when rows are aligned, else 1),
 // held in fp32 registers. Includes only common/simt.cuh so the host emulation can compile it.
-// Not yet run on a GPU.
+// Ran on an H200 (2026-11-30): GPU tests pass; timings in benchmarks/results/2026-11-30-h200.txt.
 #pragma once
 #include "common/simt.cuh"
 

@@ -1,6 +1,6 @@
 // CUDA launcher of raekern::guidance_step and raekern::guidance_combine: checks, dtype dispatch, grid,
 // current stream, no host synchronisation (per-sample scalars stay on the device).
-// NOT YET RUN ON A GPU: compiled for sm_80 and sm_90a on a machine without one.
+// Ran on an H200 (2026-11-30): GPU tests pass; timings in benchmarks/results/2026-11-30-h200.txt.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 

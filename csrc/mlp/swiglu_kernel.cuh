@@ -1,6 +1,7 @@
 // Device code of the mlp family: SwiGLU forward and backward as one elementwise SIMT kernel.
 // Includes only common/simt.cuh and plain-data headers, so the host emulation runs it in tests.
-// NOT YET RUN ON A GPU: compiled for sm_80/sm_90a without spills; verified under the host emulation.
+// Also verified under the host emulation.
+// Ran on an H200 (2026-11-30): GPU tests pass; timings in benchmarks/results/2026-11-30-h200.txt.
 //
 // Grid: x = column tiles of blockDim.x * V elements, y = rows of the collapsed shape (mlp_params.h),
 // both grid-stride. A thread handles V consecutive elements of a row with V-wide (<= 16-byte)

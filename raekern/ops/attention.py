@@ -372,9 +372,9 @@ def attention_info() -> dict[str, str]:
     (``bf16_forward`` and ``bf16_backward``: amx / avx512 / portable, ``fp32``) and whether the CUDA forward and backward are
     compiled."""
     info = dict(item.split("=", 1) for item in torch.ops.raekern.attention_cpu_backends().split(";"))
-    info["cuda_forward"] = "sm80 mma.sync (not yet run on a GPU)" if _has_kernel("CUDA") else "not built"
+    info["cuda_forward"] = "sm80 mma.sync" if _has_kernel("CUDA") else "not built"
     info["cuda_backward"] = ("sm80 mma.sync for bf16/fp16 up to Dh 128, SIMT otherwise; fp32 atomics or "
-                             "deterministic slabs (emulated on CPU, not yet run on a GPU)"
+                             "deterministic slabs"
                              if _has_kernel("CUDA", "raekern::attention_backward") else "not built")
     return info
 

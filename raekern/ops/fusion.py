@@ -7,7 +7,7 @@ own pointers, so the hidden states a ViT returns are passed as they are (views, 
 tensors included).
 
 Devices: CPU kernels (fp64/fp32/bf16/fp16, statistics in fp32 or fp64 for fp64 input). CUDA kernels
-(fp32/bf16/fp16) are compiled but **have not yet run on a GPU**.
+(fp32/bf16/fp16): their GPU tests pass on an H200 (2026-11-30).
 """
 from __future__ import annotations
 

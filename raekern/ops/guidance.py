@@ -39,7 +39,7 @@ rescale) the op is linear in its tensor inputs and the backward is exact (gradie
 scalars depend on the inputs, so a backward treating them as constants would be wrong: backward then
 raises a clear "not differentiable" error.
 
-Devices: CPU kernel (tested); CUDA kernels compile for sm_80/sm_90a but have NOT yet run on a GPU.
+Devices: CPU kernel; CUDA kernels (sm_80/sm_90a), whose GPU tests pass on an H200 (2026-11-30).
 """
 from __future__ import annotations
 

@@ -21,7 +21,7 @@ sigmoid is evaluated from ``exp(-|a|)``, so no intermediate overflows for any fi
 
 Devices. CPU kernels: AVX-512 (a portable loop otherwise), multithreaded. CUDA kernels (fp32/bf16/
 fp16, up to 128-bit vector accesses, 64-bit indexing, current stream) compile for sm_80/sm_90a and
-are tested on the CPU through the host emulation, but HAVE NOT YET RUN ON A GPU.
+are tested on the CPU through the host emulation and pass their GPU tests on an H200 (2026-11-30).
 """
 from __future__ import annotations
 

@@ -18,7 +18,7 @@ any floating dtype, e.g. fp32 parameters with bf16 activations, and get gradient
 Statistics and all arithmetic are fp32 (fp64 for fp64 input), rounded once on output.
 
 Devices. CPU kernels: AVX-512 (AVX2 otherwise) and multithreaded. CUDA kernels (fp32/bf16/fp16,
-128-bit vector loads, fp32 block reductions) compile for sm_80/sm_90a but HAVE NOT YET RUN ON A GPU.
+128-bit vector loads, fp32 block reductions) for sm_80/sm_90a; their GPU tests pass on an H200 (2026-11-30).
 """
 from __future__ import annotations
 
