@@ -278,3 +278,54 @@ def test_emulated_kernel_errors_name_the_argument():
         emu.rms_norm(torch.randn(3, 8, dtype=torch.float64), None, EPS)
     with pytest.raises(ValueError, match="'block'"):
         emu.norm_launch_config(2048, 0, 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# The two CUDA forwards: warp-per-row (rows of <= 2048 elements with 16-byte accesses, the default) and
+# one block per row (RAEKERN_NORM_FORWARD=block, every other row). Each against the fp64 reference and
+# against the other, on the widths at the edges of the register buckets and past the last one.
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("D", [8, 256, 264, 1152, 2048, 2056])
+@pytest.mark.parametrize("kind", ["layer", "rms"])
+def test_forward_kernels_agree(kern, monkeypatch, dtype, D, kind):
+    B, Nt = 2, 11
+    x, y = (torch.randn(B, Nt, D) * 3 + 1).to(dtype), torch.randn(B, Nt, D).to(dtype)
+    gate, shift, scale = _operands(B, Nt, D, dtype, "token", 3)
+    w, b = _affine(D, affine=True)
+    results = {}
+    for kernel in ("rows", "block"):
+        if kernel == "block":
+            monkeypatch.setenv("RAEKERN_NORM_FORWARD", "block")
+        else:
+            monkeypatch.delenv("RAEKERN_NORM_FORWARD", raising=False)
+        out, mean, rstd = kern.norm_modulate(x, shift, scale, kind, w, b, EPS)
+        x_out, h, *_ = kern.gated_residual_norm_modulate(x, gate, y, shift, scale, kind, w, b, EPS)
+        results[kernel] = (out, mean, rstd, x_out, h, kern.gated_residual(x, gate, y))
+    monkeypatch.delenv("RAEKERN_NORM_FORWARD", raising=False)
+    ref = N.norm_modulate_reference(x.double(), shift.double(), scale.double(), kind=kind, weight=w.double(),
+                                    bias=b.double(), eps=EPS)
+    for kernel, (out, mean, rstd, x_out, h, xo2) in results.items():
+        _close(out, ref, FWD_TOL[dtype], f"{kernel}: out")
+        ref_h = N.norm_modulate_reference(x_out.double(), shift.double(), scale.double(), kind=kind,
+                                          weight=w.double(), bias=b.double(), eps=EPS)
+        _close(h, ref_h, FWD_TOL[dtype], f"{kernel}: fused out")
+        _close(xo2, N.gated_residual_reference(x.double(), gate.double(), y.double()), FWD_TOL[dtype],
+               f"{kernel}: gated_residual")
+    # The residual is the same fma and rounding in both kernels; the statistics differ only in the
+    # order of their fp32 partial sums.
+    rows, block = results["rows"], results["block"]
+    assert torch.equal(rows[3], block[3]) and torch.equal(rows[5], block[5])
+    torch.testing.assert_close(rows[2], block[2], rtol=1e-5, atol=0)
+    torch.testing.assert_close(rows[0].float(), block[0].float(), rtol=FWD_TOL[dtype][0], atol=FWD_TOL[dtype][1])
+
+
+def test_rows_forward_with_whole_warp_blocks_and_a_capped_grid():
+    # 1, 3 and 8 warps per block, 2 blocks: each warp loops over many rows (grid-stride).
+    x = torch.randn(3, 37, 200)
+    w, b = _affine(200, True)
+    for block in (32, 96, 256):
+        _config(block=block, max_grid=2, workers=4, schedule="random", seed=block)
+        out, mean, rstd = emu.layer_norm(x, w, b, EPS)
+        _close(out, N.layer_norm_reference(x.double(), w.double(), b.double(), EPS), FWD_TOL[torch.float32],
+               f"block {block}: out")

@@ -32,7 +32,9 @@ void forward_typed(const FwdParams& p) {
   using E = cuda_t<T>;
   constexpr int V = simt::kVec16<E>;
   const NormLaunch ln = forward_launch(p, sizeof(E));
-  if (ln.vec) {
+  if (ln.nv > 0) {
+    cuda::with_rows_kernel<E, V>(ln.nv, [&](auto k) { k<<<ln.grid, ln.block, 0, current_stream()>>>(p); });
+  } else if (ln.vec) {
     auto k = cuda::fused_norm_forward<E, V>;
     allow_smem(k, ln.smem, "norm");
     k<<<ln.grid, ln.block, ln.smem, current_stream()>>>(p);

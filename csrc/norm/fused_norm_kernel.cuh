@@ -2,7 +2,9 @@
 // Includes only common/simt.cuh (and the plain-data params), so the host emulation can run it.
 // Ran on an H200 (2026-11-30): GPU tests pass; timings in benchmarks/results/2026-11-30-h200.txt.
 //
-// Forward: one block per row (grid-stride). Each thread owns the columns
+// Forward: rows of up to 2048 elements with 16-byte accesses take fused_norm_forward_rows (one warp
+// per row, the row in registers); the others fused_norm_forward: one block per row (grid-stride). Each
+// thread owns the columns
 //   i = (threadIdx.x + k * blockDim.x) * V,  k = 0, 1, ...
 // and touches only those, so the fp32 row kept in dynamic shared memory needs no barrier besides the
 // ones inside the block reductions. V = 16 bytes / sizeof(T) when every operand allows 128-bit
@@ -53,6 +55,30 @@ __device__ __forceinline__ void fill(float (&v)[V], float x) {
   for (int j = 0; j < V; ++j) v[j] = x;
 }
 
+// out[i, i + V) = ((x - mean)·rstd·weight + bias)·(1 + scale) + shift, an absent operand as the identity.
+// (x - mean) * rstd, not x*rstd - mean*rstd: exact 0 on a constant row (rstd = 1/sqrt(eps)).
+template <class T, int V>
+__device__ __forceinline__ void modulate_store(const FwdParams& p, const T* shift, const T* scale, int64_t i,
+                                               const float (&xv)[V], float mean, float rstd, T* out) {
+  const float* w = static_cast<const float*>(p.weight);
+  const float* bias = static_cast<const float*>(p.bias);
+  float sh[V], sc[V], wv[V], bv[V], o[V];
+  if (shift) load<T, V>(shift, i, p.shift.sd, sh);
+  else fill(sh, 0.f);
+  if (scale) load<T, V>(scale, i, p.scale.sd, sc);
+  else fill(sc, 0.f);
+  if (w) load_f32(w, i, wv);
+  else fill(wv, 1.f);
+  if (bias) load_f32(bias, i, bv);
+  else fill(bv, 0.f);
+#pragma unroll
+  for (int j = 0; j < V; ++j) {
+    const float h = fmaf((xv[j] - mean) * rstd, wv[j], bv[j]);
+    o[j] = fmaf(h, 1.f + sc[j], sh[j]);
+  }
+  store<T, V>(out, i, o);
+}
+
 template <class T, int V>
 __global__ void fused_norm_forward(FwdParams p) {
   RAEKERN_DYNAMIC_SHARED(float, xb);
@@ -60,8 +86,6 @@ __global__ void fused_norm_forward(FwdParams p) {
   const int64_t rows = p.B * p.N, D = p.D;
   const int64_t step = int64_t(blockDim.x) * V;
   const bool residual = p.gate.ptr != nullptr, norm = p.kind != Kind::None;
-  const float* w = static_cast<const float*>(p.weight);
-  const float* bias = static_cast<const float*>(p.bias);
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
     const int64_t b = row / p.N, n = row - b * p.N;
     const T* x = row_ptr<T>(p.x, b, n);
@@ -124,23 +148,121 @@ __global__ void fused_norm_forward(FwdParams p) {
     const T* scale = p.scale.ptr ? row_ptr<T>(p.scale, b, n) : nullptr;
     T* out = static_cast<T*>(p.out) + row * D;
     for (int64_t i = int64_t(threadIdx.x) * V; i < D; i += step) {
-      float sh[V], sc[V], wv[V], bv[V], o[V];
-      if (shift) load<T, V>(shift, i, p.shift.sd, sh);
-      else fill(sh, 0.f);
-      if (scale) load<T, V>(scale, i, p.scale.sd, sc);
-      else fill(sc, 0.f);
-      if (w) load_f32(w, i, wv);
-      else fill(wv, 1.f);
-      if (bias) load_f32(bias, i, bv);
-      else fill(bv, 0.f);
+      float xv[V];
+      load_f32(xb, i, xv);
+      modulate_store<T, V>(p, shift, scale, i, xv, mean, rstd, out);
+    }
+  }
+}
+
+// Forward for rows that fit in registers (16-byte accesses, D <= 32·NV·V): one warp per row, several
+// rows per block. The H200 run of fused_norm_forward (2026-11-30) reached 15–35 % of copy bandwidth:
+// there each thread has one 16-byte load in flight before a block reduction stalls it. Here every load
+// of the row (NV per lane) is issued before the first reduction, the reductions are warp shuffles (no
+// barrier, no shared memory), and the row never leaves registers. Same arithmetic as
+// fused_norm_forward, op for op (only the order of the partial sums differs). Not yet run on a GPU
+// (emulation-tested; written after the H200 run).
+template <class T, int V, int NV>
+__global__ void fused_norm_forward_rows(FwdParams p) {
+  const int lane = int(threadIdx.x) % simt::kWarp;
+  const int64_t warps = int64_t(blockDim.x) / simt::kWarp;
+  const int64_t rows = p.B * p.N, D = p.D;
+  const bool residual = p.gate.ptr != nullptr, norm = p.kind != Kind::None;
+  for (int64_t row = int64_t(blockIdx.x) * warps + int64_t(threadIdx.x) / simt::kWarp; row < rows;
+       row += int64_t(gridDim.x) * warps) {
+    const int64_t b = row / p.N, n = row - b * p.N;
+    const T* x = row_ptr<T>(p.x, b, n);
+    float r[NV][V];
+#pragma unroll
+    for (int k = 0; k < NV; ++k) {
+      const int64_t i = (int64_t(lane) + int64_t(k) * simt::kWarp) * V;
+      if (i < D) load<T, V>(x, i, 1, r[k]);
+      else fill(r[k], 0.f);
+    }
+    if (residual) {
+      const T* gate = row_ptr<T>(p.gate, b, n);
+      const T* y = row_ptr<T>(p.y, b, n);
+      T* x_out = static_cast<T*>(p.x_out) + row * D;
+#pragma unroll
+      for (int k = 0; k < NV; ++k) {
+        const int64_t i = (int64_t(lane) + int64_t(k) * simt::kWarp) * V;
+        if (i >= D) continue;
+        float g[V], yv[V];
+        load<T, V>(gate, i, 1, g);
+        load<T, V>(y, i, 1, yv);
+#pragma unroll
+        for (int j = 0; j < V; ++j) r[k][j] = fmaf(g[j], yv[j], r[k][j]);
+        store<T, V>(x_out, i, r[k]);
+#pragma unroll
+        for (int j = 0; j < V; ++j) r[k][j] = to_float(from_float<T>(r[k][j]));
+      }
+    }
+    if (!norm) continue;
+    // LayerNorm sums relative to the row's first value (see fused_norm_forward): lane 0 holds it.
+    const float c = p.kind == Kind::Layer ? __shfl_sync(simt::kFullMask, r[0][0], 0) : 0.f;
+    float s = 0.f, ss = 0.f;
+#pragma unroll
+    for (int k = 0; k < NV; ++k) {
+      if ((int64_t(lane) + int64_t(k) * simt::kWarp) * V >= D) continue;
 #pragma unroll
       for (int j = 0; j < V; ++j) {
-        // (x - mean) * rstd, not x*rstd - mean*rstd: exact 0 on a constant row (rstd = 1/sqrt(eps)).
-        const float h = fmaf((xb[i + j] - mean) * rstd, wv[j], bv[j]);
-        o[j] = fmaf(h, 1.f + sc[j], sh[j]);
+        s += r[k][j] - c;
+        ss = fmaf(r[k][j], r[k][j], ss);
       }
-      store<T, V>(out, i, o);
     }
+    s = simt::warp_sum(s);
+    const float inv_d = 1.f / float(D);
+    float mean = 0.f;
+    if (p.kind == Kind::Layer) {
+      mean = c + s * inv_d;
+      float v = 0.f;
+#pragma unroll
+      for (int k = 0; k < NV; ++k) {
+        if ((int64_t(lane) + int64_t(k) * simt::kWarp) * V >= D) continue;
+#pragma unroll
+        for (int j = 0; j < V; ++j) {
+          const float d = r[k][j] - mean;
+          v = fmaf(d, d, v);
+        }
+      }
+      ss = v;
+    }
+    ss = simt::warp_sum(ss);
+    const float rstd = rsqrtf(ss * inv_d + float(p.eps));
+    if (lane == 0) {
+      static_cast<float*>(p.mean)[row] = mean;
+      static_cast<float*>(p.rstd)[row] = rstd;
+    }
+    const T* shift = p.shift.ptr ? row_ptr<T>(p.shift, b, n) : nullptr;
+    const T* scale = p.scale.ptr ? row_ptr<T>(p.scale, b, n) : nullptr;
+    T* out = static_cast<T*>(p.out) + row * D;
+#pragma unroll
+    for (int k = 0; k < NV; ++k) {
+      const int64_t i = (int64_t(lane) + int64_t(k) * simt::kWarp) * V;
+      if (i < D) modulate_store<T, V>(p, shift, scale, i, r[k], mean, rstd, out);
+    }
+  }
+}
+
+// f(kernel): the fused_norm_forward_rows instance for `nv` vectors per lane (one of
+// norm_launch.h's kRowsNv buckets; the largest ones only for fp32, whose vectors hold 4 elements).
+template <class T, int V, class F>
+void with_rows_kernel(int nv, F&& f) {
+  switch (nv) {
+    case 1: f(&fused_norm_forward_rows<T, V, 1>); break;
+    case 2: f(&fused_norm_forward_rows<T, V, 2>); break;
+    case 3: f(&fused_norm_forward_rows<T, V, 3>); break;
+    case 4: f(&fused_norm_forward_rows<T, V, 4>); break;
+    case 5: f(&fused_norm_forward_rows<T, V, 5>); break;
+    case 6: f(&fused_norm_forward_rows<T, V, 6>); break;
+    case 8: f(&fused_norm_forward_rows<T, V, 8>); break;
+    case 12:
+      if constexpr (V <= 4) f(&fused_norm_forward_rows<T, V, 12>);
+      break;
+    case 16:
+      if constexpr (V <= 4) f(&fused_norm_forward_rows<T, V, 16>);
+      break;
+    default: break;
   }
 }
 

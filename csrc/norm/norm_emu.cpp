@@ -42,13 +42,18 @@ NormLaunch with_overrides(NormLaunch ln, bool cap_grid) {
   return ln;
 }
 
+// The block kernel's row buffer, also when a rows-kernel plan falls back to it.
+size_t smem_of(const NormLaunch& ln, const FwdParams& p) { return ln.nv > 0 ? size_t(p.D) * sizeof(float) : ln.smem; }
+
 template <class T>
 void forward_typed(const FwdParams& p) {
   using E = emu_t<T>;
   constexpr int V = simt::kVec16<E>;
   const NormLaunch ln = with_overrides(forward_launch(p, sizeof(E)), true);
-  if (ln.vec) emu::emulate_launch(cuda::fused_norm_forward<E, V>, dim3(ln.grid), dim3(ln.block), ln.smem, p);
-  else emu::emulate_launch(cuda::fused_norm_forward<E, 1>, dim3(ln.grid), dim3(ln.block), ln.smem, p);
+  if (ln.nv > 0 && ln.block % simt::kWarp == 0)  // (a test's block size override: whole warps only)
+    cuda::with_rows_kernel<E, V>(ln.nv, [&](auto k) { emu::emulate_launch(k, dim3(ln.grid), dim3(ln.block), 0, p); });
+  else if (ln.vec) emu::emulate_launch(cuda::fused_norm_forward<E, V>, dim3(ln.grid), dim3(ln.block), smem_of(ln, p), p);
+  else emu::emulate_launch(cuda::fused_norm_forward<E, 1>, dim3(ln.grid), dim3(ln.block), smem_of(ln, p), p);
 }
 
 template <class T>

@@ -5,6 +5,8 @@
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 
 #include "norm/norm_params.h"
 
@@ -19,7 +21,29 @@ struct NormLaunch {
   unsigned grid;   // blocks
   unsigned block;  // threads per block
   size_t smem;     // dynamic shared memory, bytes
+  int nv = 0;      // forward: > 0 = fused_norm_forward_rows with nv vectors per lane
 };
+
+// The instances of fused_norm_forward_rows (vectors per lane), smallest first; a lane holds at most
+// kRowsMaxFloats fp32 values of its row (D <= 2048 for every dtype, no register spills).
+constexpr int kRowsNv[] = {1, 2, 3, 4, 5, 6, 8, 12, 16};
+constexpr int64_t kRowsMaxFloats = 64;
+constexpr unsigned kRowsWarpsPerBlock = 4;
+
+// RAEKERN_NORM_FORWARD=block keeps every forward on the one-block-per-row kernel, for measuring one
+// kernel against the other on a GPU; read at each launch, so a test or benchmark can switch it.
+inline bool rows_forward_enabled() {
+  const char* e = std::getenv("RAEKERN_NORM_FORWARD");
+  return e == nullptr || std::strcmp(e, "block") != 0;
+}
+
+// Vectors per lane for a row of D elements in vectors of V, or 0 when the row does not fit.
+inline int rows_nv(int64_t D, int64_t V) {
+  const int64_t per_lane = (D / V + 31) / 32;
+  for (int nv : kRowsNv)
+    if (nv >= per_lane && nv * V <= kRowsMaxFloats) return nv;
+  return 0;
+}
 
 // 128-bit accesses need unit feature stride and 16-byte aligned row starts.
 inline bool vec_ok(const Operand& o, int64_t V, size_t elem) {
@@ -34,12 +58,18 @@ inline unsigned threads_for(int64_t D, int64_t V) {
   return unsigned(std::clamp<int64_t>((vecs + 31) / 32 * 32, 64, 512));
 }
 
-// One block per row (grid-stride beyond 2^30 rows); the row is staged in shared memory.
+// Rows that fit in a warp's registers: kRowsWarpsPerBlock rows per block, one per warp. Otherwise one
+// block per row (grid-stride beyond 2^30 rows), the row staged in shared memory.
 inline NormLaunch forward_launch(const FwdParams& p, size_t elem) {
   const int64_t V = int64_t(16 / elem);
   const bool vec = p.D % V == 0 && vec_ok(p.x, V, elem) && vec_ok(p.gate, V, elem) && vec_ok(p.y, V, elem) &&
                    vec_ok(p.shift, V, elem) && vec_ok(p.scale, V, elem);
   const int64_t rows = p.B * p.N;
+  const int nv = vec && p.D > 0 && rows_forward_enabled() ? rows_nv(p.D, V) : 0;
+  if (nv > 0) {
+    const int64_t blocks = (rows + kRowsWarpsPerBlock - 1) / kRowsWarpsPerBlock;
+    return {true, unsigned(std::clamp<int64_t>(blocks, 1, int64_t(1) << 30)), kRowsWarpsPerBlock * 32, 0, nv};
+  }
   return {vec, unsigned(std::clamp<int64_t>(rows, 1, int64_t(1) << 30)), threads_for(p.D, vec ? V : 1),
           size_t(p.D) * sizeof(float)};
 }

@@ -41,17 +41,24 @@ _FLUSH: dict[str, torch.Tensor] = {}
 
 
 def _flush_buffer(device) -> torch.Tensor:
-    """256 MiB, more than any GPU's L2 (50 MB on H100/H200): zeroing it evicts a case's inputs."""
+    """256 MiB, more than any GPU's L2 (50 MB on H100/H200): reading it evicts a case's inputs."""
     key = str(torch.device(device))
     if key not in _FLUSH:
-        _FLUSH[key] = torch.empty(256 << 20, dtype=torch.uint8, device=device)
+        _FLUSH[key] = torch.zeros(64 << 20, dtype=torch.float32, device=device)
     return _FLUSH[key]
+
+
+def _flush_l2(buf: torch.Tensor, sink: torch.Tensor) -> None:
+    """Evict the L2 by reading `buf`, not by writing it: a zeroing flush (the first H200 run's) leaves
+    the L2 full of dirty lines, and the timed kernel then pays their write-back, up to ~50 MB of DRAM
+    writes, which is several µs on ops that move 10-100 MB."""
+    torch.sum(buf, dim=0, out=sink)
 
 
 def time_cuda_graph(fn, device: str, *, min_time: float = 0.2, repeats: int = 5, warmup: int = 2,
                     flush_l2: bool = True, max_reps: int = 2000) -> float:
-    """Median device seconds per call of fn, replayed from a CUDA graph with the L2 flushed before each
-    replay, each timed by CUDA events. Back-to-back Python calls would time the host: a fused op's
+    """Median device seconds per call of fn, replayed from a CUDA graph with the L2 flushed (read) before
+    each replay, each timed by CUDA events. Back-to-back Python calls would time the host: a fused op's
     Python wrapper costs tens of µs, more than many of these kernels (a few µs at 4 TB/s), and inputs
     that fit the 50 MB L2 would be read from it. Raises if fn cannot be captured (a host sync inside);
     the caller then times the host loop (time_fn)."""
@@ -69,10 +76,11 @@ def time_cuda_graph(fn, device: str, *, min_time: float = 0.2, repeats: int = 5,
         fn()
     torch.cuda.synchronize(dev)
     buf = _flush_buffer(dev) if flush_l2 else None
+    sink = torch.empty((), dtype=torch.float32, device=dev)
 
     def replay():
         if buf is not None:
-            buf.zero_()
+            _flush_l2(buf, sink)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         graph.replay()

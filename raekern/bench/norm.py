@@ -8,6 +8,8 @@ and statistics are left out. Backward cases time ``torch.autograd.grad`` through
 """
 from __future__ import annotations
 
+import os
+
 from typing import Callable
 
 import torch
@@ -57,10 +59,27 @@ def _build(device, dtype, M, D, per_token):
                 w=torch.ones(D, device=device, dtype=torch.float32), gout=rnd(B, N, D), gxo=rnd(B, N, D))
 
 
-def _fwd_impls(fn_r, fn_ref, inputs):
+def _fwd_impls(fn_r, fn_ref, inputs, device="cpu"):
     comp = compiled(fn_ref)
-    return {"raekern": lambda: fn_r(inputs()), "eager": lambda: fn_ref(inputs()),
-            "compile": lambda: comp(inputs())}
+    impls = {"raekern": lambda: fn_r(inputs()), "eager": lambda: fn_ref(inputs()),
+             "compile": lambda: comp(inputs())}
+    if device.startswith("cuda"):
+        # The one-block-per-row CUDA forward (the only one on the first H200 run) against the default
+        # warp-per-row kernel, in the same run; the variable is read at launch (graph capture).
+        impls["block_kernel"] = lambda: _block_kernel(fn_r, inputs())
+    return impls
+
+
+def _block_kernel(fn, d):
+    old = os.environ.get("RAEKERN_NORM_FORWARD")
+    os.environ["RAEKERN_NORM_FORWARD"] = "block"
+    try:
+        return fn(d)
+    finally:
+        if old is None:
+            del os.environ["RAEKERN_NORM_FORWARD"]
+        else:
+            os.environ["RAEKERN_NORM_FORWARD"] = old
 
 
 def _bwd_impls(graph, fn_r, fn_ref, inputs):
@@ -137,23 +156,23 @@ def norm_cases(device: str = "cpu", quick: bool = False) -> list[Case]:
                     if not per_token:
                         cases.append(Case("norm", "rms_norm fwd", shape, dtype, _fwd_impls(
                             lambda d: R.rms_norm(d["x"], d["w"]),
-                            lambda d: R.rms_norm_reference(d["x"], d["w"]), inp), bytes=2 * row))
+                            lambda d: R.rms_norm_reference(d["x"], d["w"]), inp, device), bytes=2 * row))
                         cases.append(Case("norm", "layer_norm fwd", shape, dtype, _fwd_impls(
-                            lambda d: R.layer_norm(d["x"]), lambda d: R.layer_norm_reference(d["x"]), inp),
+                            lambda d: R.layer_norm(d["x"]), lambda d: R.layer_norm_reference(d["x"]), inp, device),
                             bytes=2 * row, notes="non-affine (RAE features)"))
                         cases.append(Case("norm", "gated_residual fwd", shape, dtype, _fwd_impls(
                             lambda d: R.gated_residual(d["x"], d["gate"], d["y"]),
-                            lambda d: R.gated_residual_reference(d["x"], d["gate"], d["y"]), inp),
+                            lambda d: R.gated_residual_reference(d["x"], d["gate"], d["y"]), inp, device),
                             bytes=3 * row))
                     cases.append(Case("norm", f"norm_modulate rms {layout} fwd", shape, dtype, _fwd_impls(
                         lambda d: _nm_r(d["x"], d["shift"], d["scale"], d["w"]),
-                        lambda d: _nm_ref(d["x"], d["shift"], d["scale"], d["w"]), inp),
+                        lambda d: _nm_ref(d["x"], d["shift"], d["scale"], d["w"]), inp, device),
                         bytes=2 * row + mod_bytes))
                     cases.append(Case(
                         "norm", f"gated_residual_norm_modulate rms {layout} fwd", shape, dtype, _fwd_impls(
                             lambda d: _fused_r(d["x"], d["gate"], d["y"], d["shift"], d["scale"], d["w"]),
                             lambda d: _fused_ref(d["x"], d["gate"], d["y"], d["shift"], d["scale"], d["w"]),
-                            inp), bytes=4 * row + mod_bytes + gate_bytes))
+                            inp, device), bytes=4 * row + mod_bytes + gate_bytes))
                     # backward: read grads, normalised input (+ y, per-token gate/scale), write dx (+ dy,
                     # per-token dshift/dscale/dgate)
                     cases.append(Case("norm", f"norm_modulate rms {layout} bwd", shape, dtype, _bwd_impls(
