@@ -55,6 +55,16 @@ __device__ __forceinline__ void fill(float (&v)[V], float x) {
   for (int j = 0; j < V; ++j) v[j] = x;
 }
 
+// weight and bias at columns [i, i + V): 1 and 0 where absent.
+template <int V>
+__device__ __forceinline__ void load_affine(const float* w, const float* bias, int64_t i, float (&wv)[V],
+                                            float (&bv)[V]) {
+  if (w) load_f32(w, i, wv);
+  else fill(wv, 1.f);
+  if (bias) load_f32(bias, i, bv);
+  else fill(bv, 0.f);
+}
+
 // out[i, i + V) = ((x - mean)·rstd·weight + bias)·(1 + scale) + shift, an absent operand as the identity.
 // (x - mean) * rstd, not x*rstd - mean*rstd: exact 0 on a constant row (rstd = 1/sqrt(eps)).
 template <class T, int V>
@@ -67,10 +77,7 @@ __device__ __forceinline__ void modulate_store(const FwdParams& p, const T* shif
   else fill(sh, 0.f);
   if (scale) load<T, V>(scale, i, p.scale.sd, sc);
   else fill(sc, 0.f);
-  if (w) load_f32(w, i, wv);
-  else fill(wv, 1.f);
-  if (bias) load_f32(bias, i, bv);
-  else fill(bv, 0.f);
+  load_affine(w, bias, i, wv, bv);
 #pragma unroll
   for (int j = 0; j < V; ++j) {
     const float h = fmaf((xv[j] - mean) * rstd, wv[j], bv[j]);
@@ -310,10 +317,7 @@ __global__ void fused_norm_backward(BwdParams p) {
         load<T, V>(dout, i, p.dout.sd, go);
         if (scale) load<T, V>(scale, i, p.scale.sd, sc);
         else fill(sc, 0.f);
-        if (w) load_f32(w, i, wv);
-        else fill(wv, 1.f);
-        if (bias) load_f32(bias, i, bv);
-        else fill(bv, 0.f);
+        load_affine(w, bias, i, wv, bv);
         if (p.dshift.mode == GradMode::PerRow) store<T, V>(static_cast<T*>(p.dshift.ptr) + row * D, i, go);
 #pragma unroll
         for (int j = 0; j < V; ++j) {
