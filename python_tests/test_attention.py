@@ -569,6 +569,35 @@ def test_cuda_forward_matches_reference(dtype, d, n):
     assert (lse.double() - ref_lse).abs().max() < 1e-2
 
 
+def test_cuda_attention_mode_parses_the_variable(monkeypatch):
+    from raekern.ops.attention import _cuda_attention_mode
+    for value, mode in (("", "auto"), ("auto", "auto"), ("1", "on"), ("ON", "on"), ("0", "off"), ("x", "auto")):
+        monkeypatch.setenv("RAEKERN_CUDA_ATTENTION", value)
+        assert _cuda_attention_mode() == mode, value
+    monkeypatch.delenv("RAEKERN_CUDA_ATTENTION")
+    assert _cuda_attention_mode() == "auto"
+
+
+@cuda
+def test_cuda_plain_calls_go_to_sdpa_unless_forced(monkeypatch):
+    # Measured on an H200: with nothing to fuse SDPA's flash/cuDNN forward is faster than ours.
+    q, k, v = make((2, 256, 4, 72), torch.bfloat16, device="cuda")
+    monkeypatch.delenv("RAEKERN_CUDA_ATTENTION", raising=False)
+    path, reasons = attention_path(q, k, v)
+    assert path == "sdpa" and "nothing to fuse" in reasons["raekern_cuda"]
+    kw = features(72, 256, 2, torch.bfloat16, device="cuda", mask=False)
+    assert attention_path(q, k, v, **kw)[0] == "raekern_cuda"  # QK-norm + RoPE: fused here
+    monkeypatch.setenv("RAEKERN_CUDA_ATTENTION", "1")
+    assert attention_path(q, k, v)[0] == "raekern_cuda"
+    forced = attention(q, k, v)
+    monkeypatch.setenv("RAEKERN_CUDA_ATTENTION", "0")
+    assert attention_path(q, k, v, **kw)[0] == "sdpa"
+    monkeypatch.delenv("RAEKERN_CUDA_ATTENTION")
+    ref = attention_reference(q.double(), k.double(), v.double())
+    check_close(forced, attention_reference(q, k, v), ref, FLOOR[torch.bfloat16], "out")
+    check_close(attention(q, k, v), attention_reference(q, k, v), ref, FLOOR[torch.bfloat16], "out")
+
+
 # ----------------------------------------------------------------------------- CUDA forward, emulated
 def _emu_fwd_or_skip():
     emu = emulation_library()

@@ -209,6 +209,16 @@ def _cuda_backward_forced() -> bool:
     return os.environ.get(_FORCE_CUDA_BACKWARD, "0") not in ("", "0")
 
 
+# RAEKERN_CUDA_ATTENTION: unset/"auto" = measured policy; "1" = raekern's CUDA kernels for every
+# eligible call; "0" = never (SDPA). Read at each call, so a benchmark can time our kernel.
+_CUDA_ATTENTION = "RAEKERN_CUDA_ATTENTION"
+
+
+def _cuda_attention_mode() -> str:
+    v = os.environ.get(_CUDA_ATTENTION, "auto").strip().lower()
+    return {"": "auto", "1": "on", "0": "off"}.get(v, "auto" if v not in ("on", "off") else v)
+
+
 # Facts about the build and the GPU: computed once per key, and by torch.compile at trace time as
 # constants (a cache dict, not functools.lru_cache, which dynamo would trace through).
 _FACTS: dict = {}
@@ -302,12 +312,20 @@ def _path_reasons(q, k, v, qw, kw, mask, grid, layout: str = "bnhd") -> dict[str
     elif needs_grad and not _has_kernel("CUDA", "raekern::attention_backward"):
         reasons["raekern_cuda"] = "inputs require grad and this build has no CUDA attention_backward kernel"
     elif needs_grad and not (torch.are_deterministic_algorithms_enabled() or _cuda_backward_forced()):
-        # Until the GPU check has timed the raekern CUDA backward (tensor cores up to Dh 128, CUDA
-        # cores otherwise) against SDPA's, SDPA is the default; ours is taken where it adds something
-        # SDPA lacks: a deterministic dq.
-        reasons["raekern_cuda"] = ("inputs require grad: the raekern CUDA backward (not yet timed against "
-                                   "SDPA's) is used only under torch.use_deterministic_algorithms(True) or "
+        # The raekern CUDA backward ran at 0.58-0.77x SDPA's on an H200 (2026-11-30): SDPA is the
+        # default; ours is taken where it adds something SDPA lacks, a deterministic dq.
+        reasons["raekern_cuda"] = ("inputs require grad: the raekern CUDA backward (0.58-0.77x SDPA's on an "
+                                   "H200) is used only under torch.use_deterministic_algorithms(True) or "
                                    f"{_FORCE_CUDA_BACKWARD}=1")
+    elif (mode := _cuda_attention_mode()) == "off":
+        reasons["raekern_cuda"] = f"{_CUDA_ATTENTION}=0"
+    elif (mode == "auto" and qw is None and kw is None and grid is None and mask is None
+          and not (needs_grad and torch.are_deterministic_algorithms_enabled())):
+        # Nothing to fuse: on an H200 (2026-11-30, benchmarks/results/2026-11-30-h200.txt) this sm80
+        # forward ran at 0.43-0.76x SDPA's default (cuDNN) backend at the DiT shapes; with QK-norm and
+        # RoPE fused it was 1.96x SDPA after the unfused norm and RoPE, so those calls stay here.
+        reasons["raekern_cuda"] = (f"nothing to fuse (no QK-norm, RoPE or key mask): SDPA's flash/cuDNN "
+                                   f"kernels are faster on Hopper; {_CUDA_ATTENTION}=1 forces raekern")
     else:
         reasons["raekern_cuda"] = None
     reasons["sdpa"] = None
