@@ -136,7 +136,7 @@ fi
 # The GPU targets are fractions of copy bandwidth and ratios to SDPA / plain PyTorch: the
 # torch.compile baselines (a compile per case, minutes in all) are skipped, and bf16 stands for the
 # 16-bit types.
-BENCH_LIMIT=$(cap 400 10)
+BENCH_LIMIT=$(cap 400 70)  # (70 s kept for the kernel profile below)
 BENCH_ARGS=(--device "$DEVICE" --json "$OUTDIR/bench.json" --plot "$OUTDIR/bench.png" --min-time 0.2
             --time-budget $(( BENCH_LIMIT > 90 ? BENCH_LIMIT - 45 : BENCH_LIMIT / 2 )))
 if [ "$DEVICE" = cuda ]; then
@@ -147,6 +147,12 @@ else
 fi
 step bench "$BENCH_LIMIT" $PY -m raekern.cli bench "${BENCH_ARGS[@]}"
 rm -f "$OUTDIR"/*.tmp  # a JSON write cut off by the limit
+
+# Which kernels each op launches and their device times (appended to bench.log: eight files at most).
+if [ "$(left)" -gt 40 ]; then
+  if [ "$DEVICE" = cuda ]; then PROF_ARGS=(--device cuda); else PROF_ARGS=(--device cpu --quick --family guidance --calls 1); fi
+  LOG=bench step profile "$(cap 60 5)" $PY benchmarks/gpu_profile.py "${PROF_ARGS[@]}"
+fi
 
 echo "total: $(( $(date +%s) - t0 ))s; failed: ${FAILED[*]:-none}" | tee -a "$SUMMARY"
 [ ${#FAILED[@]} -eq 0 ]

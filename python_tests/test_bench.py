@@ -43,6 +43,7 @@ def test_gpu_check_cpu_rehearsal_writes_every_output(tmp_path):
         assert (tmp_path / name).is_file(), name
     summary = (tmp_path / "summary.txt").read_text()
     assert "tests: rc=0" in summary and "bench: rc=0" in summary and "failed: none" in summary
+    assert "profile: rc=0" in summary and "raekern::guidance_step" in (tmp_path / "bench.log").read_text()
 
 
 def test_gpu_check_exits_nonzero_and_names_the_failed_steps(tmp_path):
