@@ -58,7 +58,9 @@ void launch_step(Prepared& pr) {
   }
   emu::emulate_launch(cuda::solve_kernel, dim3(unsigned(L.solve_blocks)), dim3(unsigned(L.solve_threads)), 0, p);
   if (L.combine)
-    emu::emulate_launch(cuda::combine_kernel<DT>, dim3(unsigned(L.blocks)), dim3(cuda::kThreads), 0, p);
+    cuda::with_combine_kernel<DT>(L.combine_ns, [&](auto kernel) {
+      emu::emulate_launch(kernel, dim3(unsigned(L.blocks)), dim3(cuda::kThreads), 0, p);
+    });
   mem.finish();
 }
 

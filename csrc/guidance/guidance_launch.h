@@ -6,6 +6,8 @@
 #pragma once
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <vector>
 
 // ATen (through guidance_step.h) before the kernel headers: under the host emulation these define
@@ -39,7 +41,17 @@ struct StepLaunch {
   int64_t solve_blocks = 0;  // solve_kernel: one thread per sample
   int solve_threads = 64;
   bool combine = false;  // output pass (N > 0)
+  int combine_ns = 0;    // combine_kernel<DT, combine_ns>: the stream count, or 0 for the generic loop
 };
+
+// combine_kernel instances with a compile-time stream count (2 .. kMaxFixedStreams); more streams take
+// the generic kernel. RAEKERN_GUIDANCE_COMBINE=generic takes it always, for measuring one against the
+// other on a GPU (read at each launch).
+constexpr int kMaxFixedStreams = 8;
+inline bool fixed_combine_enabled() {
+  const char* e = std::getenv("RAEKERN_GUIDANCE_COMBINE");
+  return e == nullptr || std::strcmp(e, "generic") != 0;
+}
 
 // Params from the prepared host arguments (pointers as `pr` holds them; an emulating launcher remaps
 // them) and the launch plan. DT is the device element type (__half, __nv_bfloat16, float).
@@ -94,7 +106,23 @@ StepLaunch plan_step(const Prepared& pr, Params& p) {
   }
   L.solve_blocks = (pr.B + L.solve_threads - 1) / L.solve_threads;
   L.combine = pr.N > 0;
+  L.combine_ns = p.ns >= 2 && p.ns <= kMaxFixedStreams && fixed_combine_enabled() ? p.ns : 0;
   return L;
+}
+
+// f(kernel) with the combine_kernel instance for `ns` streams (0: the generic one).
+template <class DT, class F>
+void with_combine_kernel(int ns, F&& f) {
+  switch (ns) {
+    case 2: f(&combine_kernel<DT, 2>); break;
+    case 3: f(&combine_kernel<DT, 3>); break;
+    case 4: f(&combine_kernel<DT, 4>); break;
+    case 5: f(&combine_kernel<DT, 5>); break;
+    case 6: f(&combine_kernel<DT, 6>); break;
+    case 7: f(&combine_kernel<DT, 7>); break;
+    case 8: f(&combine_kernel<DT, 8>); break;
+    default: f(&combine_kernel<DT, 0>); break;
+  }
 }
 
 // f(kernel) with the gram_kernel instance of Gram size ng (2..kMaxGram).

@@ -9,12 +9,10 @@ since the Dh = 72 target is stated against SDPA's best backend.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 
-from raekern.bench.registry import Case, compiled, register
+from raekern.bench.registry import Case, compiled, register, with_env
 from raekern.ops.attention import _CUDA_ATTENTION
 from raekern.ops.attention import _FORCE_CUDA_BACKWARD as _FORCE
 
@@ -26,18 +24,6 @@ def _inputs(B, H, N, D, dtype, device, grad):
     g = torch.Generator(device="cpu").manual_seed(0)
     mk = lambda: torch.randn(B, N, H, D, generator=g).to(device=device, dtype=dtype).requires_grad_(grad)  # noqa: E731
     return mk(), mk(), mk()
-
-
-def _forced_cuda_kernel(fn):
-    prev = os.environ.get(_CUDA_ATTENTION)
-    os.environ[_CUDA_ATTENTION] = "1"
-    try:
-        return fn()
-    finally:
-        if prev is None:
-            del os.environ[_CUDA_ATTENTION]
-        else:
-            os.environ[_CUDA_ATTENTION] = prev
 
 
 def _fwd_cases(B, H, N, D, dtype, device, fused):
@@ -65,7 +51,7 @@ def _fwd_cases(B, H, N, D, dtype, device, fused):
     comp = compiled(sdpa_math)
     impls = {
         # Our kernel even where the dispatch would pick SDPA (plain calls on CUDA): the case times it.
-        "raekern": lambda: _forced_cuda_kernel(lambda: attention(q, k, v, **kw)),
+        "raekern": lambda: with_env(_CUDA_ATTENTION, "1", lambda: attention(q, k, v, **kw)),
         "sdpa": lambda: sdpa_math(q, k, v),
         "compile": lambda: comp(q, k, v),
     }
@@ -94,15 +80,7 @@ def _bwd_case(B, H, N, D, dtype, device):
     q, k, v = _inputs(B, H, N, D, dtype, device, True)
     # Training calls on CUDA go to SDPA unless the raekern backward is forced: force it, so this case
     # times our CUDA backward against SDPA's (the path is picked in the forward, recorded by autograd).
-    prev = os.environ.get(_FORCE)
-    os.environ[_FORCE] = "1"
-    try:
-        out_r = attention(q, k, v)
-    finally:
-        if prev is None:
-            del os.environ[_FORCE]
-        else:
-            os.environ[_FORCE] = prev
+    out_r = with_env(_FORCE, "1", lambda: attention(q, k, v))
     out_s = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
     go = torch.randn_like(out_r)
 

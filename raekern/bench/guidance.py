@@ -10,7 +10,7 @@ import functools
 
 import torch
 
-from raekern.bench.registry import Case, compiled, register
+from raekern.bench.registry import Case, compiled, register, with_env
 from raekern.ops.guidance import guidance_step
 
 SHAPES = {"rae": (768, 16, 16), "raev2": (1024, 16, 16)}
@@ -96,9 +96,10 @@ def guidance_cases(device: str, quick: bool) -> list[Case]:
             common = dict(solver="euler", t_next=tn)
 
             def add(name, raekern_fn, eager_fn, nbytes):
-                out.append(Case("guidance", name, shape, dtype,
-                                {"raekern": raekern_fn, "eager": eager_fn, "compile": _compiled_call(eager_fn)},
-                                bytes=nbytes))
+                impls = {"raekern": raekern_fn, "eager": eager_fn, "compile": _compiled_call(eager_fn)}
+                if device.startswith("cuda"):  # the generic combine loop (the first H200 run's) beside it
+                    impls["generic_combine"] = lambda f=raekern_fn: with_env("RAEKERN_GUIDANCE_COMBINE", "generic", f)
+                out.append(Case("guidance", name, shape, dtype, impls, bytes=nbytes))
 
             add("cfg euler", lambda x=x, C=C, U=U, t=t, tn=tn: guidance_step(
                 x, [C, U], t, terms=[(0, 1)], weights=[0.5], base=0, **{**common, "t_next": tn}),

@@ -8,14 +8,12 @@ and statistics are left out. Backward cases time ``torch.autograd.grad`` through
 """
 from __future__ import annotations
 
-import os
-
 from typing import Callable
 
 import torch
 
 from raekern import ops as R
-from raekern.bench.registry import Case, compiled, register
+from raekern.bench.registry import Case, compiled, register, with_env
 
 # Every (shape, dtype) compiles its own graph; the default limit of 8 would silently fall back to eager.
 torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 512)
@@ -66,20 +64,8 @@ def _fwd_impls(fn_r, fn_ref, inputs, device="cpu"):
     if device.startswith("cuda"):
         # The one-block-per-row CUDA forward (the only one on the first H200 run) against the default
         # warp-per-row kernel, in the same run; the variable is read at launch (graph capture).
-        impls["block_kernel"] = lambda: _block_kernel(fn_r, inputs())
+        impls["block_kernel"] = lambda: with_env("RAEKERN_NORM_FORWARD", "block", lambda: fn_r(inputs()))
     return impls
-
-
-def _block_kernel(fn, d):
-    old = os.environ.get("RAEKERN_NORM_FORWARD")
-    os.environ["RAEKERN_NORM_FORWARD"] = "block"
-    try:
-        return fn(d)
-    finally:
-        if old is None:
-            del os.environ["RAEKERN_NORM_FORWARD"]
-        else:
-            os.environ["RAEKERN_NORM_FORWARD"] = old
 
 
 def _bwd_impls(graph, fn_r, fn_ref, inputs):

@@ -14,6 +14,7 @@ ratios between implementations measured in the same run.
 from __future__ import annotations
 
 import importlib
+import os
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -47,6 +48,21 @@ class Case:
     @property
     def id(self) -> str:
         return f"{self.family}/{self.name}/{self.shape}/{str(self.dtype).replace('torch.', '')}"
+
+
+def with_env(var: str, value: str, fn: Callable[[], object]) -> object:
+    """fn() with environment variable `var` set to `value` (restored after): how a case times a kernel
+    that the library would not pick by default, since raekern reads these switches at each launch
+    (a CUDA graph captures what ran)."""
+    old = os.environ.get(var)
+    os.environ[var] = value
+    try:
+        return fn()
+    finally:
+        if old is None:
+            del os.environ[var]
+        else:
+            os.environ[var] = old
 
 
 def register(family: str):
