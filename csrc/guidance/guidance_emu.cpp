@@ -38,7 +38,7 @@ void launch_step(Prepared& pr) {
   p.t = static_cast<const double*>(mem.in_bytes(p.t, size_t(B) * sizeof(double), "t"));
   p.t_next = static_cast<const double*>(mem.in_bytes(p.t_next, size_t(B) * sizeof(double), "t_next"));
   p.w = static_cast<const double*>(mem.in_bytes(p.w, size_t(B * pr.cfg.J) * sizeof(double), "weights"));
-  p.zero_init = static_cast<const unsigned char*>(mem.in_bytes(p.zero_init, size_t(B), "zero_init"));
+  if (p.zero_init) p.zero_init = static_cast<const unsigned char*>(mem.in_bytes(p.zero_init, size_t(B), "zero_init"));
   p.coeffs = static_cast<double*>(mem.out_bytes(p.coeffs, size_t(B * p.nout * p.ns) * sizeof(double), "coeffs"));
   if (N > 0) {
     p.out = mem.out_bytes(p.out, size_t(B * N) * sizeof(DT), "out");

@@ -85,7 +85,7 @@ StepLaunch plan_step(const Prepared& pr, Params& p) {
   p.t = pr.t.const_data_ptr<double>();
   p.t_next = pr.t_next.const_data_ptr<double>();
   p.w = pr.weights.const_data_ptr<double>();
-  p.zero_init = pr.zero_init.const_data_ptr<uint8_t>();
+  p.zero_init = pr.zero_init.defined() ? pr.zero_init.const_data_ptr<uint8_t>() : nullptr;
   p.coeffs = const_cast<double*>(pr.coeffs.const_data_ptr<double>());
   p.out = const_cast<void*>(pr.out.const_data_ptr());
   p.x0 = pr.return_x0 ? const_cast<void*>(pr.x0.const_data_ptr()) : nullptr;

@@ -45,7 +45,7 @@ struct Prepared {
   Config cfg;
   int64_t B = 0, N = 0;
   std::vector<Rows> streams;  // rebased layout (see guidance_solve.h)
-  at::Tensor t, t_next, weights, zero_init;  // float64 [B], float64 [B], float64 [B,J], uint8 [B]
+  at::Tensor t, t_next, weights, zero_init;  // float64 [B], float64 [B], float64 [B,J], uint8 [B] or undefined
   at::Tensor out, x0, momentum_out, coeffs;
   bool return_x0 = false;
 };
@@ -199,9 +199,7 @@ inline Prepared prepare(const at::Tensor& x, at::TensorList branches, const at::
     RAEKERN_CHECK(zero_init->numel() == B, kOp, "zero_init", "must have ", B, " elements, got ",
                   zero_init->numel());
     p.zero_init = zero_init->to(x.options().dtype(at::kByte)).reshape({B}).contiguous();
-  } else {
-    p.zero_init = at::zeros({B}, x.options().dtype(at::kByte));
-  }
+  }  // else undefined: no sample starts at zero (no fill kernel for the common case)
 
   p.return_x0 = return_x0;
   p.out = ::raekern::empty_output(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));

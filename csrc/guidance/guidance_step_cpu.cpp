@@ -161,7 +161,7 @@ struct Runner {
     s.t = p.t.const_data_ptr<double>()[b];
     s.t_next = p.t_next.const_data_ptr<double>()[b];
     for (int j = 0; j < cfg.J; ++j) s.w[j] = p.weights.const_data_ptr<double>()[b * cfg.J + j];
-    s.zero_init = p.zero_init.const_data_ptr<uint8_t>()[b] != 0;
+    s.zero_init = p.zero_init.defined() && p.zero_init.const_data_ptr<uint8_t>()[b] != 0;
     Coeffs c;
     solve(cfg, s, stats, stats ? stats + gram_entries(ng) : nullptr, c);
     for (int o = 0; o < nout; ++o)

@@ -28,7 +28,7 @@ struct Params {
   const double* t;
   const double* t_next;
   const double* w;
-  const unsigned char* zero_init;
+  const unsigned char* zero_init;  // nullptr: no sample starts at zero
   double* stats;   // [B, nacc]
   double* coeffs;  // [B, nout, ns]
   void* out;
@@ -127,7 +127,7 @@ __global__ void solve_kernel(Params p) {
   s.t = p.t[b];
   s.t_next = p.t_next[b];
   for (int j = 0; j < p.cfg.J; ++j) s.w[j] = p.w[b * p.cfg.J + j];
-  s.zero_init = p.zero_init[b] != 0;
+  s.zero_init = p.zero_init != nullptr && p.zero_init[b] != 0;
   const int ng = p.cfg.gram_size();
   const int nacc = gram_entries(ng) + ng;
   double sum[kMaxGram * (kMaxGram + 1) / 2 + kMaxGram];

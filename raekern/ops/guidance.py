@@ -127,6 +127,9 @@ def _weights(weights, J: int, B: int, device) -> torch.Tensor:
             fail(_OP, "weights", f"must be a list of {J} weights (one per term) or a [B, J] tensor, got {type(weights).__name__}", TypeError)
     if len(weights) != J:
         fail(_OP, "weights", f"must have one entry per term ({J}), got {len(weights)}")
+    if J > 0 and all(isinstance(w, (int, float)) and _finite(w) for w in weights) and len(set(weights)) == 1:
+        # One fill instead of a fill per term and a stack: on a GPU each is a kernel of the step.
+        return torch.full((B, J), float(weights[0]), dtype=torch.float64, device=device)
     cols = [_per_sample(w, B, device, "weights") for j, w in enumerate(weights)]
     if J == 0:
         return torch.zeros((B, 0), dtype=torch.float64, device=device)
@@ -282,8 +285,8 @@ def _normalize(x, branches, t, *, param, terms, weights, base, zero_star, apg_et
         fail(_OP, "rescale_ref", f"must be a branch index in [0, {K}), got {rescale_ref!r}")
 
     if zero_init is not None:
-        if isinstance(zero_init, bool):
-            zero_init = torch.full((B,), zero_init, dtype=torch.bool, device=dev)
+        if isinstance(zero_init, bool):  # (False: as absent, no tensor to fill)
+            zero_init = torch.full((B,), True, dtype=torch.bool, device=dev) if zero_init else None
         elif not isinstance(zero_init, torch.Tensor) or zero_init.numel() != B:
             fail(_OP, "zero_init", f"must be a bool or a [{B}] tensor")
         elif zero_init.device != dev:
