@@ -14,11 +14,15 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from raekern.bench import registry
+# The checkout's raekern (where gpu_check.sh and CI put the built library), not only an installed one.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from raekern.bench import registry  # noqa: E402
 
 DEFAULT_FAMILIES = ("guidance", "fusion", "norm", "mlp", "attention")
 

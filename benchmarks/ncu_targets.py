@@ -8,10 +8,14 @@ kernels starts from their achieved DRAM throughput, occupancy and limiter instea
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import torch
 
-from raekern import ops as R
+# The checkout's raekern (where gpu_check.sh and CI put the built library), not only an installed one.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from raekern import ops as R  # noqa: E402
 
 
 def main(dev: str = "cuda") -> None:
