@@ -58,9 +58,6 @@ __device__ __forceinline__ void route_fuse(const RouteArgs& a, int64_t b, int64_
   for (int i = 0; i < ITEMS; ++i)
 #pragma unroll
     for (int j = 0; j < V; ++j) f[i][j] = 0.f;
-  // Two expert rows in flight per thread (the H200 run, one at a time: 25 % of bandwidth); the sum
-  // keeps its order.
-#pragma unroll 2
   for (int l = 0; l < a.L; ++l) {
     float e[ITEMS][V];
     load_row<T, V, ITEMS>(static_cast<const T*>(a.expert[l]) + b * a.sb[l] + n * a.sn[l], a.sd[l], a.D, e);
