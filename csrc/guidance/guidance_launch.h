@@ -6,9 +6,9 @@
 #pragma once
 #include <algorithm>
 #include <cstdint>
-#include <cstdlib>
-#include <cstring>
 #include <vector>
+
+#include "common/env_switch.h"
 
 // ATen (through guidance_step.h) before the kernel headers: under the host emulation these define
 // CUDA keywords as macros that ATen's headers must not see.
@@ -48,10 +48,7 @@ struct StepLaunch {
 // the generic kernel. RAEKERN_GUIDANCE_COMBINE=generic takes it always, for measuring one against the
 // other on a GPU (read at each launch).
 constexpr int kMaxFixedStreams = 8;
-inline bool fixed_combine_enabled() {
-  const char* e = std::getenv("RAEKERN_GUIDANCE_COMBINE");
-  return e == nullptr || std::strcmp(e, "generic") != 0;
-}
+inline bool fixed_combine_enabled() { return !env_equals("RAEKERN_GUIDANCE_COMBINE", "generic"); }
 
 // Params from the prepared host arguments (pointers as `pr` holds them; an emulating launcher remaps
 // them) and the launch plan. DT is the device element type (__half, __nv_bfloat16, float).

@@ -162,6 +162,12 @@ __global__ void fused_norm_forward(FwdParams p) {
   }
 }
 
+// First element of vector k of a lane in the warp-per-row layout (vectors interleaved across lanes).
+template <int V>
+__device__ __forceinline__ int64_t lane_column(int lane, int k) {
+  return (int64_t(lane) + int64_t(k) * simt::kWarp) * V;
+}
+
 // Forward for rows that fit in registers (16-byte accesses, D <= 32·NV·V): one warp per row, several
 // rows per block. The H200 run of fused_norm_forward (2026-11-30) reached 15–35 % of copy bandwidth:
 // there each thread has one 16-byte load in flight before a block reduction stalls it. Here every load
@@ -182,7 +188,7 @@ __global__ void fused_norm_forward_rows(FwdParams p) {
     float r[NV][V];
 #pragma unroll
     for (int k = 0; k < NV; ++k) {
-      const int64_t i = (int64_t(lane) + int64_t(k) * simt::kWarp) * V;
+      const int64_t i = lane_column<V>(lane, k);
       if (i < D) load<T, V>(x, i, 1, r[k]);
       else fill(r[k], 0.f);
     }
@@ -192,7 +198,7 @@ __global__ void fused_norm_forward_rows(FwdParams p) {
       T* x_out = static_cast<T*>(p.x_out) + row * D;
 #pragma unroll
       for (int k = 0; k < NV; ++k) {
-        const int64_t i = (int64_t(lane) + int64_t(k) * simt::kWarp) * V;
+        const int64_t i = lane_column<V>(lane, k);
         if (i >= D) continue;
         float g[V], yv[V];
         load<T, V>(gate, i, 1, g);
@@ -210,7 +216,7 @@ __global__ void fused_norm_forward_rows(FwdParams p) {
     float s = 0.f, ss = 0.f;
 #pragma unroll
     for (int k = 0; k < NV; ++k) {
-      if ((int64_t(lane) + int64_t(k) * simt::kWarp) * V >= D) continue;
+      if (lane_column<V>(lane, k) >= D) continue;
 #pragma unroll
       for (int j = 0; j < V; ++j) {
         s += r[k][j] - c;
@@ -225,7 +231,7 @@ __global__ void fused_norm_forward_rows(FwdParams p) {
       float v = 0.f;
 #pragma unroll
       for (int k = 0; k < NV; ++k) {
-        if ((int64_t(lane) + int64_t(k) * simt::kWarp) * V >= D) continue;
+        if (lane_column<V>(lane, k) >= D) continue;
 #pragma unroll
         for (int j = 0; j < V; ++j) {
           const float d = r[k][j] - mean;
@@ -245,7 +251,7 @@ __global__ void fused_norm_forward_rows(FwdParams p) {
     T* out = static_cast<T*>(p.out) + row * D;
 #pragma unroll
     for (int k = 0; k < NV; ++k) {
-      const int64_t i = (int64_t(lane) + int64_t(k) * simt::kWarp) * V;
+      const int64_t i = lane_column<V>(lane, k);
       if (i < D) modulate_store<T, V>(p, shift, scale, i, r[k], mean, rstd, out);
     }
   }

@@ -5,9 +5,8 @@
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
-#include <cstdlib>
-#include <cstring>
 
+#include "common/env_switch.h"
 #include "norm/norm_params.h"
 
 namespace raekern::norm {
@@ -32,10 +31,7 @@ constexpr unsigned kRowsWarpsPerBlock = 4;
 
 // RAEKERN_NORM_FORWARD=block keeps every forward on the one-block-per-row kernel, for measuring one
 // kernel against the other on a GPU; read at each launch, so a test or benchmark can switch it.
-inline bool rows_forward_enabled() {
-  const char* e = std::getenv("RAEKERN_NORM_FORWARD");
-  return e == nullptr || std::strcmp(e, "block") != 0;
-}
+inline bool rows_forward_enabled() { return !env_equals("RAEKERN_NORM_FORWARD", "block"); }
 
 // Vectors per lane for a row of D elements in vectors of V, or 0 when the row does not fit.
 inline int rows_nv(int64_t D, int64_t V) {

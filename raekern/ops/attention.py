@@ -215,8 +215,8 @@ _CUDA_ATTENTION = "RAEKERN_CUDA_ATTENTION"
 
 
 def _cuda_attention_mode() -> str:
-    v = os.environ.get(_CUDA_ATTENTION, "auto").strip().lower()
-    return {"": "auto", "1": "on", "0": "off"}.get(v, "auto" if v not in ("on", "off") else v)
+    v = os.environ.get(_CUDA_ATTENTION, "").strip().lower()
+    return "on" if v in ("1", "on") else "off" if v in ("0", "off") else "auto"
 
 
 # Facts about the build and the GPU: computed once per key, and by torch.compile at trace time as
