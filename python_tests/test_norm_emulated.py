@@ -329,3 +329,74 @@ def test_rows_forward_with_whole_warp_blocks_and_a_capped_grid():
         out, mean, rstd = emu.layer_norm(x, w, b, EPS)
         _close(out, N.layer_norm_reference(x.double(), w.double(), b.double(), EPS), FWD_TOL[torch.float32],
                f"block {block}: out")
+
+
+# ---------------------------------------------------------------------------------------------
+# The two CUDA backwards: warp-per-row (rows of <= 1536 elements with 16-byte accesses, the default;
+# per-warp partial-sum slabs) and one block per task (RAEKERN_NORM_BACKWARD=block, and every row past
+# 1536). Both against the fp64 reference and against each other, with every reduced gradient present
+# (gate, shift, scale per sample; weight and bias shared) and per-token ones.
+
+def _fused_backward(kern, x, y, gate, shift, scale, kind, w, b, g_xo, g_out):
+    x_out, _, mean, rstd = kern.gated_residual_norm_modulate(x, gate, y, shift, scale, kind, w, b, EPS)
+    return x_out, kern.gated_residual_norm_modulate_backward(g_xo, g_out, x_out, gate, y, shift, scale, kind, w,
+                                                             b, mean, rstd)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("D", [8, 256, 264, 1152, 1536, 1544])
+@pytest.mark.parametrize("per", ["sample", "token"])
+def test_backward_kernels_agree(kern, monkeypatch, dtype, D, per):
+    B, Nt, kind = 2, 21, "layer"
+    x, y = (torch.randn(B, Nt, D) * 3 + 1).to(dtype), torch.randn(B, Nt, D).to(dtype)
+    gate, shift, scale = _operands(B, Nt, D, dtype, per, 3)
+    w, b = _affine(D, affine=True)
+    g_xo, g_out = torch.randn_like(x), torch.randn_like(x)
+    results = {}
+    for kernel in ("rows", "block"):
+        if kernel == "block":
+            monkeypatch.setenv("RAEKERN_NORM_BACKWARD", "block")
+        else:
+            monkeypatch.delenv("RAEKERN_NORM_BACKWARD", raising=False)
+        results[kernel] = _fused_backward(kern, x, y, gate, shift, scale, kind, w, b, g_xo, g_out)
+    monkeypatch.delenv("RAEKERN_NORM_BACKWARD", raising=False)
+
+    def ref(x_, g_, y_, sh_, sc_, w_, b_):
+        return N.gated_residual_norm_modulate_reference(x_, g_, y_, sh_, sc_, kind=kind, weight=w_, bias=b_,
+                                                        eps=EPS)
+
+    want = _ref_grads(ref, [x, gate, y, shift, scale, w, b], [g_xo, g_out])
+    names = ["grad_x", "grad_gate", "grad_y", "grad_shift", "grad_scale", "grad_weight", "grad_bias"]
+    rtol, atol = BWD_TOL[dtype]
+    tol = (2 * rtol, 2 * atol) if dtype != torch.float32 else (rtol, atol)  # x_out rounded (see above)
+    for kernel, (_, got) in results.items():
+        for name, g, r in zip(names, got, want):
+            _close(g, r, tol, f"{kernel}: {name}")
+    # Per-row gradients: the same operations in the same order; reduced ones differ in summation order.
+    rows, block = results["rows"][1], results["block"][1]
+    for name, g_r, g_b in zip(names, rows, block):
+        if g_r.shape[:2] == x.shape[:2]:
+            torch.testing.assert_close(g_r.float(), g_b.float(), rtol=1e-5 if dtype == torch.float32 else 1e-2,
+                                       atol=1e-5 if dtype == torch.float32 else 1e-2, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("block", [32, 96, 256])
+@pytest.mark.parametrize("workers", [1, 16])
+def test_rows_backward_warps_and_tasks(block, workers):
+    # 1, 3 and 8 warps per block over tasks of 16+ rows (workers=1: one task per sample, each warp many
+    # rows) or a few rows (workers=16 with B=1: tasks shorter than the block's warps leave warps idle).
+    # Partial sums start as NaN in the emulation: an idle warp's slab must still be added as zeros.
+    _config(block=block, workers=workers, schedule="random", seed=block + workers)
+    B, Nt, D = (3, 37, 200) if workers == 1 else (1, 40, 64)
+    x, y = torch.randn(B, Nt, D), torch.randn(B, Nt, D)
+    gate, shift, scale = _operands(B, Nt, D, torch.float32, "sample", 3)
+    w, b = _affine(D, True)
+    g_xo, g_out = torch.randn_like(x), torch.randn_like(x)
+    _, got = _fused_backward(emu, x, y, gate, shift, scale, "rms", w, None, g_xo, g_out)
+
+    def ref(x_, g_, y_, sh_, sc_, w_):
+        return N.gated_residual_norm_modulate_reference(x_, g_, y_, sh_, sc_, kind="rms", weight=w_, eps=EPS)
+
+    want = _ref_grads(ref, [x, gate, y, shift, scale, w], [g_xo, g_out])
+    for name, g, r in zip(["grad_x", "grad_gate", "grad_y", "grad_shift", "grad_scale", "grad_weight"], got, want):
+        _close(g, r, BWD_TOL[torch.float32], f"block {block}, workers {workers}: {name}")

@@ -51,7 +51,10 @@ void backward_typed(const BwdParams& p) {
   using E = cuda_t<T>;
   constexpr int V = simt::kVec16<E>;
   const NormLaunch ln = backward_launch(p, sizeof(E));
-  if (ln.vec) {
+  if (ln.nv > 0) {  // shared memory within the default 48 KiB: no opt-in
+    cuda::with_rows_backward_kernel<E, V>(
+        ln.nv, [&](auto k) { k<<<ln.grid, ln.block, ln.smem, current_stream()>>>(p); });
+  } else if (ln.vec) {
     auto k = cuda::fused_norm_backward<E, V>;
     allow_smem(k, ln.smem, "norm_backward");
     k<<<ln.grid, ln.block, ln.smem, current_stream()>>>(p);

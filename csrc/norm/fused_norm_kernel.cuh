@@ -388,4 +388,173 @@ __global__ void fused_norm_backward(BwdParams p) {
       for (int j = 0; j < V; ++j) part[k * D + i + j] = acc[k * D + i + j];
 }
 
+
+// Backward for rows that fit in registers (16-byte accesses, at most kRowsBwdMaxFloats per lane and
+// array): one block per task as fused_norm_backward, but each warp takes whole rows of the task
+// (rows n0 + w, n0 + w + W, ...) with the row in registers, the row reductions as warp shuffles and
+// every load of a row issued before the first of them. The H200 run of fused_norm_backward
+// (2026-11-30: 4–41 % of copy bandwidth) had one block of ~3 warps per SM walking its task's 16 rows
+// one after the other, each row waiting on a load and two barriers. Per-sample / global gradients are
+// summed per warp in its own shared-memory slab [np][D] (each lane touches only its own columns), and
+// the slabs are added in warp order at the end: the partial sums stay deterministic. Same arithmetic as
+// fused_norm_backward op for op; only the order of the partial sums differs. Not yet run on a GPU
+// (emulation-tested; written after the H200 run).
+template <class T, int V, int NV>
+__global__ void fused_norm_backward_rows(BwdParams p) {
+  RAEKERN_DYNAMIC_SHARED(float, smem);
+  const int lane = int(threadIdx.x) % simt::kWarp, warp = int(threadIdx.x) / simt::kWarp;
+  const int warps = int(blockDim.x) / simt::kWarp;
+  const int64_t D = p.D, np = p.num_partials;
+  const int64_t t = blockIdx.x;
+  const int64_t b = t / p.chunks, n0 = (t % p.chunks) * p.rows_per_task;
+  const int64_t n1 = n0 + p.rows_per_task < p.N ? n0 + p.rows_per_task : p.N;
+  const bool residual = p.gate.ptr != nullptr;
+  const bool norm = p.kind != Kind::None && p.dout.ptr != nullptr;
+  const float* w = static_cast<const float*>(p.weight);
+  const float* bias = static_cast<const float*>(p.bias);
+  const float inv_d = 1.f / float(D);
+  float* acc = smem + int64_t(warp) * np * D;  // this warp's slab
+  float* acc_gate = p.dgate.partial >= 0 ? acc + p.dgate.partial * D : nullptr;
+  float* acc_shift = p.dshift.partial >= 0 ? acc + p.dshift.partial * D : nullptr;
+  float* acc_scale = p.dscale.partial >= 0 ? acc + p.dscale.partial * D : nullptr;
+  float* acc_w = p.dweight.partial >= 0 ? acc + p.dweight.partial * D : nullptr;
+  float* acc_b = p.dbias.partial >= 0 ? acc + p.dbias.partial * D : nullptr;
+  for (int64_t k = 0; k < np; ++k)
+#pragma unroll
+    for (int c = 0; c < NV; ++c) {
+      const int64_t i = lane_column<V>(lane, c);
+      if (i < D)
+#pragma unroll
+        for (int j = 0; j < V; ++j) acc[k * D + i + j] = 0.f;
+    }
+
+  for (int64_t n = n0 + warp; n < n1; n += warps) {
+    const int64_t row = b * p.N + n;
+    float xh[NV][V], gs[NV][V];  // x̂ and d x̂ · weight, kept for the second stage
+    float c1 = 0.f, c2 = 0.f, rstd = 0.f;
+    if (norm) {
+      rstd = static_cast<const float*>(p.rstd)[row];
+      const float mean = p.kind == Kind::Layer ? static_cast<const float*>(p.mean)[row] : 0.f;
+      const T* xin = row_ptr<T>(p.xin, b, n);
+      const T* dout = row_ptr<T>(p.dout, b, n);
+      const T* scale = p.scale.ptr ? row_ptr<T>(p.scale, b, n) : nullptr;
+      float go[NV][V];
+#pragma unroll
+      for (int c = 0; c < NV; ++c) {  // all loads first
+        const int64_t i = lane_column<V>(lane, c);
+        if (i < D) {
+          load<T, V>(xin, i, 1, xh[c]);
+          load<T, V>(dout, i, 1, go[c]);
+        } else {
+          fill(xh[c], 0.f);
+          fill(go[c], 0.f);
+        }
+      }
+      float s1 = 0.f, s2 = 0.f;
+#pragma unroll
+      for (int c = 0; c < NV; ++c) {
+        const int64_t i = lane_column<V>(lane, c);
+        if (i >= D) {
+          fill(gs[c], 0.f);
+          continue;
+        }
+        float sc[V], wv[V], bv[V], tmp[V];
+        if (scale) load<T, V>(scale, i, 1, sc);
+        else fill(sc, 0.f);
+        load_affine(w, bias, i, wv, bv);
+        if (p.dshift.mode == GradMode::PerRow) store<T, V>(static_cast<T*>(p.dshift.ptr) + row * D, i, go[c]);
+#pragma unroll
+        for (int j = 0; j < V; ++j) {
+          const float xhat = (xh[c][j] - mean) * rstd;
+          tmp[j] = go[c][j] * fmaf(xhat, wv[j], bv[j]);  // d scale
+          if (acc_shift) acc_shift[i + j] += go[c][j];
+          if (acc_scale) acc_scale[i + j] += tmp[j];
+          const float dh = go[c][j] * (1.f + sc[j]);
+          if (acc_w) acc_w[i + j] = fmaf(dh, xhat, acc_w[i + j]);
+          if (acc_b) acc_b[i + j] += dh;
+          const float g = dh * wv[j];
+          xh[c][j] = xhat;
+          gs[c][j] = g;
+          s1 += g;
+          s2 = fmaf(g, xhat, s2);
+        }
+        if (p.dscale.mode == GradMode::PerRow) store<T, V>(static_cast<T*>(p.dscale.ptr) + row * D, i, tmp);
+      }
+      s1 = simt::warp_sum(s1);
+      s2 = simt::warp_sum(s2);
+      c1 = p.kind == Kind::Layer ? s1 * inv_d : 0.f;
+      c2 = s2 * inv_d;
+    } else if (p.kind != Kind::None) {  // no gradient reached `out`
+      float zero[V];
+      fill(zero, 0.f);
+#pragma unroll
+      for (int c = 0; c < NV; ++c) {
+        const int64_t i = lane_column<V>(lane, c);
+        if (i >= D) continue;
+        if (p.dshift.mode == GradMode::PerRow) store<T, V>(static_cast<T*>(p.dshift.ptr) + row * D, i, zero);
+        if (p.dscale.mode == GradMode::PerRow) store<T, V>(static_cast<T*>(p.dscale.ptr) + row * D, i, zero);
+      }
+    }
+    const T* dxo = p.dxo.ptr ? row_ptr<T>(p.dxo, b, n) : nullptr;
+    const T* gate = residual ? row_ptr<T>(p.gate, b, n) : nullptr;
+    const T* y = residual ? row_ptr<T>(p.y, b, n) : nullptr;
+#pragma unroll
+    for (int c = 0; c < NV; ++c) {
+      const int64_t i = lane_column<V>(lane, c);
+      if (i >= D) continue;
+      float dx[V], e[V];
+      if (dxo) load<T, V>(dxo, i, 1, dx);
+      else fill(dx, 0.f);
+      if (norm) {
+#pragma unroll
+        for (int j = 0; j < V; ++j) dx[j] += rstd * (gs[c][j] - c1 - xh[c][j] * c2);
+      }
+      if (residual) {
+        float g[V], yv[V];
+        load<T, V>(gate, i, 1, g);
+        load<T, V>(y, i, 1, yv);
+#pragma unroll
+        for (int j = 0; j < V; ++j) {
+          e[j] = dx[j] * yv[j];  // d gate
+          if (acc_gate) acc_gate[i + j] += e[j];
+        }
+        if (p.dgate.mode == GradMode::PerRow) store<T, V>(static_cast<T*>(p.dgate.ptr) + row * D, i, e);
+#pragma unroll
+        for (int j = 0; j < V; ++j) e[j] = g[j] * dx[j];  // d y
+        store<T, V>(static_cast<T*>(p.dy) + row * D, i, e);
+      }
+      store<T, V>(static_cast<T*>(p.dx) + row * D, i, dx);
+    }
+  }
+  if (np == 0) return;
+  __syncthreads();  // every warp's slab is complete
+  float* part = static_cast<float*>(p.partials) + t * np * D;
+  for (int64_t e = threadIdx.x; e < np * D; e += blockDim.x) {
+    float s = 0.f;
+    for (int k = 0; k < warps; ++k) s += smem[int64_t(k) * np * D + e];
+    part[e] = s;
+  }
+}
+
+// f(kernel): the fused_norm_backward_rows instance for `nv` vectors per lane (norm_launch.h's
+// kRowsNv buckets up to kRowsBwdMaxFloats floats per lane).
+template <class T, int V, class F>
+void with_rows_backward_kernel(int nv, F&& f) {
+  switch (nv) {
+    case 1: f(&fused_norm_backward_rows<T, V, 1>); break;
+    case 2: f(&fused_norm_backward_rows<T, V, 2>); break;
+    case 3: f(&fused_norm_backward_rows<T, V, 3>); break;
+    case 4: f(&fused_norm_backward_rows<T, V, 4>); break;
+    case 5: f(&fused_norm_backward_rows<T, V, 5>); break;
+    case 6: f(&fused_norm_backward_rows<T, V, 6>); break;
+    case 8:
+      if constexpr (V <= 4) f(&fused_norm_backward_rows<T, V, 8>);
+      break;
+    case 12:
+      if constexpr (V <= 4) f(&fused_norm_backward_rows<T, V, 12>);
+      break;
+    default: break;
+  }
+}
+
 }  // namespace raekern::norm::cuda

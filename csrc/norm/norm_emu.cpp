@@ -62,7 +62,13 @@ void backward_typed(const BwdParams& p) {
   constexpr int V = simt::kVec16<E>;
   // One block per task: the grid cannot be capped (no grid-stride loop over tasks).
   const NormLaunch ln = with_overrides(backward_launch(p, sizeof(E)), false);
-  if (ln.vec) emu::emulate_launch(cuda::fused_norm_backward<E, V>, dim3(ln.grid), dim3(ln.block), ln.smem, p);
+  if (ln.nv > 0 && ln.block % simt::kWarp == 0)  // a test's block override sizes the per-warp slabs
+    cuda::with_rows_backward_kernel<E, V>(ln.nv, [&](auto k) {
+      emu::emulate_launch(k, dim3(ln.grid), dim3(ln.block), rows_backward_smem(p, ln.block), p);
+    });
+  else if (ln.nv > 0) emu::emulate_launch(cuda::fused_norm_backward<E, V>, dim3(ln.grid), dim3(ln.block),
+                                          size_t(2 + p.num_partials) * size_t(p.D) * sizeof(float), p);
+  else if (ln.vec) emu::emulate_launch(cuda::fused_norm_backward<E, V>, dim3(ln.grid), dim3(ln.block), ln.smem, p);
   else emu::emulate_launch(cuda::fused_norm_backward<E, 1>, dim3(ln.grid), dim3(ln.block), ln.smem, p);
 }
 

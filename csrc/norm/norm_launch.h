@@ -70,14 +70,47 @@ inline NormLaunch forward_launch(const FwdParams& p, size_t elem) {
           size_t(p.D) * sizeof(float)};
 }
 
-// One block per task (p.chunks tasks per sample; no grid-stride loop, so the grid is never capped);
-// shared memory holds two rows and the task's partial sums.
+// The backward keeps two row arrays per lane (x̂ and d x̂·weight) beside the gradient being read, so
+// its rows kernel takes at most this many floats per lane and array (D <= 1536; no register spills).
+constexpr int64_t kRowsBwdMaxFloats = 48;
+constexpr unsigned kRowsBwdMaxWarps = 8;
+// Per-warp partial-sum slabs stay within the default 48 KiB of shared memory (no opt-in, and room
+// for several blocks per SM).
+constexpr size_t kRowsBwdSmemBytes = 48 * 1024;
+
+// RAEKERN_NORM_BACKWARD=block keeps the one-block-per-task kernel with a block-wide row (the only
+// backward of the first H200 run), for measuring one against the other; read at each launch.
+inline bool rows_backward_enabled() { return !env_equals("RAEKERN_NORM_BACKWARD", "block"); }
+
+// Vectors per lane for the backward's rows kernel, or 0 when the row does not fit.
+inline int rows_bwd_nv(int64_t D, int64_t V) {
+  const int nv = rows_nv(D, V);
+  return nv > 0 && nv * V <= kRowsBwdMaxFloats ? nv : 0;
+}
+
+// One block per task (p.chunks tasks per sample; no grid-stride loop, so the grid is never capped).
+// Rows that fit a warp's registers: up to kRowsBwdMaxWarps warps per block, one row per warp at a
+// time, shared memory = one [num_partials, D] slab per warp. Otherwise one thread per vector of the
+// row; shared memory holds two rows and the task's partial sums.
 inline NormLaunch backward_launch(const BwdParams& p, size_t elem) {
   const int64_t V = int64_t(16 / elem);
   const bool vec = p.D % V == 0 && vec_ok(p.dout, V, elem) && vec_ok(p.dxo, V, elem) && vec_ok(p.xin, V, elem) &&
                    vec_ok(p.gate, V, elem) && vec_ok(p.y, V, elem) && vec_ok(p.scale, V, elem);
-  return {vec, unsigned(p.B * p.chunks), threads_for(p.D, vec ? V : 1),
-          size_t(2 + p.num_partials) * size_t(p.D) * sizeof(float)};
+  const unsigned grid = unsigned(p.B * p.chunks);
+  const int nv = vec && p.D > 0 && rows_backward_enabled() ? rows_bwd_nv(p.D, V) : 0;
+  if (nv > 0) {
+    const size_t slab = size_t(p.num_partials) * size_t(p.D) * sizeof(float);
+    const int64_t fit = slab > 0 ? int64_t(kRowsBwdSmemBytes / slab) : int64_t(kRowsBwdMaxWarps);
+    const int64_t warps = std::clamp<int64_t>(std::min<int64_t>(fit, p.rows_per_task), 1, kRowsBwdMaxWarps);
+    if (size_t(warps) * slab <= kRowsBwdSmemBytes)
+      return {true, grid, unsigned(warps) * 32, size_t(warps) * slab, nv};
+  }
+  return {vec, grid, threads_for(p.D, vec ? V : 1), size_t(2 + p.num_partials) * size_t(p.D) * sizeof(float)};
+}
+
+// Shared memory of the backward's rows kernel for a block of `block` threads (whole warps).
+inline size_t rows_backward_smem(const BwdParams& p, unsigned block) {
+  return size_t(block / 32) * size_t(p.num_partials) * size_t(p.D) * sizeof(float);
 }
 
 }  // namespace raekern::norm

@@ -68,21 +68,27 @@ def _fwd_impls(fn_r, fn_ref, inputs, device="cpu"):
     return impls
 
 
-def _bwd_impls(graph, fn_r, fn_ref, inputs):
+def _bwd_impls(graph, fn_r, fn_ref, inputs, device="cpu"):
     """graph(fwd)(inputs) -> (outputs, leaves, grads); each implementation builds its graph once."""
     makers = {"raekern": graph(fn_r), "eager": graph(fn_ref), "compile": graph(compiled(fn_ref))}
     cache: dict[str, tuple] = {}
 
-    def impl(name):
+    def impl(name, maker=None):
         def run():
             d = inputs()
             if name not in cache or cache[name][0] is not d:
-                cache[name] = (d, makers[name](d))
+                cache[name] = (d, makers[maker or name](d))
             outs, leaves, grads = cache[name][1]
             return torch.autograd.grad(outs, leaves, grads, retain_graph=True)
         return run
 
-    return {name: impl(name) for name in makers}
+    impls = {name: impl(name) for name in makers}
+    if device.startswith("cuda"):
+        # The one-block-per-task CUDA backward (the only one on the first H200 run) against the default
+        # warp-per-row kernel, in the same run; the variable is read at launch (graph capture).
+        rows = impl("block_kernel", "raekern")
+        impls["block_kernel"] = lambda: with_env("RAEKERN_NORM_BACKWARD", "block", rows)
+    return impls
 
 
 def _leaf(t):
@@ -162,9 +168,9 @@ def norm_cases(device: str = "cpu", quick: bool = False) -> list[Case]:
                     # backward: read grads, normalised input (+ y, per-token gate/scale), write dx (+ dy,
                     # per-token dshift/dscale/dgate)
                     cases.append(Case("norm", f"norm_modulate rms {layout} bwd", shape, dtype, _bwd_impls(
-                        _nm_graph, _nm_r, _nm_ref, inp),
+                        _nm_graph, _nm_r, _nm_ref, inp, device),
                         bytes=3 * row + (3 * row if per_token else 0)))
                     cases.append(Case(
                         "norm", f"gated_residual_norm_modulate rms {layout} bwd", shape, dtype, _bwd_impls(
-                            _fused_graph, _fused_r, _fused_ref, inp), bytes=6 * row + (5 * row if per_token else 0)))
+                            _fused_graph, _fused_r, _fused_ref, inp, device), bytes=6 * row + (5 * row if per_token else 0)))
     return cases
