@@ -248,6 +248,50 @@ def test_depth_route_norm_cap_nan_reaches_the_gradients(kern):
         assert torch.isnan(g[0, 0]).any() and torch.isfinite(g[0, 1:]).all()
 
 
+# The two depth_route kernel pairs: warp per token (rows of 16-byte vectors with D <= 1024, the
+# default) and block per token (RAEKERN_DEPTH_ROUTE=block, scalar rows, D > 1024). Widths at the edges
+# of the warp kernels' register buckets and past the last; L = 33 and 48 put weights in both registers
+# of a lane; few "SMs" make each warp stride over several tokens (γ's gradient summed across them).
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("D", [8, 264, 768, 1024, 1032])
+@pytest.mark.parametrize("L", [1, 33, 48])
+@pytest.mark.parametrize("route", [0, 1, 2, 3])
+def test_depth_route_kernels_agree(kern, monkeypatch, dtype, D, L, route):
+    energy, bound, gk, cap = ROUTES[route]
+    torch.manual_seed(D + L + route)
+    B, N = 2, 7
+    experts, logits, base, gamma = _route_inputs(B, N, D, L, "list", dtype, gk)
+    grad = torch.randn(B, N, D).to(dtype)
+    emu.fusion_launch_config(1)
+    results = {}
+    for kernel in ("warp", "block"):
+        if kernel == "block":
+            monkeypatch.setenv("RAEKERN_DEPTH_ROUTE", "block")
+        else:
+            monkeypatch.delenv("RAEKERN_DEPTH_ROUTE", raising=False)
+        out = kern.depth_route(experts, logits, base, energy, bound, gamma, cap or 0.0)
+        results[kernel] = (out, *kern.depth_route_backward(grad, experts, logits, base, energy, bound, gamma,
+                                                           cap or 0.0))
+    monkeypatch.delenv("RAEKERN_DEPTH_ROUTE", raising=False)
+    leaves = [e.detach().double().requires_grad_() for e in experts]
+    lg, b64 = logits.double().requires_grad_(), base.double().requires_grad_()
+    g64 = gamma.double().requires_grad_() if gamma is not None else None
+    out64 = fu.depth_route_reference(leaves, lg, b64, energy=energy, bound=bound, gamma=g64, cap=cap)
+    want = torch.autograd.grad(out64, leaves + [lg, b64] + ([g64] if g64 is not None else []), grad.double())
+    for kernel, (out, ge, glog, gbase, ggamma) in results.items():
+        _close(out, out64.detach(), FWD_TOL[dtype], f"{kernel}: out")
+        for l in (0, L - 1):
+            _close(ge[l], want[l], BWD_TOL[dtype], f"{kernel}: grad expert {l}")
+        _close(glog, want[L], BWD_TOL[dtype], f"{kernel}: grad router_logits")
+        _close(gbase, want[L + 1], BWD_TOL[dtype], f"{kernel}: grad base")
+        if gamma is not None:
+            _close(ggamma, want[L + 2], BWD_TOL[dtype] if dtype == torch.float32 else (5e-2, 5e-2),
+                   f"{kernel}: grad gamma")
+    # Per-token results: the same operations up to the order of the expert sum.
+    warp, block = results["warp"], results["block"]
+    torch.testing.assert_close(warp[0].float(), block[0].float(), rtol=FWD_TOL[dtype][0], atol=FWD_TOL[dtype][1])
+
+
 # ------------------------------------------------------------------------------------------------
 # latent_normalize / latent_denormalize
 

@@ -9,7 +9,8 @@
 #include <vector>
 
 #include "fusion/cuda_dispatch.h"
-#include "fusion/depth_route_kernel.cuh"
+#include "common/env_switch.h"
+#include "fusion/depth_route_warp_kernel.cuh"
 #include "fusion/fusion_args.h"
 #include "fusion/launch_shape.h"
 #include "fusion/ordered_sum.h"
@@ -20,6 +21,27 @@ namespace raekern::fusion::cuda {
 // Blocks of the backward kernel per SM: blocks stride over tokens so the γ gradient is reduced in
 // registers and written with one atomic per element per block.
 constexpr int64_t kRouteBwdBlocksPerSm = 8;
+
+// Warp-per-token kernels (depth_route_warp_kernel.cuh) for rows of 16-byte vectors of at most
+// kRouteMaxFloats per lane (D ≤ 1024 for every dtype; no register spills); NV buckets below.
+constexpr int kRouteNv[] = {1, 2, 3, 4, 6, 8};
+constexpr int64_t kRouteMaxFloats = 32;
+// Backward blocks (of kRouteWarps warps) per SM: the grid strides over tokens and each block writes
+// one partial row of the γ gradient.
+constexpr int64_t kRouteWarpBwdBlocksPerSm = 4;
+
+// RAEKERN_DEPTH_ROUTE=block keeps the block-per-token kernels (the ones of the first H200 run), for
+// measuring one against the other; read at each launch.
+inline bool route_warp_enabled() { return !env_equals("RAEKERN_DEPTH_ROUTE", "block"); }
+
+// Vectors per lane of the warp kernels for D elements in vectors of V, or 0 when they do not apply.
+inline int route_nv(bool vec, int64_t D, int64_t V) {
+  if (!vec || D <= 0 || !route_warp_enabled()) return 0;
+  const int64_t per_lane = (D / V + simt::kWarp - 1) / simt::kWarp;
+  for (int nv : kRouteNv)
+    if (nv >= per_lane && nv * V <= kRouteMaxFloats) return nv;
+  return 0;
+}
 
 template <class Dev>
 RouteArgs route_args(Dev& dev, at::TensorList experts, const RouteShape& s, const at::Tensor& base,
@@ -72,6 +94,15 @@ at::Tensor depth_route_op(at::TensorList experts, const at::Tensor& router_logit
     with_layout(all, s.D, sizeof(T), op, "experts", [&](auto vec) {
       constexpr int V = kV<T, decltype(vec)::value>;
       constexpr int ITEMS = kItems<decltype(vec)::value>;
+      if constexpr (decltype(vec)::value) {  // (no warp kernels for scalar rows)
+        if (const int nv = route_nv(true, s.D, V); nv > 0) {
+          const int64_t blocks = std::min<int64_t>((s.B * s.N + kRouteWarps - 1) / kRouteWarps, int64_t(1) << 30);
+          with_route_warp_kernels<T, V>(nv, [&](auto fwd, auto) {
+            dev.launch(fwd, dim3(unsigned(blocks)), dim3(kRouteWarps * 32), 0, a, static_cast<T*>(outp));
+          });
+          return;
+        }
+      }
       dev.launch(depth_route_kernel<T, V, ITEMS>, dim3(unsigned(s.B * s.N)), dim3(kThreads), 0, a,
                  static_cast<T*>(outp));
     });
@@ -109,20 +140,35 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor> depth_ro
     g.dbase = dev.out(gbase, "grad_base");
     // Every token's logit gradients are written; zeros above only define an empty-token result.
     g.dlogits = static_cast<float*>(dev.out(glog, "grad_router_logits"));
-    const unsigned blocks = unsigned(std::min<int64_t>(s.B * s.N, dev.workers(base) * kRouteBwdBlocksPerSm));
-    Parts gp;  // γ gradient: one partial row per block, added in block order
-    if (gamma.has_value()) gp = make_parts(dev, 1, blocks, s.gamma_numel, base.options(), "grad_gamma");
-    g.dgamma = gamma.has_value() ? gp.part_p : nullptr;
     std::vector<at::Tensor> all(experts.begin(), experts.end());
     all.push_back(base);
     all.push_back(grad);
     all.push_back(gbase);
     all.push_back(ge[0]);
+    const bool vec_rows = rows_vectorizable(all, s.D, base.element_size());
+    const int nv = route_nv(vec_rows, s.D, 16 / base.element_size());
+    const unsigned blocks =
+        nv > 0 ? unsigned(std::min<int64_t>((s.B * s.N + kRouteWarps - 1) / kRouteWarps,
+                                            dev.workers(base) * kRouteWarpBwdBlocksPerSm))
+               : unsigned(std::min<int64_t>(s.B * s.N, dev.workers(base) * kRouteBwdBlocksPerSm));
+    Parts gp;  // γ gradient: one partial row per block, added in block order
+    if (gamma.has_value()) gp = make_parts(dev, 1, blocks, s.gamma_numel, base.options(), "grad_gamma");
+    g.dgamma = gamma.has_value() ? gp.part_p : nullptr;
     RAEKERN_FUSION_DISPATCH_CUDA(base.scalar_type(), "depth_route_backward_cuda", [&] {
       using T = typename Dev::template elem<scalar_t>;
       with_layout(all, s.D, sizeof(T), op, "experts", [&](auto vec) {
         constexpr int V = kV<T, decltype(vec)::value>;
         constexpr int ITEMS = kItems<decltype(vec)::value>;
+        if constexpr (decltype(vec)::value) {
+          if (nv > 0) {
+            // γ partials of the block's warps meet in shared memory (a [D] γ: one row per warp).
+            const size_t smem = sizeof(float) * size_t(s.gamma_numel > 1 ? kRouteWarps * s.D : kRouteWarps);
+            with_route_warp_kernels<T, V>(nv, [&](auto, auto bwd) {
+              dev.launch(bwd, dim3(blocks), dim3(kRouteWarps * 32), smem, a, g);
+            });
+            return;
+          }
+        }
         dev.launch(depth_route_backward_kernel<T, V, ITEMS>, dim3(blocks), dim3(kThreads), 0, a, g);
       });
     });

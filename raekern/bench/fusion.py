@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from raekern.bench.registry import Case, compiled, register
+from raekern.bench.registry import Case, compiled, register, with_env
 from raekern.ops import fusion as fu
 
 
@@ -38,6 +38,15 @@ def _lazy_grads(make_out, inputs, grad):
             out.append(make_out())
         return torch.autograd.grad(out[0], inputs, grad, retain_graph=True)
     return run
+
+
+def _with_block_kernel(device, impls):
+    """On CUDA, also the block-per-token depth_route kernels (the only ones of the first H200 run),
+    against the default warp-per-token ones in the same run; the variable is read at launch."""
+    if device.startswith("cuda"):
+        run = impls["raekern"]
+        impls["block_kernel"] = lambda: with_env("RAEKERN_DEPTH_ROUTE", "block", run)
+    return impls
 
 
 @register("fusion")
@@ -82,11 +91,11 @@ def _cases_for(device: str, dtype: torch.dtype, quick: bool) -> list[Case]:
     base = torch.randn(B, N, Dr, generator=gen).to(device, dtype)
     gamma = torch.randn(Dr, generator=gen).to(device, dtype)
     rcomp = compiled(_route_math)
+    route_fwd = {"raekern": lambda: fu.depth_route(experts, logits, base, gamma=gamma),
+                 "eager": lambda: _route_math(experts, logits, base, gamma),
+                 "compile": lambda: rcomp(experts, logits, base, gamma)}
     cases.append(Case(
-        "fusion", "depth_route fwd", f"L={L} B={B} N={N} D={Dr}", dtype,
-        impls={"raekern": lambda: fu.depth_route(experts, logits, base, gamma=gamma),
-               "eager": lambda: _route_math(experts, logits, base, gamma),
-               "compile": lambda: rcomp(experts, logits, base, gamma)},
+        "fusion", "depth_route fwd", f"L={L} B={B} N={N} D={Dr}", dtype, impls=_with_block_kernel(device, route_fwd),
         bytes=(L + 2) * B * N * Dr * es, notes="DRoRAE l2 energy + tanh gate"))
 
     rin = [t.detach().clone().requires_grad_() for t in (*experts, logits, base, gamma)]
@@ -96,7 +105,7 @@ def _cases_for(device: str, dtype: torch.dtype, quick: bool) -> list[Case]:
             "eager": lambda: _route_math(r_ex, r_lg, r_base, r_gm), "compile": lambda: rcomp(r_ex, r_lg, r_base, r_gm)}
     cases.append(Case(
         "fusion", "depth_route bwd", f"L={L} B={B} N={N} D={Dr}", dtype,
-        impls={k: _lazy_grads(f, rin, gr) for k, f in rfwd.items()},
+        impls=_with_block_kernel(device, {k: _lazy_grads(f, rin, gr) for k, f in rfwd.items()}),
         bytes=(2 * L + 2) * B * N * Dr * es, notes="gradients of experts, logits, base and gamma"))
 
     H = int(N ** 0.5)

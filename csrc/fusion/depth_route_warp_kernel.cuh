@@ -1,0 +1,314 @@
+// Warp-per-token kernels of depth_route (forward and backward) for rows of 16-byte vectors with
+// D ≤ 32·NV·V: the token's row lives in registers as NV vectors per lane, the depth weights in two
+// registers per lane (lane l holds w_l and w_{l+32}), every reduction is a warp shuffle, and expert
+// rows are loaded two at a time.
+//
+// Why: the H200 run (2026-11-30) put the block-per-token kernels (depth_route_kernel.cuh) at 24 %
+// (forward) and 7 % (backward, 0.89× eager) of copy bandwidth. There a 256-thread block holds a
+// D = 768 bf16 row in 96 threads, the expert loop waits on each load, and the backward adds a block
+// reduction (two barriers) per expert. Same arithmetic as those kernels, op for op, except the order
+// of the partial sums. Not yet run on a GPU (emulation-tested; written after the H200 run).
+#pragma once
+#include "fusion/depth_route_kernel.cuh"
+
+namespace raekern::fusion::cuda {
+
+constexpr int kRouteWarps = 4;  // warps (tokens in flight) per block
+
+// First element of vector k of a lane: vectors interleaved across the warp's lanes.
+template <int V>
+__device__ __forceinline__ int lane_col(int lane, int k) {
+  return (lane + k * simt::kWarp) * V;
+}
+
+template <class T, int V, int NV>
+__device__ __forceinline__ void warp_load_row(const T* __restrict__ row, int D, int lane, float (&x)[NV][V]) {
+#pragma unroll
+  for (int k = 0; k < NV; ++k) {
+    const int d0 = lane_col<V>(lane, k);
+    if (d0 < D) {
+      simt::load_vec<T, V>(row + d0, x[k]);
+    } else {
+#pragma unroll
+      for (int j = 0; j < V; ++j) x[k][j] = 0.f;
+    }
+  }
+}
+
+template <class T, int V, int NV>
+__device__ __forceinline__ void warp_store_row(T* __restrict__ row, int D, int lane, const float (&x)[NV][V]) {
+#pragma unroll
+  for (int k = 0; k < NV; ++k) {
+    const int d0 = lane_col<V>(lane, k);
+    if (d0 < D) simt::store_vec<T, V>(row + d0, x[k]);
+  }
+}
+
+// The token's depth weights, lane l holding w_l (w0) and w_{l+32} (w1), as route_weights computes
+// them; *norm = ‖logits‖ for the l2 energy.
+__device__ __forceinline__ void warp_route_weights(const RouteArgs& a, int64_t tok, int lane, float& w0, float& w1,
+                                                   float& norm) {
+  const float* lg = a.logits + tok * a.L;
+  const float a0 = lane < a.L ? lg[lane] : 0.f;
+  const float a1 = lane + simt::kWarp < a.L ? lg[lane + simt::kWarp] : 0.f;
+  w0 = a0, w1 = a1, norm = 0.f;
+  if (a.energy == 0) {
+    norm = fmaxf(sqrtf(simt::warp_sum(a0 * a0 + a1 * a1)), 1e-12f);
+    w0 = __fdividef(a0, norm);
+    w1 = __fdividef(a1, norm);
+  } else if (a.energy == 1) {
+    const float m = simt::warp_max(fmaxf(lane < a.L ? a0 : -3.0e38f, lane + simt::kWarp < a.L ? a1 : -3.0e38f));
+    const float e0 = lane < a.L ? __expf(a0 - m) : 0.f;
+    const float e1 = lane + simt::kWarp < a.L ? __expf(a1 - m) : 0.f;
+    const float s = simt::warp_sum(e0 + e1);
+    w0 = __fdividef(e0, s);
+    w1 = __fdividef(e1, s);
+  }
+}
+
+// w_l on every lane (l is warp-uniform).
+__device__ __forceinline__ float weight_of(float w0, float w1, int l) {
+  return __shfl_sync(simt::kFullMask, l < simt::kWarp ? w0 : w1, l & (simt::kWarp - 1));
+}
+
+template <class T, int V, int NV>
+__device__ __forceinline__ const T* expert_row(const RouteArgs& a, int l, int64_t b, int64_t n) {
+  return static_cast<const T*>(a.expert[l]) + b * a.sb[l] + n * a.sn[l];
+}
+
+// f = Σ_l w_l·e_l, two expert rows in flight at a time.
+template <class T, int V, int NV>
+__device__ __forceinline__ void warp_route_fuse(const RouteArgs& a, int64_t b, int64_t n, int lane, float w0,
+                                                float w1, float (&f)[NV][V]) {
+#pragma unroll
+  for (int k = 0; k < NV; ++k)
+#pragma unroll
+    for (int j = 0; j < V; ++j) f[k][j] = 0.f;
+  int l = 0;
+  for (; l + 1 < a.L; l += 2) {
+    float e0[NV][V], e1[NV][V];
+    warp_load_row<T, V, NV>(expert_row<T, V, NV>(a, l, b, n), a.D, lane, e0);
+    warp_load_row<T, V, NV>(expert_row<T, V, NV>(a, l + 1, b, n), a.D, lane, e1);
+    const float c0 = weight_of(w0, w1, l), c1 = weight_of(w0, w1, l + 1);
+#pragma unroll
+    for (int k = 0; k < NV; ++k)
+#pragma unroll
+      for (int j = 0; j < V; ++j) f[k][j] += c0 * e0[k][j] + c1 * e1[k][j];
+  }
+  if (l < a.L) {
+    float e0[NV][V];
+    warp_load_row<T, V, NV>(expert_row<T, V, NV>(a, l, b, n), a.D, lane, e0);
+    const float c0 = weight_of(w0, w1, l);
+#pragma unroll
+    for (int k = 0; k < NV; ++k)
+#pragma unroll
+      for (int j = 0; j < V; ++j) f[k][j] += c0 * e0[k][j];
+  }
+}
+
+__device__ __forceinline__ float warp_route_gate(const RouteArgs& a, int d) {
+  return d < a.D ? route_gate(a, d) : 0.f;
+}
+
+template <class T, int V, int NV>
+__global__ void __launch_bounds__(kRouteWarps * 32) depth_route_warp_kernel(RouteArgs a, T* __restrict__ out) {
+  const int lane = int(threadIdx.x) % simt::kWarp;
+  const int64_t warps = int64_t(gridDim.x) * kRouteWarps;
+  for (int64_t tok = int64_t(blockIdx.x) * kRouteWarps + int64_t(threadIdx.x) / simt::kWarp; tok < a.tokens;
+       tok += warps) {
+    const int64_t b = tok / a.N, n = tok % a.N;
+    float x[NV][V], f[NV][V], w0, w1, norm;
+    warp_load_row<T, V, NV>(static_cast<const T*>(a.base) + b * a.bsb + n * a.bsn, a.D, lane, x);  // in flight
+    warp_route_weights(a, tok, lane, w0, w1, norm);
+    warp_route_fuse<T, V, NV>(a, b, n, lane, w0, w1, f);
+    if (a.bound == 0) {
+#pragma unroll
+      for (int k = 0; k < NV; ++k)
+#pragma unroll
+        for (int j = 0; j < V; ++j) x[k][j] += warp_route_gate(a, lane_col<V>(lane, k) + j) * tanhf(f[k][j]);
+    } else {
+      float scale = 1.f;
+      if (a.bound == 1) {
+        float ff = 0.f, bb = 0.f;
+#pragma unroll
+        for (int k = 0; k < NV; ++k)
+#pragma unroll
+          for (int j = 0; j < V; ++j) {
+            ff += f[k][j] * f[k][j];
+            bb += x[k][j] * x[k][j];
+          }
+        ff = simt::warp_sum(ff);
+        bb = simt::warp_sum(bb);
+        const float nf = sqrtf(ff), limit = a.cap * sqrtf(bb);
+        scale = nf > limit ? __fdividef(limit, nf) : 1.f;
+      }
+#pragma unroll
+      for (int k = 0; k < NV; ++k)
+#pragma unroll
+        for (int j = 0; j < V; ++j) x[k][j] += scale * f[k][j];
+    }
+    warp_store_row<T, V, NV>(out + tok * a.D, a.D, lane, x);
+  }
+}
+
+// γ-gradient partial of a block: row blockIdx.x of g.dgamma ([gridDim.x, gamma_numel]), its warps'
+// register sums added in warp order through shared memory (smem: kRouteWarps·D floats for a [D] γ).
+template <int V, int NV>
+__device__ __forceinline__ void write_gamma_partial(const RouteArgs& a, const RouteGradArgs& g, int lane,
+                                                    const float (&ggam)[NV][V], float* smem) {
+  const int warp = int(threadIdx.x) / simt::kWarp;
+  if (a.gamma_numel == 1) {
+    float s = 0.f;
+#pragma unroll
+    for (int k = 0; k < NV; ++k)
+#pragma unroll
+      for (int j = 0; j < V; ++j) s += ggam[k][j];
+    s = simt::warp_sum(s);
+    if (lane == 0) smem[warp] = s;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      float t = 0.f;
+      for (int w = 0; w < kRouteWarps; ++w) t += smem[w];
+      g.dgamma[blockIdx.x] = t;
+    }
+    return;
+  }
+  float* mine = smem + int64_t(warp) * a.D;
+#pragma unroll
+  for (int k = 0; k < NV; ++k) {
+    const int d0 = lane_col<V>(lane, k);
+    if (d0 < a.D)
+#pragma unroll
+      for (int j = 0; j < V; ++j) mine[d0 + j] = ggam[k][j];
+  }
+  __syncthreads();
+  float* row = g.dgamma + int64_t(blockIdx.x) * a.D;
+  for (int d = int(threadIdx.x); d < a.D; d += int(blockDim.x)) {
+    float t = 0.f;
+    for (int w = 0; w < kRouteWarps; ++w) t += smem[int64_t(w) * a.D + d];
+    row[d] = t;
+  }
+}
+
+// Backward, warp per token (grid-stride so the γ gradient is accumulated in registers across tokens).
+template <class T, int V, int NV>
+__global__ void __launch_bounds__(kRouteWarps * 32) depth_route_backward_warp_kernel(RouteArgs a, RouteGradArgs g) {
+  RAEKERN_DYNAMIC_SHARED(float, smem);
+  const int lane = int(threadIdx.x) % simt::kWarp;
+  const int64_t warps = int64_t(gridDim.x) * kRouteWarps;
+  float ggam[NV][V] = {};
+  for (int64_t tok = int64_t(blockIdx.x) * kRouteWarps + int64_t(threadIdx.x) / simt::kWarp; tok < a.tokens;
+       tok += warps) {
+    const int64_t b = tok / a.N, n = tok % a.N;
+    float gf[NV][V], w0, w1, norm;
+    warp_load_row<T, V, NV>(static_cast<const T*>(g.grad) + tok * a.D, a.D, lane, gf);  // in flight
+    warp_route_weights(a, tok, lane, w0, w1, norm);
+    {
+      float f[NV][V], gb[NV][V];
+      warp_route_fuse<T, V, NV>(a, b, n, lane, w0, w1, f);
+#pragma unroll
+      for (int k = 0; k < NV; ++k)
+#pragma unroll
+        for (int j = 0; j < V; ++j) gb[k][j] = gf[k][j];
+      if (a.bound == 0) {
+#pragma unroll
+        for (int k = 0; k < NV; ++k)
+#pragma unroll
+          for (int j = 0; j < V; ++j) {
+            const float th = tanhf(f[k][j]);
+            ggam[k][j] += gf[k][j] * th;
+            gf[k][j] = gf[k][j] * warp_route_gate(a, lane_col<V>(lane, k) + j) * (1.f - th * th);
+          }
+      } else if (a.bound == 1) {
+        float x[NV][V];
+        warp_load_row<T, V, NV>(static_cast<const T*>(a.base) + b * a.bsb + n * a.bsn, a.D, lane, x);
+        float ff = 0.f, bb = 0.f, fg = 0.f;
+#pragma unroll
+        for (int k = 0; k < NV; ++k)
+#pragma unroll
+          for (int j = 0; j < V; ++j) {
+            ff += f[k][j] * f[k][j];
+            bb += x[k][j] * x[k][j];
+            fg += f[k][j] * gf[k][j];
+          }
+        ff = simt::warp_sum(ff);
+        bb = simt::warp_sum(bb);
+        fg = simt::warp_sum(fg);
+        const float nf = sqrtf(ff), nb = sqrtf(bb), limit = a.cap * nb;
+        if (!(nf <= limit)) {  // NaN norms too: NaN gradients, as the CPU kernel and the reference
+          const float fgn = __fdividef(fg, nf), sc = __fdividef(limit, nf);
+          const float cb = nb > 0.f ? __fdividef(a.cap * fgn, nb) : 0.f;
+          const float fgnn = __fdividef(fgn, nf);
+#pragma unroll
+          for (int k = 0; k < NV; ++k)
+#pragma unroll
+            for (int j = 0; j < V; ++j) {
+              gf[k][j] = sc * (gf[k][j] - f[k][j] * fgnn);
+              gb[k][j] += cb * x[k][j];
+            }
+        }
+      }
+      warp_store_row<T, V, NV>(static_cast<T*>(g.dbase) + tok * a.D, a.D, lane, gb);
+    }
+    // d expert_l = w_l·gf; d w_l = gf·e_l, kept by lane l (gw0) or l − 32 (gw1).
+    // Two expert rows in flight, except for the widest rows (fp32 D = 1024 would need 255 registers).
+    constexpr bool kPairs = NV * V < 32;
+    float gw0 = 0.f, gw1 = 0.f;
+    for (int l = 0; l < a.L; l += kPairs ? 2 : 1) {
+      const bool two = kPairs && l + 1 < a.L;
+      float e0[NV][V], e1[NV][V];
+      warp_load_row<T, V, NV>(expert_row<T, V, NV>(a, l, b, n), a.D, lane, e0);
+      if (two) warp_load_row<T, V, NV>(expert_row<T, V, NV>(a, l + 1, b, n), a.D, lane, e1);
+      const float c0 = weight_of(w0, w1, l), c1 = two ? weight_of(w0, w1, l + 1) : 0.f;
+      float d0 = 0.f, d1 = 0.f;
+#pragma unroll
+      for (int k = 0; k < NV; ++k)
+#pragma unroll
+        for (int j = 0; j < V; ++j) {
+          d0 += gf[k][j] * e0[k][j];
+          e0[k][j] = c0 * gf[k][j];
+          if (two) {
+            d1 += gf[k][j] * e1[k][j];
+            e1[k][j] = c1 * gf[k][j];
+          }
+        }
+      warp_store_row<T, V, NV>(static_cast<T*>(g.dexpert[l]) + tok * a.D, a.D, lane, e0);
+      if (two) warp_store_row<T, V, NV>(static_cast<T*>(g.dexpert[l + 1]) + tok * a.D, a.D, lane, e1);
+      d0 = simt::warp_sum(d0);
+      d1 = simt::warp_sum(d1);
+      if ((l & (simt::kWarp - 1)) == lane) (l < simt::kWarp ? gw0 : gw1) = d0;
+      if (two && ((l + 1) & (simt::kWarp - 1)) == lane) (l + 1 < simt::kWarp ? gw0 : gw1) = d1;
+    }
+    const bool has0 = lane < a.L, has1 = lane + simt::kWarp < a.L;
+    const float dot = simt::warp_sum((has0 ? w0 * gw0 : 0.f) + (has1 ? w1 * gw1 : 0.f));
+    float* dl = g.dlogits + tok * a.L;
+    auto logit_grad = [&](float w, float gw) {
+      if (a.energy == 0) return __fdividef(norm <= 1e-12f ? gw : gw - w * dot, norm);
+      if (a.energy == 1) return w * (gw - dot);
+      return gw;
+    };
+    if (has0) dl[lane] = logit_grad(w0, gw0);
+    if (has1) dl[lane + simt::kWarp] = logit_grad(w1, gw1);
+  }
+  if (g.dgamma) write_gamma_partial<V, NV>(a, g, lane, ggam, smem);
+}
+
+// f(kernel_pair): the forward and backward instances for nv vectors per lane (kRouteNv buckets).
+template <class T, int V, class F>
+void with_route_warp_kernels(int nv, F&& f) {
+  switch (nv) {
+    case 1: f(&depth_route_warp_kernel<T, V, 1>, &depth_route_backward_warp_kernel<T, V, 1>); break;
+    case 2: f(&depth_route_warp_kernel<T, V, 2>, &depth_route_backward_warp_kernel<T, V, 2>); break;
+    case 3: f(&depth_route_warp_kernel<T, V, 3>, &depth_route_backward_warp_kernel<T, V, 3>); break;
+    case 4: f(&depth_route_warp_kernel<T, V, 4>, &depth_route_backward_warp_kernel<T, V, 4>); break;
+    case 6:
+      if constexpr (V <= 4) f(&depth_route_warp_kernel<T, V, 6>, &depth_route_backward_warp_kernel<T, V, 6>);
+      break;
+    case 8:
+      if constexpr (V <= 4) f(&depth_route_warp_kernel<T, V, 8>, &depth_route_backward_warp_kernel<T, V, 8>);
+      break;
+    default: break;
+  }
+}
+
+}  // namespace raekern::fusion::cuda
