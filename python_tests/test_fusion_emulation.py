@@ -161,6 +161,32 @@ def test_layer_stack_fuse_schedules_agree():
         assert torch.equal(o, outs[0])
 
 
+# The two tokens-major layer_stack_fuse forwards: warp per token (rows of 16-byte vectors with D <= 1024,
+# the default) and block per token (RAEKERN_FUSION_KERNEL=block, scalar rows, D > 1024), at the edges of
+# the warp kernel's register buckets and past the last, with every reduction and the token mean.
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("D", [8, 264, 768, 1024, 1032])
+@pytest.mark.parametrize("mode", ["mean", "sum_raw", "token_w_last_mean", "layer_w"])
+def test_layer_stack_fuse_kernels_agree(kern, monkeypatch, dtype, D, mode):
+    B, T, P, L = 2, 6, 1, 3
+    torch.manual_seed(D)
+    hs = _layers(L, B, T, D, dtype, "list")
+    kw = _stack_kwargs(mode, B, T - P, L, D, None)
+    results = {}
+    for kernel in ("warp", "block"):
+        if kernel == "block":
+            monkeypatch.setenv("RAEKERN_FUSION_KERNEL", "block")
+        else:
+            monkeypatch.delenv("RAEKERN_FUSION_KERNEL", raising=False)
+        results[kernel] = kern.layer_stack_fuse(*_stack_op_args(hs, kw, P))
+    monkeypatch.delenv("RAEKERN_FUSION_KERNEL", raising=False)
+    ref = _stack_reference(hs, kw, P)
+    for kernel, out in results.items():
+        _close(out, ref, FWD_TOL[dtype], f"{kernel}: layer_stack_fuse {mode}")
+    torch.testing.assert_close(results["warp"].float(), results["block"].float(), rtol=FWD_TOL[dtype][0],
+                               atol=FWD_TOL[dtype][1])
+
+
 # ------------------------------------------------------------------------------------------------
 # depth_route
 
@@ -249,7 +275,7 @@ def test_depth_route_norm_cap_nan_reaches_the_gradients(kern):
 
 
 # The two depth_route kernel pairs: warp per token (rows of 16-byte vectors with D <= 1024, the
-# default) and block per token (RAEKERN_DEPTH_ROUTE=block, scalar rows, D > 1024). Widths at the edges
+# default) and block per token (RAEKERN_FUSION_KERNEL=block, scalar rows, D > 1024). Widths at the edges
 # of the warp kernels' register buckets and past the last; L = 33 and 48 put weights in both registers
 # of a lane; few "SMs" make each warp stride over several tokens (γ's gradient summed across them).
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -266,13 +292,13 @@ def test_depth_route_kernels_agree(kern, monkeypatch, dtype, D, L, route):
     results = {}
     for kernel in ("warp", "block"):
         if kernel == "block":
-            monkeypatch.setenv("RAEKERN_DEPTH_ROUTE", "block")
+            monkeypatch.setenv("RAEKERN_FUSION_KERNEL", "block")
         else:
-            monkeypatch.delenv("RAEKERN_DEPTH_ROUTE", raising=False)
+            monkeypatch.delenv("RAEKERN_FUSION_KERNEL", raising=False)
         out = kern.depth_route(experts, logits, base, energy, bound, gamma, cap or 0.0)
         results[kernel] = (out, *kern.depth_route_backward(grad, experts, logits, base, energy, bound, gamma,
                                                            cap or 0.0))
-    monkeypatch.delenv("RAEKERN_DEPTH_ROUTE", raising=False)
+    monkeypatch.delenv("RAEKERN_FUSION_KERNEL", raising=False)
     leaves = [e.detach().double().requires_grad_() for e in experts]
     lg, b64 = logits.double().requires_grad_(), base.double().requires_grad_()
     g64 = gamma.double().requires_grad_() if gamma is not None else None

@@ -9,7 +9,6 @@
 #include <vector>
 
 #include "fusion/cuda_dispatch.h"
-#include "common/env_switch.h"
 #include "fusion/depth_route_warp_kernel.cuh"
 #include "fusion/fusion_args.h"
 #include "fusion/launch_shape.h"
@@ -22,25 +21,17 @@ namespace raekern::fusion::cuda {
 // registers and written with one atomic per element per block.
 constexpr int64_t kRouteBwdBlocksPerSm = 8;
 
-// Warp-per-token kernels (depth_route_warp_kernel.cuh) for rows of 16-byte vectors of at most
-// kRouteMaxFloats per lane (D ≤ 1024 for every dtype; no register spills); NV buckets below.
-constexpr int kRouteNv[] = {1, 2, 3, 4, 6, 8};
-constexpr int64_t kRouteMaxFloats = 32;
-// Backward blocks (of kRouteWarps warps) per SM: the grid strides over tokens and each block writes
-// one partial row of the γ gradient.
+// Backward blocks (of kRouteWarps warps) per SM of the warp-per-token kernels: the grid strides over
+// tokens and each block writes one partial row of the γ gradient.
 constexpr int64_t kRouteWarpBwdBlocksPerSm = 4;
 
-// RAEKERN_DEPTH_ROUTE=block keeps the block-per-token kernels (the ones of the first H200 run), for
-// measuring one against the other; read at each launch.
-inline bool route_warp_enabled() { return !env_equals("RAEKERN_DEPTH_ROUTE", "block"); }
-
-// Vectors per lane of the warp kernels for D elements in vectors of V, or 0 when they do not apply.
-inline int route_nv(bool vec, int64_t D, int64_t V) {
-  if (!vec || D <= 0 || !route_warp_enabled()) return 0;
-  const int64_t per_lane = (D / V + simt::kWarp - 1) / simt::kWarp;
-  for (int nv : kRouteNv)
-    if (nv >= per_lane && nv * V <= kRouteMaxFloats) return nv;
-  return 0;
+// f(forward, backward): the instances for nv vectors per lane (launch_shape.h's kWarpRowNv buckets).
+template <class T, int V, class F>
+void with_route_warp_kernels(int nv, F&& f) {
+  with_warp_nv<V>(nv, [&](auto c) {
+    constexpr int NV = decltype(c)::value;
+    f(&depth_route_warp_kernel<T, V, NV>, &depth_route_backward_warp_kernel<T, V, NV>);
+  });
 }
 
 template <class Dev>
@@ -95,7 +86,7 @@ at::Tensor depth_route_op(at::TensorList experts, const at::Tensor& router_logit
       constexpr int V = kV<T, decltype(vec)::value>;
       constexpr int ITEMS = kItems<decltype(vec)::value>;
       if constexpr (decltype(vec)::value) {  // (no warp kernels for scalar rows)
-        if (const int nv = route_nv(true, s.D, V); nv > 0) {
+        if (const int nv = warp_row_nv(true, s.D, V); nv > 0) {
           const int64_t blocks = std::min<int64_t>((s.B * s.N + kRouteWarps - 1) / kRouteWarps, int64_t(1) << 30);
           with_route_warp_kernels<T, V>(nv, [&](auto fwd, auto) {
             dev.launch(fwd, dim3(unsigned(blocks)), dim3(kRouteWarps * 32), 0, a, static_cast<T*>(outp));
@@ -146,7 +137,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor> depth_ro
     all.push_back(gbase);
     all.push_back(ge[0]);
     const bool vec_rows = rows_vectorizable(all, s.D, base.element_size());
-    const int nv = route_nv(vec_rows, s.D, 16 / base.element_size());
+    const int nv = warp_row_nv(vec_rows, s.D, 16 / base.element_size());
     const unsigned blocks =
         nv > 0 ? unsigned(std::min<int64_t>((s.B * s.N + kRouteWarps - 1) / kRouteWarps,
                                             dev.workers(base) * kRouteWarpBwdBlocksPerSm))

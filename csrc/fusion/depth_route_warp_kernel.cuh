@@ -10,39 +10,11 @@
 // of the partial sums. Not yet run on a GPU (emulation-tested; written after the H200 run).
 #pragma once
 #include "fusion/depth_route_kernel.cuh"
+#include "fusion/warp_row.cuh"
 
 namespace raekern::fusion::cuda {
 
 constexpr int kRouteWarps = 4;  // warps (tokens in flight) per block
-
-// First element of vector k of a lane: vectors interleaved across the warp's lanes.
-template <int V>
-__device__ __forceinline__ int lane_col(int lane, int k) {
-  return (lane + k * simt::kWarp) * V;
-}
-
-template <class T, int V, int NV>
-__device__ __forceinline__ void warp_load_row(const T* __restrict__ row, int D, int lane, float (&x)[NV][V]) {
-#pragma unroll
-  for (int k = 0; k < NV; ++k) {
-    const int d0 = lane_col<V>(lane, k);
-    if (d0 < D) {
-      simt::load_vec<T, V>(row + d0, x[k]);
-    } else {
-#pragma unroll
-      for (int j = 0; j < V; ++j) x[k][j] = 0.f;
-    }
-  }
-}
-
-template <class T, int V, int NV>
-__device__ __forceinline__ void warp_store_row(T* __restrict__ row, int D, int lane, const float (&x)[NV][V]) {
-#pragma unroll
-  for (int k = 0; k < NV; ++k) {
-    const int d0 = lane_col<V>(lane, k);
-    if (d0 < D) simt::store_vec<T, V>(row + d0, x[k]);
-  }
-}
 
 // The token's depth weights, lane l holding w_l (w0) and w_{l+32} (w1), as route_weights computes
 // them; *norm = ‖logits‖ for the l2 energy.
@@ -116,7 +88,7 @@ __global__ void __launch_bounds__(kRouteWarps * 32) depth_route_warp_kernel(Rout
   const int64_t warps = int64_t(gridDim.x) * kRouteWarps;
   for (int64_t tok = int64_t(blockIdx.x) * kRouteWarps + int64_t(threadIdx.x) / simt::kWarp; tok < a.tokens;
        tok += warps) {
-    const int64_t b = tok / a.N, n = tok % a.N;
+    const int64_t b = tok / a.N, n = tok - b * a.N;
     float x[NV][V], f[NV][V], w0, w1, norm;
     warp_load_row<T, V, NV>(static_cast<const T*>(a.base) + b * a.bsb + n * a.bsn, a.D, lane, x);  // in flight
     warp_route_weights(a, tok, lane, w0, w1, norm);
@@ -199,7 +171,7 @@ __global__ void __launch_bounds__(kRouteWarps * 32) depth_route_backward_warp_ke
   float ggam[NV][V] = {};
   for (int64_t tok = int64_t(blockIdx.x) * kRouteWarps + int64_t(threadIdx.x) / simt::kWarp; tok < a.tokens;
        tok += warps) {
-    const int64_t b = tok / a.N, n = tok % a.N;
+    const int64_t b = tok / a.N, n = tok - b * a.N;
     float gf[NV][V], w0, w1, norm;
     warp_load_row<T, V, NV>(static_cast<const T*>(g.grad) + tok * a.D, a.D, lane, gf);  // in flight
     warp_route_weights(a, tok, lane, w0, w1, norm);
@@ -291,24 +263,6 @@ __global__ void __launch_bounds__(kRouteWarps * 32) depth_route_backward_warp_ke
     if (has1) dl[lane + simt::kWarp] = logit_grad(w1, gw1);
   }
   if (g.dgamma) write_gamma_partial<V, NV>(a, g, lane, ggam, smem);
-}
-
-// f(kernel_pair): the forward and backward instances for nv vectors per lane (kRouteNv buckets).
-template <class T, int V, class F>
-void with_route_warp_kernels(int nv, F&& f) {
-  switch (nv) {
-    case 1: f(&depth_route_warp_kernel<T, V, 1>, &depth_route_backward_warp_kernel<T, V, 1>); break;
-    case 2: f(&depth_route_warp_kernel<T, V, 2>, &depth_route_backward_warp_kernel<T, V, 2>); break;
-    case 3: f(&depth_route_warp_kernel<T, V, 3>, &depth_route_backward_warp_kernel<T, V, 3>); break;
-    case 4: f(&depth_route_warp_kernel<T, V, 4>, &depth_route_backward_warp_kernel<T, V, 4>); break;
-    case 6:
-      if constexpr (V <= 4) f(&depth_route_warp_kernel<T, V, 6>, &depth_route_backward_warp_kernel<T, V, 6>);
-      break;
-    case 8:
-      if constexpr (V <= 4) f(&depth_route_warp_kernel<T, V, 8>, &depth_route_backward_warp_kernel<T, V, 8>);
-      break;
-    default: break;
-  }
 }
 
 }  // namespace raekern::fusion::cuda

@@ -20,6 +20,7 @@
 #include <type_traits>
 
 #include "common/checks.h"
+#include "common/env_switch.h"
 #include "fusion/fusion_kernel_common.cuh"
 
 namespace raekern::fusion::cuda {
@@ -54,6 +55,44 @@ void with_layout(at::TensorList ts, int64_t D, int64_t elem, const char* op, con
     RAEKERN_CHECK(D <= kScalarItems * kThreads, op, arg, "width D = ", D, " exceeds the CUDA kernel's limit of ",
                   kScalarItems * kThreads, " for unaligned rows");
     f(std::false_type{});
+  }
+}
+
+// Warp-per-token kernels (warp_row.cuh): vectors per lane NV from these buckets, at most
+// kWarpRowMaxFloats fp32 values of a row per lane (D ≤ 1024 for every dtype; no register spills).
+constexpr int kWarpRowNv[] = {1, 2, 3, 4, 6, 8};
+constexpr int64_t kWarpRowMaxFloats = 32;
+
+// RAEKERN_FUSION_KERNEL=block keeps layer_stack_fuse and depth_route on their block-per-token kernels
+// (the ones of the first H200 run), for measuring one against the other; read at each launch.
+inline bool warp_rows_enabled() { return !env_equals("RAEKERN_FUSION_KERNEL", "block"); }
+
+// NV for a row of D elements in vectors of V, or 0 when the warp kernels do not apply (scalar rows,
+// rows wider than the buckets, or switched off).
+inline int warp_row_nv(bool vec, int64_t D, int64_t V) {
+  if (!vec || D <= 0 || !warp_rows_enabled()) return 0;
+  const int64_t per_lane = (D / V + simt::kWarp - 1) / simt::kWarp;
+  for (int nv : kWarpRowNv)
+    if (nv >= per_lane && nv * V <= kWarpRowMaxFloats) return nv;
+  return 0;
+}
+
+// f(integral_constant<int, NV>) for a runtime NV of kWarpRowNv (the widest buckets only for vectors
+// of at most 4 elements, where NV·V stays within kWarpRowMaxFloats).
+template <int V, class F>
+void with_warp_nv(int nv, F&& f) {
+  switch (nv) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 6:
+      if constexpr (V <= 4) f(std::integral_constant<int, 6>{});
+      break;
+    case 8:
+      if constexpr (V <= 4) f(std::integral_constant<int, 8>{});
+      break;
+    default: break;
   }
 }
 

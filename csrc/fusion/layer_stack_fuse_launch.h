@@ -12,7 +12,7 @@
 #include "fusion/cuda_dispatch.h"
 #include "fusion/fusion_args.h"
 #include "fusion/launch_shape.h"
-#include "fusion/layer_stack_fuse_kernel.cuh"
+#include "fusion/layer_stack_fuse_warp_kernel.cuh"
 #include "fusion/ordered_sum.h"
 #include "common/output_alloc.h"
 
@@ -96,6 +96,16 @@ at::Tensor layer_stack_fuse_op(at::TensorList layers, const std::optional<at::Te
         dev.launch(layer_stack_fuse_cf_kernel<T, V, ITEMS>, grid, dim3(kThreads), smem, a, tile,
                    static_cast<T*>(outp));
       } else {
+        if constexpr (decltype(vec)::value) {  // (no warp kernel for scalar rows)
+          if (const int nv = warp_row_nv(true, s.D, V); nv > 0) {
+            const int64_t blocks = std::min<int64_t>((s.B * s.N + kStackWarps - 1) / kStackWarps, int64_t(1) << 30);
+            with_warp_nv<V>(nv, [&](auto c) {
+              dev.launch(layer_stack_fuse_warp_kernel<T, V, decltype(c)::value>, dim3(unsigned(blocks)),
+                         dim3(kStackWarps * 32), 0, a, static_cast<T*>(outp));
+            });
+            return;
+          }
+        }
         dev.launch(layer_stack_fuse_kernel<T, V, ITEMS>, dim3(unsigned(s.B * s.N)), dim3(kThreads), 0, a,
                    static_cast<T*>(outp));
       }

@@ -41,11 +41,11 @@ def _lazy_grads(make_out, inputs, grad):
 
 
 def _with_block_kernel(device, impls):
-    """On CUDA, also the block-per-token depth_route kernels (the only ones of the first H200 run),
-    against the default warp-per-token ones in the same run; the variable is read at launch."""
+    """On CUDA, also the block-per-token kernels (the only ones of the first H200 run), against the
+    default warp-per-token ones in the same run; the variable is read at launch."""
     if device.startswith("cuda"):
         run = impls["raekern"]
-        impls["block_kernel"] = lambda: with_env("RAEKERN_DEPTH_ROUTE", "block", run)
+        impls["block_kernel"] = lambda: with_env("RAEKERN_FUSION_KERNEL", "block", run)
     return impls
 
 
@@ -70,8 +70,9 @@ def _cases_for(device: str, dtype: torch.dtype, quick: bool) -> list[Case]:
     comp = compiled(lambda hs: _fuse_math(hs, P, 1e-5))
     cases.append(Case(
         "fusion", "layer_stack_fuse fwd", shape, dtype,
-        impls={"raekern": lambda: fu.layer_stack_fuse(layers, skip_tokens=P, eps=1e-5, add_last_token_mean=True),
-               "eager": eager, "compile": lambda: comp(layers)},
+        impls=_with_block_kernel(device, {
+            "raekern": lambda: fu.layer_stack_fuse(layers, skip_tokens=P, eps=1e-5, add_last_token_mean=True),
+            "eager": eager, "compile": lambda: comp(layers)}),
         bytes=(K + 1) * B * N * D * es, notes="RAEv2 K=7 (mean + last-layer token mean)"))
 
     req = [h.detach().clone().requires_grad_() for h in layers]
