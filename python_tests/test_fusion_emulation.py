@@ -161,9 +161,10 @@ def test_layer_stack_fuse_schedules_agree():
         assert torch.equal(o, outs[0])
 
 
-# The two tokens-major layer_stack_fuse forwards: warp per token (rows of 16-byte vectors with D <= 1024,
-# the default) and block per token (RAEKERN_FUSION_KERNEL=block, scalar rows, D > 1024), at the edges of
-# the warp kernel's register buckets and past the last, with every reduction and the token mean.
+# The two tokens-major layer_stack_fuse kernel pairs: warp per token (rows of 16-byte vectors with
+# D <= 1024, the default; its backward also writes the prefix rows' zeros) and block per token
+# (RAEKERN_FUSION_KERNEL=block, scalar rows, D > 1024), at the edges of the warp kernels' register
+# buckets and past the last, with every reduction and the token mean, forward and backward.
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("D", [8, 264, 768, 1024, 1032])
 @pytest.mark.parametrize("mode", ["mean", "sum_raw", "token_w_last_mean", "layer_w"])
@@ -172,18 +173,34 @@ def test_layer_stack_fuse_kernels_agree(kern, monkeypatch, dtype, D, mode):
     torch.manual_seed(D)
     hs = _layers(L, B, T, D, dtype, "list")
     kw = _stack_kwargs(mode, B, T - P, L, D, None)
+    grad = torch.randn(B, T - P, D).to(dtype)
+    wgrad = kw["weights"] is not None
+    emu.fusion_launch_config(1)
     results = {}
     for kernel in ("warp", "block"):
         if kernel == "block":
             monkeypatch.setenv("RAEKERN_FUSION_KERNEL", "block")
         else:
             monkeypatch.delenv("RAEKERN_FUSION_KERNEL", raising=False)
-        results[kernel] = kern.layer_stack_fuse(*_stack_op_args(hs, kw, P))
+        out = kern.layer_stack_fuse(*_stack_op_args(hs, kw, P))
+        grads = kern.layer_stack_fuse_backward(grad, hs, kw["weights"], P, kw["normalize"], kw["eps"], kw["reduce"],
+                                               kw["add_last_token_mean"], False, None, 1e-5, wgrad)
+        results[kernel] = (out, *grads)
     monkeypatch.delenv("RAEKERN_FUSION_KERNEL", raising=False)
-    ref = _stack_reference(hs, kw, P)
-    for kernel, out in results.items():
-        _close(out, ref, FWD_TOL[dtype], f"{kernel}: layer_stack_fuse {mode}")
-    torch.testing.assert_close(results["warp"].float(), results["block"].float(), rtol=FWD_TOL[dtype][0],
+    leaves = [h.detach().double().requires_grad_() for h in hs]
+    kw64 = dict(kw)
+    if wgrad:
+        kw64["weights"] = kw["weights"].double().requires_grad_()
+    ref = _stack_reference(leaves, kw64, P)
+    want = torch.autograd.grad(ref, leaves + ([kw64["weights"]] if wgrad else []), grad.double())
+    for kernel, (out, dl, dw) in results.items():
+        _close(out, ref.detach(), FWD_TOL[dtype], f"{kernel}: layer_stack_fuse {mode}")
+        for l in range(L):
+            assert torch.equal(dl[l][:, :P], torch.zeros_like(dl[l][:, :P])), f"{kernel}: prefix rows of layer {l}"
+            _close(dl[l], want[l], BWD_TOL[dtype], f"{kernel}: grad layer {l}")
+        if wgrad:
+            _close(dw, want[L], BWD_TOL[dtype], f"{kernel}: grad weights")
+    torch.testing.assert_close(results["warp"][0].float(), results["block"][0].float(), rtol=FWD_TOL[dtype][0],
                                atol=FWD_TOL[dtype][1])
 
 

@@ -135,8 +135,17 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> layer_stack_fuse_backward_op(
   for (int64_t l = 0; l < s.L; ++l) {
     dl.push_back(::raekern::empty_output({s.B, s.T, s.D}, layers[0].options()));
     dev.fresh(dl.back());
-    if (s.P > 0) dl.back().narrow(1, 0, s.P).zero_();
   }
+  // The warp kernel writes every row (zeros for the prefix tokens); the block kernels only the patch
+  // tokens' rows, so the prefix rows are zeroed here for them.
+  std::vector<at::Tensor> all(layers.begin(), layers.end());
+  all.push_back(dl[0]);
+  if (!channels_first) all.push_back(grad);
+  const int nv = channels_first || s.B * s.N == 0 ? 0
+                                                  : warp_row_nv(rows_vectorizable(all, s.D, layers[0].element_size()),
+                                                                s.D, 16 / layers[0].element_size());
+  if (nv == 0 && s.P > 0)
+    for (auto& t : dl) t.narrow(1, 0, s.P).zero_();
   const bool want_dw = weights_grad && weights.has_value();
   at::Tensor dw = want_dw ? at::zeros(weights->sizes(), layers[0].options().dtype(at::kFloat))
                           : ::raekern::empty_output({0}, layers[0].options().dtype(weights.has_value() ? weights->scalar_type()
@@ -147,7 +156,8 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> layer_stack_fuse_backward_op(
     StackArgs a = stack_args(dev, layers, s, w, normalize, eps, at::Tensor(), v, latent_eps, op);
     StackGradArgs g{};
     // The prefix rows were zeroed above; the kernel writes the others.
-    for (int64_t l = 0; l < s.L; ++l) g.dlayer[l] = s.P > 0 ? dev.inout(dl[l], "grad_layers") : dev.out(dl[l], "grad_layers");
+    for (int64_t l = 0; l < s.L; ++l)
+      g.dlayer[l] = s.P > 0 && nv == 0 ? dev.inout(dl[l], "grad_layers") : dev.out(dl[l], "grad_layers");
     g.grad = dev.in(grad, "grad");
     // [L] weights: every token writes its row of a [B·N, L] buffer, summed in token order below.
     const bool layer_w = want_dw && weights->dim() == 1;
@@ -157,9 +167,6 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> layer_stack_fuse_backward_op(
     Parts gm;
     if (add_last_token_mean)
       gm = make_parts(dev, s.B, std::min<int64_t>(s.N, kMeanBlocks), s.D, layers[0].options(), "grad_token_mean");
-    std::vector<at::Tensor> all(layers.begin(), layers.end());
-    all.push_back(dl[0]);
-    if (!channels_first) all.push_back(grad);
     RAEKERN_FUSION_DISPATCH_CUDA(layers[0].scalar_type(), "layer_stack_fuse_backward_cuda", [&] {
       using T = typename Dev::template elem<scalar_t>;
       with_layout(all, s.D, sizeof(T), op, "layers", [&](auto vec) {
@@ -177,6 +184,17 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> layer_stack_fuse_backward_op(
           const size_t smem = size_t(tile) * size_t(cf_pitch(int(s.D))) * sizeof(float);
           dev.launch(layer_stack_fuse_backward_cf_kernel<T, V, ITEMS>, grid, dim3(kThreads), smem, a, g, tile);
         } else {
+          if constexpr (decltype(vec)::value) {  // (no warp kernel for scalar rows)
+            if (nv > 0) {
+              const int64_t blocks =
+                  std::min<int64_t>((s.B * s.T + kStackWarps - 1) / kStackWarps, int64_t(1) << 30);
+              with_warp_nv<V>(nv, [&](auto c) {
+                dev.launch(layer_stack_fuse_backward_warp_kernel<T, V, decltype(c)::value>, dim3(unsigned(blocks)),
+                           dim3(kStackWarps * 32), 0, a, g);
+              });
+              return;
+            }
+          }
           dev.launch(layer_stack_fuse_backward_kernel<T, V, ITEMS>, dim3(unsigned(s.B * s.N)), dim3(kThreads), 0, a,
                      g);
         }

@@ -81,7 +81,7 @@ def _cases_for(device: str, dtype: torch.dtype, quick: bool) -> list[Case]:
            "eager": lambda: _fuse_math(req, P, 1e-5), "compile": lambda: comp(req)}
     cases.append(Case(
         "fusion", "layer_stack_fuse bwd", shape, dtype,
-        impls={k: _lazy_grads(f, req, g) for k, f in fwd.items()},
+        impls=_with_block_kernel(device, {k: _lazy_grads(f, req, g) for k, f in fwd.items()}),
         # K layers read (patch tokens) and grad; the K layer gradients are full [B, T, D] (prefix rows 0)
         bytes=(K * N + N + K * T) * B * D * es, notes="gradients of all K layers"))
 
