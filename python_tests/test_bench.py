@@ -127,3 +127,30 @@ def test_gpu_cases_use_one_timing_for_every_implementation(monkeypatch):
     assert row["host_timed"].startswith("eager: RuntimeError")
     slow = registry.Case("x", "n", "s", torch.float32, {"raekern": lambda: 1}, cuda_graph=False)
     assert runner.run_case(slow, "cuda", 0.01)["timing"] == "host loop"
+
+
+def test_gpu_memory_bound_cases_report_a_copy_of_the_same_bytes(monkeypatch):
+    """GPU rows of memory-bound cases carry the time of a copy moving the same bytes, timed the same way,
+    and the table shows the op's fraction of it; a reference that cannot be timed is reported, not fatal.
+    (Fakes only: the graph timer itself needs a GPU.)"""
+    import torch
+    from raekern.bench import registry, runner
+
+    monkeypatch.setattr(runner, "time_cuda_graph", lambda fn, device, **kw: (fn(), 4e-5)[1])
+    monkeypatch.setattr(runner, "time_copy_same_size", lambda nbytes, device: nbytes / 4e12)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    case = registry.Case("x", "op", "s", torch.float32, {"raekern": lambda: 1, "eager": lambda: 2}, bytes=80_000_000)
+    row = runner.run_case(case, "cuda", 0.01)
+    runner.derive(row, 4000.0, None)
+    assert row["copy_same_s"] == 2e-5 and abs(row["pct_copy_same_size"] - 50.0) < 1e-9
+    assert "%copy@size" in runner.format_table([row]) and "50%" in runner.format_table([row])
+
+    def broken(nbytes, device):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(runner, "time_copy_same_size", broken)
+    row = runner.run_case(case, "cuda", 0.01)
+    runner.derive(row, 4000.0, None)
+    assert "copy_same_size" in row["errors"] and "pct_copy_same_size" not in row
+    cpu = runner.run_case(registry.Case("x", "op", "s", torch.float32, {"raekern": lambda: 1}, bytes=8), "cpu", 0.01)
+    assert "copy_same_s" not in cpu and "%copy@size" not in runner.format_table([cpu])

@@ -108,6 +108,25 @@ def measure_copy_bandwidth(device: str = "cpu", nbytes: int | None = None) -> fl
     return 2 * nbytes / t / 1e9
 
 
+_COPY_SAME: dict[tuple[str, int], float] = {}
+
+
+def time_copy_same_size(nbytes: int, device: str, min_time: float = 0.1) -> float:
+    """Device seconds of a copy moving `nbytes` in total (nbytes/2 read + nbytes/2 written), timed as the
+    GPU cases are (CUDA-graph replay, L2 flushed). The bar a memory-bound op of that size can reach:
+    at the 5-50 MB of the issue shapes a copy itself stays well below the large-copy bandwidth (launch
+    and ramp-up are a few µs at 4 TB/s), so "% of copy bandwidth" alone mixes the kernel's quality with
+    the size of the problem. Cached per size."""
+    key = (str(torch.device(device)), int(nbytes))
+    if key not in _COPY_SAME:
+        n = max(1, int(nbytes) // 8)  # float32 elements per side
+        src = torch.ones(n, dtype=torch.float32, device=device)
+        dst = torch.empty_like(src)
+        _COPY_SAME[key] = time_cuda_graph(lambda: dst.copy_(src), device, min_time=min_time)
+        del src, dst
+    return _COPY_SAME[key]
+
+
 def measure_gemm_tflops(device: str = "cuda", n: int = 8192, dtype=torch.bfloat16) -> float:
     """Practical dense peak: one large square GEMM."""
     a = torch.randn(n, n, device=device, dtype=dtype)

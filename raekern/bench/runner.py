@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 
 from raekern.bench import registry
-from raekern.bench.machine import (machine_facts, measure_copy_bandwidth, measure_gemm_tflops, time_cuda_graph,
-                                   time_fn)
+from raekern.bench.machine import (machine_facts, measure_copy_bandwidth, measure_gemm_tflops, time_copy_same_size,
+                                   time_cuda_graph, time_fn)
 
 ROUNDS = 3
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
@@ -78,6 +78,11 @@ def run_case(case: registry.Case, device: str, min_time: float, skip: tuple[str,
     row["times"] = {k: v for k, v in best.items() if k not in row["errors"]}
     if device.startswith("cuda"):
         row["timing"] = "device time: CUDA-graph replay, L2 flushed" if use_graph else "host loop"
+        if use_graph and case.bytes and "raekern" in row["times"]:
+            try:  # the same-size copy, timed the same way (see time_copy_same_size)
+                row["copy_same_s"] = time_copy_same_size(case.bytes, device)
+            except Exception as e:  # noqa: BLE001 - a reference that cannot be timed is reported, not fatal
+                row["errors"]["copy_same_size"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
     return row
 
 
@@ -88,6 +93,8 @@ def derive(row: dict, bandwidth: float, peak_tflops: float | None) -> None:
     if rk and row["bytes"]:
         row["gbps"] = row["bytes"] / rk / 1e9
         row["pct_bandwidth"] = 100 * row["gbps"] / bandwidth
+        if row.get("copy_same_s"):
+            row["pct_copy_same_size"] = 100 * row["copy_same_s"] / rk
     if rk and row["flops"]:
         row["tflops"] = row["flops"] / rk / 1e12
         if peak_tflops:
@@ -96,7 +103,9 @@ def derive(row: dict, bandwidth: float, peak_tflops: float | None) -> None:
 
 def format_table(rows: list[dict]) -> str:
     baselines = sorted({k for r in rows for k in r.get("speedup", {})})
-    head = ["case", "shape", "dtype", "raekern", "GB/s|TF/s", "%bw|%peak"] + [f"vs {b}" for b in baselines]
+    same = any("pct_copy_same_size" in r for r in rows)  # GPU runs: vs a copy of the same bytes
+    head = (["case", "shape", "dtype", "raekern", "GB/s|TF/s", "%bw|%peak"] + (["%copy@size"] if same else [])
+            + [f"vs {b}" for b in baselines])
     body = []
     for r in rows:
         rk = r["times"].get("raekern")
@@ -104,6 +113,9 @@ def format_table(rows: list[dict]) -> str:
         pct = r.get("pct_bandwidth", r.get("pct_peak"))
         cells = [r["name"], r["shape"], r["dtype"], f"{rk * 1e6:.1f}us" if rk else "ERR", rate,
                  f"{pct:.0f}%" if pct is not None else "-"]
+        if same:
+            cs = r.get("pct_copy_same_size")
+            cells.append(f"{cs:.0f}%" if cs is not None else "-")
         for b in baselines:
             s = r.get("speedup", {}).get(b)
             cells.append(f"{s:.2f}x" if s else ("err" if b in r["errors"] else "-"))
