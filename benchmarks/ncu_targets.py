@@ -32,6 +32,8 @@ def main(dev: str = "cuda") -> None:
     lat = [rnd(32, 768, 16, 16) for _ in range(3)]
     t = torch.linspace(0.9, 0.5, 32, device=dev)
     layers = [rnd(8, 261, 1024) for _ in range(7)]
+    experts = [rnd(8, 256, 768).requires_grad_() for _ in range(12)]
+    logits, base = rnd(8, 256, 12), rnd(8, 256, 768)
 
     xr = x.detach().clone().requires_grad_()
     calls = {
@@ -41,6 +43,8 @@ def main(dev: str = "cuda") -> None:
         "guidance cfg euler": lambda: R.guidance_step(lat[0], [lat[1], lat[2]], t, terms=[(0, 1)], weights=[0.5],
                                                       base=0, solver="euler", t_next=t - 0.02),
         "layer_stack_fuse fwd": lambda: R.layer_stack_fuse(layers, skip_tokens=5),
+        "depth_route bwd": lambda: torch.autograd.grad(
+            R.depth_route(experts, logits, base, gamma=w[:768].clone()), experts, base)[0],
     }
     for name, fn in calls.items():
         fn()  # warm-up: ncu profiles the first launches its name filter matches, so each kernel twice
