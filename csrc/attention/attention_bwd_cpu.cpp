@@ -165,8 +165,9 @@ void backward_kernel(const Problem<T, raekern::cpu::acc_t<T>>& P, const at::Tens
   });
 }
 
-// bf16 goes to the AMX tile backward when the CPU (and the OS) offer it (RAEKERN_ATTENTION_AMX=0
-// disables it); everything else to the portable AVX-512 / scalar kernel above.
+// bf16 goes to the bf16 dot-product backward (AMX tiles, or AVX512-BF16 vectors without AMX) when the
+// build and the CPU offer it (RAEKERN_ATTENTION_AMX=0 disables it); everything else to the portable
+// AVX-512 / scalar kernel above.
 template <class Prob, class C>
 inline bool try_amx_backward(const Prob&, const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&,
                              const at::Tensor&, at::Tensor&, at::Tensor&, at::Tensor&, std::vector<C>&, int64_t) {

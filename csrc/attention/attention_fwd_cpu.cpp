@@ -142,8 +142,9 @@ void forward_kernel(const Problem<T, raekern::cpu::acc_t<T>>& P, at::Tensor& out
   });
 }
 
-// bf16 goes to the AMX tile kernel when the CPU (and the OS) offer it; everything else, and bf16
-// elsewhere, to the portable AVX-512 / scalar kernel above. RAEKERN_ATTENTION_AMX=0 disables AMX.
+// bf16 goes to the bf16 dot-product kernel (AMX tiles, or AVX512-BF16 vectors on CPUs without AMX)
+// when the build and the CPU offer it; everything else, and bf16 elsewhere, to the portable AVX-512 /
+// scalar kernel above. RAEKERN_ATTENTION_AMX=0 disables the bf16 kernel.
 template <class Prob> inline bool try_amx(const Prob&, at::Tensor&, at::Tensor&, int64_t) { return false; }
 #ifdef RAEKERN_ATTENTION_AMX
 inline bool try_amx(const Problem<c10::BFloat16, float>& P, at::Tensor& out, at::Tensor& lse, int64_t layout) {
@@ -183,7 +184,7 @@ std::string raekern::attention::cpu_backends() {
   const std::string fp32 = "portable";
 #endif
 #ifdef RAEKERN_ATTENTION_AMX
-  const std::string bf16 = cpu::amx::available() ? "amx" : fp32;
+  const std::string bf16 = cpu::amx::available() ? cpu::amx::unit_name() : fp32;
 #else
   const std::string bf16 = fp32;
 #endif

@@ -1,10 +1,16 @@
-// The AMX (bf16 tile) building blocks the CPU attention forward and backward share: tile state and
+// The bf16 dot-product building blocks the CPU attention forward and backward share: tile state and
 // configuration, the VNNI packings, the 2×2-tile score block and the accumulating P·V-style product.
+// Two units run them: AMX tiles (Sapphire Rapids and newer; the OS grants the tile state) or, on CPUs
+// with AVX512-BF16 but no AMX (Zen 4/5, Cooper Lake), the same products as vdpbf16ps on zmm
+// registers over the same packed layouts, so one forward and one backward serve both.
 // Every buffer a tile reads or writes is 64-byte aligned: a tile row across two cache lines costs two
 // accesses. Tile use: 0-3 accumulators, 4-5 A (two 16-row halves), 6-7 B (two 16-column halves).
 #pragma once
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
-#define RAEKERN_ATTENTION_AMX 1
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+#define RAEKERN_ATTENTION_AMX 1  // the bf16 dot-product path (AMX tiles or AVX512-BF16 vectors)
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#define RAEKERN_ATTENTION_AMX_TILES 1
+#endif
 #include <immintrin.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -18,16 +24,31 @@
 
 namespace raekern::attention::cpu::amx {
 
-// Linux hands out AMX tile state only on request (once per process).
+// Whether the bf16 path runs: RAEKERN_ATTENTION_AMX=0 turns it off (the portable fp32 kernels then
+// take bf16 too); with AMX tiles, Linux hands out the tile state only on request (once per process).
 inline bool available() {
   static const bool ok = [] {
     if (const char* e = std::getenv("RAEKERN_ATTENTION_AMX"); e && e[0] == '0') return false;
+#ifdef RAEKERN_ATTENTION_AMX_TILES
     constexpr long kReqXcompPerm = 0x1023, kXtiledata = 18;
     return syscall(SYS_arch_prctl, kReqXcompPerm, kXtiledata) == 0;
+#else
+    return true;
+#endif
   }();
   return ok;
 }
 
+// The unit's name, as attention_info() reports it.
+inline const char* unit_name() {
+#ifdef RAEKERN_ATTENTION_AMX_TILES
+  return "amx";
+#else
+  return "avx512bf16";
+#endif
+}
+
+#ifdef RAEKERN_ATTENTION_AMX_TILES
 struct alignas(64) TileConfig {
   uint8_t palette = 1, start_row = 0;
   uint8_t reserved[14] = {};
@@ -44,6 +65,11 @@ inline void configure_tiles() {
   }
   _tile_loadconfig(&c);
 }
+inline void release_tiles() { _tile_release(); }
+#else
+inline void configure_tiles() {}
+inline void release_tiles() {}
+#endif
 
 // fp32 -> bf16 (round to nearest even), 16 lanes at a time.
 inline void to_bf16_row(const float* src, int64_t n, uint16_t* dst) {
@@ -55,6 +81,7 @@ inline void to_bf16_row(const float* src, int64_t n, uint16_t* dst) {
 
 constexpr int64_t kChunk = 512;  // elements of one VNNI B tile (16 pair-rows × 32)
 
+#ifdef RAEKERN_ATTENTION_AMX_TILES
 // S[32][32] = Q[32][DQ] · K(16-key blocks kb0, kb1)ᵀ.
 inline void s_block(const uint16_t* q, int64_t ldq, int64_t nchunks, const uint16_t* kb0, const uint16_t* kb1,
                     float* s, int64_t lds) {
@@ -117,6 +144,63 @@ inline void pv_block(const uint16_t* p, int64_t ldp, int64_t nchunks, const uint
     _tile_stored(3, o + 16 * ldo + 16, ldo * 4);
   }
 }
+
+#else
+// The tile products on zmm registers: C[32][16 or 32] (+)= A[32][32·nchunks] · B, B in the tiles' VNNI
+// layout (chunk c of a 16-column half: 16 pair-rows of 16 32-bit words). Eight rows at a time keep
+// 16 accumulators, the two B rows of a pair-row and the broadcast A pair in the 32 zmm registers;
+// one vdpbf16ps is 32 multiply-adds (an fp32 FMA 16), the rounding is the tiles' (bf16 products
+// exact, fp32 sums).
+template <bool kTwo>
+inline void dot_block(const uint16_t* a, int64_t lda, int64_t nchunks, const uint16_t* b0, const uint16_t* b1,
+                      float* c, int64_t ldc, bool accumulate) {
+  constexpr int kR = 8;
+  for (int r0 = 0; r0 < 32; r0 += kR) {
+    __m512 acc0[kR], acc1[kR];
+    for (int r = 0; r < kR; ++r) {
+      const float* crow = c + (r0 + r) * ldc;
+      acc0[r] = accumulate ? _mm512_loadu_ps(crow) : _mm512_setzero_ps();
+      if constexpr (kTwo) acc1[r] = accumulate ? _mm512_loadu_ps(crow + 16) : _mm512_setzero_ps();
+    }
+    for (int64_t ch = 0; ch < nchunks; ++ch) {
+      const uint16_t* bc0 = b0 + ch * kChunk;
+      const uint16_t* bc1 = kTwo ? b1 + ch * kChunk : nullptr;
+      const uint16_t* ac = a + r0 * lda + ch * 32;
+      for (int k = 0; k < 16; ++k) {
+        const __m512bh v0 = (__m512bh)_mm512_loadu_si512(bc0 + k * 32);
+        __m512bh v1;
+        if constexpr (kTwo) v1 = (__m512bh)_mm512_loadu_si512(bc1 + k * 32);
+        for (int r = 0; r < kR; ++r) {
+          int32_t pair;
+          std::memcpy(&pair, ac + r * lda + 2 * k, 4);
+          const __m512bh x = (__m512bh)_mm512_set1_epi32(pair);
+          acc0[r] = _mm512_dpbf16_ps(acc0[r], x, v0);
+          if constexpr (kTwo) acc1[r] = _mm512_dpbf16_ps(acc1[r], x, v1);
+        }
+      }
+    }
+    for (int r = 0; r < kR; ++r) {
+      float* crow = c + (r0 + r) * ldc;
+      _mm512_storeu_ps(crow, acc0[r]);
+      if constexpr (kTwo) _mm512_storeu_ps(crow + 16, acc1[r]);
+    }
+  }
+}
+
+// S[32][32] = Q[32][DQ] · K(16-key blocks kb0, kb1)ᵀ.
+inline void s_block(const uint16_t* q, int64_t ldq, int64_t nchunks, const uint16_t* kb0, const uint16_t* kb1,
+                    float* s, int64_t lds) {
+  dot_block<true>(q, ldq, nchunks, kb0, kb1, s, lds, false);
+}
+
+// O[32][16 or 32 columns] += P[32][32·nchunks] · V(d-blocks vb0[, vb1]).
+// kFirst: the first key block, O starts at zero instead of being loaded.
+template <bool kTwo, bool kFirst>
+inline void pv_block(const uint16_t* p, int64_t ldp, int64_t nchunks, const uint16_t* vb0, const uint16_t* vb1,
+                     float* o, int64_t ldo) {
+  dot_block<kTwo>(p, ldp, nchunks, vb0, vb1, o, ldo, !kFirst);
+}
+#endif  // RAEKERN_ATTENTION_AMX_TILES
 
 // Keys [j0, j0 + 16) of the K panel in VNNI order: the (d, d+1) pair of key j is the 32-bit word
 // at [pair][j % 16]. `rows` holds the 16 keys as bf16 rows of DQ (zero-padded) elements; each

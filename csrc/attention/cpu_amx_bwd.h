@@ -1,4 +1,4 @@
-// AMX (bf16 tile) backward for bf16 inputs on CPUs with AMX-BF16. One task per (batch, head), the
+// bf16 dot-product backward (AMX tiles, or AVX512-BF16 vectors without AMX: cpu_amx.h) for bf16 inputs. One task per (batch, head), the
 // queries taken in chunks of kQc rows so that scratch stays O(N·Dh + kQc·N):
 //   for each 32-key block: S = Q̂·K̂ᵀ and dP = dO·Vᵀ per 32-query tile (2×2 tiles, reduction over
 //   Dh); P = exp2(S·scale·log2e − lse·log2e) and dS = P∘(dP − Δ) in AVX-512; P and dS rounded to bf16
@@ -207,7 +207,7 @@ inline bool backward(const Problem<c10::BFloat16, float>& P, const at::Tensor& d
         raekern::cpu::narrow_row(&dva[j * DV], D, dvp + b * sdv.b + n * sdv.n + h * sdv.h);
       }
     }
-    _tile_release();
+    release_tiles();
   });
   return true;
 }

@@ -1,4 +1,5 @@
-// AMX (bf16 tile) forward for bf16 inputs on CPUs with AMX-BF16 (Sapphire Rapids and newer).
+// bf16 dot-product forward for bf16 inputs: AMX tiles on CPUs with AMX-BF16 (Sapphire Rapids and
+// newer), the same products as AVX512-BF16 vector instructions elsewhere (cpu_amx.h).
 // Same flash structure as the portable kernel: per (batch, head) the kept keys are normed, rotated,
 // rounded to bf16 and packed in the VNNI layout the tile unit wants (K as [16 keys][d pairs],
 // V as [16 dims][key pairs]); each 32-row query tile then streams over 64-key blocks:
@@ -146,7 +147,7 @@ inline void forward(const Problem<c10::BFloat16, float>& P, at::Tensor& out, at:
         }
       }
     });
-    _tile_release();
+    release_tiles();
   });
 }
 
