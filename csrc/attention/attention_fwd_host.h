@@ -6,6 +6,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 
+#include <algorithm>
 #include <cmath>
 #include <optional>
 #include <tuple>
@@ -77,7 +78,10 @@ std::tuple<at::Tensor, at::Tensor> run(Mem& mem, Launch& launch, const at::Tenso
       khat = ::raekern::empty_output({d.B, d.H, d.Nk, d.D}, q.options());
       const E* kp = mem.template in<S>(k, "k");
       E* kh = mem.template out<S>(khat, "k_hat");
-      launch(simt_dev::k_prologue_kernel<E>, dim3(unsigned((d.H * d.Nk + 31) / 32), unsigned(d.B)), dim3(64), 0, kp,
+      const int64_t kp_blocks = std::min<int64_t>((d.H * d.Nk + simt_dev::kKPrologueWarps - 1) / simt_dev::kKPrologueWarps,
+                                                  int64_t(1) << 30);
+      launch(simt_dev::k_prologue_kernel<E>, dim3(unsigned(kp_blocks), unsigned(d.B)),
+             dim3(simt_dev::kKPrologueWarps * 32), 0, kp,
              sk.b, sk.n, sk.h, kh, int(d.H), int(d.Nk), int(d.D),
              kw ? static_cast<const float*>(mem.template in<float>(kw32, "k_norm_weight")) : nullptr, float(eps),
              int(rope_h), int(rope_w), log2_theta);

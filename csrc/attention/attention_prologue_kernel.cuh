@@ -77,23 +77,56 @@ __device__ __forceinline__ void qk_prologue_half_row(T* __restrict__ row, int D,
 
 // k̂ = rope(norm(k)) for every key row, once, into a contiguous [B, H, Nk, D] buffer: the forward's
 // mainloop then streams k̂ as it is (applying the prologue per K tile would repeat it in every one
-// of the Nq / 64 CTAs that read the tile). Block = 64 threads = 32 rows of one sample (grid.y =
-// batch), two lanes per row; k's strides in elements.
+// of the Nq / 64 CTAs that read the tile). One warp per row, lane l owning the (2P, 2P+1) pairs
+// P = l, l + 32, ... of the row (D ≤ 256: at most 4), so a warp's loads and stores of a row are
+// contiguous; the two-lanes-per-row layout of qk_prologue_half_row, used here before the H200 run,
+// read one element per lane per instruction from 16 different rows. Same arithmetic as
+// qk_prologue_half_row except the order of the sum of squares. Block = 4 warps (rows) of one sample
+// (grid.y = batch), grid-stride over the sample's H·Nk rows; k's strides in elements.
+constexpr int kKPrologueWarps = 4;
 template <class T>
-__global__ void __launch_bounds__(64) k_prologue_kernel(const T* __restrict__ k, int64_t sb, int64_t sn, int64_t sh,
-                                                        T* __restrict__ out, int H, int Nk, int D,
-                                                        const float* __restrict__ w, float eps, int rope_h,
-                                                        int rope_w, float log2_theta) {
-  const int64_t row = int64_t(blockIdx.x) * 32 + threadIdx.x / 2;
-  const int half = threadIdx.x & 1;
-  const bool mine = row < int64_t(H) * Nk;  // rows of sample blockIdx.y
-  const int64_t r = mine ? row : 0;        // a pair past the end recomputes row 0 without storing it
-  const int n = int(r % Nk), h = int(r / Nk), b = int(blockIdx.y);
-  const bool rope = rope_h > 0 && n < rope_h * rope_w;
-  const int pos = rope ? (half ? n % rope_w : n / rope_w) : 0;
-  const T* src = k + b * sb + int64_t(n) * sn + int64_t(h) * sh;
-  T* dst = mine ? out + ((int64_t(b) * H + h) * Nk + n) * D : nullptr;
-  qk_prologue_half_row<T>(src, dst, D, half, w, eps, rope, pos, log2_theta);
+__global__ void __launch_bounds__(kKPrologueWarps * 32) k_prologue_kernel(
+    const T* __restrict__ k, int64_t sb, int64_t sn, int64_t sh, T* __restrict__ out, int H, int Nk, int D,
+    const float* __restrict__ w, float eps, int rope_h, int rope_w, float log2_theta) {
+  const int lane = int(threadIdx.x) % simt::kWarp, b = int(blockIdx.y);
+  const int h2 = D / 2, quarter = D / 4;  // RoPE: pairs [0, D/4) by the grid row, [D/4, D/2) by the column
+  const int64_t rows = int64_t(H) * Nk;
+  for (int64_t row = int64_t(blockIdx.x) * kKPrologueWarps + int64_t(threadIdx.x) / simt::kWarp; row < rows;
+       row += int64_t(gridDim.x) * kKPrologueWarps) {
+    const int n = int(row % Nk), h = int(row / Nk);
+    const T* src = k + b * sb + int64_t(n) * sn + int64_t(h) * sh;
+    T* dst = out + ((int64_t(b) * H + h) * Nk + n) * D;
+    float a[4], c[4], ss = 0.f;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int P = lane + simt::kWarp * i;
+      a[i] = P < h2 ? simt::to_float(src[2 * P]) : 0.f;
+      c[i] = P < h2 ? simt::to_float(src[2 * P + 1]) : 0.f;
+      ss += a[i] * a[i] + c[i] * c[i];
+    }
+    const float r = w ? rms_rstd(simt::warp_sum(ss), D, eps) : 1.f;
+    const bool rope = rope_h > 0 && n < rope_h * rope_w;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int P = lane + simt::kWarp * i;
+      if (P >= h2) continue;
+      float x = a[i], y = c[i];
+      if (w) {
+        x *= r * w[2 * P];
+        y *= r * w[2 * P + 1];
+      }
+      if (rope) {
+        const bool second = P >= quarter;
+        float sn_, cs;
+        rope_sincos(second ? n % rope_w : n / rope_w, second ? P - quarter : P, h2, log2_theta, &sn_, &cs);
+        const float x2 = x * cs - y * sn_;
+        y = y * cs + x * sn_;
+        x = x2;
+      }
+      dst[2 * P] = simt::from_float<T>(x);
+      dst[2 * P + 1] = simt::from_float<T>(y);
+    }
+  }
 }
 
 // Softmax epilogue for one query row: 1/l scaling factor and the natural-log log-sum-exp from the
