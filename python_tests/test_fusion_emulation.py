@@ -161,6 +161,19 @@ def test_layer_stack_fuse_schedules_agree():
         assert torch.equal(o, outs[0])
 
 
+def _warp_and_block(monkeypatch, run):
+    """run() with the warp-per-token kernels (the default) and with RAEKERN_FUSION_KERNEL=block."""
+    results = {}
+    for kernel in ("warp", "block"):
+        if kernel == "block":
+            monkeypatch.setenv("RAEKERN_FUSION_KERNEL", "block")
+        else:
+            monkeypatch.delenv("RAEKERN_FUSION_KERNEL", raising=False)
+        results[kernel] = run()
+    monkeypatch.delenv("RAEKERN_FUSION_KERNEL", raising=False)
+    return results
+
+
 # The two tokens-major layer_stack_fuse kernel pairs: warp per token (rows of 16-byte vectors with
 # D <= 1024, the default; its backward also writes the prefix rows' zeros) and block per token
 # (RAEKERN_FUSION_KERNEL=block, scalar rows, D > 1024), at the edges of the warp kernels' register
@@ -176,17 +189,13 @@ def test_layer_stack_fuse_kernels_agree(kern, monkeypatch, dtype, D, mode):
     grad = torch.randn(B, T - P, D).to(dtype)
     wgrad = kw["weights"] is not None
     emu.fusion_launch_config(1)
-    results = {}
-    for kernel in ("warp", "block"):
-        if kernel == "block":
-            monkeypatch.setenv("RAEKERN_FUSION_KERNEL", "block")
-        else:
-            monkeypatch.delenv("RAEKERN_FUSION_KERNEL", raising=False)
+
+    def run():
         out = kern.layer_stack_fuse(*_stack_op_args(hs, kw, P))
-        grads = kern.layer_stack_fuse_backward(grad, hs, kw["weights"], P, kw["normalize"], kw["eps"], kw["reduce"],
-                                               kw["add_last_token_mean"], False, None, 1e-5, wgrad)
-        results[kernel] = (out, *grads)
-    monkeypatch.delenv("RAEKERN_FUSION_KERNEL", raising=False)
+        return (out, *kern.layer_stack_fuse_backward(grad, hs, kw["weights"], P, kw["normalize"], kw["eps"],
+                                                     kw["reduce"], kw["add_last_token_mean"], False, None, 1e-5,
+                                                     wgrad))
+    results = _warp_and_block(monkeypatch, run)
     leaves = [h.detach().double().requires_grad_() for h in hs]
     kw64 = dict(kw)
     if wgrad:
@@ -306,16 +315,9 @@ def test_depth_route_kernels_agree(kern, monkeypatch, dtype, D, L, route):
     experts, logits, base, gamma = _route_inputs(B, N, D, L, "list", dtype, gk)
     grad = torch.randn(B, N, D).to(dtype)
     emu.fusion_launch_config(1)
-    results = {}
-    for kernel in ("warp", "block"):
-        if kernel == "block":
-            monkeypatch.setenv("RAEKERN_FUSION_KERNEL", "block")
-        else:
-            monkeypatch.delenv("RAEKERN_FUSION_KERNEL", raising=False)
-        out = kern.depth_route(experts, logits, base, energy, bound, gamma, cap or 0.0)
-        results[kernel] = (out, *kern.depth_route_backward(grad, experts, logits, base, energy, bound, gamma,
-                                                           cap or 0.0))
-    monkeypatch.delenv("RAEKERN_FUSION_KERNEL", raising=False)
+    results = _warp_and_block(monkeypatch, lambda: (
+        kern.depth_route(experts, logits, base, energy, bound, gamma, cap or 0.0),
+        *kern.depth_route_backward(grad, experts, logits, base, energy, bound, gamma, cap or 0.0)))
     leaves = [e.detach().double().requires_grad_() for e in experts]
     lg, b64 = logits.double().requires_grad_(), base.double().requires_grad_()
     g64 = gamma.double().requires_grad_() if gamma is not None else None

@@ -16,34 +16,12 @@ namespace raekern::fusion::cuda {
 
 constexpr int kRouteWarps = 4;  // warps (tokens in flight) per block
 
-// The token's depth weights, lane l holding w_l (w0) and w_{l+32} (w1), as route_weights computes
-// them; *norm = ‖logits‖ for the l2 energy.
-__device__ __forceinline__ void warp_route_weights(const RouteArgs& a, int64_t tok, int lane, float& w0, float& w1,
-                                                   float& norm) {
-  const float* lg = a.logits + tok * a.L;
-  const float a0 = lane < a.L ? lg[lane] : 0.f;
-  const float a1 = lane + simt::kWarp < a.L ? lg[lane + simt::kWarp] : 0.f;
-  w0 = a0, w1 = a1, norm = 0.f;
-  if (a.energy == 0) {
-    norm = fmaxf(sqrtf(simt::warp_sum(a0 * a0 + a1 * a1)), 1e-12f);
-    w0 = __fdividef(a0, norm);
-    w1 = __fdividef(a1, norm);
-  } else if (a.energy == 1) {
-    const float m = simt::warp_max(fmaxf(lane < a.L ? a0 : -3.0e38f, lane + simt::kWarp < a.L ? a1 : -3.0e38f));
-    const float e0 = lane < a.L ? __expf(a0 - m) : 0.f;
-    const float e1 = lane + simt::kWarp < a.L ? __expf(a1 - m) : 0.f;
-    const float s = simt::warp_sum(e0 + e1);
-    w0 = __fdividef(e0, s);
-    w1 = __fdividef(e1, s);
-  }
-}
-
 // w_l on every lane (l is warp-uniform).
 __device__ __forceinline__ float weight_of(float w0, float w1, int l) {
   return __shfl_sync(simt::kFullMask, l < simt::kWarp ? w0 : w1, l & (simt::kWarp - 1));
 }
 
-template <class T, int V, int NV>
+template <class T>
 __device__ __forceinline__ const T* expert_row(const RouteArgs& a, int l, int64_t b, int64_t n) {
   return static_cast<const T*>(a.expert[l]) + b * a.sb[l] + n * a.sn[l];
 }
@@ -59,8 +37,8 @@ __device__ __forceinline__ void warp_route_fuse(const RouteArgs& a, int64_t b, i
   int l = 0;
   for (; l + 1 < a.L; l += 2) {
     float e0[NV][V], e1[NV][V];
-    warp_load_row<T, V, NV>(expert_row<T, V, NV>(a, l, b, n), a.D, lane, e0);
-    warp_load_row<T, V, NV>(expert_row<T, V, NV>(a, l + 1, b, n), a.D, lane, e1);
+    warp_load_row<T, V, NV>(expert_row<T>(a, l, b, n), a.D, lane, e0);
+    warp_load_row<T, V, NV>(expert_row<T>(a, l + 1, b, n), a.D, lane, e1);
     const float c0 = weight_of(w0, w1, l), c1 = weight_of(w0, w1, l + 1);
 #pragma unroll
     for (int k = 0; k < NV; ++k)
@@ -69,7 +47,7 @@ __device__ __forceinline__ void warp_route_fuse(const RouteArgs& a, int64_t b, i
   }
   if (l < a.L) {
     float e0[NV][V];
-    warp_load_row<T, V, NV>(expert_row<T, V, NV>(a, l, b, n), a.D, lane, e0);
+    warp_load_row<T, V, NV>(expert_row<T>(a, l, b, n), a.D, lane, e0);
     const float c0 = weight_of(w0, w1, l);
 #pragma unroll
     for (int k = 0; k < NV; ++k)
@@ -78,9 +56,18 @@ __device__ __forceinline__ void warp_route_fuse(const RouteArgs& a, int64_t b, i
   }
 }
 
-__device__ __forceinline__ float warp_route_gate(const RouteArgs& a, int d) {
-  return d < a.D ? route_gate(a, d) : 0.f;
-}
+// Reductions over the warp holding a row, for add_bounded / bound_backward.
+struct WarpSums {
+  __device__ __forceinline__ void operator()(float& a, float& b) const {
+    a = simt::warp_sum(a);
+    b = simt::warp_sum(b);
+  }
+  __device__ __forceinline__ void operator()(float& a, float& b, float& c) const {
+    a = simt::warp_sum(a);
+    b = simt::warp_sum(b);
+    c = simt::warp_sum(c);
+  }
+};
 
 template <class T, int V, int NV>
 __global__ void __launch_bounds__(kRouteWarps * 32) depth_route_warp_kernel(RouteArgs a, T* __restrict__ out) {
@@ -94,32 +81,7 @@ __global__ void __launch_bounds__(kRouteWarps * 32) depth_route_warp_kernel(Rout
     warp_load_row<T, V, NV>(static_cast<const T*>(a.base) + b * a.bsb + n * a.bsn, a.D, lane, x);  // in flight
     warp_route_weights(a, tok, lane, w0, w1, norm);
     warp_route_fuse<T, V, NV>(a, b, n, lane, w0, w1, f);
-    if (a.bound == 0) {
-#pragma unroll
-      for (int k = 0; k < NV; ++k)
-#pragma unroll
-        for (int j = 0; j < V; ++j) x[k][j] += warp_route_gate(a, lane_col<V>(lane, k) + j) * tanhf(f[k][j]);
-    } else {
-      float scale = 1.f;
-      if (a.bound == 1) {
-        float ff = 0.f, bb = 0.f;
-#pragma unroll
-        for (int k = 0; k < NV; ++k)
-#pragma unroll
-          for (int j = 0; j < V; ++j) {
-            ff += f[k][j] * f[k][j];
-            bb += x[k][j] * x[k][j];
-          }
-        ff = simt::warp_sum(ff);
-        bb = simt::warp_sum(bb);
-        const float nf = sqrtf(ff), limit = a.cap * sqrtf(bb);
-        scale = nf > limit ? __fdividef(limit, nf) : 1.f;
-      }
-#pragma unroll
-      for (int k = 0; k < NV; ++k)
-#pragma unroll
-        for (int j = 0; j < V; ++j) x[k][j] += scale * f[k][j];
-    }
+    add_bounded<NV, V>(a, x, f, [lane](int k) { return lane_col<V>(lane, k); }, WarpSums{});
     warp_store_row<T, V, NV>(out + tok * a.D, a.D, lane, x);
   }
 }
@@ -183,44 +145,10 @@ __global__ void __launch_bounds__(kRouteWarps * 32) depth_route_backward_warp_ke
       for (int k = 0; k < NV; ++k)
 #pragma unroll
         for (int j = 0; j < V; ++j) gb[k][j] = gf[k][j];
-      if (a.bound == 0) {
-#pragma unroll
-        for (int k = 0; k < NV; ++k)
-#pragma unroll
-          for (int j = 0; j < V; ++j) {
-            const float th = tanhf(f[k][j]);
-            ggam[k][j] += gf[k][j] * th;
-            gf[k][j] = gf[k][j] * warp_route_gate(a, lane_col<V>(lane, k) + j) * (1.f - th * th);
-          }
-      } else if (a.bound == 1) {
-        float x[NV][V];
+      float x[NV][V];
+      if (a.bound == 1)
         warp_load_row<T, V, NV>(static_cast<const T*>(a.base) + b * a.bsb + n * a.bsn, a.D, lane, x);
-        float ff = 0.f, bb = 0.f, fg = 0.f;
-#pragma unroll
-        for (int k = 0; k < NV; ++k)
-#pragma unroll
-          for (int j = 0; j < V; ++j) {
-            ff += f[k][j] * f[k][j];
-            bb += x[k][j] * x[k][j];
-            fg += f[k][j] * gf[k][j];
-          }
-        ff = simt::warp_sum(ff);
-        bb = simt::warp_sum(bb);
-        fg = simt::warp_sum(fg);
-        const float nf = sqrtf(ff), nb = sqrtf(bb), limit = a.cap * nb;
-        if (!(nf <= limit)) {  // NaN norms too: NaN gradients, as the CPU kernel and the reference
-          const float fgn = __fdividef(fg, nf), sc = __fdividef(limit, nf);
-          const float cb = nb > 0.f ? __fdividef(a.cap * fgn, nb) : 0.f;
-          const float fgnn = __fdividef(fgn, nf);
-#pragma unroll
-          for (int k = 0; k < NV; ++k)
-#pragma unroll
-            for (int j = 0; j < V; ++j) {
-              gf[k][j] = sc * (gf[k][j] - f[k][j] * fgnn);
-              gb[k][j] += cb * x[k][j];
-            }
-        }
-      }
+      bound_backward<NV, V>(a, f, x, gf, gb, ggam, [lane](int k) { return lane_col<V>(lane, k); }, WarpSums{});
       warp_store_row<T, V, NV>(static_cast<T*>(g.dbase) + tok * a.D, a.D, lane, gb);
     }
     // d expert_l = w_l·gf; d w_l = gf·e_l, kept by lane l (gw0) or l − 32 (gw1).
@@ -230,8 +158,8 @@ __global__ void __launch_bounds__(kRouteWarps * 32) depth_route_backward_warp_ke
     for (int l = 0; l < a.L; l += kPairs ? 2 : 1) {
       const bool two = kPairs && l + 1 < a.L;
       float e0[NV][V], e1[NV][V];
-      warp_load_row<T, V, NV>(expert_row<T, V, NV>(a, l, b, n), a.D, lane, e0);
-      if (two) warp_load_row<T, V, NV>(expert_row<T, V, NV>(a, l + 1, b, n), a.D, lane, e1);
+      warp_load_row<T, V, NV>(expert_row<T>(a, l, b, n), a.D, lane, e0);
+      if (two) warp_load_row<T, V, NV>(expert_row<T>(a, l + 1, b, n), a.D, lane, e1);
       const float c0 = weight_of(w0, w1, l), c1 = two ? weight_of(w0, w1, l + 1) : 0.f;
       float d0 = 0.f, d1 = 0.f;
 #pragma unroll

@@ -20,6 +20,7 @@
 #include <type_traits>
 
 #include "common/checks.h"
+#include "common/constant_dispatch.h"
 #include "common/env_switch.h"
 #include "fusion/fusion_kernel_common.cuh"
 
@@ -81,19 +82,8 @@ inline int warp_row_nv(bool vec, int64_t D, int64_t V) {
 // of at most 4 elements, where NV·V stays within kWarpRowMaxFloats).
 template <int V, class F>
 void with_warp_nv(int nv, F&& f) {
-  switch (nv) {
-    case 1: f(std::integral_constant<int, 1>{}); break;
-    case 2: f(std::integral_constant<int, 2>{}); break;
-    case 3: f(std::integral_constant<int, 3>{}); break;
-    case 4: f(std::integral_constant<int, 4>{}); break;
-    case 6:
-      if constexpr (V <= 4) f(std::integral_constant<int, 6>{});
-      break;
-    case 8:
-      if constexpr (V <= 4) f(std::integral_constant<int, 8>{});
-      break;
-    default: break;
-  }
+  if constexpr (V <= 4) with_constant<1, 2, 3, 4, 6, 8>(nv, f);
+  else with_constant<1, 2, 3, 4>(nv, f);
 }
 
 // Vector width and items per thread of a layout.

@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "common/constant_dispatch.h"
 #include "common/env_switch.h"
 
 // ATen (through guidance_step.h) before the kernel headers: under the host emulation these define
@@ -110,31 +111,18 @@ StepLaunch plan_step(const Prepared& pr, Params& p) {
 // f(kernel) with the combine_kernel instance for `ns` streams (0: the generic one).
 template <class DT, class F>
 void with_combine_kernel(int ns, F&& f) {
-  switch (ns) {
-    case 2: f(&combine_kernel<DT, 2>); break;
-    case 3: f(&combine_kernel<DT, 3>); break;
-    case 4: f(&combine_kernel<DT, 4>); break;
-    case 5: f(&combine_kernel<DT, 5>); break;
-    case 6: f(&combine_kernel<DT, 6>); break;
-    case 7: f(&combine_kernel<DT, 7>); break;
-    case 8: f(&combine_kernel<DT, 8>); break;
-    default: f(&combine_kernel<DT, 0>); break;
-  }
+  bool fixed = false;
+  with_constant<2, 3, 4, 5, 6, 7, 8>(ns, [&](auto c) {
+    fixed = true;
+    f(&combine_kernel<DT, decltype(c)::value>);
+  });
+  if (!fixed) f(&combine_kernel<DT, 0>);
 }
 
 // f(kernel) with the gram_kernel instance of Gram size ng (2..kMaxGram).
 template <class DT, class F>
 void with_gram_kernel(int ng, F&& f) {
-  switch (ng) {
-    case 2: f(&gram_kernel<DT, 2>); break;
-    case 3: f(&gram_kernel<DT, 3>); break;
-    case 4: f(&gram_kernel<DT, 4>); break;
-    case 5: f(&gram_kernel<DT, 5>); break;
-    case 6: f(&gram_kernel<DT, 6>); break;
-    case 7: f(&gram_kernel<DT, 7>); break;
-    case 8: f(&gram_kernel<DT, 8>); break;
-    default: break;
-  }
+  with_constant<2, 3, 4, 5, 6, 7, 8>(ng, [&](auto c) { f(&gram_kernel<DT, decltype(c)::value>); });
 }
 
 // guidance_combine: one block of kThreads per (sample, chunk), scalar loads.

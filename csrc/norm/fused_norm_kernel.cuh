@@ -12,11 +12,13 @@
 // Backward: one block per task (a token range of one sample). Per-sample / global gradients are
 // summed over the task's rows in shared memory, per owned column, and written once as partial sums.
 #pragma once
+#include "common/constant_dispatch.h"
 #include "common/simt.cuh"
 #include "norm/norm_params.h"
 
 namespace raekern::norm::cuda {
 
+using raekern::with_constant;
 using simt::from_float;
 using simt::to_float;
 
@@ -261,22 +263,94 @@ __global__ void fused_norm_forward_rows(FwdParams p) {
 // norm_launch.h's kRowsNv buckets; the largest ones only for fp32, whose vectors hold 4 elements).
 template <class T, int V, class F>
 void with_rows_kernel(int nv, F&& f) {
-  switch (nv) {
-    case 1: f(&fused_norm_forward_rows<T, V, 1>); break;
-    case 2: f(&fused_norm_forward_rows<T, V, 2>); break;
-    case 3: f(&fused_norm_forward_rows<T, V, 3>); break;
-    case 4: f(&fused_norm_forward_rows<T, V, 4>); break;
-    case 5: f(&fused_norm_forward_rows<T, V, 5>); break;
-    case 6: f(&fused_norm_forward_rows<T, V, 6>); break;
-    case 8: f(&fused_norm_forward_rows<T, V, 8>); break;
-    case 12:
-      if constexpr (V <= 4) f(&fused_norm_forward_rows<T, V, 12>);
-      break;
-    case 16:
-      if constexpr (V <= 4) f(&fused_norm_forward_rows<T, V, 16>);
-      break;
-    default: break;
+  auto g = [&](auto c) { f(&fused_norm_forward_rows<T, V, decltype(c)::value>); };
+  if constexpr (V <= 4) with_constant<1, 2, 3, 4, 5, 6, 8, 12, 16>(nv, g);
+  else with_constant<1, 2, 3, 4, 5, 6, 8>(nv, g);
+}
+
+// The reduced gradients' running sums of one task (a slot's columns [0, D), or null when the slot is
+// not reduced), wherever a kernel keeps them.
+struct BwdAcc {
+  float *gate, *shift, *scale, *w, *b;
+};
+
+__device__ __forceinline__ BwdAcc bwd_acc(const BwdParams& p, float* base) {
+  const int64_t D = p.D;
+  auto at = [&](const GradSlot& s) { return s.partial >= 0 ? base + s.partial * D : nullptr; };
+  return {at(p.dgate), at(p.dshift), at(p.dscale), at(p.dweight), at(p.dbias)};
+}
+
+// First stage of the backward on the V columns at i of one row: x̂ and g = d x̂ · weight (written to
+// xh, g; xv may be xh), the row sums s1 += g, s2 += g·x̂, the reduced gradients' sums and the per-row
+// d shift / d scale. Both backward kernels run it, so their arithmetic is the same op for op.
+template <class T, int V>
+__device__ __forceinline__ void backward_first(const BwdParams& p, int64_t row, int64_t i, const T* scale,
+                                               float mean, float rstd, const float (&xv)[V], const float (&go)[V],
+                                               const BwdAcc& acc, float (&xh)[V], float (&g)[V], float& s1,
+                                               float& s2) {
+  const int64_t D = p.D;
+  float sc[V], wv[V], bv[V], tmp[V];
+  if (scale) load<T, V>(scale, i, p.scale.sd, sc);
+  else fill(sc, 0.f);
+  load_affine(static_cast<const float*>(p.weight), static_cast<const float*>(p.bias), i, wv, bv);
+  if (p.dshift.mode == GradMode::PerRow) store<T, V>(static_cast<T*>(p.dshift.ptr) + row * D, i, go);
+#pragma unroll
+  for (int j = 0; j < V; ++j) {
+    const float xhat = (xv[j] - mean) * rstd;
+    tmp[j] = go[j] * fmaf(xhat, wv[j], bv[j]);  // d scale
+    if (acc.shift) acc.shift[i + j] += go[j];
+    if (acc.scale) acc.scale[i + j] += tmp[j];
+    const float dh = go[j] * (1.f + sc[j]);
+    if (acc.w) acc.w[i + j] = fmaf(dh, xhat, acc.w[i + j]);
+    if (acc.b) acc.b[i + j] += dh;
+    xh[j] = xhat;
+    g[j] = dh * wv[j];
+    s1 += g[j];
+    s2 = fmaf(g[j], xhat, s2);
   }
+  if (p.dscale.mode == GradMode::PerRow) store<T, V>(static_cast<T*>(p.dscale.ptr) + row * D, i, tmp);
+}
+
+// Per-row d shift / d scale of a row whose `out` got no gradient: zeros.
+template <class T, int V>
+__device__ __forceinline__ void backward_zero_modulation(const BwdParams& p, int64_t row, int64_t i) {
+  float zero[V];
+  fill(zero, 0.f);
+  if (p.dshift.mode == GradMode::PerRow) store<T, V>(static_cast<T*>(p.dshift.ptr) + row * p.D, i, zero);
+  if (p.dscale.mode == GradMode::PerRow) store<T, V>(static_cast<T*>(p.dscale.ptr) + row * p.D, i, zero);
+}
+
+// Second stage on the V columns at i: dx = d x_out + rstd·(g − c1 − x̂·c2) (the norm part only when
+// `norm`), then the residual stage's d gate (summed or per row) and d y. dxo/gate/y: the row's
+// operands, or null.
+template <class T, int V>
+__device__ __forceinline__ void backward_second(const BwdParams& p, int64_t row, int64_t i, const T* dxo,
+                                                const T* gate, const T* y, bool norm, float rstd, float c1,
+                                                float c2, const float (&xh)[V], const float (&g)[V],
+                                                const BwdAcc& acc) {
+  const int64_t D = p.D;
+  float dx[V], e[V];
+  if (dxo) load<T, V>(dxo, i, p.dxo.sd, dx);
+  else fill(dx, 0.f);
+  if (norm) {
+#pragma unroll
+    for (int j = 0; j < V; ++j) dx[j] += rstd * (g[j] - c1 - xh[j] * c2);
+  }
+  if (gate) {
+    float gv[V], yv[V];
+    load<T, V>(gate, i, p.gate.sd, gv);
+    load<T, V>(y, i, p.y.sd, yv);
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      e[j] = dx[j] * yv[j];  // d gate
+      if (acc.gate) acc.gate[i + j] += e[j];
+    }
+    if (p.dgate.mode == GradMode::PerRow) store<T, V>(static_cast<T*>(p.dgate.ptr) + row * D, i, e);
+#pragma unroll
+    for (int j = 0; j < V; ++j) e[j] = gv[j] * dx[j];  // d y
+    store<T, V>(static_cast<T*>(p.dy) + row * D, i, e);
+  }
+  store<T, V>(static_cast<T*>(p.dx) + row * D, i, dx);
 }
 
 // Shared memory: xh[D] (normalised input), g[D] (d xhat), acc[num_partials * D] (task sums).
@@ -294,14 +368,8 @@ __global__ void fused_norm_backward(BwdParams p) {
   const int64_t n1 = n0 + p.rows_per_task < p.N ? n0 + p.rows_per_task : p.N;
   const bool residual = p.gate.ptr != nullptr;
   const bool norm = p.kind != Kind::None && p.dout.ptr != nullptr;
-  const float* w = static_cast<const float*>(p.weight);
-  const float* bias = static_cast<const float*>(p.bias);
   const float inv_d = 1.f / float(D);
-  float* acc_gate = p.dgate.partial >= 0 ? acc + p.dgate.partial * D : nullptr;
-  float* acc_shift = p.dshift.partial >= 0 ? acc + p.dshift.partial * D : nullptr;
-  float* acc_scale = p.dscale.partial >= 0 ? acc + p.dscale.partial * D : nullptr;
-  float* acc_w = p.dweight.partial >= 0 ? acc + p.dweight.partial * D : nullptr;
-  float* acc_b = p.dbias.partial >= 0 ? acc + p.dbias.partial * D : nullptr;
+  const BwdAcc sums = bwd_acc(p, acc);
   for (int64_t k = 0; k < np; ++k)
     for (int64_t i = int64_t(threadIdx.x) * V; i < D; i += step)
 #pragma unroll
@@ -318,67 +386,30 @@ __global__ void fused_norm_backward(BwdParams p) {
       const T* scale = p.scale.ptr ? row_ptr<T>(p.scale, b, n) : nullptr;
       float s1 = 0.f, s2 = 0.f;
       for (int64_t i = int64_t(threadIdx.x) * V; i < D; i += step) {
-        float xv[V], go[V], sc[V], wv[V], bv[V], tmp[V];
+        float xv[V], go[V], xhv[V], gv[V];
         load<T, V>(xin, i, p.xin.sd, xv);
         load<T, V>(dout, i, p.dout.sd, go);
-        if (scale) load<T, V>(scale, i, p.scale.sd, sc);
-        else fill(sc, 0.f);
-        load_affine(w, bias, i, wv, bv);
-        if (p.dshift.mode == GradMode::PerRow) store<T, V>(static_cast<T*>(p.dshift.ptr) + row * D, i, go);
+        backward_first<T, V>(p, row, i, scale, mean, rstd, xv, go, sums, xhv, gv, s1, s2);
 #pragma unroll
         for (int j = 0; j < V; ++j) {
-          const float xhat = (xv[j] - mean) * rstd;
-          tmp[j] = go[j] * fmaf(xhat, wv[j], bv[j]);  // d scale
-          if (acc_shift) acc_shift[i + j] += go[j];
-          if (acc_scale) acc_scale[i + j] += tmp[j];
-          const float dh = go[j] * (1.f + sc[j]);
-          if (acc_w) acc_w[i + j] = fmaf(dh, xhat, acc_w[i + j]);
-          if (acc_b) acc_b[i + j] += dh;
-          const float g = dh * wv[j];
-          xh[i + j] = xhat;
-          gs[i + j] = g;
-          s1 += g;
-          s2 = fmaf(g, xhat, s2);
+          xh[i + j] = xhv[j];
+          gs[i + j] = gv[j];
         }
-        if (p.dscale.mode == GradMode::PerRow) store<T, V>(static_cast<T*>(p.dscale.ptr) + row * D, i, tmp);
       }
       simt::block_sum2(s1, s2, red);
       c1 = p.kind == Kind::Layer ? s1 * inv_d : 0.f;
       c2 = s2 * inv_d;
     } else if (p.kind != Kind::None) {  // no gradient reached `out`
-      float zero[V];
-      fill(zero, 0.f);
-      for (int64_t i = int64_t(threadIdx.x) * V; i < D; i += step) {
-        if (p.dshift.mode == GradMode::PerRow) store<T, V>(static_cast<T*>(p.dshift.ptr) + row * D, i, zero);
-        if (p.dscale.mode == GradMode::PerRow) store<T, V>(static_cast<T*>(p.dscale.ptr) + row * D, i, zero);
-      }
+      for (int64_t i = int64_t(threadIdx.x) * V; i < D; i += step) backward_zero_modulation<T, V>(p, row, i);
     }
     const T* dxo = p.dxo.ptr ? row_ptr<T>(p.dxo, b, n) : nullptr;
     const T* gate = residual ? row_ptr<T>(p.gate, b, n) : nullptr;
     const T* y = residual ? row_ptr<T>(p.y, b, n) : nullptr;
     for (int64_t i = int64_t(threadIdx.x) * V; i < D; i += step) {
-      float dx[V], e[V];
-      if (dxo) load<T, V>(dxo, i, p.dxo.sd, dx);
-      else fill(dx, 0.f);
-      if (norm) {
-#pragma unroll
-        for (int j = 0; j < V; ++j) dx[j] += rstd * (gs[i + j] - c1 - xh[i + j] * c2);
-      }
-      if (residual) {
-        float g[V], yv[V];
-        load<T, V>(gate, i, p.gate.sd, g);
-        load<T, V>(y, i, p.y.sd, yv);
-#pragma unroll
-        for (int j = 0; j < V; ++j) {
-          e[j] = dx[j] * yv[j];  // d gate
-          if (acc_gate) acc_gate[i + j] += e[j];
-        }
-        if (p.dgate.mode == GradMode::PerRow) store<T, V>(static_cast<T*>(p.dgate.ptr) + row * D, i, e);
-#pragma unroll
-        for (int j = 0; j < V; ++j) e[j] = g[j] * dx[j];  // d y
-        store<T, V>(static_cast<T*>(p.dy) + row * D, i, e);
-      }
-      store<T, V>(static_cast<T*>(p.dx) + row * D, i, dx);
+      float xhv[V], gv[V];
+      load_f32(xh, i, xhv);
+      load_f32(gs, i, gv);
+      backward_second<T, V>(p, row, i, dxo, gate, y, norm, rstd, c1, c2, xhv, gv, sums);
     }
   }
   float* part = static_cast<float*>(p.partials) + t * np * D;
@@ -387,7 +418,6 @@ __global__ void fused_norm_backward(BwdParams p) {
 #pragma unroll
       for (int j = 0; j < V; ++j) part[k * D + i + j] = acc[k * D + i + j];
 }
-
 
 // Backward for rows that fit in registers (16-byte accesses, at most kRowsBwdMaxFloats per lane and
 // array): one block per task as fused_norm_backward, but each warp takes whole rows of the task
@@ -410,15 +440,9 @@ __global__ void fused_norm_backward_rows(BwdParams p) {
   const int64_t n1 = n0 + p.rows_per_task < p.N ? n0 + p.rows_per_task : p.N;
   const bool residual = p.gate.ptr != nullptr;
   const bool norm = p.kind != Kind::None && p.dout.ptr != nullptr;
-  const float* w = static_cast<const float*>(p.weight);
-  const float* bias = static_cast<const float*>(p.bias);
   const float inv_d = 1.f / float(D);
   float* acc = smem + int64_t(warp) * np * D;  // this warp's slab
-  float* acc_gate = p.dgate.partial >= 0 ? acc + p.dgate.partial * D : nullptr;
-  float* acc_shift = p.dshift.partial >= 0 ? acc + p.dshift.partial * D : nullptr;
-  float* acc_scale = p.dscale.partial >= 0 ? acc + p.dscale.partial * D : nullptr;
-  float* acc_w = p.dweight.partial >= 0 ? acc + p.dweight.partial * D : nullptr;
-  float* acc_b = p.dbias.partial >= 0 ? acc + p.dbias.partial * D : nullptr;
+  const BwdAcc sums = bwd_acc(p, acc);
   for (int64_t k = 0; k < np; ++k)
 #pragma unroll
     for (int c = 0; c < NV; ++c) {
@@ -454,46 +478,17 @@ __global__ void fused_norm_backward_rows(BwdParams p) {
 #pragma unroll
       for (int c = 0; c < NV; ++c) {
         const int64_t i = lane_column<V>(lane, c);
-        if (i >= D) {
-          fill(gs[c], 0.f);
-          continue;
-        }
-        float sc[V], wv[V], bv[V], tmp[V];
-        if (scale) load<T, V>(scale, i, 1, sc);
-        else fill(sc, 0.f);
-        load_affine(w, bias, i, wv, bv);
-        if (p.dshift.mode == GradMode::PerRow) store<T, V>(static_cast<T*>(p.dshift.ptr) + row * D, i, go[c]);
-#pragma unroll
-        for (int j = 0; j < V; ++j) {
-          const float xhat = (xh[c][j] - mean) * rstd;
-          tmp[j] = go[c][j] * fmaf(xhat, wv[j], bv[j]);  // d scale
-          if (acc_shift) acc_shift[i + j] += go[c][j];
-          if (acc_scale) acc_scale[i + j] += tmp[j];
-          const float dh = go[c][j] * (1.f + sc[j]);
-          if (acc_w) acc_w[i + j] = fmaf(dh, xhat, acc_w[i + j]);
-          if (acc_b) acc_b[i + j] += dh;
-          const float g = dh * wv[j];
-          xh[c][j] = xhat;
-          gs[c][j] = g;
-          s1 += g;
-          s2 = fmaf(g, xhat, s2);
-        }
-        if (p.dscale.mode == GradMode::PerRow) store<T, V>(static_cast<T*>(p.dscale.ptr) + row * D, i, tmp);
+        if (i < D) backward_first<T, V>(p, row, i, scale, mean, rstd, xh[c], go[c], sums, xh[c], gs[c], s1, s2);
+        else fill(gs[c], 0.f);
       }
       s1 = simt::warp_sum(s1);
       s2 = simt::warp_sum(s2);
       c1 = p.kind == Kind::Layer ? s1 * inv_d : 0.f;
       c2 = s2 * inv_d;
     } else if (p.kind != Kind::None) {  // no gradient reached `out`
-      float zero[V];
-      fill(zero, 0.f);
 #pragma unroll
-      for (int c = 0; c < NV; ++c) {
-        const int64_t i = lane_column<V>(lane, c);
-        if (i >= D) continue;
-        if (p.dshift.mode == GradMode::PerRow) store<T, V>(static_cast<T*>(p.dshift.ptr) + row * D, i, zero);
-        if (p.dscale.mode == GradMode::PerRow) store<T, V>(static_cast<T*>(p.dscale.ptr) + row * D, i, zero);
-      }
+      for (int c = 0; c < NV; ++c)
+        if (lane_column<V>(lane, c) < D) backward_zero_modulation<T, V>(p, row, lane_column<V>(lane, c));
     }
     const T* dxo = p.dxo.ptr ? row_ptr<T>(p.dxo, b, n) : nullptr;
     const T* gate = residual ? row_ptr<T>(p.gate, b, n) : nullptr;
@@ -501,29 +496,7 @@ __global__ void fused_norm_backward_rows(BwdParams p) {
 #pragma unroll
     for (int c = 0; c < NV; ++c) {
       const int64_t i = lane_column<V>(lane, c);
-      if (i >= D) continue;
-      float dx[V], e[V];
-      if (dxo) load<T, V>(dxo, i, 1, dx);
-      else fill(dx, 0.f);
-      if (norm) {
-#pragma unroll
-        for (int j = 0; j < V; ++j) dx[j] += rstd * (gs[c][j] - c1 - xh[c][j] * c2);
-      }
-      if (residual) {
-        float g[V], yv[V];
-        load<T, V>(gate, i, 1, g);
-        load<T, V>(y, i, 1, yv);
-#pragma unroll
-        for (int j = 0; j < V; ++j) {
-          e[j] = dx[j] * yv[j];  // d gate
-          if (acc_gate) acc_gate[i + j] += e[j];
-        }
-        if (p.dgate.mode == GradMode::PerRow) store<T, V>(static_cast<T*>(p.dgate.ptr) + row * D, i, e);
-#pragma unroll
-        for (int j = 0; j < V; ++j) e[j] = g[j] * dx[j];  // d y
-        store<T, V>(static_cast<T*>(p.dy) + row * D, i, e);
-      }
-      store<T, V>(static_cast<T*>(p.dx) + row * D, i, dx);
+      if (i < D) backward_second<T, V>(p, row, i, dxo, gate, y, norm, rstd, c1, c2, xh[c], gs[c], sums);
     }
   }
   if (np == 0) return;
@@ -540,21 +513,9 @@ __global__ void fused_norm_backward_rows(BwdParams p) {
 // kRowsNv buckets up to kRowsBwdMaxFloats floats per lane).
 template <class T, int V, class F>
 void with_rows_backward_kernel(int nv, F&& f) {
-  switch (nv) {
-    case 1: f(&fused_norm_backward_rows<T, V, 1>); break;
-    case 2: f(&fused_norm_backward_rows<T, V, 2>); break;
-    case 3: f(&fused_norm_backward_rows<T, V, 3>); break;
-    case 4: f(&fused_norm_backward_rows<T, V, 4>); break;
-    case 5: f(&fused_norm_backward_rows<T, V, 5>); break;
-    case 6: f(&fused_norm_backward_rows<T, V, 6>); break;
-    case 8:
-      if constexpr (V <= 4) f(&fused_norm_backward_rows<T, V, 8>);
-      break;
-    case 12:
-      if constexpr (V <= 4) f(&fused_norm_backward_rows<T, V, 12>);
-      break;
-    default: break;
-  }
+  auto g = [&](auto c) { f(&fused_norm_backward_rows<T, V, decltype(c)::value>); };
+  if constexpr (V <= 4) with_constant<1, 2, 3, 4, 5, 6, 8, 12>(nv, g);
+  else with_constant<1, 2, 3, 4, 5, 6>(nv, g);
 }
 
 }  // namespace raekern::norm::cuda
