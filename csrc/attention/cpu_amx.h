@@ -82,9 +82,10 @@ inline void to_bf16_row(const float* src, int64_t n, uint16_t* dst) {
 constexpr int64_t kChunk = 512;  // elements of one VNNI B tile (16 pair-rows × 32)
 
 #ifdef RAEKERN_ATTENTION_AMX_TILES
-// S[32][32] = Q[32][DQ] · K(16-key blocks kb0, kb1)ᵀ.
-inline void s_block(const uint16_t* q, int64_t ldq, int64_t nchunks, const uint16_t* kb0, const uint16_t* kb1,
-                    float* s, int64_t lds) {
+// S[32][32] = Q[32][DQ] · K(16-key blocks kb0, kb1)ᵀ. (`pairs`, the d pairs that are not zero padding,
+// matters only to the vector unit below: a tile product always spans its whole chunk.)
+inline void s_block(const uint16_t* q, int64_t ldq, int64_t nchunks, int64_t /*pairs*/, const uint16_t* kb0,
+                    const uint16_t* kb1, float* s, int64_t lds) {
   _tile_zero(0);
   _tile_zero(1);
   _tile_zero(2);
@@ -151,9 +152,11 @@ inline void pv_block(const uint16_t* p, int64_t ldp, int64_t nchunks, const uint
 // 16 accumulators, the two B rows of a pair-row and the broadcast A pair in the 32 zmm registers;
 // one vdpbf16ps is 32 multiply-adds (an fp32 FMA 16), the rounding is the tiles' (bf16 products
 // exact, fp32 sums).
+// `pairs`: the reduction pairs that are not zero padding (≤ 16·nchunks); the rest are skipped (Dh = 72
+// pads its 36 pairs to 48).
 template <bool kTwo>
-inline void dot_block(const uint16_t* a, int64_t lda, int64_t nchunks, const uint16_t* b0, const uint16_t* b1,
-                      float* c, int64_t ldc, bool accumulate) {
+inline void dot_block(const uint16_t* a, int64_t lda, int64_t nchunks, int64_t pairs, const uint16_t* b0,
+                      const uint16_t* b1, float* c, int64_t ldc, bool accumulate) {
   constexpr int kR = 8;
   for (int r0 = 0; r0 < 32; r0 += kR) {
     __m512 acc0[kR], acc1[kR];
@@ -166,7 +169,7 @@ inline void dot_block(const uint16_t* a, int64_t lda, int64_t nchunks, const uin
       const uint16_t* bc0 = b0 + ch * kChunk;
       const uint16_t* bc1 = kTwo ? b1 + ch * kChunk : nullptr;
       const uint16_t* ac = a + r0 * lda + ch * 32;
-      for (int k = 0; k < 16; ++k) {
+      const auto step = [&](int k) {
         const __m512bh v0 = (__m512bh)_mm512_loadu_si512(bc0 + k * 32);
         __m512bh v1;
         if constexpr (kTwo) v1 = (__m512bh)_mm512_loadu_si512(bc1 + k * 32);
@@ -177,6 +180,12 @@ inline void dot_block(const uint16_t* a, int64_t lda, int64_t nchunks, const uin
           acc0[r] = _mm512_dpbf16_ps(acc0[r], x, v0);
           if constexpr (kTwo) acc1[r] = _mm512_dpbf16_ps(acc1[r], x, v1);
         }
+      };
+      const int64_t left = pairs - 16 * ch;
+      if (left >= 16) {  // a whole chunk: a constant trip count the compiler unrolls
+        for (int k = 0; k < 16; ++k) step(k);
+      } else {
+        for (int k = 0; k < int(left); ++k) step(k);
       }
     }
     for (int r = 0; r < kR; ++r) {
@@ -187,10 +196,10 @@ inline void dot_block(const uint16_t* a, int64_t lda, int64_t nchunks, const uin
   }
 }
 
-// S[32][32] = Q[32][DQ] · K(16-key blocks kb0, kb1)ᵀ.
-inline void s_block(const uint16_t* q, int64_t ldq, int64_t nchunks, const uint16_t* kb0, const uint16_t* kb1,
-                    float* s, int64_t lds) {
-  dot_block<true>(q, ldq, nchunks, kb0, kb1, s, lds, false);
+// S[32][32] = Q[32][DQ] · K(16-key blocks kb0, kb1)ᵀ over the first `pairs` d pairs.
+inline void s_block(const uint16_t* q, int64_t ldq, int64_t nchunks, int64_t pairs, const uint16_t* kb0,
+                    const uint16_t* kb1, float* s, int64_t lds) {
+  dot_block<true>(q, ldq, nchunks, pairs, kb0, kb1, s, lds, false);
 }
 
 // O[32][16 or 32 columns] += P[32][32·nchunks] · V(d-blocks vb0[, vb1]).
@@ -198,7 +207,7 @@ inline void s_block(const uint16_t* q, int64_t ldq, int64_t nchunks, const uint1
 template <bool kTwo, bool kFirst>
 inline void pv_block(const uint16_t* p, int64_t ldp, int64_t nchunks, const uint16_t* vb0, const uint16_t* vb1,
                      float* o, int64_t ldo) {
-  dot_block<kTwo>(p, ldp, nchunks, vb0, vb1, o, ldo, !kFirst);
+  dot_block<kTwo>(p, ldp, nchunks, 16 * nchunks, vb0, vb1, o, ldo, !kFirst);
 }
 #endif  // RAEKERN_ATTENTION_AMX_TILES
 

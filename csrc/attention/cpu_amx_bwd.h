@@ -169,8 +169,8 @@ inline bool backward(const Problem<c10::BFloat16, float>& P, const at::Tensor& d
           // buffers each), so the tile unit works while the vector units do.
           const auto products = [&](int64_t q0) {
             const int64_t slot = ((q0 / 32) & 1) * 32 * 32;
-            s_block(&qa[q0 * DQ], DQ, DQ / 32, kb0, kb0 + (DQ / 2) * 32, s.data() + slot, 32);
-            s_block(&da[q0 * DQ], DQ, DQ / 32, vb0, vb0 + (DQ / 2) * 32, dpt.data() + slot, 32);
+            s_block(&qa[q0 * DQ], DQ, DQ / 32, (D + 1) / 2, kb0, kb0 + (DQ / 2) * 32, s.data() + slot, 32);
+            s_block(&da[q0 * DQ], DQ, DQ / 32, (D + 1) / 2, vb0, vb0 + (DQ / 2) * 32, dpt.data() + slot, 32);
           };
           products(0);
           for (int64_t q0 = 0; q0 < nq32; q0 += 32) {

@@ -106,7 +106,7 @@ inline void forward(const Problem<c10::BFloat16, float>& P, at::Tensor& out, at:
           const int64_t bk32 = (std::min(kKeys, nk - j0) + 31) / 32 * 32;
           for (int64_t c = 0; c < bk32; c += 32) {
             const uint16_t* kb0 = &kv[((j0 + c) / 16) * (DQ / 2) * 32];
-            s_block(qb.data(), DQ, DQ / 32, kb0, kb0 + (DQ / 2) * 32, sb + c, kLdS);
+            s_block(qb.data(), DQ, DQ / 32, (D + 1) / 2, kb0, kb0 + (DQ / 2) * 32, sb + c, kLdS);
           }
         };
         if (nk > 0) scores(0, s.data());
