@@ -26,6 +26,13 @@ namespace raekern::simt {
 constexpr int kWarp = 32;
 constexpr unsigned kFullMask = 0xffffffffu;
 
+// Warp-per-row kernels hold a row as vectors of V elements interleaved across the lanes: the first
+// element of a lane's vector k (rows of at most a few thousand elements: int).
+template <int V>
+__device__ __forceinline__ int lane_column(int lane, int k) {
+  return (lane + k * kWarp) * V;
+}
+
 template <class T> __device__ __forceinline__ float to_float(T v) { return static_cast<float>(v); }
 template <> __device__ __forceinline__ float to_float<__half>(__half v) { return __half2float(v); }
 template <> __device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 v) {

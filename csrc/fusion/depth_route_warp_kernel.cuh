@@ -81,7 +81,7 @@ __global__ void __launch_bounds__(kRouteWarps * 32) depth_route_warp_kernel(Rout
     warp_load_row<T, V, NV>(static_cast<const T*>(a.base) + b * a.bsb + n * a.bsn, a.D, lane, x);  // in flight
     warp_route_weights(a, tok, lane, w0, w1, norm);
     warp_route_fuse<T, V, NV>(a, b, n, lane, w0, w1, f);
-    add_bounded<NV, V>(a, x, f, [lane](int k) { return lane_col<V>(lane, k); }, WarpSums{});
+    add_bounded<NV, V>(a, x, f, [lane](int k) { return lane_column<V>(lane, k); }, WarpSums{});
     warp_store_row<T, V, NV>(out + tok * a.D, a.D, lane, x);
   }
 }
@@ -111,7 +111,7 @@ __device__ __forceinline__ void write_gamma_partial(const RouteArgs& a, const Ro
   float* mine = smem + int64_t(warp) * a.D;
 #pragma unroll
   for (int k = 0; k < NV; ++k) {
-    const int d0 = lane_col<V>(lane, k);
+    const int d0 = lane_column<V>(lane, k);
     if (d0 < a.D)
 #pragma unroll
       for (int j = 0; j < V; ++j) mine[d0 + j] = ggam[k][j];
@@ -148,7 +148,7 @@ __global__ void __launch_bounds__(kRouteWarps * 32) depth_route_backward_warp_ke
       float x[NV][V];
       if (a.bound == 1)
         warp_load_row<T, V, NV>(static_cast<const T*>(a.base) + b * a.bsb + n * a.bsn, a.D, lane, x);
-      bound_backward<NV, V>(a, f, x, gf, gb, ggam, [lane](int k) { return lane_col<V>(lane, k); }, WarpSums{});
+      bound_backward<NV, V>(a, f, x, gf, gb, ggam, [lane](int k) { return lane_column<V>(lane, k); }, WarpSums{});
       warp_store_row<T, V, NV>(static_cast<T*>(g.dbase) + tok * a.D, a.D, lane, gb);
     }
     // d expert_l = w_l·gf; d w_l = gf·e_l, kept by lane l (gw0) or l − 32 (gw1).

@@ -58,7 +58,7 @@ __global__ void __launch_bounds__(kStackWarps * 32) layer_stack_fuse_warp_kernel
     if (a.tmean) {
 #pragma unroll
       for (int k = 0; k < NV; ++k) {
-        const int d0 = lane_col<V>(lane, k);
+        const int d0 = lane_column<V>(lane, k);
         if (d0 < a.D)
 #pragma unroll
           for (int j = 0; j < V; ++j) acc[k][j] += a.tmean[b * a.D + d0 + j];
@@ -98,7 +98,7 @@ __global__ void __launch_bounds__(kStackWarps * 32) layer_stack_fuse_backward_wa
       float dot = 0.f, s1 = 0.f, s2 = 0.f;
 #pragma unroll
       for (int k = 0; k < NV; ++k) {
-        const int d0 = lane_col<V>(lane, k);
+        const int d0 = lane_column<V>(lane, k);
         const bool ok = d0 < a.D;
 #pragma unroll
         for (int j = 0; j < V; ++j) {

@@ -8,17 +8,13 @@
 
 namespace raekern::fusion::cuda {
 
-// First element of vector k of a lane: vectors interleaved across the warp's lanes.
-template <int V>
-__device__ __forceinline__ int lane_col(int lane, int k) {
-  return (lane + k * simt::kWarp) * V;
-}
+using simt::lane_column;
 
 template <class T, int V, int NV>
 __device__ __forceinline__ void warp_load_row(const T* __restrict__ row, int D, int lane, float (&x)[NV][V]) {
 #pragma unroll
   for (int k = 0; k < NV; ++k) {
-    const int d0 = lane_col<V>(lane, k);
+    const int d0 = lane_column<V>(lane, k);
     if (d0 < D) {
       simt::load_vec<T, V>(row + d0, x[k]);
     } else {
@@ -32,7 +28,7 @@ template <class T, int V, int NV>
 __device__ __forceinline__ void warp_store_row(T* __restrict__ row, int D, int lane, const float (&x)[NV][V]) {
 #pragma unroll
   for (int k = 0; k < NV; ++k) {
-    const int d0 = lane_col<V>(lane, k);
+    const int d0 = lane_column<V>(lane, k);
     if (d0 < D) simt::store_vec<T, V>(row + d0, x[k]);
   }
 }
@@ -45,7 +41,7 @@ __device__ __forceinline__ float warp_normalize_row(float (&x)[NV][V], float shi
   float s1 = 0.f, s2 = 0.f;
 #pragma unroll
   for (int k = 0; k < NV; ++k) {
-    if (lane_col<V>(lane, k) < D) {
+    if (lane_column<V>(lane, k) < D) {
 #pragma unroll
       for (int j = 0; j < V; ++j) {
         x[k][j] -= shift;
@@ -61,7 +57,7 @@ __device__ __forceinline__ float warp_normalize_row(float (&x)[NV][V], float shi
   const float rstd = rsqrtf(var + eps);
 #pragma unroll
   for (int k = 0; k < NV; ++k) {
-    const bool ok = lane_col<V>(lane, k) < D;
+    const bool ok = lane_column<V>(lane, k) < D;
 #pragma unroll
     for (int j = 0; j < V; ++j) x[k][j] = ok ? (x[k][j] - mean) * rstd : 0.f;
   }

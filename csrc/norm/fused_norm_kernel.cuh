@@ -20,6 +20,7 @@ namespace raekern::norm::cuda {
 
 using raekern::with_constant;
 using simt::from_float;
+using simt::lane_column;
 using simt::to_float;
 
 template <class T>
@@ -162,12 +163,6 @@ __global__ void fused_norm_forward(FwdParams p) {
       modulate_store<T, V>(p, shift, scale, i, xv, mean, rstd, out);
     }
   }
-}
-
-// First element of vector k of a lane in the warp-per-row layout (vectors interleaved across lanes).
-template <int V>
-__device__ __forceinline__ int64_t lane_column(int lane, int k) {
-  return (int64_t(lane) + int64_t(k) * simt::kWarp) * V;
 }
 
 // Forward for rows that fit in registers (16-byte accesses, D <= 32·NV·V): one warp per row, several

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from raekern.bench.registry import Case, compiled, register, with_env
+from raekern.bench.registry import Case, compiled, register, with_switch
 from raekern.ops import fusion as fu
 
 
@@ -42,11 +42,8 @@ def _lazy_grads(make_out, inputs, grad):
 
 def _with_block_kernel(device, impls):
     """On CUDA, also the block-per-token kernels (the only ones of the first H200 run), against the
-    default warp-per-token ones in the same run; the variable is read at launch."""
-    if device.startswith("cuda"):
-        run = impls["raekern"]
-        impls["block_kernel"] = lambda: with_env("RAEKERN_FUSION_KERNEL", "block", run)
-    return impls
+    default warp-per-token ones in the same run."""
+    return with_switch(impls, device, "block_kernel", "RAEKERN_FUSION_KERNEL", "block")
 
 
 @register("fusion")

@@ -10,7 +10,7 @@ import functools
 
 import torch
 
-from raekern.bench.registry import Case, compiled, register, with_env
+from raekern.bench.registry import Case, compiled, register, with_switch
 from raekern.ops.guidance import guidance_step
 
 SHAPES = {"rae": (768, 16, 16), "raev2": (1024, 16, 16)}
@@ -97,8 +97,8 @@ def guidance_cases(device: str, quick: bool) -> list[Case]:
 
             def add(name, raekern_fn, eager_fn, nbytes):
                 impls = {"raekern": raekern_fn, "eager": eager_fn, "compile": _compiled_call(eager_fn)}
-                if device.startswith("cuda"):  # the generic combine loop (the first H200 run's) beside it
-                    impls["generic_combine"] = lambda f=raekern_fn: with_env("RAEKERN_GUIDANCE_COMBINE", "generic", f)
+                # the generic combine loop (the first H200 run's) beside it
+                with_switch(impls, device, "generic_combine", "RAEKERN_GUIDANCE_COMBINE", "generic")
                 out.append(Case("guidance", name, shape, dtype, impls, bytes=nbytes))
 
             add("cfg euler", lambda x=x, C=C, U=U, t=t, tn=tn: guidance_step(

@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 
 from raekern import ops as R
-from raekern.bench.registry import Case, compiled, register, with_env
+from raekern.bench.registry import Case, compiled, register, with_switch
 
 # Every (shape, dtype) compiles its own graph; the default limit of 8 would silently fall back to eager.
 torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 512)
@@ -61,11 +61,9 @@ def _fwd_impls(fn_r, fn_ref, inputs, device="cpu"):
     comp = compiled(fn_ref)
     impls = {"raekern": lambda: fn_r(inputs()), "eager": lambda: fn_ref(inputs()),
              "compile": lambda: comp(inputs())}
-    if device.startswith("cuda"):
-        # The one-block-per-row CUDA forward (the only one on the first H200 run) against the default
-        # warp-per-row kernel, in the same run; the variable is read at launch (graph capture).
-        impls["block_kernel"] = lambda: with_env("RAEKERN_NORM_FORWARD", "block", lambda: fn_r(inputs()))
-    return impls
+    # The one-block-per-row CUDA forward (the only one on the first H200 run) against the default
+    # warp-per-row kernel, in the same run.
+    return with_switch(impls, device, "block_kernel", "RAEKERN_NORM_FORWARD", "block")
 
 
 def _bwd_impls(graph, fn_r, fn_ref, inputs, device="cpu"):
@@ -73,22 +71,19 @@ def _bwd_impls(graph, fn_r, fn_ref, inputs, device="cpu"):
     makers = {"raekern": graph(fn_r), "eager": graph(fn_ref), "compile": graph(compiled(fn_ref))}
     cache: dict[str, tuple] = {}
 
-    def impl(name, maker=None):
+    def impl(name):
         def run():
             d = inputs()
             if name not in cache or cache[name][0] is not d:
-                cache[name] = (d, makers[maker or name](d))
+                cache[name] = (d, makers[name](d))
             outs, leaves, grads = cache[name][1]
             return torch.autograd.grad(outs, leaves, grads, retain_graph=True)
         return run
 
-    impls = {name: impl(name) for name in makers}
-    if device.startswith("cuda"):
-        # The one-block-per-task CUDA backward (the only one on the first H200 run) against the default
-        # warp-per-row kernel, in the same run; the variable is read at launch (graph capture).
-        rows = impl("block_kernel", "raekern")
-        impls["block_kernel"] = lambda: with_env("RAEKERN_NORM_BACKWARD", "block", rows)
-    return impls
+    # The one-block-per-task CUDA backward (the only one on the first H200 run) against the default
+    # warp-per-row kernel, in the same run (the backward kernel is chosen at launch: same graph).
+    return with_switch({name: impl(name) for name in makers}, device, "block_kernel", "RAEKERN_NORM_BACKWARD",
+                       "block")
 
 
 def _leaf(t):

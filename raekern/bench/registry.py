@@ -50,6 +50,15 @@ class Case:
         return f"{self.family}/{self.name}/{self.shape}/{str(self.dtype).replace('torch.', '')}"
 
 
+def with_switch(impls: dict, device: str, name: str, var: str, value: str) -> dict:
+    """On CUDA, impls[name] = the "raekern" implementation with switch `var`=`value` (a measured kernel
+    kept beside the default one, timed in the same run); impls unchanged elsewhere. Returns impls."""
+    if device.startswith("cuda"):
+        run = impls["raekern"]
+        impls[name] = lambda: with_env(var, value, run)
+    return impls
+
+
 def with_env(var: str, value: str, fn: Callable[[], object]) -> object:
     """fn() with environment variable `var` set to `value` (restored after): how a case times a kernel
     that the library would not pick by default, since raekern reads these switches at each launch
