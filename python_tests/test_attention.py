@@ -645,9 +645,20 @@ EMU_FWD_CASES = [
 ]
 
 
+@pytest.fixture(params=["tiles2", "rows16"])
+def fwd_tiles(request, monkeypatch):
+    """The forward's configs: two 16-row m-tiles per warp (the default) and the measured one-m-tile
+    kernel (RAEKERN_ATTENTION_FWD=rows16)."""
+    if request.param == "rows16":
+        monkeypatch.setenv("RAEKERN_ATTENTION_FWD", "rows16")
+    else:
+        monkeypatch.delenv("RAEKERN_ATTENTION_FWD", raising=False)
+    return request.param
+
+
 @pytest.mark.parametrize("case", EMU_FWD_CASES, ids=lambda c: f"{c[0]}x{c[1]}x{c[2]}x{c[3]}x{c[4]}-"
                          f"{str(c[5])[6:]}-{c[6]}-{'feat' if c[7] else 'plain'}")
-def test_emulated_cuda_forward_matches_reference(case):
+def test_emulated_cuda_forward_matches_reference(case, fwd_tiles):
     emu = _emu_fwd_or_skip()
     b, nq, nk, h, d, dtype, layout, feat = case
     q, _, _ = make((b, nq, h, d), dtype, layout, seed=3)
@@ -659,7 +670,7 @@ def test_emulated_cuda_forward_matches_reference(case):
 
 
 @pytest.mark.parametrize("schedule", ["forward", "reverse", "random"])
-def test_emulated_cuda_forward_schedules_and_unaligned_rows(schedule):
+def test_emulated_cuda_forward_schedules_and_unaligned_rows(schedule, fwd_tiles):
     """Every thread order between barriers gives the same result (no missing barrier or cp.async
     wait); rows that are not 16-byte aligned take the kernel's element-copy path."""
     emu = _emu_fwd_or_skip()

@@ -18,9 +18,8 @@
 
 namespace raekern::attention::fwd {
 
-template <int HeadDim, bool Exact, class E, class Launch>
+template <class Cfg, class E, class Launch>
 void launch_cfg(Launch& launch, const sm80::FwdParams& p, bool aligned) {
-  using Cfg = sm80::FwdConfig<HeadDim, Exact>;
   const dim3 grid(unsigned((p.Nq + Cfg::kBlockM - 1) / Cfg::kBlockM), unsigned(p.H), unsigned(p.B));
   if (aligned) launch(sm80::attention_fwd_sm80_kernel<Cfg, E, true>, grid, dim3(Cfg::kThreads), Cfg::kSmemBytes, p);
   else launch(sm80::attention_fwd_sm80_kernel<Cfg, E, false>, grid, dim3(Cfg::kThreads), Cfg::kSmemBytes, p);
@@ -28,10 +27,7 @@ void launch_cfg(Launch& launch, const sm80::FwdParams& p, bool aligned) {
 
 template <class E, class Launch>
 void launch_dh(Launch& launch, int64_t D, const sm80::FwdParams& p, bool aligned) {
-  sm80::with_fwd_config(D, [&](auto cfg) {
-    using Cfg = decltype(cfg);
-    launch_cfg<Cfg::kHeadDim, Cfg::kExact, E>(launch, p, aligned);
-  });
+  sm80::with_fwd_config(D, sm80::fwd_rows16(), [&](auto cfg) { launch_cfg<decltype(cfg), E>(launch, p, aligned); });
 }
 
 template <class Mem, class Launch>

@@ -1,6 +1,6 @@
 // sm80 attention forward mainloop: FlashAttention-2 structure with hand-written tensor-core code.
-// CTA = 128 query rows × one (batch, head), 8 warps × 16 rows; K/V tiles of 64 keys stream through
-// double-buffered shared memory with cp.async; S = Q·Kᵀ and O += P·V use mma.sync.m16n8k16
+// CTA = 128 query rows × one (batch, head), split over warps as the config says (4 warps × 32 rows,
+// or 8 × 16); K/V tiles of kBlockN keys stream through double-buffered shared memory with cp.async; S = Q·Kᵀ and O += P·V use mma.sync.m16n8k16
 // (bf16/fp16 in, fp32 accumulate); the online softmax (log2 units) stays in registers and P is fed
 // to the second MMA straight from the S accumulators. Every fragment comes from shared memory by
 // ldmatrix (K and V as x4 loads covering two MMA n-tiles). QK-norm and
@@ -38,20 +38,26 @@ __device__ __forceinline__ void load_tile(T* __restrict__ dst, int ld, const T* 
   }
 }
 
-// QK-norm + RoPE on the Q tile in smem: two threads per row (kBlockM = kThreads / 2, all take part).
+// QK-norm + RoPE on the Q tile in smem: two threads per row, the block's threads walking the rows.
 // Keys arrive already rotated and normalised (k_prologue_kernel), so only Q is processed here.
 template <class Cfg, class T>
 __device__ __forceinline__ void prologue_q_tile(T* tile, int ld, int token0, const FwdParams& p) {
-  const int r = threadIdx.x >> 1, half = threadIdx.x & 1, token = token0 + r;
-  const bool rope = p.rope_h > 0 && token < p.rope_h * p.rope_w;
-  const int pos = rope ? (half ? token % p.rope_w : token / p.rope_w) : 0;
-  simt_dev::qk_prologue_half_row<T>(tile + r * ld, simt_dev::config_head_dim<Cfg>(p.D), half, p.q_norm, p.eps, rope,
-                                    pos, p.log2_theta);
+  static_assert(Cfg::kBlockM % (Cfg::kThreads / 2) == 0, "every pass over the rows is a whole one");
+  const int half = threadIdx.x & 1;
+#pragma unroll 1
+  for (int r = threadIdx.x >> 1; r < Cfg::kBlockM; r += Cfg::kThreads / 2) {
+    const int token = token0 + r;
+    const bool rope = p.rope_h > 0 && token < p.rope_h * p.rope_w;
+    const int pos = rope ? (half ? token % p.rope_w : token / p.rope_w) : 0;
+    simt_dev::qk_prologue_half_row<T>(tile + r * ld, simt_dev::config_head_dim<Cfg>(p.D), half, p.q_norm, p.eps,
+                                      rope, pos, p.log2_theta);
+  }
 }
 
 template <class Cfg, class T, bool kAligned>
 __global__ void __launch_bounds__(Cfg::kThreads, 1) attention_fwd_sm80_kernel(const FwdParams p) {
-  constexpr int kM = Cfg::kBlockM, kN = Cfg::kBlockN, DQK = Cfg::kHeadDimQK;
+  constexpr int kM = Cfg::kBlockM, kN = Cfg::kBlockN, DQK = Cfg::kHeadDimQK, MT = Cfg::kRowTiles;
+  constexpr int NS = Cfg::kNTilesS, NO = Cfg::kNTilesO;
   const int D = simt_dev::config_head_dim<Cfg>(p.D);
   constexpr int LQ = Cfg::kLdQK, LV = Cfg::kLdV;
   RAEKERN_DYNAMIC_SHARED(T, smem);
@@ -61,6 +67,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) attention_fwd_sm80_kernel(co
 
   const int m0 = blockIdx.x * kM, h = blockIdx.y, b = blockIdx.z;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  const int warp_row0 = warp * 16 * MT;  // this warp's rows: warp_row0 + 16·m + (g, g + 8), m < MT
   const T* qg = static_cast<const T*>(p.q) + b * p.q_sb + h * p.q_sh + int64_t(m0) * p.q_sn;
   const T* kg = static_cast<const T*>(p.k) + b * p.k_sb + h * p.k_sh;
   const T* vg = static_cast<const T*>(p.v) + b * p.v_sb + h * p.v_sh;
@@ -79,10 +86,16 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) attention_fwd_sm80_kernel(co
   load_tile<Cfg, T, kAligned>(sV, LV, vg, p.v_sn, kN, min(kN, p.Nk), D);
   if constexpr (kAligned) cp_async_commit();
 
-  float acc_o[Cfg::kNTilesO][4];
+  // Per m-tile m: O accumulators, and the running max / sum of rows g (index 0) and g + 8 (index 1).
+  float acc_o[MT][NO][4];
+  float row_m[MT][2], row_l[MT][2];
 #pragma unroll
-  for (int n = 0; n < Cfg::kNTilesO; ++n) acc_o[n][0] = acc_o[n][1] = acc_o[n][2] = acc_o[n][3] = 0.f;
-  float row_m[2] = {-INFINITY, -INFINITY}, row_l[2] = {0.f, 0.f};
+  for (int m = 0; m < MT; ++m) {
+#pragma unroll
+    for (int n = 0; n < NO; ++n) acc_o[m][n][0] = acc_o[m][n][1] = acc_o[m][n][2] = acc_o[m][n][3] = 0.f;
+    row_m[m][0] = row_m[m][1] = -INFINITY;
+    row_l[m][0] = row_l[m][1] = 0.f;
+  }
   const bool* mask = p.mask ? p.mask + b * p.mask_sb : nullptr;
 
   for (int j = 0; j < n_blocks; ++j) {
@@ -110,85 +123,99 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) attention_fwd_sm80_kernel(co
       __syncthreads();
     }
 
-    // S = Q·Kᵀ for this warp's 16 rows × 64 keys (Q fragments re-read every block, as
+    // S = Q·Kᵀ for this warp's MT·16 rows × kN keys (Q fragments re-read every block, as
     // FlashAttention-2 does, to leave the registers to the accumulators).
-    float acc_s[Cfg::kNTilesS][4];
+    float acc_s[MT][NS][4];
 #pragma unroll
-    for (int n = 0; n < Cfg::kNTilesS; ++n) acc_s[n][0] = acc_s[n][1] = acc_s[n][2] = acc_s[n][3] = 0.f;
-    tc::mma_rows_nk<Cfg::kKStepsQK, Cfg::kNTilesS, T>(acc_s, sQ + warp * 16 * LQ, LQ, k_tile, LQ, lane);
+    for (int m = 0; m < MT; ++m)
+#pragma unroll
+      for (int n = 0; n < NS; ++n) acc_s[m][n][0] = acc_s[m][n][1] = acc_s[m][n][2] = acc_s[m][n][3] = 0.f;
+    tc::mma_rows_nk_tiles<Cfg::kKStepsQK, NS, MT, T>(acc_s, sQ + warp_row0 * LQ, LQ, k_tile, LQ, lane);
 
-    // Online softmax in log2 units; rows g and g+8 of the warp, 4 lanes share a row. Keys past Nk
-    // (only in the last block) and masked keys become -inf.
+    // Online softmax in log2 units; 4 lanes share a row. Keys past Nk (only in the last block) and
+    // masked keys become -inf.
     const bool edge = n0 + kN > p.Nk;
-    float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
-    for (int n = 0; n < Cfg::kNTilesS; ++n)
+    for (int m = 0; m < MT; ++m) {
+      float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        // Rounded product (never contracted into the exp2 argument below): the row max and the
-        // exponents must see the same value, or at scores near 1e10 the max key gets 2^(±512).
-        float s = __fmul_rn(acc_s[n][e], p.scale_log2);
-        if (edge || mask) {
-          const int col = n0 + n * 8 + 2 * t + (e & 1);
-          if (col >= p.Nk || (mask && !mask[int64_t(col) * p.mask_sn])) s = -INFINITY;
+      for (int n = 0; n < NS; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          // Rounded product (never contracted into the exp2 argument below): the row max and the
+          // exponents must see the same value, or at scores near 1e10 the max key gets 2^(±512).
+          float s = __fmul_rn(acc_s[m][n][e], p.scale_log2);
+          if (edge || mask) {
+            const int col = n0 + n * 8 + 2 * t + (e & 1);
+            if (col >= p.Nk || (mask && !mask[int64_t(col) * p.mask_sn])) s = -INFINITY;
+          }
+          acc_s[m][n][e] = s;
+          mx[e >> 1] = fmaxf(mx[e >> 1], s);
         }
-        acc_s[n][e] = s;
-        mx[e >> 1] = fmaxf(mx[e >> 1], s);
-      }
-    float alpha[2], shift[2];
+      float alpha[2], shift[2];
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      mx[r] = fmaxf(mx[r], __shfl_xor_sync(simt::kFullMask, mx[r], 1));
-      mx[r] = fmaxf(mx[r], __shfl_xor_sync(simt::kFullMask, mx[r], 2));
-      const float m_new = fmaxf(row_m[r], mx[r]);
-      shift[r] = m_new == -INFINITY ? 0.f : m_new;  // no key yet: keep exp2(-inf) = 0, not NaN
-      alpha[r] = exp2f(row_m[r] - shift[r]);
-      row_m[r] = m_new;
-      row_l[r] *= alpha[r];
-    }
-#pragma unroll
-    for (int n = 0; n < Cfg::kNTilesS; ++n)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const float pe = exp2f(acc_s[n][e] - shift[e >> 1]);
-        acc_s[n][e] = pe;
-        row_l[e >> 1] += pe;
+      for (int r = 0; r < 2; ++r) {
+        mx[r] = fmaxf(mx[r], __shfl_xor_sync(simt::kFullMask, mx[r], 1));
+        mx[r] = fmaxf(mx[r], __shfl_xor_sync(simt::kFullMask, mx[r], 2));
+        const float m_new = fmaxf(row_m[m][r], mx[r]);
+        shift[r] = m_new == -INFINITY ? 0.f : m_new;  // no key yet: keep exp2(-inf) = 0, not NaN
+        alpha[r] = exp2f(row_m[m][r] - shift[r]);
+        row_m[m][r] = m_new;
+        row_l[m][r] *= alpha[r];
       }
 #pragma unroll
-    for (int n = 0; n < Cfg::kNTilesO; ++n) {
-      acc_o[n][0] *= alpha[0];
-      acc_o[n][1] *= alpha[0];
-      acc_o[n][2] *= alpha[1];
-      acc_o[n][3] *= alpha[1];
+      for (int n = 0; n < NS; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const float pe = exp2f(acc_s[m][n][e] - shift[e >> 1]);
+          acc_s[m][n][e] = pe;
+          row_l[m][e >> 1] += pe;
+        }
+#pragma unroll
+      for (int n = 0; n < NO; ++n) {
+        acc_o[m][n][0] *= alpha[0];
+        acc_o[m][n][1] *= alpha[0];
+        acc_o[m][n][2] *= alpha[1];
+        acc_o[m][n][3] *= alpha[1];
+      }
     }
 
-    // O += P·V: the S accumulators of two adjacent n-tiles form one A fragment (k = 16 keys).
+    // O += P·V: the S accumulators of two adjacent n-tiles form one A fragment (k = 16 keys); each
+    // V fragment serves the warp's MT m-tiles.
 #pragma unroll
     for (int kk = 0; kk < kN / 16; ++kk) {
-      const uint32_t a[4] = {Mma<T>::pack(acc_s[2 * kk][0], acc_s[2 * kk][1]),
-                             Mma<T>::pack(acc_s[2 * kk][2], acc_s[2 * kk][3]),
-                             Mma<T>::pack(acc_s[2 * kk + 1][0], acc_s[2 * kk + 1][1]),
-                             Mma<T>::pack(acc_s[2 * kk + 1][2], acc_s[2 * kk + 1][3])};
-      tc::mma_frag_kn<Cfg::kNTilesO, T>(acc_o, a, v_tile + kk * 16 * LV, LV, lane);
+      uint32_t a[MT][4];
+#pragma unroll
+      for (int m = 0; m < MT; ++m) {
+        a[m][0] = Mma<T>::pack(acc_s[m][2 * kk][0], acc_s[m][2 * kk][1]);
+        a[m][1] = Mma<T>::pack(acc_s[m][2 * kk][2], acc_s[m][2 * kk][3]);
+        a[m][2] = Mma<T>::pack(acc_s[m][2 * kk + 1][0], acc_s[m][2 * kk + 1][1]);
+        a[m][3] = Mma<T>::pack(acc_s[m][2 * kk + 1][2], acc_s[m][2 * kk + 1][3]);
+      }
+      tc::mma_frag_kn_tiles<NO, MT, T>(acc_o, a, v_tile + kk * 16 * LV, LV, lane);
     }
     __syncthreads();  // this buffer is refilled by the prefetch of step j+2
   }
 
   // Epilogue: full row sums across the 4 lanes of a row, normalise, write out and lse.
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    row_l[r] += __shfl_xor_sync(simt::kFullMask, row_l[r], 1);
-    row_l[r] += __shfl_xor_sync(simt::kFullMask, row_l[r], 2);
-    const int m = m0 + warp * 16 + g + 8 * r;
-    const simt_dev::RowFinal fin = simt_dev::softmax_finalize(row_m[r], row_l[r]);
-    if (m >= p.Nq) continue;
-    T* og = static_cast<T*>(p.out) + b * p.o_sb + h * p.o_sh + int64_t(m) * p.o_sn;
+  for (int m = 0; m < MT; ++m)
 #pragma unroll
-    for (int n = 0; n < Cfg::kNTilesO; ++n)
-      if (Cfg::kExact || n * 8 < D)
-        simt::store_u32(og + n * 8 + 2 * t, Mma<T>::pack(acc_o[n][2 * r] * fin.inv_l, acc_o[n][2 * r + 1] * fin.inv_l));
-    if (t == 0) p.lse[(int64_t(b) * p.H + h) * p.Nq + m] = fin.lse;
-  }
+    for (int r = 0; r < 2; ++r) {
+      float l = row_l[m][r];
+      l += __shfl_xor_sync(simt::kFullMask, l, 1);
+      l += __shfl_xor_sync(simt::kFullMask, l, 2);
+      const int row = m0 + warp_row0 + 16 * m + g + 8 * r;
+      const simt_dev::RowFinal fin = simt_dev::softmax_finalize(row_m[m][r], l);
+      if (row >= p.Nq) continue;
+      T* og = static_cast<T*>(p.out) + b * p.o_sb + h * p.o_sh + int64_t(row) * p.o_sn;
+#pragma unroll
+      for (int n = 0; n < NO; ++n)
+        if (Cfg::kExact || n * 8 < D)
+          simt::store_u32(og + n * 8 + 2 * t,
+                          Mma<T>::pack(acc_o[m][n][2 * r] * fin.inv_l, acc_o[m][n][2 * r + 1] * fin.inv_l));
+      if (t == 0) p.lse[(int64_t(b) * p.H + h) * p.Nq + row] = fin.lse;
+    }
 }
 
 }  // namespace raekern::attention::sm80

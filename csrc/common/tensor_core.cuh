@@ -227,49 +227,75 @@ __device__ __forceinline__ void zero_masked_rows(T* a, T* b, int ld, int rows, i
   }
 }
 
-// acc[n] (+)= A·B over KSteps 16-wide k-steps for one warp's 16 rows: A from `a_rows` stored
-// [row][k] (ldmatrix.x4: matrices rows 0-7 | 8-15 × k 0-7 | 8-15), B from `b_rows` stored [n][k]
-// (one ldmatrix.x4 per pair of n-tiles: matrices n 0-7 | 8-15 of the pair × k 0-7 | 8-15).
-template <int KSteps, int NTiles, class T>
-__device__ __forceinline__ void mma_rows_nk(float (&acc)[NTiles][4], const T* a_rows, int lda, const T* b_rows,
-                                            int ldb, int lane) {
+// acc[m][n] (+)= A·B over KSteps 16-wide k-steps for one warp's MT 16-row m-tiles: A from `a_rows`
+// stored [row][k] (m-tile m at row 16·m; ldmatrix.x4: matrices rows 0-7 | 8-15 × k 0-7 | 8-15), B
+// from `b_rows` stored [n][k] (one ldmatrix.x4 per pair of n-tiles: matrices n 0-7 | 8-15 of the pair
+// × k 0-7 | 8-15). Each B fragment feeds MT products: with MT = 2 a warp reads half the shared-memory
+// bytes per MMA of MT = 1, the bound of the mma.sync mainloops at Hopper/Ampere tensor rates.
+template <int KSteps, int NTiles, int MT, class T>
+__device__ __forceinline__ void mma_rows_nk_tiles(float (&acc)[MT][NTiles][4], const T* a_rows, int lda,
+                                                  const T* b_rows, int ldb, int lane) {
   static_assert(NTiles % 2 == 0, "B fragments come in pairs of n-tiles");
   const T* ar = a_rows + (lane & 15) * lda + (lane >> 4) * 8;
   const T* br = b_rows + ((lane & 7) + (lane >> 4) * 8) * ldb + ((lane >> 3) & 1) * 8;
 #pragma unroll
   for (int ks = 0; ks < KSteps; ++ks) {
-    uint32_t af[4];
-    ldmatrix<4, false>(af, ar + ks * 16);
+    uint32_t af[MT][4];
+#pragma unroll
+    for (int m = 0; m < MT; ++m) ldmatrix<4, false>(af[m], ar + m * 16 * lda + ks * 16);
 #pragma unroll
     for (int n = 0; n < NTiles; n += 2) {
       uint32_t bf[4];
       ldmatrix<4, false>(bf, br + n * 8 * ldb + ks * 16);
-      Mma<T>::run(acc[n], af, bf[0], bf[1]);
-      Mma<T>::run(acc[n + 1], af, bf[2], bf[3]);
+#pragma unroll
+      for (int m = 0; m < MT; ++m) {
+        Mma<T>::run(acc[m][n], af[m], bf[0], bf[1]);
+        Mma<T>::run(acc[m][n + 1], af[m], bf[2], bf[3]);
+      }
     }
   }
 }
 
-// acc[n] += A·B for one 16-wide k-step, A given as fragments, B stored [k][n] from row b_k0:
-// ldmatrix.x4.trans per pair of n-tiles (matrices k 0-7 | 8-15 × tile n | n+1), .x2.trans for an
-// odd last tile.
-template <int NTiles, class T>
-__device__ __forceinline__ void mma_frag_kn(float (&acc)[NTiles][4], const uint32_t (&af)[4], const T* b_k0, int ldb,
-                                            int lane) {
+// The one-m-tile form (16 rows per warp).
+template <int KSteps, int NTiles, class T>
+__device__ __forceinline__ void mma_rows_nk(float (&acc)[NTiles][4], const T* a_rows, int lda, const T* b_rows,
+                                            int ldb, int lane) {
+  mma_rows_nk_tiles<KSteps, NTiles, 1, T>(*reinterpret_cast<float(*)[1][NTiles][4]>(&acc), a_rows, lda, b_rows,
+                                          ldb, lane);
+}
+
+// acc[m][n] += A·B for one 16-wide k-step and MT m-tiles, A given as fragments (one per m-tile), B
+// stored [k][n] from row b_k0: ldmatrix.x4.trans per pair of n-tiles (matrices k 0-7 | 8-15 × tile
+// n | n+1), .x2.trans for an odd last tile; each B fragment feeds MT products.
+template <int NTiles, int MT, class T>
+__device__ __forceinline__ void mma_frag_kn_tiles(float (&acc)[MT][NTiles][4], const uint32_t (&af)[MT][4],
+                                                  const T* b_k0, int ldb, int lane) {
   const T* br = b_k0 + (lane & 15) * ldb + (lane >> 4) * 8;
 #pragma unroll
   for (int n = 0; n + 1 < NTiles; n += 2) {
     uint32_t bf[4];
     ldmatrix<4, true>(bf, br + n * 8);
-    Mma<T>::run(acc[n], af, bf[0], bf[1]);
-    Mma<T>::run(acc[n + 1], af, bf[2], bf[3]);
+#pragma unroll
+    for (int m = 0; m < MT; ++m) {
+      Mma<T>::run(acc[m][n], af[m], bf[0], bf[1]);
+      Mma<T>::run(acc[m][n + 1], af[m], bf[2], bf[3]);
+    }
   }
   if constexpr (NTiles % 2) {
     constexpr int n = NTiles - 1;
     uint32_t bf[2];
     ldmatrix<2, true>(bf, b_k0 + (lane & 15) * ldb + n * 8);
-    Mma<T>::run(acc[n], af, bf[0], bf[1]);
+#pragma unroll
+    for (int m = 0; m < MT; ++m) Mma<T>::run(acc[m][n], af[m], bf[0], bf[1]);
   }
+}
+
+// The one-m-tile form.
+template <int NTiles, class T>
+__device__ __forceinline__ void mma_frag_kn(float (&acc)[NTiles][4], const uint32_t (&af)[4], const T* b_k0, int ldb,
+                                            int lane) {
+  mma_frag_kn_tiles<NTiles, 1, T>(*reinterpret_cast<float(*)[1][NTiles][4]>(&acc),
+                                  *reinterpret_cast<const uint32_t(*)[1][4]>(&af), b_k0, ldb, lane);
 }
 
 }  // namespace raekern::tc

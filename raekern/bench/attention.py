@@ -5,25 +5,37 @@ DDT head, (1,16,1024,64) a long-sequence case; plus RAEv2's fused variant (QK-no
 where the baseline is SDPA preceded by the same norm and RoPE as separate PyTorch ops.
 Forward flops 4·B·H·N²·Dh; backward counted as 2.5× forward (FlashAttention's convention). On CUDA
 the plain forward is also timed against each SDPA backend pinned on its own (flash, efficient, cuDNN),
-since the Dh = 72 target is stated against SDPA's best backend.
+since the Dh = 72 target is stated against SDPA's best backend, and against the measured one-m-tile
+kernel (RAEKERN_ATTENTION_FWD=rows16, column "rows16_kernel"). With --full a GPU also runs the
+FlashAttention-2 anchor shapes (B·N = 16k tokens, H·Dh = 2048: the setup of FA2's published H100
+figures, kernel-anchors.md §A.1), whose TFLOP/s the hd64/hd128 target compares with those figures.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from raekern.bench.registry import Case, compiled, register, with_env
+from raekern.bench.registry import Case, compiled, register, with_env, with_switch
 from raekern.ops.attention import _CUDA_ATTENTION
 from raekern.ops.attention import _FORCE_CUDA_BACKWARD as _FORCE
 
 SHAPES = ((4, 16, 256, 72), (4, 16, 256, 128), (1, 16, 1024, 64))
 FUSED_SHAPES = ((4, 16, 268, 72),)
+# FlashAttention-2's published H100 TFLOP/s (fp16, non-causal; kernel-anchors.md §A.1) at these shapes:
+# (forward, backward).
+# Two of its sequence lengths only: the one GPU check's bench budget is shared by every family.
+FA2_ANCHORS = {(16, 32, 1024, 64): (306, 238), (16, 16, 1024, 128): (350, 260)}
 
 
 def _inputs(B, H, N, D, dtype, device, grad):
     g = torch.Generator(device="cpu").manual_seed(0)
     mk = lambda: torch.randn(B, N, H, D, generator=g).to(device=device, dtype=dtype).requires_grad_(grad)  # noqa: E731
     return mk(), mk(), mk()
+
+
+def _anchor_note(B, H, N, D, which):
+    fig = FA2_ANCHORS.get((B, H, N, D))
+    return f"FlashAttention-2 published (H100, fp16): {fig[which]} TFLOP/s" if fig else ""
 
 
 def _fwd_cases(B, H, N, D, dtype, device, fused):
@@ -69,9 +81,10 @@ def _fwd_cases(B, H, N, D, dtype, device, fused):
                                ("sdpa_efficient", SDPBackend.EFFICIENT_ATTENTION),
                                ("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION)):
             impls[label] = pinned(backend)
+    with_switch(impls, device, "rows16_kernel", "RAEKERN_ATTENTION_FWD", "rows16")
     name = "attention+qknorm+rope fwd" if fused else "attention fwd"
     return Case("attention", name, f"B={B} H={H} N={N} Dh={D}", dtype, impls, flops=4 * B * H * N * N * D,
-                baseline_of_interest=("sdpa", "compile"))
+                baseline_of_interest=("sdpa", "compile"), notes=_anchor_note(B, H, N, D, 0))
 
 
 def _bwd_case(B, H, N, D, dtype, device):
@@ -89,7 +102,8 @@ def _bwd_case(B, H, N, D, dtype, device):
 
     return Case("attention", "attention bwd", f"B={B} H={H} N={N} Dh={D}", dtype,
                 {"raekern": bwd(out_r), "sdpa": bwd(out_s)}, flops=int(2.5 * 4 * B * H * N * N * D),
-                baseline_of_interest=("sdpa",), notes="backward only (graph retained)")
+                baseline_of_interest=("sdpa",),
+                notes="; ".join(filter(None, ("backward only (graph retained)", _anchor_note(B, H, N, D, 1)))))
 
 
 @register("attention")
@@ -104,4 +118,9 @@ def attention_cases(device: str, quick: bool) -> list[Case]:
             cases.append(_fwd_cases(*s, dtype, device, fused=True))
         for s in shapes:
             cases.append(_bwd_case(*s, dtype, device))
+    if device.startswith("cuda") and not quick:
+        for dtype in dtypes:
+            for s in FA2_ANCHORS:
+                cases.append(_fwd_cases(*s, dtype, device, fused=False))
+                cases.append(_bwd_case(*s, dtype, device))
     return cases

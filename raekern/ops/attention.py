@@ -273,7 +273,7 @@ def _smem_reason(device_index: int, dh: int) -> Optional[str]:
     if have is None or need <= have:
         return None
     return (f"head dim {dh} needs {need} bytes of shared memory per block, this GPU gives {have} "
-            "(A100: Dh <= 128; sm_86/89: Dh <= 96)")
+            "(A100 and sm_86/89: Dh <= 128)")
 
 
 def _smem_short(device, dh: int) -> Optional[str]:
