@@ -557,6 +557,53 @@ def test_gfcg_select_bad(kw, arg):
 
 from _kernels import kernel_fixture  # noqa: E402
 from raekern._utils.library import emulation_library  # noqa: E402
+def _t_variants(B):
+    """Per-sample scalars as callers pass them: fp32/fp64, strided, expanded, another dtype, a float."""
+    base = _t(B)
+    wide = torch.stack([base, base], dim=1).to(torch.float32)  # column 0: a stride-2 view
+    return {"fp64": base, "fp32": base.float(), "fp32_strided": wide[:, 0],
+            "expanded": torch.tensor([0.6]).expand(B), "bf16": base.bfloat16(), "float": 0.6}
+
+
+@pytest.mark.parametrize("variant", list(_t_variants(3)))
+def test_per_sample_scalars_any_float_layout(variant):
+    """t, t_next and the weights are read where they lie (fp64/fp32, any stride, a scalar for every
+    sample); other dtypes are converted. Every form gives the fp64 reference's result."""
+    B, S = 3, (4, 5)
+    x, P, _, _ = _inputs(B, S, torch.float32)
+    t = _t_variants(B)[variant]
+    t64 = t.double() if isinstance(t, torch.Tensor) else t
+    tn = t * 0.9 if isinstance(t, torch.Tensor) else 0.54
+    tn64 = tn.double() if isinstance(t, torch.Tensor) else tn
+    w = torch.tensor([[3.0, 0.5, 1.0], [1.5, 2.0, 0.25]], dtype=torch.float32).t()  # [B, J], transposed strides
+    cfg = dict(terms=[(0, 1), (1, 0)], base=0, rescale_phi=0.5, solver="euler", return_x0=True)
+    got = guidance_step(x, P, t, weights=w, t_next=tn, **cfg)
+    want = guidance_step_reference(x.double(), [p.double() for p in P], t64, weights=w.double(), t_next=tn64, **cfg)
+    _close(got.out, want.out, torch.float32)
+    _close(got.x0, want.x0, torch.float32)
+
+
+@pytest.mark.parametrize("t_form", ["fp32", "float"])
+def test_step_adds_no_conversion_or_fill_ops(t_form):
+    """With fp32 t/t_next tensors (or floats) and float weights, a step runs the guidance op and
+    nothing else that moves data (no cast, fill, stack or copy: on a GPU each would be one more kernel
+    of the step); constant tensors are built once and reused."""
+    B, S = 4, (3, 8)
+    x, P, _, _ = _inputs(B, S, torch.float32)
+    t = _t(B).float() if t_form == "fp32" else 0.7
+    cfg = dict(terms=[(0, 1), (1, 0)], weights=[2.5, 0.5], base=0, solver="euler", t_next=t - 0.05)
+    first = guidance_step(x, P, t, **cfg)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        again = guidance_step(x, P, t, **cfg)
+    names = {e.name for e in prof.events()}
+    moving = {n for n in names if n.split("::")[-1] in
+              {"_to_copy", "to", "copy_", "fill_", "full", "stack", "cat", "clone", "contiguous", "mul", "zeros"}}
+    assert not moving, f"extra data-moving ops per step: {sorted(moving)}"
+    assert torch.equal(first.out, again.out)
+    other = guidance_step(x, P, t, **{**cfg, "weights": [3.0, 1.0]})  # other constants: their own tensor
+    _close(other.out, guidance_step_reference(x, P, t, **{**cfg, "weights": [3.0, 1.0]}).out, torch.float32)
+
+
 from raekern.ops.guidance import GuidanceOutput, _normalize  # noqa: E402
 
 _emu = emulation_library()
@@ -599,6 +646,21 @@ def _emu_check(kern, x, P, extra, mom, cfg, dtype, stacked=False):
         assert got.momentum.dtype == torch.float32
         _emu_close(got.momentum, want.momentum, torch.float32 if dtype == torch.float32 else dtype)
     return got
+
+
+@pytest.mark.parametrize("variant", ["fp32", "fp32_strided", "expanded", "bf16"])
+def test_emulated_cuda_per_sample_scalars_any_float_layout(kern, variant):
+    """The kernels read t, t_next and the weights in place in either float width and at any stride."""
+    B, S = 3, (2, 64)
+    x, P, _, _ = _inputs(B, S, torch.float32)
+    t = _t_variants(B)[variant]
+    w = torch.tensor([[3.0, 0.5, 1.0], [1.5, 2.0, 0.25]], dtype=torch.float32).t()
+    cfg = dict(terms=[(0, 1), (1, 0)], base=0, rescale_phi=0.5, solver="euler", return_x0=True)
+    got = _kernel_step(kern)(x, P, t, weights=w, t_next=t * 0.9, **cfg)  # (kern keeps every layout)
+    want = guidance_step_reference(x.double(), [p.double() for p in P], t.double(), weights=w.double(),
+                                   t_next=(t * 0.9).double(), **cfg)
+    _emu_close(got.out, want.out, torch.float32)
+    _emu_close(got.x0, want.x0, torch.float32)
 
 
 @pytest.fixture

@@ -490,7 +490,8 @@ def test_interval_boundary_is_decided_in_float32_like_the_release(nets):
     assert not G.in_interval(0.8000001, (0.0, 0.8)) and G.in_interval(0.5, (0.5, 0.5))
     x = torch.zeros(2, *SHAPE)
     assert G.CFG(2.0, interval=(0.7, 0.8)).mask(x, t32.double()).tolist() == [1.0, 1.0]
-    assert G.CFG(2.0, interval=(0.7, 0.8)).mask(x, float(t32[0])).tolist() == [1.0, 1.0]
+    assert G.CFG(2.0, interval=(0.7, 0.8)).mask(x, float(t32[0])) is None  # active: no mask to apply
+    assert G.CFG(2.0, interval=(0.7, 0.8)).mask(x, 0.9).tolist() == [0.0, 0.0]
 
 
 def test_inactive_interval_skips_the_unneeded_branches(nets):

@@ -35,9 +35,9 @@ void launch_step(Prepared& pr) {
     const size_t span = N > 0 ? size_t((B - 1) * p.stride[e] + N) * es : 0;
     p.ptr[e] = mem.in_bytes(p.ptr[e], span, "streams");
   }
-  p.t = static_cast<const double*>(mem.in_bytes(p.t, size_t(B) * sizeof(double), "t"));
-  p.t_next = static_cast<const double*>(mem.in_bytes(p.t_next, size_t(B) * sizeof(double), "t_next"));
-  p.w = static_cast<const double*>(mem.in_bytes(p.w, size_t(B * pr.cfg.J) * sizeof(double), "weights"));
+  p.t.ptr = mem.in_bytes(p.t.ptr, size_t(p.t.span_bytes(B)), "t");
+  p.t_next.ptr = mem.in_bytes(p.t_next.ptr, size_t(p.t_next.span_bytes(B)), "t_next");
+  if (pr.cfg.J > 0) p.w.ptr = mem.in_bytes(p.w.ptr, size_t(p.w.span_bytes(B, pr.cfg.J)), "weights");
   if (p.zero_init) p.zero_init = static_cast<const unsigned char*>(mem.in_bytes(p.zero_init, size_t(B), "zero_init"));
   p.coeffs = static_cast<double*>(mem.out_bytes(p.coeffs, size_t(B * p.nout * p.ns) * sizeof(double), "coeffs"));
   if (N > 0) {

@@ -80,10 +80,10 @@ StepLaunch plan_step(const Prepared& pr, Params& p) {
   p.chunk = pick_chunk(pr.B, pr.N, vec_ok ? V : 1);
   p.chunks = (pr.N + p.chunk - 1) / p.chunk;
   p.return_x0 = pr.return_x0;
-  p.t = pr.t.const_data_ptr<double>();
-  p.t_next = pr.t_next.const_data_ptr<double>();
-  p.w = pr.weights.const_data_ptr<double>();
-  p.zero_init = pr.zero_init.defined() ? pr.zero_init.const_data_ptr<uint8_t>() : nullptr;
+  p.t = pr.t_tab;
+  p.t_next = pr.t_next_tab;
+  p.w = pr.w_tab;
+  p.zero_init = pr.zero_init.defined() ? static_cast<const unsigned char*>(pr.zero_init.const_data_ptr()) : nullptr;
   p.coeffs = const_cast<double*>(pr.coeffs.const_data_ptr<double>());
   p.out = const_cast<void*>(pr.out.const_data_ptr());
   p.x0 = pr.return_x0 ? const_cast<void*>(pr.x0.const_data_ptr()) : nullptr;

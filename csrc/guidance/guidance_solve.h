@@ -178,6 +178,24 @@ RAEKERN_HD inline double stddev(const Config& cfg, const double* gram, const dou
   return var > 0.0 ? sqrt(var) : 0.0;
 }
 
+// Per-sample scalars (t, t_next, the [B, J] weights) read where the caller put them, in float64 or
+// float32: element (b, j) at ptr + b·sb + j·sj (sb = 0: one value for every sample). On a GPU each
+// cast or copy of a [B] tensor would be one more kernel of a step that moves a few dozen MB.
+struct ScalarTable {
+  const void* ptr = nullptr;
+  int64_t sb = 0, sj = 0;
+  bool f64 = true;
+  RAEKERN_HD double at(int64_t b, int64_t j = 0) const {
+    const int64_t k = b * sb + j * sj;
+    return f64 ? static_cast<const double*>(ptr)[k] : double(static_cast<const float*>(ptr)[k]);
+  }
+  // Bytes from ptr that rows [0, B) × columns [0, J) address (the emulation's buffer span).
+  int64_t span_bytes(int64_t B, int64_t J = 1) const {
+    if (B <= 0 || J <= 0) return 0;
+    return ((B - 1) * sb + (J - 1) * sj + 1) * (f64 ? 8 : 4);
+  }
+};
+
 // Per-sample inputs of the solve.
 struct Sample {
   double t = 1.0, t_next = 0.0;

@@ -41,11 +41,25 @@ inline Rows rows_of(at::Tensor t, int64_t row_offset = 0) {
   return r;
 }
 
+// t, t_next or the weights as the scalar tables read them: float64 and float32 tensors as they are
+// (no cast, no copy), any other dtype converted to float64.
+inline at::Tensor scalar_table_tensor(const at::Tensor& v) {
+  const at::ScalarType st = v.scalar_type();
+  return st == at::kDouble || st == at::kFloat ? v : v.to(at::kDouble);
+}
+
+// A [B] or one-element tensor (see scalar_table_tensor) as a per-sample table.
+inline ScalarTable per_sample_table(const at::Tensor& v) {
+  return ScalarTable{v.const_data_ptr(), v.numel() == 1 ? 0 : v.stride(0), 0, v.scalar_type() == at::kDouble};
+}
+
 struct Prepared {
   Config cfg;
   int64_t B = 0, N = 0;
   std::vector<Rows> streams;  // rebased layout (see guidance_solve.h)
-  at::Tensor t, t_next, weights, zero_init;  // float64 [B], float64 [B], float64 [B,J], uint8 [B] or undefined
+  at::Tensor t, t_next, weights;  // float64 or float32, read in place (the tables below address them)
+  ScalarTable t_tab, t_next_tab, w_tab;
+  at::Tensor zero_init;  // bool or uint8 [B], or undefined
   at::Tensor out, x0, momentum_out, coeffs;
   bool return_x0 = false;
 };
@@ -178,27 +192,34 @@ inline Prepared prepare(const at::Tensor& x, at::TensorList branches, const at::
     p.streams.push_back(rows_of(*u_prev));
   }
 
-  // Per-sample scalars.
-  const auto f64 = x.options().dtype(at::kDouble);
+  // Per-sample scalars, read in place when float64 or float32 (any strides, a scalar for every sample).
   RAEKERN_CHECK(t.numel() == 1 || (t.dim() == 1 && t.size(0) == B), kOp, "t", "must be a scalar or have shape [",
                 B, "], got ", t.sizes());
-  p.t = t.to(f64).reshape({-1}).expand({B}).contiguous();
+  p.t = scalar_table_tensor(t);
+  p.t_tab = per_sample_table(p.t);
   if (c.solver != kNone) {
     RAEKERN_CHECK(t_next.has_value(), kOp, "t_next", "is required by solver ",
                   c.solver == kEuler ? "'euler'" : "'heun2' (it holds t_prev)");
     RAEKERN_CHECK(t_next->numel() == 1 || (t_next->dim() == 1 && t_next->size(0) == B), kOp, "t_next",
                   "must be a scalar or have shape [", B, "], got ", t_next->sizes());
-    p.t_next = t_next->to(f64).reshape({-1}).expand({B}).contiguous();
+    p.t_next = scalar_table_tensor(*t_next);
+    p.t_next_tab = per_sample_table(p.t_next);
   } else {
     p.t_next = p.t;
+    p.t_next_tab = p.t_tab;
   }
   RAEKERN_CHECK(weights.dim() == 2 && weights.size(0) == B && weights.size(1) == J, kOp, "weights",
                 "must have shape [B, J] = [", B, ", ", J, "], got ", weights.sizes());
-  p.weights = weights.to(f64).contiguous();
+  p.weights = scalar_table_tensor(weights);
+  p.w_tab = ScalarTable{p.weights.const_data_ptr(), p.weights.stride(0), p.weights.stride(1),
+                        p.weights.scalar_type() == at::kDouble};
   if (zero_init.has_value()) {
     RAEKERN_CHECK(zero_init->numel() == B, kOp, "zero_init", "must have ", B, " elements, got ",
                   zero_init->numel());
-    p.zero_init = zero_init->to(x.options().dtype(at::kByte)).reshape({B}).contiguous();
+    // A bool mask is read as its bytes (0/1): no conversion kernel.
+    const at::Tensor z = zero_init->scalar_type() == at::kBool ? *zero_init
+                                                               : zero_init->to(x.options().dtype(at::kByte));
+    p.zero_init = z.reshape({B}).contiguous();
   }  // else undefined: no sample starts at zero (no fill kernel for the common case)
 
   p.return_x0 = return_x0;
@@ -212,7 +233,7 @@ inline Prepared prepare(const at::Tensor& x, at::TensorList branches, const at::
   } else {
     p.momentum_out = ::raekern::empty_output({0}, x.options().dtype(acc_dtype));
   }
-  p.coeffs = ::raekern::empty_output({B, c.num_outputs(), c.num_streams()}, f64);
+  p.coeffs = ::raekern::empty_output({B, c.num_outputs(), c.num_streams()}, x.options().dtype(at::kDouble));
   return p;
 }
 

@@ -158,10 +158,10 @@ struct Runner {
   void solve_sample(int64_t b, const double* stats) {
     double* coeffs = p.coeffs.data_ptr<double>() + b * nout * ns;
     Sample s;
-    s.t = p.t.const_data_ptr<double>()[b];
-    s.t_next = p.t_next.const_data_ptr<double>()[b];
-    for (int j = 0; j < cfg.J; ++j) s.w[j] = p.weights.const_data_ptr<double>()[b * cfg.J + j];
-    s.zero_init = p.zero_init.defined() && p.zero_init.const_data_ptr<uint8_t>()[b] != 0;
+    s.t = p.t_tab.at(b);
+    s.t_next = p.t_next_tab.at(b);
+    for (int j = 0; j < cfg.J; ++j) s.w[j] = p.w_tab.at(b, j);
+    s.zero_init = p.zero_init.defined() && static_cast<const uint8_t*>(p.zero_init.const_data_ptr())[b] != 0;
     Coeffs c;
     solve(cfg, s, stats, stats ? stats + gram_entries(ng) : nullptr, c);
     for (int o = 0; o < nout; ++o)

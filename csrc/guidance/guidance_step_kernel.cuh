@@ -25,9 +25,7 @@ struct Params {
   int first_m, last_m;  // [first_m, last_m): momentum streams
   int vec_ok;           // every T stream 16-byte aligned with N a multiple of the vector width
   int return_x0;
-  const double* t;
-  const double* t_next;
-  const double* w;
+  ScalarTable t, t_next, w;         // per-sample t, t_next; weights (b, j)
   const unsigned char* zero_init;  // nullptr: no sample starts at zero
   double* stats;   // [B, nacc]
   double* coeffs;  // [B, nout, ns]
@@ -124,9 +122,9 @@ __global__ void solve_kernel(Params p) {
   const int64_t b = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (b >= p.B) return;
   Sample s;
-  s.t = p.t[b];
-  s.t_next = p.t_next[b];
-  for (int j = 0; j < p.cfg.J; ++j) s.w[j] = p.w[b * p.cfg.J + j];
+  s.t = p.t.at(b);
+  s.t_next = p.t_next.at(b);
+  for (int j = 0; j < p.cfg.J; ++j) s.w[j] = p.w.at(b, j);
   s.zero_init = p.zero_init != nullptr && p.zero_init[b] != 0;
   const int ng = p.cfg.gram_size();
   const int nacc = gram_entries(ng) + ng;

@@ -44,6 +44,7 @@ Devices: CPU kernel; CUDA kernels (sm_80/sm_90a), whose GPU tests pass on an H20
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from typing import NamedTuple, Sequence, Union
 
 import torch
@@ -99,18 +100,49 @@ def _per_term(value, J: int, arg: str) -> list:
 
 
 def _per_sample(value, B: int, device, arg: str) -> torch.Tensor:
-    """float or [B] (or scalar) tensor -> float64 [B] tensor on `device` (no host sync)."""
+    """float or [B] (or scalar) tensor -> [B] tensor on `device` (no host sync). float32/float64
+    tensors stay as they are (a view; the kernels read either), so a step adds no cast kernel."""
     if isinstance(value, torch.Tensor):
         if value.dim() > 1 or (value.dim() == 1 and value.shape[0] not in (1, B)):
             fail(_OP, arg, f"must be a float or have shape [{B}], got {tuple(value.shape)}")
         if value.device != device:
             fail(_OP, arg, f"must be on {device} like the input, got {value.device}")
-        return value.reshape(-1).to(torch.float64).expand(B)
+        if value.dtype not in (torch.float32, torch.float64):
+            value = value.to(torch.float64)
+        return value.reshape(-1).expand(B)
     if isinstance(value, (int, float)):
         if not _finite(value):  # (a tensor's values are not checked: that would sync with the device)
             fail(_OP, arg, f"must be finite, got {value!r}")
-        return torch.full((B,), float(value), dtype=torch.float64, device=device)
+        return _constant_table(B, (float(value),), device)[:, 0]
     fail(_OP, arg, f"must be a float or a tensor, got {type(value).__name__}", TypeError)
+
+
+_CONSTANTS: OrderedDict = OrderedDict()
+_CONSTANTS_SIZE = 256  # a sampler's t and t_next grid (~100 values) and its weights fit
+
+
+def _constant_table(B: int, values: tuple, device) -> torch.Tensor:
+    """[B, len(values)] float64 of constant floats (weights, or a float t), one tensor per (B, values,
+    device), built once and then reused (least recently used out past 256), so a sampler's steps (each
+    an eager call or a replayed CUDA graph) launch no fill or stack kernel for them. Never cached while
+    a CUDA stream is being captured (the fill would only run at replay) or while torch.compile traces
+    (a global dict is not graph state). The kernels only read these tensors."""
+    dev = torch.device(device)
+    cacheable = not torch.compiler.is_compiling() and not (
+        dev.type == "cuda" and torch.cuda.is_current_stream_capturing())
+    key = (B, values, dev)
+    if cacheable and key in _CONSTANTS:
+        _CONSTANTS.move_to_end(key)
+        return _CONSTANTS[key]
+    if len(set(values)) == 1:
+        w = torch.full((B, len(values)), values[0], dtype=torch.float64, device=dev)
+    else:  # (fills, not a host-to-device copy: legal under CUDA-graph capture)
+        w = torch.stack([torch.full((B,), v, dtype=torch.float64, device=dev) for v in values], dim=1)
+    if cacheable:
+        _CONSTANTS[key] = w
+        if len(_CONSTANTS) > _CONSTANTS_SIZE:
+            _CONSTANTS.popitem(last=False)
+    return w
 
 
 def _weights(weights, J: int, B: int, device) -> torch.Tensor:
@@ -119,7 +151,7 @@ def _weights(weights, J: int, B: int, device) -> torch.Tensor:
             fail(_OP, "weights", f"as one tensor must have shape [B, J] = [{B}, {J}], got {tuple(weights.shape)}")
         if weights.device != device:
             fail(_OP, "weights", f"must be on {device} like the input, got {weights.device}")
-        return weights.to(torch.float64)
+        return weights if weights.dtype in (torch.float32, torch.float64) else weights.to(torch.float64)
     if not isinstance(weights, (list, tuple)):
         if J == 1:
             weights = [weights]
@@ -127,10 +159,9 @@ def _weights(weights, J: int, B: int, device) -> torch.Tensor:
             fail(_OP, "weights", f"must be a list of {J} weights (one per term) or a [B, J] tensor, got {type(weights).__name__}", TypeError)
     if len(weights) != J:
         fail(_OP, "weights", f"must have one entry per term ({J}), got {len(weights)}")
-    if J > 0 and all(isinstance(w, (int, float)) and _finite(w) for w in weights) and len(set(weights)) == 1:
-        # One fill instead of a fill per term and a stack: on a GPU each is a kernel of the step.
-        return torch.full((B, J), float(weights[0]), dtype=torch.float64, device=device)
-    cols = [_per_sample(w, B, device, "weights") for j, w in enumerate(weights)]
+    if J > 0 and all(isinstance(w, (int, float)) and _finite(w) for w in weights):
+        return _constant_table(B, tuple(float(w) for w in weights), device)
+    cols = [_per_sample(w, B, device, "weights").to(torch.float64) for w in weights]
     if J == 0:
         return torch.zeros((B, 0), dtype=torch.float64, device=device)
     return torch.stack(cols, dim=1)

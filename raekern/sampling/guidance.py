@@ -137,14 +137,16 @@ class GuidancePolicy:
         return dict(terms=[], weights=[], base=0)
 
     def mask(self, x: torch.Tensor, t) -> torch.Tensor | None:
-        """[B] float mask of the samples whose t lies in the interval (None: always active)."""
+        """[B] float mask of the samples whose t lies in the interval (None: every sample active; with
+        a float t inside the interval too, so such a step multiplies no mask into its weights)."""
         if self.interval is None:
             return None
         B = x.shape[0]
         if isinstance(t, torch.Tensor):
             return in_interval(t.reshape(-1), self.interval).expand(B).to(torch.float64)
-        on = 1.0 if in_interval(t, self.interval) else 0.0
-        return torch.full((B,), on, dtype=torch.float64, device=x.device)
+        if in_interval(t, self.interval):
+            return None
+        return torch.zeros((B,), dtype=torch.float64, device=x.device)
 
     def step(self, x, outputs, t, *, param="velocity", solver="euler", t_next=None, x_prev=None,
              u_prev=None, step_index=0, num_steps=1, state=None, out_param="velocity",
