@@ -37,3 +37,33 @@ def test_bench_arguments_are_checked_before_measuring(capsys):
             cli.main(["bench", "--device", "cpu", *args])
         err = capsys.readouterr()
         assert what in err.err and "copy bandwidth" not in err.out
+
+
+def test_cpu_stream_threshold_changes_stores_not_results(monkeypatch):
+    """RAEKERN_CPU_STREAM_BYTES=0 streams every aligned output past the caches, 2^50 none: the CPU
+    kernels' results are bit-identical either way (norm forward and backward, latent_normalize,
+    guidance_step, swiglu)."""
+    import raekern.ops as R
+    from raekern.ops.guidance import guidance_step
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 32, 64, generator=g, requires_grad=True)
+    w = torch.randn(64, generator=g, requires_grad=True)
+    sh, sc = torch.randn(2, 1, 64, generator=g), torch.randn(2, 1, 64, generator=g)
+    z = torch.randn(2, 64, 32, generator=g)
+    mean, var = torch.randn(32, 8, 8, generator=g), torch.rand(32, 8, 8, generator=g) + 0.5
+    P = [torch.randn(2, 64, 16, generator=g) for _ in range(3)]
+    a, b = torch.randn(64, 96, generator=g), torch.randn(64, 96, generator=g)
+
+    def run():
+        y = R.norm_modulate(x, sh, sc, kind="rms", weight=w)
+        gx, gw = torch.autograd.grad(y, (x, w), torch.ones_like(y))
+        return (y, gx, gw, R.latent_normalize(z, mean, var),
+                guidance_step(P[0], P[1:], 0.5, terms=[(0, 1)], weights=[2.0], base=0).out, R.swiglu(a, b))
+
+    monkeypatch.setenv("RAEKERN_CPU_STREAM_BYTES", "0")
+    streamed = run()
+    monkeypatch.setenv("RAEKERN_CPU_STREAM_BYTES", str(1 << 50))
+    cached = run()
+    for s, c in zip(streamed, cached):
+        assert torch.equal(s, c)

@@ -6,9 +6,18 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 
 namespace raekern::cpu {
+
+// Output bytes from which a CPU kernel writes with non-temporal stores: `measured` (the family's
+// threshold) unless RAEKERN_CPU_STREAM_BYTES sets another (read at each call, so one process can
+// compare both).
+inline int64_t stream_threshold(int64_t measured) {
+  const char* e = std::getenv("RAEKERN_CPU_STREAM_BYTES");
+  return e && *e ? std::strtoll(e, nullptr, 10) : measured;
+}
 
 template <class T> inline float to_f(T v) { return static_cast<float>(v); }
 template <> inline float to_f<c10::BFloat16>(c10::BFloat16 v) {

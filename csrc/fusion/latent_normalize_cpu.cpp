@@ -95,7 +95,7 @@ void tokens_to_cf_vec(const T* z, int64_t zsb, int64_t zsn, int64_t B, int64_t N
                       const float* shift, float eps, bool inverse, T* out) {
   // Outputs far larger than L2 go around the caches: every channel run of a full task is whole
   // 64-byte lines when rows start on a line, so no read-for-ownership is needed.
-  const bool stream = B * N * D * int64_t(sizeof(T)) >= kStreamBytes && (N * int64_t(sizeof(T))) % 64 == 0 &&
+  const bool stream = B * N * D * int64_t(sizeof(T)) >= ::raekern::cpu::stream_threshold(kStreamBytes) && (N * int64_t(sizeof(T))) % 64 == 0 &&
                       reinterpret_cast<uintptr_t>(out) % 64 == 0;
   for_each_cf_task(D, N, var, shift, eps, inverse, [&](const CfTask& t, const float* sc, const float* sh) {
     const __mmask16 mt[2] = {half_mask(t.tn, 0), half_mask(t.tn, 1)};
@@ -146,7 +146,7 @@ template <class T>
 void cf_to_tokens_vec(const T* x, int64_t xsb, int64_t xsd, int64_t B, int64_t N, int64_t D, const float* var,
                       const float* shift, float eps, bool inverse, T* out) {
   // As in tokens_to_cf_vec: each 32-channel run of a token row is whole lines when rows start on one.
-  const bool stream = B * N * D * int64_t(sizeof(T)) >= kStreamBytes && (D * int64_t(sizeof(T))) % 64 == 0 &&
+  const bool stream = B * N * D * int64_t(sizeof(T)) >= ::raekern::cpu::stream_threshold(kStreamBytes) && (D * int64_t(sizeof(T))) % 64 == 0 &&
                       reinterpret_cast<uintptr_t>(out) % 64 == 0;
   for_each_cf_task(D, N, var, shift, eps, inverse, [&](const CfTask& t, const float* sc, const float* sh) {
     for (int64_t b = 0; b < B; ++b) {

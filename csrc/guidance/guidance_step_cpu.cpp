@@ -127,7 +127,7 @@ struct Runner {
         out(pp.out.data_ptr<T>()), x0(pp.return_x0 ? pp.x0.data_ptr<T>() : nullptr),
         mom(cfg.has_momentum ? pp.momentum_out.data_ptr<A>() : nullptr),
         gram_fn(blocks::pick_gram<T>(1 + cfg.K, jm, stats_read_x(cfg))), plans(size_t(pp.B)),
-        stream_outputs(pp.B * pp.N * int64_t(sizeof(T)) >= kStreamBytes) {}
+        stream_outputs(pp.B * pp.N * int64_t(sizeof(T)) >= cpu::stream_threshold(kStreamBytes)) {}
 
   template <class S>
   const S* row(int e, int64_t b) const {
@@ -380,7 +380,7 @@ void combine_rows(const std::vector<Rows>& rows, const at::Tensor& c, at::Tensor
   // An input with a zero coefficient is not read, so a NaN in it stays out of the result.
   std::vector<blocks::CombinePlan<T>> plans(static_cast<size_t>(B));
   std::vector<int> used(static_cast<size_t>(B));
-  const bool stream = B * N * int64_t(sizeof(T)) >= kStreamBytes;
+  const bool stream = B * N * int64_t(sizeof(T)) >= cpu::stream_threshold(kStreamBytes);
   for (int64_t b = 0; b < B; ++b) {
     blocks::CombinePlan<T>& pl = plans[b];
     int nu = 0;

@@ -197,7 +197,7 @@ void run(const Params& p) {
                          : p.out.stride[in] == 1);
   const bool vec = has_vec16<T> && unit;
   const int64_t out_bytes = total * int64_t(sizeof(T)) * (Bwd ? 2 : 1);
-  const bool stream = vec && out_bytes >= kStreamBytes;
+  const bool stream = vec && out_bytes >= cpu::stream_threshold(kStreamBytes);
   // Small problems run on the calling thread: waking the pool costs more than the work.
   const int64_t grain = total < kMinTask ? std::max<int64_t>(tasks, 1)
                                          : std::max<int64_t>(1, kMinTask / std::max<int64_t>(per_task, 1));

@@ -361,7 +361,7 @@ void forward_kernel(const FwdParams& p) {
   // Outputs much larger than the caches are written with non-temporal stores (saves the
   // read-for-ownership of every output line); needs cache-line aligned rows.
   const int64_t out_bytes = B * N * D * int64_t(sizeof(T)) * ((residual ? 1 : 0) + (norm ? 1 : 0));
-  const bool stream = vec_rows && out_bytes >= kStreamBytes && (D * int64_t(sizeof(T))) % 64 == 0 &&
+  const bool stream = vec_rows && out_bytes >= cpu::stream_threshold(kStreamBytes) && (D * int64_t(sizeof(T))) % 64 == 0 &&
                       (!p.out || reinterpret_cast<uintptr_t>(p.out) % 64 == 0) &&
                       (!p.x_out || reinterpret_cast<uintptr_t>(p.x_out) % 64 == 0);
   // Per-token shift/scale: fold them into the output loop instead of precomputing coefficients.
@@ -477,7 +477,7 @@ void backward_kernel(const BwdParams& p) {
   int64_t out_rows = 1 + (residual ? 1 : 0);
   for (const GradSlot* sl : {&p.dgate, &p.dshift, &p.dscale})
     if (sl->mode == GradMode::PerRow) out_rows += 1;
-  const bool stream = vec_rows && B * N * D * int64_t(sizeof(T)) * out_rows >= kStreamBytes &&
+  const bool stream = vec_rows && B * N * D * int64_t(sizeof(T)) * out_rows >= cpu::stream_threshold(kStreamBytes) &&
                       (D * int64_t(sizeof(T))) % 64 == 0 && aligned(p.dx) && aligned(p.dy) &&
                       aligned(p.dgate.ptr) && aligned(p.dshift.ptr) && aligned(p.dscale.ptr);
 
