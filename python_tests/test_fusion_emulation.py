@@ -341,7 +341,10 @@ def test_depth_route_kernels_agree(kern, monkeypatch, dtype, D, L, route):
 # latent_normalize / latent_denormalize
 
 # (B, H, W, D): several 32×32 tiles with partial edges in both N and D.
-LATENT_SHAPES = [(1, 1, 1, 8), (2, 5, 7, 37), (1, 6, 7, 72)]
+LATENT_SHAPES = [(1, 1, 1, 8), (2, 5, 7, 37), (1, 6, 7, 72),
+                 # even sizes: 16-bit types move adjacent pairs (64×64 tiles), W odd keeps the
+                 # channels-first side on single elements
+                 (2, 4, 6, 72), (1, 10, 8, 130), (1, 2, 3, 64)]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

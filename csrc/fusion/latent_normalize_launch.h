@@ -50,12 +50,22 @@ at::Tensor latent_transpose(const at::Tensor& in, const at::Tensor& mean, const 
   a.eps = float(eps);
   a.inverse = inverse;
   void* outp = dev.out(out, "out");
-  const dim3 grid(unsigned((N + kTileDim - 1) / kTileDim), unsigned((D + kTileDim - 1) / kTileDim), unsigned(B));
+  // 16-bit elements move in adjacent pairs (4-byte accesses) when every pair is adjacent and aligned:
+  // the contiguous dim of the input unit-strided, even sizes and strides (a token pair of the
+  // channels-first input inside one grid row: W even), an aligned base.
+  const bool pairs = in.element_size() == 2 && N % 2 == 0 && D % 2 == 0 && a.sb % 2 == 0 &&
+                     reinterpret_cast<uintptr_t>(in.const_data_ptr()) % 4 == 0 &&
+                     (to_cf ? a.sd == 1 && a.sw % 2 == 0 : a.sw == 1 && W % 2 == 0 && a.sh % 2 == 0 && a.sd % 2 == 0);
+  const int64_t td = kTileDim * (pairs ? 2 : 1);
+  const dim3 grid(unsigned((N + td - 1) / td), unsigned((D + td - 1) / td), unsigned(B));
   const dim3 block(kTileDim, kTileRows);
   RAEKERN_FUSION_DISPATCH_CUDA(in.scalar_type(), "latent_transpose_cuda", [&] {
     using T = typename Dev::template elem<scalar_t>;
-    if (to_cf) dev.launch(latent_transpose_kernel<T, true>, grid, block, 0, a, static_cast<T*>(outp));
-    else dev.launch(latent_transpose_kernel<T, false>, grid, block, 0, a, static_cast<T*>(outp));
+    T* o = static_cast<T*>(outp);
+    if (pairs && to_cf) dev.launch(latent_transpose_kernel<T, true, 2>, grid, block, 0, a, o);
+    else if (pairs) dev.launch(latent_transpose_kernel<T, false, 2>, grid, block, 0, a, o);
+    else if (to_cf) dev.launch(latent_transpose_kernel<T, true>, grid, block, 0, a, o);
+    else dev.launch(latent_transpose_kernel<T, false>, grid, block, 0, a, o);
   });
   dev.finish();
   return out;
