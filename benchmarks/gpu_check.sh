@@ -159,7 +159,7 @@ fi
 # reported but does not fail the check.
 if [ "$DEVICE" = cuda ] && command -v ncu >/dev/null && [ "$(left)" -gt 50 ]; then
   if ! LOG=bench step ncu "$(cap 90 5)" ncu --clock-control none --target-processes all \
-      -k 'regex:fused_norm|combine_kernel|layer_stack_fuse|depth_route' --launch-count 14 \
+      -k 'regex:fused_norm|combine_kernel|layer_stack_fuse|depth_route|attention_fwd_sm80' --launch-count 16 \
       --section SpeedOfLight --section Occupancy --section LaunchStats --section MemoryWorkloadAnalysis \
       $PY benchmarks/ncu_targets.py; then
     unset 'FAILED[${#FAILED[@]}-1]'

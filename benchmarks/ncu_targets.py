@@ -1,4 +1,4 @@
-"""One call each of the raekern CUDA kernels furthest from their bandwidth targets on the first H200 run
+"""One call each of the raekern CUDA kernels furthest from their targets on the first H200 run
 (2026-11-30), for Nsight Compute: benchmarks/gpu_check.sh runs this under
 `ncu --clock-control none --section SpeedOfLight --section Occupancy ...` so the next change to these
 kernels starts from their achieved DRAM throughput, occupancy and limiter instead of a guess.
@@ -7,6 +7,7 @@ kernels starts from their achieved DRAM throughput, occupancy and limiter instea
 """
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -36,6 +37,8 @@ def main(dev: str = "cuda") -> None:
     logits, base = rnd(8, 256, 12), rnd(8, 256, 768)
 
     xr = x.detach().clone().requires_grad_()
+    q, k, v = (rnd(1, 1024, 16, 64) for _ in range(3))
+    os.environ["RAEKERN_CUDA_ATTENTION"] = "1"  # raekern's kernel even for a plain call (default: SDPA)
     calls = {
         "rms_norm fwd": lambda: R.rms_norm(x, w),
         "norm_modulate per-sample bwd": lambda: torch.autograd.grad(
@@ -45,6 +48,8 @@ def main(dev: str = "cuda") -> None:
         "layer_stack_fuse fwd": lambda: R.layer_stack_fuse(layers, skip_tokens=5),
         "depth_route bwd": lambda: torch.autograd.grad(
             R.depth_route(experts, logits, base, gamma=w[:768].clone()), experts, base)[0],
+        # the mma.sync forward with two m-tiles per warp: shared-memory vs tensor-pipe throughput
+        "attention fwd (1,16,1024,64)": lambda: R.attention(q, k, v),
     }
     for name, fn in calls.items():
         fn()  # warm-up: ncu profiles the first launches its name filter matches, so each kernel twice
