@@ -267,7 +267,8 @@ def _no_kernel_image(device) -> Optional[str]:
 
 
 @_cached
-def _smem_reason(device_index: int, dh: int) -> Optional[str]:
+def _smem_reason(device_index: int, dh: int, fwd_variant: str) -> Optional[str]:
+    # fwd_variant: RAEKERN_ATTENTION_FWD, which picks the forward's tile config (and its shared memory)
     need = torch.ops.raekern.attention_cuda_fwd_smem(dh)
     have = getattr(torch.cuda.get_device_properties(device_index), "shared_memory_per_block_optin", None)
     if have is None or need <= have:
@@ -277,7 +278,7 @@ def _smem_reason(device_index: int, dh: int) -> Optional[str]:
 
 
 def _smem_short(device, dh: int) -> Optional[str]:
-    return _smem_reason(torch.device(device).index or 0, dh)
+    return _smem_reason(torch.device(device).index or 0, dh, os.environ.get("RAEKERN_ATTENTION_FWD", ""))
 
 
 def _path_reasons(q, k, v, qw, kw, mask, grid, layout: str = "bnhd") -> dict[str, Optional[str]]:
