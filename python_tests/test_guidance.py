@@ -577,10 +577,12 @@ def test_per_sample_scalars_any_float_layout(variant):
     tn64 = tn.double() if isinstance(t, torch.Tensor) else tn
     w = torch.tensor([[3.0, 0.5, 1.0], [1.5, 2.0, 0.25]], dtype=torch.float32).t()  # [B, J], transposed strides
     cfg = dict(terms=[(0, 1), (1, 0)], base=0, rescale_phi=0.5, solver="euler", return_x0=True)
-    got = guidance_step(x, P, t, weights=w, t_next=tn, **cfg)
-    want = guidance_step_reference(x.double(), [p.double() for p in P], t64, weights=w.double(), t_next=tn64, **cfg)
-    _close(got.out, want.out, torch.float32)
-    _close(got.x0, want.x0, torch.float32)
+    for weights in (w, w[:1].expand(B, 2)):  # (the second: one row for every sample, stride 0)
+        got = guidance_step(x, P, t, weights=weights, t_next=tn, **cfg)
+        want = guidance_step_reference(x.double(), [p.double() for p in P], t64, weights=weights.double(),
+                                       t_next=tn64, **cfg)
+        _close(got.out, want.out, torch.float32)
+        _close(got.x0, want.x0, torch.float32)
 
 
 @pytest.mark.parametrize("t_form", ["fp32", "float"])
@@ -661,6 +663,24 @@ def test_emulated_cuda_per_sample_scalars_any_float_layout(kern, variant):
                                    t_next=(t * 0.9).double(), **cfg)
     _emu_close(got.out, want.out, torch.float32)
     _emu_close(got.x0, want.x0, torch.float32)
+
+
+@pytest.mark.parametrize("stat", [dict(zero_star=True), dict(rescale_phi=0.7, rescale_space="velocity"),
+                                  dict(apg_eta=0.0, apg_norm_threshold=2.0)])
+def test_emulated_cuda_statistics_skip_x_in_velocity_space(kern, stat):
+    """Velocity branches with every statistic in velocity space: the statistics pass does not read x
+    (its Gram entries would get zero weight), so a NaN in x stays out of a velocity output, as on the
+    CPU and in the reference formulas."""
+    B, S = 3, (2, 64)
+    x, P, _, _ = _inputs(B, S, torch.float32)
+    x[1, 0, 5] = float("nan")
+    cfg = dict(terms=[(0, 1)], weights=[2.0], base=0, stats_space="velocity", **stat)
+    got = _kernel_step(kern)(x, P, _t(B), **cfg)
+    want = guidance_step_reference(x.double(), [p.double() for p in P], _t(B), **cfg)
+    assert torch.isfinite(got.out).all() and torch.isfinite(want.out).all()
+    _emu_close(got.out, want.out, torch.float32)
+    cpu = guidance_step(x, P, _t(B), **cfg)
+    assert torch.isfinite(cpu.out).all()
 
 
 @pytest.fixture

@@ -67,3 +67,38 @@ def test_cpu_stream_threshold_changes_stores_not_results(monkeypatch):
     cached = run()
     for s, c in zip(streamed, cached):
         assert torch.equal(s, c)
+
+
+def test_every_runtime_switch_is_listed():
+    """raekern._utils.switches lists exactly the RAEKERN_* variables the sources read at run time
+    (getenv / env_equals in csrc, os.environ in raekern), so `raekern info` and the bench's machine
+    facts name every kernel choice a user can change."""
+    import re
+    from pathlib import Path
+
+    from raekern._utils.switches import SWITCHES
+    root = Path(__file__).resolve().parents[1]
+    read = set()
+    for f in (root / "csrc").rglob("*"):
+        if f.suffix in (".h", ".cpp", ".cu", ".cuh"):
+            read |= set(re.findall(r'(?:getenv|env_equals)\("(RAEKERN_[A-Z0-9_]+)"', f.read_text()))
+    for f in (root / "raekern").rglob("*.py"):
+        text = f.read_text()
+        read |= set(re.findall(r'os\.environ(?:\.get)?[\(\[]"(RAEKERN_[A-Z0-9_]+)"', text))
+        # module constants holding a switch's name (attention's _CUDA_ATTENTION = "RAEKERN_...")
+        read |= {n for n in re.findall(r'^_[A-Z_]+ = "(RAEKERN_[A-Z0-9_]+)"', text, re.M)}
+    test_only = {"RAEKERN_EMU_STACK_KB", "RAEKERN_BENCH_DEVICE", "RAEKERN_BENCH_QUICK",
+                 "RAEKERN_FAULT_RANK", "RAEKERN_FAULT_EXIT_AFTER_SHARDS"}
+    assert read - test_only - set(SWITCHES) == set(), "read but not listed"
+    assert set(SWITCHES) - read == set(), "listed but never read"
+
+
+def test_info_prints_the_switches(capsys, monkeypatch):
+    import re
+
+    from raekern import cli
+    monkeypatch.setenv("RAEKERN_NORM_FORWARD", "block")
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "run-time switches" in out
+    assert re.search(r"RAEKERN_NORM_FORWARD +=block ", out) and re.search(r"RAEKERN_CPU_STREAM_BYTES +unset ", out)

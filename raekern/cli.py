@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 
 
@@ -25,6 +26,12 @@ def _info(args) -> int:
     attn_mod = importlib.import_module("raekern.ops.attention")
     if hasattr(attn_mod, "attention_info"):
         print("attention:", attn_mod.attention_info())
+    from raekern._utils.switches import SWITCHES
+
+    print("run-time switches (environment; unset = the library's choice):")
+    for name, what in SWITCHES.items():
+        value = f"={os.environ[name]}" if name in os.environ else "unset"
+        print(f"  {name:32s} {value:8s} {what}")
     print("ops (devices with kernels):")
     for name, keys in registered_ops().items():
         devs = [k for k in keys if k in ("CPU", "CUDA")] or keys

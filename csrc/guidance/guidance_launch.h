@@ -80,6 +80,7 @@ StepLaunch plan_step(const Prepared& pr, Params& p) {
   p.chunk = pick_chunk(pr.B, pr.N, vec_ok ? V : 1);
   p.chunks = (pr.N + p.chunk - 1) / p.chunk;
   p.return_x0 = pr.return_x0;
+  p.gram_x = cfg.stats_read_x();
   p.t = pr.t_tab;
   p.t_next = pr.t_next_tab;
   p.w = pr.w_tab;

@@ -63,6 +63,19 @@ struct Config {
       if (zero_star[j] >= 0 || r[j] > 0.0 || project[j]) return true;
     return false;
   }
+  // True when a statistic may involve x. With velocity branches and every statistic taken in velocity
+  // space (stats spaces, CFG-Zero*'s scaling space, rescale space), every vector the solve measures
+  // is a combination of branches and momentum only, and x's Gram entries get zero weight: the
+  // statistics pass need not read x. Every branch must be velocity, not just the work space: mixed
+  // parameterisations also work in velocity, and an x0 or ε branch converted to velocity carries x.
+  RAEKERN_HD bool stats_read_x() const {
+    if (work != kVelocity) return true;
+    for (int k = 0; k < K; ++k)
+      if (param[k] != kVelocity) return true;
+    for (int j = 0; j < J; ++j)
+      if (stats_space[j] != kVelocity || (zero_star[j] >= 0 && zero_star[j] != kVelocity)) return true;
+    return phi != 0.0 && rescale_space != kVelocity;
+  }
 };
 
 // Index of the (e, f), e <= f, entry of a packed upper-triangular n x n Gram matrix.

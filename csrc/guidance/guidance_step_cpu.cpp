@@ -90,20 +90,6 @@ inline A sum_chunk(const A* __restrict u, int64_t n) {
   return s;
 }
 
-// True when a statistic may involve x. With velocity branches and every statistic taken in velocity
-// space (stats spaces, CFG-Zero*'s scaling space, rescale space), every vector the solve measures is
-// a combination of branches and momentum only, and x's Gram entries get zero weight. Every branch
-// must be velocity, not just the work space: mixed parameterisations also work in velocity, and an x0
-// or ε branch converted to velocity carries x.
-inline bool stats_read_x(const Config& c) {
-  if (c.work != kVelocity) return true;
-  for (int k = 0; k < c.K; ++k)
-    if (c.param[k] != kVelocity) return true;
-  for (int j = 0; j < c.J; ++j)
-    if (c.stats_space[j] != kVelocity || (c.zero_star[j] >= 0 && c.zero_star[j] != kVelocity)) return true;
-  return c.phi != 0.0 && c.rescale_space != kVelocity;
-}
-
 template <class T>
 struct Runner {
   using A = acc_t<T>;
@@ -126,7 +112,7 @@ struct Runner {
         loader{pp, cfg.K, 1 + cfg.K, 1 + cfg.K + jm},
         out(pp.out.data_ptr<T>()), x0(pp.return_x0 ? pp.x0.data_ptr<T>() : nullptr),
         mom(cfg.has_momentum ? pp.momentum_out.data_ptr<A>() : nullptr),
-        gram_fn(blocks::pick_gram<T>(1 + cfg.K, jm, stats_read_x(cfg))), plans(size_t(pp.B)),
+        gram_fn(blocks::pick_gram<T>(1 + cfg.K, jm, cfg.stats_read_x())), plans(size_t(pp.B)),
         stream_outputs(pp.B * pp.N * int64_t(sizeof(T)) >= cpu::stream_threshold(kStreamBytes)) {}
 
   template <class S>
@@ -296,7 +282,7 @@ struct Runner {
     // Bytes of one sample the statistics pass reads; the output pass re-reads them, from L2 when
     // they are still there.
     const int64_t sample_bytes =
-        (int64_t(cfg.K + (stats_read_x(cfg) ? 1 : 0)) * int64_t(sizeof(T)) + jm * int64_t(sizeof(A))) * N;
+        (int64_t(cfg.K + (cfg.stats_read_x() ? 1 : 0)) * int64_t(sizeof(T)) + jm * int64_t(sizeof(A))) * N;
     // Whenever the batch shares out evenly, even for samples over the L2 budget: a sample-split
     // schedule costs two parallel regions per group of samples, and measured slower than the
     // per-sample one's partial L2 reuse (backward re-read) on RAE/RAEv2 latents.

@@ -25,6 +25,7 @@ struct Params {
   int first_m, last_m;  // [first_m, last_m): momentum streams
   int vec_ok;           // every T stream 16-byte aligned with N a multiple of the vector width
   int return_x0;
+  int gram_x;           // the statistics pass reads x (cfg.stats_read_x()); otherwise its entries are 0
   ScalarTable t, t_next, w;         // per-sample t, t_next; weights (b, j)
   const unsigned char* zero_init;  // nullptr: no sample starts at zero
   double* stats;   // [B, nacc]
@@ -62,7 +63,14 @@ __device__ __forceinline__ void gram_accumulate(const Params& p, int64_t b, int6
   for (int64_t i = begin + int64_t(threadIdx.x) * V; i < end; i += int64_t(blockDim.x) * V) {
     float v[NG][V];
 #pragma unroll
-    for (int e = 0; e < NG; ++e) load_stream_vec<T, V>(p, e, b, i, v[e]);
+    for (int e = 0; e < NG; ++e) {
+      if (e == 0 && !p.gram_x) {  // x not read: its Gram entries get zero weight in the solve
+#pragma unroll
+        for (int l = 0; l < V; ++l) v[0][l] = 0.f;
+      } else {
+        load_stream_vec<T, V>(p, e, b, i, v[e]);
+      }
+    }
 #pragma unroll
     for (int e = 2; e < NG; ++e)
       if (e <= K) {

@@ -163,6 +163,7 @@ def gpu_facts() -> dict:
 
 def machine_facts(device: str) -> dict:
     from raekern._utils.library import build_info
+    from raekern._utils.switches import active_switches
 
     facts = {
         "host": platform.node(),
@@ -174,6 +175,7 @@ def machine_facts(device: str) -> dict:
         "cuda": torch.version.cuda,
         "device": device,
         "raekern_build": build_info(),
+        "switches": active_switches(),  # kernel choices that differ from the defaults
     }
     if device.startswith("cuda"):
         facts.update(gpu_facts())
