@@ -56,7 +56,9 @@ void launch_step(Prepared& pr) {
       emu::emulate_launch(kernel, dim3(unsigned(L.blocks)), dim3(cuda::kThreads), L.gram_smem, p);
     });
   }
-  emu::emulate_launch(cuda::solve_kernel, dim3(unsigned(L.solve_blocks)), dim3(unsigned(L.solve_threads)), 0, p);
+  cuda::with_solve_kernel(pr.cfg, [&](auto kernel) {
+    emu::emulate_launch(kernel, dim3(unsigned(L.solve_blocks)), dim3(unsigned(L.solve_threads)), 0, p);
+  });
   if (L.combine)
     cuda::with_combine_kernel<DT>(L.combine_ns, [&](auto kernel) {
       emu::emulate_launch(kernel, dim3(unsigned(L.blocks)), dim3(cuda::kThreads), 0, p);

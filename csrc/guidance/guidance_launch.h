@@ -120,6 +120,17 @@ void with_combine_kernel(int ns, F&& f) {
   if (!fixed) f(&combine_kernel<DT, 0>);
 }
 
+// f(kernel) with the solve_kernel instance for this configuration's raw stream count: the serial
+// per-sample solve then loops over 6 or 10 streams instead of kMaxStreams (19) in every vector
+// operation (CFG / APG / CFG-Zero* / rescale with two or three branches and one term: 6).
+template <class F>
+void with_solve_kernel(const Config& cfg, F&& f) {
+  const int n = raw_size(cfg);
+  if (n <= 6) f(&solve_kernel<6>);
+  else if (n <= 10) f(&solve_kernel<10>);
+  else f(&solve_kernel<kMaxStreams>);
+}
+
 // f(kernel) with the gram_kernel instance of Gram size ng (2..kMaxGram).
 template <class DT, class F>
 void with_gram_kernel(int ng, F&& f) {

@@ -89,21 +89,25 @@ RAEKERN_HD inline int gram_index(int e, int f, int n) {
 }
 RAEKERN_HD inline int gram_entries(int n) { return n * (n + 1) / 2; }
 
-// A linear combination of the raw inputs [x, P_0..P_{K-1}, M_0..M_{J-1}, x_prev, u_prev].
-struct Lin {
-  double c[kMaxStreams];
-  RAEKERN_HD Lin() {
-    for (int i = 0; i < kMaxStreams; ++i) c[i] = 0.0;
+// A linear combination of the raw inputs [x, P_0..P_{K-1}, M_0..M_{J-1}, x_prev, u_prev], with room
+// for N of them (raw_size(cfg) <= N). N is a template parameter so the CUDA solve, one thread per
+// sample in order, runs its vector operations over the call's handful of streams rather than all
+// kMaxStreams = 19 (each is a serial fp64 loop in local memory there; the CPU vectorises them).
+template <int N> struct LinN {
+  double c[N];
+  RAEKERN_HD LinN() {
+    for (int i = 0; i < N; ++i) c[i] = 0.0;
   }
-  RAEKERN_HD Lin& axpy(double a, const Lin& o) {
-    for (int i = 0; i < kMaxStreams; ++i) c[i] += a * o.c[i];
+  RAEKERN_HD LinN& axpy(double a, const LinN& o) {
+    for (int i = 0; i < N; ++i) c[i] += a * o.c[i];
     return *this;
   }
-  RAEKERN_HD Lin& scale(double a) {
-    for (int i = 0; i < kMaxStreams; ++i) c[i] *= a;
+  RAEKERN_HD LinN& scale(double a) {
+    for (int i = 0; i < N; ++i) c[i] *= a;
     return *this;
   }
 };
+using Lin = LinN<kMaxStreams>;
 
 struct SpaceAB {
   double A, B;
@@ -129,18 +133,20 @@ RAEKERN_HD inline int raw_uprev(const Config& c) { return 2 + c.K + c.J; }
 
 // Re-express a value given in space `from` in space `to`: Y_to = a·x + b·Y_from (exact identity when
 // the spaces agree, so x0 branches with an x0 output never divide by t).
-RAEKERN_HD inline Lin convert(const Lin& y, int from, int to, double t) {
+template <int N>
+RAEKERN_HD inline LinN<N> convert(const LinN<N>& y, int from, int to, double t) {
   if (from == to) return y;
   SpaceAB f = space_ab(from, t), g = space_ab(to, t);
   double b = g.B / f.B;
-  Lin r = y;
+  LinN<N> r = y;
   r.scale(b);
   r.c[raw_x()] += g.A - b * f.A;
   return r;
 }
 
 // Raw -> rebased layout (see the header comment). Returns the number of rebased streams written.
-RAEKERN_HD inline void to_rebased(const Config& cfg, const Lin& y, double* out) {
+template <int N>
+RAEKERN_HD inline void to_rebased(const Config& cfg, const LinN<N>& y, double* out) {
   int n = cfg.num_streams();
   for (int i = 0; i < n; ++i) out[i] = 0.0;
   out[0] = y.c[raw_x()];
@@ -161,8 +167,9 @@ RAEKERN_HD inline void to_rebased(const Config& cfg, const Lin& y, double* out) 
 }
 
 // <a, b> over one sample from the Gram matrix of the rebased basis.
-RAEKERN_HD inline double dot(const Config& cfg, const double* gram, const Lin& a, const Lin& b) {
-  double ra[kMaxStreams], rb[kMaxStreams];
+template <int N>
+RAEKERN_HD inline double dot(const Config& cfg, const double* gram, const LinN<N>& a, const LinN<N>& b) {
+  double ra[N], rb[N];
   to_rebased(cfg, a, ra);
   to_rebased(cfg, b, rb);
   const int n = cfg.gram_size();
@@ -175,8 +182,9 @@ RAEKERN_HD inline double dot(const Config& cfg, const double* gram, const Lin& a
   return s;
 }
 
-RAEKERN_HD inline double total(const Config& cfg, const double* sums, const Lin& a) {
-  double ra[kMaxStreams];
+template <int N>
+RAEKERN_HD inline double total(const Config& cfg, const double* sums, const LinN<N>& a) {
+  double ra[N];
   to_rebased(cfg, a, ra);
   double s = 0.0;
   for (int e = 0; e < cfg.gram_size(); ++e) s += ra[e] * sums[e];
@@ -184,7 +192,8 @@ RAEKERN_HD inline double total(const Config& cfg, const double* sums, const Lin&
 }
 
 // Unbiased standard deviation (torch.std's default) of a combination over one sample.
-RAEKERN_HD inline double stddev(const Config& cfg, const double* gram, const double* sums, const Lin& a) {
+template <int N>
+RAEKERN_HD inline double stddev(const Config& cfg, const double* gram, const double* sums, const LinN<N>& a) {
   const double n = double(cfg.numel);
   const double s = total(cfg, sums, a);
   double var = (dot(cfg, gram, a, a) - s * s / n) / (n > 1.0 ? n - 1.0 : 1.0);
@@ -216,14 +225,22 @@ struct Sample {
   bool zero_init = false;
 };
 
-// Coefficients (rebased layout) of every output stream: out, x0, then M_new_j.
-struct Coeffs {
-  double c[kMaxOutputs][kMaxStreams];
+// Coefficients (rebased layout, num_streams() <= N of them) of every output stream: out, x0, then
+// M_new_j.
+template <int N> struct CoeffsN {
+  double c[kMaxOutputs][N];
 };
+using Coeffs = CoeffsN<kMaxStreams>;
 
-// The solve. `gram`/`sums` may be null when !cfg.needs_gram().
-RAEKERN_HD inline void solve(const Config& cfg, const Sample& s, const double* gram, const double* sums,
-                             Coeffs& out) {
+// Raw streams of a call (the LinN size it needs): x, K branches, J momentum slots, x_prev, u_prev.
+RAEKERN_HD inline int raw_size(const Config& cfg) { return 3 + cfg.K + cfg.J; }
+
+// The solve, with room for N raw streams (raw_size(cfg) <= N). `gram`/`sums` may be null when
+// !cfg.needs_gram().
+template <int N>
+RAEKERN_HD inline void solve_n(const Config& cfg, const Sample& s, const double* gram, const double* sums,
+                               CoeffsN<N>& out) {
+  using Lin = LinN<N>;
   const double t = s.t;
   // Each branch as a value in the work space.
   Lin Y[kMaxBranches];
@@ -313,6 +330,12 @@ RAEKERN_HD inline void solve(const Config& cfg, const Sample& s, const double* g
   to_rebased(cfg, convert(G, cfg.work, kX0, t), out.c[1]);
   if (cfg.has_momentum)
     for (int j = 0; j < cfg.J; ++j) to_rebased(cfg, Mnew[j], out.c[2 + j]);
+}
+
+// The solve for any configuration (room for every stream).
+RAEKERN_HD inline void solve(const Config& cfg, const Sample& s, const double* gram, const double* sums,
+                             Coeffs& out) {
+  solve_n<kMaxStreams>(cfg, s, gram, sums, out);
 }
 
 }  // namespace raekern::guidance

@@ -33,8 +33,10 @@ void launch(Prepared& pr) {
       RAEKERN_CUDA_CHECK_LAUNCH();
     });
   }
-  cuda::solve_kernel<<<L.solve_blocks, L.solve_threads, 0, stream>>>(p);
-  RAEKERN_CUDA_CHECK_LAUNCH();
+  cuda::with_solve_kernel(pr.cfg, [&](auto kernel) {
+    kernel<<<L.solve_blocks, L.solve_threads, 0, stream>>>(p);
+    RAEKERN_CUDA_CHECK_LAUNCH();
+  });
   if (L.combine) {
     cuda::with_combine_kernel<DT>(L.combine_ns, [&](auto kernel) {
       kernel<<<L.blocks, cuda::kThreads, 0, stream>>>(p);

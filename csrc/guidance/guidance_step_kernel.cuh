@@ -126,6 +126,8 @@ __global__ void __launch_bounds__(kThreads) gram_kernel(Params p) {
 
 // ---- the per-sample solve -----------------------------------------------------------------------
 
+// NS: room for raw_size(p.cfg) raw streams (the launcher picks the smallest instance that fits).
+template <int NS>
 __global__ void solve_kernel(Params p) {
   const int64_t b = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (b >= p.B) return;
@@ -145,8 +147,8 @@ __global__ void solve_kernel(Params p) {
         for (int a = 0; a < nacc; ++a) sum[a] += p.stats[(b * p.chunks + ch) * nacc + a];
     g = sum;
   }
-  Coeffs c;
-  solve(p.cfg, s, g, g ? g + gram_entries(ng) : nullptr, c);
+  CoeffsN<NS> c;
+  solve_n<NS>(p.cfg, s, g, g ? g + gram_entries(ng) : nullptr, c);
   double* dst = p.coeffs + b * p.nout * p.ns;
   for (int o = 0; o < p.nout; ++o)
     for (int e = 0; e < p.ns; ++e) dst[o * p.ns + e] = c.c[o][e];
