@@ -1,14 +1,16 @@
 // sm80 attention forward mainloop: FlashAttention-2 structure with hand-written tensor-core code.
 // CTA = 128 query rows × one (batch, head), split over warps as the config says (4 warps × 32 rows,
-// or 8 × 16); K/V tiles of kBlockN keys stream through double-buffered shared memory with cp.async; S = Q·Kᵀ and O += P·V use mma.sync.m16n8k16
-// (bf16/fp16 in, fp32 accumulate); the online softmax (log2 units) stays in registers and P is fed
-// to the second MMA straight from the S accumulators. Every fragment comes from shared memory by
-// ldmatrix (K and V as x4 loads covering two MMA n-tiles). QK-norm and
-// RoPE: the Q tile in shared memory once, keys by a pre-pass (k_prologue_kernel,
-// attention_prologue_kernel.cuh) run once per call instead of once per CTA.
+// or 8 × 16); K/V tiles of kBlockN keys stream through double-buffered shared memory with cp.async;
+// S = Q·Kᵀ and O += P·V use mma.sync.m16n8k16 (bf16/fp16 in, fp32 accumulate); the online softmax
+// (log2 units) stays in registers and P is fed to the second MMA straight from the S accumulators.
+// Every fragment comes from shared memory by ldmatrix (K and V as x4 loads covering two MMA n-tiles,
+// each feeding every m-tile of the warp). QK-norm and RoPE: the Q tile in shared memory once, keys
+// by a pre-pass (k_prologue_kernel, attention_prologue_kernel.cuh) run once per call instead of once
+// per CTA.
 // Also runs on the host emulation (tensor-core instructions emulated from their PTX fragment
 // layouts, common/tensor_core.cuh).
-// Ran on an H200 (2026-11-30): GPU tests pass; timings in benchmarks/results/2026-11-30-h200.txt.
+// Ran on an H200 (2026-11-30) with one m-tile per warp (RAEKERN_ATTENTION_FWD=rows16 now): GPU tests
+// pass; timings in benchmarks/results/2026-11-30-h200.txt. The two-m-tile configs have not run on a GPU.
 #pragma once
 #include <cstdint>
 

@@ -1,7 +1,8 @@
 // SIMT kernel of latent_normalize / latent_denormalize and their backwards: a 32×32 shared-memory
 // tile transpose between tokens [B, N, D] and channels-first [B, D, N] with the per-element affine
 // map of the dataset statistics applied where the statistics are read contiguously.
-// Ran on an H200 (2026-11-30): GPU tests pass; timings in benchmarks/results/2026-11-30-h200.txt.
+// Ran on an H200 (2026-11-30) as single-element 32×32 tiles: GPU tests pass; timings in
+// benchmarks/results/2026-11-30-h200.txt. The 16-bit pair tiles (P = 2) have not run on a GPU.
 #pragma once
 #include "common/simt.cuh"
 

@@ -1,5 +1,7 @@
 // Device code of raekern::guidance_step (SIMT; compiles under nvcc and under the host emulation).
 // Ran on an H200 (2026-11-30): GPU tests pass; timings in benchmarks/results/2026-11-30-h200.txt.
+// Since then (not yet run on a GPU): combine_kernel per stream count, the statistics pass without x
+// where no statistic needs it, solve_kernel per raw stream count.
 //
 // Three launches: gram_kernel (only when a rule needs statistics: per-sample Gram matrix and sums of
 // the rebased streams, fp32 per thread, fp64 atomics across blocks), solve_kernel (one thread per
