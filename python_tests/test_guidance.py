@@ -864,3 +864,32 @@ def test_emulated_cuda_gfcg_select_ties_and_invalid_target(kern):
     assert abs(float(w[1]) - 2.0) < 1e-6
     # the CUDA kernel does not synchronise to validate targets: an invalid one reads ref = -1, NaN
     assert int(ref[2]) == -1 and torch.isnan(w[2]) and torch.isnan(pt[2]) and torch.isnan(pr[2])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graph_captures_a_step_with_constant_weights_and_float_t():
+    """A step's constant tensors (float weights, a float t) are not cached while a CUDA graph is being
+    captured (their fill only runs at replay), so the captured step and later eager steps agree, and the
+    eager steps then reuse one cached tensor."""
+    import raekern.ops.guidance as G
+
+    G._CONSTANTS.clear()
+    x, P, _, _ = _inputs(4, (3, 64), torch.float32)
+    x, P = x.cuda(), [p.cuda() for p in P]
+    cfg = dict(terms=[(0, 1)], weights=[2.5], base=0, rescale_phi=0.5, solver="euler", t_next=0.55)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(side), torch.cuda.graph(graph):
+        captured = guidance_step(x, P, 0.6, **cfg).out
+    torch.cuda.current_stream().wait_stream(side)
+    assert not G._CONSTANTS, "constants were cached during capture"
+    graph.replay()
+    eager = guidance_step(x, P, 0.6, **cfg).out
+    n = len(G._CONSTANTS)
+    again = guidance_step(x, P, 0.6, **cfg).out
+    assert n > 0 and len(G._CONSTANTS) == n
+    torch.cuda.synchronize()
+    want = guidance_step_reference(x.double(), [p.double() for p in P], 0.6, **cfg).out
+    for got in (captured, eager, again):
+        _emu_close(got.cpu(), want.cpu(), torch.float32)
