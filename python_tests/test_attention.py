@@ -101,6 +101,30 @@ def test_gradients_match_reference(dtype, shape, layout):
         check_close(a, s, r, GRAD_FLOOR[dtype] * scale, name)
 
 
+# The CPU products with Dh columns compute round8(Dh) of them: head dims ≡ 8 (mod 16) end in a half
+# (ymm) vector, alone (8), after 1–4 full vectors (24…72), or after 64-column panels (88, 104, 152, 248).
+@pytest.mark.parametrize("d", [8, 24, 40, 56, 88, 104, 152, 248])
+def test_cpu_head_dims_ending_in_half_a_vector(d):
+    b, n, h = 1, 70, 2
+    q, k, v = make((b, n, h, d), torch.float32, "bnhd")
+    kw = features(d, n, b, torch.float32)
+    g = torch.randn(q.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+
+    def run(fn, q, k, v, kw):
+        leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+        out = fn(*leaves, **kw)
+        out.backward(g.to(out.dtype))
+        return [out.detach()] + [t.grad for t in leaves]
+
+    got = run(attention, q, k, v, kw)
+    same = run(attention_reference, q, k, v, kw)
+    ref = run(attention_reference, q.double(), k.double(), v.double(), to64(kw))
+    for name, a, s, r in zip(("out", "dq", "dk", "dv"), got, same, ref):
+        scale = max(1.0, r.abs().max().item())
+        check_close(a, s, r, GRAD_FLOOR[torch.float32] * scale, name)
+
+
+
 @pytest.mark.parametrize("layout", ["bnhd", "bhnd"])
 def test_gradcheck_fp64_all_features(layout):
     b, n, h, d = 2, 7, 1, 8

@@ -33,7 +33,7 @@ void backward_kernel(const Problem<T, raekern::cpu::acc_t<T>>& P, const at::Tens
                      at::Tensor& dv, std::vector<raekern::cpu::acc_t<T>>& dw_parts, int64_t layout) {
   using C = raekern::cpu::acc_t<T>;
   const Dims d = P.d;
-  const int64_t D = d.D, Dp = P.Dp, LD = P.ld, Nq = d.Nq;
+  const int64_t D = d.D, Dp = P.Dp, Dn = P.Dn, LD = P.ld, Nq = d.Nq;
   const Strides4 sdo = strides_bnhd(dout, layout), so = strides_bnhd(out, layout);
   const Strides4 sdq = strides_bnhd(dq, layout), sdk = strides_bnhd(dk, layout),
                  sdv = strides_bnhd(dv, layout);
@@ -131,9 +131,9 @@ void backward_kernel(const Problem<T, raekern::cpu::acc_t<T>>& P, const at::Tens
             }
           }
           const bool first = i0 == 0;
-          gemm<C>(bk, Dp, bq, s.data(), 1, kBwdLdS, &dop_[i0 * LD], LD, 64, dvb, LD, !first);
-          gemm<C>(bk, Dp, bq, dp.data(), 1, kBwdLdS, &qp[i0 * LD], LD, 64, dkb, LD, !first);
-          gemm<C>(bq, Dp, bk, dp.data(), kBwdLdS, 1, &kp[j0 * LD], LD, 64, &dqa[i0 * LD], LD, true);
+          gemm<C>(bk, Dn, bq, s.data(), 1, kBwdLdS, &dop_[i0 * LD], LD, 64, dvb, LD, !first);
+          gemm<C>(bk, Dn, bq, dp.data(), 1, kBwdLdS, &qp[i0 * LD], LD, 64, dkb, LD, !first);
+          gemm<C>(bq, Dn, bk, dp.data(), kBwdLdS, 1, &kp[j0 * LD], LD, 64, &dqa[i0 * LD], LD, true);
         }
       }
       // Undo the prologues: dq_rot = scale·dS·k_rot, dk_rot = dSᵀ·(scale·log2e·q_rot) / log2e.

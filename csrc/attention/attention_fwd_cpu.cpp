@@ -34,7 +34,7 @@ void forward_kernel(const Problem<T, raekern::cpu::acc_t<T>>& P, at::Tensor& out
                     int64_t layout) {
   using C = raekern::cpu::acc_t<T>;
   const Dims d = P.d;
-  const int64_t D = d.D, Dp = P.Dp, LD = P.ld;
+  const int64_t D = d.D, Dp = P.Dp, Dn = P.Dn, LD = P.ld;
   const Strides4 so = strides_bnhd(out, layout);
   T* optr = out.data_ptr<T>();
   const int64_t lse_bytes = lse.element_size();
@@ -94,7 +94,7 @@ void forward_kernel(const Problem<T, raekern::cpu::acc_t<T>>& P, at::Tensor& out
             if (j0 == 0) return;
             C* orow = &o[r * LD];
 #pragma omp simd
-            for (int64_t i = 0; i < Dp; ++i) orow[i] *= a;
+            for (int64_t i = 0; i < Dn; ++i) orow[i] *= a;
           };
 #if defined(__AVX512F__)
           if constexpr (std::is_same_v<C, float>) {
@@ -117,7 +117,7 @@ void forward_kernel(const Problem<T, raekern::cpu::acc_t<T>>& P, at::Tensor& out
           // P·V in 64-key steps: a 64-row V slice (≤ 24 KiB) stays in L1 across the query rows,
           // where the whole 128-row block would stream from L2 once per micro-tile row group.
           for (int64_t kk = 0; kk < bk; kk += 64)
-            gemm<C>(bq, Dp, std::min<int64_t>(64, bk - kk), &s[kk], kLdS, 1, &vp[(j0 + kk) * LD], LD, 64, o.data(), LD,
+            gemm<C>(bq, Dn, std::min<int64_t>(64, bk - kk), &s[kk], kLdS, 1, &vp[(j0 + kk) * LD], LD, 64, o.data(), LD,
                     j0 + kk > 0);
         }
         for (int64_t r = 0; r < bq; ++r) {

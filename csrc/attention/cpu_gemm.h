@@ -1,7 +1,8 @@
 // Register-blocked "C (+)= A·B" used for all five products of flash attention on the CPU.
 // A is read by scalar broadcast through two strides, so Aᵀ costs nothing (dV += Pᵀ·dO,
 // dK += dSᵀ·Q); B and C are row-major with their columns contiguous, so they are read with
-// full-width vector loads. The fp32 AVX-512 path requires N % 16 == 0 (callers pad panels).
+// full-width vector loads. The fp32 AVX-512 path requires N % 16 == 0, or N % 16 == 8 for a row-major B
+// (callers pad panels).
 // B may also be packed as consecutive 64-column panels (`bpanel` elements apart, row stride ldb):
 // a transposed K panel then streams through L1 contiguously instead of at a power-of-two stride.
 // Row-major B passes bpanel = 64.
@@ -41,69 +42,100 @@ inline void gemm(int64_t M, int64_t N, int64_t K, const F* __restrict A, int64_t
 }
 
 #if defined(__AVX512F__)
-// MR rows × NV vectors of 16 columns held in zmm registers across the whole K loop.
-template <int MR, int NV>
+// MR rows × (NV vectors of 16 columns, plus 8 more in a ymm when H8) held in registers across the whole
+// K loop. The half vector serves head dims ≡ 8 (mod 16) (72, 88, …) without padding their products to
+// the next 16: on Zen 4 a ymm FMA costs half a zmm one (Dh 72's backward took as long as Dh 80's).
+template <int MR, int NV, bool H8>
 inline void micro_f32(int64_t K, const float* __restrict A, int64_t sam, int64_t sak,
                       const float* __restrict B, int64_t ldb, float* __restrict C, int64_t ldc,
                       bool accumulate) {
-  __m512 c[MR][NV];
+  constexpr int NA = NV > 0 ? NV : 1;  // no zero-length arrays
+  __m512 c[MR][NA];
+  __m256 h[MR];
 #pragma GCC unroll 16
-  for (int r = 0; r < MR; ++r)
+  for (int r = 0; r < MR; ++r) {
 #pragma GCC unroll 8
     for (int v = 0; v < NV; ++v)
       c[r][v] = accumulate ? _mm512_loadu_ps(C + r * ldc + 16 * v) : _mm512_setzero_ps();
+    if constexpr (H8) h[r] = accumulate ? _mm256_loadu_ps(C + r * ldc + 16 * NV) : _mm256_setzero_ps();
+  }
   for (int64_t k = 0; k < K; ++k) {
     const float* b = B + k * ldb;
-    __m512 bv[NV];
+    __m512 bv[NA];
 #pragma GCC unroll 8
     for (int v = 0; v < NV; ++v) bv[v] = _mm512_loadu_ps(b + 16 * v);
+    __m256 bh;
+    if constexpr (H8) bh = _mm256_loadu_ps(b + 16 * NV);
     const float* a = A + k * sak;
 #pragma GCC unroll 16
     for (int r = 0; r < MR; ++r) {
       const __m512 ar = _mm512_set1_ps(a[r * sam]);
 #pragma GCC unroll 8
       for (int v = 0; v < NV; ++v) c[r][v] = _mm512_fmadd_ps(ar, bv[v], c[r][v]);
+      if constexpr (H8) h[r] = _mm256_fmadd_ps(_mm512_castps512_ps256(ar), bh, h[r]);
     }
   }
 #pragma GCC unroll 16
-  for (int r = 0; r < MR; ++r)
+  for (int r = 0; r < MR; ++r) {
 #pragma GCC unroll 8
     for (int v = 0; v < NV; ++v) _mm512_storeu_ps(C + r * ldc + 16 * v, c[r][v]);
-}
-
-// 24 accumulators (of 32 zmm) leave room for the B vectors and the broadcast.
-template <int NV> constexpr int kRows = NV >= 5 ? 4 : NV == 4 ? 6 : 8;
-
-template <int NV, int R>
-inline void tail_rows(int rem, int64_t K, const float* A, int64_t sam, int64_t sak, const float* B,
-                      int64_t ldb, float* C, int64_t ldc, bool acc) {
-  if constexpr (R >= 1) {
-    if (rem == R) return micro_f32<R, NV>(K, A, sam, sak, B, ldb, C, ldc, acc);
-    tail_rows<NV, R - 1>(rem, K, A, sam, sak, B, ldb, C, ldc, acc);
+    if constexpr (H8) _mm256_storeu_ps(C + r * ldc + 16 * NV, h[r]);
   }
 }
 
-template <int NV>
-inline void panel_f32(int64_t M, int64_t K, const float* A, int64_t sam, int64_t sak, const float* B,
+// 24 accumulators (of 32 zmm) leave room for the B vectors and the broadcast; `W` counts the half
+// vector as a whole register.
+template <int W> constexpr int kRows = W >= 5 ? 4 : W == 4 ? 6 : 8;
+
+template <int NV, bool H8, int R>
+inline void tail_rows(int rem, int64_t K, const float* A, int64_t sam, int64_t sak, const float* B,
                       int64_t ldb, float* C, int64_t ldc, bool acc) {
-  constexpr int MR = kRows<NV>;
-  int64_t m = 0;
-  for (; m + MR <= M; m += MR) micro_f32<MR, NV>(K, A + m * sam, sam, sak, B, ldb, C + m * ldc, ldc, acc);
-  if (m < M) tail_rows<NV, MR - 1>(int(M - m), K, A + m * sam, sam, sak, B, ldb, C + m * ldc, ldc, acc);
+  if constexpr (R >= 1) {
+    if (rem == R) return micro_f32<R, NV, H8>(K, A, sam, sak, B, ldb, C, ldc, acc);
+    tail_rows<NV, H8, R - 1>(rem, K, A, sam, sak, B, ldb, C, ldc, acc);
+  }
 }
 
+template <int NV, bool H8 = false>
+inline void panel_f32(int64_t M, int64_t K, const float* A, int64_t sam, int64_t sak, const float* B,
+                      int64_t ldb, float* C, int64_t ldc, bool acc) {
+  constexpr int MR = kRows<NV + (H8 ? 1 : 0)>;
+  int64_t m = 0;
+  for (; m + MR <= M; m += MR) micro_f32<MR, NV, H8>(K, A + m * sam, sam, sak, B, ldb, C + m * ldc, ldc, acc);
+  if (m < M) tail_rows<NV, H8, MR - 1>(int(M - m), K, A + m * sam, sam, sak, B, ldb, C + m * ldc, ldc, acc);
+}
+
+// The last panel of a row-major B: NV (≤ 5) full vectors and an optional half one.
+template <bool H8>
+inline void last_panel_f32(int64_t nv, int64_t M, int64_t K, const float* A, int64_t sam, int64_t sak,
+                           const float* B, int64_t ldb, float* C, int64_t ldc, bool acc) {
+  switch (nv) {
+    case 5: if constexpr (!H8) return panel_f32<5, H8>(M, K, A, sam, sak, B, ldb, C, ldc, acc); break;
+    case 4: return panel_f32<4, H8>(M, K, A, sam, sak, B, ldb, C, ldc, acc);
+    case 3: return panel_f32<3, H8>(M, K, A, sam, sak, B, ldb, C, ldc, acc);
+    case 2: return panel_f32<2, H8>(M, K, A, sam, sak, B, ldb, C, ldc, acc);
+    case 1: return panel_f32<1, H8>(M, K, A, sam, sak, B, ldb, C, ldc, acc);
+    case 0: if constexpr (H8) return panel_f32<0, H8>(M, K, A, sam, sak, B, ldb, C, ldc, acc); break;
+  }
+}
+
+// N % 16 == 0, or N % 16 == 8 with a row-major B (bpanel == 64).
 template <>
 inline void gemm<float>(int64_t M, int64_t N, int64_t K, const float* __restrict A, int64_t sam,
                         int64_t sak, const float* __restrict B, int64_t ldb, int64_t bpanel,
                         float* __restrict C, int64_t ldc, bool accumulate) {
   int64_t nv = N / 16, n = 0;
-  if (nv == 5 && bpanel == 64) return panel_f32<5>(M, K, A, sam, sak, B, ldb, C, ldc, accumulate);
+  const bool h8 = N % 16 == 8 && bpanel == 64;
+  if (bpanel == 64) {
+    // Row-major B: up to five registers of columns in one panel, so A's broadcasts serve them all.
+    for (; nv + (h8 ? 1 : 0) > 5; nv -= 4, n += 64)
+      panel_f32<4>(M, K, A, sam, sak, B + n, ldb, C + n, ldc, accumulate);
+    if (h8) return last_panel_f32<true>(nv, M, K, A, sam, sak, B + n, ldb, C + n, ldc, accumulate);
+    return last_panel_f32<false>(nv, M, K, A, sam, sak, B + n, ldb, C + n, ldc, accumulate);
+  }
   for (; nv >= 4; nv -= 4, n += 64)
     panel_f32<4>(M, K, A, sam, sak, B + (n / 64) * bpanel, ldb, C + n, ldc, accumulate);
-  const float* Bt = B + (n / 64) * bpanel;
-  if (nv == 3) panel_f32<3>(M, K, A, sam, sak, Bt, ldb, C + n, ldc, accumulate);
-  if (nv == 2) panel_f32<2>(M, K, A, sam, sak, Bt, ldb, C + n, ldc, accumulate);
-  if (nv == 1) panel_f32<1>(M, K, A, sam, sak, Bt, ldb, C + n, ldc, accumulate);
+  last_panel_f32<false>(nv, M, K, A, sam, sak, B + (n / 64) * bpanel, ldb, C + n, ldc, accumulate);
 }
 #endif
 

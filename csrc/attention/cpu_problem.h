@@ -22,6 +22,7 @@ namespace raekern::attention::cpu {
 
 inline int64_t round16(int64_t n) { return (n + 15) / 16 * 16; }
 inline int64_t round64(int64_t n) { return (n + 63) / 64 * 64; }
+inline int64_t round8(int64_t n) { return (n + 7) / 8 * 8; }
 // Row stride of the row-major panels: the padded head dim plus one vector, so rows do not all
 // land in the same few L1 sets when Dh is a multiple of 64.
 inline int64_t panel_ld(int64_t D) { return round16(D) + 16; }
@@ -75,6 +76,7 @@ constexpr int64_t kPrefetchRows = 8;  // rows in flight while a gather loop pack
 template <class T, class C> struct Problem {
   Dims d;
   int64_t Dp;  // head dim padded to 16 lanes for the row-major panels
+  int64_t Dn;  // head dim rounded to 8: the columns the products with Dh outputs compute (gemm's half vector)
   int64_t ld;  // their row stride
   const T *q, *k, *v;
   Strides4 sq, sk, sv;
@@ -91,6 +93,7 @@ template <class T, class C> struct Problem {
           double theta, int64_t layout)
       : d(dims_of(q_, k_, layout)),
         Dp(round16(d.D)),
+        Dn(round8(d.D)),
         ld(panel_ld(d.D)),
         q(q_.data_ptr<T>()),
         k(k_.data_ptr<T>()),
