@@ -123,9 +123,10 @@ void backward_kernel(const Problem<T, raekern::cpu::acc_t<T>>& P, const at::Tens
             const C dl = delta[i0 + r];
             // P ≤ 1 exactly (lse ≥ every score); the recomputed exponent can exceed it by the
             // rounding of an lse stored in fp32 (|s| in the millions: ulps of 0.1 log2 units).
+            // A conditional, not std::min: GCC left the loop scalar with the reference std::min returns.
 #pragma omp simd
             for (int64_t c = 0; c < bk; ++c) {
-              const C p = std::min(sr[c], C(1));
+              const C p = C(1) < sr[c] ? C(1) : sr[c];  // NaN stays NaN, as with std::min
               sr[c] = p;
               dr[c] = p * (dr[c] - dl);
             }

@@ -62,10 +62,19 @@ inline void micro_f32(int64_t K, const float* __restrict A, int64_t sam, int64_t
   for (int64_t k = 0; k < K; ++k) {
     const float* b = B + k * ldb;
     __m512 bv[NA];
+    // The empty asm pins each B vector in a register: GCC otherwise folds the load into every FMA
+    // that uses it (MR loads per vector instead of one), which made the kernel load-bound on Zen 4
+    // (one 512-bit load per cycle, as many as its FMAs).
 #pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) bv[v] = _mm512_loadu_ps(b + 16 * v);
+    for (int v = 0; v < NV; ++v) {
+      bv[v] = _mm512_loadu_ps(b + 16 * v);
+      __asm__("" : "+v"(bv[v]));
+    }
     __m256 bh;
-    if constexpr (H8) bh = _mm256_loadu_ps(b + 16 * NV);
+    if constexpr (H8) {
+      bh = _mm256_loadu_ps(b + 16 * NV);
+      __asm__("" : "+v"(bh));
+    }
     const float* a = A + k * sak;
 #pragma GCC unroll 16
     for (int r = 0; r < MR; ++r) {
