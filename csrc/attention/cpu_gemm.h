@@ -105,8 +105,10 @@ inline void tail_rows(int rem, int64_t K, const float* A, int64_t sam, int64_t s
   }
 }
 
+// Never inlined: inside the forward's large task loop GCC spilled an accumulator of the inlined
+// kernel to the stack on every k step (Dh 128's P·V product).
 template <int NV, bool H8 = false>
-inline void panel_f32(int64_t M, int64_t K, const float* A, int64_t sam, int64_t sak, const float* B,
+__attribute__((noinline)) void panel_f32(int64_t M, int64_t K, const float* A, int64_t sam, int64_t sak, const float* B,
                       int64_t ldb, float* C, int64_t ldc, bool acc) {
   constexpr int MR = kRows<NV + (H8 ? 1 : 0)>;
   int64_t m = 0;
