@@ -12,6 +12,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "common/cpu_cache.h"
 #include "common/cpu_convert.h"
 #include "common/dispatch.h"
 #include "norm/norm_host.h"
@@ -361,7 +362,16 @@ void forward_kernel(const FwdParams& p) {
   // Outputs much larger than the caches are written with non-temporal stores (saves the
   // read-for-ownership of every output line); needs cache-line aligned rows.
   const int64_t out_bytes = B * N * D * int64_t(sizeof(T)) * ((residual ? 1 : 0) + (norm ? 1 : 0));
-  const bool stream = vec_rows && out_bytes >= cpu::stream_threshold(kStreamBytes) && (D * int64_t(sizeof(T))) % 64 == 0 &&
+  // On Zen 4 the streamed forward lost wherever its reads and writes fit the L3 (fp32 2048x1152:
+  // rms_norm 1.21x and per-sample norm_modulate 1.16-1.22x slower in two sessions' A/Bs), and gained or
+  // broke even beyond it (residual and per-token forms at the same shape 1.2-1.5x faster streamed):
+  // benchmarks/results/2026-12-01-cpu-epyc-2core-stream-ab*.txt. Sapphire Rapids streamed faster at
+  // 2048x1152 and keeps the size rule alone.
+  const int64_t per_row_reads = 1 + (residual ? 1 : 0) + (residual && gate_per_row ? 1 : 0) +
+                                (p.shift.ptr && p.shift.sn != 0 ? 1 : 0) + (p.scale.ptr && p.scale.sn != 0 ? 1 : 0);
+  const bool fits_llc = cpu::cpu_is_amd() && std::getenv("RAEKERN_CPU_STREAM_BYTES") == nullptr &&
+                        out_bytes + B * N * D * int64_t(sizeof(T)) * per_row_reads <= cpu::llc_bytes();
+  const bool stream = vec_rows && !fits_llc && out_bytes >= cpu::stream_threshold(kStreamBytes) && (D * int64_t(sizeof(T))) % 64 == 0 &&
                       (!p.out || reinterpret_cast<uintptr_t>(p.out) % 64 == 0) &&
                       (!p.x_out || reinterpret_cast<uintptr_t>(p.x_out) % 64 == 0);
   // Per-token shift/scale: fold them into the output loop instead of precomputing coefficients.
