@@ -124,7 +124,6 @@ def test_cpu_head_dims_ending_in_half_a_vector(d):
         check_close(a, s, r, GRAD_FLOOR[torch.float32] * scale, name)
 
 
-
 @pytest.mark.parametrize("layout", ["bnhd", "bhnd"])
 def test_gradcheck_fp64_all_features(layout):
     b, n, h, d = 2, 7, 1, 8

@@ -14,9 +14,13 @@ namespace raekern::cpu {
 // Output bytes from which a CPU kernel writes with non-temporal stores: `measured` (the family's
 // threshold) unless RAEKERN_CPU_STREAM_BYTES sets another (read at each call, so one process can
 // compare both).
-inline int64_t stream_threshold(int64_t measured) {
+inline const char* stream_bytes_setting() {
   const char* e = std::getenv("RAEKERN_CPU_STREAM_BYTES");
-  return e && *e ? std::strtoll(e, nullptr, 10) : measured;
+  return e && *e ? e : nullptr;
+}
+inline int64_t stream_threshold(int64_t measured) {
+  const char* e = stream_bytes_setting();
+  return e ? std::strtoll(e, nullptr, 10) : measured;
 }
 
 template <class T> inline float to_f(T v) { return static_cast<float>(v); }

@@ -376,9 +376,9 @@ void forward_kernel(const FwdParams& p) {
   // broke even beyond it (residual and per-token forms at the same shape 1.2-1.5x faster streamed):
   // benchmarks/results/2026-12-01-cpu-epyc-2core-stream-ab*.txt. Sapphire Rapids streamed faster at
   // 2048x1152 and keeps the size rule alone.
-  const int64_t per_row_reads = 1 + (residual ? 1 : 0) + (residual && gate_per_row ? 1 : 0) +
+  const int64_t per_row_reads = 1 + (residual ? 1 : 0) + (gate_per_row ? 1 : 0) +
                                 (p.shift.ptr && p.shift.sn != 0 ? 1 : 0) + (p.scale.ptr && p.scale.sn != 0 ? 1 : 0);
-  const bool fits_llc = cpu::cpu_is_amd() && std::getenv("RAEKERN_CPU_STREAM_BYTES") == nullptr &&
+  const bool fits_llc = cpu::cpu_is_amd() && !cpu::stream_bytes_setting() &&
                         out_bytes + B * N * D * int64_t(sizeof(T)) * per_row_reads <= cpu::llc_bytes();
   const bool stream = vec_rows && !fits_llc && out_bytes >= cpu::stream_threshold(kStreamBytes) && (D * int64_t(sizeof(T))) % 64 == 0 &&
                       (!p.out || reinterpret_cast<uintptr_t>(p.out) % 64 == 0) &&
