@@ -1,7 +1,7 @@
 // Register-blocked inner kernels of the guidance CPU step, specialised on the number of streams so
-// that every stream of a 16-lane block lives in a register: the output combination (no per-element
-// branch, no intermediate buffer, one read of each used input and one write of each output) and the
-// per-chunk Gram matrix / sums of the statistics pass. Configurations outside the instantiated range
+// that every stream of a block (one vector register, guidance_vec_cpu.h) lives in a register: the
+// output combination (no per-element branch, no intermediate buffer, one read of each used input
+// and one write of each output) and the per-chunk Gram matrix / sums of the statistics pass. Configurations outside the instantiated range
 // return nullptr from the pickers and the caller uses its generic buffered path.
 //
 // Precision: both kernels work in the rebased basis of guidance_solve.h. A branch difference
@@ -51,7 +51,7 @@ inline void combine_loop(const T* const* in, const acc_t<T>* const* min, T* cons
   using A = acc_t<T>;
   using V = vec::block_t<A>;
   constexpr int L = vec::lanes<A>, NI = NS + NMI;
-  V cv[NO + NMO][NI];  // broadcast once per task; 16-lane coefficients stay in registers
+  V cv[NO + NMO][NI];  // broadcast once per task; the coefficient blocks stay in registers
   for (int o = 0; o < NO + NMO; ++o)
     for (int s = 0; s < NI; ++s) cv[o][s] = V{} + c[o][s];
   for (; i + L <= n; i += L) {
