@@ -180,6 +180,8 @@ std::tuple<at::Tensor, at::Tensor> attention_cpu(const at::Tensor& q_, const at:
 std::string raekern::attention::cpu_backends() {
 #if defined(__AVX512F__)
   const std::string fp32 = "avx512";
+#elif defined(__AVX2__) && defined(__FMA__)
+  const std::string fp32 = "avx2";
 #else
   const std::string fp32 = "portable";
 #endif

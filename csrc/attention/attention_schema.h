@@ -10,7 +10,7 @@
 
 namespace raekern::attention {
 
-// "bf16_forward=amx|avx512|portable;fp32=avx512|portable" for `raekern info` (attention_fwd_cpu.cpp).
+// "bf16_forward=amx|avx512|avx2|portable;fp32=avx512|avx2|portable" for `raekern info` (attention_fwd_cpu.cpp).
 std::string cpu_backends();
 
 inline void define_schemas(torch::Library& m) {

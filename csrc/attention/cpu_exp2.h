@@ -3,10 +3,13 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <iterator>
 
 #include "common/cpu_vec_math.h"
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
+#endif
+#if defined(__AVX512F__)
 // GCC 12 reports the intrinsics' own _mm512_undefined_ps() operands as maybe-uninitialized once
 // they are inlined here (a known false positive); only the attention CPU units include this file.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
@@ -119,6 +122,52 @@ template <> inline void exp2_shift_acc<float>(float* __restrict s, int64_t n, fl
   _mm512_storeu_ps(acc, exp2_shift_lanes(s, n, sub, _mm512_loadu_ps(acc)));
 }
 #endif
+#if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
+// AVX2 + FMA: 2^x = 2^floor(x) · p(x − floor(x)) with the AVX-512 path's polynomial; without
+// vscalefps, 2^floor(x) is built from exponent bits as two exact power-of-two products (2^(n+64) is
+// normal for n in [-160, 63]; the final 2^-64 rounds into the denormals once). The clamps keep NaN
+// (max/min return their second operand when either is NaN); x never exceeds 63 here (scores minus a
+// running max that trails the true max by at most kLazyMax).
+inline __m256 exp2_ps8(__m256 x) {
+  static constexpr float c[] = {1.8762329452e-03f, 8.9925840313e-03f, 5.5823604462e-02f,
+                                2.4015452989e-01f, 6.9315296818e-01f, 9.9999992692e-01f};
+  x = _mm256_min_ps(_mm256_set1_ps(63.f), _mm256_max_ps(_mm256_set1_ps(-160.f), x));
+  const __m256 fl = _mm256_floor_ps(x), f = _mm256_sub_ps(x, fl);
+  __m256 p = _mm256_set1_ps(c[0]);
+  for (size_t i = 1; i < std::size(c); ++i) p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(c[i]));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fl), _mm256_set1_epi32(127 + 64)), 23);
+  return _mm256_mul_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(e)), _mm256_set1_ps(0x1p-64f));
+}
+
+// p = 2^(s − sub) in place for i < n; returns a + Σ p as 8 lanes.
+inline __m256 exp2_shift_lanes8(float* __restrict s, int64_t n, float sub, __m256 a) {
+  const __m256 vs = _mm256_set1_ps(sub);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 p = exp2_ps8(_mm256_sub_ps(_mm256_loadu_ps(s + i), vs));
+    _mm256_storeu_ps(s + i, p);
+    a = _mm256_add_ps(a, p);
+  }
+  if (i < n) {
+    alignas(32) float t[8] = {};
+    for (int64_t j = i; j < n; ++j) t[j - i] = std::exp2(s[j] - sub);
+    for (int64_t j = i; j < n; ++j) s[j] = t[j - i];
+    a = _mm256_add_ps(a, _mm256_load_ps(t));
+  }
+  return a;
+}
+template <> inline float exp2_shift_sum<float>(float* __restrict s, int64_t n, float sub) {
+  alignas(32) float t[8];
+  _mm256_store_ps(t, exp2_shift_lanes8(s, n, sub, _mm256_setzero_ps()));
+  float r = 0;
+  for (float v : t) r += v;
+  return r;
+}
+template <> constexpr int kSumLanes<float> = 8;
+template <> inline void exp2_shift_acc<float>(float* __restrict s, int64_t n, float sub, float* __restrict acc) {
+  _mm256_storeu_ps(acc, exp2_shift_lanes8(s, n, sub, _mm256_loadu_ps(acc)));
+}
+#endif
 template <class F> inline F lanes_sum(const F* acc) {
   F t = 0;
   for (int i = 0; i < kSumLanes<F>; ++i) t += acc[i];
@@ -208,6 +257,19 @@ template <> inline float row_max<float>(const float* __restrict s, int64_t n) {
     m = _mm512_mask_max_ps(m, mk, m, _mm512_maskz_loadu_ps(mk, s + i));
   }
   return hmax(m);
+}
+#endif
+#if !defined(__AVX512F__) && defined(__AVX2__)
+template <> inline float row_max<float>(const float* __restrict s, int64_t n) {
+  __m256 m = _mm256_set1_ps(-INFINITY);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) m = _mm256_max_ps(m, _mm256_loadu_ps(s + i));
+  alignas(32) float t[8];
+  _mm256_store_ps(t, m);
+  float r = t[0];
+  for (int l = 1; l < 8; ++l) r = t[l] > r ? t[l] : r;
+  for (; i < n; ++i) r = s[i] > r ? s[i] : r;
+  return r;
 }
 #endif
 

@@ -388,8 +388,8 @@ def _validate(q, k, v, layout, scale, qw, kw, eps, grid, theta, mask):
 
 def attention_info() -> dict[str, str]:
     """What this build and machine offer, for ``raekern info``: the CPU kernels' instruction sets
-    (``bf16_forward`` and ``bf16_backward``: amx / avx512bf16 / avx512 / portable, ``fp32``) and whether the CUDA forward and backward are
-    compiled."""
+    (``bf16_forward`` and ``bf16_backward``: amx / avx512bf16 / avx512 / avx2 / portable; ``fp32``:
+    avx512 / avx2 / portable) and whether the CUDA forward and backward are compiled."""
     info = dict(item.split("=", 1) for item in torch.ops.raekern.attention_cpu_backends().split(";"))
     info["cuda_forward"] = "sm80 mma.sync" if _has_kernel("CUDA") else "not built"
     info["cuda_backward"] = ("sm80 mma.sync for bf16/fp16 up to Dh 128, SIMT otherwise; fp32 atomics or "
