@@ -5,6 +5,7 @@
 #pragma once
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -248,6 +249,35 @@ template <> inline void store8<c10::BFloat16>(c10::BFloat16* p, __m256 v) {
 }
 template <> inline void store8<c10::Half>(c10::Half* p, __m256 v) {
   _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+// The first min(left, 8) lanes, the others zero (AVX-512's masked forms; row tails only, through a
+// small stack copy since AVX2 has no masked 16-bit loads).
+template <class T> inline __m256 load8(const T* p, int64_t left) {
+  if (left >= 8) return load8(p);
+  T t[8] = {};
+  std::memcpy(t, p, std::max<int64_t>(left, 0) * sizeof(T));
+  return load8(t);
+}
+template <class T> inline void store8(T* p, __m256 v, int64_t left) {
+  if (left >= 8) return store8(p, v);
+  T t[8];
+  store8(t, v);
+  std::memcpy(p, t, std::max<int64_t>(left, 0) * sizeof(T));
+}
+inline float hsum8(__m256 v) {
+  __m128 b = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  b = _mm_add_ps(b, _mm_movehl_ps(b, b));
+  return _mm_cvtss_f32(_mm_add_ss(b, _mm_movehdup_ps(b)));
+}
+// The value v takes once stored as T (identity for fp32).
+template <class T> inline __m256 round8(__m256 v) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(detail::bf16_bits8(v)), 16));
+  } else if constexpr (std::is_same_v<T, c10::Half>) {
+    return _mm256_cvtph_ps(_mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  } else {
+    return v;
+  }
 }
 #endif
 
