@@ -264,6 +264,11 @@ template <class T> inline void store8(T* p, __m256 v, int64_t left) {
   store8(t, v);
   std::memcpy(p, t, std::max<int64_t>(left, 0) * sizeof(T));
 }
+// All ones in the first min(left, 8) lanes: the masked arithmetic of a row tail.
+inline __m256 lanes_below(int64_t left) {
+  const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  return _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(int(std::min<int64_t>(left, 8))), iota));
+}
 inline float hsum8(__m256 v) {
   __m128 b = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   b = _mm_add_ps(b, _mm_movehl_ps(b, b));

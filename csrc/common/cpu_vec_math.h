@@ -1,4 +1,4 @@
-// Transcendentals on 16 fp32 lanes (AVX-512) for the CPU kernels. GCC does not vectorise libm
+// Transcendentals on 16 fp32 lanes (AVX-512; 8 lanes on AVX2-only builds) for the CPU kernels. GCC does not vectorise libm
 // calls without -ffast-math, and it leaves even a hand-written scalar polynomial scalar once the
 // loop holds a select and a floor: a kernel whose elementwise tail calls tanh then runs at a few
 // GB/s however its memory loops are written. These follow the scalar Cephes schemes operation by
@@ -81,17 +81,57 @@ inline void transpose16(__m512* r) {
   }
 }
 
+}  // namespace raekern::cpu
+#elif defined(RAEKERN_CPU_VEC8)
+namespace raekern::cpu {
+
+// exp_neg16 / tanh16 on 8 lanes (AVX2 + FMA builds), operation by operation.
+inline __m256 exp_neg8(__m256 x) {
+  x = _mm256_max_ps(_mm256_set1_ps(-87.f), x);  // a NaN x passes through (vmaxps returns the second operand)
+  const __m256 n = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  const __m256 y = _mm256_add_ps(_mm256_fmadd_ps(_mm256_mul_ps(p, r), r, r), _mm256_set1_ps(1.f));
+  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(bits));
+}
+
+inline __m256 tanh8(__m256 x) {
+  const __m256 sign = _mm256_castsi256_ps(_mm256_set1_epi32(int(0x80000000u)));
+  const __m256 a = _mm256_andnot_ps(sign, x);
+  const __m256 z = _mm256_mul_ps(x, x);
+  __m256 p = _mm256_set1_ps(-5.70498872745e-3f);
+  p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(2.06390887954e-2f));
+  p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(-5.37397155531e-2f));
+  p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(1.33314422036e-1f));
+  p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(-3.33332819422e-1f));
+  const __m256 small = _mm256_fmadd_ps(_mm256_mul_ps(p, z), x, x);
+  const __m256 e = exp_neg8(_mm256_mul_ps(_mm256_set1_ps(-2.f), a));
+  const __m256 one = _mm256_set1_ps(1.f);
+  const __m256 big = _mm256_div_ps(_mm256_sub_ps(one, e), _mm256_add_ps(one, e));
+  const __m256 big_signed = _mm256_or_ps(big, _mm256_and_ps(sign, x));
+  return _mm256_blendv_ps(big_signed, small, _mm256_cmp_ps(a, _mm256_set1_ps(0.625f), _CMP_LT_OQ));
+}
+
+}  // namespace raekern::cpu
+#endif
+
+namespace raekern::cpu {
 // Software prefetch of the 64-byte lines in [p, p + bytes): for rows that start a new 4 KiB page,
 // where the hardware streamer stops and has to be trained again. For a destination, prefetchw also
 // takes the line in exclusive state, so the store that follows does not wait for ownership.
 inline void prefetch_lines(const void* p, int64_t bytes) {
   const char* c = static_cast<const char*>(p);
-  for (int64_t i = 0; i < bytes; i += 64) _mm_prefetch(c + i, _MM_HINT_T0);
+  for (int64_t i = 0; i < bytes; i += 64) __builtin_prefetch(c + i, 0, 3);
 }
 inline void prefetchw_lines(void* p, int64_t bytes) {
   char* c = static_cast<char*>(p);
-  for (int64_t i = 0; i < bytes; i += 64) _m_prefetchw(c + i);
+  for (int64_t i = 0; i < bytes; i += 64) __builtin_prefetch(c + i, 1, 3);
 }
-
 }  // namespace raekern::cpu
-#endif

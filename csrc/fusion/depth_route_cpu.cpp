@@ -129,13 +129,9 @@ struct Route {
 template <class A>
 A row_norm(const A* x, int64_t n) { return std::sqrt(row_dot(x, x, n)); }
 
-#if defined(RAEKERN_CPU_VEC16)
-using raekern::cpu::load16;
-using raekern::cpu::store16;
-using raekern::cpu::tail_mask;
-
-// The 16-lane kernels take fp32/bf16/fp16 rows that are contiguous in D, with bound tanh or none
-// (the norm cap needs whole-row norms before any element is final: it keeps the row loops).
+// The vector kernels (AVX-512 16 lanes, AVX2 8) take fp32/bf16/fp16 rows that are contiguous in D,
+// with bound tanh or none (the norm cap needs whole-row norms before any element is final: it keeps
+// the row loops).
 template <class T>
 bool route_vectorised(const Route<T>& k) {
   if constexpr (std::is_same_v<T, double>) {
@@ -147,6 +143,11 @@ bool route_vectorised(const Route<T>& k) {
     return true;
   }
 }
+
+#if defined(RAEKERN_CPU_VEC16)
+using raekern::cpu::load16;
+using raekern::cpu::store16;
+using raekern::cpu::tail_mask;
 
 // f = Σ_l w_l e_l for 16 channels starting at d. Two partial sums: the FMA chain over the layers is
 // latency-bound otherwise. Forward and backward must form f identically (the backward recomputes it).
@@ -180,13 +181,50 @@ void route_token_forward_vec(const Route<T>& k, int64_t b, int64_t n, const floa
     store16(out + d, o, m);
   }
 }
+constexpr int kRouteLanes = 16;
+inline float lanes_sum(const float* v) { return _mm512_reduce_add_ps(_mm512_loadu_ps(v)); }
+#elif defined(RAEKERN_CPU_VEC8)
+// AVX2 + FMA builds: the 16-lane kernels above 8 lanes at a time, in the same order.
+using raekern::cpu::lanes_below;
+using raekern::cpu::load8;
+using raekern::cpu::store8;
+
+template <class T>
+inline __m256 depth_sum8(const T* const* rows, const float* w, int64_t L, int64_t d, int64_t left) {
+  __m256 f0 = _mm256_setzero_ps(), f1 = _mm256_setzero_ps();
+  int64_t l = 0;
+  for (; l + 2 <= L; l += 2) {
+    f0 = _mm256_fmadd_ps(_mm256_set1_ps(w[l]), load8(rows[l] + d, left), f0);
+    f1 = _mm256_fmadd_ps(_mm256_set1_ps(w[l + 1]), load8(rows[l + 1] + d, left), f1);
+  }
+  if (l < L) f0 = _mm256_fmadd_ps(_mm256_set1_ps(w[l]), load8(rows[l] + d, left), f0);
+  return _mm256_add_ps(f0, f1);
+}
+
+template <class T>
+void route_token_forward_vec(const Route<T>& k, int64_t b, int64_t n, const float* w, const float* gate,
+                             const T** rows, T* out) {
+  const auto& s = k.s;
+  for (int64_t l = 0; l < s.L; ++l) rows[l] = k.expert_ptr(l, b, n);
+  const T* bp = k.base + b * k.bsb + n * k.bsn;
+  for (int64_t d = 0; d < s.D; d += 8) {
+    const int64_t left = s.D - d;
+    const __m256 f = depth_sum8(rows, w, s.L, d, left);
+    const __m256 base = load8(bp + d, left);
+    const __m256 o = s.bound == Bound::kTanh ? _mm256_fmadd_ps(load8(gate + d, left), raekern::cpu::tanh8(f), base)
+                                             : _mm256_add_ps(base, f);
+    store8(out + d, o, left);
+  }
+}
+constexpr int kRouteLanes = 8;
+inline float lanes_sum(const float* v) { return raekern::cpu::hsum8(_mm256_loadu_ps(v)); }
 #endif
 
 template <class T>
 void route_forward(const Route<T>& k, T* out) {
   using A = acc_t<T>;
   const auto& s = k.s;
-#if defined(RAEKERN_CPU_VEC16)
+#if defined(RAEKERN_CPU_VEC16) || defined(RAEKERN_CPU_VEC8)
   if constexpr (!std::is_same_v<T, double>) {
   if (route_vectorised(k)) {
     parallel_tasks(s.B * s.N, 1, [&](int64_t lo, int64_t hi) {
@@ -269,6 +307,34 @@ void route_token_backward_vec(const Route<T>& k, int64_t b, int64_t n, const flo
     }
   }
 }
+#elif defined(RAEKERN_CPU_VEC8)
+template <class T>
+void route_token_backward_vec(const Route<T>& k, int64_t b, int64_t n, const float* w, const float* gate,
+                              const T* grow, const T** rows, T* const* ge, T* gbase, float* gw_acc,
+                              float* gamma_acc) {
+  const auto& s = k.s;
+  for (int64_t l = 0; l < s.L; ++l) rows[l] = k.expert_ptr(l, b, n);
+  std::fill(gw_acc, gw_acc + 8 * s.L, 0.f);
+  for (int64_t d = 0; d < s.D; d += 8) {
+    const int64_t left = s.D - d;
+    const __m256 f = depth_sum8(rows, w, s.L, d, left);
+    const __m256 g = load8(grow + d, left);
+    store8(gbase + d, g, left);
+    __m256 gf = g;
+    if (s.bound == Bound::kTanh) {
+      const __m256 th = raekern::cpu::tanh8(f);
+      // Lanes past D are zeroed (see the 16-lane kernel).
+      gf = _mm256_and_ps(lanes_below(left), _mm256_mul_ps(_mm256_mul_ps(g, load8(gate + d, left)),
+                                                          _mm256_fnmadd_ps(th, th, _mm256_set1_ps(1.f))));
+      if (gamma_acc) store8(gamma_acc + d, _mm256_add_ps(load8(gamma_acc + d, left), _mm256_mul_ps(g, th)), left);
+    }
+    for (int64_t l = 0; l < s.L; ++l) {
+      float* acc = gw_acc + 8 * l;
+      _mm256_storeu_ps(acc, _mm256_fmadd_ps(gf, load8(rows[l] + d, left), _mm256_loadu_ps(acc)));
+      store8(ge[l] + d, _mm256_mul_ps(_mm256_set1_ps(w[l]), gf), left);
+    }
+  }
+}
 #endif
 
 template <class T>
@@ -285,13 +351,13 @@ void route_backward(const Route<T>& k, const at::Tensor& grad, std::vector<at::T
   const int nthreads = at::get_num_threads();
   std::vector<A> gamma_part(s.gamma_numel ? nthreads * s.D : 0, A(0));
   bool done = false;
-#if defined(RAEKERN_CPU_VEC16)
+#if defined(RAEKERN_CPU_VEC16) || defined(RAEKERN_CPU_VEC8)
   if constexpr (!std::is_same_v<T, double>) {
   if (route_vectorised(k) && gsd == 1) {
     done = true;
     // Static partition, as below: bit-identical γ gradients across runs.
     at::parallel_for(0, s.B * s.N, 1, [&](int64_t lo, int64_t hi) {
-      std::vector<float> gatev(s.D, 1.f), w(s.L), gw(s.L), ga(s.L), gw_acc(16 * s.L);
+      std::vector<float> gatev(s.D, 1.f), w(s.L), gw(s.L), ga(s.L), gw_acc(kRouteLanes * s.L);
       std::vector<const T*> rows(s.L);
       std::vector<T*> dst(s.L);
       if (s.gamma_numel) for (int64_t d = 0; d < s.D; ++d) gatev[d] = float(k.gate(d));
@@ -303,7 +369,7 @@ void route_backward(const Route<T>& k, const at::Tensor& grad, std::vector<at::T
         for (int64_t l = 0; l < s.L; ++l) dst[l] = gep[l] + tok * s.D;
         route_token_backward_vec(k, b, n, w.data(), gatev.data(), gp + b * gsb + n * gsn, rows.data(), dst.data(),
                                  gbp + tok * s.D, gw_acc.data(), my_gamma);
-        for (int64_t l = 0; l < s.L; ++l) gw[l] = _mm512_reduce_add_ps(_mm512_loadu_ps(gw_acc.data() + 16 * l));
+        for (int64_t l = 0; l < s.L; ++l) gw[l] = lanes_sum(gw_acc.data() + kRouteLanes * l);
         depth_weights_backward(s.energy, w.data(), norm, gw.data(), s.L, ga.data());
         std::copy(ga.begin(), ga.end(), glp + tok * s.L);
       }

@@ -87,6 +87,54 @@ inline void row_moments_vec(const T* __restrict src, int64_t D, float eps, float
   mean = mu;
   rstd = 1.f / std::sqrt(var / float(D) + eps);
 }
+#elif defined(RAEKERN_CPU_VEC8)
+// AVX2 + FMA (no AVX-512, e.g. Zen 3): the same two passes 8 lanes at a time, four partial vectors.
+using raekern::cpu::lanes_below;
+using raekern::cpu::load8;
+
+template <class T>
+inline void row_moments_vec(const T* __restrict src, int64_t D, float eps, float* __restrict buf, float& mean,
+                            float& rstd, const T* next) {
+  const __m256 shift = _mm256_set1_ps(raekern::cpu::to_f(src[0]));
+  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  int64_t d = 0;
+  for (; d + 32 <= D; d += 32) {
+    if (next) raekern::cpu::prefetch_lines(next + d, 32 * int64_t(sizeof(T)));
+    const __m256 v0 = _mm256_sub_ps(load8(src + d), shift), v1 = _mm256_sub_ps(load8(src + d + 8), shift);
+    const __m256 v2 = _mm256_sub_ps(load8(src + d + 16), shift), v3 = _mm256_sub_ps(load8(src + d + 24), shift);
+    _mm256_storeu_ps(buf + d, v0);
+    _mm256_storeu_ps(buf + d + 8, v1);
+    _mm256_storeu_ps(buf + d + 16, v2);
+    _mm256_storeu_ps(buf + d + 24, v3);
+    a0 = _mm256_add_ps(a0, v0);
+    a1 = _mm256_add_ps(a1, v1);
+    a2 = _mm256_add_ps(a2, v2);
+    a3 = _mm256_add_ps(a3, v3);
+  }
+  for (; d < D; d += 8) {
+    const __m256 v = _mm256_and_ps(_mm256_sub_ps(load8(src + d, D - d), shift), lanes_below(D - d));
+    raekern::cpu::store8(buf + d, v, D - d);
+    a0 = _mm256_add_ps(a0, v);
+  }
+  const float mu = raekern::cpu::hsum8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3))) / float(D);
+  const __m256 vm = _mm256_set1_ps(mu);
+  a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  for (d = 0; d + 32 <= D; d += 32) {
+    const __m256 v0 = _mm256_sub_ps(_mm256_loadu_ps(buf + d), vm), v1 = _mm256_sub_ps(_mm256_loadu_ps(buf + d + 8), vm);
+    const __m256 v2 = _mm256_sub_ps(_mm256_loadu_ps(buf + d + 16), vm), v3 = _mm256_sub_ps(_mm256_loadu_ps(buf + d + 24), vm);
+    a0 = _mm256_fmadd_ps(v0, v0, a0);
+    a1 = _mm256_fmadd_ps(v1, v1, a1);
+    a2 = _mm256_fmadd_ps(v2, v2, a2);
+    a3 = _mm256_fmadd_ps(v3, v3, a3);
+  }
+  for (; d < D; d += 8) {
+    const __m256 v = _mm256_and_ps(_mm256_sub_ps(load8(buf + d, D - d), vm), lanes_below(D - d));
+    a0 = _mm256_fmadd_ps(v, v, a0);
+  }
+  const float var = raekern::cpu::hsum8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+  mean = mu;
+  rstd = 1.f / std::sqrt(var / float(D) + eps);
+}
 #endif
 
 template <class T>
@@ -127,7 +175,7 @@ struct Stack {
   // next: the row the caller reads after this one (prefetched), or null.
   void accumulate(int64_t l, int64_t b, int64_t n, A c, A* __restrict row, A* __restrict acc,
                   const T* next = nullptr) const {
-#if defined(RAEKERN_CPU_VEC16)
+#if defined(RAEKERN_CPU_VEC16) || defined(RAEKERN_CPU_VEC8)
     if constexpr (!std::is_same_v<T, double>) {
       if (normalize && sd[l] == 1) {
         float mean, rstd;
@@ -379,6 +427,68 @@ inline float row_grad_vec(const T* __restrict src, const float* __restrict g, co
   }
   return rstd * sg;
 }
+#elif defined(RAEKERN_CPU_VEC8)
+// The AVX-512 row_grad_vec 8 lanes at a time (AVX2 + FMA builds).
+template <class T>
+inline float row_grad_vec(const T* __restrict src, const float* __restrict g, const float* __restrict gm,
+                          int64_t D, float c, float gsum, float gmsum, float eps, float* __restrict xs,
+                          T* __restrict dst, const T* next, T* next_dst) {
+  const __m256 shift = _mm256_set1_ps(raekern::cpu::to_f(src[0]));
+  __m256 a0 = _mm256_setzero_ps(), a1 = a0;
+  int64_t d = 0;
+  for (; d + 16 <= D; d += 16) {
+    if (next) raekern::cpu::prefetch_lines(next + d, 16 * int64_t(sizeof(T)));
+    if (next_dst) raekern::cpu::prefetchw_lines(next_dst + d, 16 * int64_t(sizeof(T)));
+    const __m256 v0 = _mm256_sub_ps(load8(src + d), shift), v1 = _mm256_sub_ps(load8(src + d + 8), shift);
+    _mm256_storeu_ps(xs + d, v0);
+    _mm256_storeu_ps(xs + d + 8, v1);
+    a0 = _mm256_add_ps(a0, v0);
+    a1 = _mm256_add_ps(a1, v1);
+  }
+  for (; d < D; d += 8) {
+    const __m256 v = _mm256_and_ps(_mm256_sub_ps(load8(src + d, D - d), shift), lanes_below(D - d));
+    raekern::cpu::store8(xs + d, v, D - d);
+    a0 = _mm256_add_ps(a0, v);
+  }
+  const float mu = raekern::cpu::hsum8(_mm256_add_ps(a0, a1)) / float(D);
+  const __m256 vm = _mm256_set1_ps(mu);
+  __m256 q0 = _mm256_setzero_ps(), q1 = q0, s0 = q0, s1 = q0, t0 = q0, t1 = q0;
+  for (d = 0; d + 16 <= D; d += 16) {
+    const __m256 v0 = _mm256_sub_ps(_mm256_loadu_ps(xs + d), vm), v1 = _mm256_sub_ps(_mm256_loadu_ps(xs + d + 8), vm);
+    q0 = _mm256_fmadd_ps(v0, v0, q0);
+    q1 = _mm256_fmadd_ps(v1, v1, q1);
+    s0 = _mm256_fmadd_ps(_mm256_loadu_ps(g + d), v0, s0);
+    s1 = _mm256_fmadd_ps(_mm256_loadu_ps(g + d + 8), v1, s1);
+    if (gm) {
+      t0 = _mm256_fmadd_ps(_mm256_loadu_ps(gm + d), v0, t0);
+      t1 = _mm256_fmadd_ps(_mm256_loadu_ps(gm + d + 8), v1, t1);
+    }
+  }
+  for (; d < D; d += 8) {
+    const int64_t left = D - d;
+    const __m256 v = _mm256_and_ps(_mm256_sub_ps(load8(xs + d, left), vm), lanes_below(left));
+    q0 = _mm256_fmadd_ps(v, v, q0);
+    s0 = _mm256_fmadd_ps(load8(g + d, left), v, s0);
+    if (gm) t0 = _mm256_fmadd_ps(load8(gm + d, left), v, t0);
+  }
+  const float var = raekern::cpu::hsum8(_mm256_add_ps(q0, q1));
+  const float sg = raekern::cpu::hsum8(_mm256_add_ps(s0, s1));
+  const float sgm = gm ? raekern::cpu::hsum8(_mm256_add_ps(t0, t1)) : 0.f;
+  const float rstd = 1.f / std::sqrt(var / float(D) + eps);
+  const float dsum = c * gsum + gmsum;
+  const float dyy = rstd * (c * sg + sgm);
+  const __m256 kg = _mm256_set1_ps(rstd * c), kgm = _mm256_set1_ps(rstd), k0 = _mm256_set1_ps(rstd * dsum / float(D));
+  const __m256 kx = _mm256_set1_ps(rstd * rstd * dyy / float(D));
+  for (d = 0; d < D; d += 8) {
+    const int64_t left = D - d;
+    __m256 v = _mm256_mul_ps(kg, load8(g + d, left));
+    if (gm) v = _mm256_fmadd_ps(kgm, load8(gm + d, left), v);
+    v = _mm256_sub_ps(v, k0);
+    v = _mm256_fnmadd_ps(kx, _mm256_sub_ps(load8(xs + d, left), vm), v);
+    raekern::cpu::store8(dst + d, v, left);
+  }
+  return rstd * sg;
+}
 #endif
 
 template <class T>
@@ -452,7 +562,7 @@ void fuse_backward(const at::Tensor& grad, at::TensorList layers, const StackSha
             A* dx = kDirect ? reinterpret_cast<A*>(dst) : dxb;
             const T* src = k.ptr[l] + b * k.sb[l] + (s.P + n) * k.st[l];
             A gy;
-#if defined(RAEKERN_CPU_VEC16)
+#if defined(RAEKERN_CPU_VEC16) || defined(RAEKERN_CPU_VEC8)
             if constexpr (!std::is_same_v<T, double>) {
               if (normalize && k.sd[l] == 1) {
                 const bool more = t + 1 < tn;

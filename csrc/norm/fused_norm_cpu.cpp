@@ -104,8 +104,8 @@ struct BwdRowPtrs {
 };
 
 #ifdef RAEKERN_CPU_VEC16
-template <class T> constexpr bool has_vec16 = !std::is_same_v<T, double>;
-template <class T> constexpr bool has_vec_fwd = has_vec16<T>;
+template <class T> constexpr bool has_vec = !std::is_same_v<T, double>;
+constexpr bool kStreams = true;  // outputs may bypass the caches (non-temporal stores)
 
 template <class T>
 inline void prefetch16(const T* p) {
@@ -125,7 +125,7 @@ template <class T>
 inline void vec_residual_stats(const T* x, const T* gate, const T* y, T* x_out, int64_t D, acc_t<T>* xb,
                                Kind kind, double eps, acc_t<T>& mean, acc_t<T>& rstd, bool stream,
                                const T* pf_gate) {
-  if constexpr (has_vec16<T>) {
+  if constexpr (has_vec<T>) {
   const auto put = [stream](T* p, __m512 v, __mmask16 m) { put16(p, v, m, stream); };
   if (kind == Kind::None) {  // gated_residual alone: a pure stream, no row buffer
     for (int64_t i = 0; i < D; i += 16) {
@@ -212,7 +212,7 @@ inline void vec_residual_stats(const T* x, const T* gate, const T* y, T* x_out, 
 template <class T>
 inline void vec_output(const acc_t<T>* xb, const acc_t<T>* ca, const acc_t<T>* cb, acc_t<T> rstd,
                        acc_t<T> mean, int64_t D, T* out, bool stream, const T* pf_x, T* pf_out) {
-  if constexpr (has_vec16<T>) {
+  if constexpr (has_vec<T>) {
   const auto put = [stream](T* p, __m512 v, __mmask16 m) { put16(p, v, m, stream); };
   const __m512 vr = _mm512_set1_ps(rstd), vm = _mm512_set1_ps(mean);
   const int64_t full = D & ~int64_t(15);
@@ -255,7 +255,7 @@ template <class T>
 inline void vec_output_token(const acc_t<T>* xb, const acc_t<T>* w, const acc_t<T>* bias, const T* shift,
                              const T* scale, acc_t<T> rstd, acc_t<T> mean, int64_t D, T* out, bool stream,
                              const T* pf_shift, const T* pf_scale) {
-  if constexpr (has_vec16<T>) {
+  if constexpr (has_vec<T>) {
   const auto put = [stream](T* p, __m512 v, __mmask16 m) { put16(p, v, m, stream); };
   const __m512 vr = _mm512_set1_ps(rstd), vm = _mm512_set1_ps(mean), one = _mm512_set1_ps(1.f);
   for (int64_t i = 0; i < D; i += 16) {
@@ -280,7 +280,7 @@ inline void vec_output_token(const acc_t<T>* xb, const acc_t<T>* w, const acc_t<
 template <class T>
 inline void vec_backward_row(const BwdRowPtrs& r, const float* w, const float* bias, float mean, float rstd,
                              int64_t D, bool layer, float* __restrict gw, bool stream) {
-  if constexpr (has_vec16<T>) {
+  if constexpr (has_vec<T>) {
   const auto put = [stream](void* p, __m512 v, __mmask16 m) { put16(static_cast<T*>(p), v, m, stream); };
   const __m512 vr = _mm512_set1_ps(rstd), vm = _mm512_set1_ps(mean), one = _mm512_set1_ps(1.f);
   const T* x = static_cast<const T*>(r.x);
@@ -342,24 +342,19 @@ inline void vec_backward_row(const BwdRowPtrs& r, const float* w, const float* b
   }
 }
 #elif defined(RAEKERN_CPU_VEC8)
-// AVX2 + FMA (no AVX-512, e.g. Zen 3): the forward's row functions 8 lanes at a time in the same
+// AVX2 + FMA (no AVX-512, e.g. Zen 3): the row functions 8 lanes at a time in the same
 // arithmetic order as the AVX-512 ones above, row tails through cpu::load8 / store8's zero-filled
 // copies; outputs are stored normally. The portable path's widen / compute / narrow buffers left the
-// forward at 0.4x-0.9x torch.compile on a Zen 3 (measured 2026-12-01). The backward keeps the
-// portable path (at or above torch.compile there).
-template <class T> constexpr bool has_vec16 = false;
-template <class T> constexpr bool has_vec_fwd = !std::is_same_v<T, double>;
+// forward at 0.4x-0.9x torch.compile on a Zen 3 (measured 2026-12-01).
+template <class T> constexpr bool has_vec = !std::is_same_v<T, double>;
+constexpr bool kStreams = false;
 
-// All ones in the first min(left, 8) lanes: the masked arithmetic of a row tail.
-inline __m256 lanes_below(int64_t left) {
-  const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  return _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(int(std::min<int64_t>(left, 8))), iota));
-}
+using cpu::lanes_below;
 
 template <class T>
 inline void vec_residual_stats(const T* x, const T* gate, const T* y, T* x_out, int64_t D, acc_t<T>* xb,
                                Kind kind, double eps, acc_t<T>& mean, acc_t<T>& rstd, bool, const T* pf_gate) {
-  if constexpr (has_vec_fwd<T>) {
+  if constexpr (has_vec<T>) {
   if (kind == Kind::None) {  // gated_residual alone: a pure stream, no row buffer
     for (int64_t i = 0; i < D; i += 8) {
       const int64_t left = D - i;
@@ -432,7 +427,7 @@ inline void vec_residual_stats(const T* x, const T* gate, const T* y, T* x_out, 
 template <class T>
 inline void vec_output(const acc_t<T>* xb, const acc_t<T>* ca, const acc_t<T>* cb, acc_t<T> rstd,
                        acc_t<T> mean, int64_t D, T* out, bool, const T* pf_x, T* pf_out) {
-  if constexpr (has_vec_fwd<T>) {
+  if constexpr (has_vec<T>) {
   const __m256 vr = _mm256_set1_ps(rstd), vm = _mm256_set1_ps(mean);
   const int64_t full = D & ~int64_t(7);
   const auto fetch = [&](int64_t i) {
@@ -471,7 +466,7 @@ template <class T>
 inline void vec_output_token(const acc_t<T>* xb, const acc_t<T>* w, const acc_t<T>* bias, const T* shift,
                              const T* scale, acc_t<T> rstd, acc_t<T> mean, int64_t D, T* out, bool,
                              const T* pf_shift, const T* pf_scale) {
-  if constexpr (has_vec_fwd<T>) {
+  if constexpr (has_vec<T>) {
   const __m256 vr = _mm256_set1_ps(rstd), vm = _mm256_set1_ps(mean), one = _mm256_set1_ps(1.f);
   for (int64_t i = 0; i < D; i += 8) {
     const int64_t left = D - i;
@@ -487,12 +482,76 @@ inline void vec_output_token(const acc_t<T>* xb, const acc_t<T>* w, const acc_t<
   }
 }
 
+// The AVX-512 backward's two sweeps, 8 lanes at a time (tail lanes load as zero, so no sum sees them).
 template <class T>
-inline void vec_backward_row(const BwdRowPtrs&, const float*, const float*, float, float, int64_t, bool, float*,
-                             bool) {}
+inline void vec_backward_row(const BwdRowPtrs& r, const float* w, const float* bias, float mean, float rstd,
+                             int64_t D, bool layer, float* __restrict gw, bool) {
+  if constexpr (has_vec<T>) {
+  const auto put = [](void* p, __m256 v, int64_t left) { cpu::store8(static_cast<T*>(p), v, left); };
+  const auto acc_add = [](float* a, __m256 v, int64_t left) { cpu::store8(a, _mm256_add_ps(cpu::load8(a, left), v), left); };
+  const __m256 vr = _mm256_set1_ps(rstd), vm = _mm256_set1_ps(mean), one = _mm256_set1_ps(1.f);
+  const T* x = static_cast<const T*>(r.x);
+  float c1 = 0.f, c2 = 0.f;
+  if (r.dout) {
+    const T* dout = static_cast<const T*>(r.dout);
+    const T* scale = static_cast<const T*>(r.scale);
+    const T* next_scale = static_cast<const T*>(r.next_scale);
+    const bool need_h = r.dscale_row || r.acc_scale;
+    __m256 vs1 = _mm256_setzero_ps(), vs2 = _mm256_setzero_ps();
+    for (int64_t i = 0; i < D; i += 8) {
+      const int64_t left = D - i;
+      __m256 xh = _mm256_mul_ps(_mm256_sub_ps(cpu::load8(x + i, left), vm), vr);
+      if (left < 8) xh = _mm256_and_ps(xh, lanes_below(left));  // -mean·rstd in the tail lanes otherwise
+      if (next_scale) __builtin_prefetch(next_scale + i);
+      __m256 g = cpu::load8(dout + i, left);
+      const __m256 wv = w ? cpu::load8(w + i, left) : one;
+      if (r.dshift_row) put(static_cast<T*>(r.dshift_row) + i, g, left);
+      else if (r.acc_shift) acc_add(r.acc_shift + i, g, left);
+      if (need_h) {
+        __m256 h = _mm256_mul_ps(xh, wv);
+        if (bias) h = _mm256_add_ps(h, cpu::load8(bias + i, left));
+        if (r.dscale_row) put(static_cast<T*>(r.dscale_row) + i, _mm256_mul_ps(g, h), left);
+        else acc_add(r.acc_scale + i, _mm256_mul_ps(g, h), left);
+      }
+      if (scale) g = _mm256_mul_ps(g, _mm256_add_ps(one, cpu::load8(scale + i, left)));
+      if (r.acc_w) acc_add(r.acc_w + i, _mm256_mul_ps(g, xh), left);
+      if (r.acc_b) acc_add(r.acc_b + i, g, left);
+      g = _mm256_mul_ps(g, wv);
+      vs1 = _mm256_add_ps(vs1, g);
+      vs2 = _mm256_fmadd_ps(g, xh, vs2);
+      cpu::store8(gw + i, g, left);
+    }
+    const float inv_d = 1.f / float(D);
+    c1 = layer ? cpu::hsum8(vs1) * inv_d : 0.f;
+    c2 = cpu::hsum8(vs2) * inv_d;
+  }
+  const __m256 vc1 = _mm256_set1_ps(c1), vc2 = _mm256_set1_ps(c2);
+  const T* dxo = static_cast<const T*>(r.dxo);
+  const T* gate = static_cast<const T*>(r.gate);
+  const T* y = static_cast<const T*>(r.y);
+  const T* next_gate = static_cast<const T*>(r.next_gate);
+  for (int64_t i = 0; i < D; i += 8) {
+    const int64_t left = D - i;
+    __m256 d = _mm256_setzero_ps();
+    if (r.dout) {
+      const __m256 xh = _mm256_mul_ps(_mm256_sub_ps(cpu::load8(x + i, left), vm), vr);
+      d = _mm256_mul_ps(vr, _mm256_sub_ps(_mm256_sub_ps(cpu::load8(gw + i, left), vc1), _mm256_mul_ps(xh, vc2)));
+    }
+    if (dxo) d = _mm256_add_ps(d, cpu::load8(dxo + i, left));
+    if (gate) {
+      if (next_gate) __builtin_prefetch(next_gate + i);
+      const __m256 yv = cpu::load8(y + i, left);
+      if (r.dgate_row) put(static_cast<T*>(r.dgate_row) + i, _mm256_mul_ps(d, yv), left);
+      else acc_add(r.acc_gate + i, _mm256_mul_ps(d, yv), left);
+      put(static_cast<T*>(r.dy) + i, _mm256_mul_ps(cpu::load8(gate + i, left), d), left);
+    }
+    put(static_cast<T*>(r.dx) + i, d, left);
+  }
+  }
+}
 #else
-template <class T> constexpr bool has_vec16 = false;
-template <class T> constexpr bool has_vec_fwd = false;
+template <class T> constexpr bool has_vec = false;
+constexpr bool kStreams = false;
 template <class T>
 inline void vec_output_token(const acc_t<T>*, const acc_t<T>*, const acc_t<T>*, const T*, const T*, acc_t<T>,
                              acc_t<T>, int64_t, T*, bool, const T*, const T*) {}
@@ -518,7 +577,7 @@ void forward_kernel(const FwdParams& p) {
   const bool coef_per_row = (p.shift.ptr && p.shift.sn != 0) || (p.scale.ptr && p.scale.sn != 0);
   const bool gate_per_row = residual && p.gate.sn != 0;
   // Hand-vectorised rows need unit feature strides; fp64 (reference precision) uses the generic path.
-  const bool vec_rows = has_vec_fwd<T> && p.x.sd == 1 && (!residual || (p.gate.sd == 1 && p.y.sd == 1));
+  const bool vec_rows = has_vec<T> && p.x.sd == 1 && (!residual || (p.gate.sd == 1 && p.y.sd == 1));
   // Outputs much larger than the caches are written with non-temporal stores (saves the
   // read-for-ownership of every output line); needs cache-line aligned rows.
   const int64_t out_bytes = B * N * D * int64_t(sizeof(T)) * ((residual ? 1 : 0) + (norm ? 1 : 0));
@@ -531,7 +590,7 @@ void forward_kernel(const FwdParams& p) {
                                 (p.shift.ptr && p.shift.sn != 0 ? 1 : 0) + (p.scale.ptr && p.scale.sn != 0 ? 1 : 0);
   const bool fits_llc = cpu::cpu_is_amd() && !cpu::stream_bytes_setting() &&
                         out_bytes + B * N * D * int64_t(sizeof(T)) * per_row_reads <= cpu::llc_bytes();
-  const bool stream = has_vec16<T> && vec_rows && !fits_llc && out_bytes >= cpu::stream_threshold(kStreamBytes) && (D * int64_t(sizeof(T))) % 64 == 0 &&
+  const bool stream = kStreams && vec_rows && !fits_llc && out_bytes >= cpu::stream_threshold(kStreamBytes) && (D * int64_t(sizeof(T))) % 64 == 0 &&
                       (!p.out || reinterpret_cast<uintptr_t>(p.out) % 64 == 0) &&
                       (!p.x_out || reinterpret_cast<uintptr_t>(p.x_out) % 64 == 0);
   // Per-token shift/scale: fold them into the output loop instead of precomputing coefficients.
@@ -640,14 +699,14 @@ void backward_kernel(const BwdParams& p) {
   const int64_t np = p.num_partials;
   const auto unit = [](const Operand& o) { return !o.ptr || o.sd == 1; };
   // Hand-vectorised rows need unit feature strides; fp64 (reference precision) uses the generic path.
-  const bool vec_rows = has_vec16<T> && p.xin.sd == 1 && unit(p.dout) && unit(p.dxo) && unit(p.scale) &&
+  const bool vec_rows = has_vec<T> && p.xin.sd == 1 && unit(p.dout) && unit(p.dxo) && unit(p.scale) &&
                         unit(p.gate) && unit(p.y);
   // As in the forward: outputs far larger than the caches bypass them (no read-for-ownership).
   const auto aligned = [](const void* q) { return !q || reinterpret_cast<uintptr_t>(q) % 64 == 0; };
   int64_t out_rows = 1 + (residual ? 1 : 0);
   for (const GradSlot* sl : {&p.dgate, &p.dshift, &p.dscale})
     if (sl->mode == GradMode::PerRow) out_rows += 1;
-  const bool stream = vec_rows && B * N * D * int64_t(sizeof(T)) * out_rows >= cpu::stream_threshold(kStreamBytes) &&
+  const bool stream = kStreams && vec_rows && B * N * D * int64_t(sizeof(T)) * out_rows >= cpu::stream_threshold(kStreamBytes) &&
                       (D * int64_t(sizeof(T))) % 64 == 0 && aligned(p.dx) && aligned(p.dy) &&
                       aligned(p.dgate.ptr) && aligned(p.dshift.ptr) && aligned(p.dscale.ptr);
 
@@ -670,7 +729,7 @@ void backward_kernel(const BwdParams& p) {
           for (const GradSlot* sl : {&p.dshift, &p.dscale})
             if (sl->mode == GradMode::PerRow) std::memset(static_cast<T*>(sl->ptr) + row * D, 0, D * sizeof(T));
         }
-        if constexpr (has_vec16<T>) {
+        if constexpr (has_vec<T>) {
           if (vec_rows) {
             const auto row_ptr = [&](const GradSlot& sl) -> void* {
               return sl.mode == GradMode::PerRow ? static_cast<T*>(sl.ptr) + row * D : nullptr;
