@@ -122,12 +122,11 @@ template <> inline void exp2_shift_acc<float>(float* __restrict s, int64_t n, fl
   _mm512_storeu_ps(acc, exp2_shift_lanes(s, n, sub, _mm512_loadu_ps(acc)));
 }
 #endif
-#if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
-// AVX2 + FMA: 2^x = 2^floor(x) · p(x − floor(x)) with the AVX-512 path's polynomial; without
-// vscalefps, 2^floor(x) is built from exponent bits as two exact power-of-two products (2^(n+64) is
-// normal for n in [-160, 63]; the final 2^-64 rounds into the denormals once). The clamps keep NaN
-// (max/min return their second operand when either is NaN); x never exceeds 63 here (scores minus a
-// running max that trails the true max by at most kLazyMax).
+#if defined(RAEKERN_CPU_VEC8)
+// AVX2 + FMA: 2^x = 2^floor(x) · p(x − floor(x)) with the AVX-512 path's polynomial, scaled by
+// cpu::scalef8 (valid for floor(x) in [-160, 63]). The clamps keep NaN (max/min return their second
+// operand when either is NaN); x never exceeds 63 here (scores minus a running max that trails the
+// true max by at most kLazyMax).
 inline __m256 exp2_ps8(__m256 x) {
   static constexpr float c[] = {1.8762329452e-03f, 8.9925840313e-03f, 5.5823604462e-02f,
                                 2.4015452989e-01f, 6.9315296818e-01f, 9.9999992692e-01f};
@@ -135,8 +134,7 @@ inline __m256 exp2_ps8(__m256 x) {
   const __m256 fl = _mm256_floor_ps(x), f = _mm256_sub_ps(x, fl);
   __m256 p = _mm256_set1_ps(c[0]);
   for (size_t i = 1; i < std::size(c); ++i) p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(c[i]));
-  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fl), _mm256_set1_epi32(127 + 64)), 23);
-  return _mm256_mul_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(e)), _mm256_set1_ps(0x1p-64f));
+  return raekern::cpu::scalef8(p, fl);
 }
 
 // p = 2^(s − sub) in place for i < n; returns a + Σ p as 8 lanes.
@@ -157,11 +155,7 @@ inline __m256 exp2_shift_lanes8(float* __restrict s, int64_t n, float sub, __m25
   return a;
 }
 template <> inline float exp2_shift_sum<float>(float* __restrict s, int64_t n, float sub) {
-  alignas(32) float t[8];
-  _mm256_store_ps(t, exp2_shift_lanes8(s, n, sub, _mm256_setzero_ps()));
-  float r = 0;
-  for (float v : t) r += v;
-  return r;
+  return raekern::cpu::hsum8(exp2_shift_lanes8(s, n, sub, _mm256_setzero_ps()));
 }
 template <> constexpr int kSumLanes<float> = 8;
 template <> inline void exp2_shift_acc<float>(float* __restrict s, int64_t n, float sub, float* __restrict acc) {

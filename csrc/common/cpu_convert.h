@@ -230,8 +230,8 @@ template <class T> inline __m512 round16(__m512 v) {
   }
 }
 #elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
-// 8 lanes of fp32 loaded from / stored to any storage type (full vectors; callers finish row tails
-// with scalar code). The AVX2 counterpart of load16 / store16 for kernels with an 8-lane path.
+// 8 lanes of fp32 loaded from / stored to any storage type: the AVX2 counterpart of load16 /
+// store16 for kernels with an 8-lane path (full vectors; the overloads with a count serve row tails).
 #define RAEKERN_CPU_VEC8 1
 template <class T> inline __m256 load8(const T* p);
 template <> inline __m256 load8<float>(const float* p) { return _mm256_loadu_ps(p); }

@@ -1,5 +1,5 @@
-// Transcendentals on 16 fp32 lanes (AVX-512; 8 lanes on AVX2-only builds) for the CPU kernels. GCC does not vectorise libm
-// calls without -ffast-math, and it leaves even a hand-written scalar polynomial scalar once the
+// Transcendentals on 16 fp32 lanes (AVX-512; 8 lanes on AVX2-only builds) for the CPU kernels. GCC
+// does not vectorise libm calls without -ffast-math, and it leaves even a hand-written scalar polynomial scalar once the
 // loop holds a select and a floor: a kernel whose elementwise tail calls tanh then runs at a few
 // GB/s however its memory loops are written. These follow the scalar Cephes schemes operation by
 // operation (same constants, same range split), so a vector and a scalar tail agree to 1-2 ulp.
@@ -84,6 +84,13 @@ inline void transpose16(__m512* r) {
 }  // namespace raekern::cpu
 #elif defined(RAEKERN_CPU_VEC8)
 namespace raekern::cpu {
+
+// p·2^n for integral n in [-160, 63] (AVX2 has no vscalefps): 2^(n+64) is a normal number and the
+// product with it exact; the final 2^-64 rounds a result in the denormal range once, as scalef does.
+inline __m256 scalef8(__m256 p, __m256 n) {
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127 + 64)), 23);
+  return _mm256_mul_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(e)), _mm256_set1_ps(0x1p-64f));
+}
 
 // exp_neg16 / tanh16 on 8 lanes (AVX2 + FMA builds), operation by operation.
 inline __m256 exp_neg8(__m256 x) {

@@ -1,8 +1,9 @@
 // Register-blocked inner kernels of the guidance CPU step, specialised on the number of streams so
 // that every stream of a block (one vector register, guidance_vec_cpu.h) lives in a register: the
 // output combination (no per-element branch, no intermediate buffer, one read of each used input
-// and one write of each output) and the per-chunk Gram matrix / sums of the statistics pass. Configurations outside the instantiated range
-// return nullptr from the pickers and the caller uses its generic buffered path.
+// and one write of each output) and the per-chunk Gram matrix / sums of the statistics pass.
+// Configurations outside the instantiated range return nullptr from the pickers and the caller uses
+// its generic buffered path.
 //
 // Precision: both kernels work in the rebased basis of guidance_solve.h. A branch difference
 // P_k - P_base is formed in registers (exact in fp32 when the branches are close, Sterbenz) and only

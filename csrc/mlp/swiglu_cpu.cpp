@@ -12,6 +12,7 @@
 #include <type_traits>
 
 #include "common/cpu_convert.h"
+#include "common/cpu_vec_math.h"
 #include "common/dispatch.h"
 #include "mlp/mlp_host.h"
 
@@ -183,8 +184,7 @@ void bwd_vec(const T* g, const T* a, const T* b, T* da, T* db, int64_t n, bool s
 // ---- AVX2 path (CPUs without AVX-512, e.g. Zen 3) --------------------------------------------
 // The same formulas 8 lanes at a time, read from and written to the rows directly; row tails take
 // the portable loop. The portable loop alone (a libm exp per element, scratch copies) ran at 0.14x
-// torch.compile on a Zen 3 (measured 2026-12-01). Without vscalefps, 2^n is applied as two exact
-// power-of-two products so results in the denormal range round once, as scalef does.
+// torch.compile on a Zen 3 (measured 2026-12-01).
 template <class T> constexpr bool has_vec = !std::is_same_v<T, double>;
 constexpr bool kCanStream = false;  // the AVX2 loops store normally
 
@@ -202,9 +202,7 @@ inline __m256 exp_nonpos8(__m256 x) {
   p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(0.5f));
   p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.f));
   p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.f));
-  // n in [-150, 0]: 2^(n + 64) is a normal number; the final 2^-64 rounds into the denormals once.
-  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127 + 64)), 23);
-  return _mm256_mul_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(e)), _mm256_set1_ps(0x1p-64f));
+  return cpu::scalef8(p, n);  // n in [-150, 0]
 }
 
 // sigmoid(x), sigmoid(-x) as in mlp_params.h's sigmoid_pair.
