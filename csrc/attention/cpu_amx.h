@@ -73,10 +73,9 @@ inline void release_tiles() {}
 
 // fp32 -> bf16 (round to nearest even), 16 lanes at a time.
 inline void to_bf16_row(const float* src, int64_t n, uint16_t* dst) {
-  for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 mk = n - i >= 16 ? __mmask16(0xffff) : __mmask16((1u << (n - i)) - 1u);
-    _mm256_mask_storeu_epi16(dst + i, mk, (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(mk, src + i)));
-  }
+  raekern::cpu::for16(n, [&](int64_t i, __mmask16 mk) {
+    raekern::cpu::store16_bits(dst + i, (__m256i)_mm512_cvtneps_pbh(raekern::cpu::load16(src + i, mk)), mk);
+  });
 }
 
 constexpr int64_t kChunk = 512;  // elements of one VNNI B tile (16 pair-rows × 32)
@@ -267,7 +266,7 @@ inline void prologue_bf16(const c10::BFloat16* src, int64_t D, const float* w, f
     __m512 x[kVecMaxD / 16];
     const int64_t nv = prologue_vec(src, D, w, eps, rope, token, 1.f, x);
     for (int64_t v = 0; v < nv; ++v)
-      _mm256_mask_storeu_epi16(dst + 16 * v, tail_mask(D - 16 * v), (__m256i)_mm512_cvtneps_pbh(x[v]));
+      raekern::cpu::store16_bits(dst + 16 * v, (__m256i)_mm512_cvtneps_pbh(x[v]), tail_mask(D - 16 * v));
     return;
   }
   prologue_row<c10::BFloat16, float>(src, D, w, eps, rope, token, 1.f, row);

@@ -81,8 +81,8 @@ inline void forward(const Problem<c10::BFloat16, float>& P, at::Tensor& out, at:
             const uint16_t* c = j + 1 < nk ? reinterpret_cast<const uint16_t*>(R.v_row(b, kidx[j + 1], h)) : nullptr;
             for (int64_t i = 0; i < DV; i += 16) {
               const __mmask16 mk = D - i >= 16 ? __mmask16(0xffff) : __mmask16((1u << (D - i)) - 1u);
-              __m512i w = a ? _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mk, a + i)) : _mm512_setzero_si512();
-              if (c) w = _mm512_or_si512(w, _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mk, c + i)), 16));
+              __m512i w = a ? _mm512_cvtepu16_epi32(raekern::cpu::load16_bits(a + i, mk)) : _mm512_setzero_si512();
+              if (c) w = _mm512_or_si512(w, _mm512_slli_epi32(_mm512_cvtepu16_epi32(raekern::cpu::load16_bits(c + i, mk)), 16));
               _mm512_store_si512(v32 + (i / 16) * (vstride / 2) + (j / 2) * 16, w);
             }
           }

@@ -99,8 +99,8 @@ inline __m512 exp2_shift_lanes(float* __restrict s, int64_t n, float sub, __m512
   }
   if (i < n) {
     const __mmask16 mk = __mmask16((1u << (n - i)) - 1u);
-    const __m512 p = exp2_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, s + i), vs));
-    _mm512_mask_storeu_ps(s + i, mk, p);
+    const __m512 p = exp2_ps(_mm512_sub_ps(raekern::cpu::load16(s + i, mk), vs));
+    raekern::cpu::store16(s + i, p, mk);
     a = _mm512_add_ps(a, _mm512_maskz_mov_ps(mk, p));
   }
   return a;
@@ -248,7 +248,7 @@ template <> inline float row_max<float>(const float* __restrict s, int64_t n) {
   for (; i + 16 <= n; i += 16) m = _mm512_max_ps(m, _mm512_loadu_ps(s + i));
   if (i < n) {
     const __mmask16 mk = __mmask16((1u << (n - i)) - 1u);
-    m = _mm512_mask_max_ps(m, mk, m, _mm512_maskz_loadu_ps(mk, s + i));
+    m = _mm512_mask_max_ps(m, mk, m, raekern::cpu::load16(s + i, mk));
   }
   return hmax(m);
 }

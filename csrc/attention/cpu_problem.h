@@ -46,7 +46,7 @@ template <class C> inline void transpose_to_panels(const C* __restrict src, int6
           const __mmask16 mk = tail_mask(D - i);
           __m512 r[16];
           for (int64_t k = 0; k < 16; ++k)
-            r[k] = jj + k < cnt ? _mm512_maskz_loadu_ps(mk, s + (jj + k) * ld + i) : _mm512_setzero_ps();
+            r[k] = jj + k < cnt ? raekern::cpu::load16(s + (jj + k) * ld + i, mk) : _mm512_setzero_ps();
           raekern::cpu::transpose16(r);
           for (int64_t c = 0; c < std::min<int64_t>(16, D - i); ++c) _mm512_storeu_ps(panel + (i + c) * 64 + jj, r[c]);
         }

@@ -66,14 +66,13 @@ inline void rotate_half(C* __restrict x, const C* __restrict c, const C* __restr
 #if defined(__AVX512F__)
   if constexpr (std::is_same_v<C, float>) {
     const __m512 sg = _mm512_set1_ps(sign);
-    for (int64_t i = 0; i < n; i += 16) {
-      const __mmask16 mk = n - i >= 16 ? __mmask16(0xffff) : __mmask16((1u << (n - i)) - 1u);
-      const __m512 v = _mm512_maskz_loadu_ps(mk, x + i);
+    raekern::cpu::for16(n, [&](int64_t i, __mmask16 mk) {
+      const __m512 v = raekern::cpu::load16(x + i, mk);
       const __m512 sw = _mm512_permute_ps(v, 0xB1);  // swap the two members of every pair
-      const __m512 r = _mm512_fmadd_ps(v, _mm512_maskz_loadu_ps(mk, c + i),
-                                       _mm512_mul_ps(sg, _mm512_mul_ps(sw, _mm512_maskz_loadu_ps(mk, s + i))));
-      _mm512_mask_storeu_ps(x + i, mk, r);
-    }
+      const __m512 r = _mm512_fmadd_ps(v, raekern::cpu::load16(c + i, mk),
+                                       _mm512_mul_ps(sg, _mm512_mul_ps(sw, raekern::cpu::load16(s + i, mk))));
+      raekern::cpu::store16(x + i, r, mk);
+    });
     return;
   }
 #endif
@@ -97,11 +96,10 @@ template <class T, class C> inline void widen_row(const T* __restrict src, int64
 #if defined(__AVX512F__)
   if constexpr (std::is_same_v<T, c10::BFloat16> && std::is_same_v<C, float>) {
     const uint16_t* u = reinterpret_cast<const uint16_t*>(src);
-    for (int64_t i = 0; i < D; i += 16) {
-      const __mmask16 mk = D - i >= 16 ? __mmask16(0xffff) : __mmask16((1u << (D - i)) - 1u);
-      const __m512i w = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mk, u + i));
-      _mm512_mask_storeu_ps(dst + i, mk, _mm512_castsi512_ps(_mm512_slli_epi32(w, 16)));
-    }
+    raekern::cpu::for16(D, [&](int64_t i, __mmask16 mk) {
+      const __m512i w = _mm512_cvtepu16_epi32(raekern::cpu::load16_bits(u + i, mk));
+      raekern::cpu::store16(dst + i, _mm512_castsi512_ps(_mm512_slli_epi32(w, 16)), mk);
+    });
     return;
   }
 #endif
@@ -133,15 +131,15 @@ inline int64_t prologue_vec(const T* __restrict src, int64_t D, const float* __r
     for (int64_t v = 0; v < nv; ++v) ss = _mm512_fmadd_ps(x[v], x[v], ss);
     const __m512 r = _mm512_set1_ps(1.f / std::sqrt(_mm512_reduce_add_ps(ss) / float(D) + eps));
     for (int64_t v = 0; v < nv; ++v)
-      x[v] = _mm512_mul_ps(x[v], _mm512_mul_ps(r, _mm512_maskz_loadu_ps(tail_mask(D - 16 * v), w + 16 * v)));
+      x[v] = _mm512_mul_ps(x[v], _mm512_mul_ps(r, raekern::cpu::load16(w + 16 * v, tail_mask(D - 16 * v))));
   }
   if (rope.rotates(token)) {
     const float *c = rope.row_cos(token), *s = rope.row_sin(token);
     for (int64_t v = 0; v < nv; ++v) {
       const __mmask16 mk = tail_mask(D - 16 * v);
       const __m512 sw = _mm512_permute_ps(x[v], 0xB1);  // the pair partner of every lane
-      x[v] = _mm512_fmadd_ps(x[v], _mm512_maskz_loadu_ps(mk, c + 16 * v),
-                             _mm512_mul_ps(sw, _mm512_maskz_loadu_ps(mk, s + 16 * v)));
+      x[v] = _mm512_fmadd_ps(x[v], raekern::cpu::load16(c + 16 * v, mk),
+                             _mm512_mul_ps(sw, raekern::cpu::load16(s + 16 * v, mk)));
     }
   }
   if (mul != 1.f)
@@ -159,7 +157,7 @@ inline void prologue_row(const T* __restrict src, int64_t D, const C* __restrict
     if (D <= kVecMaxD) {
       __m512 x[kVecMaxD / 16];
       const int64_t nv = prologue_vec(src, D, w, eps, rope, token, mul, x);
-      for (int64_t v = 0; v < nv; ++v) _mm512_mask_storeu_ps(dst + 16 * v, tail_mask(D - 16 * v), x[v]);
+      for (int64_t v = 0; v < nv; ++v) raekern::cpu::store16(dst + 16 * v, x[v], tail_mask(D - 16 * v));
       return;
     }
   }

@@ -169,14 +169,31 @@ inline __mmask16 tail_mask(int64_t left) {
   return left >= 16 ? __mmask16(0xffff) : left <= 0 ? __mmask16(0) : __mmask16((1u << left) - 1);
 }
 
+// Full masks take the plain load / store. Zen 5 streams zero-masking loads with a run-time mask at
+// half the rate of plain ones even when every lane is set (x + g*y over 28 MB on 2 cores: 37 vs 74
+// GB/s, 2026-12-02); the branch is predictable and costs nothing measurable on Zen 4 or Intel.
+inline __m256i load16_bits(const void* p, __mmask16 m) {
+  return m == __mmask16(0xffff) ? _mm256_loadu_si256(static_cast<const __m256i*>(p)) : _mm256_maskz_loadu_epi16(m, p);
+}
+// f(i, mask) over [0, n) in steps of 16: the full steps with a constant all-lanes mask (so the masked
+// loads and stores of an inlined body fold to plain ones), then the tail.
+template <class F>
+__attribute__((always_inline)) inline void for16(int64_t n, F&& f) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) f(i, __mmask16(0xffff));
+  if (i < n) f(i, tail_mask(n - i));
+}
+
 template <class T> inline __m512 load16(const T* p, __mmask16 m);
-template <> inline __m512 load16<float>(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+template <> inline __m512 load16<float>(const float* p, __mmask16 m) {
+  return m == __mmask16(0xffff) ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps(m, p);
+}
 template <> inline __m512 load16<c10::BFloat16>(const c10::BFloat16* p, __mmask16 m) {
-  __m512i v = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p));
+  __m512i v = _mm512_cvtepu16_epi32(load16_bits(p, m));
   return _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
 }
 template <> inline __m512 load16<c10::Half>(const c10::Half* p, __mmask16 m) {
-  return _mm512_maskz_cvtph_ps(__mmask16(0xffff), _mm256_maskz_loadu_epi16(m, p));
+  return _mm512_maskz_cvtph_ps(__mmask16(0xffff), load16_bits(p, m));
 }
 
 inline float hsum16(__m512 v) { return _mm512_reduce_add_ps(v); }
@@ -196,13 +213,20 @@ inline __m256i bf16_bits(__m512 f) {
 #endif
 }
 
+inline void store16_bits(void* p, __m256i bits, __mmask16 m) {
+  if (m == __mmask16(0xffff)) _mm256_storeu_si256(static_cast<__m256i*>(p), bits);
+  else _mm256_mask_storeu_epi16(p, m, bits);
+}
 template <class T> inline void store16(T* p, __m512 v, __mmask16 m);
-template <> inline void store16<float>(float* p, __m512 v, __mmask16 m) { _mm512_mask_storeu_ps(p, m, v); }
+template <> inline void store16<float>(float* p, __m512 v, __mmask16 m) {
+  if (m == __mmask16(0xffff)) _mm512_storeu_ps(p, v);
+  else _mm512_mask_storeu_ps(p, m, v);
+}
 template <> inline void store16<c10::BFloat16>(c10::BFloat16* p, __m512 v, __mmask16 m) {
-  _mm256_mask_storeu_epi16(p, m, bf16_bits(v));
+  store16_bits(p, bf16_bits(v), m);
 }
 template <> inline void store16<c10::Half>(c10::Half* p, __m512 v, __mmask16 m) {
-  _mm256_mask_storeu_epi16(p, m, _mm512_maskz_cvtps_ph(__mmask16(0xffff), v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  store16_bits(p, _mm512_maskz_cvtps_ph(__mmask16(0xffff), v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), m);
 }
 
 // Non-temporal store of 16 full lanes (no read-for-ownership of the destination line): for outputs

@@ -171,15 +171,14 @@ void route_token_forward_vec(const Route<T>& k, int64_t b, int64_t n, const floa
   const auto& s = k.s;
   for (int64_t l = 0; l < s.L; ++l) rows[l] = k.expert_ptr(l, b, n);
   const T* bp = k.base + b * k.bsb + n * k.bsn;
-  for (int64_t d = 0; d < s.D; d += 16) {
-    const __mmask16 m = tail_mask(s.D - d);
+  raekern::cpu::for16(s.D, [&](int64_t d, __mmask16 m) {
     const __m512 f = depth_sum16(rows, w, s.L, d, m);
     const __m512 base = load16(bp + d, m);
     const __m512 o = s.bound == Bound::kTanh
-                         ? _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, gate + d), raekern::cpu::tanh16(f), base)
+                         ? _mm512_fmadd_ps(raekern::cpu::load16(gate + d, m), raekern::cpu::tanh16(f), base)
                          : _mm512_add_ps(base, f);
     store16(out + d, o, m);
-  }
+  });
 }
 constexpr int kRouteLanes = 16;
 inline float lanes_sum(const float* v) { return _mm512_reduce_add_ps(_mm512_loadu_ps(v)); }
@@ -284,8 +283,7 @@ void route_token_backward_vec(const Route<T>& k, int64_t b, int64_t n, const flo
   const auto& s = k.s;
   for (int64_t l = 0; l < s.L; ++l) rows[l] = k.expert_ptr(l, b, n);
   std::fill(gw_acc, gw_acc + 16 * s.L, 0.f);
-  for (int64_t d = 0; d < s.D; d += 16) {
-    const __mmask16 m = tail_mask(s.D - d);
+  raekern::cpu::for16(s.D, [&](int64_t d, __mmask16 m) {
     const __m512 f = depth_sum16(rows, w, s.L, d, m);
     const __m512 g = load16(grow + d, m);
     store16(gbase + d, g, m);
@@ -294,18 +292,17 @@ void route_token_backward_vec(const Route<T>& k, int64_t b, int64_t n, const flo
       const __m512 th = raekern::cpu::tanh16(f);
       // Lanes past D are zeroed: there f = w·0 is NaN for an infinite weight (an inf logit with
       // energy 'none'), and gw_acc sums all 16 lanes.
-      gf = _mm512_maskz_mov_ps(m, _mm512_mul_ps(_mm512_mul_ps(g, _mm512_maskz_loadu_ps(m, gate + d)),
+      gf = _mm512_maskz_mov_ps(m, _mm512_mul_ps(_mm512_mul_ps(g, raekern::cpu::load16(gate + d, m)),
                                                 _mm512_fnmadd_ps(th, th, _mm512_set1_ps(1.f))));
       if (gamma_acc)
-        _mm512_mask_storeu_ps(gamma_acc + d, m,
-                              _mm512_add_ps(_mm512_maskz_loadu_ps(m, gamma_acc + d), _mm512_mul_ps(g, th)));
+        raekern::cpu::store16(gamma_acc + d, _mm512_add_ps(raekern::cpu::load16(gamma_acc + d, m), _mm512_mul_ps(g, th)), m);
     }
     for (int64_t l = 0; l < s.L; ++l) {
       float* acc = gw_acc + 16 * l;
       _mm512_storeu_ps(acc, _mm512_fmadd_ps(gf, load16(rows[l] + d, m), _mm512_loadu_ps(acc)));
       store16(ge[l] + d, _mm512_mul_ps(_mm512_set1_ps(w[l]), gf), m);
     }
-  }
+  });
 }
 #elif defined(RAEKERN_CPU_VEC8)
 template <class T>

@@ -68,9 +68,9 @@ inline void pack_stats(const CfTask& t, int64_t N, const float* var, const float
     for (int h = 0; h < 2; ++h) {
       const __mmask16 m = half_mask(t.tn, h);
       const int64_t off = (t.d0 + j) * N + t.n0 + 16 * h;
-      const __m512 r = _mm512_sqrt_ps(_mm512_add_ps(_mm512_maskz_loadu_ps(m, var + off), e));
+      const __m512 r = _mm512_sqrt_ps(_mm512_add_ps(raekern::cpu::load16(var + off, m), e));
       _mm512_storeu_ps(sc + kTokens * j + 16 * h, _mm512_maskz_mov_ps(m, inverse ? _mm512_div_ps(one, r) : r));
-      if (shift) _mm512_storeu_ps(sh + kTokens * j + 16 * h, _mm512_maskz_loadu_ps(m, shift + off));
+      if (shift) _mm512_storeu_ps(sh + kTokens * j + 16 * h, raekern::cpu::load16(shift + off, m));
     }
 }
 

@@ -62,7 +62,7 @@ inline void row_moments_vec(const T* __restrict src, int64_t D, float eps, float
   for (; d < D; d += 16) {
     const __mmask16 m = tail_mask(D - d);
     const __m512 v = _mm512_maskz_sub_ps(m, load16(src + d, m), shift);
-    _mm512_mask_storeu_ps(buf + d, m, v);
+    raekern::cpu::store16(buf + d, v, m);
     a0 = _mm512_add_ps(a0, v);
   }
   const float mu = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3))) / float(D);
@@ -80,7 +80,7 @@ inline void row_moments_vec(const T* __restrict src, int64_t D, float eps, float
   }
   for (; d < D; d += 16) {
     const __mmask16 m = tail_mask(D - d);
-    const __m512 v = _mm512_maskz_sub_ps(m, _mm512_maskz_loadu_ps(m, buf + d), vm);
+    const __m512 v = _mm512_maskz_sub_ps(m, raekern::cpu::load16(buf + d, m), vm);
     a0 = _mm512_fmadd_ps(v, v, a0);
   }
   const float var = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
@@ -383,7 +383,7 @@ inline float row_grad_vec(const T* __restrict src, const float* __restrict g, co
   for (; d < D; d += 16) {
     const __mmask16 m = tail_mask(D - d);
     const __m512 v = _mm512_maskz_sub_ps(m, load16(src + d, m), shift);
-    _mm512_mask_storeu_ps(xs + d, m, v);
+    raekern::cpu::store16(xs + d, v, m);
     a0 = _mm512_add_ps(a0, v);
   }
   const float mu = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1)) / float(D);
@@ -403,10 +403,10 @@ inline float row_grad_vec(const T* __restrict src, const float* __restrict g, co
   }
   for (; d < D; d += 16) {
     const __mmask16 m = tail_mask(D - d);
-    const __m512 v = _mm512_maskz_sub_ps(m, _mm512_maskz_loadu_ps(m, xs + d), vm);
+    const __m512 v = _mm512_maskz_sub_ps(m, raekern::cpu::load16(xs + d, m), vm);
     q0 = _mm512_fmadd_ps(v, v, q0);
-    s0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, g + d), v, s0);
-    if (gm) t0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, gm + d), v, t0);
+    s0 = _mm512_fmadd_ps(raekern::cpu::load16(g + d, m), v, s0);
+    if (gm) t0 = _mm512_fmadd_ps(raekern::cpu::load16(gm + d, m), v, t0);
   }
   const float var = _mm512_reduce_add_ps(_mm512_add_ps(q0, q1));
   const float sg = _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
@@ -417,14 +417,13 @@ inline float row_grad_vec(const T* __restrict src, const float* __restrict g, co
   // dx = k_g·g + k_gm·gm − k_0 − k_x·(xs − μ), as row_grad_apply.
   const __m512 kg = _mm512_set1_ps(rstd * c), kgm = _mm512_set1_ps(rstd), k0 = _mm512_set1_ps(rstd * dsum / float(D));
   const __m512 kx = _mm512_set1_ps(rstd * rstd * dyy / float(D));
-  for (d = 0; d < D; d += 16) {
-    const __mmask16 m = tail_mask(D - d);
-    __m512 v = _mm512_mul_ps(kg, _mm512_maskz_loadu_ps(m, g + d));
-    if (gm) v = _mm512_fmadd_ps(kgm, _mm512_maskz_loadu_ps(m, gm + d), v);
+  raekern::cpu::for16(D, [&](int64_t d, __mmask16 m) {
+    __m512 v = _mm512_mul_ps(kg, raekern::cpu::load16(g + d, m));
+    if (gm) v = _mm512_fmadd_ps(kgm, raekern::cpu::load16(gm + d, m), v);
     v = _mm512_sub_ps(v, k0);
-    v = _mm512_fnmadd_ps(kx, _mm512_sub_ps(_mm512_maskz_loadu_ps(m, xs + d), vm), v);
+    v = _mm512_fnmadd_ps(kx, _mm512_sub_ps(raekern::cpu::load16(xs + d, m), vm), v);
     raekern::cpu::store16(dst + d, v, m);
-  }
+  });
   return rstd * sg;
 }
 #elif defined(RAEKERN_CPU_VEC8)

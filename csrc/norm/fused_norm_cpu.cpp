@@ -128,12 +128,11 @@ inline void vec_residual_stats(const T* x, const T* gate, const T* y, T* x_out, 
   if constexpr (has_vec<T>) {
   const auto put = [stream](T* p, __m512 v, __mmask16 m) { put16(p, v, m, stream); };
   if (kind == Kind::None) {  // gated_residual alone: a pure stream, no row buffer
-    for (int64_t i = 0; i < D; i += 16) {
-      const __mmask16 m = cpu::tail_mask(D - i);
+    cpu::for16(D, [&](int64_t i, __mmask16 m) {
       if (pf_gate) prefetch16(pf_gate + i);
       __m512 r = _mm512_fmadd_ps(cpu::load16(gate + i, m), cpu::load16(y + i, m), cpu::load16(x + i, m));
       put(x_out + i, r, m);
-    }
+    });
     return;
   }
   // Two independent accumulator chains per sum (even / odd vectors): one chain is bound by the add
@@ -147,7 +146,7 @@ inline void vec_residual_stats(const T* x, const T* gate, const T* y, T* x_out, 
       put(x_out + i, r, m);
       r = cpu::round16<T>(r);
     }
-    _mm512_mask_storeu_ps(xb + i, m, r);
+    cpu::store16(xb + i, r, m);
     return r;
   };
   // The sum is taken relative to the row's first value c: a constant row then has mean == c
@@ -161,18 +160,17 @@ inline void vec_residual_stats(const T* x, const T* gate, const T* y, T* x_out, 
     if (layer) sum = _mm512_add_ps(sum, _mm512_maskz_sub_ps(m, r, vc));
     else sumsq = _mm512_fmadd_ps(r, r, sumsq);
   };
-  const auto step = [&](int64_t i, __m512& sum, __m512& sumsq) {
-    const __mmask16 m = cpu::tail_mask(D - i);
-    add(row16(i, m), m, sum, sumsq);
-  };
+  // Full vectors pass a constant mask, so the masked loads and stores fold to plain ones.
+  const auto step = [&](int64_t i, __mmask16 m, __m512& sum, __m512& sumsq) { add(row16(i, m), m, sum, sumsq); };
+  constexpr __mmask16 kAll = 0xffff;
   add(r0, m0, vs1, vss1);
   int64_t i0 = 16;
   for (; i0 + 32 <= D; i0 += 32) {
-    step(i0, vs0, vss0);
-    step(i0 + 16, vs1, vss1);
+    step(i0, kAll, vs0, vss0);
+    step(i0 + 16, kAll, vs1, vss1);
   }
-  if (i0 < D) step(i0, vs0, vss0);
-  if (i0 + 16 < D) step(i0 + 16, vs1, vss1);
+  if (i0 < D) step(i0, cpu::tail_mask(D - i0), vs0, vss0);
+  if (i0 + 16 < D) step(i0 + 16, cpu::tail_mask(D - i0 - 16), vs1, vss1);
   const __m512 vs = _mm512_add_ps(vs0, vs1), vss = _mm512_add_ps(vss0, vss1);
   if (kind == Kind::None) return;
   const float inv_d = 1.f / float(D);
@@ -182,18 +180,17 @@ inline void vec_residual_stats(const T* x, const T* gate, const T* y, T* x_out, 
     mean = _mm512_cvtss_f32(vc) + cpu::hsum16(vs) * inv_d;
     const __m512 vm = _mm512_set1_ps(mean);
     __m512 acc0 = _mm512_setzero_ps(), acc1 = acc0;
-    const auto dev = [&](int64_t i, __m512& acc) {
-      const __mmask16 m = cpu::tail_mask(D - i);
-      const __m512 d = _mm512_maskz_sub_ps(m, _mm512_maskz_loadu_ps(m, xb + i), vm);
+    const auto dev = [&](int64_t i, __mmask16 m, __m512& acc) {
+      const __m512 d = _mm512_maskz_sub_ps(m, cpu::load16(xb + i, m), vm);
       acc = _mm512_fmadd_ps(d, d, acc);
     };
     int64_t i = 0;
     for (; i + 32 <= D; i += 32) {
-      dev(i, acc0);
-      dev(i + 16, acc1);
+      dev(i, kAll, acc0);
+      dev(i + 16, kAll, acc1);
     }
-    if (i < D) dev(i, acc0);
-    if (i + 16 < D) dev(i + 16, acc1);
+    if (i < D) dev(i, cpu::tail_mask(D - i), acc0);
+    if (i + 16 < D) dev(i + 16, cpu::tail_mask(D - i - 16), acc1);
     ss = cpu::hsum16(_mm512_add_ps(acc0, acc1));
   } else {
     mean = 0.f;
@@ -242,9 +239,9 @@ inline void vec_output(const acc_t<T>* xb, const acc_t<T>* ca, const acc_t<T>* c
   }
   if (full < D) {
     const __mmask16 m = cpu::tail_mask(D - full);
-    __m512 h = _mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, xb + full), vm), vr);
-    if (ca) h = cb ? _mm512_fmadd_ps(h, _mm512_maskz_loadu_ps(m, ca + full), _mm512_maskz_loadu_ps(m, cb + full))
-               : _mm512_mul_ps(h, _mm512_maskz_loadu_ps(m, ca + full));
+    __m512 h = _mm512_mul_ps(_mm512_sub_ps(cpu::load16(xb + full, m), vm), vr);
+    if (ca) h = cb ? _mm512_fmadd_ps(h, cpu::load16(ca + full, m), cpu::load16(cb + full, m))
+               : _mm512_mul_ps(h, cpu::load16(ca + full, m));
     put(out + full, h, m);
   }
   }
@@ -258,17 +255,16 @@ inline void vec_output_token(const acc_t<T>* xb, const acc_t<T>* w, const acc_t<
   if constexpr (has_vec<T>) {
   const auto put = [stream](T* p, __m512 v, __mmask16 m) { put16(p, v, m, stream); };
   const __m512 vr = _mm512_set1_ps(rstd), vm = _mm512_set1_ps(mean), one = _mm512_set1_ps(1.f);
-  for (int64_t i = 0; i < D; i += 16) {
-    const __mmask16 m = cpu::tail_mask(D - i);
-    __m512 h = _mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, xb + i), vm), vr);
+  cpu::for16(D, [&](int64_t i, __mmask16 m) {
+    __m512 h = _mm512_mul_ps(_mm512_sub_ps(cpu::load16(xb + i, m), vm), vr);
     prefetch16(pf_shift ? pf_shift + i : nullptr);
     prefetch16(pf_scale ? pf_scale + i : nullptr);
-    if (w) h = _mm512_mul_ps(h, _mm512_maskz_loadu_ps(m, w + i));
-    if (bias) h = _mm512_add_ps(h, _mm512_maskz_loadu_ps(m, bias + i));
+    if (w) h = _mm512_mul_ps(h, cpu::load16(w + i, m));
+    if (bias) h = _mm512_add_ps(h, cpu::load16(bias + i, m));
     const __m512 sc = scale ? _mm512_add_ps(one, cpu::load16(scale + i, m)) : one;
     const __m512 sh = shift ? cpu::load16(shift + i, m) : _mm512_setzero_ps();
     put(out + i, _mm512_fmadd_ps(h, sc, sh), m);
-  }
+  });
   }
 }
 
@@ -290,30 +286,29 @@ inline void vec_backward_row(const BwdRowPtrs& r, const float* w, const float* b
     const T* scale = static_cast<const T*>(r.scale);
     const bool need_h = r.dscale_row || r.acc_scale;
     __m512 vs1 = _mm512_setzero_ps(), vs2 = _mm512_setzero_ps();
-    for (int64_t i = 0; i < D; i += 16) {
-      const __mmask16 m = cpu::tail_mask(D - i);
+    cpu::for16(D, [&](int64_t i, __mmask16 m) {
       const __m512 xh = _mm512_mul_ps(_mm512_sub_ps(cpu::load16(x + i, m), vm), vr);
       prefetch16(static_cast<const T*>(r.next_scale) ? static_cast<const T*>(r.next_scale) + i : nullptr);
       __m512 g = cpu::load16(dout + i, m);  // zero in the tail lanes, so no sum sees them
-      const __m512 wv = w ? _mm512_maskz_loadu_ps(m, w + i) : one;
+      const __m512 wv = w ? cpu::load16(w + i, m) : one;
       if (r.dshift_row) put(static_cast<T*>(r.dshift_row) + i, g, m);
       else if (r.acc_shift)
-        _mm512_mask_storeu_ps(r.acc_shift + i, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, r.acc_shift + i), g));
+        cpu::store16(r.acc_shift + i, _mm512_add_ps(cpu::load16(r.acc_shift + i, m), g), m);
       if (need_h) {
         __m512 h = _mm512_mul_ps(xh, wv);
-        if (bias) h = _mm512_add_ps(h, _mm512_maskz_loadu_ps(m, bias + i));
+        if (bias) h = _mm512_add_ps(h, cpu::load16(bias + i, m));
         if (r.dscale_row) put(static_cast<T*>(r.dscale_row) + i, _mm512_mul_ps(g, h), m);
-        else _mm512_mask_storeu_ps(r.acc_scale + i, m, _mm512_fmadd_ps(g, h, _mm512_maskz_loadu_ps(m, r.acc_scale + i)));
+        else cpu::store16(r.acc_scale + i, _mm512_fmadd_ps(g, h, cpu::load16(r.acc_scale + i, m)), m);
       }
       if (scale) g = _mm512_mul_ps(g, _mm512_add_ps(one, cpu::load16(scale + i, m)));
       if (r.acc_w)
-        _mm512_mask_storeu_ps(r.acc_w + i, m, _mm512_fmadd_ps(g, xh, _mm512_maskz_loadu_ps(m, r.acc_w + i)));
-      if (r.acc_b) _mm512_mask_storeu_ps(r.acc_b + i, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, r.acc_b + i), g));
+        cpu::store16(r.acc_w + i, _mm512_fmadd_ps(g, xh, cpu::load16(r.acc_w + i, m)), m);
+      if (r.acc_b) cpu::store16(r.acc_b + i, _mm512_add_ps(cpu::load16(r.acc_b + i, m), g), m);
       g = _mm512_mul_ps(g, wv);
       vs1 = _mm512_add_ps(vs1, g);
       vs2 = _mm512_fmadd_ps(g, xh, vs2);
-      _mm512_mask_storeu_ps(gw + i, m, g);
-    }
+      cpu::store16(gw + i, g, m);
+    });
     const float inv_d = 1.f / float(D);
     c1 = layer ? cpu::hsum16(vs1) * inv_d : 0.f;
     c2 = cpu::hsum16(vs2) * inv_d;
@@ -322,23 +317,22 @@ inline void vec_backward_row(const BwdRowPtrs& r, const float* w, const float* b
   const T* dxo = static_cast<const T*>(r.dxo);
   const T* gate = static_cast<const T*>(r.gate);
   const T* y = static_cast<const T*>(r.y);
-  for (int64_t i = 0; i < D; i += 16) {
-    const __mmask16 m = cpu::tail_mask(D - i);
+  cpu::for16(D, [&](int64_t i, __mmask16 m) {
     __m512 d = _mm512_setzero_ps();
     if (r.dout) {
       const __m512 xh = _mm512_mul_ps(_mm512_sub_ps(cpu::load16(x + i, m), vm), vr);
-      d = _mm512_mul_ps(vr, _mm512_sub_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, gw + i), vc1), _mm512_mul_ps(xh, vc2)));
+      d = _mm512_mul_ps(vr, _mm512_sub_ps(_mm512_sub_ps(cpu::load16(gw + i, m), vc1), _mm512_mul_ps(xh, vc2)));
     }
     if (dxo) d = _mm512_add_ps(d, cpu::load16(dxo + i, m));
     if (gate) {
       prefetch16(r.next_gate ? static_cast<const T*>(r.next_gate) + i : nullptr);
       const __m512 yv = cpu::load16(y + i, m);
       if (r.dgate_row) put(static_cast<T*>(r.dgate_row) + i, _mm512_mul_ps(d, yv), m);
-      else _mm512_mask_storeu_ps(r.acc_gate + i, m, _mm512_fmadd_ps(d, yv, _mm512_maskz_loadu_ps(m, r.acc_gate + i)));
+      else cpu::store16(r.acc_gate + i, _mm512_fmadd_ps(d, yv, cpu::load16(r.acc_gate + i, m)), m);
       put(static_cast<T*>(r.dy) + i, _mm512_mul_ps(cpu::load16(gate + i, m), d), m);
     }
     put(static_cast<T*>(r.dx) + i, d, m);
-  }
+  });
   }
 }
 #elif defined(RAEKERN_CPU_VEC8)
