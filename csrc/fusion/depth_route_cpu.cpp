@@ -10,6 +10,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "common/cpu_cache.h"
 #include "common/cpu_convert.h"
 #include "common/cpu_utils.h"
 #include "common/cpu_vec_math.h"
@@ -25,6 +26,9 @@ namespace {
 using raekern::cpu::acc_t;
 using raekern::cpu::narrow_row;
 using raekern::cpu::widen_row;
+
+// Gradient outputs from this size (and beyond the last-level cache) are written with non-temporal stores.
+constexpr int64_t kStreamBytes = int64_t(8) << 20;
 
 // F.normalize's floor on the norm: logits that are all ~0 give weights ~0 instead of NaN.
 constexpr double kL2Floor = 1e-12;
@@ -181,6 +185,7 @@ void route_token_forward_vec(const Route<T>& k, int64_t b, int64_t n, const floa
   });
 }
 constexpr int kRouteLanes = 16;
+constexpr bool kRouteStreams = true;
 inline float lanes_sum(const float* v) { return _mm512_reduce_add_ps(_mm512_loadu_ps(v)); }
 #elif defined(RAEKERN_CPU_VEC8)
 // AVX2 + FMA builds: the 16-lane kernels above 8 lanes at a time, in the same order.
@@ -216,6 +221,7 @@ void route_token_forward_vec(const Route<T>& k, int64_t b, int64_t n, const floa
   }
 }
 constexpr int kRouteLanes = 8;
+constexpr bool kRouteStreams = false;
 inline float lanes_sum(const float* v) { return raekern::cpu::hsum8(_mm256_loadu_ps(v)); }
 #endif
 
@@ -276,17 +282,22 @@ void route_forward(const Route<T>& k, T* out) {
 // One token backward in a single sweep over its channels, 16 at a time: f is rebuilt from the L
 // expert rows, and while those lanes are still in L1 they give every layer's Σ gf·e_l (one partial
 // vector per layer in gw_acc) and every layer's gradient row w_l·gf. gbase = g for tanh and none.
+// `stream`: the L + 1 gradient rows (cache-line aligned) are written around the caches.
 template <class T>
 void route_token_backward_vec(const Route<T>& k, int64_t b, int64_t n, const float* w, const float* gate,
                               const T* grow, const T** rows, T* const* ge, T* gbase, float* gw_acc,
-                              float* gamma_acc) {
+                              float* gamma_acc, bool stream) {
   const auto& s = k.s;
   for (int64_t l = 0; l < s.L; ++l) rows[l] = k.expert_ptr(l, b, n);
   std::fill(gw_acc, gw_acc + 16 * s.L, 0.f);
+  const auto put = [stream](T* p, __m512 v, __mmask16 m) {
+    if (stream && m == __mmask16(0xffff)) raekern::cpu::stream16(p, v);
+    else store16(p, v, m);
+  };
   raekern::cpu::for16(s.D, [&](int64_t d, __mmask16 m) {
     const __m512 f = depth_sum16(rows, w, s.L, d, m);
     const __m512 g = load16(grow + d, m);
-    store16(gbase + d, g, m);
+    put(gbase + d, g, m);
     __m512 gf = g;
     if (s.bound == Bound::kTanh) {
       const __m512 th = raekern::cpu::tanh16(f);
@@ -300,7 +311,7 @@ void route_token_backward_vec(const Route<T>& k, int64_t b, int64_t n, const flo
     for (int64_t l = 0; l < s.L; ++l) {
       float* acc = gw_acc + 16 * l;
       _mm512_storeu_ps(acc, _mm512_fmadd_ps(gf, load16(rows[l] + d, m), _mm512_loadu_ps(acc)));
-      store16(ge[l] + d, _mm512_mul_ps(_mm512_set1_ps(w[l]), gf), m);
+      put(ge[l] + d, _mm512_mul_ps(_mm512_set1_ps(w[l]), gf), m);
     }
   });
 }
@@ -308,7 +319,7 @@ void route_token_backward_vec(const Route<T>& k, int64_t b, int64_t n, const flo
 template <class T>
 void route_token_backward_vec(const Route<T>& k, int64_t b, int64_t n, const float* w, const float* gate,
                               const T* grow, const T** rows, T* const* ge, T* gbase, float* gw_acc,
-                              float* gamma_acc) {
+                              float* gamma_acc, bool /*stream: the AVX2 rows store normally*/) {
   const auto& s = k.s;
   for (int64_t l = 0; l < s.L; ++l) rows[l] = k.expert_ptr(l, b, n);
   std::fill(gw_acc, gw_acc + 8 * s.L, 0.f);
@@ -352,6 +363,13 @@ void route_backward(const Route<T>& k, const at::Tensor& grad, std::vector<at::T
   if constexpr (!std::is_same_v<T, double>) {
   if (route_vectorised(k) && gsd == 1) {
     done = true;
+    // L + 1 gradient rows per token read nothing back: beyond the last-level cache they are written with
+    // non-temporal stores, which saves the read-for-ownership of every line (a third of the traffic).
+    const int64_t row_bytes = s.D * int64_t(sizeof(T)), out_bytes = (s.L + 1) * s.B * s.N * row_bytes;
+    bool stream = kRouteStreams && row_bytes % 64 == 0 && out_bytes >= raekern::cpu::stream_threshold(kStreamBytes) &&
+                  (raekern::cpu::stream_bytes_setting() || 2 * out_bytes > raekern::cpu::llc_bytes()) &&
+                  reinterpret_cast<uintptr_t>(gbp) % 64 == 0;
+    for (T* p : gep) stream = stream && reinterpret_cast<uintptr_t>(p) % 64 == 0;
     // Static partition, as below: bit-identical γ gradients across runs.
     at::parallel_for(0, s.B * s.N, 1, [&](int64_t lo, int64_t hi) {
       std::vector<float> gatev(s.D, 1.f), w(s.L), gw(s.L), ga(s.L), gw_acc(kRouteLanes * s.L);
@@ -365,11 +383,12 @@ void route_backward(const Route<T>& k, const at::Tensor& grad, std::vector<at::T
         depth_weights(s.energy, k.logits + tok * s.L, s.L, w.data(), norm);
         for (int64_t l = 0; l < s.L; ++l) dst[l] = gep[l] + tok * s.D;
         route_token_backward_vec(k, b, n, w.data(), gatev.data(), gp + b * gsb + n * gsn, rows.data(), dst.data(),
-                                 gbp + tok * s.D, gw_acc.data(), my_gamma);
+                                 gbp + tok * s.D, gw_acc.data(), my_gamma, stream);
         for (int64_t l = 0; l < s.L; ++l) gw[l] = lanes_sum(gw_acc.data() + kRouteLanes * l);
         depth_weights_backward(s.energy, w.data(), norm, gw.data(), s.L, ga.data());
         std::copy(ga.begin(), ga.end(), glp + tok * s.L);
       }
+      if (stream) _mm_sfence();
     });
   }
   }
