@@ -326,9 +326,11 @@ def test_depth_route_matches_reference(dtype, B, N, D, route):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_depth_route_wide_rows(dtype):
-    # Rows of many 16-lane blocks (the CPU kernels' vector path), forward and every gradient.
-    L, B, N, D = 3, 2, 520, 1024
+@pytest.mark.parametrize("D", [1024, 1048])
+def test_depth_route_wide_rows(dtype, D):
+    # Rows of many 16-lane blocks (the CPU kernels' vector path, 16-bit rows in 32-channel steps; 1048
+    # ends in a 16-lane step and a partial one), forward and every gradient.
+    L, B, N = 3, 2, 520
     ex0 = layers(L, B, N, D, dtype)
     base0, logits0, gamma0 = torch.randn(B, N, D).to(dtype), torch.randn(B, N, L), torch.randn(D)
     g = torch.randn(B, N, D).to(dtype)

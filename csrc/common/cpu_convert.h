@@ -217,30 +217,26 @@ inline void store16_bits(void* p, __m256i bits, __mmask16 m) {
   if (m == __mmask16(0xffff)) _mm256_storeu_si256(static_cast<__m256i*>(p), bits);
   else _mm256_mask_storeu_epi16(p, m, bits);
 }
-template <class T> inline void store16(T* p, __m512 v, __mmask16 m);
+// The storage bits of 16 fp32 lanes as a 16-bit type (round to nearest even).
+template <class T> inline __m256i store_bits16(__m512 v);
+template <> inline __m256i store_bits16<c10::BFloat16>(__m512 v) { return bf16_bits(v); }
+template <> inline __m256i store_bits16<c10::Half>(__m512 v) {
+  return _mm512_maskz_cvtps_ph(__mmask16(0xffff), v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+}
+
+template <class T> inline void store16(T* p, __m512 v, __mmask16 m) { store16_bits(p, store_bits16<T>(v), m); }
 template <> inline void store16<float>(float* p, __m512 v, __mmask16 m) {
   if (m == __mmask16(0xffff)) _mm512_storeu_ps(p, v);
   else _mm512_mask_storeu_ps(p, m, v);
-}
-template <> inline void store16<c10::BFloat16>(c10::BFloat16* p, __m512 v, __mmask16 m) {
-  store16_bits(p, bf16_bits(v), m);
-}
-template <> inline void store16<c10::Half>(c10::Half* p, __m512 v, __mmask16 m) {
-  store16_bits(p, _mm512_maskz_cvtps_ph(__mmask16(0xffff), v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), m);
 }
 
 // Non-temporal store of 16 full lanes (no read-for-ownership of the destination line): for outputs
 // far larger than the caches. p must be 64-byte (fp32) / 32-byte (16-bit types) aligned; callers
 // issue _mm_sfence() before other threads may read the data.
-template <class T> inline void stream16(T* p, __m512 v);
+template <class T> inline void stream16(T* p, __m512 v) {
+  _mm256_stream_si256(reinterpret_cast<__m256i*>(p), store_bits16<T>(v));
+}
 template <> inline void stream16<float>(float* p, __m512 v) { _mm512_stream_ps(p, v); }
-template <> inline void stream16<c10::BFloat16>(c10::BFloat16* p, __m512 v) {
-  _mm256_stream_si256(reinterpret_cast<__m256i*>(p), bf16_bits(v));
-}
-template <> inline void stream16<c10::Half>(c10::Half* p, __m512 v) {
-  _mm256_stream_si256(reinterpret_cast<__m256i*>(p),
-                      _mm512_maskz_cvtps_ph(__mmask16(0xffff), v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-}
 
 // The value v takes once stored as T (identity for fp32).
 template <class T> inline __m512 round16(__m512 v) {

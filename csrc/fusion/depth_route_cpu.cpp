@@ -294,20 +294,51 @@ void route_token_backward_vec(const Route<T>& k, int64_t b, int64_t n, const flo
     if (stream && m == __mmask16(0xffff)) raekern::cpu::stream16(p, v);
     else store16(p, v, m);
   };
-  raekern::cpu::for16(s.D, [&](int64_t d, __mmask16 m) {
+  // gbase = g and gf for 16 channels (and the γ partial sums).
+  const auto head = [&](int64_t d, __mmask16 m, __m512& g) {
     const __m512 f = depth_sum16(rows, w, s.L, d, m);
-    const __m512 g = load16(grow + d, m);
-    put(gbase + d, g, m);
-    __m512 gf = g;
-    if (s.bound == Bound::kTanh) {
-      const __m512 th = raekern::cpu::tanh16(f);
-      // Lanes past D are zeroed: there f = w·0 is NaN for an infinite weight (an inf logit with
-      // energy 'none'), and gw_acc sums all 16 lanes.
-      gf = _mm512_maskz_mov_ps(m, _mm512_mul_ps(_mm512_mul_ps(g, raekern::cpu::load16(gate + d, m)),
+    g = load16(grow + d, m);
+    if (s.bound != Bound::kTanh) return g;
+    const __m512 th = raekern::cpu::tanh16(f);
+    // Lanes past D are zeroed: there f = w·0 is NaN for an infinite weight (an inf logit with
+    // energy 'none'), and gw_acc sums all 16 lanes.
+    if (gamma_acc)
+      raekern::cpu::store16(gamma_acc + d, _mm512_add_ps(raekern::cpu::load16(gamma_acc + d, m), _mm512_mul_ps(g, th)), m);
+    return _mm512_maskz_mov_ps(m, _mm512_mul_ps(_mm512_mul_ps(g, raekern::cpu::load16(gate + d, m)),
                                                 _mm512_fnmadd_ps(th, th, _mm512_set1_ps(1.f))));
-      if (gamma_acc)
-        raekern::cpu::store16(gamma_acc + d, _mm512_add_ps(raekern::cpu::load16(gamma_acc + d, m), _mm512_mul_ps(g, th)), m);
+  };
+  int64_t d0 = 0;
+  if constexpr (sizeof(T) == 2) {
+    // 16-bit rows in steps of 32 channels, so every streamed write fills a whole 64-byte line: with
+    // 13 output streams, half lines leave the write-combining buffers partial.
+    const auto put32 = [stream](T* p, __m512 lo, __m512 hi) {
+      if (stream) {
+        _mm512_stream_si512(reinterpret_cast<__m512i*>(p),
+                            _mm512_inserti64x4(_mm512_castsi256_si512(raekern::cpu::store_bits16<T>(lo)),
+                                               raekern::cpu::store_bits16<T>(hi), 1));
+      } else {
+        store16(p, lo, __mmask16(0xffff));
+        store16(p + 16, hi, __mmask16(0xffff));
+      }
+    };
+    for (; d0 + 32 <= s.D; d0 += 32) {
+      __m512 g0, g1;
+      const __m512 gf0 = head(d0, __mmask16(0xffff), g0), gf1 = head(d0 + 16, __mmask16(0xffff), g1);
+      put32(gbase + d0, g0, g1);
+      for (int64_t l = 0; l < s.L; ++l) {
+        float* acc = gw_acc + 16 * l;
+        const __m512 e0 = load16(rows[l] + d0, __mmask16(0xffff)), e1 = load16(rows[l] + d0 + 16, __mmask16(0xffff));
+        _mm512_storeu_ps(acc, _mm512_fmadd_ps(gf1, e1, _mm512_fmadd_ps(gf0, e0, _mm512_loadu_ps(acc))));
+        const __m512 wl = _mm512_set1_ps(w[l]);
+        put32(ge[l] + d0, _mm512_mul_ps(wl, gf0), _mm512_mul_ps(wl, gf1));
+      }
     }
+  }
+  raekern::cpu::for16(s.D - d0, [&](int64_t i, __mmask16 m) {
+    const int64_t d = d0 + i;
+    __m512 g;
+    const __m512 gf = head(d, m, g);
+    put(gbase + d, g, m);
     for (int64_t l = 0; l < s.L; ++l) {
       float* acc = gw_acc + 16 * l;
       _mm512_storeu_ps(acc, _mm512_fmadd_ps(gf, load16(rows[l] + d, m), _mm512_loadu_ps(acc)));
