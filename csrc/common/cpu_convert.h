@@ -270,6 +270,21 @@ template <> inline void store8<c10::BFloat16>(c10::BFloat16* p, __m256 v) {
 template <> inline void store8<c10::Half>(c10::Half* p, __m256 v) {
   _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 }
+// One 64-byte line, 64 / sizeof(T) channels as 8-lane vectors v[0..], written with non-temporal
+// stores; p 64-byte aligned, callers fence (_mm_sfence) before other threads read it.
+template <class T> inline void stream_line8(T* p, const __m256* v) {
+  if constexpr (std::is_same_v<T, float>) {
+    _mm256_stream_ps(p, v[0]);
+    _mm256_stream_ps(p + 8, v[1]);
+  } else {
+    const auto bits = [](__m256 x) {
+      if constexpr (std::is_same_v<T, c10::BFloat16>) return detail::bf16_bits8(x);
+      else return _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    };
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(p), _mm256_set_m128i(bits(v[1]), bits(v[0])));
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(p + 16), _mm256_set_m128i(bits(v[3]), bits(v[2])));
+  }
+}
 // The first min(left, 8) lanes, the others zero (AVX-512's masked forms; row tails only, through a
 // small stack copy since AVX2 has no masked 16-bit loads).
 template <class T> inline __m256 load8(const T* p, int64_t left) {

@@ -185,7 +185,6 @@ void route_token_forward_vec(const Route<T>& k, int64_t b, int64_t n, const floa
   });
 }
 constexpr int kRouteLanes = 16;
-constexpr bool kRouteStreams = true;
 inline float lanes_sum(const float* v) { return _mm512_reduce_add_ps(_mm512_loadu_ps(v)); }
 #elif defined(RAEKERN_CPU_VEC8)
 // AVX2 + FMA builds: the 16-lane kernels above 8 lanes at a time, in the same order.
@@ -221,7 +220,6 @@ void route_token_forward_vec(const Route<T>& k, int64_t b, int64_t n, const floa
   }
 }
 constexpr int kRouteLanes = 8;
-constexpr bool kRouteStreams = false;
 inline float lanes_sum(const float* v) { return raekern::cpu::hsum8(_mm256_loadu_ps(v)); }
 #endif
 
@@ -350,23 +348,51 @@ void route_token_backward_vec(const Route<T>& k, int64_t b, int64_t n, const flo
 template <class T>
 void route_token_backward_vec(const Route<T>& k, int64_t b, int64_t n, const float* w, const float* gate,
                               const T* grow, const T** rows, T* const* ge, T* gbase, float* gw_acc,
-                              float* gamma_acc, bool /*stream: the AVX2 rows store normally*/) {
+                              float* gamma_acc, bool stream) {
   const auto& s = k.s;
   for (int64_t l = 0; l < s.L; ++l) rows[l] = k.expert_ptr(l, b, n);
   std::fill(gw_acc, gw_acc + 8 * s.L, 0.f);
-  for (int64_t d = 0; d < s.D; d += 8) {
-    const int64_t left = s.D - d;
+  // gbase = g and gf for 8 channels (and the γ partial sums).
+  const auto head = [&](int64_t d, int64_t left, __m256& g) {
     const __m256 f = depth_sum8(rows, w, s.L, d, left);
-    const __m256 g = load8(grow + d, left);
-    store8(gbase + d, g, left);
-    __m256 gf = g;
-    if (s.bound == Bound::kTanh) {
-      const __m256 th = raekern::cpu::tanh8(f);
-      // Lanes past D are zeroed (see the 16-lane kernel).
-      gf = _mm256_and_ps(lanes_below(left), _mm256_mul_ps(_mm256_mul_ps(g, load8(gate + d, left)),
+    g = load8(grow + d, left);
+    if (s.bound != Bound::kTanh) return g;
+    const __m256 th = raekern::cpu::tanh8(f);
+    if (gamma_acc) store8(gamma_acc + d, _mm256_add_ps(load8(gamma_acc + d, left), _mm256_mul_ps(g, th)), left);
+    // Lanes past D are zeroed (see the 16-lane kernel).
+    return _mm256_and_ps(lanes_below(left), _mm256_mul_ps(_mm256_mul_ps(g, load8(gate + d, left)),
                                                           _mm256_fnmadd_ps(th, th, _mm256_set1_ps(1.f))));
-      if (gamma_acc) store8(gamma_acc + d, _mm256_add_ps(load8(gamma_acc + d, left), _mm256_mul_ps(g, th)), left);
+  };
+  // Whole 64-byte lines per step (16 fp32 / 32 16-bit channels): streamed, each of the L + 1 gradient
+  // rows is then written a full line at a time, as in the 16-lane kernel.
+  constexpr int kV = int(64 / (8 * sizeof(T)));
+  int64_t d0 = 0;
+  for (; d0 + 8 * kV <= s.D; d0 += 8 * kV) {
+    __m256 g[kV], gf[kV];
+    for (int j = 0; j < kV; ++j) gf[j] = head(d0 + 8 * j, 8, g[j]);
+    const auto put = [&](T* p, const __m256* v) {
+      if (stream) raekern::cpu::stream_line8(p, v);
+      else
+        for (int j = 0; j < kV; ++j) store8(p + 8 * j, v[j]);
+    };
+    put(gbase + d0, g);
+    for (int64_t l = 0; l < s.L; ++l) {
+      float* acc = gw_acc + 8 * l;
+      __m256 a = _mm256_loadu_ps(acc), o[kV];
+      const __m256 wl = _mm256_set1_ps(w[l]);
+      for (int j = 0; j < kV; ++j) {
+        a = _mm256_fmadd_ps(gf[j], load8(rows[l] + d0 + 8 * j), a);
+        o[j] = _mm256_mul_ps(wl, gf[j]);
+      }
+      _mm256_storeu_ps(acc, a);
+      put(ge[l] + d0, o);
     }
+  }
+  for (int64_t d = d0; d < s.D; d += 8) {
+    const int64_t left = s.D - d;
+    __m256 g;
+    const __m256 gf = head(d, left, g);
+    store8(gbase + d, g, left);
     for (int64_t l = 0; l < s.L; ++l) {
       float* acc = gw_acc + 8 * l;
       _mm256_storeu_ps(acc, _mm256_fmadd_ps(gf, load8(rows[l] + d, left), _mm256_loadu_ps(acc)));
@@ -397,7 +423,7 @@ void route_backward(const Route<T>& k, const at::Tensor& grad, std::vector<at::T
     // L + 1 gradient rows per token read nothing back: beyond the last-level cache they are written with
     // non-temporal stores, which saves the read-for-ownership of every line (a third of the traffic).
     const int64_t row_bytes = s.D * int64_t(sizeof(T)), out_bytes = (s.L + 1) * s.B * s.N * row_bytes;
-    bool stream = kRouteStreams && row_bytes % 64 == 0 && out_bytes >= raekern::cpu::stream_threshold(kStreamBytes) &&
+    bool stream = row_bytes % 64 == 0 && out_bytes >= raekern::cpu::stream_threshold(kStreamBytes) &&
                   (raekern::cpu::stream_bytes_setting() || 2 * out_bytes > raekern::cpu::llc_bytes()) &&
                   reinterpret_cast<uintptr_t>(gbp) % 64 == 0;
     for (T* p : gep) stream = stream && reinterpret_cast<uintptr_t>(p) % 64 == 0;
