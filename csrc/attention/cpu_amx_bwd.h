@@ -85,7 +85,7 @@ inline bool backward(const Problem<c10::BFloat16, float>& P, const at::Tensor& d
   const void* lp = lse.data_ptr();
   const void* dlp = dlse ? dlse->data_ptr() : nullptr;
   // qmul rounded once from the double product, as the forward rounds it.
-  const float log2e = float(1.0 / std::log(2.0)), qmul = float(P.scale / std::log(2.0)), scale = float(P.scale);
+  const float qmul = float(P.scale / std::log(2.0)), scale = float(P.scale);
   const int64_t kstride = (nk_alloc / 2) * 32, qstride = (qc_alloc / 2) * 32;  // VNNI-over-rows block strides
 
   TaskQueue queue(d.B * d.H);
