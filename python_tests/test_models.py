@@ -217,6 +217,63 @@ def test_dit_backends_match(name, dtype):
     _backends_agree(m, lambda mm, dt: mm(x.to(dt), t.to(dt), y), dtype)
 
 
+_onednn = pytest.mark.skipif(not (torch.backends.mkldnn.is_available()
+                                   and hasattr(torch.ops.mkldnn, "_linear_pointwise")), reason="no oneDNN linear")
+
+
+@_onednn
+def test_dense_onednn_matches_linear(monkeypatch):
+    from raekern.models import layers as Lr
+    monkeypatch.setattr(Lr, "_ONEDNN_FP32", True)
+    for bias in (True, False):
+        lin = torch.nn.Linear(40, 24, bias=bias)
+        for x in (torch.randn(7, 40), torch.randn(2, 5, 40), torch.randn(2, 80, 5)[:, ::2].transpose(1, 2)):
+            with torch.no_grad():
+                out = Lr.dense(x, lin)
+                torch.testing.assert_close(out, lin(x), atol=1e-5, rtol=1e-5)
+            # A call that needs gradients keeps nn.Linear (oneDNN's op has no autograd formula).
+            g = Lr.dense(x, lin)
+            assert g.grad_fn is not None
+            g.sum().backward()
+            assert lin.weight.grad is not None
+            lin.zero_grad()
+    with torch.no_grad():  # other dtypes and non-Linear modules pass through unchanged
+        xb = torch.randn(3, 40, dtype=torch.bfloat16)
+        assert torch.equal(Lr.dense(xb, lin.to(torch.bfloat16)), lin(xb))
+        assert torch.equal(Lr.dense(xb, torch.nn.Identity()), xb)
+
+
+def test_cpu_linear_switch(monkeypatch):
+    from raekern.models import layers as Lr
+    monkeypatch.setenv("RAEKERN_CPU_LINEAR", "torch")
+    assert Lr._onednn_fp32_default() is False
+    monkeypatch.setenv("RAEKERN_CPU_LINEAR", "mkl")
+    with pytest.raises(ValueError, match="RAEKERN_CPU_LINEAR"):
+        Lr._onednn_fp32_default()
+
+
+@needs_ops
+@_onednn
+@pytest.mark.parametrize("name", ["ditdh-tiny", "ditdh-tiny-v2"])
+def test_dit_onednn_linears_match(name, monkeypatch):
+    # Sampling-time calls (no gradient) of the raekern backend with and without oneDNN's GEMM.
+    from raekern.models import layers as Lr
+    # Their GEMMs round differently (~1e-7 relative), which the tiny random model amplifies over depth:
+    # both are held to the fp64 result of the torch backend, as _backends_agree does.
+    m = tiny(name, "raekern").eval()  # eval: no label dropout between the calls
+    x, t, y = dit_inputs(m)
+    with torch.no_grad():
+        monkeypatch.setattr(Lr, "_ONEDNN_FP32", False)
+        ref = _as_tuple(m(x, t, y))
+        monkeypatch.setattr(Lr, "_ONEDNN_FP32", True)
+        out = _as_tuple(m(x, t, y))
+        exact = _as_tuple(M.set_backend(m.double(), "torch")(x.double(), t.double(), y))
+    for a, b, e in zip(out, ref, exact):
+        err_o = (a.double() - e).norm() / e.norm()
+        err_r = (b.double() - e).norm() / e.norm()
+        assert err_o <= 2 * err_r + 1e-6, (err_o.item(), err_r.item())
+
+
 @needs_ops
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("name", ["decoder-tiny", "dinov2-tiny-reg", "dinov3-tiny"])

@@ -12,8 +12,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from raekern.models.layers import (DiTAttention, NormSpec, RMSNorm, Rope2D, SwiGLU, apply_norm, check_backend,
-                                   residual_norm, swiglu_hidden)
+from raekern.models.layers import (DiTAttention, NormSpec, RMSNorm, Rope2D, SwiGLU, apply_norm, check_backend, dense,
+                                   linear_for, residual_norm, swiglu_hidden)
 
 
 class DiTBlock(nn.Module):
@@ -47,7 +47,7 @@ class DiTBlock(nn.Module):
         if not self.adaln:
             return None
         mod = getattr(self, self.mod_name)
-        out = mod(c) if c_silu is None else mod[1](c_silu)
+        out = mod(c) if c_silu is None else dense(c_silu, mod[1])
         return out.chunk(6, dim=-1)
 
     def norm_spec(self, which: int, mods) -> NormSpec:
@@ -127,10 +127,10 @@ class FinalLayer(nn.Module):
 
     def spec(self, c: torch.Tensor, c_silu: Optional[torch.Tensor] = None) -> NormSpec:
         mod = getattr(self, self.mod_name)
-        shift, scale = (mod(c) if c_silu is None else mod[1](c_silu)).chunk(2, dim=-1)
+        shift, scale = (mod(c) if c_silu is None else dense(c_silu, mod[1])).chunk(2, dim=-1)
         return getattr(self, self.norm_name).spec(shift, scale)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         if c.dim() < x.dim():
             c = c.unsqueeze(1)
-        return self.linear(apply_norm(x, self.spec(c), self.backend))
+        return linear_for(self.backend, self.linear, apply_norm(x, self.spec(c), self.backend))

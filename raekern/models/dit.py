@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from raekern.models.blocks import DiTBlock, FinalLayer, run_blocks
-from raekern.models.layers import Rope2D, check_backend, gaussian_fourier, sincos_2d
+from raekern.models.layers import Rope2D, check_backend, gaussian_fourier, linear_for, sincos_2d
 
 
 def _pair(v, name):
@@ -188,12 +188,12 @@ class DiTDH(_DiTBase):
         if self.use_pos_embed:
             s = s + self.pos_embed
         s, _ = run_blocks(self.blocks[:ds], s, c, self.enc_feat_rope, backend=self.backend)
-        s = self.s_projector(F.silu(t_emb[:, None] + s))
+        s = linear_for(self.backend, self.s_projector, F.silu(t_emb[:, None] + s))
         h = self.x_embedder(x)
         s_silu = F.silu(s) if self.backend == "raekern" else None  # shared by the head's three adaLN GEMMs
         h, hn = run_blocks(self.blocks[ds:], h, s, self.dec_feat_rope, backend=self.backend,
                            final=self.final_layer.spec(s, s_silu), c_silu=s_silu)
-        return _unpatchify(self.final_layer.linear(hn), C, H, W)
+        return _unpatchify(linear_for(self.backend, self.final_layer.linear, hn), C, H, W)
 
     @staticmethod
     def _in_interval(t, interval, like):
@@ -276,12 +276,12 @@ class DiTDHv2(_DiTBase):
         taps = (self.base_model_depth,) if self.base_model_depth is not None else ()
         out = run_blocks(self.blocks[:ds], seq, None, self.enc_rope, backend=self.backend, taps=taps)
         seq = out[0]
-        s = self.s_projector(F.silu(t_emb + seq[:, :N]))
+        s = linear_for(self.backend, self.s_projector, F.silu(t_emb + seq[:, :N]))
         h = self.x_embedder(x)
         s_silu = F.silu(s) if self.backend == "raekern" else None
         h, hn = run_blocks(self.blocks[ds:], h, s, self.dec_rope, backend=self.backend,
                            final=self.final_layer.spec(s, s_silu), c_silu=s_silu)
-        x_full = _unpatchify(self.final_layer.linear(hn), C, H, W)
+        x_full = _unpatchify(linear_for(self.backend, self.final_layer.linear, hn), C, H, W)
         if self.base_model_depth is None:
             return x_full
         u = F.silu(t_emb + out[2][self.base_model_depth][:, :N])

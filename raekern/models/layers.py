@@ -13,11 +13,14 @@ What the raekern backend fuses, per transformer block:
   ``attention_packed``), so q and k are never rotated into copies.
 - SwiGLU's ``silu(a)·b`` in one pass (``swiglu_packed`` reads the fused ``w12`` output's two halves in
   place, RAE v1; ``swiglu`` takes RAEv2's separate ``w1``/``w2`` outputs), fp32 math, one output buffer.
-The GEMMs (nn.Linear) are torch's in both backends.
+The GEMMs (nn.Linear) are torch's in both backends. On AMD CPUs the raekern backend's fp32 Linears
+take oneDNN's GEMM instead of MKL's when no gradient is needed (``dense`` below): on a Zen 5, MKL's
+sgemm ran at 34-41 % of the FMA peak and oneDNN's at about twice that.
 """
 from __future__ import annotations
 
 import math
+import os
 from typing import NamedTuple, Optional
 
 import torch
@@ -42,6 +45,50 @@ def set_backend(model: nn.Module, backend: str) -> nn.Module:
         if hasattr(m, "use_raekern"):  # the fusion modules' spelling of the same switch
             m.use_raekern = backend == "raekern"
     return model
+
+
+def _cpu_is_amd() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("vendor_id") and "AuthenticAMD" in line for line in f)
+    except OSError:
+        return False
+
+
+def _onednn_fp32_default() -> bool:
+    """Whether fp32 CPU Linears of the raekern backend go through oneDNN (RAEKERN_CPU_LINEAR, else AMD)."""
+    choice = os.environ.get("RAEKERN_CPU_LINEAR", "")
+    if choice not in ("", "onednn", "torch"):
+        raise ValueError(f"raekern.models: RAEKERN_CPU_LINEAR must be 'onednn' or 'torch', got {choice!r}")
+    available = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    return available and (choice == "onednn" or (choice == "" and _cpu_is_amd()))
+
+
+_ONEDNN_FP32: Optional[bool] = None
+
+
+def dense(x: torch.Tensor, m: nn.Linear) -> torch.Tensor:
+    """``m(x)`` for the raekern backend. fp32 CPU calls that need no gradient (sampling, evaluation) run
+    oneDNN's GEMM where it is the faster one (AMD CPUs, or ``RAEKERN_CPU_LINEAR=onednn``); everything
+    else, and anything under ``torch.compile``, is ``m(x)``. Measured on 2 Zen 5 cores (2026-12-02):
+    oneDNN 200-245 GFLOP/s against MKL's 80-135 at the DiT-DH-S GEMM shapes; results agree to ~1e-6
+    relative."""
+    global _ONEDNN_FP32
+    if not isinstance(m, nn.Linear):  # nn.Identity and other stand-ins
+        return m(x)
+    if _ONEDNN_FP32 is None:
+        _ONEDNN_FP32 = _onednn_fp32_default()
+    w, b = m.weight, m.bias
+    if (not _ONEDNN_FP32 or x.device.type != "cpu" or x.dtype != torch.float32 or w.dtype != torch.float32
+            or torch.compiler.is_compiling()
+            or (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or (b is not None and b.requires_grad)))):
+        return m(x)
+    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), w.contiguous(), b, "none", [], "")
+
+
+def linear_for(backend: str, m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``m(x)``, through ``dense`` for the raekern backend."""
+    return dense(x, m) if backend == "raekern" else m(x)
 
 
 def _ops():
@@ -245,13 +292,13 @@ class DiTAttention(nn.Module):
                       rope_theta=rope.theta if rope is not None else 10000.0,
                       key_padding_mask=key_padding_mask)
             if self.fused_qkv:
-                out = ops.attention_packed(self.qkv(x), H, **kw)
+                out = ops.attention_packed(dense(x, self.qkv), H, **kw)
             else:
-                q = self.q(x).view(B, N, H, Dh)
-                k = self.k(x).view(B, N, H, Dh)
-                v = self.v(x).view(B, N, H, Dh)
+                q = dense(x, self.q).view(B, N, H, Dh)
+                k = dense(x, self.k).view(B, N, H, Dh)
+                v = dense(x, self.v).view(B, N, H, Dh)
                 out = ops.attention(q, k, v, layout="bnhd", **kw).reshape(B, N, D)
-            return self.proj(out)
+            return dense(out, self.proj)
         if self.fused_qkv:
             q, k, v = self.qkv(x).reshape(B, N, 3, H, Dh).permute(2, 0, 3, 1, 4).unbind(0)
         else:
@@ -287,8 +334,8 @@ class SwiGLU(nn.Module):
     def forward(self, x):
         if self.backend == "raekern":
             ops = _ops()
-            h = ops.swiglu_packed(self.w12(x)) if self.fused else ops.swiglu(self.w1(x), self.w2(x))
-            return self.w3(h)
+            h = ops.swiglu_packed(dense(x, self.w12)) if self.fused else ops.swiglu(dense(x, self.w1), dense(x, self.w2))
+            return dense(h, self.w3)
         if self.fused:
             a, b = self.w12(x).chunk(2, dim=-1)
         else:
