@@ -231,16 +231,51 @@ def test_dense_onednn_matches_linear(monkeypatch):
             with torch.no_grad():
                 out = Lr.dense(x, lin)
                 torch.testing.assert_close(out, lin(x), atol=1e-5, rtol=1e-5)
-            # A call that needs gradients keeps nn.Linear (oneDNN's op has no autograd formula).
-            g = Lr.dense(x, lin)
-            assert g.grad_fn is not None
-            g.sum().backward()
-            assert lin.weight.grad is not None
+            # With gradients: oneDNN's products forward and backward, against nn.Linear's.
+            xr = x.detach().clone().requires_grad_()
+            gy = torch.randn(lin(x).shape)
+            Lr.dense(xr, lin).backward(gy)
+            got = [xr.grad, lin.weight.grad] + ([lin.bias.grad] if bias else [])
+            xr.grad = None
+            lin.zero_grad()
+            lin(xr).backward(gy)
+            want = [xr.grad, lin.weight.grad] + ([lin.bias.grad] if bias else [])
+            for a, b in zip(got, want):
+                torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
             lin.zero_grad()
     with torch.no_grad():  # other dtypes and non-Linear modules pass through unchanged
         xb = torch.randn(3, 40, dtype=torch.bfloat16)
         assert torch.equal(Lr.dense(xb, lin.to(torch.bfloat16)), lin(xb))
         assert torch.equal(Lr.dense(xb, torch.nn.Identity()), xb)
+
+
+@needs_ops
+@_onednn
+@pytest.mark.parametrize("name", ["ditdh-tiny", "ditdh-tiny-v2"])
+def test_dit_onednn_linears_train_step(name, monkeypatch):
+    # A training step's gradients with oneDNN's GEMMs, held to the fp64 torch backend like the forward.
+    from raekern.models import layers as Lr
+    from raekern.models.training import velocity_loss, xpred_loss
+    m = tiny(name, "raekern").eval()
+    x, t, y = dit_inputs(m)
+    loss_fn = velocity_loss if m.version == 1 else xpred_loss
+    noise = torch.randn_like(x)
+
+    def grads(model, dt, onednn):
+        monkeypatch.setattr(Lr, "_ONEDNN_FP32", onednn)
+        model.zero_grad(set_to_none=True)
+        loss_fn(model, x.to(dt), y, t=t.to(dt), noise=noise.to(dt))["loss"].backward()
+        return [p.grad.double().clone() for p in model.parameters() if p.grad is not None]
+
+    ref = grads(m, torch.float32, False)
+    out = grads(m, torch.float32, True)
+    exact = grads(M.set_backend(m.double(), "torch"), torch.float64, False)
+    assert len(out) == len(ref) == len(exact)
+    # Over the whole gradient vector: single parameters with near-zero gradients are ill-conditioned
+    # in fp32 whichever GEMM runs.
+    a, b, e = (torch.cat([v.flatten() for v in g]) for g in (out, ref, exact))
+    err_o, err_r = (a - e).norm() / e.norm(), (b - e).norm() / e.norm()
+    assert err_o <= 3 * err_r + 1e-5, (err_o.item(), err_r.item())
 
 
 def test_cpu_linear_switch(monkeypatch):

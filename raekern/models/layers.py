@@ -14,8 +14,8 @@ What the raekern backend fuses, per transformer block:
 - SwiGLU's ``silu(a)·b`` in one pass (``swiglu_packed`` reads the fused ``w12`` output's two halves in
   place, RAE v1; ``swiglu`` takes RAEv2's separate ``w1``/``w2`` outputs), fp32 math, one output buffer.
 The GEMMs (nn.Linear) are torch's in both backends. On AMD CPUs the raekern backend's fp32 Linears
-take oneDNN's GEMM instead of MKL's when no gradient is needed (``dense`` below): on a Zen 5, MKL's
-sgemm ran at 34-41 % of the FMA peak and oneDNN's at about twice that.
+take oneDNN's GEMM instead of MKL's (``dense`` below): on a Zen 5, MKL's sgemm ran at 34-41 % of the FMA
+peak and oneDNN's at about twice that.
 """
 from __future__ import annotations
 
@@ -67,9 +67,38 @@ def _onednn_fp32_default() -> bool:
 _ONEDNN_FP32: Optional[bool] = None
 
 
-def dense(x: torch.Tensor, m: nn.Linear) -> torch.Tensor:
-    """``m(x)`` for the raekern backend. fp32 CPU calls that need no gradient (sampling, evaluation) run
-    oneDNN's GEMM where it is the faster one (AMD CPUs, or ``RAEKERN_CPU_LINEAR=onednn``); everything
+def _onednn_linear(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor]) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), w.contiguous(), b, "none", [], "")
+
+
+class _OneDNNLinear(torch.autograd.Function):
+    """y = x·wᵀ + b with oneDNN's GEMM for the forward and both backward products (oneDNN's op has no
+    autograd formula of its own): dx = dy·w and dw = dyᵀ·x, each as a linear with a transposed copy."""
+
+    @staticmethod
+    def forward(ctx, x, w, b):
+        ctx.save_for_backward(x, w)
+        ctx.has_bias = b is not None
+        return _onednn_linear(x, w, b)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        x, w = ctx.saved_tensors
+        g2 = g.reshape(-1, g.shape[-1])
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = _onednn_linear(g2, w.t(), None).reshape(x.shape)
+        if ctx.needs_input_grad[1]:
+            gw = _onednn_linear(g2.t(), x.reshape(-1, x.shape[-1]).t(), None)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            gb = g2.sum(0)
+        return gx, gw, gb
+
+
+def dense(x: torch.Tensor, m: nn.Module) -> torch.Tensor:
+    """``m(x)`` for the raekern backend. fp32 CPU Linears run oneDNN's GEMM where it is the faster one
+    (AMD CPUs, or ``RAEKERN_CPU_LINEAR=onednn``), with gradients through ``_OneDNNLinear``; everything
     else, and anything under ``torch.compile``, is ``m(x)``. Measured on 2 Zen 5 cores (2026-12-02):
     oneDNN 200-245 GFLOP/s against MKL's 80-135 at the DiT-DH-S GEMM shapes; results agree to ~1e-6
     relative."""
@@ -80,10 +109,11 @@ def dense(x: torch.Tensor, m: nn.Linear) -> torch.Tensor:
         _ONEDNN_FP32 = _onednn_fp32_default()
     w, b = m.weight, m.bias
     if (not _ONEDNN_FP32 or x.device.type != "cpu" or x.dtype != torch.float32 or w.dtype != torch.float32
-            or torch.compiler.is_compiling()
-            or (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or (b is not None and b.requires_grad)))):
+            or torch.compiler.is_compiling()):
         return m(x)
-    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), w.contiguous(), b, "none", [], "")
+    if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or (b is not None and b.requires_grad)):
+        return _OneDNNLinear.apply(x, w, b)
+    return _onednn_linear(x, w, b)
 
 
 def linear_for(backend: str, m: nn.Module, x: torch.Tensor) -> torch.Tensor:
