@@ -243,6 +243,8 @@ def test_dense_onednn_matches_linear(monkeypatch):
             for a, b in zip(got, want):
                 torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
             lin.zero_grad()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # autocast keeps nn.Linear's bf16 GEMM
+        assert Lr.dense(torch.randn(3, 40), lin).dtype == torch.bfloat16
     with torch.no_grad():  # other dtypes and non-Linear modules pass through unchanged
         xb = torch.randn(3, 40, dtype=torch.bfloat16)
         assert torch.equal(Lr.dense(xb, lin.to(torch.bfloat16)), lin(xb))

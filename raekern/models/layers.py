@@ -99,7 +99,7 @@ class _OneDNNLinear(torch.autograd.Function):
 def dense(x: torch.Tensor, m: nn.Module) -> torch.Tensor:
     """``m(x)`` for the raekern backend. fp32 CPU Linears run oneDNN's GEMM where it is the faster one
     (AMD CPUs, or ``RAEKERN_CPU_LINEAR=onednn``), with gradients through ``_OneDNNLinear``; everything
-    else, and anything under ``torch.compile``, is ``m(x)``. Measured on 2 Zen 5 cores (2026-12-02):
+    else, and anything under ``torch.compile`` or CPU autocast, is ``m(x)``. Measured on 2 Zen 5 cores (2026-12-02):
     oneDNN 200-245 GFLOP/s against MKL's 80-135 at the DiT-DH-S GEMM shapes; results agree to ~1e-6
     relative."""
     global _ONEDNN_FP32
@@ -109,8 +109,8 @@ def dense(x: torch.Tensor, m: nn.Module) -> torch.Tensor:
         _ONEDNN_FP32 = _onednn_fp32_default()
     w, b = m.weight, m.bias
     if (not _ONEDNN_FP32 or x.device.type != "cpu" or x.dtype != torch.float32 or w.dtype != torch.float32
-            or torch.compiler.is_compiling()):
-        return m(x)
+            or torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu")):
+        return m(x)  # (under CPU autocast nn.Linear runs the autocast dtype's GEMM)
     if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or (b is not None and b.requires_grad)):
         return _OneDNNLinear.apply(x, w, b)
     return _onednn_linear(x, w, b)
