@@ -237,6 +237,11 @@ template <class T> inline void stream16(T* p, __m512 v) {
   _mm256_stream_si256(reinterpret_cast<__m256i*>(p), store_bits16<T>(v));
 }
 template <> inline void stream16<float>(float* p, __m512 v) { _mm512_stream_ps(p, v); }
+// store16, or stream16 for a full vector when `stream` (its start cache-line aligned for fp32).
+template <class T> inline void put16(T* p, __m512 v, __mmask16 m, bool stream) {
+  if (stream && m == __mmask16(0xffff)) stream16(p, v);
+  else store16(p, v, m);
+}
 
 // The value v takes once stored as T (identity for fp32).
 template <class T> inline __m512 round16(__m512 v) {

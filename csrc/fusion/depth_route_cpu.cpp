@@ -288,10 +288,7 @@ void route_token_backward_vec(const Route<T>& k, int64_t b, int64_t n, const flo
   const auto& s = k.s;
   for (int64_t l = 0; l < s.L; ++l) rows[l] = k.expert_ptr(l, b, n);
   std::fill(gw_acc, gw_acc + 16 * s.L, 0.f);
-  const auto put = [stream](T* p, __m512 v, __mmask16 m) {
-    if (stream && m == __mmask16(0xffff)) raekern::cpu::stream16(p, v);
-    else store16(p, v, m);
-  };
+  const auto put = [stream](T* p, __m512 v, __mmask16 m) { raekern::cpu::put16(p, v, m, stream); };
   // gbase = g and gf for 16 channels (and the γ partial sums).
   const auto head = [&](int64_t d, __mmask16 m, __m512& g) {
     const __m512 f = depth_sum16(rows, w, s.L, d, m);

@@ -122,12 +122,6 @@ inline void sigmoid_pair16(__m512 x, __m512& s, __m512& sc) {
   sc = _mm512_mask_blend_ps(pos, r, q);
 }
 
-template <class T>
-inline void put16(T* p, __m512 v, __mmask16 m, bool stream) {
-  if (stream) cpu::stream16(p, v);
-  else cpu::store16(p, v, m);
-}
-
 // Elements before `p` reaches a 64-byte boundary (so full vectors after them can be streamed).
 template <class T>
 inline int64_t head_to_line(const T* p, int64_t n) {
@@ -159,7 +153,7 @@ void fwd_vec(const T* a, const T* b, T* out, int64_t n, bool stream) {
       const __m512 va = cpu::load16(a + i, m), vb = cpu::load16(b + i, m);
       __m512 s, sc;
       sigmoid_pair16(va, s, sc);
-      put16(out + i, _mm512_mul_ps(_mm512_mul_ps(va, s), vb), m, stream && full);
+      cpu::put16(out + i, _mm512_mul_ps(_mm512_mul_ps(va, s), vb), m, stream && full);
     });
   }
 }
@@ -175,8 +169,8 @@ void bwd_vec(const T* g, const T* a, const T* b, T* da, T* db, int64_t n, bool s
       __m512 s, sc;
       sigmoid_pair16(va, s, sc);
       const __m512 gs = _mm512_mul_ps(vg, s);
-      put16(db + i, _mm512_mul_ps(gs, va), m, stream_db && full);
-      put16(da + i, _mm512_mul_ps(_mm512_mul_ps(gs, vb), _mm512_fmadd_ps(va, sc, one)), m, stream && full);
+      cpu::put16(db + i, _mm512_mul_ps(gs, va), m, stream_db && full);
+      cpu::put16(da + i, _mm512_mul_ps(_mm512_mul_ps(gs, vb), _mm512_fmadd_ps(va, sc, one)), m, stream && full);
     });
   }
 }

@@ -39,21 +39,13 @@ inline void prefetch16(const T* p) {
   if (p) _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0);
 }
 
-// Full vectors of rows whose starts are cache-line aligned go around the cache when `stream`.
-template <class T>
-inline void put16(T* p, __m512 v, __mmask16 m, bool stream) {
-  if (stream && m == __mmask16(0xffff)) cpu::stream16(p, v);
-  else cpu::store16(p, v, m);
-}
-
-
 // One pass over the row: xb = x + gate*y (rounded to T, as stored in x_out), and its statistics.
 template <class T>
 inline void vec_residual_stats(const T* x, const T* gate, const T* y, T* x_out, int64_t D, acc_t<T>* xb,
                                Kind kind, double eps, acc_t<T>& mean, acc_t<T>& rstd, bool stream,
                                const T* pf_gate) {
   if constexpr (has_vec<T>) {
-  const auto put = [stream](T* p, __m512 v, __mmask16 m) { put16(p, v, m, stream); };
+  const auto put = [stream](T* p, __m512 v, __mmask16 m) { cpu::put16(p, v, m, stream); };
   if (kind == Kind::None) {  // gated_residual alone: a pure stream, no row buffer
     cpu::for16(D, [&](int64_t i, __mmask16 m) {
       if (pf_gate) prefetch16(pf_gate + i);
@@ -137,7 +129,7 @@ template <class T>
 inline void vec_output(const acc_t<T>* xb, const acc_t<T>* ca, const acc_t<T>* cb, acc_t<T> rstd,
                        acc_t<T> mean, int64_t D, T* out, bool stream, const T* pf_x, T* pf_out) {
   if constexpr (has_vec<T>) {
-  const auto put = [stream](T* p, __m512 v, __mmask16 m) { put16(p, v, m, stream); };
+  const auto put = [stream](T* p, __m512 v, __mmask16 m) { cpu::put16(p, v, m, stream); };
   const __m512 vr = _mm512_set1_ps(rstd), vm = _mm512_set1_ps(mean);
   const int64_t full = D & ~int64_t(15);
   const auto fetch = [&](int64_t i) {
@@ -180,7 +172,7 @@ inline void vec_output_token(const acc_t<T>* xb, const acc_t<T>* w, const acc_t<
                              const T* scale, acc_t<T> rstd, acc_t<T> mean, int64_t D, T* out, bool stream,
                              const T* pf_shift, const T* pf_scale) {
   if constexpr (has_vec<T>) {
-  const auto put = [stream](T* p, __m512 v, __mmask16 m) { put16(p, v, m, stream); };
+  const auto put = [stream](T* p, __m512 v, __mmask16 m) { cpu::put16(p, v, m, stream); };
   const __m512 vr = _mm512_set1_ps(rstd), vm = _mm512_set1_ps(mean), one = _mm512_set1_ps(1.f);
   cpu::for16(D, [&](int64_t i, __mmask16 m) {
     __m512 h = _mm512_mul_ps(_mm512_sub_ps(cpu::load16(xb + i, m), vm), vr);
@@ -204,7 +196,7 @@ template <class T>
 inline void vec_backward_row(const BwdRowPtrs& r, const float* w, const float* bias, float mean, float rstd,
                              int64_t D, bool layer, float* __restrict gw, bool stream) {
   if constexpr (has_vec<T>) {
-  const auto put = [stream](void* p, __m512 v, __mmask16 m) { put16(static_cast<T*>(p), v, m, stream); };
+  const auto put = [stream](void* p, __m512 v, __mmask16 m) { cpu::put16(static_cast<T*>(p), v, m, stream); };
   const __m512 vr = _mm512_set1_ps(rstd), vm = _mm512_set1_ps(mean), one = _mm512_set1_ps(1.f);
   const T* x = static_cast<const T*>(r.x);
   float c1 = 0.f, c2 = 0.f;
