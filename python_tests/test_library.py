@@ -42,7 +42,7 @@ def test_bench_arguments_are_checked_before_measuring(capsys):
 def test_cpu_stream_threshold_changes_stores_not_results(monkeypatch):
     """RAEKERN_CPU_STREAM_BYTES=0 streams every aligned output past the caches, 2^50 none: the CPU
     kernels' results are bit-identical either way (norm forward and backward, latent_normalize,
-    guidance_step, swiglu)."""
+    guidance_step, swiglu, the layer gradients of layer_stack_fuse and depth_route in fp32 and bf16)."""
     import raekern.ops as R
     from raekern.ops.guidance import guidance_step
 
@@ -55,11 +55,23 @@ def test_cpu_stream_threshold_changes_stores_not_results(monkeypatch):
     P = [torch.randn(2, 64, 16, generator=g) for _ in range(3)]
     a, b = torch.randn(64, 96, generator=g), torch.randn(64, 96, generator=g)
 
+    fusion_in = {dt: ([torch.randn(2, 9, 64, generator=g).to(dt).requires_grad_() for _ in range(3)],
+                      [torch.randn(2, 8, 64, generator=g).to(dt).requires_grad_() for _ in range(4)],
+                      torch.randn(2, 8, 3, generator=g)) for dt in (torch.float32, torch.bfloat16)}
+
+    def fusion_grads(dt):
+        layers, (*experts, base), logits = fusion_in[dt]
+        y = R.layer_stack_fuse(layers, skip_tokens=1, add_last_token_mean=True)
+        r = R.depth_route(experts, logits, base, gamma=torch.full((64,), 0.5, dtype=dt))
+        return (*torch.autograd.grad(y, layers, torch.ones_like(y)),
+                *torch.autograd.grad(r, (*experts, base), torch.ones_like(r)))
+
     def run():
         y = R.norm_modulate(x, sh, sc, kind="rms", weight=w)
         gx, gw = torch.autograd.grad(y, (x, w), torch.ones_like(y))
         return (y, gx, gw, R.latent_normalize(z, mean, var),
-                guidance_step(P[0], P[1:], 0.5, terms=[(0, 1)], weights=[2.0], base=0).out, R.swiglu(a, b))
+                guidance_step(P[0], P[1:], 0.5, terms=[(0, 1)], weights=[2.0], base=0).out, R.swiglu(a, b),
+                *fusion_grads(torch.float32), *fusion_grads(torch.bfloat16))
 
     monkeypatch.setenv("RAEKERN_CPU_STREAM_BYTES", "0")
     streamed = run()

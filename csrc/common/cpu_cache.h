@@ -2,6 +2,9 @@
 #pragma once
 #include <cstdint>
 #include <cstdio>
+#include <vector>
+
+#include "common/cpu_utils.h"
 
 namespace raekern::cpu {
 
@@ -35,6 +38,19 @@ inline int64_t llc_bytes() {
     return b;
   }();
   return bytes;
+}
+
+// Whether output rows that are written once and never read back by the op go around the caches
+// (non-temporal stores): out_bytes in all, at least the family's measured threshold, and either
+// beyond half the last-level cache or RAEKERN_CPU_STREAM_BYTES set; every row starts on a cache line
+// (row_bytes a multiple of 64 and each output's start aligned). Saves the read-for-ownership of each
+// line: a third of the traffic of a kernel that reads as much as it writes.
+inline bool stream_rows(int64_t out_bytes, int64_t row_bytes, int64_t measured, const std::vector<const void*>& starts) {
+  if (row_bytes % 64 != 0 || out_bytes < stream_threshold(measured)) return false;
+  if (!stream_bytes_setting() && 2 * out_bytes <= llc_bytes()) return false;
+  for (const void* p : starts)
+    if (reinterpret_cast<uintptr_t>(p) % 64 != 0) return false;
+  return true;
 }
 
 }  // namespace raekern::cpu

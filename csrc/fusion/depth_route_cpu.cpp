@@ -417,13 +417,11 @@ void route_backward(const Route<T>& k, const at::Tensor& grad, std::vector<at::T
   if constexpr (!std::is_same_v<T, double>) {
   if (route_vectorised(k) && gsd == 1) {
     done = true;
-    // L + 1 gradient rows per token read nothing back: beyond the last-level cache they are written with
-    // non-temporal stores, which saves the read-for-ownership of every line (a third of the traffic).
+    // The L + 1 gradient rows per token, beyond the last-level cache, go around it (stream_rows).
     const int64_t row_bytes = s.D * int64_t(sizeof(T)), out_bytes = (s.L + 1) * s.B * s.N * row_bytes;
-    bool stream = row_bytes % 64 == 0 && out_bytes >= raekern::cpu::stream_threshold(kStreamBytes) &&
-                  (raekern::cpu::stream_bytes_setting() || 2 * out_bytes > raekern::cpu::llc_bytes()) &&
-                  reinterpret_cast<uintptr_t>(gbp) % 64 == 0;
-    for (T* p : gep) stream = stream && reinterpret_cast<uintptr_t>(p) % 64 == 0;
+    std::vector<const void*> starts(gep.begin(), gep.end());
+    starts.push_back(gbp);
+    const bool stream = raekern::cpu::stream_rows(out_bytes, row_bytes, kStreamBytes, starts);
     // Static partition, as below: bit-identical γ gradients across runs.
     at::parallel_for(0, s.B * s.N, 1, [&](int64_t lo, int64_t hi) {
       std::vector<float> gatev(s.D, 1.f), w(s.L), gw(s.L), ga(s.L), gw_acc(kRouteLanes * s.L);
