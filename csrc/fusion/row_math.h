@@ -106,4 +106,70 @@ inline float tanh_f(float x) {
 template <class A> inline A tanh_any(A x) { return std::tanh(x); }
 template <> inline float tanh_any<float>(float x) { return tanh_f(x); }
 
+// LayerNorm backward of one layer row, in three passes over L1-resident data (the row is never
+// normalised in memory). With xs = x − x[0] (shifted as in row_moments), μ = mean(xs), ρ = rstd,
+// y = (xs − μ)·ρ and dy = c·g + gm:
+//   dx = ρ·(dy − mean(dy) − y·mean(dy·y)) = ρc·g + ρ·gm − ρ·mean(dy) − ρ²·mean(dy·y)·(xs − μ),
+// where Σdy = c·Σg + Σgm is known per token, and Σ dy·(xs − μ) is summed beside the variance
+// (after μ is known, so no cancellation against a large mean).
+template <class A>
+struct RowGrad {
+  A k_g, k_gm, k_0, k_x, mu;  // dx = k_g·g + k_gm·gm − k_0 − k_x·(xs − μ)
+  A gy;                       // Σ g·y: this row's contribution to d weights / c
+};
+
+template <class A>
+inline RowGrad<A> row_grad_coefs(A* __restrict xs, const A* __restrict g, const A* __restrict gm, int64_t n,
+                                 A c, A gsum, A gmsum, A eps) {
+  const A shift = xs[0];
+  A s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) {
+    const A v = xs[i] - shift;
+    xs[i] = v;
+    s += v;
+  }
+  const A mu = s / A(n);
+  A var = 0, sg = 0, sgm = 0;
+  if (gm) {
+#pragma omp simd reduction(+ : var, sg, sgm)
+    for (int64_t i = 0; i < n; ++i) {
+      const A d = xs[i] - mu;
+      var += d * d;
+      sg += g[i] * d;
+      sgm += gm[i] * d;
+    }
+  } else {
+#pragma omp simd reduction(+ : var, sg)
+    for (int64_t i = 0; i < n; ++i) {
+      const A d = xs[i] - mu;
+      var += d * d;
+      sg += g[i] * d;
+    }
+  }
+  const A rstd = A(1) / std::sqrt(var / A(n) + eps);
+  const A dsum = c * gsum + gmsum;
+  const A dyy = rstd * (c * sg + sgm);
+  RowGrad<A> r;
+  r.k_g = rstd * c;
+  r.k_gm = rstd;
+  r.k_0 = rstd * dsum / A(n);
+  r.k_x = rstd * rstd * dyy / A(n);
+  r.mu = mu;
+  r.gy = rstd * sg;
+  return r;
+}
+
+template <class A>
+inline void row_grad_apply(const RowGrad<A>& r, const A* __restrict xs, const A* __restrict g,
+                           const A* __restrict gm, int64_t n, A* __restrict dx) {
+  if (gm) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) dx[i] = r.k_g * g[i] + r.k_gm * gm[i] - r.k_0 - r.k_x * (xs[i] - r.mu);
+  } else {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) dx[i] = r.k_g * g[i] - r.k_0 - r.k_x * (xs[i] - r.mu);
+  }
+}
+
 }  // namespace raekern::fusion::cpu
