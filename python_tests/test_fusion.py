@@ -406,6 +406,70 @@ def test_depth_route_opcheck_and_compile():
     assert gamma.grad is not None and logits.grad is not None
 
 
+def _graph_nodes(t):
+    seen, todo = set(), [t.grad_fn]
+    while todo:
+        n = todo.pop()
+        if n is None or n in seen:
+            continue
+        seen.add(n)
+        todo += [f for f, _ in n.next_functions]
+    return [type(n).__name__ for n in seen]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_stacked_inputs_get_one_stacked_gradient(dtype):
+    """One [L, B, T, D] tensor goes to the kernels as is (their stacked form): the same outputs and,
+    bit for bit, the same gradients as its L slices given as a list, returned as one [L, B, T, D]
+    gradient: no unbind in the graph, so autograd never stacks L gradients into a copy."""
+    g = torch.Generator().manual_seed(3)
+    E = torch.randn(4, 2, 8, 64, generator=g).to(dtype).requires_grad_()
+    base = torch.randn(2, 8, 64, generator=g).to(dtype).requires_grad_()
+    logits = torch.randn(2, 8, 4, generator=g).requires_grad_()
+    gamma = torch.randn(64, generator=g).to(dtype).requires_grad_()
+    H = torch.randn(3, 2, 9, 64, generator=g).to(dtype).requires_grad_()
+    weights = torch.randn(3, generator=g).requires_grad_()
+    cases = (
+        (E, lambda x: ops.depth_route(x, logits, base, gamma=gamma), (logits, base, gamma)),
+        (H, lambda x: ops.layer_stack_fuse(x, weights, skip_tokens=1, add_last_token_mean=True), (weights,)),
+    )
+    for stacked, fn, others in cases:
+        y = fn(stacked)
+        assert not any("Unbind" in n or "Stack" in n for n in _graph_nodes(y)), _graph_nodes(y)
+        gy = torch.randn(y.shape, generator=g).to(dtype)
+        got = torch.autograd.grad(y, (stacked, *others), gy)
+        parts = [p.detach().clone().requires_grad_() for p in stacked.unbind(0)]
+        y_list = fn(parts)
+        want = torch.autograd.grad(y_list, (*parts, *others), gy)
+        assert torch.equal(y, y_list)
+        assert got[0].shape == stacked.shape and torch.equal(got[0], torch.stack(want[:len(parts)]))
+        for a, b in zip(got[1:], want[len(parts):]):
+            assert torch.equal(a, b)
+
+
+def test_stacked_form_opcheck_gradcheck_compile():
+    """The stacked form ([L, B, T, D] as a one-entry list) through opcheck, fp64 gradcheck and
+    torch.compile(fullgraph=True) with its backward."""
+    E = torch.randn(3, 2, 5, 8, requires_grad=True)
+    base, logits = torch.randn(2, 5, 8, requires_grad=True), torch.randn(2, 5, 3, requires_grad=True)
+    gamma = torch.randn(8, requires_grad=True)
+    torch.library.opcheck(torch.ops.raekern.depth_route, ([E], logits, base, "l2", "tanh", gamma, 0.0))
+    H = torch.randn(3, 2, 6, 8, requires_grad=True)
+    torch.library.opcheck(torch.ops.raekern.layer_stack_fuse,
+                          ([H], None, 1, True, 1e-6, "mean", True, False, 0, 0, None, None, 1e-5))
+    E64 = torch.randn(3, 1, 3, 6, dtype=torch.float64, requires_grad=True)
+    b64 = torch.randn(1, 3, 6, dtype=torch.float64, requires_grad=True)
+    l64 = torch.randn(1, 3, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda e, lg, b: ops.depth_route(e, lg, b), (E64, l64, b64))
+    H64 = torch.randn(2, 1, 4, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda h: ops.layer_stack_fuse(h, skip_tokens=1, add_last_token_mean=True),
+                                    (H64,))
+    f = torch.compile(lambda e, h: ops.depth_route(e, logits, base, gamma=gamma).sum() +
+                      ops.layer_stack_fuse(h, skip_tokens=1).sum(), fullgraph=True, backend="aot_eager")
+    f(E, H).backward()
+    assert E.grad is not None and E.grad.shape == E.shape and H.grad is not None and H.grad.shape == H.shape
+
+
 def test_depth_route_errors():
     L, B, N, D = 3, 2, 5, 8
     ex = layers(L, B, N, D, torch.float32)

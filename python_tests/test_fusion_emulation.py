@@ -386,3 +386,29 @@ def test_latent_normalize_backward_checks_the_grid_of_var(kern):
         with pytest.raises(ValueError, match="'var' must have shape \\[D, H, W\\]"):
             op(g, var, 1e-5)
 
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_stacked_form_returns_one_gradient(kern, dtype):
+    """An [L, B, T, D] tensor as the one entry of the layer list (the ops' stacked form): the CUDA
+    launchers split it into views, and the backwards return one [L, B, T, D] gradient equal to the
+    list form's L gradients stacked."""
+    torch.manual_seed(7)
+    E = (torch.randn(3, 2, 5, 24, dtype=torch.float64) * 2 + 1).to(dtype)
+    logits, base = torch.randn(2, 5, 3), torch.randn(2, 5, 24).to(dtype)
+    gamma, grad = torch.randn(24), torch.randn(2, 5, 24).to(dtype)
+    assert torch.equal(kern.depth_route([E], logits, base, "l2", "tanh", gamma, 0.0),
+                       kern.depth_route(list(E.unbind(0)), logits, base, "l2", "tanh", gamma, 0.0))
+    stacked = kern.depth_route_backward(grad, [E], logits, base, "l2", "tanh", gamma, 0.0)
+    listed = kern.depth_route_backward(grad, list(E.unbind(0)), logits, base, "l2", "tanh", gamma, 0.0)
+    assert len(stacked[0]) == 1 and torch.equal(stacked[0][0], torch.stack(listed[0]))
+    for a, b in zip(stacked[1:], listed[1:]):
+        assert torch.equal(a, b)
+    H = (torch.randn(3, 2, 6, 24, dtype=torch.float64) * 2 + 3).to(dtype)
+    args = (None, 1, True, 1e-5, "mean", True, False)
+    assert torch.equal(kern.layer_stack_fuse([H], *args, 0, 0, None, None, 1e-5),
+                       kern.layer_stack_fuse(list(H.unbind(0)), *args, 0, 0, None, None, 1e-5))
+    g = torch.randn(2, 5, 24).to(dtype)
+    dl_s, _ = kern.layer_stack_fuse_backward(g, [H], *args, None, 1e-5, False)
+    dl_l, _ = kern.layer_stack_fuse_backward(g, list(H.unbind(0)), *args, None, 1e-5, False)
+    assert len(dl_s) == 1 and torch.equal(dl_s[0], torch.stack(dl_l))

@@ -529,9 +529,10 @@ void route_backward(const Route<T>& k, const at::Tensor& grad, std::vector<at::T
 
 at::ScalarType acc_of(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
-at::Tensor depth_route_cpu(at::TensorList experts, const at::Tensor& router_logits, const at::Tensor& base,
+at::Tensor depth_route_cpu(at::TensorList experts_in, const at::Tensor& router_logits, const at::Tensor& base,
                            c10::string_view energy, c10::string_view bound, const std::optional<at::Tensor>& gamma,
                            double cap) {
+  const std::vector<at::Tensor> experts = unstack(experts_in);
   const RouteShape s = parse_depth_route(experts, router_logits, base, std::string(energy), std::string(bound),
                                          gamma, cap, "depth_route");
   at::Tensor out = ::raekern::empty_output({s.B, s.N, s.D}, base.options());
@@ -547,17 +548,17 @@ at::Tensor depth_route_cpu(at::TensorList experts, const at::Tensor& router_logi
 }
 
 std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor> depth_route_backward_cpu(
-    const at::Tensor& grad, at::TensorList experts, const at::Tensor& router_logits, const at::Tensor& base,
+    const at::Tensor& grad, at::TensorList experts_in, const at::Tensor& router_logits, const at::Tensor& base,
     c10::string_view energy, c10::string_view bound, const std::optional<at::Tensor>& gamma, double cap) {
   const char* op = "depth_route_backward";
+  const std::vector<at::Tensor> experts = unstack(experts_in);
   const RouteShape s =
       parse_depth_route(experts, router_logits, base, std::string(energy), std::string(bound), gamma, cap, op);
   RAEKERN_CHECK(grad.sizes() == base.sizes() && grad.scalar_type() == base.scalar_type(), op, "grad",
                 "must match base (shape ", base.sizes(), ", dtype ", base.scalar_type(), "), got ", grad.sizes(),
                 " ", grad.scalar_type());
   const auto acc = acc_of(base.scalar_type());
-  std::vector<at::Tensor> ge;
-  for (int64_t l = 0; l < s.L; ++l) ge.push_back(::raekern::empty_output({s.B, s.N, s.D}, base.options()));
+  LayerGrads ge = layer_grads(is_stacked(experts_in), s.L, {s.B, s.N, s.D}, base.options());
   at::Tensor glog = ::raekern::empty_output({s.B, s.N, s.L}, base.options().dtype(acc));
   at::Tensor gbase = ::raekern::empty_output({s.B, s.N, s.D}, base.options());
   at::Tensor ggamma = gamma.has_value() ? at::zeros(gamma->sizes(), base.options().dtype(acc))
@@ -567,14 +568,14 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor> depth_ro
     const at::Tensor gm = gamma.has_value() ? gamma->to(acc).contiguous().reshape(-1) : at::Tensor();
     RAEKERN_DISPATCH_FLOATING(base.scalar_type(), "depth_route_backward_cpu", [&] {
       Route<scalar_t> k(experts, s, lg, base, gm, cap);
-      route_backward(k, grad, ge, glog, gbase, ggamma);
+      route_backward(k, grad, ge.rows, glog, gbase, ggamma);
     });
   } else {
     glog.zero_();
   }
   glog = glog.to(router_logits.scalar_type());
   if (gamma.has_value()) ggamma = ggamma.to(gamma->scalar_type());
-  return {ge, glog, gbase, ggamma};
+  return {ge.ret, glog, gbase, ggamma};
 }
 
 }  // namespace

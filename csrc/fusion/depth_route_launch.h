@@ -63,10 +63,11 @@ RouteArgs route_args(Dev& dev, at::TensorList experts, const RouteShape& s, cons
 }
 
 template <class Dev>
-at::Tensor depth_route_op(at::TensorList experts, const at::Tensor& router_logits, const at::Tensor& base,
+at::Tensor depth_route_op(at::TensorList experts_in, const at::Tensor& router_logits, const at::Tensor& base,
                           c10::string_view energy, c10::string_view bound, const std::optional<at::Tensor>& gamma,
                           double cap) {
   const char* op = "depth_route";
+  const std::vector<at::Tensor> experts = unstack(experts_in);
   const RouteShape s =
       parse_depth_route(experts, router_logits, base, std::string(energy), std::string(bound), gamma, cap, op);
   RAEKERN_CHECK(base.scalar_type() != at::kDouble, op, "base", "float64 is CPU-only; got a CUDA float64 tensor");
@@ -104,9 +105,10 @@ at::Tensor depth_route_op(at::TensorList experts, const at::Tensor& router_logit
 
 template <class Dev>
 std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor> depth_route_backward_op(
-    const at::Tensor& grad_in, at::TensorList experts, const at::Tensor& router_logits, const at::Tensor& base,
+    const at::Tensor& grad_in, at::TensorList experts_in, const at::Tensor& router_logits, const at::Tensor& base,
     c10::string_view energy, c10::string_view bound, const std::optional<at::Tensor>& gamma, double cap) {
   const char* op = "depth_route_backward";
+  const std::vector<at::Tensor> experts = unstack(experts_in);
   const RouteShape s =
       parse_depth_route(experts, router_logits, base, std::string(energy), std::string(bound), gamma, cap, op);
   RAEKERN_CHECK(grad_in.sizes() == base.sizes() && grad_in.scalar_type() == base.scalar_type(), op, "grad",
@@ -115,8 +117,8 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor> depth_ro
   raekern::check_same_device(grad_in, base, op, "grad");
   Dev dev(base);
   const at::Tensor grad = grad_in.contiguous();
-  std::vector<at::Tensor> ge;
-  for (int64_t l = 0; l < s.L; ++l) ge.push_back(::raekern::empty_output({s.B, s.N, s.D}, base.options()));
+  const LayerGrads grads = layer_grads(is_stacked(experts_in), s.L, {s.B, s.N, s.D}, base.options());
+  const std::vector<at::Tensor>& ge = grads.rows;
   at::Tensor glog = at::zeros({s.B, s.N, s.L}, base.options().dtype(at::kFloat));
   at::Tensor gbase = ::raekern::empty_output({s.B, s.N, s.D}, base.options());
   at::Tensor ggamma = gamma.has_value() ? at::zeros(gamma->sizes(), base.options().dtype(at::kFloat))
@@ -171,7 +173,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor> depth_ro
   dev.finish();
   glog = glog.to(router_logits.scalar_type());
   if (gamma.has_value()) ggamma = ggamma.to(gamma->scalar_type());
-  return {ge, glog, gbase, ggamma};
+  return {grads.ret, glog, gbase, ggamma};
 }
 
 }  // namespace raekern::fusion::cuda

@@ -3,11 +3,13 @@
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/unbind.h>
 #include <optional>
 #include <string>
 #include <vector>
 
 #include "common/checks.h"
+#include "common/output_alloc.h"
 
 namespace raekern::fusion {
 
@@ -22,6 +24,35 @@ struct StackShape {
   bool channels_first = false;
   bool stats = false;  // latent standardisation fused into the channels-first write
 };
+
+// The stacked form of a layer (or expert) list: one [L, B, T, D] tensor as the list's only entry, as
+// DepthRoutedFusion's batched expert GEMM returns it. The kernels take its L views; the backward
+// returns one [L, B, T, D] gradient. Split in Python instead, the autograd of that unbind would stack
+// the L gradients again: a copy of the whole tensor in every backward.
+inline bool is_stacked(at::TensorList list) { return list.size() == 1 && list[0].dim() == 4; }
+inline std::vector<at::Tensor> unstack(at::TensorList list) {
+  return is_stacked(list) ? list[0].unbind(0) : list.vec();
+}
+
+// Gradients of a layer list: `rows` are the L row tensors [B, T, D] the kernels write, `ret` what the
+// op returns (the same tensors, or, for a stacked input, the one [L, B, T, D] tensor they are views of).
+struct LayerGrads {
+  std::vector<at::Tensor> rows, ret;
+};
+inline LayerGrads layer_grads(bool stacked, int64_t L, at::IntArrayRef row_shape, const at::TensorOptions& options) {
+  LayerGrads g;
+  if (stacked) {
+    std::vector<int64_t> shape{L};
+    shape.insert(shape.end(), row_shape.begin(), row_shape.end());
+    const at::Tensor all = ::raekern::empty_output(shape, options);
+    g.rows = all.unbind(0);
+    g.ret = {all};
+  } else {
+    for (int64_t l = 0; l < L; ++l) g.rows.push_back(::raekern::empty_output(row_shape, options));
+    g.ret = g.rows;
+  }
+  return g;
+}
 
 inline void check_layer_list(at::TensorList layers, const char* op, const char* arg, int64_t dim) {
   RAEKERN_CHECK(!layers.empty(), op, arg, "must hold at least one tensor");

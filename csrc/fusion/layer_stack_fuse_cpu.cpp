@@ -349,11 +349,12 @@ void fuse_backward(const at::Tensor& grad, at::TensorList layers, const StackSha
     }
 }
 
-at::Tensor layer_stack_fuse_cpu(at::TensorList layers, const std::optional<at::Tensor>& weights,
+at::Tensor layer_stack_fuse_cpu(at::TensorList layers_in, const std::optional<at::Tensor>& weights,
                                 int64_t skip_tokens, bool normalize, double eps, c10::string_view reduce,
                                 bool add_last_token_mean, bool channels_first, int64_t grid_h, int64_t grid_w,
                                 const std::optional<at::Tensor>& latent_mean,
                                 const std::optional<at::Tensor>& latent_var, double latent_eps) {
+  const std::vector<at::Tensor> layers = unstack(layers_in);
   const StackShape s = parse_layer_stack(layers, weights, skip_tokens, std::string(reduce), channels_first,
                                          grid_h, grid_w, latent_mean, latent_var, kOp);
   const auto st = layers[0].scalar_type();
@@ -375,9 +376,10 @@ at::Tensor layer_stack_fuse_cpu(at::TensorList layers, const std::optional<at::T
 }
 
 std::tuple<std::vector<at::Tensor>, at::Tensor> layer_stack_fuse_backward_cpu(
-    const at::Tensor& grad, at::TensorList layers, const std::optional<at::Tensor>& weights, int64_t skip_tokens,
+    const at::Tensor& grad, at::TensorList layers_in, const std::optional<at::Tensor>& weights, int64_t skip_tokens,
     bool normalize, double eps, c10::string_view reduce, bool add_last_token_mean, bool channels_first,
     const std::optional<at::Tensor>& latent_var, double latent_eps, bool weights_grad) {
+  const std::vector<at::Tensor> layers = unstack(layers_in);
   const int64_t gh = channels_first && grad.dim() == 4 ? grad.size(2) : 0;
   const int64_t gw = channels_first && grad.dim() == 4 ? grad.size(3) : 0;
   const StackShape s = parse_layer_stack(layers, weights, skip_tokens, std::string(reduce), channels_first, gh,
@@ -393,8 +395,8 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> layer_stack_fuse_backward_cpu(
   }
   const auto st = layers[0].scalar_type();
   const at::Tensor w = as_acc(weights, st), v = as_acc(latent_var, st);
-  std::vector<at::Tensor> dl;
-  for (int64_t l = 0; l < s.L; ++l) dl.push_back(::raekern::empty_output({s.B, s.T, s.D}, layers[0].options()));
+  LayerGrads grads = layer_grads(is_stacked(layers_in), s.L, {s.B, s.T, s.D}, layers[0].options());
+  std::vector<at::Tensor>& dl = grads.rows;
   at::Tensor dw;
   const bool want_dw = weights_grad && weights.has_value();
   if (want_dw)
@@ -402,13 +404,13 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> layer_stack_fuse_backward_cpu(
                    layers[0].options().dtype(acc_dtype(st)));
   else
     dw = ::raekern::empty_output({0}, layers[0].options().dtype(weights.has_value() ? weights->scalar_type() : st));
-  if (s.B == 0 || s.D == 0) return {dl, want_dw ? dw.to(weights->scalar_type()) : dw};
+  if (s.B == 0 || s.D == 0) return {grads.ret, want_dw ? dw.to(weights->scalar_type()) : dw};
 
   RAEKERN_DISPATCH_FLOATING(st, "layer_stack_fuse_backward_cpu", [&] {
     fuse_backward<scalar_t>(grad, layers, s, w, v, normalize, eps, add_last_token_mean, latent_eps, want_dw, dw, dl);
   });
   if (want_dw) dw = dw.to(weights->scalar_type());
-  return {dl, dw};
+  return {grads.ret, dw};
 }
 
 }  // namespace

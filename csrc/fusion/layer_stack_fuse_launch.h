@@ -58,12 +58,13 @@ StackArgs stack_args(Dev& dev, at::TensorList layers, const StackShape& s, const
 }
 
 template <class Dev>
-at::Tensor layer_stack_fuse_op(at::TensorList layers, const std::optional<at::Tensor>& weights, int64_t skip_tokens,
+at::Tensor layer_stack_fuse_op(at::TensorList layers_in, const std::optional<at::Tensor>& weights, int64_t skip_tokens,
                                bool normalize, double eps, c10::string_view reduce, bool add_last_token_mean,
                                bool channels_first, int64_t grid_h, int64_t grid_w,
                                const std::optional<at::Tensor>& latent_mean,
                                const std::optional<at::Tensor>& latent_var, double latent_eps) {
   const char* op = "layer_stack_fuse";
+  const std::vector<at::Tensor> layers = unstack(layers_in);
   const StackShape s = parse_layer_stack(layers, weights, skip_tokens, std::string(reduce), channels_first, grid_h,
                                          grid_w, latent_mean, latent_var, op);
   RAEKERN_CHECK(layers[0].scalar_type() != at::kDouble, op, "layers", "float64 is CPU-only; got a CUDA float64 tensor");
@@ -117,10 +118,11 @@ at::Tensor layer_stack_fuse_op(at::TensorList layers, const std::optional<at::Te
 
 template <class Dev>
 std::tuple<std::vector<at::Tensor>, at::Tensor> layer_stack_fuse_backward_op(
-    const at::Tensor& grad_in, at::TensorList layers, const std::optional<at::Tensor>& weights, int64_t skip_tokens,
+    const at::Tensor& grad_in, at::TensorList layers_in, const std::optional<at::Tensor>& weights, int64_t skip_tokens,
     bool normalize, double eps, c10::string_view reduce, bool add_last_token_mean, bool channels_first,
     const std::optional<at::Tensor>& latent_var, double latent_eps, bool weights_grad) {
   const char* op = "layer_stack_fuse_backward";
+  const std::vector<at::Tensor> layers = unstack(layers_in);
   const int64_t gh = channels_first && grad_in.dim() == 4 ? grad_in.size(2) : 0;
   const int64_t gw = channels_first && grad_in.dim() == 4 ? grad_in.size(3) : 0;
   const StackShape s = parse_layer_stack(layers, weights, skip_tokens, std::string(reduce), channels_first, gh, gw,
@@ -131,11 +133,9 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> layer_stack_fuse_backward_op(
   raekern::check_same_device(grad_in, layers[0], op, "grad");
   Dev dev(layers[0]);
   const at::Tensor grad = grad_in.contiguous();
-  std::vector<at::Tensor> dl;
-  for (int64_t l = 0; l < s.L; ++l) {
-    dl.push_back(::raekern::empty_output({s.B, s.T, s.D}, layers[0].options()));
-    dev.fresh(dl.back());
-  }
+  LayerGrads grads = layer_grads(is_stacked(layers_in), s.L, {s.B, s.T, s.D}, layers[0].options());
+  std::vector<at::Tensor>& dl = grads.rows;
+  for (auto& t : dl) dev.fresh(t);
   // The warp kernel writes every row (zeros for the prefix tokens); the block kernels only the patch
   // tokens' rows, so the prefix rows are zeroed here for them.
   std::vector<at::Tensor> all(layers.begin(), layers.end());
@@ -207,7 +207,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> layer_stack_fuse_backward_op(
   }
   dev.finish();
   if (want_dw) dw = dw.reshape(weights->sizes()).to(weights->scalar_type());
-  return {dl, dw};
+  return {grads.ret, dw};
 }
 
 }  // namespace raekern::fusion::cuda

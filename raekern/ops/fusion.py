@@ -40,13 +40,16 @@ TensorList = Sequence[torch.Tensor] | torch.Tensor
 
 
 def _as_list(layers, op: str, arg: str) -> list[torch.Tensor]:
-    """A list of L tensors [B, T, D], or one [L, B, T, D] tensor split into views (no copy)."""
+    """The ops' layer argument: a list of L tensors [B, T, D] as given, or one [L, B, T, D] tensor as a
+    one-entry list (the kernels' stacked form: they read its L slices in place, and the backward
+    returns one [L, B, T, D] gradient; split into views here, autograd would stack L gradients again,
+    a copy of the whole tensor). `_layer_count` and `_layer_shape` read either form."""
     if isinstance(layers, torch.Tensor):
         check_tensor(layers, op, arg, ndim=4)
         if layers.shape[0] == 0:
             fail(op, arg, f"as one [L, B, T, D] tensor must hold at least one layer, got L = 0 "
                           f"(shape {tuple(layers.shape)})")
-        return list(layers.unbind(0))
+        return [layers]
     if not isinstance(layers, (list, tuple)):
         fail(op, arg, f"must be a list of tensors or one [L, B, T, D] tensor, got {type(layers).__name__}",
              TypeError)
@@ -70,6 +73,19 @@ def _as_list(layers, op: str, arg: str) -> list[torch.Tensor]:
             fail(op, arg, f"entries must share one device: entry {i} is on {t.device}, entry 0 on "
                           f"{ref.device}")
     return list(layers)
+
+
+def _is_stacked(layers: list[torch.Tensor]) -> bool:
+    return len(layers) == 1 and layers[0].dim() == 4
+
+
+def _layer_count(layers: list[torch.Tensor]) -> int:
+    return layers[0].shape[0] if _is_stacked(layers) else len(layers)
+
+
+def _layer_shape(layers: list[torch.Tensor]) -> torch.Size:
+    """[B, T, D] of one layer, in either form of `_as_list`."""
+    return layers[0].shape[-3:]
 
 
 def _square_grid(n: int, op: str) -> tuple[int, int]:
@@ -113,7 +129,8 @@ def layer_stack_fuse(
 
     Args:
         layers: L tensors ``[B, T, D]`` (a ViT's hidden states, any strides; never stacked) or one
-            ``[L, B, T, D]`` tensor. Same shape, dtype (fp32/bf16/fp16/fp64) and device.
+            ``[L, B, T, D]`` tensor (its gradient is then one tensor too, no stacking copy). Same
+            shape, dtype (fp32/bf16/fp16/fp64) and device.
         weights: ``[L]`` or ``[B, N, L]``, any float dtype (used in fp32); required for "weighted".
         skip_tokens: P prefix tokens (CLS + registers) dropped; N = T − P.
         normalize / eps: per-layer non-affine LayerNorm (eps 1e-6 DINOv2, 1e-5 DINOv3).
@@ -129,8 +146,8 @@ def layer_stack_fuse(
     """
     op = "layer_stack_fuse"
     layers = _as_list(layers, op, "layers")
-    L = len(layers)
-    B, T, D = layers[0].shape
+    L = _layer_count(layers)
+    B, T, D = _layer_shape(layers)
     check_eps(eps, op)
     check_eps(latent_eps, op, "latent_eps")
     if not is_int(skip_tokens) or not 0 <= skip_tokens < T:
@@ -232,7 +249,7 @@ def layer_stack_fuse_reference(
 @torch.library.register_fake("raekern::layer_stack_fuse")
 def _(layers, weights, skip_tokens, normalize, eps, reduce, add_last_token_mean, channels_first, grid_h,
       grid_w, latent_mean, latent_var, latent_eps):
-    B, T, D = layers[0].shape
+    B, T, D = _layer_shape(layers)
     if channels_first:
         return layers[0].new_empty((B, D, grid_h, grid_w))
     return layers[0].new_empty((B, T - skip_tokens, D))
@@ -297,7 +314,8 @@ def depth_route(
     Returns ``base + Δ``.
 
     Args:
-        experts: L expert outputs ``[B, N, D]`` (any strides) or one ``[L, B, N, D]`` tensor.
+        experts: L expert outputs ``[B, N, D]`` (any strides) or one ``[L, B, N, D]`` tensor (as a
+            batched expert GEMM returns it; its gradient is then one tensor too, no stacking copy).
         router_logits: ``[B, N, L]``, any float dtype (used in fp32).
         base: ``[B, N, D]`` last-layer RAE feature, the experts' dtype.
         gamma: scalar, ``[1]`` or ``[D]`` gate (bound="tanh" only).
@@ -308,13 +326,13 @@ def depth_route(
     op = "depth_route"
     experts = _as_list(experts, op, "experts")
     base, *experts = autocast_promote(base, *experts)  # bf16 experts (autocast) and an fp32 LayerNorm base
-    L = len(experts)
-    B, N, D = experts[0].shape
+    L = _layer_count(experts)
+    B, N, D = _layer_shape(experts)
     check_choice(energy, ("l2", "softmax", "none"), op, "energy")
     check_choice(bound, ("tanh", "norm_cap", "none"), op, "bound")
     check_tensor(base, op, "base", ndim=3, like=experts[0])
-    if base.shape != experts[0].shape:
-        fail(op, "base", f"must have the experts' shape [B, N, D] = {list(experts[0].shape)}, got "
+    if base.shape != _layer_shape(experts):
+        fail(op, "base", f"must have the experts' shape [B, N, D] = {list(_layer_shape(experts))}, got "
                          f"{list(base.shape)}")
     check_tensor(router_logits, op, "router_logits", ndim=3, like=experts[0], same_dtype=False)
     if tuple(router_logits.shape) != (B, N, L):
