@@ -106,6 +106,19 @@ def _cases_for(device: str, dtype: torch.dtype, quick: bool) -> list[Case]:
         impls=_with_block_kernel(device, {k: _lazy_grads(f, rin, gr) for k, f in rfwd.items()}),
         bytes=(2 * L + 2) * B * N * Dr * es, notes="gradients of experts, logits, base and gamma"))
 
+    # DepthRoutedFusion's form: the experts as one [L, B, N, D] leaf (its batched GEMM's output). raekern
+    # takes it whole and returns one stacked gradient; the eager and compiled math take its L views,
+    # and their autograd stacks the L gradients back, as a user's transcription would.
+    sin = [torch.stack(experts).requires_grad_()] + [t.detach().clone().requires_grad_() for t in (logits, base, gamma)]
+    s_ex, s_lg, s_base, s_gm = sin
+    sfwd = {"raekern": lambda: fu.depth_route(s_ex, s_lg, s_base, gamma=s_gm),
+            "eager": lambda: _route_math(list(s_ex.unbind(0)), s_lg, s_base, s_gm),
+            "compile": lambda: rcomp(list(s_ex.unbind(0)), s_lg, s_base, s_gm)}
+    cases.append(Case(
+        "fusion", "depth_route bwd stacked", f"L={L} B={B} N={N} D={Dr}", dtype,
+        impls=_with_block_kernel(device, {k: _lazy_grads(f, sin, gr) for k, f in sfwd.items()}),
+        bytes=(2 * L + 2) * B * N * Dr * es, notes="experts as one [L, B, N, D] tensor (DepthRoutedFusion)"))
+
     H = int(N ** 0.5)
     z = torch.randn(B, H * H, D, generator=gen).to(device, dtype)
     mean = torch.randn(D, H, H, generator=gen).to(device)
