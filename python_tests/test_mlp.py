@@ -1,6 +1,8 @@
 """MLP family (SwiGLU): swiglu / swiglu_packed against the plain-PyTorch reference, gradients, odd
 sizes, strided / broadcast / packed layouts, opcheck, torch.compile, argument errors, and the CUDA
-kernels (csrc/mlp/swiglu_kernel.cuh) run on the CPU through the host emulation."""
+kernels (csrc/mlp/swiglu_kernel.cuh) run on the CPU through the host emulation. transpose_copy (the
+Linear backward's operand transposes): exact against x.t().contiguous() over odd sizes, layouts and
+dtypes, gradients, opcheck, compile, errors."""
 import os
 
 import pytest
@@ -386,3 +388,75 @@ def test_emulated_grid_stride(block, max_x, max_y, schedule, emu_config):
     _emu_check(a, b, g, torch.float32, f"block {block}")
     flat_a, flat_b = _pair((1000,), torch.float32)  # one long row
     _emu_check(flat_a, flat_b, torch.randn(1000), torch.float32, "flat")
+
+
+# ---------------------------------------------------------------------------------- transpose_copy
+
+TRANSPOSE_SHAPES = [(1, 1), (1, 37), (37, 1), (16, 16), (17, 33), (100, 37), (64, 2048), (1031, 48), (48, 1031)]
+
+
+@pytest.mark.parametrize("shape", TRANSPOSE_SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES + [torch.int32, torch.int64])
+def test_transpose_copy_is_exact(shape, dtype):
+    """Bit-exact against x.t().contiguous() (the kernel's 16×16 / 8×8 blocks, the row and column
+    tails, the tile edges at 1024 rows), a new contiguous tensor, for every dtype (4-byte ones take
+    the kernel, the others torch's copy)."""
+    x = (torch.randn(shape, dtype=torch.float64) * 100).to(dtype)
+    y = R.transpose_copy(x)
+    assert y.shape == shape[::-1] and y.dtype == dtype and y.is_contiguous()
+    assert torch.equal(y, R.transpose_copy_reference(x)) and torch.equal(y, x.t())
+    assert y.data_ptr() != x.data_ptr()
+
+
+def test_transpose_copy_layouts():
+    """Strided rows (a column slice), stride-0 rows (expand), a transposed (column-major) input, whose
+    transpose is contiguous (still a new tensor), and a sliced row step."""
+    base = torch.randn(70, 90)
+    for x in (base[:, 3:80], base[::2], torch.randn(1, 90).expand(33, 90), base.t(), base[5:60, ::3],
+              torch.empty(0, 5), torch.empty(5, 0)):
+        y = R.transpose_copy(x)
+        assert torch.equal(y, x.t()) and y.is_contiguous(), x.stride()
+        if x.numel():
+            assert y.data_ptr() != x.data_ptr()
+
+
+def test_transpose_copy_grad_opcheck_compile():
+    x = torch.randn(19, 35, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(R.transpose_copy, (x,))
+    torch.library.opcheck(torch.ops.raekern.transpose_copy, (torch.randn(19, 35, requires_grad=True),))
+    torch.library.opcheck(torch.ops.raekern.transpose_copy, (torch.randn(40, 7)[::2],))
+    f = torch.compile(lambda a: R.transpose_copy(a * 2).sum(1), fullgraph=True)
+    a = torch.randn(33, 65, requires_grad=True)
+    torch.testing.assert_close(f(a), (a * 2).sum(0))
+    f(a).sum().backward()
+    assert torch.equal(a.grad, torch.full_like(a, 2.0))
+
+
+def test_transpose_copy_bad_inputs_name_the_argument():
+    with pytest.raises(ValueError, match="'x'"):
+        R.transpose_copy(torch.randn(2, 3, 4))
+    with pytest.raises(ValueError, match="'x'"):
+        torch.ops.raekern.transpose_copy(torch.randn(5))
+    with pytest.raises(TypeError, match="'x'"):
+        R.transpose_copy([[1.0]])
+
+
+def test_onednn_linear_backward_uses_the_fast_transpose(monkeypatch):
+    """The raekern backend's oneDNN Linear (AMD CPUs) takes its backward operands from transpose_copy;
+    its gradients equal nn.Linear's."""
+    from raekern.models import layers as LY
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+        pytest.skip("no oneDNN linear in this torch build")
+    calls = []
+    real = LY._transposed
+    monkeypatch.setattr(LY, "_transposed", lambda m: calls.append(m.shape) or real(m))
+    monkeypatch.setattr(LY, "_ONEDNN_FP32", True)
+    lin = torch.nn.Linear(24, 40)
+    x = torch.randn(3, 7, 24, requires_grad=True)
+    y = LY.dense(x, lin)
+    g = torch.randn_like(y)
+    got = torch.autograd.grad(y, (x, lin.weight, lin.bias), g)
+    want = torch.autograd.grad(lin(x), (x, lin.weight, lin.bias), g)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert len(calls) == 3

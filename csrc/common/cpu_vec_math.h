@@ -85,6 +85,26 @@ inline void transpose16(__m512* r) {
 #elif defined(RAEKERN_CPU_VEC8)
 namespace raekern::cpu {
 
+// In-register transpose of an 8×8 fp32 block (AVX2): r[i] lane j becomes r[j] lane i. Unpacks and
+// in-lane shuffles within each 128-bit half, then the halves swapped across (24 shuffles).
+inline void transpose8(__m256* r) {
+  __m256 t[8], u[8];
+  for (int i = 0; i < 4; ++i) {
+    t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int g = 0; g < 2; ++g) {
+    u[4 * g + 0] = _mm256_shuffle_ps(t[4 * g], t[4 * g + 2], 0x44);
+    u[4 * g + 1] = _mm256_shuffle_ps(t[4 * g], t[4 * g + 2], 0xEE);
+    u[4 * g + 2] = _mm256_shuffle_ps(t[4 * g + 1], t[4 * g + 3], 0x44);
+    u[4 * g + 3] = _mm256_shuffle_ps(t[4 * g + 1], t[4 * g + 3], 0xEE);
+  }
+  for (int c = 0; c < 4; ++c) {
+    r[c] = _mm256_permute2f128_ps(u[c], u[4 + c], 0x20);
+    r[4 + c] = _mm256_permute2f128_ps(u[c], u[4 + c], 0x31);
+  }
+}
+
 // p·2^n for integral n in [-160, 63] (AVX2 has no vscalefps): 2^(n+64) is a normal number and the
 // product with it exact; the final 2^-64 rounds a result in the denormal range once, as scalef does.
 inline __m256 scalef8(__m256 p, __m256 n) {

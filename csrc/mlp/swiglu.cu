@@ -8,6 +8,7 @@
 #include "common/checks.h"
 #include "common/cuda_launch.h"
 #include "mlp/mlp_host.h"
+#include "mlp/transpose.h"
 #include "mlp/swiglu_kernel.cuh"
 #include "mlp/swiglu_launch.h"
 
@@ -51,6 +52,9 @@ void backward_cuda(const Params& p, at::ScalarType st) { run(p, st, true); }
 
 const Backend kCuda{forward_cuda, backward_cuda};
 
-TORCH_LIBRARY_IMPL(raekern, CUDA, m) { register_impls<&kCuda>(m); }
+TORCH_LIBRARY_IMPL(raekern, CUDA, m) {
+  register_impls<&kCuda>(m);
+  m.impl("transpose_copy", &transpose_copy_generic);  // torch's tiled CUDA transpose
+}
 
 }  // namespace raekern::mlp

@@ -7,7 +7,8 @@ raekern against eager PyTorch (``F.silu(a) * b`` in the input dtype, as the rele
 it) and torch.compile of the same math. ``bytes`` counts each tensor read or written once:
 forward 3·M·H elements (a, b, out), backward 5·M·H (grad, a, b, da, db). Backward cases time
 ``torch.autograd.grad`` through a graph built once (retain_graph), so every implementation pays the
-same autograd overhead.
+same autograd overhead. On CPU also ``transpose_copy`` (tokens 2048 × width 384..6144, fp32), the
+operand transposes of the raekern backend's oneDNN Linear backward.
 """
 from __future__ import annotations
 
@@ -108,4 +109,26 @@ def mlp_cases(device: str = "cpu", quick: bool = False) -> list[Case]:
                     R.swiglu_packed, eager_swiglu_packed, ("ab",), inp), bytes=5 * row))
                 cases.append(Case("mlp", "swiglu bwd", shape, dtype, _bwd_impls(
                     R.swiglu, eager_swiglu, ("a", "b"), inp), bytes=5 * row))
+    if device == "cpu":
+        cases += _transpose_cases(quick)
+    return cases
+
+
+def eager_transpose(x):
+    return x.t().contiguous()
+
+
+def _transpose_cases(quick: bool) -> list[Case]:
+    """transpose_copy at the DiT-DH-S operand shapes of a Linear's weight gradient (tokens × width:
+    the 384-wide body, its 1152-wide qkv, the 2048-wide head and its 6144-wide w12), fp32: the
+    operands the oneDNN Linear backward transposes (CPU only; CUDA takes torch's copy)."""
+    cases = []
+    for C in ((1152,) if quick else (384, 1152, 2048, 6144)):
+        M = 2048
+        x = torch.randn(M, C, generator=torch.Generator().manual_seed(C))
+        comp = compiled(eager_transpose)
+        cases.append(Case("mlp", "transpose_copy", f"{M}x{C}", torch.float32,
+                          {"raekern": lambda x=x: R.transpose_copy(x), "eager": lambda x=x: eager_transpose(x),
+                           "compile": lambda x=x, comp=comp: comp(x)},
+                          bytes=2 * M * C * 4, notes="a Linear backward operand (oneDNN GEMM, AMD CPUs)"))
     return cases

@@ -6,4 +6,5 @@ from raekern.ops.norm import *  # noqa: E402,F401,F403
 from raekern.ops.fusion import *  # noqa: E402,F401,F403
 from raekern.ops.attention import (attention, attention_info, attention_packed, attention_path,  # noqa: F401,E402
                                   attention_reference)
-from raekern.ops.mlp import swiglu, swiglu_packed, swiglu_packed_reference, swiglu_reference  # noqa: F401,E402
+from raekern.ops.mlp import (  # noqa: F401,E402
+    swiglu, swiglu_packed, swiglu_packed_reference, swiglu_reference, transpose_copy, transpose_copy_reference)

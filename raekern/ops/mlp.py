@@ -19,6 +19,14 @@ Dtypes. float64, float32, bfloat16, float16; bf16/fp16 are computed in fp32 and 
 (``silu(a)`` is not rounded before the product, unlike eager ``F.silu(a) * b`` in bf16). The
 sigmoid is evaluated from ``exp(-|a|)``, so no intermediate overflows for any finite ``a``.
 
+One helper of a Linear's backward: :func:`transpose_copy` (``x.t().contiguous()`` of a 2-D tensor, as
+a new tensor). oneDNN's GEMM, which the raekern backend runs for fp32 Linears on AMD CPUs
+(``raekern.models.layers``), takes both operands with the reduction dimension contiguous, so the weight
+gradient ``dyᵀ·x`` needs ``dy`` and ``x`` transposed. torch copies a transposed fp32 matrix in
+single-threaded 60×60 blocks; this op uses 16×16 (AVX-512) or 8×8 (AVX2) in-register transposes on
+every thread. 4-byte dtypes with contiguous rows take the kernel; other inputs, and CUDA tensors,
+take torch's copy.
+
 Devices. CPU kernels: AVX-512 (a portable loop otherwise), multithreaded. CUDA kernels (fp32/bf16/
 fp16, up to 128-bit vector accesses, 64-bit indexing, current stream) compile for sm_80/sm_90a and
 are tested on the CPU through the host emulation and pass their GPU tests on an H200 (2026-11-30).
@@ -32,7 +40,8 @@ from torch import Tensor
 from raekern._utils.checks import autocast_promote, check_tensor, fail
 from raekern._utils.library import forbid_double_backward
 
-__all__ = ["swiglu", "swiglu_packed", "swiglu_reference", "swiglu_packed_reference"]
+__all__ = ["swiglu", "swiglu_packed", "swiglu_reference", "swiglu_packed_reference", "transpose_copy",
+           "transpose_copy_reference"]
 
 _ops = torch.ops.raekern
 
@@ -96,6 +105,21 @@ def swiglu_packed_reference(ab: Tensor) -> Tensor:
     return swiglu_reference(a, b)
 
 
+def transpose_copy(x: Tensor) -> Tensor:
+    """``xᵀ`` of a 2-D ``x [R, C]`` as a new contiguous ``[C, R]`` tensor (never ``x`` itself).
+
+    Any dtype and strides; fp32 (any 4-byte dtype) with contiguous rows runs the vectorised,
+    multithreaded CPU kernel, the rest torch's copy. Differentiable (the gradient is the transpose of
+    the output's gradient)."""
+    check_tensor(x, "transpose_copy", "x", ndim=2, floating=False)
+    return _ops.transpose_copy(x)
+
+
+def transpose_copy_reference(x: Tensor) -> Tensor:
+    """Plain-PyTorch transpose_copy."""
+    return x.t().clone(memory_format=torch.contiguous_format)
+
+
 # --------------------------------------------------------------------------------------------------
 # fake kernels: shapes/dtypes of every op, so torch.compile and torch.export trace through them
 
@@ -121,6 +145,11 @@ def _(ab):
 @torch.library.register_fake("raekern::swiglu_packed_backward")
 def _(grad, ab):
     return ab.new_empty(ab.shape)
+
+
+@torch.library.register_fake("raekern::transpose_copy")
+def _(x):
+    return x.new_empty((x.shape[1], x.shape[0]))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -149,5 +178,7 @@ def _swp_backward(ctx, grad):
 
 torch.library.register_autograd("raekern::swiglu", _sw_backward, setup_context=_sw_setup)
 torch.library.register_autograd("raekern::swiglu_packed", _swp_backward, setup_context=_swp_setup)
+torch.library.register_autograd("raekern::transpose_copy", lambda ctx, grad: _ops.transpose_copy(grad),
+                                setup_context=lambda ctx, inputs, output: None)
 forbid_double_backward("swiglu_backward", "swiglu")
 forbid_double_backward("swiglu_packed_backward", "swiglu_packed")
