@@ -622,6 +622,36 @@ def test_depth_routed_fusion_starts_at_rae_latent_and_trains():
     assert DepthRoutedFusion().w1.shape == (12, 768, 1536)
 
 
+@pytest.mark.parametrize("onednn", [False, True])
+def test_depth_routed_fusion_backends_agree_with_gradients(monkeypatch, onednn):
+    """The raekern backend's experts (L oneDNN GEMMs on the fp32 CPU path that AMD CPUs take, forced
+    here, or torch's baddbmm) against the torch backend: output and every parameter's gradient."""
+    from raekern.models import layers as LY
+    if onednn and not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+        pytest.skip("no oneDNN linear in this torch build")
+    monkeypatch.setattr(LY, "_ONEDNN_FP32", onednn)
+    torch.manual_seed(1)
+    L, B, T, D = 3, 2, 11, 16
+    m = DepthRoutedFusion(D, L, 24, skip_tokens=1)
+    with torch.no_grad():
+        m.gamma.normal_()
+        m.b1.normal_()
+        m.b2.normal_()
+    hs = [torch.randn(B, T, D) for _ in range(L)]
+    res = []
+    for use in (True, False):
+        m.use_raekern = use
+        m.zero_grad(set_to_none=True)
+        y = m(hs)
+        y.square().mean().backward()
+        res.append([y] + [p.grad.clone() for p in m.parameters()])
+    for a, b in zip(*res):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        m.use_raekern = True
+        torch.testing.assert_close(m(hs), res[1][0], atol=1e-5, rtol=1e-5)  # the no-grad path
+
+
 @pytest.mark.parametrize("kw, arg", [(dict(gate="chanel"), "gate"), (dict(energy="l1"), "energy"),
                                      (dict(bound="clip"), "bound"), (dict(bound="norm_cap"), "cap"),
                                      (dict(bound="norm_cap", cap=-1.0), "cap"), (dict(cap=0.5), "cap")])

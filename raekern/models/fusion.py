@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from raekern.models.layers import baddbmm_dense
 from raekern.ops import fusion as _f
 
 __all__ = ["LayerMeanFusion", "DepthRoutedFusion", "LatentStats", "set_training_phase"]
@@ -196,7 +197,11 @@ class DepthRoutedFusion(nn.Module):
             nn.init.zeros_(self.gamma)
 
     def experts(self, x: torch.Tensor) -> torch.Tensor:
-        """All L expert MLPs as two batched GEMMs: ``[L, M, D] → [L, M, D]``."""
+        """All L expert MLPs as two batched GEMMs: ``[L, M, D] → [L, M, D]`` (on the raekern backend's
+        fp32 CPU path on AMD, L oneDNN GEMMs each: ``raekern.models.layers.baddbmm_dense``)."""
+        if self.use_raekern:
+            h = F.gelu(baddbmm_dense(self.b1, x, self.w1))
+            return baddbmm_dense(self.b2, h, self.w2)
         h = F.gelu(torch.baddbmm(self.b1, x, self.w1))
         return torch.baddbmm(self.b2, h, self.w2)
 
