@@ -140,7 +140,7 @@ def baddbmm_dense(b: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> torch.Te
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, w, b))
     outs = []
     for xl, wl, bl in zip(x.unbind(0), w.unbind(0), b.unbind(0)):
-        wt = torch.ops.raekern.transpose_copy(wl)  # [N, K], the linear's weight layout
+        wt = _transposed(wl)  # [N, K], the linear's weight layout
         bias = bl.reshape(-1)
         outs.append(_OneDNNLinear.apply(xl, wt, bias) if grad else _onednn_linear(xl, wt, bias))
     return torch.stack(outs)

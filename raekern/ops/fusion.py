@@ -331,8 +331,8 @@ def depth_route(
     check_choice(energy, ("l2", "softmax", "none"), op, "energy")
     check_choice(bound, ("tanh", "norm_cap", "none"), op, "bound")
     check_tensor(base, op, "base", ndim=3, like=experts[0])
-    if base.shape != _layer_shape(experts):
-        fail(op, "base", f"must have the experts' shape [B, N, D] = {list(_layer_shape(experts))}, got "
+    if tuple(base.shape) != (B, N, D):
+        fail(op, "base", f"must have the experts' shape [B, N, D] = {[B, N, D]}, got "
                          f"{list(base.shape)}")
     check_tensor(router_logits, op, "router_logits", ndim=3, like=experts[0], same_dtype=False)
     if tuple(router_logits.shape) != (B, N, L):
