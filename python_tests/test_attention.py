@@ -101,6 +101,19 @@ def test_gradients_match_reference(dtype, shape, layout):
         check_close(a, s, r, GRAD_FLOOR[dtype] * scale, name)
 
 
+@pytest.mark.parametrize("unit", ["1", "0"], ids=["dot_product_kernels", "fp32_kernels"])
+@pytest.mark.parametrize("shape", [(2, 257, 2, 72), (1, 268, 2, 64), (1, 40, 1, 136), (2, 19, 1, 12)], ids=str)
+def test_both_cpu_bf16_units_match_reference(unit, shape, monkeypatch):
+    """CPU bf16 runs the bf16 dot-product kernels (AMX / vdpbf16ps) or the fp32 ones (by default on
+    Intel without AMX, where vdpbf16ps is the slower unit): both, forced, on whichever CPU runs the tests."""
+    monkeypatch.setenv("RAEKERN_ATTENTION_AMX", unit)
+    if unit == "0":
+        assert attention_info()["bf16_forward"] in ("avx512", "avx2", "portable")
+    for layout in ("bnhd", "bhnd"):
+        test_forward_matches_reference(torch.bfloat16, shape, layout)
+        test_gradients_match_reference(torch.bfloat16, shape, layout)
+
+
 # The CPU products with Dh columns compute round8(Dh) of them: head dims ≡ 8 (mod 16) end in a half
 # (ymm) vector, alone (8), after 1–4 full vectors (24…72), or after 64-column panels (88, 104, 152, 248).
 @pytest.mark.parametrize("d", [8, 24, 40, 56, 88, 104, 152, 248])

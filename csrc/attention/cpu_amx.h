@@ -1,8 +1,9 @@
 // The bf16 dot-product building blocks the CPU attention forward and backward share: tile state and
 // configuration, the VNNI packings, the 2×2-tile score block and the accumulating P·V-style product.
 // Two units run them: AMX tiles (Sapphire Rapids and newer; the OS grants the tile state) or, on CPUs
-// with AVX512-BF16 but no AMX (Zen 4/5, Cooper Lake), the same products as vdpbf16ps on zmm
-// registers over the same packed layouts, so one forward and one backward serve both.
+// with AVX512-BF16 but no AMX (Zen 4/5; on Intel only when forced, see vector_unit_pays), the same
+// products as vdpbf16ps on zmm registers over the same packed layouts, so one forward and one
+// backward serve both.
 // Every buffer a tile reads or writes is 64-byte aligned: a tile row across two cache lines costs two
 // accesses. Tile use: 0-3 accumulators, 4-5 A (two 16-row halves), 6-7 B (two 16-column halves).
 #pragma once
@@ -11,6 +12,7 @@
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
 #define RAEKERN_ATTENTION_AMX_TILES 1
 #endif
+#include <cpuid.h>
 #include <immintrin.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -24,19 +26,35 @@
 
 namespace raekern::attention::cpu::amx {
 
-// Whether the bf16 path runs: RAEKERN_ATTENTION_AMX=0 turns it off (the portable fp32 kernels then
-// take bf16 too); with AMX tiles, Linux hands out the tile state only on request (once per process).
+// vdpbf16ps pays where it is at least as fast as two fp32 FMAs: on Zen 4/5. On Intel cores it is
+// not (Emerald Rapids with AMX hidden by its VM, measured 2026-12-02: one zmm vdpbf16ps per ~2.4
+// cycles, 27 bf16 flop/cycle, against 64 fp32 flop/cycle from two FMA ports), so there the fp32
+// kernels, which widen bf16 while packing, are faster: forward 11.6 -> 8.7 ms at B=4 H=16 N=256 Dh=72.
+inline bool vector_unit_pays() {
+  static const bool pays = [] {
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    __cpuid(0, a, b, c, d);
+    return !(b == 0x756e6547u && d == 0x49656e69u && c == 0x6c65746eu);  // "GenuineIntel"
+  }();
+  return pays;
+}
+
+// Whether the bf16 path runs (read at each call, so tests can compare both in one process):
+// RAEKERN_ATTENTION_AMX=0 turns it off (the portable fp32 kernels then take bf16 too), =1 runs the
+// vector unit even where it does not pay (Intel without AMX). With AMX tiles, Linux hands out the tile
+// state only on request (once per process); without it the fp32 kernels run.
 inline bool available() {
-  static const bool ok = [] {
-    if (const char* e = std::getenv("RAEKERN_ATTENTION_AMX"); e && e[0] == '0') return false;
+  const char* e = std::getenv("RAEKERN_ATTENTION_AMX");
+  if (e && e[0] == '0') return false;
 #ifdef RAEKERN_ATTENTION_AMX_TILES
+  static const bool granted = [] {
     constexpr long kReqXcompPerm = 0x1023, kXtiledata = 18;
     return syscall(SYS_arch_prctl, kReqXcompPerm, kXtiledata) == 0;
-#else
-    return true;
-#endif
   }();
-  return ok;
+  return granted;
+#else
+  return (e && e[0] == '1') || vector_unit_pays();
+#endif
 }
 
 // The unit's name, as attention_info() reports it.

@@ -13,8 +13,9 @@ SWITCHES: dict[str, str] = {
                                        "deterministic mode)",
     "RAEKERN_ATTENTION_FWD": "rows16: the CUDA attention forward's one-m-tile configs (measured on the "
                              "H200, 2026-11-30)",
-    "RAEKERN_ATTENTION_AMX": "0: no AMX / AVX512-BF16 tile kernels for CPU bf16 attention (read once "
-                             "per process)",
+    "RAEKERN_ATTENTION_AMX": "0: no AMX / AVX512-BF16 kernels for CPU bf16 attention; 1: the AVX512-BF16 "
+                             "vector kernels on Intel CPUs without AMX too (unset: AMX where the OS grants "
+                             "it, else vdpbf16ps on non-Intel CPUs, fp32 kernels on Intel)",
     "RAEKERN_NORM_FORWARD": "block: the CUDA norm forward's block-per-row kernel",
     "RAEKERN_NORM_BACKWARD": "block: the CUDA norm backward's block kernel",
     "RAEKERN_FUSION_KERNEL": "block: the CUDA fusion ops' block kernels (not warp-per-token)",
