@@ -20,7 +20,6 @@
 #include "attention/cpu_problem.h"
 #include "common/aligned_buffer.h"
 #include "common/cpu_convert.h"
-#include "common/cpu_vec_math.h"
 #include "common/dispatch.h"
 #include "common/output_alloc.h"
 
@@ -29,41 +28,6 @@ namespace raekern::attention::cpu {
 constexpr int64_t kTileQ = 48;   // query rows per tile (a multiple of the 6-row micro-tile)
 constexpr int64_t kTileK = 128;  // keys per online-softmax step (a multiple of 64)
 constexpr int64_t kLdS = kTileK + 16;  // score-tile row stride, off the power of two
-
-// V row -> fp32/fp64 panel row, zero-padded to Dp. fp32 rows in explicit vectors, where GCC turned
-// the plain loop into one memmove call per row (its samples, 8.7 % of the Dh 72 forward on a Xeon,
-// were the rows' cache misses: they moved into the kernel, the time did not change).
-template <class T, class C>
-inline void pack_v_row(const T* __restrict src, int64_t D, int64_t Dp, C* __restrict dst) {
-#if defined(RAEKERN_CPU_VEC16)
-  if constexpr (std::is_same_v<C, float>) {
-    raekern::cpu::for16(Dp, [&](int64_t i, __mmask16 mk) {
-      _mm512_mask_storeu_ps(dst + i, mk, raekern::cpu::load16(src + i, raekern::cpu::tail_mask(D - i)));
-    });
-    return;
-  }
-#endif
-  for (int64_t i = 0; i < D; ++i) dst[i] = C(raekern::cpu::widen(src[i]));
-  for (int64_t i = D; i < Dp; ++i) dst[i] = C(0);
-}
-
-// dst = o·inv in the output type (inv 0 for a row with no kept key), the same way.
-template <class T, class C>
-inline void write_out_row(C* __restrict o, int64_t D, C inv, T* __restrict dst) {
-#if defined(RAEKERN_CPU_VEC16)
-  if constexpr (std::is_same_v<C, float>) {
-    const __m512 iv = _mm512_set1_ps(inv);
-    const __mmask16 any = inv != 0.f ? __mmask16(0xffff) : __mmask16(0);  // o is stale without keys
-    raekern::cpu::for16(D, [&](int64_t i, __mmask16 mk) {
-      raekern::cpu::store16(dst + i, _mm512_mul_ps(raekern::cpu::load16(o + i, __mmask16(mk & any)), iv), mk);
-    });
-    return;
-  }
-#endif
-#pragma omp simd
-  for (int64_t i = 0; i < D; ++i) o[i] = inv != C(0) ? o[i] * inv : C(0);
-  raekern::cpu::narrow_row(o, D, dst);
-}
 
 template <class T>
 void forward_kernel(const Problem<T, raekern::cpu::acc_t<T>>& P, at::Tensor& out, at::Tensor& lse,
@@ -102,7 +66,10 @@ void forward_kernel(const Problem<T, raekern::cpu::acc_t<T>>& P, at::Tensor& out
           const int64_t n = kidx[j];
           if (j + kPrefetchRows < nk) R.prefetch_kv(b, kidx[j + kPrefetchRows], h);
           prologue_row<T, C>(R.k_row(b, n, h), D, P.kwp(), P.eps, P.rope, n, C(1), &kr[j * LD]);
-          pack_v_row(R.v_row(b, n, h), D, Dp, &vp[j * LD]);
+          C* vr = &vp[j * LD];
+          const T* vs = R.v_row(b, n, h);
+          for (int64_t i = 0; i < D; ++i) vr[i] = C(raekern::cpu::widen(vs[i]));
+          for (int64_t i = D; i < Dp; ++i) vr[i] = C(0);
         }
         transpose_to_panels(kr.data(), LD, nk, D, kt.data());
         packed_bh = bh;
@@ -157,7 +124,11 @@ void forward_kernel(const Problem<T, raekern::cpu::acc_t<T>>& P, at::Tensor& out
           const int64_t n = i0 + r;
           T* dst = optr + b * so.b + n * so.n + h * so.h;
           const C lr = lanes_sum(&l[r * kL]);
-          write_out_row(&o[r * LD], D, nk > 0 ? C(1) / lr : C(0), dst);
+          const C inv = nk > 0 ? C(1) / lr : C(0);
+          C* orow = &o[r * LD];
+#pragma omp simd
+          for (int64_t i = 0; i < D; ++i) orow[i] = nk > 0 ? orow[i] * inv : C(0);
+          raekern::cpu::narrow_row(orow, D, dst);
           // In the accumulator type: a double log2 per row showed up in small problems' profiles.
           const C lv = nk > 0 ? (m[r] + std::log2(lr)) * C(M_LN2) : C(-INFINITY);
           const int64_t li = (b * d.H + h) * d.Nq + n;
