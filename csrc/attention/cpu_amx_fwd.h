@@ -90,13 +90,18 @@ inline void forward(const Problem<c10::BFloat16, float>& P, at::Tensor& out, at:
         packed_bh = bh;
       }
       const int64_t t0 = chunk * tiles_per_chunk, t1 = std::min(ntiles, t0 + tiles_per_chunk);
-      for (int64_t tile = t0; tile < t1; ++tile) {
+      // The queries of a tile, normed, rotated and rounded into qb (zero rows past the end).
+      const auto load_q = [&](int64_t tile) {
         const int64_t i0 = tile * kRows, bq = std::min(kRows, d.Nq - i0);
         for (int64_t r = 0; r < bq; ++r) {
           if (r + kPrefetchRows < bq) R.prefetch_q(b, i0 + r + kPrefetchRows, h);
           prologue_bf16(R.q_row(b, i0 + r, h), D, P.qwp(), P.eps, P.rope, i0 + r, row.data(), &qb[r * DQ]);
         }
         if (bq < kRows) std::memset(&qb[bq * DQ], 0, (kRows - bq) * DQ * 2);
+      };
+      if (t0 < t1) load_q(t0);
+      for (int64_t tile = t0; tile < t1; ++tile) {
+        const int64_t i0 = tile * kRows, bq = std::min(kRows, d.Nq - i0);
         const Lookahead<T, float> prefetch_ahead(R, optr, so, task, next, chunks, tiles_per_chunk, kRows, tile, t0, t1, inputs);
         std::fill(m.begin(), m.end(), -INFINITY);
         std::memset(lv.data(), 0, kRows * 16 * sizeof(float));
@@ -134,6 +139,9 @@ inline void forward(const Problem<c10::BFloat16, float>& P, at::Tensor& out, at:
           else
             pv_all<false>(pb.data(), kKeys, bk32 / 32, vv.data(), vstride, (j0 / 2) * 32, nd16, o.data(), DV);
         }
+        // The next tile's queries go in while the tile unit finishes this tile's last P·V (qb's last
+        // reads, the score products, completed before the softmax read their results).
+        if (tile + 1 < t1) load_q(tile + 1);
         for (int64_t r = 0; r < bq; ++r) {
           const int64_t n = i0 + r;
           T* dst = optr + b * so.b + n * so.n + h * so.h;
@@ -141,8 +149,12 @@ inline void forward(const Problem<c10::BFloat16, float>& P, at::Tensor& out, at:
           const float l = raekern::cpu::hsum16(_mm512_load_ps(&lv[r * 16]));
           const __m512 inv = _mm512_set1_ps(nk > 0 ? 1.f / l : 0.f);
           if (nk == 0) std::memset(orow, 0, DV * sizeof(float));  // no key: O was never written
-          for (int64_t i = 0; i < DV; i += 16) _mm512_store_ps(orow + i, _mm512_mul_ps(_mm512_load_ps(orow + i), inv));
-          raekern::cpu::narrow_row(orow, D, dst);
+          // Normalise and round in one pass: O goes from the tile store straight to the output row.
+          uint16_t* du = reinterpret_cast<uint16_t*>(dst);
+          for (int64_t i = 0; i < D; i += 16) {
+            const __m512 x = _mm512_mul_ps(_mm512_load_ps(orow + i), inv);
+            raekern::cpu::store16_bits(du + i, (__m256i)_mm512_cvtneps_pbh(x), tail_mask(D - i));
+          }
           lptr[(b * d.H + h) * d.Nq + n] = nk > 0 ? (m[r] + std::log2(l)) * float(M_LN2) : -INFINITY;
         }
       }

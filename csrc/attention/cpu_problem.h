@@ -143,19 +143,33 @@ template <class T, class C> struct Problem {
 // machine shared with other work one slowed thread otherwise holds all the others at the end. A
 // thread claims its next task before running the current one, so the current one can prefetch
 // for it.
+// Claims are spread: in the [B, N, H, Dh] layout the rows of heads h and h + 1 share cache lines, so
+// threads running neighbouring heads at once write the same lines (and ping-pong them between
+// cores). Consecutive claims are therefore units `n / threads` apart (a unit: the `unit` consecutive
+// tasks of one head, its query chunks), so concurrent tasks touch heads far from each other.
 class TaskQueue {
  public:
-  explicit TaskQueue(int64_t n) : n_(n) {}
+  explicit TaskQueue(int64_t n, int64_t unit = 1) : n_(n), unit_(std::max<int64_t>(1, unit)) {
+    const int64_t units = (n_ + unit_ - 1) / unit_, T = threads();
+    if (T < 2 || units < 2) return;
+    const int64_t span = (units + T - 1) / T;  // units per stripe; claim c runs stripe c % T
+    order_.reserve(units);
+    for (int64_t i = 0; i < span; ++i)
+      for (int64_t t = 0; t < T; ++t)
+        if (t * span + i < units) order_.push_back(t * span + i);
+  }
   int64_t claim() {
     const int64_t t = next_.fetch_add(1, std::memory_order_relaxed);
-    return t < n_ ? t : -1;
+    if (t >= n_) return -1;
+    return order_.empty() ? t : order_[t / unit_] * unit_ + t % unit_;
   }
   // The range to give at::parallel_for (grain 1): one call per thread, each looping over claim().
   int64_t threads() const { return std::max<int64_t>(1, std::min<int64_t>(n_, at::get_num_threads())); }
 
  private:
   std::atomic<int64_t> next_{0};
-  int64_t n_;
+  int64_t n_, unit_;
+  std::vector<int64_t> order_;
 };
 
 // Per-thread head-major copy of one batch's q/k/v rows for a small group of heads. In the
@@ -240,7 +254,7 @@ template <class T, class C> class TaskSource {
   TaskSource(const Problem<T, C>& P, int64_t chunks, bool stage)
       : G_(stage && chunks == 1 ? HeadStage<T, C>::group(P) : 1),
         per_batch_((P.d.H + G_ - 1) / G_),
-        queue_(G_ > 1 ? P.d.B * per_batch_ : P.d.B * P.d.H * chunks) {}
+        queue_(G_ > 1 ? P.d.B * per_batch_ : P.d.B * P.d.H * chunks, G_ > 1 ? 1 : chunks) {}
   int64_t threads() const { return queue_.threads(); }
   // On one thread: fn(R, task, next, inputs) for every task it claims, R the Problem to read rows
   // from, next its following task (-1: none), inputs false when R is a staged copy (nothing to prefetch).
