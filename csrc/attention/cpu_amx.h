@@ -240,6 +240,46 @@ inline void pack_k_block(const uint16_t* rows, int64_t DQ, uint32_t* dst) {
   }
 }
 
+// The same panel straight from 16 bf16 input rows (D elements each; null: a zero key), for keys
+// that need neither norm nor RoPE: the staging copy pack_k_block reads from is skipped.
+inline void pack_k_rows(const uint16_t* const* rows, int64_t D, int64_t DQ, uint32_t* dst) {
+  for (int64_t g = 0; g < DQ / 2; g += 16) {
+    const int64_t left = D - 2 * g;  // elements of this 32-element group that lie in the row
+    const __mmask32 mk = left >= 32 ? __mmask32(~0u) : __mmask32((1u << left) - 1u);
+    __m512 r[16];
+    for (int j = 0; j < 16; ++j)
+      r[j] = rows[j] ? _mm512_castsi512_ps(_mm512_maskz_loadu_epi16(mk, rows[j] + 2 * g)) : _mm512_setzero_ps();
+    raekern::cpu::transpose16(r);
+    for (int p = 0; p < 16; ++p) _mm512_store_ps(reinterpret_cast<float*>(dst + (g + p) * 16), r[p]);
+  }
+}
+
+// Rows a and c (D bf16 elements; null: zeros) as the pair-row of a VNNI panel over rows: dim d's
+// word (a[d], c[d]) goes to dst[(d/16)·stride_words + d % 16], for d < DV = round16(D). One word
+// permute makes 16 words from the two rows' 32-element loads.
+inline void pack_pair_row(const uint16_t* a, const uint16_t* c, int64_t D, int64_t DV, uint32_t* dst,
+                          int64_t stride_words) {
+  static const __m512i lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38,
+                                             6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+  static const __m512i hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
+  for (int64_t i = 0; i < DV; i += 32) {
+    const int64_t left = D - i;
+    const __mmask32 mk = left >= 32 ? __mmask32(~0u) : __mmask32((1u << left) - 1u);
+    const __m512i x = a ? _mm512_maskz_loadu_epi16(mk, a + i) : _mm512_setzero_si512();
+    const __m512i y = c ? _mm512_maskz_loadu_epi16(mk, c + i) : _mm512_setzero_si512();
+    _mm512_store_si512(dst + (i / 16) * stride_words, _mm512_permutex2var_epi16(x, lo, y));
+    if (i + 16 < DV) _mm512_store_si512(dst + (i / 16 + 1) * stride_words, _mm512_permutex2var_epi16(x, hi, y));
+  }
+}
+
+// Rows [0, nrows) (nrows even, row stride ld, zero-padded to DV) packed over rows for the B side of
+// a product that reduces over them: rows (2i, 2i+1) of dim d form the 32-bit word at
+// [d/16 (stride_words apart)][i][d % 16].
+inline void pack_row_pairs(const uint16_t* rows, int64_t ld, int64_t nrows, int64_t DV, uint32_t* dst,
+                           int64_t stride_words) {
+  for (int64_t j = 0; j < nrows; j += 2) pack_pair_row(rows + j * ld, rows + (j + 1) * ld, DV, DV, dst + (j / 2) * 16, stride_words);
+}
+
 // O[32][16·nd16] (+)= P[32][32·nchunks] (row stride ldp) · V, V packed over its rows as
 // [16-dim block (vstride elements apart)][row pair][16 dims] starting at row pair vkey/32·16.
 template <bool kFirst>
@@ -251,21 +291,6 @@ inline void pv_all(const uint16_t* pb, int64_t ldp, int64_t nchunks, const uint1
     pv_block<true, kFirst>(pb, ldp, nchunks, vb0, vb0 + vstride, o + db * 16, DV);
   }
   if (db < nd16) pv_block<false, kFirst>(pb, ldp, nchunks, vv + db * vstride + vkey, nullptr, o + db * 16, DV);
-}
-
-// Rows [0, nrows) (nrows even, row stride ld, zero-padded) packed over rows for the B side of a
-// product that reduces over them: rows (2i, 2i+1) of dim d form the 32-bit word at
-// [d/16 (stride_words apart)][i][d % 16].
-inline void pack_row_pairs(const uint16_t* rows, int64_t ld, int64_t nrows, int64_t DV, uint32_t* dst,
-                           int64_t stride_words) {
-  for (int64_t j = 0; j < nrows; j += 2) {
-    const uint16_t *a = rows + j * ld, *c = a + ld;
-    for (int64_t i = 0; i < DV; i += 16) {
-      const __m512i lo = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + i)));
-      const __m512i hi = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + i)));
-      _mm512_store_si512(dst + (i / 16) * stride_words + (j / 2) * 16, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
-    }
-  }
 }
 
 // One q or k row as bf16 (the pad [D, DQ) of dst is left as it is): the input bits themselves when

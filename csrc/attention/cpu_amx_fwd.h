@@ -62,29 +62,31 @@ inline void forward(const Problem<c10::BFloat16, float>& P, at::Tensor& out, at:
         uint32_t* v32 = reinterpret_cast<uint32_t*>(vv.data());
         for (int64_t j = 0; j < std::min(nk, kPrefetchRows); ++j) R.prefetch_kv(b, kidx[j], h);
         // 16 keys at a time: K rows -> VNNI panel, then the same keys' V rows while still in L1.
+        const bool raw_k = !P.kwp() && !P.rope.rotates(0);  // no key is normed or rotated
         for (int64_t j0 = 0; j0 < nk32; j0 += 16) {
+          const uint16_t* rows[16];
           for (int64_t jj = 0; jj < 16; ++jj) {
             const int64_t j = j0 + jj;
-            uint16_t* kd = kr.data() + jj * DQ;
-            if (j >= nk) {
-              std::memset(kd, 0, DQ * 2);
-              continue;
-            }
             if (j + kPrefetchRows < nk) R.prefetch_kv(b, kidx[j + kPrefetchRows], h);
-            prologue_bf16(R.k_row(b, kidx[j], h), D, P.kwp(), P.eps, P.rope, kidx[j], row.data(), kd);
+            rows[jj] = j < nk ? reinterpret_cast<const uint16_t*>(R.k_row(b, kidx[j], h)) : nullptr;
+            if (raw_k) continue;
+            uint16_t* kd = kr.data() + jj * DQ;
+            if (j >= nk)
+              std::memset(kd, 0, DQ * 2);
+            else
+              prologue_bf16(R.k_row(b, kidx[j], h), D, P.kwp(), P.eps, P.rope, kidx[j], row.data(), kd);
           }
-          pack_k_block(kr.data(), DQ, reinterpret_cast<uint32_t*>(kv.data()) + (j0 / 16) * (DQ / 2) * 16);
+          uint32_t* kdst = reinterpret_cast<uint32_t*>(kv.data()) + (j0 / 16) * (DQ / 2) * 16;
+          if (raw_k)
+            pack_k_rows(rows, D, DQ, kdst);
+          else
+            pack_k_block(kr.data(), DQ, kdst);
           // V in VNNI: keys (2i, 2i+1) of dim d form one 32-bit word at [d/16][i][d%16]; padded keys
           // are zero (a zero probability times garbage could still be NaN).
           for (int64_t j = j0; j < j0 + 16; j += 2) {
             const uint16_t* a = j < nk ? reinterpret_cast<const uint16_t*>(R.v_row(b, kidx[j], h)) : nullptr;
             const uint16_t* c = j + 1 < nk ? reinterpret_cast<const uint16_t*>(R.v_row(b, kidx[j + 1], h)) : nullptr;
-            for (int64_t i = 0; i < DV; i += 16) {
-              const __mmask16 mk = D - i >= 16 ? __mmask16(0xffff) : __mmask16((1u << (D - i)) - 1u);
-              __m512i w = a ? _mm512_cvtepu16_epi32(raekern::cpu::load16_bits(a + i, mk)) : _mm512_setzero_si512();
-              if (c) w = _mm512_or_si512(w, _mm512_slli_epi32(_mm512_cvtepu16_epi32(raekern::cpu::load16_bits(c + i, mk)), 16));
-              _mm512_store_si512(v32 + (i / 16) * (vstride / 2) + (j / 2) * 16, w);
-            }
+            pack_pair_row(a, c, D, DV, v32 + (j / 2) * 16, vstride / 2);
           }
         }
         packed_bh = bh;
