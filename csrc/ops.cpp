@@ -6,6 +6,7 @@
 #include <string>
 
 #include "attention/attention_schema.h"
+#include "common/output_alloc.h"
 #include "fusion/fusion_schema.h"
 #include "guidance/guidance_schema.h"
 #include "mlp/mlp_schema.h"
@@ -45,6 +46,9 @@ static std::string build_info() {
 
 TORCH_LIBRARY(raekern, m) {
   m.def("build_info() -> str", &raekern::build_info);
+  // The cache of large CPU output blocks (common/output_alloc.h): give them back / how much it holds.
+  m.def("release_cpu_output_cache() -> int", [] { return raekern::LargeBlockCache::get().release(); });
+  m.def("cpu_output_cache_bytes() -> int", [] { return raekern::LargeBlockCache::get().cached_bytes(); });
   raekern::attention::define_schemas(m);
   raekern::fusion::define_schemas(m);
   raekern::guidance::define_schemas(m);

@@ -11,7 +11,8 @@ def test_build_info_reports_isa_and_archs():
 
 def test_every_op_has_a_cpu_kernel():
     for name, keys in registered_ops().items():
-        if name in ("build_info", "attention_cpu_backends", "attention_cuda_fwd_smem"):
+        if name in ("build_info", "attention_cpu_backends", "attention_cuda_fwd_smem", "release_cpu_output_cache",
+                    "cpu_output_cache_bytes"):
             continue
         assert "CPU" in keys or "CompositeImplicitAutograd" in keys, (name, keys)
         if torch.version.cuda is not None and build_info()["cuda_archs"]:
@@ -21,7 +22,8 @@ def test_every_op_has_a_cpu_kernel():
 def test_every_op_has_its_reference_in_raekern_ops():
     """The op contract: each public op has a plain-PyTorch ``<name>_reference`` beside it."""
     import raekern.ops as R
-    helpers = ("build_info", "attention_cpu_backends", "attention_cuda_fwd_smem", "guidance_combine")
+    helpers = ("build_info", "attention_cpu_backends", "attention_cuda_fwd_smem", "guidance_combine",
+               "release_cpu_output_cache", "cpu_output_cache_bytes")
     public = [n for n in registered_ops() if not n.endswith("_backward") and n not in helpers]
     missing = [n for n in public if not callable(getattr(R, f"{n}_reference", None))]
     assert not missing, missing
@@ -79,6 +81,46 @@ def test_cpu_stream_threshold_changes_stores_not_results(monkeypatch):
     cached = run()
     for s, c in zip(streamed, cached):
         assert torch.equal(s, c)
+
+
+def _large_guidance_step():
+    from raekern.ops import guidance_step
+    g = torch.Generator().manual_seed(0)
+    x, c, u = (torch.randn(32, 1024, 16, 16, generator=g) for _ in range(3))  # 32 MiB each
+    t = torch.full((32,), 0.5)
+    return lambda: guidance_step(x, [c, u], t, terms=[(0, 1)], weights=[3.0], base=0, solver="euler",
+                                 t_next=t * 0.9).out
+
+
+def test_large_cpu_outputs_reuse_freed_blocks():
+    """Outputs of 32 MiB and more come from raekern's block cache: a freed one is handed to the next
+    output of its size (no fresh mapping for the kernel to zero), and stays an ordinary tensor."""
+    import raekern
+    step = _large_guidance_step()
+    raekern.release_cpu_output_cache()
+    first = step()
+    expect, ptr = first.clone(), first.data_ptr()
+    del first
+    assert raekern.cpu_output_cache_bytes() >= 32 << 20
+    again = step()
+    assert again.data_ptr() == ptr and raekern.cpu_output_cache_bytes() == 0
+    assert torch.equal(again, expect)
+    again.resize_(64, 1024, 16, 16)  # a storage of the cache's allocator grows like any other
+    again[32:] = 1.0
+    assert torch.equal(again[:32], expect) and bool((again[32:] == 1).all())
+    del again
+    assert raekern.release_cpu_output_cache() >= 32 << 20 and raekern.cpu_output_cache_bytes() == 0
+
+
+def test_large_cpu_output_cache_can_be_turned_off():
+    import subprocess
+    import sys
+    code = ("import torch, raekern; from raekern.ops import guidance_step; x = torch.randn(32, 1024, 16, 16); "
+            "t = torch.full((32,), 0.5); o = guidance_step(x, [x, x], t, terms=[(0, 1)], weights=[3.0], base=0).out; "
+            "del o; print(raekern.cpu_output_cache_bytes())")
+    env = {**__import__("os").environ, "RAEKERN_CPU_OUTPUT_CACHE_MB": "0"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "0"
 
 
 def test_every_runtime_switch_is_listed():

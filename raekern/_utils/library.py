@@ -33,6 +33,20 @@ def build_info() -> dict[str, str]:
     return dict(item.split("=", 1) for item in raw.split(";"))
 
 
+def release_cpu_output_cache() -> int:
+    """Give back the blocks raekern keeps for reuse by large CPU outputs (those of 32 MiB and more,
+    which glibc would otherwise map fresh, and the kernel zero, on every call); returns the bytes freed.
+    The cache holds at most ``RAEKERN_CPU_OUTPUT_CACHE_MB`` (default 1024; 0 turns it off)."""
+    load_library()
+    return int(torch.ops.raekern.release_cpu_output_cache())
+
+
+def cpu_output_cache_bytes() -> int:
+    """Bytes of freed large CPU outputs that raekern holds for reuse."""
+    load_library()
+    return int(torch.ops.raekern.cpu_output_cache_bytes())
+
+
 def registered_ops() -> dict[str, list[str]]:
     """Every raekern op with the dispatch keys (devices) it has kernels for."""
     load_library()

@@ -22,6 +22,8 @@ SWITCHES: dict[str, str] = {
     "RAEKERN_GUIDANCE_COMBINE": "generic: the CUDA guidance output pass's generic loop",
     "RAEKERN_CPU_STREAM_BYTES": "output bytes from which CPU kernels use non-temporal stores "
                                 "(unset: per family, 4-8 MiB)",
+    "RAEKERN_CPU_OUTPUT_CACHE_MB": "MiB of freed large (>= 32 MiB) CPU outputs kept for reuse; 0: none "
+                                   "(unset: 1024)",
     "RAEKERN_CPU_LINEAR": "onednn / torch: the GEMM of the raekern model backend's fp32 CPU Linears when "
                           "no gradient is needed (unset: oneDNN on AMD CPUs, torch's MKL path elsewhere)",
     "RAEKERN_DIST_TIMEOUT_S": "seconds a distributed sampling rank waits for a peer (unset: 1800)",
