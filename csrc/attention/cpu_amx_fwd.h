@@ -2,7 +2,7 @@
 // newer), the same products as AVX512-BF16 vector instructions elsewhere (cpu_amx.h).
 // Same flash structure as the portable kernel: per (batch, head) the kept keys are normed, rotated,
 // rounded to bf16 and packed in the VNNI layout the tile unit wants (K as [16 keys][d pairs],
-// V as [16 dims][key pairs]); each 32-row query tile then streams over 64-key blocks:
+// V as [16 dims][key pairs]); each 32-row query tile then streams over blocks of kKeys keys:
 // S (32×32 sub-blocks, 4 accumulator tiles) = Q·Kᵀ, online softmax in AVX-512 (log2 units, lazy
 // running max, bf16-precision exp2), P rounded to bf16 like the reference's bf16 matmul,
 // O (fp32, in memory, rescaled by AVX-512 when the max moves) += P·V with the accumulator tiles
@@ -24,7 +24,15 @@
 namespace raekern::attention::cpu::amx {
 
 constexpr int64_t kRows = 32;    // query rows per tile
-constexpr int64_t kKeys = 128;   // keys per online-softmax step (S tile 32×144 fp32 stays in L1)
+// Keys per online-softmax step. With AMX tiles 256: each step loads and stores the O accumulator tiles
+// and sets up its score blocks, and the tile unit shares the vector ports with the softmax rather than
+// overlapping it, so fewer, longer steps pay (2026-12-02, 2-core AMX Xeon: -10 % at N = 256, -7 % at
+// N = 1024 against 128; 512 was slower). The vector unit keeps 128 (S tile 32×144 fp32 in L1).
+#ifdef RAEKERN_ATTENTION_AMX_TILES
+constexpr int64_t kKeys = 256;
+#else
+constexpr int64_t kKeys = 128;
+#endif
 
 inline void forward(const Problem<c10::BFloat16, float>& P, at::Tensor& out, at::Tensor& lse, int64_t layout) {
   using T = c10::BFloat16;
