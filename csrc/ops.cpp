@@ -49,6 +49,10 @@ TORCH_LIBRARY(raekern, m) {
   // The cache of large CPU output blocks (common/output_alloc.h): give them back / how much it holds.
   m.def("release_cpu_output_cache() -> int", [] { return raekern::LargeBlockCache::get().release(); });
   m.def("cpu_output_cache_bytes() -> int", [] { return raekern::LargeBlockCache::get().cached_bytes(); });
+  // An uninitialised CPU tensor allocated like the ops' outputs (from the cache from 32 MiB on), for
+  // Python callers that write it in full through an out= argument (the model backend's large GEMMs).
+  m.def("empty_cpu_output(int[] size, ScalarType dtype) -> Tensor",
+        [](c10::IntArrayRef size, c10::ScalarType dtype) { return raekern::empty_output(size, at::TensorOptions().dtype(dtype)); });
   raekern::attention::define_schemas(m);
   raekern::fusion::define_schemas(m);
   raekern::guidance::define_schemas(m);

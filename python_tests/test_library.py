@@ -12,7 +12,7 @@ def test_build_info_reports_isa_and_archs():
 def test_every_op_has_a_cpu_kernel():
     for name, keys in registered_ops().items():
         if name in ("build_info", "attention_cpu_backends", "attention_cuda_fwd_smem", "release_cpu_output_cache",
-                    "cpu_output_cache_bytes"):
+                    "cpu_output_cache_bytes", "empty_cpu_output"):
             continue
         assert "CPU" in keys or "CompositeImplicitAutograd" in keys, (name, keys)
         if torch.version.cuda is not None and build_info()["cuda_archs"]:
@@ -23,7 +23,7 @@ def test_every_op_has_its_reference_in_raekern_ops():
     """The op contract: each public op has a plain-PyTorch ``<name>_reference`` beside it."""
     import raekern.ops as R
     helpers = ("build_info", "attention_cpu_backends", "attention_cuda_fwd_smem", "guidance_combine",
-               "release_cpu_output_cache", "cpu_output_cache_bytes")
+               "release_cpu_output_cache", "cpu_output_cache_bytes", "empty_cpu_output")
     public = [n for n in registered_ops() if not n.endswith("_backward") and n not in helpers]
     missing = [n for n in public if not callable(getattr(R, f"{n}_reference", None))]
     assert not missing, missing
@@ -110,6 +110,36 @@ def test_large_cpu_outputs_reuse_freed_blocks():
     assert torch.equal(again[:32], expect) and bool((again[32:] == 1).all())
     del again
     assert raekern.release_cpu_output_cache() >= 32 << 20 and raekern.cpu_output_cache_bytes() == 0
+
+
+def test_model_backend_large_linears_write_into_cached_outputs(monkeypatch):
+    """The raekern model backend's no-grad CPU Linears with outputs of 32 MiB and more run the same GEMM
+    into an output from the cache (a DiT-DH head's adaLN projection); gradients and small outputs take
+    nn.Linear itself."""
+    import raekern
+    import raekern.models.layers as layers
+    from raekern.models.layers import dense
+    monkeypatch.setattr(layers, "_ONEDNN_FP32", False)  # AMD CPUs' fp32 default: oneDNN's own linear
+    torch.manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        lin = torch.nn.Linear(64, 8192 // (dtype.itemsize // 2)).to(dtype)  # 2048 x 8192 (bf16) / 4096: 32 MiB
+        x = torch.randn(8, 256, 64, dtype=dtype)
+        raekern.release_cpu_output_cache()
+        with torch.no_grad():
+            ref, got = lin(x), dense(x, lin)
+            torch.testing.assert_close(got, ref, rtol=1e-6 if dtype == torch.float32 else 1e-2, atol=1e-6)
+            ptr = got.data_ptr()
+            del got
+            assert dense(x, lin).data_ptr() == ptr  # the freed output came back from the cache
+            lin_nb = torch.nn.Linear(64, lin.out_features, bias=False).to(dtype)
+            torch.testing.assert_close(dense(x, lin_nb), lin_nb(x), rtol=1e-6 if dtype == torch.float32 else 1e-2,
+                                       atol=1e-6)
+        y = dense(x.requires_grad_(), lin)  # recorded for autograd: nn.Linear's own path
+        assert y.grad_fn is not None and not type(y.grad_fn).__name__.startswith("_")
+    xb, wb, bb = torch.randn(2, 2048, 64), torch.randn(2, 64, 2048), torch.randn(2, 1, 2048)  # 32 MiB out
+    with torch.no_grad():
+        torch.testing.assert_close(layers.baddbmm_dense(bb, xb, wb), torch.baddbmm(bb, xb, wb), rtol=1e-6, atol=1e-5)
+    raekern.release_cpu_output_cache()
 
 
 def test_large_cpu_output_cache_can_be_turned_off():

@@ -106,17 +106,66 @@ class _OneDNNLinear(torch.autograd.Function):
 def dense(x: torch.Tensor, m: nn.Module) -> torch.Tensor:
     """``m(x)`` for the raekern backend. fp32 CPU Linears run oneDNN's GEMM where it is the faster one
     (AMD CPUs, or ``RAEKERN_CPU_LINEAR=onednn``), with gradients through ``_OneDNNLinear``; everything
-    else, and anything under ``torch.compile`` or CPU autocast, is ``m(x)``. Measured on 2 Zen 5 cores (2026-12-02):
-    oneDNN 200-245 GFLOP/s against MKL's 80-135 at the DiT-DH-S GEMM shapes; results agree to ~1e-6
-    relative."""
+    else, and anything under ``torch.compile`` or CPU autocast, is ``m(x)``, except that a no-grad CPU product
+    with an output of 32 MiB or more writes into raekern's cached CPU output (``_large_cpu_linear``).
+    Measured on 2 Zen 5 cores (2026-12-02): oneDNN 200-245 GFLOP/s against MKL's 80-135 at the DiT-DH-S
+    GEMM shapes; results agree to ~1e-6 relative."""
     if not isinstance(m, nn.Linear):  # nn.Identity and other stand-ins
         return m(x)
     w, b = m.weight, m.bias
     if not _onednn_fp32_applies(x, w):
-        return m(x)  # (under CPU autocast nn.Linear runs the autocast dtype's GEMM)
+        large = _large_cpu_linear(x, w, b)
+        return m(x) if large is None else large  # (under CPU autocast nn.Linear runs the autocast dtype's GEMM)
     if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or (b is not None and b.requires_grad)):
         return _OneDNNLinear.apply(x, w, b)
     return _onednn_linear(x, w, b)
+
+
+_LARGE_OUTPUT_BYTES = 32 << 20  # raekern's CPU output cache takes outputs from this size on
+
+
+def _plain_cpu(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor]) -> bool:
+    """A CPU product of one dtype, outside torch.compile and autocast."""
+    return not (x.device.type != "cpu" or x.dtype != w.dtype or (b is not None and b.dtype != x.dtype)
+                or torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu"))
+
+
+def _records_grad(*ts: Optional[torch.Tensor]) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
+
+
+def _no_grad_cpu(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor]) -> bool:
+    """A plain CPU product (``_plain_cpu``) that autograd does not record."""
+    return _plain_cpu(x, w, b) and not _records_grad(x, w, b)
+
+
+def _large(rows: int, cols: int, t: torch.Tensor) -> bool:
+    return rows * cols * t.element_size() >= _LARGE_OUTPUT_BYTES
+
+
+def _linear_into(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor]) -> torch.Tensor:
+    """``x·wᵀ + b`` through ``addmm(out=)`` into an output from raekern's CPU output cache."""
+    n_out = w.shape[0]
+    out = torch.ops.raekern.empty_cpu_output([*x.shape[:-1], n_out], x.dtype)
+    x2, o2 = x.reshape(-1, x.shape[-1]), out.view(-1, n_out)
+    if b is None:
+        torch.mm(x2, w.t(), out=o2)
+    else:
+        torch.addmm(b, x2, w.t(), out=o2)
+    return out
+
+
+def _large_cpu_linear(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """``x·wᵀ + b`` into an output from raekern's CPU output cache when that output is 32 MiB or more
+    and autograd does not record the product (sampling); None otherwise. glibc maps such a buffer fresh
+    on every call and the kernel zeroes each page on first write: in DiT-DH-S's forward at B = 8 the
+    head's [2048, 12288] and [2048, 10922] fp32 outputs spent ~25 % of the whole forward in page faults
+    (2-core Xeon, 2026-12-02). Same GEMM as ``nn.Linear``."""
+    if not _plain_cpu(x, w, b) or not _large(x.numel() // max(1, x.shape[-1]), w.shape[0], x):
+        return None
+    if _records_grad(x, w, b):  # a training step: caching its outputs and gradients measured no faster
+        return None
+    return _linear_into(x, w, b)
 
 
 def _onednn_fp32_applies(x: torch.Tensor, w: torch.Tensor) -> bool:
@@ -136,6 +185,9 @@ def baddbmm_dense(b: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> torch.Te
     in bmm/baddbmm). Each expert's weight is transposed once per call (``transpose_copy``, which also
     carries its gradient back)."""
     if not _onednn_fp32_applies(x, w):
+        if _no_grad_cpu(x, w, b) and x.shape[0] * x.shape[1] * w.shape[2] * x.element_size() >= _LARGE_OUTPUT_BYTES:
+            out = torch.ops.raekern.empty_cpu_output([x.shape[0], x.shape[1], w.shape[2]], x.dtype)
+            return torch.baddbmm(b, x, w, out=out)  # into a cached output (see _large_cpu_linear)
         return torch.baddbmm(b, x, w)
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, w, b))
     outs = []
